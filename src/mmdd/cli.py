@@ -1,0 +1,75 @@
+"""`mmdd <stage> [hydra overrides]`: one Hydra app per stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+STAGES = {
+    "buffer": "train teachers and record their trajectories",
+    "distill": "distill a synthetic set with a method",
+    "evaluate": "train students on a synthetic set and score retrieval",
+    "run": "the quick start: all stages on the embedded dataset, then a table",
+}
+
+log = logging.getLogger("mmdd")
+
+
+def _task(stage: str):
+    def task(cfg) -> None:
+        from mmdd.errors import MmddError
+
+        try:
+            if stage == "buffer":
+                from mmdd.teachers.buffer import run_buffer
+
+                print(f"trajectory store: {run_buffer(cfg)}")
+            elif stage == "distill":
+                from mmdd.methods.stage import run_distill
+
+                print(f"synthetic set: {run_distill(cfg)}")
+            elif stage == "evaluate":
+                from mmdd.evaluate.stage import run_evaluate
+                from mmdd.report.table import markdown_table
+
+                res = run_evaluate(cfg)
+                print(markdown_table([{"method": res["label"], "budget": res["budget"], "n": res["num_seeds"],
+                                       "mean": res["mean"], "std": res["std"]}]))
+            elif stage == "run":
+                from mmdd.pipeline import run_all
+
+                run_all(cfg)
+        except MmddError as exc:
+            print(f"mmdd {stage}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return task
+
+
+def usage() -> str:
+    lines = ["usage: mmdd <stage> [key=value ...] [-m for a multirun]", "", "stages:"]
+    lines += [f"  {k:<9} {v}" for k, v in STAGES.items()]
+    lines += ["", "Show a stage's composed config: mmdd <stage> --cfg job"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    stage = argv[0]
+    if stage not in STAGES:
+        print(f"mmdd: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    import hydra
+
+    from mmdd.paths import conf_dir
+
+    sys.argv = [f"mmdd-{stage}"] + argv[1:]
+    app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""From the `data` config to in-memory splits: annotations, images, cached caption embeddings.
+
+Every dataset, the embedded `synscenes` included, goes through the same annotation loaders,
+so the default run exercises the real loading path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mmdd.data.annotations import Split, load_blip_split, load_karpathy, load_pairs_table
+from mmdd.data.images import load_images_tensor
+from mmdd.data.text_cache import LazyTextEncoder, embed_captions
+from mmdd.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitData:
+    """One split: its annotation, the caption embeddings and (optionally) preloaded images."""
+
+    split: Split
+    text_emb: torch.Tensor  # [n_captions, D]
+    image_size: int
+    images: torch.Tensor | None = None  # uint8 [n_images, 3, S, S] when preloaded
+
+    @property
+    def txt2img(self) -> torch.Tensor:
+        return torch.as_tensor(self.split.txt2img, dtype=torch.long)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.split.image_paths)
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[i]
+        return load_images_tensor([self.split.image_paths[i]], self.image_size)[0]
+
+    def image_batch(self, idx) -> torch.Tensor:
+        idx = [int(i) for i in idx]
+        if self.images is not None:
+            return self.images[idx]
+        return load_images_tensor([self.split.image_paths[i] for i in idx], self.image_size)
+
+
+class PairDataset(Dataset):
+    """Training pairs (uint8 image, caption embedding).
+
+    unit=caption: every caption is one example (the papers' Flickr/COCO training sets);
+    unit=image: one example per image with a caption drawn at random on each access.
+    """
+
+    def __init__(self, data: SplitData, unit: str = "caption"):
+        if unit not in ("caption", "image"):
+            raise ValueError(f"data.train_unit must be 'caption' or 'image', got {unit!r}")
+        self.data = data
+        self.unit = unit
+        self.img2txt = data.split.img2txt()
+
+    def __len__(self) -> int:
+        return len(self.data.split.captions) if self.unit == "caption" else self.data.num_images
+
+    def __getitem__(self, i: int):
+        if self.unit == "caption":
+            img = self.data.split.txt2img[i]
+            cap = i
+        else:
+            img = i
+            caps = self.img2txt[i]
+            cap = caps[int(torch.randint(len(caps), (1,)))]
+        return self.data.image(img), self.data.text_emb[cap], img
+
+
+class ImageDataset(Dataset):
+    """Images of a split in order (for encoding during evaluation)."""
+
+    def __init__(self, data: SplitData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int):
+        return self.data.image(i), i
+
+
+def load_annotations(data_cfg) -> dict[str, Split]:
+    fmt = str(data_cfg.format)
+    pre = bool(data_cfg.preprocess.enabled)
+    max_words = data_cfg.preprocess.max_words
+    if fmt == "synscenes":
+        from mmdd.data.synscenes import SynScenesConfig, generate_synscenes
+
+        gen = SynScenesConfig(root=str(data_cfg.root), **dict(data_cfg.generate))
+        generate_synscenes(gen)
+    image_root = Path(str(data_cfg.image_root))
+    if fmt in ("blip", "synscenes"):
+        ann_dir = Path(str(data_cfg.ann_dir))
+        return {
+            s: load_blip_split(ann_dir / str(data_cfg.ann_files[s]), image_root, s, preprocess=pre, max_words=max_words)
+            for s in SPLITS
+        }
+    if fmt == "karpathy":
+        splits = load_karpathy(Path(str(data_cfg.ann_file)), image_root, preprocess=pre, max_words=max_words)
+        for s in SPLITS:
+            if s not in splits or not splits[s].image_paths:
+                raise DataError(f"{data_cfg.ann_file}: the {s!r} split has no images (field images[].split)")
+        return splits
+    if fmt == "table":
+        ann_dir = Path(str(data_cfg.ann_dir))
+        return {
+            s: load_pairs_table(ann_dir / str(data_cfg.ann_files[s]), image_root, s, preprocess=pre, max_words=max_words)
+            for s in SPLITS
+        }
+    raise DataError(f"data.format={fmt!r} is unknown; use synscenes, blip, karpathy or table")
+
+
+def load_data(cfg, splits=SPLITS) -> dict[str, SplitData]:
+    """Load the requested splits of `cfg.data` with caption embeddings from `cfg.model.text`."""
+    anns = load_annotations(cfg.data)
+    encoder = LazyTextEncoder(cfg.model.text)
+    out: dict[str, SplitData] = {}
+    for s in splits:
+        split = anns[s]
+        if not split.image_paths:
+            raise DataError(f"data split {s!r} of {cfg.data.name} is empty; check the annotation file for it")
+        emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
+        images = None
+        if bool(cfg.data.preload):
+            images = load_images_tensor(split.image_paths, int(cfg.data.image_size))
+        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=images)
+        log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
+    return out

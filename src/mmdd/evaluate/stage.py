@@ -1,0 +1,105 @@
+"""`mmdd evaluate`: train K students on a synthetic set and write results.json."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from mmdd.data.datamodule import load_data
+from mmdd.errors import ArtifactError, MmddError
+from mmdd.evaluate.retrieval import METRIC_KEYS
+from mmdd.evaluate.student import train_student
+from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.utils.config import config_hash, to_plain
+from mmdd.utils.io import atomic_write_json
+from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
+
+log = logging.getLogger(__name__)
+
+
+def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) -> None:
+    if manifest.get("complete") is False:
+        log.warning("synthetic set %s is an intermediate checkpoint (iteration %s)", where, manifest.get("iteration"))
+    if int(manifest["text_dim"]) != text_dim:
+        raise ArtifactError(
+            f"synthetic set {where} holds {manifest['text_dim']}-d text embeddings "
+            f"({manifest.get('text_encoder')}), but model.text={cfg.model.text.name_or_path} gives {text_dim}-d; "
+            "evaluate with the text encoder the set was distilled with"
+        )
+    if manifest.get("text_encoder") not in (None, str(cfg.model.text.name_or_path)):
+        raise ArtifactError(
+            f"synthetic set {where} was distilled with text encoder {manifest['text_encoder']!r}, "
+            f"not {cfg.model.text.name_or_path!r}; set model.text.name_or_path accordingly"
+        )
+    if list(manifest["image_shape"])[1:] != [int(cfg.data.image_size)] * 2:
+        raise ArtifactError(
+            f"synthetic set {where} has images of shape {manifest['image_shape']} but data.image_size="
+            f"{cfg.data.image_size}; evaluate at the resolution it was distilled at"
+        )
+
+
+def summarize(per_seed: list[dict], key: str = "test") -> tuple[dict, dict]:
+    mean, std = {}, {}
+    for k in METRIC_KEYS:
+        vals = [r[key][k] for r in per_seed]
+        mean[k] = statistics.fmean(vals)
+        std[k] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std
+
+
+def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
+    synthetic = Path(str(synthetic or cfg.get("synthetic") or ""))
+    if not str(synthetic) or str(synthetic) == ".":
+        raise MmddError("mmdd evaluate needs synthetic=<directory of a synthetic set written by mmdd distill>")
+    syn, manifest = SyntheticSet.load(synthetic)
+    data = data or load_data(cfg, splits=("train", "val", "test"))
+    text_dim = data["test"].text_emb.shape[1]
+    check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
+    out_dir = Path(out_dir or cfg.paths.output_dir)
+    lrs = syn.lr_values()
+    if str(cfg.protocol.lr_source) == "fixed":
+        lrs = {m: float(cfg.protocol.lr) for m in lrs}
+    for m, v in lrs.items():
+        if v <= 0:
+            raise MmddError(f"synthetic set {synthetic}: learned step size lr_{m}={v} is not positive; "
+                            "use protocol.lr_source=fixed")
+
+    def build_model():
+        return build_dual_encoder(cfg.student_model if cfg.get("student_model") else cfg.model, text_dim, int(cfg.data.image_size))
+
+    label = label or manifest.get("method", "synthetic")
+    seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
+    per_seed = []
+    t0 = time.perf_counter()
+    for s in seeds:
+        loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_s{s}", save_dir=out_dir)
+        try:
+            res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers)
+            log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
+        finally:
+            finish_loggers(loggers)
+        log.info("%s seed %d: test r_mean %.2f (epoch %d)", label, s, res.test["r_mean"], res.best_epoch)
+        per_seed.append(asdict(res))
+    mean, std = summarize(per_seed)
+    results = {
+        "label": label,
+        "method": manifest.get("method"),
+        "budget": manifest.get("budget"),
+        "dataset": str(cfg.data.name),
+        "protocol": to_plain(cfg.protocol),
+        "synthetic": str(synthetic),
+        "synthetic_config_hash": manifest.get("config_hash"),
+        "config_hash": config_hash(cfg),
+        "num_seeds": len(per_seed),
+        "seeds": per_seed,
+        "mean": mean,
+        "std": std,
+        "timings": {"evaluate_seconds": time.perf_counter() - t0},
+        "distill_stats": manifest.get("distill_stats"),
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,171 @@
+"""Students: fresh models trained on a synthetic set, scored on retrieval (the protocols)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from mmdd.data.datamodule import SplitData
+from mmdd.evaluate.encode import evaluate_retrieval
+from mmdd.models.losses import symmetric_infonce
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("val", "test_best", "last")
+
+
+@dataclass
+class StudentResult:
+    seed: int
+    test: dict[str, float]
+    selected: dict[str, float]  # the metrics the checkpoint was chosen on (val, or test under test_best)
+    best_epoch: int
+    train_seconds: float
+    history: list[dict]
+
+
+class StudentModule(L.LightningModule):
+    """Trains a dual encoder on (synthetic) pairs; picks its checkpoint by `selection`.
+
+    selection=val: evaluate on val every `eval_every` epochs, keep the best state, read test once
+    at the end (our default, the honest protocol). selection=test_best: choose on the test split
+    (what the papers' code reports). selection=last: the final epoch.
+    """
+
+    def __init__(
+        self,
+        model,
+        lrs: dict[str, float],
+        momentum: float,
+        weight_decay: float,
+        epochs: int,
+        lr_decay_epoch: int,
+        lr_decay: float,
+        eval_every: int,
+        selection: str,
+        select_data: SplitData | None,
+        mean,
+        std,
+    ):
+        super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"protocol.selection must be one of {SELECTIONS}, got {selection!r}")
+        self.model = model
+        self.lrs = lrs
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.lr_decay_epoch = lr_decay_epoch
+        self.lr_decay = lr_decay
+        self.eval_every = eval_every
+        self.selection = selection
+        self.select_data = select_data
+        self.mean, self.std = list(mean), list(std)
+        self.best_score = float("-inf")
+        self.best_epoch = -1
+        self.best_metrics: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        images, texts = batch
+        loss = symmetric_infonce(self.model(images, texts))
+        self.log("student/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        groups = self.model.modality_parameter_names()
+        named = dict(self.model.named_parameters())
+        opt = torch.optim.SGD(
+            [
+                {"params": [named[n] for n in groups["image"]], "lr": self.lrs["image"]},
+                {"params": [named[n] for n in groups["text"]], "lr": self.lrs["text"]},
+            ],
+            lr=self.lrs["image"],
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.lr_decay_epoch], gamma=self.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_train_epoch_end(self):
+        epoch = self.current_epoch
+        last = epoch == self.epochs - 1
+        if self.selection == "last":
+            if last:
+                self._keep(epoch, {})
+            return
+        if (epoch + 1) % self.eval_every == 0 or last:
+            metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std)
+            self.model.train()
+            self.history.append({"epoch": epoch, **metrics})
+            self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)
+            if metrics["r_mean"] > self.best_score:
+                self._keep(epoch, metrics)
+
+    def _keep(self, epoch: int, metrics: dict) -> None:
+        self.best_score = metrics.get("r_mean", 0.0)
+        self.best_epoch = epoch
+        self.best_metrics = metrics
+        self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+
+
+def train_student(
+    cfg,
+    build_model,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    lrs: dict[str, float],
+    data: dict[str, SplitData],
+    seed: int,
+    loggers=None,
+) -> StudentResult:
+    """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""
+    from mmdd.utils.trainer import build_trainer
+
+    p = cfg.protocol
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_model()
+    select_split = {"val": "val", "test_best": "test", "last": None}[str(p.selection)]
+    module = StudentModule(
+        model,
+        lrs=lrs,
+        momentum=float(p.momentum),
+        weight_decay=float(p.weight_decay),
+        epochs=int(p.epochs),
+        lr_decay_epoch=int(p.lr_decay_epoch),
+        lr_decay=float(p.lr_decay),
+        eval_every=int(p.eval_every),
+        selection=str(p.selection),
+        select_data=data[select_split] if select_split else None,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(images.detach().cpu(), texts.detach().cpu()),
+        batch_size=int(p.batch_size),
+        shuffle=True,
+        generator=gen,
+    )
+    trainer = build_trainer(cfg, loggers, max_epochs=int(p.epochs), log_every_n_steps=1)
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(module.best_state)
+    model.to("cpu")
+    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std)
+    return StudentResult(
+        seed=seed,
+        test=test,
+        selected=module.best_metrics,
+        best_epoch=module.best_epoch,
+        train_seconds=seconds,
+        history=module.history,
+    )

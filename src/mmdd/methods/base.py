@@ -1,0 +1,70 @@
+"""The interface every method implements, and what they share: init and saving of the set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mmdd.data.datamodule import SplitData
+from mmdd.data.transforms import normalize
+from mmdd.errors import MmddError
+from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
+from mmdd.utils.config import config_hash
+
+log = logging.getLogger(__name__)
+
+
+class Method:
+    """A method turns the real training split into a SyntheticSet of `budget` pairs.
+
+    Subclasses implement `synthesize`; the `distill` stage instantiates them from `cfg.method`
+    (`_target_`), calls `synthesize` and saves the result.
+    """
+
+    name: str = "method"
+
+    def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> SyntheticSet:
+        raise NotImplementedError
+
+
+def check_budget(budget: int, train: SplitData, num_pairs: int | None = None) -> None:
+    n = train.num_images
+    if budget < 1:
+        raise MmddError(f"budget={budget}: the synthetic set needs at least one pair")
+    if budget > n:
+        raise MmddError(
+            f"budget={budget} is larger than the train split ({n} images); lower `budget` or use a larger dataset"
+        )
+
+
+def sample_real_pairs(train: SplitData, n: int, generator: torch.Generator, mean, std):
+    """`n` distinct random training images, each with one random caption of its own."""
+    img_idx = torch.randperm(train.num_images, generator=generator)[:n]
+    img2txt = train.split.img2txt()
+    cap_idx = [img2txt[i][int(torch.randint(len(img2txt[i]), (1,), generator=generator))] for i in img_idx.tolist()]
+    images = normalize(train.image_batch(img_idx.tolist()), mean, std)
+    texts = train.text_emb[cap_idx].clone()
+    return images, texts, img_idx, torch.as_tensor(cap_idx)
+
+
+def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None) -> Path:
+    """Write the set with its manifest, the nearest real caption per text and an image grid."""
+    out_dir = Path(out_dir)
+    captions = nearest_captions(syn.texts, train.text_emb, train.split.captions)
+    manifest = {
+        "method": str(cfg.method.name),
+        "budget": int(cfg.budget),
+        "dataset": str(cfg.data.name),
+        "text_encoder": str(cfg.model.text.name_or_path),
+        "text_pooling": str(cfg.model.text.pooling),
+        "image_size": int(cfg.data.image_size),
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "config_hash": config_hash(cfg),
+        **(extra or {}),
+    }
+    syn.save(out_dir, manifest, captions)
+    save_grid(syn.images, cfg.data.mean, cfg.data.std, out_dir / "grid.png")
+    return out_dir

@@ -1,0 +1,121 @@
+"""Lightning module for distillation: one training step = one outer iteration (manual optimisation)."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import lightning as L
+import torch
+
+from mmdd.methods.matching import BatchSchedule, ParamLayout, matching_loss, unroll_full
+from mmdd.models.losses import symmetric_infonce
+from mmdd.synthetic.synthetic_set import SyntheticSet
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak RSS on CPU (labelled as such in logs)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class DistillModule(L.LightningModule):
+    def __init__(
+        self,
+        model,
+        syn: SyntheticSet,
+        trajectories: dict[str, torch.Tensor],
+        *,
+        syn_steps: int,
+        expert_epochs: int,
+        max_start_epoch: int,
+        batch_syn: int | None,
+        lr_img: float,
+        lr_txt: float,
+        lr_lr: float,
+        momentum: float,
+        merged_loss: bool,
+        seed: int,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.syn = syn
+        # [n_experts, epochs+1, P] per modality; kept in memory, sampled every iteration.
+        self.trajectories = trajectories
+        self.layout = ParamLayout.from_model(model)
+        self.syn_steps = syn_steps
+        self.expert_epochs = expert_epochs
+        self.max_start_epoch = max_start_epoch
+        self.batch_syn = batch_syn
+        self.lr_img, self.lr_txt, self.lr_lr = lr_img, lr_txt, lr_lr
+        self.momentum = momentum
+        self.merged_loss = merged_loss
+        self.generator = torch.Generator().manual_seed(seed)
+        n_exp, n_epochs = next(iter(trajectories.values())).shape[:2]
+        if max_start_epoch + expert_epochs > n_epochs - 1:
+            raise ValueError(
+                f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) exceeds the "
+                f"{n_epochs - 1} recorded teacher epochs; lower them or record more epochs (teacher.epochs)"
+            )
+        self.n_experts = n_exp
+        self.history: list[dict[str, float]] = []
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def configure_optimizers(self):
+        # One optimizer with param groups: several optimizers would each advance global_step.
+        return torch.optim.SGD(
+            [
+                {"params": [self.syn.images], "lr": self.lr_img},
+                {"params": [self.syn.texts], "lr": self.lr_txt},
+                {"params": list(self.syn.lrs.parameters()), "lr": self.lr_lr},
+            ],
+            lr=self.lr_img,
+            momentum=self.momentum,
+        )
+
+    def on_fit_start(self):
+        self.trajectories = {m: t.to(self.device) for m, t in self.trajectories.items()}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def sample_segment(self):
+        expert = int(torch.randint(self.n_experts, (1,), generator=self.generator))
+        start = int(torch.randint(self.max_start_epoch, (1,), generator=self.generator))
+        starts = {m: t[expert, start] for m, t in self.trajectories.items()}
+        targets = {m: t[expert, start + self.expert_epochs] for m, t in self.trajectories.items()}
+        return expert, start, starts, targets
+
+    def iteration_loss(self):
+        expert, start, starts, targets = self.sample_segment()
+        schedule = BatchSchedule(len(self.syn), self.batch_syn, self.generator, device=self.device)
+        lrs = {"image": self.syn.lrs["image"], "text": self.syn.lrs["text"]}
+        final = unroll_full(
+            self.model, self.layout, starts, lrs, self.syn.images, self.syn.texts, schedule, self.syn_steps, symmetric_infonce
+        )
+        loss, terms = matching_loss(final, starts, targets, merged=self.merged_loss)
+        return loss, terms, expert, start
+
+    def training_step(self, batch, batch_idx):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss, terms, expert, start = self.iteration_loss()
+        self.manual_backward(loss)
+        opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        stats = {
+            "distill/matching_loss": float(loss.detach()),
+            **{f"distill/loss_{m}": float(v.detach()) for m, v in terms.items()},
+            **{f"distill/lr_{m}": v for m, v in self.syn.lr_values().items()},
+            "distill/sec_per_iter": seconds,
+            "distill/peak_mem_mb": peak_memory_mb(self.device),
+            "distill/start_epoch": float(start),
+        }
+        self.history.append({"iteration": float(self.global_step), **stats})
+        self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        self.log("loss", stats["distill/matching_loss"], prog_bar=True, logger=False, batch_size=1)

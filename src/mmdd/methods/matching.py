@@ -1,0 +1,120 @@
+"""Trajectory matching, written once for every matching method.
+
+Notation (DESIGN.md): an expert trajectory theta*_0..theta*_E; a start epoch s; the target
+theta*_{s+M}. The student starts at theta*_s and takes `syn_steps` SGD steps on mini-batches
+of the synthetic set with learned per-modality step sizes; the loss per modality m is
+
+    L_m = ||theta_hat_m - theta*_{s+M,m}||^2 / ||theta*_{s,m} - theta*_{s+M,m}||^2
+
+summed over modalities ("separate"), or sum of numerators over sum of denominators ("merged").
+Parameters live as one flat vector per modality; `ParamLayout` maps them to the model's
+named parameters for a functional forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+
+MODALITIES = ("image", "text")
+
+
+@dataclass
+class ParamLayout:
+    """Names and shapes of the matched parameters, per modality, in a fixed order."""
+
+    names: dict[str, list[str]]
+    shapes: dict[str, torch.Size]
+
+    @classmethod
+    def from_model(cls, model) -> "ParamLayout":
+        named = dict(model.named_parameters())
+        names = model.modality_parameter_names()
+        return cls(names=names, shapes={n: named[n].shape for group in names.values() for n in group})
+
+    def numel(self, modality: str) -> int:
+        return sum(self.shapes[n].numel() for n in self.names[modality])
+
+    def flatten(self, params: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
+        return torch.cat([params[n].reshape(-1) for n in self.names[modality]])
+
+    def unflatten(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Views of the flat vectors shaped as the model's parameters (gradients flow through)."""
+        out: dict[str, torch.Tensor] = {}
+        for m, flat in flats.items():
+            sizes = [self.shapes[n].numel() for n in self.names[m]]
+            for n, chunk in zip(self.names[m], torch.split(flat, sizes)):
+                out[n] = chunk.view(self.shapes[n])
+        return out
+
+
+class BatchSchedule:
+    """Inner mini-batches: consecutive chunks of a random permutation, redrawn when exhausted."""
+
+    def __init__(self, n: int, batch_size: int | None, generator: torch.Generator | None = None, device=None):
+        self.n = n
+        self.batch_size = n if not batch_size or batch_size >= n else int(batch_size)
+        self.generator = generator
+        self.device = device
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._perm is None or self._pos + self.batch_size > self.n:
+            self._perm = torch.randperm(self.n, generator=self.generator)
+            self._pos = 0
+        idx = self._perm[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx.to(self.device) if self.device is not None else idx
+
+
+def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts) -> torch.Tensor:
+    """Logits of `model` with its matched parameters replaced by the flat vectors."""
+    return functional_call(model, layout.unflatten(flats), (images, texts), strict=False)
+
+
+def unroll_full(
+    model,
+    layout: ParamLayout,
+    start: dict[str, torch.Tensor],
+    lrs: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    schedule: BatchSchedule,
+    syn_steps: int,
+    inner_loss: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Unrolled student: `syn_steps` differentiable SGD steps from `start` (MTT's full meta-gradient).
+
+    Returns the final flat parameters with the whole graph kept, so a loss on them
+    back-propagates into `images`, `texts` and `lrs`. Memory grows linearly with syn_steps.
+    """
+    params = {m: start[m].detach().clone().requires_grad_(True) for m in start}
+    mods = list(params)
+    for _ in range(syn_steps):
+        idx = schedule.next()
+        logits = functional_logits(model, layout, params, images[idx], texts[idx])
+        loss = inner_loss(logits)
+        grads = torch.autograd.grad(loss, [params[m] for m in mods], create_graph=True)
+        params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}
+    return params
+
+
+def matching_loss(
+    final: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    merged: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Normalised parameter distance; returns (loss, per-modality normalised terms)."""
+    nums = {m: (final[m] - target[m]).pow(2).sum() for m in final}
+    dens = {m: (start[m] - target[m]).pow(2).sum().clamp_min(1e-12) for m in final}
+    terms = {m: nums[m] / dens[m] for m in final}
+    if merged:
+        loss = sum(nums.values()) / sum(dens.values())
+    else:
+        loss = sum(terms.values())
+    return loss, terms

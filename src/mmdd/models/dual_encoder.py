@@ -1,0 +1,103 @@
+"""Dual encoder over images and *cached* caption embeddings.
+
+The text backbone is frozen and applied once, ahead of time (see mmdd.data.text_cache), so
+the trainable text side is only its projection head. Logits are cosine similarities times
+exp(log(1/T)); with a fixed T this is exactly 1/T (MTT-VL's code applied the log scale
+without exp, which we do not repeat).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdd.models.heads import ProjectionHead
+from mmdd.models.image_encoder import build_image_backbone
+
+# Which parameters train (and are recorded/matched) per modality.
+TRAINABLE_MODES = ("backbone_and_heads", "heads")
+
+
+class DualEncoder(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_dim: int,
+        text_dim: int,
+        embed_dim: int | None = None,
+        image_head: bool = False,
+        dropout: float = 0.0,
+        temperature: float = 0.07,
+        trainable: str = "backbone_and_heads",
+    ):
+        super().__init__()
+        if trainable not in TRAINABLE_MODES:
+            raise ValueError(f"model.trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
+        if trainable == "heads" and not image_head:
+            raise ValueError("model.trainable=heads needs model.image_head=true (else nothing trains on images)")
+        self.backbone = backbone
+        embed_dim = embed_dim or backbone_dim
+        if not image_head and embed_dim != backbone_dim:
+            raise ValueError(f"without an image head, embed_dim ({embed_dim}) must equal the backbone dim ({backbone_dim})")
+        self.image_head = ProjectionHead(backbone_dim, embed_dim, dropout) if image_head else nn.Identity()
+        self.text_head = ProjectionHead(text_dim, embed_dim, dropout)
+        self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature)), persistent=False)
+        self.trainable = trainable
+        self.text_dim = text_dim
+        self.embed_dim = embed_dim
+        if trainable == "heads":
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+
+    # -- parameter groups -------------------------------------------------------------
+    def modality_parameter_names(self) -> dict[str, list[str]]:
+        """Names of the trainable parameters per modality ("image", "text"), in a fixed order."""
+        image, text = [], []
+        for name, p in self.named_parameters():
+            if name.startswith("text_head."):
+                text.append(name)
+            elif name.startswith("image_head."):
+                image.append(name)
+            elif name.startswith("backbone.") and self.trainable == "backbone_and_heads":
+                image.append(name)
+        return {"image": image, "text": text}
+
+    # -- forward ----------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(self.backbone(images)), dim=-1)
+
+    def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(text_emb), dim=-1)
+
+    def similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return img @ txt.t() * self.logit_scale.exp()
+
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Logits [B_img, B_txt] = cos(img, txt) / T."""
+        return self.similarity(self.encode_image(images), self.encode_text(text_emb))
+
+
+def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder:
+    """Build from the `model` config group (see conf/model/*.yaml)."""
+    img = model_cfg.image
+    backbone, dim = build_image_backbone(
+        img.name,
+        image_size=image_size,
+        pretrained=bool(img.get("pretrained", False)),
+        checkpoint=img.get("checkpoint"),
+        width=int(img.get("width", 64)),
+        depth=int(img.get("depth", 3)),
+    )
+    return DualEncoder(
+        backbone,
+        backbone_dim=dim,
+        text_dim=text_dim,
+        embed_dim=model_cfg.get("embed_dim"),
+        image_head=bool(model_cfg.image_head),
+        dropout=float(model_cfg.dropout),
+        temperature=float(model_cfg.temperature),
+        trainable=str(model_cfg.trainable),
+    )

@@ -1,0 +1,13 @@
+"""Locating the Hydra config tree, in a checkout or an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def conf_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "base.yaml").exists():
+            return candidate
+    raise FileNotFoundError(f"mmdd's conf/ directory was not found next to {here}")

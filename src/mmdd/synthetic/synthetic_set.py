@@ -1,0 +1,123 @@
+"""The synthetic set: learned images, text embeddings and per-modality step sizes.
+
+On disk (a directory, loadable without mmdd):
+    synthetic.safetensors  images [N,3,H,W] (normalised), texts [N,D], lr_image, lr_text
+    manifest.json          method, budget, image/text shapes, normalisation, text encoder, config hash
+    captions.json          nearest real training caption of each synthetic text
+    grid.png               the images as a grid (denormalised)
+Files are written atomically; the manifest last, so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmdd.errors import ArtifactError
+from mmdd.utils.io import atomic_write, atomic_write_json
+
+FORMAT = "mmdd-synthetic-set"
+VERSION = 1
+
+
+class SyntheticSet(nn.Module):
+    def __init__(self, images: torch.Tensor, texts: torch.Tensor, lrs: dict[str, float | torch.Tensor]):
+        super().__init__()
+        if images.shape[0] != texts.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {texts.shape[0]} texts")
+        self.images = nn.Parameter(images.detach().clone().float())
+        self.texts = nn.Parameter(texts.detach().clone().float())
+        self.lrs = nn.ParameterDict(
+            {m: nn.Parameter(torch.as_tensor(float(v) if not torch.is_tensor(v) else v.item()).float()) for m, v in lrs.items()}
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def lr_values(self) -> dict[str, float]:
+        return {m: float(p.detach()) for m, p in self.lrs.items()}
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | Path, manifest: dict, captions: list[str] | None = None) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {"images": self.images.detach().cpu().contiguous(), "texts": self.texts.detach().cpu().contiguous()}
+        for m, p in self.lrs.items():
+            tensors[f"lr_{m}"] = p.detach().cpu().reshape(1)
+        atomic_write(d / "synthetic.safetensors", lambda p: save_file(tensors, str(p)))
+        if captions is not None:
+            atomic_write_json(d / "captions.json", captions)
+        full = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_pairs": len(self),
+            "image_shape": list(self.images.shape[1:]),
+            "text_dim": int(self.texts.shape[1]),
+            "lrs": self.lr_values(),
+            **manifest,
+        }
+        atomic_write_json(d / "manifest.json", full)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> tuple["SyntheticSet", dict]:
+        d = Path(directory)
+        mpath = d / "manifest.json"
+        if not mpath.exists():
+            raise ArtifactError(
+                f"no synthetic set at {d} (missing manifest.json); pass synthetic=<dir written by mmdd distill>"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
+        if manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{mpath} is not a synthetic-set manifest (format={manifest.get('format')!r})")
+        try:
+            t = load_file(str(d / "synthetic.safetensors"))
+        except (SafetensorError, OSError, FileNotFoundError) as exc:
+            raise ArtifactError(f"{d / 'synthetic.safetensors'} is missing or corrupted: {exc}") from exc
+        lrs = {k[3:]: t[k] for k in t if k.startswith("lr_")}
+        syn = cls(t["images"], t["texts"], lrs)
+        return syn, manifest
+
+
+def load_captions(directory: str | Path) -> list[str] | None:
+    p = Path(directory) / "captions.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+@torch.no_grad()
+def nearest_captions(texts: torch.Tensor, train_emb: torch.Tensor, captions: list[str], chunk: int = 4096) -> list[str]:
+    """Nearest real caption (cosine) of each synthetic text embedding: what the text 'says'."""
+    q = torch.nn.functional.normalize(texts.detach().float().cpu(), dim=-1)
+    best_val = torch.full((q.shape[0],), -2.0)
+    best_idx = torch.zeros(q.shape[0], dtype=torch.long)
+    for s in range(0, train_emb.shape[0], chunk):
+        k = torch.nn.functional.normalize(train_emb[s : s + chunk].float(), dim=-1)
+        v, i = (q @ k.t()).max(1)
+        better = v > best_val
+        best_val[better] = v[better]
+        best_idx[better] = i[better] + s
+    return [captions[i] for i in best_idx.tolist()]
+
+
+def save_grid(images: torch.Tensor, mean, std, path: str | Path, nrow: int | None = None) -> Path:
+    """Denormalised images as one PNG grid."""
+    import math
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from mmdd.data.transforms import denormalize
+
+    x = denormalize(images.detach().float().cpu(), mean, std)
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    return atomic_write(path, lambda p: Image.fromarray(arr).save(p, format="PNG"))

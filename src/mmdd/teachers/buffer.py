@@ -1,0 +1,99 @@
+"""`mmdd buffer`: train the experts and record their trajectories into a trajectory store."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmdd.data.datamodule import PairDataset, load_data
+from mmdd.data.transforms import augment_config
+from mmdd.evaluate.encode import evaluate_retrieval
+from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
+from mmdd.teachers.trajectory_store import TrajectoryStore
+from mmdd.utils.config import teacher_hash, to_plain
+from mmdd.utils.io import atomic_write_json
+from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
+from mmdd.utils.seed import seed_everything
+from mmdd.utils.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def expert_seed(base: int, idx: int) -> int:
+    return base * 1009 + idx
+
+
+def run_buffer(cfg, data=None) -> Path:
+    """Train `teacher.num_experts` experts (skipping complete ones); return the store path."""
+    data = data or load_data(cfg)
+    train = data["train"]
+    text_dim = train.text_emb.shape[1]
+    tcfg = cfg.teacher
+    probe = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
+    names = probe.modality_parameter_names()
+    shapes = {n: list(p.shape) for n, p in probe.named_parameters()}
+    store = TrajectoryStore.create_or_open(
+        Path(str(cfg.buffer_dir)),
+        dataset=str(cfg.data.name),
+        model=str(cfg.model.name),
+        config_hash=teacher_hash(cfg),
+        param_names=names,
+        param_shapes={n: shapes[n] for group in names.values() for n in group},
+        epochs=int(tcfg.epochs),
+        teacher=to_plain(tcfg),
+    )
+    done = set(store.completed_experts())
+    for e in range(int(tcfg.num_experts)):
+        if e in done:
+            log.info("expert %d already complete in %s; skipping", e, store.root)
+            continue
+        seed_everything(expert_seed(int(cfg.seed), e))
+        model = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
+        module = ExpertModule(
+            model,
+            lr=float(tcfg.lr),
+            momentum=float(tcfg.momentum),
+            weight_decay=float(tcfg.weight_decay),
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            augment=augment_config(cfg.data.augment if tcfg.augment else None),
+        )
+        recorder = TrajectoryRecorder(module.trainable_names())
+        loader = DataLoader(
+            PairDataset(train, unit=str(cfg.data.train_unit)),
+            batch_size=int(tcfg.batch_size),
+            shuffle=True,
+            drop_last=True,
+            num_workers=int(cfg.data.num_workers),
+            generator=torch.Generator().manual_seed(expert_seed(int(cfg.seed), e)),
+        )
+        loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}")
+        try:
+            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
+            trainer.fit(module, loader)
+            store.save_expert(e, recorder.trajectory())
+            model.to("cpu")
+            metrics = {}
+            for split in ("val", "test"):
+                if split in data:
+                    m = evaluate_retrieval(model, data[split], cfg.data.mean, cfg.data.std)
+                    metrics[split] = m
+            atomic_write_json(store.root / f"expert_{e:03d}.metrics.json", metrics)
+            log_metrics(loggers, {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()})
+            log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
+        finally:
+            finish_loggers(loggers)
+    return store.root
+
+
+def expert_metrics(store_dir: str | Path) -> list[dict]:
+    """Final-epoch retrieval of each expert (the full-data upper bound in `mmdd run`)."""
+    out = []
+    for p in sorted(Path(store_dir).glob("expert_*.metrics.json")):
+        out.append(json.loads(p.read_text()))
+    return out

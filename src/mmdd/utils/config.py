@@ -1,0 +1,37 @@
+"""Config helpers: hashing the parts of a composed config that define an artifact."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmdd.utils.io import stable_hash
+
+
+def to_plain(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def data_identity(data_cfg) -> dict:
+    """What makes two datasets the same (not where they live on disk)."""
+    d = to_plain(data_cfg)
+    keep = ("name", "format", "generate", "image_size", "ann_files", "ann_file", "preprocess", "train_unit")
+    return {k: d.get(k) for k in keep if k in d}
+
+
+def model_identity(model_cfg) -> dict:
+    return to_plain(model_cfg)
+
+
+def teacher_hash(cfg) -> str:
+    return stable_hash(
+        {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher)}
+    )
+
+
+def config_hash(cfg) -> str:
+    plain = to_plain(cfg)
+    plain.pop("paths", None)
+    plain.pop("hydra", None)
+    return stable_hash(plain)

@@ -1,0 +1,66 @@
+"""Loggers for every stage: W&B (offline by default) plus a CSV logger beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | Path | None = None) -> list:
+    """Loggers from `cfg.logger`: `csv` (bool) and `wandb` (a dict, or null for none)."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    save_dir = Path(save_dir or cfg.paths.output_dir)
+    loggers = []
+    lcfg = cfg.logger
+    if lcfg.get("csv", False):
+        loggers.append(CSVLogger(save_dir=str(save_dir), name="csv", version=name or job_type))
+    wcfg = lcfg.get("wandb")
+    if wcfg:
+        mode = os.environ.get("WANDB_MODE", str(wcfg.mode))
+        tags = [str(t) for t in (wcfg.get("tags") or [])]
+        loggers.append(
+            WandbLogger(
+                project=str(wcfg.project),
+                entity=wcfg.get("entity"),
+                group=str(wcfg.group),
+                job_type=job_type,
+                name=name or f"{job_type}",
+                tags=tags,
+                save_dir=str(save_dir),
+                offline=(mode == "offline"),
+                mode=mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close W&B runs so the next stage in this process starts its own run."""
+    for lg in loggers:
+        try:
+            lg.finalize("success")
+        except Exception:  # noqa: BLE001 - finalising is best effort
+            pass
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def log_metrics(loggers: list, metrics: dict, step: int | None = None) -> None:
+    for lg in loggers:
+        lg.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        lg.save()
+
+
+def log_image(loggers: list, key: str, path: str | Path, caption: str | None = None) -> None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.log_image(key=key, images=[str(path)], caption=[caption] if caption else None)

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from mmdd.evaluate.retrieval import retrieval_metrics
+
+
+def test_hand_computed_case():
+    sims = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.3, 0.7, 0.6, 0.5]])
+    txt2img = torch.tensor([0, 0, 1, 1])
+    m = retrieval_metrics(sims, txt2img)
+    # IR ranks: captions 0..3 -> 0, 1, 1, 0 ; TR ranks: image 0 -> 0 (0.9), image 1 -> 1 (0.6 behind 0.7)
+    assert m["ir1"] == pytest.approx(50.0)
+    assert m["ir5"] == pytest.approx(100.0)
+    assert m["tr1"] == pytest.approx(50.0)
+    assert m["tr10"] == pytest.approx(100.0)
+    assert m["r_mean"] == pytest.approx((50 + 100 + 100 + 50 + 100 + 100) / 6)
+
+
+def test_ties_count_against_the_query():
+    sims = torch.zeros(3, 3)
+    m = retrieval_metrics(sims, torch.tensor([0, 1, 2]))
+    assert m["ir1"] == 0.0 and m["tr1"] == 0.0  # every gt has 2 others scoring >= it
+    assert m["ir5"] == 100.0 and m["tr5"] == 100.0
+
+
+def test_tr_uses_best_ground_truth_caption():
+    # image 0 has captions 0 and 1; caption 1 is ranked first -> TR@1 hit though caption 0 is last
+    sims = torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.1, 0.9]])
+    m = retrieval_metrics(sims, torch.tensor([0, 0, 1]))
+    assert m["tr1"] == 100.0
+
+
+def _reference(sims, txt2img):
+    """BLIP-style loops with argsort (equal to ours when there are no ties)."""
+    n_img, n_cap = sims.shape
+    img2txt = [[j for j in range(n_cap) if txt2img[j] == i] for i in range(n_img)]
+    tr = []
+    for i in range(n_img):
+        order = torch.argsort(sims[i], descending=True).tolist()
+        tr.append(min(order.index(j) for j in img2txt[i]))
+    ir = []
+    for j in range(n_cap):
+        order = torch.argsort(sims[:, j], descending=True).tolist()
+        ir.append(order.index(int(txt2img[j])))
+    out = {}
+    for k in (1, 5, 10):
+        out[f"ir{k}"] = 100.0 * sum(r < k for r in ir) / n_cap
+    for k in (1, 5, 10):
+        out[f"tr{k}"] = 100.0 * sum(r < k for r in tr) / n_img
+    out["r_mean"] = sum(out.values()) / 6
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_reference_loops_on_random_matrices(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_img = 30
+    txt2img = torch.arange(n_img).repeat_interleave(5)
+    txt2img = txt2img[torch.randperm(len(txt2img), generator=g)]
+    sims = torch.randn(n_img, len(txt2img), generator=g)
+    sims[txt2img, torch.arange(len(txt2img))] += 1.5  # some signal so recalls are not trivial
+    ours = retrieval_metrics(sims, txt2img)
+    ref = _reference(sims, txt2img)
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v), k
+
+
+def test_chunking_does_not_change_results():
+    from mmdd.evaluate.retrieval import retrieval_ranks
+
+    g = torch.Generator().manual_seed(3)
+    txt2img = torch.arange(50).repeat_interleave(5)
+    sims = torch.randn(50, 250, generator=g)
+    a = retrieval_ranks(sims, txt2img, chunk=7)
+    b = retrieval_ranks(sims, txt2img, chunk=10_000)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="one entry per caption"):
+        retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="outside"):
+        retrieval_metrics(torch.zeros(2, 2), torch.tensor([0, 5]))
