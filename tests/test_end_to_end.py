@@ -1,0 +1,88 @@
+"""Every stage for real on a tiny embedded dataset: the CLI, Hydra, Lightning, W&B offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_mmdd
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    proc = run_mmdd(["run", *TINY, "hydra.run.dir=outputs/run_tiny"], root)
+    return root, proc
+
+
+def test_run_prints_table_and_writes_outputs(tiny_run):
+    root, proc = tiny_run
+    out = root / "outputs" / "run_tiny"
+    assert "| mtt_vl | 8 | 2 |" in proc.stdout
+    assert "| random | 8 | 2 |" in proc.stdout
+    assert "full train (teachers)" in proc.stdout
+    # composed config saved with the run
+    assert (out / ".hydra" / "config.yaml").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["mtt_vl", "random", "full train (teachers)"]
+    res = json.loads((out / "evaluate" / "mtt_vl" / "results.json").read_text())
+    assert res["num_seeds"] == 2 and len(res["seeds"]) == 2
+    assert set(res["mean"]) == {"ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean"}
+    assert res["protocol"]["selection"] == "val"
+    for s in res["seeds"]:
+        assert 0 <= s["test"]["r_mean"] <= 100
+    stats = res["distill_stats"]
+    assert stats["iterations"] == 3 and stats["sec_per_iter_median"] > 0 and stats["peak_mem_mb"] > 0
+
+
+def test_run_artifacts(tiny_run):
+    root, _ = tiny_run
+    out = root / "outputs" / "run_tiny"
+    syn = out / "synthetic" / "mtt_vl"
+    manifest = json.loads((syn / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 8 and manifest["complete"] is True
+    assert manifest["image_shape"] == [3, 32, 32] and manifest["text_dim"] == 384
+    captions = json.loads((syn / "captions.json").read_text())
+    assert len(captions) == 8 and all(isinstance(c, str) and c for c in captions)
+    assert (syn / "grid.png").stat().st_size > 0
+    history = json.loads((syn / "history.json").read_text())
+    assert len(history) == 3 and "distill/matching_loss" in history[0]
+    stores = list((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    assert len(stores) == 1 and len(list(stores[0].glob("expert_*.safetensors"))) == 2
+    # W&B offline runs and CSV logs exist
+    assert list(out.rglob("offline-run-*")), "no offline W&B run directory"
+    assert list(out.rglob("metrics.csv")), "no CSV logs"
+
+
+def test_stages_separately_and_buffer_resume(tiny_run, tmp_path):
+    root, _ = tiny_run
+    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    # rerun of buffer skips complete experts
+    proc = run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer_again"], root)
+    assert "trajectory store:" in proc.stdout
+    # distill on its own, then evaluate its output
+    run_mmdd(["distill", *TINY, "logger=csv", f"buffer_dir={store}", "hydra.run.dir=outputs/distill_alone"], root)
+    syn = root / "outputs" / "distill_alone" / "synthetic"
+    assert (syn / "manifest.json").exists()
+    proc = run_mmdd(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
+                     "hydra.run.dir=outputs/eval_alone"], root)
+    assert "| mtt_vl | 8 | 1 |" in proc.stdout
+    assert (root / "outputs" / "eval_alone" / "results.json").exists()
+
+
+def test_budget_larger_than_train_split_is_a_clear_error(tiny_run):
+    root, _ = tiny_run
+    proc = run_mmdd(["distill", *TINY, "logger=none", "budget=100000", "hydra.run.dir=outputs/bad_budget"], root, check=False)
+    assert proc.returncode == 2
+    assert "budget=100000 is larger than the train split" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_store_for_another_model_is_a_clear_error(tiny_run):
+    root, _ = tiny_run
+    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    proc = run_mmdd(["distill", *TINY, "logger=none", "model.image.width=16", f"buffer_dir={store}",
+                     "hydra.run.dir=outputs/bad_store"], root, check=False)
+    assert proc.returncode == 2
+    assert "trainable parameters differ" in proc.stderr
+    assert "Traceback" not in proc.stderr
