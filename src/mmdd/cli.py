@@ -19,6 +19,8 @@ def _task(stage: str):
     def task(cfg) -> None:
         from mmdd.errors import MmddError
 
+        quiet_third_party()
+
         try:
             if stage == "buffer":
                 from mmdd.teachers.buffer import run_buffer
@@ -44,6 +46,19 @@ def _task(stage: str):
             sys.exit(2)
 
     return task
+
+
+def quiet_third_party() -> None:
+    """Lightning prints a banner (GPU available, tips) for every trainer; keep its warnings only."""
+    import warnings
+
+    import lightning  # noqa: F401 - sets its loggers' levels on import; override after
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def usage() -> str:

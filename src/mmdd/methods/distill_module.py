@@ -37,6 +37,7 @@ class DistillModule(L.LightningModule):
         momentum: float,
         merged_loss: bool,
         seed: int,
+        lr_min: float = 0.0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -52,6 +53,7 @@ class DistillModule(L.LightningModule):
         self.lr_img, self.lr_txt, self.lr_lr = lr_img, lr_txt, lr_lr
         self.momentum = momentum
         self.merged_loss = merged_loss
+        self.lr_min = lr_min
         self.generator = torch.Generator().manual_seed(seed)
         n_exp, n_epochs = next(iter(trajectories.values())).shape[:2]
         if max_start_epoch + expert_epochs > n_epochs - 1:
@@ -105,6 +107,9 @@ class DistillModule(L.LightningModule):
         loss, terms, expert, start = self.iteration_loss()
         self.manual_backward(loss)
         opt.step()
+        with torch.no_grad():
+            for p in self.syn.lrs.values():
+                p.clamp_(min=self.lr_min)  # a non-positive step size would stop students from training
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0

@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 from mmdd.data.datamodule import load_data
 from mmdd.methods.base import save_synthetic
 from mmdd.utils.io import atomic_write_json
-from mmdd.utils.logging import build_loggers, finish_loggers, log_image
+from mmdd.data.transforms import denormalize
+from mmdd.synthetic.synthetic_set import load_captions
+from mmdd.utils.logging import build_loggers, finish_loggers, log_images
 from mmdd.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         save_synthetic(cfg, syn, data["train"], out_dir, {"complete": True, "iteration": len(history), "distill_stats": stats})
         if history:
             atomic_write_json(out_dir / "history.json", history)
-        log_image(loggers, "synthetic/grid", out_dir / "grid.png")
+        log_images(loggers, "synthetic/grid", [str(out_dir / "grid.png")])
+        n = min(len(syn), int(cfg.get("log_pairs", 32)))
+        pics = denormalize(syn.images[:n].detach().cpu(), cfg.data.mean, cfg.data.std).permute(0, 2, 3, 1).numpy()
+        log_images(loggers, "synthetic/pairs", list(pics), (load_captions(out_dir) or [])[:n] or None)
         log.info("synthetic set (%s, budget %d) saved to %s; %s", cfg.method.name, int(cfg.budget), out_dir, stats)
     finally:
         finish_loggers(loggers)

@@ -64,6 +64,7 @@ class TrajectoryMatching(Method):
         init: str = "real",
         iterations: int = 1000,
         max_experts: int | None = None,
+        lr_min: float = 0.0,
     ):
         if loss_merge not in ("separate", "merged"):
             raise ValueError(f"method.loss_merge must be 'separate' or 'merged', got {loss_merge!r}")
@@ -81,6 +82,7 @@ class TrajectoryMatching(Method):
         self.init = init
         self.iterations = int(iterations)
         self.max_experts = max_experts
+        self.lr_min = float(lr_min)
 
     def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
         gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -123,6 +125,7 @@ class TrajectoryMatching(Method):
             momentum=self.momentum,
             merged_loss=self.merged,
             seed=int(cfg.seed),
+            lr_min=self.lr_min,
         )
 
         def save(step: int) -> None:

@@ -60,7 +60,9 @@ def log_metrics(loggers: list, metrics: dict, step: int | None = None) -> None:
         lg.save()
 
 
-def log_image(loggers: list, key: str, path: str | Path, caption: str | None = None) -> None:
+def log_images(loggers: list, key: str, images: list, captions: list[str] | None = None) -> None:
+    """Images (paths, PIL images or HWC arrays) with optional captions, to W&B."""
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
-            lg.log_image(key=key, images=[str(path)], caption=[caption] if caption else None)
+            kwargs = {"caption": list(captions)} if captions else {}
+            lg.log_image(key=key, images=list(images), **kwargs)
