@@ -66,6 +66,16 @@ class FrozenTextEncoder:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
+        """[N, dim] embeddings. Duplicates are embedded once and batches are formed from
+        captions of similar length (less padding); neither changes the result."""
+        unique = sorted(set(captions), key=lambda c: (len(c), c))
+        if not unique:
+            return torch.zeros(0, self.dim)
+        emb = self._encode_ordered(unique)
+        row = {c: i for i, c in enumerate(unique)}
+        return emb[torch.as_tensor([row[c] for c in captions], dtype=torch.long)]
+
+    def _encode_ordered(self, captions: list[str]) -> torch.Tensor:
         out = []
         for s in range(0, len(captions), self.batch_size):
             batch = self.tokenizer(
@@ -84,6 +94,4 @@ class FrozenTextEncoder:
             if self.normalize:
                 emb = F.normalize(emb, dim=-1)
             out.append(emb.float().cpu())
-        if not out:
-            return torch.zeros(0, self.dim)
         return torch.cat(out)

@@ -1,0 +1,147 @@
+"""Every annotation loader on real-format files, and each malformed case with its message."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmdd.data.annotations import load_blip_split, load_karpathy, load_pairs_table
+from mmdd.data.captions import preprocess_caption
+from mmdd.errors import DataError
+
+
+def png(path, color=(255, 0, 0), size=8, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), color).save(path)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        png(tmp_path / "imgs" / name)
+    return tmp_path
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_preprocess_like_blip():
+    assert preprocess_caption("A Dog, running! On the (wet) grass.") == "a dog running on the wet grass"
+    assert preprocess_caption("  multiple   spaces\n") == "multiple spaces"
+    assert preprocess_caption("well-known t-shirt") == "well-known t-shirt"
+    assert preprocess_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
+    assert preprocess_caption(" ".join(["w"] * 40), max_words=None).count("w") == 40
+
+
+def test_blip_train_groups_captions_by_image(root):
+    ann = write_json(root / "train.json", [
+        {"image": "imgs/a.jpg", "caption": "A cat.", "image_id": 1},
+        {"image": "imgs/b.jpg", "caption": "A dog", "image_id": 2},
+        {"image": "imgs/a.jpg", "caption": "a cat sitting", "image_id": 1},
+    ])
+    s = load_blip_split(ann, root, "train")
+    assert [p.name for p in s.image_paths] == ["a.jpg", "b.jpg"]
+    assert s.captions == ["a cat", "a dog", "a cat sitting"]
+    assert s.txt2img == [0, 1, 0]
+    assert s.img2txt() == [[0, 2], [1]]
+
+
+def test_blip_test_lists_with_six_captions(root):
+    ann = write_json(root / "test.json", [
+        {"image": "imgs/a.jpg", "caption": [f"cap {i}" for i in range(5)]},
+        {"image": "imgs/c.jpg", "caption": [f"other {i}" for i in range(6)]},
+    ])
+    s = load_blip_split(ann, root, "test")
+    assert s.num_images == 2 and s.num_captions == 11
+    assert s.txt2img == [0] * 5 + [1] * 6
+
+
+def test_blip_preprocessing_can_be_switched_off(root):
+    ann = write_json(root / "t.json", [{"image": "imgs/a.jpg", "caption": "A Cat!"}])
+    assert load_blip_split(ann, root, "train", preprocess=False).captions == ["A Cat!"]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('[{"image": "imgs/a.jpg", "caption": "x"', r"not valid JSON: .* line 1"),
+        ('{"image": "imgs/a.jpg"}', "top level must be a list"),
+        ('[{"image": "imgs/a.jpg"}]', r"entry 0 has no 'caption' field"),
+        ('[{"caption": "x"}]', r"entry 0 has no 'image' field"),
+        ('[{"image": "imgs/a.jpg", "caption": "x"}, {"image": "imgs/a.jpg", "caption": "?!"}]', r"entry 1: caption 0 .* empty after pre-processing"),
+        ('[{"image": "imgs/a.jpg", "caption": 5}]', r"entry 0: field 'caption' must be a string"),
+        ('[{"image": "imgs/missing.jpg", "caption": "x"}]', r"entry 0: image .*missing.jpg does not exist; check data.image_root"),
+        ("[]", "has no entries"),
+    ],
+)
+def test_blip_malformed_files_name_file_and_field(root, content, match):
+    ann = root / "bad.json"
+    ann.write_text(content)
+    with pytest.raises(DataError, match=match) as exc:
+        load_blip_split(ann, root, "train")
+    assert "bad.json" in str(exc.value)
+
+
+def test_missing_annotation_file_says_where_files_come_from(root):
+    with pytest.raises(DataError, match=r"flickr30k_train.json does not exist.*BLIP repository"):
+        load_blip_split(root / "annotations" / "flickr30k_train.json", root, "train")
+
+
+def test_karpathy_restval_joins_train_and_filepath(root):
+    png(root / "imgs" / "val2014" / "v.jpg")
+    doc = {"images": [
+        {"filepath": "", "filename": "imgs/a.jpg", "split": "train", "sentences": [{"raw": "A one."}, {"raw": "a two"}]},
+        {"filename": "imgs/b.jpg", "split": "restval", "sentences": [{"raw": "b"}]},
+        {"filepath": "imgs/val2014", "filename": "v.jpg", "split": "val", "sentences": [{"raw": "v"}]},
+        {"filename": "imgs/c.jpg", "split": "test", "sentences": [{"raw": "c1"}, {"raw": "c2"}]},
+    ]}
+    splits = load_karpathy(write_json(root / "dataset_coco.json", doc), root)
+    assert splits["train"].num_images == 2 and splits["train"].captions == ["a one", "a two", "b"]
+    assert splits["val"].image_paths[0] == root / "imgs" / "val2014" / "v.jpg"
+    assert splits["test"].txt2img == [0, 0]
+
+
+def test_karpathy_errors(root):
+    bad = write_json(root / "k.json", {"images": [{"filename": "imgs/a.jpg", "split": "train", "sentences": [{"tokens": []}]}]})
+    with pytest.raises(DataError, match=r"k.json: images\[0\].sentences\[0\] has no 'raw' field"):
+        load_karpathy(bad, root)
+    bad = write_json(root / "k2.json", {"images": [{"filename": "imgs/a.jpg", "split": "holdout", "sentences": [{"raw": "x"}]}]})
+    with pytest.raises(DataError, match="unknown split 'holdout'"):
+        load_karpathy(bad, root)
+    with pytest.raises(DataError, match="Karpathy format"):
+        load_karpathy(write_json(root / "k3.json", []), root)
+
+
+def test_jsonl_and_csv_tables(root):
+    jl = root / "train.jsonl"
+    jl.write_text('{"image": "imgs/a.jpg", "caption": "one"}\n\n{"image": "imgs/b.jpg", "caption": "two"}\n'
+                  '{"image": "imgs/a.jpg", "caption": "three"}\n')
+    s = load_pairs_table(jl, root, "train")
+    assert s.num_images == 2 and s.txt2img == [0, 1, 0]
+    csv = root / "val.csv"
+    csv.write_text('image,caption\nimgs/a.jpg,"Hello, world"\nimgs/c.jpg,bye\n')
+    s = load_pairs_table(csv, root, "val")
+    assert s.captions == ["hello world", "bye"]
+
+
+def test_table_errors(root):
+    jl = root / "t.jsonl"
+    jl.write_text('{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/a.jpg"\n')
+    with pytest.raises(DataError, match=r"t.jsonl: line 2 is not valid JSON"):
+        load_pairs_table(jl, root, "train")
+    jl.write_text('{"image": "imgs/a.jpg", "text": "ok"}\n')
+    with pytest.raises(DataError, match=r"line 1 needs the fields 'image' and 'caption'"):
+        load_pairs_table(jl, root, "train")
+    csv = root / "t.csv"
+    csv.write_text("path,text\nimgs/a.jpg,x\n")
+    with pytest.raises(DataError, match="header must name the columns"):
+        load_pairs_table(csv, root, "train")
+    csv.write_text("image,caption\nimgs/a.jpg,\n")
+    with pytest.raises(DataError, match=r"t.csv: line 2: caption 0 .* empty"):
+        load_pairs_table(csv, root, "train")
+    with pytest.raises(DataError, match="use .jsonl or .csv"):
+        load_pairs_table(write_json(root / "t.txt", []), root, "train")
