@@ -69,7 +69,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
                             "use protocol.lr_source=fixed")
 
     def build_model():
-        return build_dual_encoder(cfg.student_model if cfg.get("student_model") else cfg.model, text_dim, int(cfg.data.image_size))
+        return build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
 
     label = label or manifest.get("method", "synthetic")
     seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
