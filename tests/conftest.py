@@ -23,6 +23,7 @@ TINY = [
     "protocol.lr_decay_epoch=2",
     "protocol.eval_every=2",
     "protocol.num_seeds=2",
+    "log_every_n_steps=1",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 STAGES = {
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from mmdd.paths import conf_dir
 
+    # W&B's per-run console banners drown the stage's output; runs are still written (see README).
+    os.environ.setdefault("WANDB_SILENT", "true")
     sys.argv = [f"mmdd-{stage}"] + argv[1:]
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     app()

@@ -58,4 +58,6 @@ def run_all(cfg) -> dict:
           f"mean ± std over seeds; 'seeds' = students, or experts for the full-data row)\n")
     print(table)
     print(f"\nOutputs: {out}")
+    if (out / "wandb").exists():
+        print(f"W&B runs (offline): {out / 'wandb'}; upload with `wandb sync {out / 'wandb'}/offline-run-*`")
     return {"rows": rows, "table": table, "out": str(out)}

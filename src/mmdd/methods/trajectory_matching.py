@@ -132,7 +132,7 @@ class TrajectoryMatching(Method):
             save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False})
 
         callbacks = [SaveSyntheticEvery(int(cfg.save_every), save)]
-        trainer = build_trainer(cfg, loggers, callbacks, max_epochs=1, log_every_n_steps=int(cfg.log_every))
+        trainer = build_trainer(cfg, loggers, callbacks, max_epochs=1)
         iterations = DataLoader(range(self.iterations), batch_size=1)
         trainer.fit(module, iterations)
         self.history = module.history
