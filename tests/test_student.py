@@ -1,0 +1,60 @@
+"""The evaluation protocol on a real Lightning trainer with tiny in-memory splits."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmdd.data.annotations import Split
+from mmdd.data.datamodule import SplitData
+from mmdd.evaluate.student import train_student
+from mmdd.models.convnet import ConvNet
+from mmdd.models.dual_encoder import DualEncoder
+
+
+def split(n_img, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = Split("x", image_paths=[f"{i}.png" for i in range(n_img)], captions=[f"c{i}" for i in range(2 * n_img)],
+              txt2img=[i // 2 for i in range(2 * n_img)])
+    images = torch.randint(0, 256, (n_img, 3, 8, 8), generator=g, dtype=torch.uint8)
+    return SplitData(split=s, text_emb=torch.randn(2 * n_img, 6, generator=g), image_size=8, images=images)
+
+
+def cfg(selection, epochs=6):
+    return OmegaConf.create({
+        "protocol": {"epochs": epochs, "lr_decay_epoch": 3, "lr_decay": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                     "batch_size": 4, "eval_every": 2, "selection": selection},
+        "data": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        "hardware": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"},
+        "progress_bar": False,
+    })
+
+
+def build():
+    bb = ConvNet(image_size=8, width=4, depth=1)
+    return DualEncoder(bb, bb.num_features, text_dim=6)
+
+
+@pytest.fixture
+def data():
+    return {"val": split(6, 1), "test": split(8, 2)}
+
+
+def test_val_selection_keeps_best_val_checkpoint(data):
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    res = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0)
+    evals = res.history
+    assert [h["epoch"] for h in evals] == [1, 3, 5]
+    best = max(evals, key=lambda h: h["r_mean"])
+    assert res.best_epoch == best["epoch"] and res.selected["r_mean"] == best["r_mean"]
+    assert set(res.test) >= {"ir1", "tr1", "r_mean"}
+
+
+def test_same_seed_same_result_and_test_best_reports_selected(data):
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    a = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=3)
+    b = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=3)
+    assert a.test == b.test
+    t = train_student(cfg("test_best"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=3)
+    assert t.test == pytest.approx(t.selected)  # chosen on test: the papers' optimistic protocol
+    last = train_student(cfg("last"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=3)
+    assert last.best_epoch == 5
