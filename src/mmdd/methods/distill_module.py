@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 
+from mmdd.errors import MmddError
 from mmdd.methods.matching import BatchSchedule, ParamLayout, matching_loss, unroll_full
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -20,25 +22,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@dataclass
+class MatchingConfig:
+    """Settings of a trajectory-matching method (conf/method/<name>.yaml, minus `_target_`/`name`)."""
+
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    lr_img: float  # outer lr of the synthetic images
+    lr_txt: float  # outer lr of the synthetic text embeddings
+    lr_lr: float  # outer lr of the learned step sizes
+    lr_init: float  # initial learned step size
+    momentum: float = 0.5
+    batch_syn: int | None = None  # inner mini-batch; None = all pairs
+    loss_merge: str = "separate"
+    init: str = "real"
+    iterations: int = 1000
+    max_experts: int | None = None
+    lr_min: float = 0.0
+
+    def __post_init__(self):
+        if self.loss_merge not in ("separate", "merged"):
+            raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
+        if self.init not in ("real", "noise"):
+            raise MmddError(f"method.init must be 'real' or 'noise', got {self.init!r}")
+        if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1 or self.iterations < 1:
+            raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
+
+
 class DistillModule(L.LightningModule):
-    def __init__(
-        self,
-        model,
-        syn: SyntheticSet,
-        trajectories: dict[str, torch.Tensor],
-        *,
-        syn_steps: int,
-        expert_epochs: int,
-        max_start_epoch: int,
-        batch_syn: int | None,
-        lr_img: float,
-        lr_txt: float,
-        lr_lr: float,
-        momentum: float,
-        merged_loss: bool,
-        seed: int,
-        lr_min: float = 0.0,
-    ):
+    def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
@@ -46,20 +59,13 @@ class DistillModule(L.LightningModule):
         # [n_experts, epochs+1, P] per modality; kept in memory, sampled every iteration.
         self.trajectories = trajectories
         self.layout = ParamLayout.from_model(model)
-        self.syn_steps = syn_steps
-        self.expert_epochs = expert_epochs
-        self.max_start_epoch = max_start_epoch
-        self.batch_syn = batch_syn
-        self.lr_img, self.lr_txt, self.lr_lr = lr_img, lr_txt, lr_lr
-        self.momentum = momentum
-        self.merged_loss = merged_loss
-        self.lr_min = lr_min
+        self.config = config
         self.generator = torch.Generator().manual_seed(seed)
         n_exp, n_epochs = next(iter(trajectories.values())).shape[:2]
-        if max_start_epoch + expert_epochs > n_epochs - 1:
-            raise ValueError(
-                f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) exceeds the "
-                f"{n_epochs - 1} recorded teacher epochs; lower them or record more epochs (teacher.epochs)"
+        if config.max_start_epoch + config.expert_epochs > n_epochs - 1:
+            raise MmddError(
+                f"method.max_start_epoch ({config.max_start_epoch}) + expert_epochs ({config.expert_epochs}) "
+                f"exceeds the {n_epochs - 1} recorded teacher epochs; lower them or record more epochs (teacher.epochs)"
             )
         self.n_experts = n_exp
         self.history: list[dict[str, float]] = []
@@ -70,12 +76,12 @@ class DistillModule(L.LightningModule):
         # One optimizer with param groups: several optimizers would each advance global_step.
         return torch.optim.SGD(
             [
-                {"params": [self.syn.images], "lr": self.lr_img},
-                {"params": [self.syn.texts], "lr": self.lr_txt},
-                {"params": list(self.syn.lrs.parameters()), "lr": self.lr_lr},
+                {"params": [self.syn.images], "lr": self.config.lr_img},
+                {"params": [self.syn.texts], "lr": self.config.lr_txt},
+                {"params": list(self.syn.lrs.parameters()), "lr": self.config.lr_lr},
             ],
-            lr=self.lr_img,
-            momentum=self.momentum,
+            lr=self.config.lr_img,
+            momentum=self.config.momentum,
         )
 
     def on_fit_start(self):
@@ -85,19 +91,20 @@ class DistillModule(L.LightningModule):
 
     def sample_segment(self):
         expert = int(torch.randint(self.n_experts, (1,), generator=self.generator))
-        start = int(torch.randint(self.max_start_epoch, (1,), generator=self.generator))
+        start = int(torch.randint(self.config.max_start_epoch, (1,), generator=self.generator))
         starts = {m: t[expert, start] for m, t in self.trajectories.items()}
-        targets = {m: t[expert, start + self.expert_epochs] for m, t in self.trajectories.items()}
+        targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
         return expert, start, starts, targets
 
     def iteration_loss(self):
         expert, start, starts, targets = self.sample_segment()
-        schedule = BatchSchedule(len(self.syn), self.batch_syn, self.generator, device=self.device)
+        schedule = BatchSchedule(len(self.syn), self.config.batch_syn, self.generator, device=self.device)
         lrs = {"image": self.syn.lrs["image"], "text": self.syn.lrs["text"]}
         final = unroll_full(
-            self.model, self.layout, starts, lrs, self.syn.images, self.syn.texts, schedule, self.syn_steps, symmetric_infonce
+            self.model, self.layout, starts, lrs, self.syn.images, self.syn.texts, schedule, self.config.syn_steps,
+            symmetric_infonce,
         )
-        loss, terms = matching_loss(final, starts, targets, merged=self.merged_loss)
+        loss, terms = matching_loss(final, starts, targets, merged=self.config.loss_merge == "merged")
         return loss, terms, expert, start
 
     def training_step(self, batch, batch_idx):
@@ -109,7 +116,7 @@ class DistillModule(L.LightningModule):
         opt.step()
         with torch.no_grad():
             for p in self.syn.lrs.values():
-                p.clamp_(min=self.lr_min)  # a non-positive step size would stop students from training
+                p.clamp_(min=self.config.lr_min)  # a non-positive step size would stop students from training
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
-from mmdd.methods.distill_module import DistillModule
+from mmdd.methods.distill_module import DistillModule, MatchingConfig
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
@@ -48,49 +48,21 @@ class SaveSyntheticEvery(L.Callback):
 
 
 class TrajectoryMatching(Method):
-    def __init__(
-        self,
-        name: str,
-        syn_steps: int,
-        expert_epochs: int,
-        max_start_epoch: int,
-        batch_syn: int | None,
-        lr_img: float,
-        lr_txt: float,
-        lr_lr: float,
-        lr_init: float,
-        momentum: float,
-        loss_merge: str = "separate",
-        init: str = "real",
-        iterations: int = 1000,
-        max_experts: int | None = None,
-        lr_min: float = 0.0,
-    ):
-        if loss_merge not in ("separate", "merged"):
-            raise ValueError(f"method.loss_merge must be 'separate' or 'merged', got {loss_merge!r}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"method.init must be 'real' or 'noise', got {init!r}")
+    """Distils by matching expert trajectories; all settings live in a `MatchingConfig`."""
+
+    def __init__(self, name: str, **settings):
         self.name = name
-        self.syn_steps = int(syn_steps)
-        self.expert_epochs = int(expert_epochs)
-        self.max_start_epoch = int(max_start_epoch)
-        self.batch_syn = batch_syn
-        self.lr_img, self.lr_txt, self.lr_lr = float(lr_img), float(lr_txt), float(lr_lr)
-        self.lr_init = float(lr_init)
-        self.momentum = float(momentum)
-        self.merged = loss_merge == "merged"
-        self.init = init
-        self.iterations = int(iterations)
-        self.max_experts = max_experts
-        self.lr_min = float(lr_min)
+        self.config = MatchingConfig(**settings)
+        self.history: list[dict] = []
 
     def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
         gen = torch.Generator().manual_seed(int(cfg.seed))
         images, texts, _, _ = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
-        if self.init == "noise":
+        if self.config.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
-        return SyntheticSet(images, texts, {"image": self.lr_init, "text": self.lr_init})
+        lr = self.config.lr_init
+        return SyntheticSet(images, texts, {"image": lr, "text": lr})
 
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> SyntheticSet:
         train = data["train"]
@@ -102,7 +74,7 @@ class TrajectoryMatching(Method):
         names = model.modality_parameter_names()
         shapes = {n: list(p.shape) for n, p in model.named_parameters()}
         store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
-        trajectories = load_trajectories(store, names, self.max_experts)
+        trajectories = load_trajectories(store, names, self.config.max_experts)
         log.info(
             "loaded %d experts x %d epochs from %s (%s params)",
             trajectories["image"].shape[0],
@@ -111,29 +83,14 @@ class TrajectoryMatching(Method):
             {m: t.shape[-1] for m, t in trajectories.items()},
         )
         syn = self.initial_set(cfg, train, budget)
-        module = DistillModule(
-            model,
-            syn,
-            trajectories,
-            syn_steps=self.syn_steps,
-            expert_epochs=self.expert_epochs,
-            max_start_epoch=self.max_start_epoch,
-            batch_syn=self.batch_syn,
-            lr_img=self.lr_img,
-            lr_txt=self.lr_txt,
-            lr_lr=self.lr_lr,
-            momentum=self.momentum,
-            merged_loss=self.merged,
-            seed=int(cfg.seed),
-            lr_min=self.lr_min,
-        )
+        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed))
 
         def save(step: int) -> None:
             save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False})
 
         callbacks = [SaveSyntheticEvery(int(cfg.save_every), save)]
         trainer = build_trainer(cfg, loggers, callbacks, max_epochs=1)
-        iterations = DataLoader(range(self.iterations), batch_size=1)
+        iterations = DataLoader(range(self.config.iterations), batch_size=1)
         trainer.fit(module, iterations)
         self.history = module.history
         return syn
