@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from mmdd.data.annotations import load_blip_split, load_karpathy, load_pairs_table
-from mmdd.data.captions import preprocess_caption
 from mmdd.errors import DataError
 
 
@@ -27,14 +26,6 @@ def root(tmp_path):
 def write_json(path, obj):
     path.write_text(json.dumps(obj))
     return path
-
-
-def test_preprocess_like_blip():
-    assert preprocess_caption("A Dog, running! On the (wet) grass.") == "a dog running on the wet grass"
-    assert preprocess_caption("  multiple   spaces\n") == "multiple spaces"
-    assert preprocess_caption("well-known t-shirt") == "well-known t-shirt"
-    assert preprocess_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
-    assert preprocess_caption(" ".join(["w"] * 40), max_words=None).count("w") == 40
 
 
 def test_blip_train_groups_captions_by_image(root):
@@ -76,6 +67,12 @@ def test_blip_preprocessing_can_be_switched_off(root):
         ('[{"image": "imgs/a.jpg", "caption": 5}]', r"entry 0: field 'caption' must be a string"),
         ('[{"image": "imgs/missing.jpg", "caption": "x"}]', r"entry 0: image .*missing.jpg does not exist; check data.image_root"),
         ("[]", "has no entries"),
+        ('[{"image": "imgs/a.jpg", "caption": []}]', r"entry 0: field 'caption' is an empty list"),
+        ('[{"image": "imgs/a.jpg", "caption": ["ok", 7]}]', r"entry 0: caption 1 is int"),
+        ('[{"image": 3, "caption": "x"}]', r"entry 0: field 'image' must be a non-empty string"),
+        ('["imgs/a.jpg"]', r"entry 0 must be an object"),
+        ('[{"image": "imgs/a.jpg", "caption": "x"},\n {"image": "imgs/b.jpg", "caption": "y",}]',
+         r"not valid JSON: .* line 2, column"),
     ],
 )
 def test_blip_malformed_files_name_file_and_field(root, content, match):
@@ -138,10 +135,84 @@ def test_table_errors(root):
         load_pairs_table(jl, root, "train")
     csv = root / "t.csv"
     csv.write_text("path,text\nimgs/a.jpg,x\n")
-    with pytest.raises(DataError, match="header must name the columns"):
+    with pytest.raises(DataError, match=r"t.csv: the header \(line 1\) must name the columns 'image' and 'caption'"):
         load_pairs_table(csv, root, "train")
     csv.write_text("image,caption\nimgs/a.jpg,\n")
     with pytest.raises(DataError, match=r"t.csv: line 2: caption 0 .* empty"):
         load_pairs_table(csv, root, "train")
     with pytest.raises(DataError, match="use .jsonl or .csv"):
         load_pairs_table(write_json(root / "t.txt", []), root, "train")
+
+
+def test_blip_image_paths_are_absolute_and_dirs_are_not_images(root, monkeypatch):
+    ann = write_json(root / "t.json", [{"image": "imgs/a.jpg", "caption": "x"}])
+    monkeypatch.chdir(root)
+    s = load_blip_split(ann, ".", "train")
+    assert s.image_paths[0].is_absolute() and s.image_paths[0].is_file()
+    (root / "imgs" / "d.jpg").mkdir()
+    with pytest.raises(DataError, match=r"t2.json: entry 0: image .*d.jpg is not a file"):
+        load_blip_split(write_json(root / "t2.json", [{"image": "imgs/d.jpg", "caption": "x"}]), root, "train")
+
+
+def test_annotation_path_that_is_a_directory(root):
+    (root / "ann.json").mkdir()
+    with pytest.raises(DataError, match=r"ann.json is not a file"):
+        load_blip_split(root / "ann.json", root, "test")
+
+
+def test_non_utf8_annotation_file(root):
+    ann = root / "latin.json"
+    ann.write_bytes('[{"image": "imgs/a.jpg", "caption": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.json is not UTF-8"):
+        load_blip_split(ann, root, "train")
+
+
+def test_karpathy_field_types_and_missing_image(root):
+    cases = [
+        ({"filename": "imgs/a.jpg", "split": ["train"], "sentences": [{"raw": "x"}]}, r"images\[0\]: field 'split' must be a non-empty string"),
+        ({"filename": 5, "split": "train", "sentences": [{"raw": "x"}]}, r"images\[0\]: field 'filename' must be"),
+        ({"filepath": 1, "filename": "a.jpg", "split": "train", "sentences": [{"raw": "x"}]}, r"field 'filepath' must be a string"),
+        ({"filename": "imgs/a.jpg", "split": "train", "sentences": []}, r"'sentences' must be a non-empty list"),
+        ({"filename": "imgs/a.jpg", "split": "train"}, r"images\[0\] has no 'sentences' field"),
+        ({"filename": "imgs/a.jpg", "split": "train", "sentences": [{"raw": "..."}]}, r"images\[0\]: caption 0 .* empty"),
+        ({"filepath": "val2014", "filename": "zz.jpg", "split": "val", "sentences": [{"raw": "x"}]},
+         r"images\[0\]: image .*val2014.zz.jpg does not exist; check data.image_root"),
+    ]
+    for i, (entry, match) in enumerate(cases):
+        ann = write_json(root / f"dataset_{i}.json", {"images": [entry]})
+        with pytest.raises(DataError, match=match) as exc:
+            load_karpathy(ann, root)
+        assert f"dataset_{i}.json" in str(exc.value)
+    with pytest.raises(DataError, match=r"dataset_flickr30k.json does not exist.*karpathy"):
+        load_karpathy(root / "dataset_flickr30k.json", root)
+    bad = root / "dataset_trunc.json"
+    bad.write_text('{"images": [{"filename": "imgs/a.jpg",')
+    with pytest.raises(DataError, match=r"dataset_trunc.json is not valid JSON: .* line 1"):
+        load_karpathy(bad, root)
+
+
+def test_csv_with_bom_spaces_extra_columns_and_quotes(root):
+    csv = root / "excel.csv"
+    csv.write_bytes("\ufeffid, image ,caption\r\n1,imgs/a.jpg,\"A \"\"quoted\"\", caption\"\r\n\r\n2,imgs/b.jpg,B\r\n".encode("utf-8"))
+    s = load_pairs_table(csv, root, "train")
+    assert s.captions == ["a quoted caption", "b"] and s.txt2img == [0, 1]
+
+
+def test_table_missing_file_image_and_short_rows(root):
+    with pytest.raises(DataError, match=r"pairs.jsonl does not exist"):
+        load_pairs_table(root / "pairs.jsonl", root, "train")
+    jl = root / "m.jsonl"
+    jl.write_text('{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/nope.jpg", "caption": "x"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl: line 2: image .*nope.jpg does not exist; check data.image_root"):
+        load_pairs_table(jl, root, "train")
+    jl.write_text('{"image": "imgs/a.jpg", "caption": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"m.jsonl: line 1: caption 0 is list"):
+        load_pairs_table(jl, root, "train")
+    csv = root / "short.csv"
+    csv.write_text("image,caption\nimgs/a.jpg,fine\nimgs/b.jpg\n")
+    with pytest.raises(DataError, match=r"short.csv: line 3 has 1 columns"):
+        load_pairs_table(csv, root, "train")
+    empty = root / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty.jsonl: the train split has no rows"):
+        load_pairs_table(empty, root, "train")

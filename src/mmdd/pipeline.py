@@ -12,7 +12,6 @@ from mmdd.data.datamodule import load_data
 from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.stage import run_evaluate
 from mmdd.methods.stage import run_distill
-from mmdd.paths import conf_dir
 from mmdd.report.table import markdown_table
 from mmdd.teachers.buffer import expert_metrics, run_buffer
 from mmdd.utils.io import atomic_write_json, atomic_write_text
@@ -20,13 +19,11 @@ from mmdd.utils.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def with_method(cfg, name: str):
-    """A copy of `cfg` whose method is conf/method/<name>.yaml."""
-    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    method_cfg = OmegaConf.load(conf_dir() / "method" / f"{name}.yaml")
+def with_method(cfg, method_cfg):
+    """A copy of `cfg` whose `method` is `method_cfg` (a baseline composed into cfg.baselines)."""
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(new):
-        new.method = method_cfg
-    OmegaConf.resolve(new)
+        new.method = OmegaConf.create(OmegaConf.to_container(method_cfg, resolve=True))
     return new
 
 
@@ -39,8 +36,8 @@ def run_all(cfg) -> dict:
     syn_dir = run_distill(cfg, data, out / "synthetic" / str(cfg.method.name))
     res = run_evaluate(cfg, syn_dir, data, out / "evaluate" / str(cfg.method.name))
     rows.append({"method": res["label"], "budget": res["budget"], "n": res["num_seeds"], "mean": res["mean"], "std": res["std"]})
-    for name in cfg.baselines:
-        bcfg = with_method(cfg, str(name))
+    for name, method_cfg in (cfg.get("baselines") or {}).items():
+        bcfg = with_method(cfg, method_cfg)
         bdir = run_distill(bcfg, data, out / "synthetic" / str(name))
         bres = run_evaluate(bcfg, bdir, data, out / "evaluate" / str(name))
         rows.append({"method": bres["label"], "budget": bres["budget"], "n": bres["num_seeds"], "mean": bres["mean"], "std": bres["std"]})

@@ -8,6 +8,7 @@ entry and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,20 +51,22 @@ class _SplitBuilder:
     def __init__(self, name: str, image_root: Path, source: Path, preprocess: bool, max_words):
         self.split = Split(name)
         self.index: dict[str, int] = {}
-        self.image_root = image_root
+        self.image_root = Path(image_root).expanduser().absolute()
         self.source = source
         self.preprocess = preprocess
         self.max_words = max_words
 
-    def add(self, image_rel: str, captions: list, where: str) -> None:
-        if not isinstance(image_rel, str) or not image_rel:
-            raise DataError(f"{self.source}: {where}: field 'image' must be a non-empty string, got {image_rel!r}")
+    def add(self, image_rel: str, captions: list, where: str, field: str = "image") -> None:
+        if not isinstance(image_rel, str) or not image_rel.strip():
+            raise DataError(f"{self.source}: {where}: field '{field}' must be a non-empty string, got {image_rel!r}")
         caps = normalize_captions(captions, self.preprocess, self.max_words, f"{self.source}: {where}")
         if image_rel not in self.index:
             path = self.image_root / image_rel
-            if not path.exists():
+            if not path.is_file():
+                what = "is not a file" if path.exists() else "does not exist"
                 raise DataError(
-                    f"{self.source}: {where}: image {path} does not exist; check data.image_root ({self.image_root})"
+                    f"{self.source}: {where}: image {path} {what}; check data.image_root ({self.image_root}) "
+                    f"and that the images were downloaded/extracted there"
                 )
             self.index[image_rel] = len(self.split.image_paths)
             self.split.image_paths.append(path)
@@ -76,15 +79,28 @@ class _SplitBuilder:
         return self.split
 
 
-def _read_json(path: Path, what: str):
+def _read_text(path: Path, what: str) -> str:
     if not path.exists():
         raise DataError(f"annotation file {path} does not exist; {what}")
+    if not path.is_file():
+        raise DataError(f"annotation file {path} is not a file; {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
+        raise DataError(f"{path} is not UTF-8 text ({exc}); re-save it as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"annotation file {path} could not be read ({exc})") from exc
+
+
+def _read_json(path: Path, what: str):
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}; "
+            f"the file may be truncated (re-download it) or hand-edited"
+        ) from exc
 
 
 def load_blip_split(ann_file: Path, image_root: Path, split: str, preprocess: bool = True, max_words=30) -> Split:
@@ -132,6 +148,12 @@ def load_karpathy(ann_file: Path, image_root: Path, preprocess: bool = True, max
         for key in ("filename", "split", "sentences"):
             if key not in e:
                 raise DataError(f"{ann_file}: {where} has no '{key}' field")
+        for key in ("filename", "split"):
+            if not isinstance(e[key], str) or not e[key]:
+                raise DataError(f"{ann_file}: {where}: field '{key}' must be a non-empty string, got {e[key]!r}")
+        filepath = e.get("filepath") or ""
+        if not isinstance(filepath, str):
+            raise DataError(f"{ann_file}: {where}: field 'filepath' must be a string, got {filepath!r}")
         split = {"restval": "train"}.get(e["split"], e["split"])
         if split not in builders:
             raise DataError(f"{ann_file}: {where}: unknown split {e['split']!r} (train, val, test or restval)")
@@ -143,38 +165,51 @@ def load_karpathy(ann_file: Path, image_root: Path, preprocess: bool = True, max
             if not isinstance(s, dict) or "raw" not in s:
                 raise DataError(f"{ann_file}: {where}.sentences[{j}] has no 'raw' field")
             caps.append(s["raw"])
-        rel = str(Path(e.get("filepath") or "") / e["filename"])
-        builders[split].add(rel, caps, where)
+        rel = str(Path(filepath) / e["filename"])
+        builders[split].add(rel, caps, where, field="filename")
     return {s: b.done() for s, b in builders.items()}
 
 
 def load_pairs_table(ann_file: Path, image_root: Path, split: str, preprocess: bool = True, max_words=30) -> Split:
-    """A plain table of (image, caption) rows: JSONL objects or CSV with an `image,caption` header."""
+    """A plain table of (image, caption) rows: JSONL objects or CSV with an `image,caption` header.
+
+    The format follows the suffix (.jsonl or .csv); rows are grouped by image in first-seen order.
+    Errors name the 1-based line number of the file.
+    """
     ann_file, image_root = Path(ann_file), Path(image_root)
-    if not ann_file.exists():
-        raise DataError(f"annotation file {ann_file} does not exist; write one row per (image, caption) pair")
-    b = _SplitBuilder(split, image_root, ann_file, preprocess, max_words)
     suffix = ann_file.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{ann_file}: unknown table format {suffix!r}; use .jsonl or .csv")
+    text = _read_text(ann_file, "write one row per (image, caption) pair (JSONL objects or CSV with an image,caption header)")
+    b = _SplitBuilder(split, image_root, ann_file, preprocess, max_words)
     if suffix == ".jsonl":
-        for n, line in enumerate(ann_file.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{ann_file}: line {n} is not valid JSON ({exc.msg})") from exc
+                raise DataError(f"{ann_file}: line {n} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
             if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-                raise DataError(f"{ann_file}: line {n} needs the fields 'image' and 'caption'")
+                raise DataError(f"{ann_file}: line {n} needs the fields 'image' and 'caption' (one JSON object per line)")
             b.add(row["image"], [row["caption"]], f"line {n}")
-    elif suffix == ".csv":
-        with ann_file.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise DataError(f"{ann_file}: the header must name the columns 'image' and 'caption', got {reader.fieldnames}")
-            for n, row in enumerate(reader, start=2):
-                b.add(row["image"], [row["caption"] or ""], f"line {n}")
     else:
-        raise DataError(f"{ann_file}: unknown table format {suffix!r}; use .jsonl or .csv")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            header = next(reader, None)
+            cols = [c.strip().lower() for c in header] if header else []
+            if "image" not in cols or "caption" not in cols:
+                raise DataError(f"{ann_file}: the header (line 1) must name the columns 'image' and 'caption', got {header}")
+            ii, ci = cols.index("image"), cols.index("caption")
+            for row in reader:
+                n = reader.line_num
+                if not any(c.strip() for c in row):
+                    continue
+                if len(row) <= max(ii, ci):
+                    raise DataError(f"{ann_file}: line {n} has {len(row)} columns, expected at least {max(ii, ci) + 1}")
+                b.add(row[ii].strip(), [row[ci]], f"line {n}")
+        except csv.Error as exc:
+            raise DataError(f"{ann_file}: line {reader.line_num} is not valid CSV ({exc})") from exc
     out = b.done()
     if not out.image_paths:
         raise DataError(f"{ann_file}: the {split} split has no rows")

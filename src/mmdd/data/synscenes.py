@@ -4,25 +4,38 @@ Scenes of 1-3 coloured shapes on a patterned background, drawn supersampled and 
 each with five captions written like human ones (templates, synonyms, spatial relations,
 counts, partial descriptions). Written to disk in the BLIP/ALBEF annotation format plus PNGs,
 so it is read back through the same loader as Flickr30K. Deterministic by seed: every image
-has its own RNG seeded from (seed, split, index).
+has its own `random.Random` seeded from the string (seed, split, index) (string seeds are
+hashed with SHA-512, so this is stable across processes and Python versions; no global RNG).
+
+Layout under `root`:
+  images/{split}/{split}_{idx:05d}.png
+  annotations/synscenes_train.json   one entry per caption {"image", "caption", "image_id"}
+  annotations/synscenes_{val,test}.json   one entry per image {"image", "caption": [...]}
+  scenes_{split}.json   ground-truth scene per image (background, objects with grid cells)
+  meta.json   config, format version and a content fingerprint
+Image paths in the annotations are relative to `root` ("images/train/train_00000.png"), so
+`image_root` = `root`. Generation writes into `root.tmp-<pid>` and renames it into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from mmdd.data.annotations import Split, load_blip_split
+from mmdd.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 COLORS = {
     "red": (220, 30, 35),
@@ -46,6 +59,9 @@ BACKGROUNDS = {
     "purple": (110, 85, 130),
     "beige": (200, 185, 150),
 }
+# An object colour is only used on a background when it differs clearly from both background
+# tones (Euclidean RGB distance), so no "brown star on a brown background" is invisible.
+MIN_CONTRAST = 95.0
 PATTERNS = ("plain", "stripes", "checker", "dots", "gradient")
 PATTERN_WORDS = {
     "plain": ["plain", "solid", "uniform"],
@@ -84,14 +100,49 @@ class SynScenesConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 8 <= int(self.image_size) <= 224:
-            raise ValueError(f"synscenes image_size must be within 8..224, got {self.image_size}")
-        if min(self.num_train, self.num_val, self.num_test) < 1 or self.captions_per_image < 1:
-            raise ValueError("synscenes split sizes and captions_per_image must be >= 1")
+        for f in ("image_size", "supersample", "num_train", "num_val", "num_test", "captions_per_image", "seed"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int):
+                try:
+                    ok = float(v) == int(v)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise DataError(f"data.generate.{f} must be an integer, got {v!r}")
+                setattr(self, f, int(v))
+        if not 8 <= self.image_size <= 224:
+            raise DataError(f"data.generate.image_size (synscenes image_size) must be within 8..224, got {self.image_size}")
+        if not 1 <= self.supersample <= 8:
+            raise DataError(f"data.generate.supersample must be within 1..8, got {self.supersample}")
+        for f in ("num_train", "num_val", "num_test"):
+            if not 1 <= getattr(self, f) <= 99999:
+                raise DataError(f"data.generate.{f} must be within 1..99999, got {getattr(self, f)}")
+        if not 1 <= self.captions_per_image <= 20:
+            raise DataError(f"data.generate.captions_per_image must be within 1..20, got {self.captions_per_image}")
 
 
 # ----------------------------------------------------------------------------- scenes
+def _shade(rgb, f):
+    return tuple(int(max(0, min(255, c * f))) for c in rgb)
+
+
+def _background_tones(name: str) -> tuple[tuple, tuple]:
+    base = BACKGROUNDS[name]
+    return base, _shade(base, 0.7 if sum(base) > 400 else 1.35)
+
+
+def object_colors_for(background: str) -> list[str]:
+    """Object colours that stand out from `background` (both of its tones)."""
+    tones = _background_tones(background)
+    return [
+        name for name, rgb in COLORS.items()
+        if name != background and min(math.dist(rgb, t) for t in tones) >= MIN_CONTRAST
+    ]
+
+
 def sample_scene(rng: random.Random) -> dict:
+    background = {"color": rng.choice(list(BACKGROUNDS)), "pattern": rng.choice(PATTERNS)}
+    palette = object_colors_for(background["color"])
     n = rng.choice((1, 2, 2, 3, 3))
     cells = rng.sample(range(9), n)
     objects = []
@@ -100,7 +151,7 @@ def sample_scene(rng: random.Random) -> dict:
             src = objects[rng.randrange(k)]
             shape, color = src["shape"], src["color"]
         else:
-            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+            shape, color = rng.choice(SHAPES), rng.choice(palette)
         objects.append(
             {
                 "shape": shape,
@@ -112,19 +163,11 @@ def sample_scene(rng: random.Random) -> dict:
                 "angle": rng.uniform(-0.25, 0.25),
             }
         )
-    return {
-        "background": {"color": rng.choice(list(BACKGROUNDS)), "pattern": rng.choice(PATTERNS)},
-        "objects": objects,
-    }
-
-
-def _shade(rgb, f):
-    return tuple(int(max(0, min(255, c * f))) for c in rgb)
+    return {"background": background, "objects": objects}
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, side: int, bg: dict) -> None:
-    base = BACKGROUNDS[bg["color"]]
-    alt = _shade(base, 0.7 if sum(base) > 400 else 1.35)
+    base, alt = _background_tones(bg["color"])
     draw.rectangle([0, 0, side, side], fill=base)
     p = bg["pattern"]
     step = side // 8
@@ -301,7 +344,8 @@ def _t_shapes_only(scene, rng):
 
 
 def _t_colors_only(scene, rng):
-    colors = sorted({o["color"] for o in scene["objects"]}, key=lambda c: rng.random())
+    colors = list(dict.fromkeys(o["color"] for o in scene["objects"]))  # ordered: no set-order randomness
+    rng.shuffle(colors)
     return rng.choice(["something", "a few things that are", "objects colored", "shapes in"]) + " " + _join(colors)
 
 
@@ -315,6 +359,9 @@ TEMPLATES = [_t_full, _t_relation, _t_count, _t_background, _t_shapes_only, _t_c
 WEIGHTS = [3, 2, 1.5, 2, 1, 0.7, 1.2]
 
 
+MAX_WORDS = 30
+
+
 def write_captions(scene: dict, k: int, rng: random.Random) -> list[str]:
     out: list[str] = []
     tries = 0
@@ -324,70 +371,174 @@ def write_captions(scene: dict, k: int, rng: random.Random) -> list[str]:
         cap = t(scene, rng)
         if not cap:
             continue
-        cap = " ".join(cap.split())
+        words = cap.split()
+        if len(words) > MAX_WORDS and tries < 20 * k:
+            continue  # too long for BLIP's 30-word limit: write another caption instead of cutting one
+        cap = " ".join(words[:MAX_WORDS])
         if cap in out and tries < 20 * k:
             continue
-        out.append(" ".join(cap.split()[:30]))
+        out.append(cap)
     return out
 
 
 # ----------------------------------------------------------------------------- writing
+SPLITS = ("train", "val", "test")
 SPLIT_SIZES = ("num_train", "num_val", "num_test")
 
 
-def _fingerprint(cfg: SynScenesConfig) -> dict:
+def _config_key(cfg: SynScenesConfig) -> dict:
+    """Everything that determines the dataset's content (the root is only where it lives)."""
     d = asdict(cfg)
     d.pop("root")
     return {"format_version": FORMAT_VERSION, **d}
 
 
-def _is_complete(root: Path, cfg: SynScenesConfig) -> bool:
-    meta = root / "meta.json"
-    if not meta.exists():
-        return False
+def _read_meta(root: Path) -> dict | None:
     try:
-        saved = json.loads(meta.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _is_complete(root: Path, cfg: SynScenesConfig) -> bool:
+    """meta.json matches cfg and every annotation file and image is there."""
+    meta = _read_meta(root)
+    if meta is None or meta.get("config") != _config_key(cfg):
         return False
-    if saved.get("config") != _fingerprint(cfg):
+    for split, attr in zip(SPLITS, SPLIT_SIZES):
+        if not (root / "annotations" / f"synscenes_{split}.json").is_file():
+            return False
+        try:
+            n_png = sum(1 for e in os.scandir(root / "images" / split) if e.name.endswith(".png"))
+        except OSError:
+            return False
+        if n_png != getattr(cfg, attr):
+            return False
+    return True
+
+
+def _looks_like_synscenes(root: Path) -> bool:
+    """Safe to delete: an empty directory or one that holds a synscenes dataset (its meta.json says so)."""
+    if not root.is_dir():
         return False
-    return all((root / "annotations" / f"synscenes_{s}.json").exists() for s in ("train", "val", "test"))
+    if not any(root.iterdir()):
+        return True
+    meta = _read_meta(root)
+    return meta is not None and meta.get("name") == "synscenes"
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Remove `root.tmp-<pid>` / `root.old-<pid>` left by generations whose process is gone."""
+    for p in root.parent.glob(f"{root.name}.tmp-*"):
+        _remove_if_dead(p)
+    for p in root.parent.glob(f"{root.name}.old-*"):
+        _remove_if_dead(p)
+
+
+def _remove_if_dead(p: Path) -> None:
+    try:
+        pid = int(p.name.rsplit("-", 1)[1])
+    except ValueError:
+        return
+    if pid == os.getpid():
+        alive = False
+    else:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except (PermissionError, OSError):
+            alive = True  # exists but not ours (or unknown): leave it
+    if not alive:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_split(tmp: Path, cfg: SynScenesConfig, split: str, n: int, hasher) -> None:
+    (tmp / "images" / split).mkdir(parents=True)
+    entries, scenes = [], []
+    for i in range(n):
+        rng = random.Random(f"synscenes-{cfg.seed}-{split}-{i}")
+        scene = sample_scene(rng)
+        name = f"{split}_{i:05d}"
+        rel = f"images/{split}/{name}.png"
+        render_scene(scene, cfg.image_size, cfg.supersample).save(tmp / rel, format="PNG", compress_level=1)
+        caps = write_captions(scene, cfg.captions_per_image, rng)
+        if split == "train":
+            entries += [{"image": rel, "caption": c, "image_id": name} for c in caps]
+        else:
+            entries.append({"image": rel, "caption": caps, "image_id": name})
+        scenes.append({"image": rel, **scene})
+    ann = json.dumps(entries, indent=1)
+    hasher.update(ann.encode())
+    (tmp / "annotations" / f"synscenes_{split}.json").write_text(ann, encoding="utf-8")
+    sc = json.dumps(scenes)
+    hasher.update(sc.encode())
+    (tmp / f"scenes_{split}.json").write_text(sc, encoding="utf-8")
 
 
 def generate_synscenes(cfg: SynScenesConfig, overwrite: bool = False) -> Path:
-    """Generate the dataset into cfg.root (a cache: reused when its meta.json matches cfg)."""
-    root = Path(cfg.root)
+    """Generate the dataset into cfg.root and return the root.
+
+    It is a cache: when `root/meta.json` matches cfg (and all files are there) nothing is
+    written. Otherwise (or with overwrite=True) the dataset is generated into
+    `root.tmp-<pid>` and renamed into place, so an interrupted run never leaves a dataset that
+    looks complete. An existing root is replaced only if it is empty or a synscenes dataset;
+    any other directory raises DataError rather than being deleted.
+    """
+    root = Path(cfg.root).expanduser().absolute()
     if not overwrite and _is_complete(root, cfg):
         return root
+    if root.exists() and not _looks_like_synscenes(root):
+        raise DataError(
+            f"synscenes root {root} exists and is not a synscenes dataset (no meta.json naming it); "
+            f"point data.root at an empty or new directory instead of deleting its contents"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "annotations").mkdir(parents=True)
-    for split, attr in zip(("train", "val", "test"), SPLIT_SIZES):
-        n = int(getattr(cfg, attr))
-        (tmp / "images" / split).mkdir(parents=True)
-        entries, scenes = [], []
-        for i in range(n):
-            rng = random.Random(f"synscenes-{cfg.seed}-{split}-{i}")
-            scene = sample_scene(rng)
-            rel = f"images/{split}/{split}_{i:05d}.png"
-            render_scene(scene, cfg.image_size, cfg.supersample).save(tmp / rel, format="PNG")
-            caps = write_captions(scene, cfg.captions_per_image, rng)
-            if split == "train":
-                entries += [{"image": rel, "caption": c, "image_id": f"{split}_{i:05d}"} for c in caps]
-            else:
-                entries.append({"image": rel, "caption": caps})
-            scenes.append({"image": rel, **scene})
-        (tmp / "annotations" / f"synscenes_{split}.json").write_text(json.dumps(entries, indent=0))
-        (tmp / f"scenes_{split}.json").write_text(json.dumps(scenes))
-    (tmp / "meta.json").write_text(json.dumps({"name": "synscenes", "config": _fingerprint(cfg)}, indent=2))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    try:
+        (tmp / "annotations").mkdir(parents=True)
+        hasher = hashlib.sha256(json.dumps(_config_key(cfg), sort_keys=True).encode())
+        for split, attr in zip(SPLITS, SPLIT_SIZES):
+            _write_split(tmp, cfg, split, getattr(cfg, attr), hasher)
+        meta = {
+            "name": "synscenes",
+            "format_version": FORMAT_VERSION,
+            "config": _config_key(cfg),
+            "fingerprint": hasher.hexdigest()[:16],  # of the config and every annotation/scene file
+            "image_root": ".",
+            "annotations": {s: f"annotations/synscenes_{s}.json" for s in SPLITS},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if not overwrite and _is_complete(root, cfg):
+            shutil.rmtree(tmp)  # another process finished the same dataset meanwhile
+            return root
+        old = root.parent / f"{root.name}.old-{os.getpid()}"
+        if root.exists():
+            os.replace(root, old)
+        os.replace(tmp, root)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
+def synscenes_fingerprint(root: str | Path) -> str | None:
+    """The content fingerprint stored in root/meta.json (None when there is no dataset)."""
+    meta = _read_meta(Path(root))
+    return None if meta is None else meta.get("fingerprint")
+
+
 def load_synscenes(root: str | Path, split: str, preprocess: bool = True, max_words=30) -> Split:
+    """One split of a generated dataset, read through the same BLIP loader as Flickr30K."""
+    if split not in SPLITS:
+        raise DataError(f"synscenes has the splits {SPLITS}, not {split!r}")
     root = Path(root)
     return load_blip_split(root / "annotations" / f"synscenes_{split}.json", root, split, preprocess, max_words)
 
@@ -399,8 +550,17 @@ def main(argv=None) -> None:
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(SynScenesConfig, f))
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    cfg = SynScenesConfig(**{k: v for k, v in vars(a).items() if k != "overwrite"})
-    print(generate_synscenes(cfg, overwrite=a.overwrite))
+    try:
+        cfg = SynScenesConfig(**{k: v for k, v in vars(a).items() if k != "overwrite"})
+        cached = not a.overwrite and _is_complete(Path(cfg.root).expanduser().absolute(), cfg)
+        t0 = time.perf_counter()
+        root = generate_synscenes(cfg, overwrite=a.overwrite)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}")
+    n = cfg.num_train + cfg.num_val + cfg.num_test
+    how = "already there (cached)" if cached else f"generated in {time.perf_counter() - t0:.1f}s"
+    print(f"synscenes: {n} images ({cfg.num_train}/{cfg.num_val}/{cfg.num_test}) at {cfg.image_size}px {how}")
+    print(f"wrote {root}")
 
 
 if __name__ == "__main__":

@@ -69,10 +69,14 @@ class LazyTextEncoder:
 def build_text_encoder(text_cfg):
     from mmdd.models.text_encoder import FrozenTextEncoder
 
+    device = str(text_cfg.get("device", "auto"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return FrozenTextEncoder(
         str(text_cfg.name_or_path),
         pooling=str(text_cfg.pooling),
         max_length=int(text_cfg.max_length),
         normalize=bool(text_cfg.normalize),
         batch_size=int(text_cfg.batch_size),
+        device=device,
     )
