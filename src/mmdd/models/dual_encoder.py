@@ -88,8 +88,8 @@ def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder
         image_size=image_size,
         pretrained=bool(img.get("pretrained", False)),
         checkpoint=img.get("checkpoint"),
-        width=int(img.get("width", 64)),
-        depth=int(img.get("depth", 3)),
+        width=int(img.get("width") or 64),  # ConvNet only; timm models ignore these
+        depth=int(img.get("depth") or 3),
     )
     return DualEncoder(
         backbone,
