@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from mmdd.data.annotations import Split, load_blip_split
 from mmdd.errors import DataError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 COLORS = {
     "red": (220, 30, 35),
@@ -339,8 +339,13 @@ def _t_background(scene, rng):
 
 
 def _t_shapes_only(scene, rng):
-    shapes = [_article(rng.choice(SHAPE_WORDS[o["shape"]])) for o in scene["objects"]]
-    return rng.choice(["some shapes:", "shapes including", "a scene with", ""]) + " " + _join(shapes)
+    counts = dict.fromkeys(o["shape"] for o in scene["objects"])  # first-seen order
+    counts = {sh: sum(o["shape"] == sh for o in scene["objects"]) for sh in counts}
+    parts = []
+    for shape, n in counts.items():
+        word = rng.choice(SHAPE_WORDS[shape])
+        parts.append(f"{NUMBERS[n]} {_plural(word)}" if n > 1 else _article(word))
+    return rng.choice(["some shapes:", "shapes including", "a scene with", ""]) + " " + _join(parts)
 
 
 def _t_colors_only(scene, rng):

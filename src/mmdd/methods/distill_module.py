@@ -10,7 +10,8 @@ import lightning as L
 import torch
 
 from mmdd.errors import MmddError
-from mmdd.methods.matching import BatchSchedule, ParamLayout, matching_loss, unroll_full
+from mmdd.methods.matching import BatchSchedule, ParamLayout
+from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
@@ -40,8 +41,11 @@ class MatchingConfig:
     iterations: int = 1000
     max_experts: int | None = None
     lr_min: float = 0.0
+    meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
 
     def __post_init__(self):
+        if self.meta_gradient not in STRATEGIES:
+            raise MmddError(f"method.meta_gradient must be one of {STRATEGIES}, got {self.meta_gradient!r}")
         if self.loss_merge not in ("separate", "merged"):
             raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
         if self.init not in ("real", "noise"):
@@ -96,23 +100,31 @@ class DistillModule(L.LightningModule):
         targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
         return expert, start, starts, targets
 
-    def iteration_loss(self):
+    def iteration(self):
+        """One outer iteration's gradients (left in .grad); returns (loss, terms, expert, start)."""
         expert, start, starts, targets = self.sample_segment()
-        schedule = BatchSchedule(len(self.syn), self.config.batch_syn, self.generator, device=self.device)
-        lrs = {"image": self.syn.lrs["image"], "text": self.syn.lrs["text"]}
-        final = unroll_full(
-            self.model, self.layout, starts, lrs, self.syn.images, self.syn.texts, schedule, self.config.syn_steps,
-            symmetric_infonce,
+        seg = Segment(
+            model=self.model,
+            layout=self.layout,
+            start=starts,
+            target=targets,
+            lrs={"image": self.syn.lrs["image"], "text": self.syn.lrs["text"]},
+            images=self.syn.images,
+            texts=self.syn.texts,
+            schedule=BatchSchedule(len(self.syn), self.config.batch_syn, self.generator, device=self.device),
+            syn_steps=self.config.syn_steps,
+            inner_loss=symmetric_infonce,
+            merged=self.config.loss_merge == "merged",
         )
-        loss, terms = matching_loss(final, starts, targets, merged=self.config.loss_merge == "merged")
+        strategy = meta_gradient(self.config.meta_gradient)
+        loss, terms = strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
         return loss, terms, expert, start
 
     def training_step(self, batch, batch_idx):
         t0 = time.perf_counter()
         opt = self.optimizers()
         opt.zero_grad()
-        loss, terms, expert, start = self.iteration_loss()
-        self.manual_backward(loss)
+        loss, terms, expert, start = self.iteration()
         opt.step()
         with torch.no_grad():
             for p in self.syn.lrs.values():

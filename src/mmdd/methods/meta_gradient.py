@@ -1,0 +1,109 @@
+"""Meta-gradient strategies: how the matching loss's gradient reaches the synthetic data.
+
+Both take one trajectory segment and leave the gradients in `.grad` of the synthetic images,
+texts and step sizes through `backward(tensor, inputs)` (Lightning's manual_backward, so
+precision plugins apply), and return (loss, per-modality terms) detached.
+
+- `full`  (MTT-VL): unroll the student with create_graph and back-propagate through all steps.
+          Exact; memory grows linearly with syn_steps.
+- `tesla` (TESLA, Cui et al. 2023): constant memory. A first pass takes the inner steps with
+          plain (detached) gradients and keeps their sum G. With theta_N = theta_0 - lr*G,
+          c = dL/dtheta_N, the data gradient of step i is approximated by the direct term
+          d/dX_i [ -lr * <c, g_i(theta_i, X_i)> ], i.e. for the separate loss
+          2*<lr*(theta*_target - theta_0) + lr^2*G, g_i> / D, as in the paper; a second pass
+          recomputes each g_i with a graph one step deep and back-propagates it at once.
+          The lr gradient is that of ||theta_0 - lr*G - theta*||^2 / D with G detached.
+          For syn_steps = 1 both strategies give the same gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mmdd.methods.matching import BatchSchedule, ParamLayout, functional_logits, matching_loss, unroll_full
+
+STRATEGIES = ("full", "tesla")
+
+
+@dataclass
+class Segment:
+    """Everything one outer iteration matches: expert start/target and the synthetic batch source."""
+
+    model: torch.nn.Module
+    layout: ParamLayout
+    start: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    lrs: dict[str, torch.Tensor]
+    images: torch.Tensor
+    texts: torch.Tensor
+    schedule: BatchSchedule
+    syn_steps: int
+    inner_loss: Callable[[torch.Tensor], torch.Tensor]
+    merged: bool = False
+
+
+def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
+    final = unroll_full(
+        seg.model, seg.layout, seg.start, seg.lrs, seg.images, seg.texts, seg.schedule, seg.syn_steps, seg.inner_loss
+    )
+    loss, terms = matching_loss(final, seg.start, seg.target, merged=seg.merged)
+    backward(loss, [seg.images, seg.texts, *seg.lrs.values()])
+    return loss.detach(), {m: t.detach() for m, t in terms.items()}
+
+
+def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, create_graph: bool):
+    mods = list(params)
+    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx])
+    grads = torch.autograd.grad(seg.inner_loss(logits), [params[m] for m in mods], create_graph=create_graph)
+    return dict(zip(mods, grads))
+
+
+def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
+    mods = list(seg.start)
+    # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
+    params = {m: seg.start[m].detach().clone() for m in mods}
+    grad_sum = {m: torch.zeros_like(params[m]) for m in mods}
+    batches = []
+    with torch.no_grad():
+        lrs = {m: seg.lrs[m].detach() for m in mods}
+    for _ in range(seg.syn_steps):
+        idx = seg.schedule.next()
+        batches.append(idx)
+        with torch.enable_grad():
+            leaf = {m: params[m].requires_grad_(True) for m in mods}
+            images, texts = seg.images.detach(), seg.texts.detach()
+            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx])
+            grads = torch.autograd.grad(seg.inner_loss(logits), [leaf[m] for m in mods])
+        with torch.no_grad():
+            for m, g in zip(mods, grads):
+                grad_sum[m] += g
+                params[m] = params[m].detach() - lrs[m] * g
+
+    # The matching loss as a function of the lrs with G detached: gives the lr gradient and c.
+    final = {m: seg.start[m] - seg.lrs[m] * grad_sum[m] for m in mods}
+    final_leaf = {m: final[m].detach().requires_grad_(True) for m in mods}
+    loss, terms = matching_loss(final_leaf, seg.start, seg.target, merged=seg.merged)
+    c = dict(zip(mods, torch.autograd.grad(loss, [final_leaf[m] for m in mods])))
+    # d loss / d lr = <c, d final / d lr>; take it through autograd so .grad accumulates as usual.
+    backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
+
+    # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
+    params = {m: seg.start[m].detach().clone() for m in mods}
+    for idx in batches:
+        leaf = {m: params[m].requires_grad_(True) for m in mods}
+        grads = _inner_grads(seg, leaf, idx, create_graph=True)
+        backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), [seg.images, seg.texts])
+        with torch.no_grad():
+            params = {m: params[m].detach() - lrs[m] * grads[m].detach() for m in mods}
+    return loss.detach(), {m: t.detach() for m, t in terms.items()}
+
+
+def meta_gradient(name: str):
+    if name == "full":
+        return full_unroll
+    if name == "tesla":
+        return tesla
+    raise ValueError(f"method.meta_gradient must be one of {STRATEGIES}, got {name!r}")
