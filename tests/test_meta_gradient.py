@@ -1,0 +1,89 @@
+"""TESLA against the full unroll and against a plain implementation of its formula."""
+
+import pytest
+import torch
+
+from mmdd.methods.matching import BatchSchedule, ParamLayout, functional_logits, matching_loss
+from mmdd.methods.meta_gradient import Segment, full_unroll, tesla
+from mmdd.models.losses import symmetric_infonce
+from test_matching import setup
+
+
+def segment(steps, batch, merged=False, seed=0):
+    m, lay, start, target, images, texts = setup(seed, n=4)
+    images.requires_grad_(True)
+    texts.requires_grad_(True)
+    lrs = {k: torch.tensor(0.4 if k == "image" else 0.3, dtype=torch.float64, requires_grad=True) for k in start}
+    return Segment(m, lay, start, target, lrs, images, texts, BatchSchedule(4, batch, torch.Generator().manual_seed(5)),
+                   steps, symmetric_infonce, merged)
+
+
+def run(strategy, seg):
+    def backward(t, inputs):
+        t.backward(inputs=inputs)
+
+    loss, _ = strategy(seg, backward)
+    return loss, seg.images.grad.clone(), seg.texts.grad.clone(), {k: v.grad.clone() for k, v in seg.lrs.items()}
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_tesla_equals_full_unroll_for_one_step(merged):
+    lf, gi_f, gt_f, gl_f = run(full_unroll, segment(1, 2, merged))
+    lt, gi_t, gt_t, gl_t = run(tesla, segment(1, 2, merged))
+    assert lt.item() == pytest.approx(lf.item(), rel=1e-12)
+    assert torch.allclose(gi_t, gi_f, rtol=1e-9, atol=1e-14)
+    assert torch.allclose(gt_t, gt_f, rtol=1e-9, atol=1e-14)
+    for k in gl_f:
+        assert gl_t[k].item() == pytest.approx(gl_f[k].item(), rel=1e-9)
+
+
+def test_tesla_matches_its_formula_for_several_steps():
+    """Per step: grad_X of 2*<lr*(theta*_target - theta_0) + lr^2*G, g_i>/D; lr: of ||theta_0 - lr*G - theta*||^2/D."""
+    steps = 3
+    seg = segment(steps, 2)
+    loss, gi, gt, gl = run(tesla, seg)
+
+    ref = segment(steps, 2)
+    mods = list(ref.start)
+    params = {m: ref.start[m].clone() for m in mods}
+    gs, batches = [], []
+    for _ in range(steps):  # plain SGD to get G and the batches
+        idx = ref.schedule.next()
+        batches.append(idx)
+        p = {m: params[m].clone().requires_grad_(True) for m in mods}
+        g = torch.autograd.grad(symmetric_infonce(functional_logits(ref.model, ref.layout, p, ref.images[idx].detach(),
+                                                                    ref.texts[idx].detach())), [p[m] for m in mods])
+        gs.append(dict(zip(mods, g)))
+        params = {m: params[m] - ref.lrs[m].detach() * gs[-1][m] for m in mods}
+    G = {m: sum(g[m] for g in gs) for m in mods}
+    D = {m: (ref.start[m] - ref.target[m]).pow(2).sum() for m in mods}
+    lr = {m: ref.lrs[m].detach() for m in mods}
+    gi_ref = torch.zeros_like(ref.images)
+    gt_ref = torch.zeros_like(ref.texts)
+    params = {m: ref.start[m].clone() for m in mods}
+    for i, idx in enumerate(batches):
+        p = {m: params[m].clone().requires_grad_(True) for m in mods}
+        g = torch.autograd.grad(symmetric_infonce(functional_logits(ref.model, ref.layout, p, ref.images[idx], ref.texts[idx])),
+                                [p[m] for m in mods], create_graph=True)
+        s = sum(2 * ((lr[m] * (ref.target[m] - ref.start[m]) + lr[m] ** 2 * G[m]) * gm).sum() / D[m] for m, gm in zip(mods, g))
+        a, b = torch.autograd.grad(s, [ref.images, ref.texts])
+        gi_ref += a
+        gt_ref += b
+        params = {m: params[m] - lr[m] * gs[i][m] for m in mods}
+    assert torch.allclose(gi, gi_ref, rtol=1e-8, atol=1e-14)
+    assert torch.allclose(gt, gt_ref, rtol=1e-8, atol=1e-14)
+    for m in mods:
+        lrv = ref.lrs[m].detach().clone().requires_grad_(True)
+        val = (ref.start[m] - lrv * G[m] - ref.target[m]).pow(2).sum() / D[m]
+        assert gl[m].item() == pytest.approx(torch.autograd.grad(val, lrv)[0].item(), rel=1e-9)
+    full_final = {m: ref.start[m] - lr[m] * G[m] for m in mods}
+    assert loss.item() == pytest.approx(matching_loss(full_final, ref.start, ref.target)[0].item(), rel=1e-10)
+
+
+def test_tesla_points_the_same_way_as_full_unroll_for_several_steps():
+    """An approximation, but a useful one: clearly positive cosine with the exact gradient."""
+    _, gi_f, gt_f, _ = run(full_unroll, segment(4, 2))
+    _, gi_t, gt_t, _ = run(tesla, segment(4, 2))
+    cos = torch.nn.functional.cosine_similarity(torch.cat([gi_f.flatten(), gt_f.flatten()]),
+                                                torch.cat([gi_t.flatten(), gt_t.flatten()]), dim=0)
+    assert cos > 0.5
