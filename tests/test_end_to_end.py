@@ -90,3 +90,17 @@ def test_store_for_another_model_is_a_clear_error(tiny_run):
     assert proc.returncode == 2
     assert "trainable parameters differ" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_lors_distill_and_evaluate_against_S(tiny_run):
+    root, _ = tiny_run
+    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    run_mmdd(["distill", *TINY, "method=lors", "method.similarity.rank=2", "logger=none", f"buffer_dir={store}",
+              "hydra.run.dir=outputs/lors"], root)
+    syn = root / "outputs" / "lors" / "synthetic"
+    manifest = json.loads((syn / "manifest.json").read_text())
+    assert manifest["num_pairs"] == 7 and manifest["budget"] == 8  # S pays for one pair
+    assert manifest["similarity"]["kind"] == "lowrank" and manifest["inner_loss"] == "wbce"
+    proc = run_mmdd(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
+                     "hydra.run.dir=outputs/lors_eval"], root)
+    assert "| lors | 8 | 1 |" in proc.stdout

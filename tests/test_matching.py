@@ -32,7 +32,7 @@ def setup(seed=0, n=4):
 
 def loss_of(m, lay, start, target, images, texts, lrs, steps=3, batch=2, merged=False):
     schedule = BatchSchedule(images.shape[0], batch, torch.Generator().manual_seed(7))
-    final = unroll_full(m, lay, start, lrs, images, texts, schedule, steps, symmetric_infonce)
+    final = unroll_full(m, lay, start, lrs, images, texts, schedule, steps, lambda lg, idx: symmetric_infonce(lg))
     return matching_loss(final, start, target, merged=merged)[0]
 
 
@@ -52,7 +52,7 @@ def test_unroll_equals_plain_sgd_on_the_module():
     m, lay, start, target, images, texts = setup()
     lrs = {"image": torch.tensor(0.3, dtype=torch.float64), "text": torch.tensor(0.2, dtype=torch.float64)}
     schedule = BatchSchedule(4, 2, torch.Generator().manual_seed(7))
-    final = unroll_full(m, lay, start, lrs, images, texts, schedule, 3, symmetric_infonce)
+    final = unroll_full(m, lay, start, lrs, images, texts, schedule, 3, lambda lg, idx: symmetric_infonce(lg))
 
     ref = tiny_model()
     for p in ref.parameters():

@@ -15,7 +15,7 @@ def segment(steps, batch, merged=False, seed=0):
     texts.requires_grad_(True)
     lrs = {k: torch.tensor(0.4 if k == "image" else 0.3, dtype=torch.float64, requires_grad=True) for k in start}
     return Segment(m, lay, start, target, lrs, images, texts, BatchSchedule(4, batch, torch.Generator().manual_seed(5)),
-                   steps, symmetric_infonce, merged)
+                   steps, lambda logits, idx: symmetric_infonce(logits), merged)
 
 
 def run(strategy, seg):

@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from mmdd.data.datamodule import load_data
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.retrieval import METRIC_KEYS
@@ -72,13 +74,19 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         return build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
 
     label = label or manifest.get("method", "synthetic")
+    loss = str(cfg.protocol.loss)
+    if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
+        loss = str(manifest.get("inner_loss", "infonce"))
+    with torch.no_grad():
+        similarity = syn.similarity_matrix()
     seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
     per_seed = []
     t0 = time.perf_counter()
     for s in seeds:
         loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_s{s}", save_dir=out_dir)
         try:
-            res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers)
+            res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
+                                loss=loss, similarity=similarity)
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mmdd.data.datamodule import SplitData
 from mmdd.evaluate.encode import evaluate_retrieval
-from mmdd.models.losses import symmetric_infonce
+from mmdd.models.losses import pair_loss
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class StudentModule(L.LightningModule):
         select_data: SplitData | None,
         mean,
         std,
+        loss: str = "infonce",
+        similarity: torch.Tensor | None = None,
     ):
         super().__init__()
         if selection not in SELECTIONS:
@@ -72,10 +74,14 @@ class StudentModule(L.LightningModule):
         self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
+        self.loss_name = loss
+        # The set's learned similarity (LoRS): students train against S[idx][:, idx].
+        self.register_buffer("similarity", similarity.detach().clone() if similarity is not None else None)
 
     def training_step(self, batch, batch_idx):
-        images, texts = batch
-        loss = symmetric_infonce(self.model(images, texts))
+        images, texts, idx = batch
+        target = None if self.similarity is None else self.similarity[idx][:, idx]
+        loss = pair_loss(self.loss_name, self.model(images, texts), target)
         self.log("student/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
@@ -125,6 +131,8 @@ def train_student(
     data: dict[str, SplitData],
     seed: int,
     loggers=None,
+    loss: str = "infonce",
+    similarity: torch.Tensor | None = None,
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""
     from mmdd.utils.trainer import build_trainer
@@ -146,10 +154,12 @@ def train_student(
         select_data=data[select_split] if select_split else None,
         mean=cfg.data.mean,
         std=cfg.data.std,
+        loss=loss,
+        similarity=similarity,
     )
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        TensorDataset(images.detach().cpu(), texts.detach().cpu()),
+        TensorDataset(images.detach().cpu(), texts.detach().cpu(), torch.arange(images.shape[0])),
         batch_size=int(p.batch_size),
         shuffle=True,
         generator=gen,

@@ -63,6 +63,7 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "config_hash": config_hash(cfg),
+        "inner_loss": str(cfg.method.get("inner_loss", "infonce")),  # what students of this set train with
         **(extra or {}),
     }
     syn.save(out_dir, manifest, captions)

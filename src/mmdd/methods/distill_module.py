@@ -12,7 +12,8 @@ import torch
 from mmdd.errors import MmddError
 from mmdd.methods.matching import BatchSchedule, ParamLayout
 from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient
-from mmdd.models.losses import symmetric_infonce
+from mmdd.models.losses import INNER_LOSSES, pair_loss
+from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
 
@@ -42,8 +43,16 @@ class MatchingConfig:
     max_experts: int | None = None
     lr_min: float = 0.0
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
+    inner_loss: str = "infonce"  # infonce | wbce | bce | mse (soft ones read S; S = I without one)
+    similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
+    lr_sim: float = 0.0  # outer lr of S
+    sim_momentum: float = 0.5
 
     def __post_init__(self):
+        if self.inner_loss not in INNER_LOSSES:
+            raise MmddError(f"method.inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
+        if self.similarity is not None and self.similarity.get("kind") not in SIMILARITY_KINDS:
+            raise MmddError(f"method.similarity.kind must be one of {SIMILARITY_KINDS} (or similarity: null)")
         if self.meta_gradient not in STRATEGIES:
             raise MmddError(f"method.meta_gradient must be one of {STRATEGIES}, got {self.meta_gradient!r}")
         if self.loss_merge not in ("separate", "merged"):
@@ -78,12 +87,17 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         # One optimizer with param groups: several optimizers would each advance global_step.
+        groups = [
+            {"params": [self.syn.images], "lr": self.config.lr_img},
+            {"params": [self.syn.texts], "lr": self.config.lr_txt},
+            {"params": list(self.syn.lrs.parameters()), "lr": self.config.lr_lr},
+        ]
+        if self.syn.similarity is not None:
+            groups.append(
+                {"params": list(self.syn.similarity.parameters()), "lr": self.config.lr_sim, "momentum": self.config.sim_momentum}
+            )
         return torch.optim.SGD(
-            [
-                {"params": [self.syn.images], "lr": self.config.lr_img},
-                {"params": [self.syn.texts], "lr": self.config.lr_txt},
-                {"params": list(self.syn.lrs.parameters()), "lr": self.config.lr_lr},
-            ],
+            groups,
             lr=self.config.lr_img,
             momentum=self.config.momentum,
         )
@@ -100,6 +114,9 @@ class DistillModule(L.LightningModule):
         targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
         return expert, start, starts, targets
 
+    def inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pair_loss(self.config.inner_loss, logits, self.syn.similarity_matrix(idx))
+
     def iteration(self):
         """One outer iteration's gradients (left in .grad); returns (loss, terms, expert, start)."""
         expert, start, starts, targets = self.sample_segment()
@@ -113,8 +130,9 @@ class DistillModule(L.LightningModule):
             texts=self.syn.texts,
             schedule=BatchSchedule(len(self.syn), self.config.batch_syn, self.generator, device=self.device),
             syn_steps=self.config.syn_steps,
-            inner_loss=symmetric_infonce,
+            inner_loss=self.inner_loss,
             merged=self.config.loss_merge == "merged",
+            extra=tuple(self.syn.similarity.parameters()) if self.syn.similarity is not None else (),
         )
         strategy = meta_gradient(self.config.meta_gradient)
         loss, terms = strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))

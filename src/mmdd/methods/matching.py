@@ -85,19 +85,20 @@ def unroll_full(
     texts: torch.Tensor,
     schedule: BatchSchedule,
     syn_steps: int,
-    inner_loss: Callable[[torch.Tensor], torch.Tensor],
+    inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Unrolled student: `syn_steps` differentiable SGD steps from `start` (MTT's full meta-gradient).
 
+    `inner_loss(logits, idx)` sees the batch indices (soft-label losses index the learned S).
     Returns the final flat parameters with the whole graph kept, so a loss on them
-    back-propagates into `images`, `texts` and `lrs`. Memory grows linearly with syn_steps.
+    back-propagates into `images`, `texts`, `lrs` (and S). Memory grows linearly with syn_steps.
     """
     params = {m: start[m].detach().clone().requires_grad_(True) for m in start}
     mods = list(params)
     for _ in range(syn_steps):
         idx = schedule.next()
         logits = functional_logits(model, layout, params, images[idx], texts[idx])
-        loss = inner_loss(logits)
+        loss = inner_loss(logits, idx)
         grads = torch.autograd.grad(loss, [params[m] for m in mods], create_graph=True)
         params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}
     return params

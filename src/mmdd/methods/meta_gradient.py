@@ -41,8 +41,13 @@ class Segment:
     texts: torch.Tensor
     schedule: BatchSchedule
     syn_steps: int
-    inner_loss: Callable[[torch.Tensor], torch.Tensor]
+    inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch idx) -> loss
     merged: bool = False
+    extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        return [self.images, self.texts, *self.extra]
 
 
 def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
@@ -50,14 +55,14 @@ def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
         seg.model, seg.layout, seg.start, seg.lrs, seg.images, seg.texts, seg.schedule, seg.syn_steps, seg.inner_loss
     )
     loss, terms = matching_loss(final, seg.start, seg.target, merged=seg.merged)
-    backward(loss, [seg.images, seg.texts, *seg.lrs.values()])
+    backward(loss, [*seg.data, *seg.lrs.values()])
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
 def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, create_graph: bool):
     mods = list(params)
     logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx])
-    grads = torch.autograd.grad(seg.inner_loss(logits), [params[m] for m in mods], create_graph=create_graph)
+    grads = torch.autograd.grad(seg.inner_loss(logits, idx), [params[m] for m in mods], create_graph=create_graph)
     return dict(zip(mods, grads))
 
 
@@ -76,7 +81,7 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
             logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx])
-            grads = torch.autograd.grad(seg.inner_loss(logits), [leaf[m] for m in mods])
+            grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods])
         with torch.no_grad():
             for m, g in zip(mods, grads):
                 grad_sum[m] += g
@@ -95,7 +100,7 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     for idx in batches:
         leaf = {m: params[m].requires_grad_(True) for m in mods}
         grads = _inner_grads(seg, leaf, idx, create_graph=True)
-        backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), [seg.images, seg.texts])
+        backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), seg.data)
         with torch.no_grad():
             params = {m: params[m].detach() - lrs[m] * grads[m].detach() for m in mods}
     return loss.detach(), {m: t.detach() for m, t in terms.items()}

@@ -9,9 +9,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from mmdd.errors import MmddError
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.methods.distill_module import DistillModule, MatchingConfig
 from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.trainer import build_trainer
@@ -62,12 +64,17 @@ class TrajectoryMatching(Method):
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
         lr = self.config.lr_init
-        return SyntheticSet(images, texts, {"image": lr, "text": lr})
+        similarity = None
+        if self.config.similarity:
+            similarity = build_similarity(dict(self.config.similarity), images.shape[0], gen)
+        return SyntheticSet(images, texts, {"image": lr, "text": lr}, similarity)
 
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> SyntheticSet:
         train = data["train"]
         budget = int(cfg.budget)
         check_budget(budget, train)
+        if self.config.similarity and budget < 2:
+            raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
@@ -82,7 +89,8 @@ class TrajectoryMatching(Method):
             store.root,
             {m: t.shape[-1] for m, t in trajectories.items()},
         )
-        syn = self.initial_set(cfg, train, budget)
+        # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
+        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
         module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed))
 
         def save(step: int) -> None:

@@ -10,3 +10,50 @@ def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
     """CLIP loss: mean of image->text and text->image cross-entropy with diagonal targets."""
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+# --- soft-label losses against a target similarity matrix S [B, B] (LoRS) -------------------
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE of sigmoid(logits) vs S, averaged over positives (S > 0.5) and negatives separately, then halved.
+
+    Written with logsigmoid, so saturated logits (|x| = 1/T ~ 14) stay finite.
+    """
+    loss = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits))
+    pos = (target > 0.5).detach()
+    neg = ~pos
+    zero = loss.new_zeros(())
+    loss_pos = torch.where(pos, loss, zero).sum() / pos.sum().clamp_min(1)
+    loss_neg = torch.where(neg, loss, zero).sum() / neg.sum().clamp_min(1)
+    return 0.5 * (loss_pos + loss_neg)
+
+
+def soft_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain BCE of sigmoid(logits) vs S, mean over all entries."""
+    return -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
+
+
+def multilabel_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_j S_ij log softmax(logits)_ij, mean over rows, both directions averaged."""
+    rows = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    cols = -(target.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (rows + cols)
+
+
+def soft_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between sigmoid(logits) and S."""
+    return F.mse_loss(torch.sigmoid(logits), target)
+
+
+SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "mse": soft_mse}
+INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
+
+
+def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I)."""
+    if target is None:
+        if name == "infonce":
+            return symmetric_infonce(logits)
+        target = torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
+    if name not in SOFT_LOSSES:
+        raise ValueError(f"unknown inner loss {name!r}; choose from {sorted(SOFT_LOSSES)}")
+    return SOFT_LOSSES[name](logits, target)

@@ -26,7 +26,13 @@ VERSION = 1
 
 
 class SyntheticSet(nn.Module):
-    def __init__(self, images: torch.Tensor, texts: torch.Tensor, lrs: dict[str, float | torch.Tensor]):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        lrs: dict[str, float | torch.Tensor],
+        similarity: nn.Module | None = None,
+    ):
         super().__init__()
         if images.shape[0] != texts.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {texts.shape[0]} texts")
@@ -35,6 +41,11 @@ class SyntheticSet(nn.Module):
         self.lrs = nn.ParameterDict(
             {m: nn.Parameter(torch.as_tensor(float(v) if not torch.is_tensor(v) else v.item()).float()) for m, v in lrs.items()}
         )
+        # Learned image-text similarity (LoRS); None means the pairs are the only positives (S = I).
+        self.similarity = similarity
+
+    def similarity_matrix(self, idx: torch.Tensor | None = None) -> torch.Tensor | None:
+        return None if self.similarity is None else self.similarity.matrix(idx)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -49,6 +60,9 @@ class SyntheticSet(nn.Module):
         tensors = {"images": self.images.detach().cpu().contiguous(), "texts": self.texts.detach().cpu().contiguous()}
         for m, p in self.lrs.items():
             tensors[f"lr_{m}"] = p.detach().cpu().reshape(1)
+        if self.similarity is not None:
+            for name, p in self.similarity.named_parameters():
+                tensors[f"sim_{name}"] = p.detach().cpu().contiguous()
         atomic_write(d / "synthetic.safetensors", lambda p: save_file(tensors, str(p)))
         if captions is not None:
             atomic_write_json(d / "captions.json", captions)
@@ -59,6 +73,7 @@ class SyntheticSet(nn.Module):
             "image_shape": list(self.images.shape[1:]),
             "text_dim": int(self.texts.shape[1]),
             "lrs": self.lr_values(),
+            "similarity": None if self.similarity is None else self.similarity.spec(),
             **manifest,
         }
         atomic_write_json(d / "manifest.json", full)
@@ -83,7 +98,16 @@ class SyntheticSet(nn.Module):
         except (SafetensorError, OSError, FileNotFoundError) as exc:
             raise ArtifactError(f"{d / 'synthetic.safetensors'} is missing or corrupted: {exc}") from exc
         lrs = {k[3:]: t[k] for k in t if k.startswith("lr_")}
-        syn = cls(t["images"], t["texts"], lrs)
+        similarity = None
+        if manifest.get("similarity"):
+            from mmdd.synthetic.similarity import build_similarity
+
+            similarity = build_similarity(manifest["similarity"], t["images"].shape[0])
+            try:
+                similarity.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sim_")})
+            except RuntimeError as exc:
+                raise ArtifactError(f"{d}: similarity parameters do not match the manifest: {exc}") from exc
+        syn = cls(t["images"], t["texts"], lrs, similarity)
         return syn, manifest
 
 

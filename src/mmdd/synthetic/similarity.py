@@ -1,0 +1,55 @@
+"""Learned similarity S between synthetic images and texts (LoRS, Xu et al. ICML 2024).
+
+low-rank: S = diag(a) + (alpha / r) * L @ R^T with a = 1, L ~ N(0, 1), R = 0, so S = I at start;
+full:     S is an N x N matrix initialised to I.
+`matrix(idx)` builds only the batch's block S[idx][:, idx] from the indexed parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("lowrank", "full")
+
+
+class LowRankSimilarity(nn.Module):
+    kind = "lowrank"
+
+    def __init__(self, n: int, rank: int, alpha: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.diag = nn.Parameter(torch.ones(n))
+        self.left = nn.Parameter(torch.randn(n, self.rank, generator=generator))
+        self.right = nn.Parameter(torch.zeros(n, self.rank))
+
+    def matrix(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        a, l, r = (self.diag, self.left, self.right) if idx is None else (self.diag[idx], self.left[idx], self.right[idx])
+        return torch.diag(a) + (self.alpha / self.rank) * (l @ r.t())
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha}
+
+
+class FullSimilarity(nn.Module):
+    kind = "full"
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.full = nn.Parameter(torch.eye(n))
+
+    def matrix(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.full if idx is None else self.full[idx][:, idx]
+
+    def spec(self) -> dict:
+        return {"kind": self.kind}
+
+
+def build_similarity(spec: dict, n: int, generator: torch.Generator | None = None) -> nn.Module:
+    kind = spec.get("kind")
+    if kind == "lowrank":
+        return LowRankSimilarity(n, int(spec["rank"]), float(spec["alpha"]), generator)
+    if kind == "full":
+        return FullSimilarity(n)
+    raise ValueError(f"similarity kind must be one of {KINDS}, got {kind!r}")
