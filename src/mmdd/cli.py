@@ -10,6 +10,7 @@ STAGES = {
     "buffer": "train teachers and record their trajectories",
     "distill": "distill a synthetic set with a method",
     "evaluate": "train students on a synthetic set and score retrieval",
+    "pretrain": "pre-train the image backbone contrastively (for frozen-backbone methods)",
     "run": "the quick start: all stages on the embedded dataset, then a table",
 }
 
@@ -38,6 +39,10 @@ def _task(stage: str):
                 res = run_evaluate(cfg)
                 print(markdown_table([{"method": res["label"], "budget": res["budget"], "n": res["num_seeds"],
                                        "mean": res["mean"], "std": res["std"]}]))
+            elif stage == "pretrain":
+                from mmdd.teachers.pretrain import run_pretrain
+
+                print(f"pretrained backbone: {run_pretrain(cfg)}")
             elif stage == "run":
                 from mmdd.pipeline import run_all
 

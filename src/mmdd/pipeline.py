@@ -14,6 +14,7 @@ from mmdd.evaluate.stage import run_evaluate
 from mmdd.methods.stage import run_distill
 from mmdd.report.table import markdown_table
 from mmdd.teachers.buffer import expert_metrics, run_buffer
+from mmdd.teachers.pretrain import run_pretrain
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ def with_method(cfg, method_cfg):
 def run_all(cfg) -> dict:
     out = Path(str(cfg.paths.output_dir))
     data = load_data(cfg)
+    ckpt = cfg.model.image.get("checkpoint")
+    if ckpt and str(ckpt) == str(cfg.pretrain.output):
+        run_pretrain(cfg, data)  # a frozen-backbone model whose backbone this project pre-trains
     store = run_buffer(cfg, data)
     rows = []
 

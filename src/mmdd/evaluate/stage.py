@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from mmdd.data.datamodule import load_data
 from mmdd.errors import ArtifactError, MmddError
@@ -70,8 +71,12 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             raise MmddError(f"synthetic set {synthetic}: learned step size lr_{m}={v} is not positive; "
                             "use protocol.lr_source=fixed")
 
+    model_cfg = cfg.model
+    if cfg.protocol.get("trainable"):  # e.g. the repblend protocol trains the heads only
+        model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
+
     def build_model():
-        return build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
+        return build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size))
 
     label = label or manifest.get("method", "synthetic")
     loss = str(cfg.protocol.loss)

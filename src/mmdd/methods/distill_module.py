@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from mmdd.errors import MmddError
-from mmdd.methods.matching import BatchSchedule, ParamLayout
+from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
 from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
@@ -47,6 +47,7 @@ class MatchingConfig:
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
+    blend: dict | None = None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
 
     def __post_init__(self):
         if self.inner_loss not in INNER_LOSSES:
@@ -133,6 +134,7 @@ class DistillModule(L.LightningModule):
             inner_loss=self.inner_loss,
             merged=self.config.loss_merge == "merged",
             extra=tuple(self.syn.similarity.parameters()) if self.syn.similarity is not None else (),
+            blend=Blend(float(self.config.blend["alpha"]), self.generator) if self.config.blend else None,
         )
         strategy = meta_gradient(self.config.meta_gradient)
         loss, terms = strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -71,9 +72,27 @@ class BatchSchedule:
         return idx.to(self.device) if self.device is not None else idx
 
 
-def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts) -> torch.Tensor:
+def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts, mix=None) -> torch.Tensor:
     """Logits of `model` with its matched parameters replaced by the flat vectors."""
-    return functional_call(model, layout.unflatten(flats), (images, texts), strict=False)
+    return functional_call(model, layout.unflatten(flats), (images, texts), {"mix": mix}, strict=False)
+
+
+class Blend:
+    """RepBlend's representation blending: per inner step lam ~ Beta(a, a) and one permutation
+    of the batch shared by both modalities. All draws come from `generator`, so runs repeat."""
+
+    def __init__(self, alpha: float, generator: torch.Generator | None = None):
+        if alpha <= 0:
+            raise ValueError(f"blend alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.generator = generator
+
+    def draw(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch's Beta sampler takes no generator; numpy's does, seeded from ours.
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+        lam = torch.tensor(float(np.random.default_rng(seed).beta(self.alpha, self.alpha)))
+        perm = torch.randperm(batch_size, generator=self.generator)
+        return lam.to(device), perm.to(device)
 
 
 def unroll_full(
@@ -86,6 +105,7 @@ def unroll_full(
     schedule: BatchSchedule,
     syn_steps: int,
     inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    blend: "Blend | None" = None,
 ) -> dict[str, torch.Tensor]:
     """Unrolled student: `syn_steps` differentiable SGD steps from `start` (MTT's full meta-gradient).
 
@@ -97,7 +117,8 @@ def unroll_full(
     mods = list(params)
     for _ in range(syn_steps):
         idx = schedule.next()
-        logits = functional_logits(model, layout, params, images[idx], texts[idx])
+        mix = blend.draw(len(idx), idx.device) if blend is not None else None
+        logits = functional_logits(model, layout, params, images[idx], texts[idx], mix)
         loss = inner_loss(logits, idx)
         grads = torch.autograd.grad(loss, [params[m] for m in mods], create_graph=True)
         params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}

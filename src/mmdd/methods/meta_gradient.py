@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from mmdd.methods.matching import BatchSchedule, ParamLayout, functional_logits, matching_loss, unroll_full
+from mmdd.methods.matching import Blend, BatchSchedule, ParamLayout, functional_logits, matching_loss, unroll_full
 
 STRATEGIES = ("full", "tesla")
 
@@ -44,6 +44,7 @@ class Segment:
     inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch idx) -> loss
     merged: bool = False
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
+    blend: Blend | None = None  # RepBlend: representation blending per inner step
 
     @property
     def data(self) -> list[torch.Tensor]:
@@ -52,16 +53,17 @@ class Segment:
 
 def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
     final = unroll_full(
-        seg.model, seg.layout, seg.start, seg.lrs, seg.images, seg.texts, seg.schedule, seg.syn_steps, seg.inner_loss
+        seg.model, seg.layout, seg.start, seg.lrs, seg.images, seg.texts, seg.schedule, seg.syn_steps, seg.inner_loss,
+        seg.blend,
     )
     loss, terms = matching_loss(final, seg.start, seg.target, merged=seg.merged)
     backward(loss, [*seg.data, *seg.lrs.values()])
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
-def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, create_graph: bool):
+def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, mix, create_graph: bool):
     mods = list(params)
-    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx])
+    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx], mix)
     grads = torch.autograd.grad(seg.inner_loss(logits, idx), [params[m] for m in mods], create_graph=create_graph)
     return dict(zip(mods, grads))
 
@@ -76,11 +78,12 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         lrs = {m: seg.lrs[m].detach() for m in mods}
     for _ in range(seg.syn_steps):
         idx = seg.schedule.next()
-        batches.append(idx)
+        mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
+        batches.append((idx, mix))  # pass 2 replays the same batches and blends
         with torch.enable_grad():
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
-            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx])
+            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix)
             grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods])
         with torch.no_grad():
             for m, g in zip(mods, grads):
@@ -97,9 +100,9 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
 
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
-    for idx in batches:
+    for idx, mix in batches:
         leaf = {m: params[m].requires_grad_(True) for m in mods}
-        grads = _inner_grads(seg, leaf, idx, create_graph=True)
+        grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
         backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), seg.data)
         with torch.no_grad():
             params = {m: params[m].detach() - lrs[m] * grads[m].detach() for m in mods}

@@ -75,9 +75,20 @@ class DualEncoder(nn.Module):
     def similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return img @ txt.t() * self.logit_scale.exp()
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Logits [B_img, B_txt] = cos(img, txt) / T."""
-        return self.similarity(self.encode_image(images), self.encode_text(text_emb))
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor, mix: tuple | None = None) -> torch.Tensor:
+        """Logits [B_img, B_txt] = cos(img, txt) / T.
+
+        `mix = (lam, perm)` blends representations before the heads (RepBlend): backbone features
+        and text embeddings both become lam * x + (1 - lam) * x[perm], with one shared perm.
+        """
+        if mix is None:
+            return self.similarity(self.encode_image(images), self.encode_text(text_emb))
+        lam, perm = mix
+        feats = self.backbone(images)
+        feats = lam * feats + (1 - lam) * feats[perm]
+        text_emb = lam * text_emb + (1 - lam) * text_emb[perm]
+        img = F.normalize(self.image_head(feats), dim=-1)
+        return self.similarity(img, self.encode_text(text_emb))
 
 
 def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder:

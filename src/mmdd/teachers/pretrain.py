@@ -1,0 +1,76 @@
+"""`mmdd pretrain`: contrastive pre-training of the image backbone on the train split.
+
+Frozen-backbone methods (RepBlend) need a meaningful backbone. In the papers it is
+ImageNet-pretrained nfnet_l0; where no pretrained weights exist (the embedded dataset, no
+network) this stage is the analogue: train backbone + heads with InfoNCE, keep the backbone's
+state dict, and let `model.image.checkpoint` load it for teachers, distillation and students.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from mmdd.data.datamodule import PairDataset, load_data
+from mmdd.data.transforms import augment_config
+from mmdd.evaluate.encode import evaluate_retrieval
+from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.teachers.expert_module import ExpertModule
+from mmdd.utils.config import data_identity, to_plain
+from mmdd.utils.io import atomic_write, stable_hash
+from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
+from mmdd.utils.seed import seed_everything
+from mmdd.utils.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_hash(cfg) -> str:
+    image = {k: v for k, v in to_plain(cfg.model.image).items() if k != "checkpoint"}
+    return stable_hash({"data": data_identity(cfg.data), "image": image, "pretrain": to_plain(cfg.pretrain), "seed": int(cfg.seed)})
+
+
+def run_pretrain(cfg, data=None) -> Path:
+    out = Path(str(cfg.pretrain.output))
+    key = pretrain_hash(cfg)
+    if out.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(out), "pt") as f:
+                if (f.metadata() or {}).get("config_hash") == key:
+                    log.info("pretrained backbone %s is up to date; skipping", out)
+                    return out
+        except (SafetensorError, OSError):
+            pass
+    data = data or load_data(cfg, splits=("train", "val"))
+    train = data["train"]
+    # Train the whole network; the checkpoint being produced must not be loaded into it.
+    model_cfg = OmegaConf.merge(cfg.model, {"trainable": "backbone_and_heads", "image": {"checkpoint": None}})
+    seed_everything(int(cfg.seed))
+    model = build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size))
+    p = cfg.pretrain
+    module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
+                          mean=cfg.data.mean, std=cfg.data.std, augment=augment_config(cfg.data.augment))
+    loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit)), batch_size=int(p.batch_size), shuffle=True,
+                        drop_last=True, num_workers=int(cfg.data.num_workers),
+                        generator=torch.Generator().manual_seed(int(cfg.seed)))
+    loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
+    try:
+        build_trainer(cfg, loggers, max_epochs=int(p.epochs)).fit(module, loader)
+        model.to("cpu")
+        val = evaluate_retrieval(model, data["val"], cfg.data.mean, cfg.data.std) if "val" in data else {}
+        log_metrics(loggers, {f"val/{k}": v for k, v in val.items()})
+    finally:
+        finish_loggers(loggers)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    atomic_write(out, lambda path: save_file(state, str(path), metadata={"config_hash": key}))
+    log.info("pretrained backbone saved to %s (val r_mean %.2f)", out, val.get("r_mean", float("nan")))
+    return out
+
