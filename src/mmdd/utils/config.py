@@ -17,7 +17,13 @@ def data_identity(data_cfg) -> dict:
     """What makes two datasets the same (not where they live on disk)."""
     d = to_plain(data_cfg)
     keep = ("name", "format", "generate", "image_size", "ann_files", "ann_file", "preprocess", "train_unit")
-    return {k: d.get(k) for k in keep if k in d}
+    identity = {k: d.get(k) for k in keep if k in d}
+    if d.get("format") == "synscenes":
+        # The generated content (generator version included), so a new generator means new teachers.
+        from mmdd.data.synscenes import synscenes_fingerprint
+
+        identity["fingerprint"] = synscenes_fingerprint(d["root"])
+    return identity
 
 
 def model_identity(model_cfg) -> dict:
