@@ -104,3 +104,16 @@ def test_lors_distill_and_evaluate_against_S(tiny_run):
     proc = run_mmdd(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
                      "hydra.run.dir=outputs/lors_eval"], root)
     assert "| lors | 8 | 1 |" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["herding", "kcenter", "forgetting"])
+def test_coreset_baselines_select_real_pairs(tiny_run, method):
+    root, _ = tiny_run
+    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    tiny = [o for o in TINY if not o.startswith("method.")]  # matching settings do not apply to coresets
+    run_mmdd(["distill", *tiny, f"method={method}", "logger=none", f"buffer_dir={store}", f"hydra.run.dir=outputs/{method}"], root)
+    syn = root / "outputs" / method / "synthetic"
+    manifest = json.loads((syn / "manifest.json").read_text())
+    assert manifest["method"] == method and manifest["num_pairs"] == 8
+    captions = json.loads((syn / "captions.json").read_text())
+    assert len(set(captions)) > 1

@@ -1,11 +1,101 @@
-"""Coreset baselines: real pairs selected from the training split (nothing is learned)."""
+"""Coreset baselines: real pairs selected from the training split (nothing is learned).
+
+random     `budget` random images.
+herding    greedy herding (Welling 2009) on joint image-text features of a teacher trained on
+           the full data: each pick brings the mean of the picked features closest to the data mean.
+k-center   greedy k-center (Sener & Savarese 2018) on the same features: each pick is the point
+           farthest from the centres so far.
+forgetting the images forgotten most often (Toneva et al. 2019) while a model trains on the full
+           data: an image counts as learned when its pair wins its row and column of the batch logits,
+           and a forgetting event is learned -> not learned between presentations.
+Each image comes with one of its captions, drawn with the run's seed; the set trains at `lr`.
+"""
 
 from __future__ import annotations
 
-import torch
+import logging
+from pathlib import Path
 
-from mmdd.methods.base import Method, check_budget, sample_real_pairs
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mmdd.data.transforms import normalize
+from mmdd.methods.base import Method, check_budget
 from mmdd.synthetic.synthetic_set import SyntheticSet
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- selection rules
+def herding_select(features: torch.Tensor, k: int) -> list[int]:
+    """Indices of k rows whose running mean tracks the mean of all rows (greedy herding)."""
+    mu = features.mean(0)
+    chosen: list[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(features.shape[0], dtype=torch.bool)
+    for t in range(1, k + 1):
+        # distance of the would-be mean to mu for every candidate
+        cand = (running.unsqueeze(0) + features) / t
+        dist = (cand - mu).pow(2).sum(1)
+        dist[~available] = float("inf")
+        i = int(dist.argmin())
+        chosen.append(i)
+        available[i] = False
+        running += features[i]
+    return chosen
+
+
+def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
+    """Greedy k-center: start at `first`, then repeatedly take the point farthest from the centres."""
+    chosen = [first]
+    dist = (features - features[first]).pow(2).sum(1)
+    for _ in range(k - 1):
+        i = int(dist.argmax())
+        chosen.append(i)
+        dist = torch.minimum(dist, (features - features[i]).pow(2).sum(1))
+    return chosen
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def with_captions(train, img_idx: list[int], seed: int, mean, std, lr: float) -> SyntheticSet:
+    gen = torch.Generator().manual_seed(seed)
+    img2txt = train.split.img2txt()
+    cap_idx = [img2txt[i][int(torch.randint(len(img2txt[i]), (1,), generator=gen))] for i in img_idx]
+    images = normalize(train.image_batch(img_idx), mean, std)
+    return SyntheticSet(images, train.text_emb[cap_idx].clone(), {"image": lr, "text": lr})
+
+
+@torch.no_grad()
+def teacher_features(cfg, train) -> torch.Tensor:
+    """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
+    from mmdd.methods.matching import ParamLayout
+    from mmdd.methods.trajectory_matching import load_trajectories
+    from mmdd.models.dual_encoder import build_dual_encoder
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
+    names = model.modality_parameter_names()
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
+    traj = load_trajectories(store, names, max_experts=1)
+    final = ParamLayout.from_model(model).unflatten({m: t[0, -1] for m, t in traj.items()})
+    named = dict(model.named_parameters())
+    for n, v in final.items():
+        named[n].copy_(v)
+    model.eval()
+    img = []
+    for s in range(0, train.num_images, 256):
+        idx = list(range(s, min(s + 256, train.num_images)))
+        img.append(model.encode_image(normalize(train.image_batch(idx), cfg.data.mean, cfg.data.std)))
+    img = torch.cat(img)
+    txt = model.encode_text(train.text_emb)
+    txt2img = torch.as_tensor(train.split.txt2img)
+    txt_mean = torch.zeros_like(img).index_add_(0, txt2img, txt)
+    txt_mean = F.normalize(txt_mean, dim=-1)
+    return torch.cat([img, txt_mean], dim=1)
 
 
 class RandomCoreset(Method):
@@ -17,10 +107,81 @@ class RandomCoreset(Method):
         self.name = name
         self.lr = lr
 
+    def select(self, cfg, train, budget: int) -> list[int]:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        return torch.randperm(train.num_images, generator=gen)[:budget].tolist()
+
     def synthesize(self, cfg, data, out_dir, loggers) -> SyntheticSet:
         train = data["train"]
         budget = int(cfg.budget)
         check_budget(budget, train)
-        gen = torch.Generator().manual_seed(int(cfg.seed))
-        images, texts, _, _ = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
-        return SyntheticSet(images, texts, {"image": self.lr, "text": self.lr})
+        chosen = self.select(cfg, train, budget)
+        return with_captions(train, chosen, int(cfg.seed), cfg.data.mean, cfg.data.std, self.lr)
+
+
+class HerdingCoreset(RandomCoreset):
+    def select(self, cfg, train, budget):
+        return herding_select(teacher_features(cfg, train), budget)
+
+
+class KCenterCoreset(RandomCoreset):
+    def select(self, cfg, train, budget):
+        feats = teacher_features(cfg, train)
+        first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(int(cfg.seed))))
+        return kcenter_select(feats, budget, first)
+
+
+class ForgettingTracker(L.Callback):
+    """Counts forgetting events per image while a model trains on the full data."""
+
+    def __init__(self, n: int):
+        self.learned = torch.zeros(n, dtype=torch.bool)  # at its last presentation
+        self.ever_learned = torch.zeros(n, dtype=torch.bool)
+        self.forgotten = torch.zeros(n, dtype=torch.long)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        images, text_emb, img_idx = batch
+        with torch.no_grad():
+            x = normalize(images, pl_module.mean, pl_module.std)
+            logits = pl_module.model(x, text_emb)
+            diag = torch.arange(logits.shape[0], device=logits.device)
+            correct = ((logits.argmax(1) == diag) & (logits.argmax(0) == diag)).cpu()
+        idx = img_idx.cpu()
+        self.forgotten[idx] += (self.learned[idx] & ~correct).long()
+        self.learned[idx] = correct
+        self.ever_learned[idx] |= correct
+
+    def scores(self) -> torch.Tensor:
+        """Forgetting counts; never-learned images count as forgotten infinitely often (Toneva et al.)."""
+        score = self.forgotten.float()
+        score[~self.ever_learned] = float("inf")
+        return score
+
+
+class ForgettingCoreset(RandomCoreset):
+    def __init__(self, name: str = "forgetting", lr: float = 0.1, epochs: int = 4):
+        super().__init__(name, lr)
+        self.epochs = epochs
+
+    def select(self, cfg, train, budget):
+        from mmdd.data.datamodule import PairDataset
+        from mmdd.data.transforms import augment_config
+        from mmdd.models.dual_encoder import build_dual_encoder
+        from mmdd.teachers.expert_module import ExpertModule
+        from mmdd.utils.trainer import build_trainer
+
+        torch.manual_seed(int(cfg.seed))
+        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        t = cfg.teacher
+        module = ExpertModule(model, float(t.lr), float(t.momentum), float(t.weight_decay), cfg.data.mean, cfg.data.std,
+                              augment_config(cfg.data.augment if t.augment else None))
+        tracker = ForgettingTracker(train.num_images)
+        loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit)), batch_size=int(t.batch_size), shuffle=True,
+                            drop_last=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
+        # Most forgotten first, ties broken by a seeded shuffle.
+        score = tracker.scores()
+        order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        ranked = order[torch.argsort(score[order], descending=True, stable=True)]
+        log.info("forgetting: %d images forgotten at least once", int((tracker.forgotten > 0).sum()))
+        return ranked[:budget].tolist()

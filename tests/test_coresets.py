@@ -1,0 +1,31 @@
+import torch
+
+from mmdd.methods.coreset import ForgettingTracker, herding_select, kcenter_select
+
+
+def test_kcenter_picks_the_farthest_points():
+    # a tight cluster at the origin and three outliers at increasing distance
+    feats = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 0.0], [0.0, 7.0], [-9.0, 0.0]])
+    assert kcenter_select(feats, 4, first=0) == [0, 5, 4, 3]
+    assert kcenter_select(feats, 2, first=5) == [5, 3]  # (5, 0) is 14 away from (-9, 0); (0, 7) only 11.4
+
+
+def test_herding_tracks_the_mean():
+    # mean is (0, 0): the first pick is the point nearest the mean, then the pair that cancels
+    feats = torch.tensor([[0.1, 0.0], [4.0, 0.0], [-4.0, 0.0], [3.0, 3.0], [-3.1, -3.0]])
+    chosen = herding_select(feats, 3)
+    assert chosen[0] == 0
+    assert set(chosen[1:]) == {1, 2}  # together they keep the running mean at the data mean
+    assert len(set(herding_select(feats, 5))) == 5  # never picks twice
+
+
+def test_forgetting_counts_learned_to_unlearned_transitions():
+    t = ForgettingTracker(3)
+    for correct in ([True, False, True], [False, False, True], [True, False, False], [False, False, False]):
+        idx = torch.tensor([0, 1, 2])
+        c = torch.tensor(correct)
+        t.forgotten[idx] += (t.learned[idx] & ~c).long()
+        t.learned[idx] = c
+        t.ever_learned[idx] |= c
+    s = t.scores()
+    assert s[0] == 2 and s[2] == 1 and s[1] == float("inf")
