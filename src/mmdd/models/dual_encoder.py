@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdd.errors import MmddError
 from mmdd.models.heads import ProjectionHead
 from mmdd.models.image_encoder import build_image_backbone
 
@@ -35,13 +36,14 @@ class DualEncoder(nn.Module):
     ):
         super().__init__()
         if trainable not in TRAINABLE_MODES:
-            raise ValueError(f"model.trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
+            raise MmddError(f"model.trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
         if trainable == "heads" and not image_head:
-            raise ValueError("model.trainable=heads needs model.image_head=true (else nothing trains on images)")
+            raise MmddError("model.trainable=heads (or protocol.trainable=heads) needs model.image_head=true: "
+                            "with a frozen backbone and no image head nothing would train on the image side")
         self.backbone = backbone
         embed_dim = embed_dim or backbone_dim
         if not image_head and embed_dim != backbone_dim:
-            raise ValueError(f"without an image head, embed_dim ({embed_dim}) must equal the backbone dim ({backbone_dim})")
+            raise MmddError(f"without an image head, embed_dim ({embed_dim}) must equal the backbone dim ({backbone_dim})")
         self.image_head = ProjectionHead(backbone_dim, embed_dim, dropout) if image_head else nn.Identity()
         self.text_head = ProjectionHead(text_dim, embed_dim, dropout)
         self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature)), persistent=False)
