@@ -79,3 +79,28 @@ def test_flickr30k_missing_annotations_named(tmp_path):
     cfg = cfg_for("distill", ["data=flickr30k", f"data.root={tmp_path / 'nothing'}", "paths.output_dir=/tmp/x"])
     with pytest.raises(DataError, match=r"flickr30k_train.json does not exist.*BLIP repository"):
         load_annotations(cfg.data)
+
+
+PAPER = ["mtt_vl_flickr_100"] + [f"{m}_{d}_{b}" for m in ("lors", "repblend") for d in ("flickr", "coco") for b in (100, 200, 500)]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_experiments_compose(name):
+    cfg = cfg_for("distill", [f"experiment=paper/{name}", "paths.output_dir=/tmp/x"])
+    assert cfg.method.syn_steps == 8 and cfg.method.expert_epochs == 1 and cfg.method.lr_lr == 0.01
+    assert cfg.method.lr_init == 0.1 and cfg.teacher.num_experts == 20 and cfg.teacher.epochs == 10
+    assert cfg.model.image.name == "nfnet_l0" and cfg.model.text.name_or_path == "bert-base-uncased"
+    assert cfg.budget == int(name.rsplit("_", 1)[1])
+    if name.startswith("repblend"):
+        assert cfg.method.batch_syn == 20 and cfg.method.blend.alpha == 1.0 and cfg.model.trainable == "heads"
+        assert cfg.protocol.name == "repblend"
+
+
+def test_paper_cells_hold_the_published_settings():
+    c = cfg_for("distill", ["experiment=paper/lors_flickr_500", "paths.output_dir=/tmp/x"]).method
+    assert (c.lr_img, c.lr_sim, c.similarity.rank, c.similarity.alpha, c.batch_syn, c.max_start_epoch) == (1000, 100, 20, 0.01, 40, 3)
+    cfg = cfg_for("distill", ["experiment=paper/lors_coco_500", "paths.output_dir=/tmp/x"])
+    assert cfg.model.temperature == 0.1 and cfg.data.augment.enabled is False and cfg.method.loss_merge == "merged"
+    assert cfg_for("distill", ["experiment=paper/lors_coco_200", "paths.output_dir=/tmp/x"]).method.iterations == 2000
+    m = cfg_for("distill", ["experiment=paper/mtt_vl_flickr_100", "paths.output_dir=/tmp/x"]).method
+    assert m.batch_syn is None and m.lr_img == 1000 and m.meta_gradient == "full"
