@@ -5,7 +5,8 @@
 Runs in one process (the dataset and caption embeddings are loaded once) through the same stage
 functions as the CLI: buffer -> (pretrain) -> distill -> evaluate, then prints a Markdown table and
 writes it with every results.json under --out. Frozen-backbone RepBlend uses
-experiment=synscenes_repblend (its own pre-trained backbone and head-only teachers).
+experiment=synscenes_repblend (its own pre-trained backbone and head-only teachers); its coreset
+baselines under the same frozen backbone: --methods random --tag @convnet_heads experiment=synscenes_repblend.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[100])
     ap.add_argument("--methods", nargs="+", default=COMPARED)
     ap.add_argument("--out", default="outputs/compare")
+    ap.add_argument("--tag", default="", help="appended to method names in the table (e.g. @convnet_heads)")
     args, extra = ap.parse_known_args()
     out_root = Path(args.out)
     data = None
     rows = []
     for budget in args.budgets:
         for method in args.methods:
-            out = out_root / f"b{budget}" / method
+            out = out_root / f"b{budget}" / f"{method}{args.tag}"
             cfg = config(method, budget, out, extra)
             data = data or load_data(cfg)
             t0 = time.perf_counter()
@@ -56,8 +58,8 @@ def main() -> None:
             run_buffer(cfg, data)  # reuses complete experts
             syn = run_distill(cfg, data, out / "synthetic")
             res = run_evaluate(cfg, syn, data, out)
-            rows.append({"method": method, "budget": budget, "n": res["num_seeds"], "mean": res["mean"], "std": res["std"]})
-            print(f"{method} b{budget}: r_mean {res['mean']['r_mean']:.2f} ± {res['std']['r_mean']:.2f} "
+            rows.append({"method": method + args.tag, "budget": budget, "n": res["num_seeds"], "mean": res["mean"], "std": res["std"]})
+            print(f"{method}{args.tag} b{budget}: r_mean {res['mean']['r_mean']:.2f} ± {res['std']['r_mean']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     table = markdown_table(rows)
     out_root.mkdir(parents=True, exist_ok=True)
