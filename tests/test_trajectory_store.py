@@ -80,3 +80,15 @@ def test_wrong_shapes_are_rejected(tmp_path):
     bad["backbone.w"] = torch.zeros(5, 2, 3)
     with pytest.raises(ValueError, match="shape"):
         store.save_expert(0, bad)
+
+
+def test_atomic_writes_leave_no_temp_files_and_normal_permissions(tmp_path):
+    import os
+
+    from mmdd.utils.io import atomic_write_json
+
+    p = atomic_write_json(tmp_path / "a.json", {"x": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
