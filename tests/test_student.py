@@ -58,3 +58,11 @@ def test_same_seed_same_result_and_test_best_reports_selected(data):
     assert t.test == pytest.approx(t.selected)  # chosen on test: the papers' optimistic protocol
     last = train_student(cfg("last"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=3)
     assert last.best_epoch == 5
+
+
+def test_a_diverging_student_is_a_clear_error(data):
+    from mmdd.errors import MmddError
+
+    images, texts = torch.randn(8, 3, 8, 8) * 1e3, torch.randn(8, 6) * 1e3
+    with pytest.raises(MmddError, match="diverged"):
+        train_student(cfg("val"), build, images, texts, {"image": 1e12, "text": 1e12}, data, seed=0)

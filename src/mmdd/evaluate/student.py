@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mmdd.data.datamodule import SplitData
+from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.losses import pair_loss
 
@@ -102,6 +103,11 @@ class StudentModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         epoch = self.current_epoch
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise MmddError(
+                f"the student diverged (non-finite weights) at epoch {epoch} with step sizes {self.lrs}; "
+                "lower them with protocol.lr_source=fixed protocol.lr=<value>, or check the synthetic set"
+            )
         last = epoch == self.epochs - 1
         if self.selection == "last":
             if last:
