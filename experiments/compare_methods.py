@@ -22,7 +22,7 @@ from mmdd.data.datamodule import load_data
 from mmdd.evaluate.stage import run_evaluate
 from mmdd.methods.stage import run_distill
 from mmdd.paths import conf_dir
-from mmdd.report.table import markdown_table
+from mmdd.report.table import markdown_table, result_row
 from mmdd.teachers.buffer import run_buffer
 from mmdd.teachers.pretrain import run_pretrain
 
@@ -58,7 +58,7 @@ def main() -> None:
             run_buffer(cfg, data)  # reuses complete experts
             syn = run_distill(cfg, data, out / "synthetic")
             res = run_evaluate(cfg, syn, data, out)
-            rows.append({"method": method + args.tag, "budget": budget, "n": res["num_seeds"], "mean": res["mean"], "std": res["std"]})
+            rows.append({**result_row(res), "method": method + args.tag})
             print(f"{method}{args.tag} b{budget}: r_mean {res['mean']['r_mean']:.2f} ± {res['std']['r_mean']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     table = markdown_table(rows)

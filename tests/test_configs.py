@@ -65,7 +65,7 @@ def _write_flickr_like(root, n_train=4, n_test=3):
 
 def test_flickr30k_config_loads_blip_files(tmp_path):
     _write_flickr_like(tmp_path / "f30k")
-    cfg = cfg_for("distill", [f"data=flickr30k", f"data.root={tmp_path / 'f30k'}", "data.image_size=32",
+    cfg = cfg_for("distill", ["data=flickr30k", f"data.root={tmp_path / 'f30k'}", "data.image_size=32",
                               f"paths.root_dir={tmp_path}", "paths.output_dir=/tmp/x"])
     splits = load_annotations(cfg.data)
     assert splits["train"].num_images == 4 and splits["train"].num_captions == 8

@@ -1,7 +1,6 @@
 """Every stage for real on a tiny embedded dataset: the CLI, Hydra, Lightning, W&B offline."""
 
 import json
-from pathlib import Path
 
 import pytest
 

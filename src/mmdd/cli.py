@@ -34,11 +34,9 @@ def _task(stage: str):
                 print(f"synthetic set: {run_distill(cfg)}")
             elif stage == "evaluate":
                 from mmdd.evaluate.stage import run_evaluate
-                from mmdd.report.table import markdown_table
+                from mmdd.report.table import markdown_table, result_row
 
-                res = run_evaluate(cfg)
-                print(markdown_table([{"method": res["label"], "budget": res["budget"], "n": res["num_seeds"],
-                                       "mean": res["mean"], "std": res["std"]}]))
+                print(markdown_table([result_row(run_evaluate(cfg))]))
             elif stage == "pretrain":
                 from mmdd.teachers.pretrain import run_pretrain
 

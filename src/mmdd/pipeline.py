@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
 from mmdd.data.datamodule import load_data
-from mmdd.evaluate.retrieval import METRIC_KEYS
-from mmdd.evaluate.stage import run_evaluate
+from mmdd.evaluate.stage import run_evaluate, summarize
 from mmdd.methods.stage import run_distill
-from mmdd.report.table import markdown_table
+from mmdd.report.table import markdown_table, result_row
 from mmdd.teachers.buffer import expert_metrics, run_buffer
 from mmdd.teachers.pretrain import run_pretrain
 from mmdd.utils.io import atomic_write_json, atomic_write_text
@@ -39,17 +37,16 @@ def run_all(cfg) -> dict:
 
     syn_dir = run_distill(cfg, data, out / "synthetic" / str(cfg.method.name))
     res = run_evaluate(cfg, syn_dir, data, out / "evaluate" / str(cfg.method.name))
-    rows.append({"method": res["label"], "budget": res["budget"], "n": res["num_seeds"], "mean": res["mean"], "std": res["std"]})
+    rows.append(result_row(res))
     for name, method_cfg in (cfg.get("baselines") or {}).items():
         bcfg = with_method(cfg, method_cfg)
         bdir = run_distill(bcfg, data, out / "synthetic" / str(name))
         bres = run_evaluate(bcfg, bdir, data, out / "evaluate" / str(name))
-        rows.append({"method": bres["label"], "budget": bres["budget"], "n": bres["num_seeds"], "mean": bres["mean"], "std": bres["std"]})
+        rows.append(result_row(bres))
 
-    experts = [m["test"] for m in expert_metrics(store) if "test" in m]
+    experts = [m for m in expert_metrics(store) if "test" in m]
     if experts:
-        mean = {k: statistics.fmean(e[k] for e in experts) for k in METRIC_KEYS}
-        std = {k: (statistics.stdev(e[k] for e in experts) if len(experts) > 1 else 0.0) for k in METRIC_KEYS}
+        mean, std = summarize(experts)
         rows.append({"method": "full train (teachers)", "budget": data["train"].num_images, "n": len(experts), "mean": mean, "std": std})
 
     table = markdown_table(rows)

@@ -80,19 +80,6 @@ class PairDataset(Dataset):
         return self.data.image(img), self.data.text_emb[cap], img
 
 
-class ImageDataset(Dataset):
-    """Images of a split in order (for encoding during evaluation)."""
-
-    def __init__(self, data: SplitData):
-        self.data = data
-
-    def __len__(self) -> int:
-        return self.data.num_images
-
-    def __getitem__(self, i: int):
-        return self.data.image(i), i
-
-
 def load_annotations(data_cfg) -> dict[str, Split]:
     fmt = str(data_cfg.format)
     pre = bool(data_cfg.preprocess.enabled)

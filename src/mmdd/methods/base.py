@@ -29,7 +29,7 @@ class Method:
         raise NotImplementedError
 
 
-def check_budget(budget: int, train: SplitData, num_pairs: int | None = None) -> None:
+def check_budget(budget: int, train: SplitData) -> None:
     n = train.num_images
     if budget < 1:
         raise MmddError(f"budget={budget}: the synthetic set needs at least one pair")
@@ -39,14 +39,17 @@ def check_budget(budget: int, train: SplitData, num_pairs: int | None = None) ->
         )
 
 
+def real_pairs(train: SplitData, img_idx: list[int], generator: torch.Generator, mean, std):
+    """The given training images (normalised), each with one of its captions drawn from `generator`."""
+    img2txt = train.split.img2txt()
+    cap_idx = [img2txt[i][int(torch.randint(len(img2txt[i]), (1,), generator=generator))] for i in img_idx]
+    return normalize(train.image_batch(img_idx), mean, std), train.text_emb[cap_idx].clone()
+
+
 def sample_real_pairs(train: SplitData, n: int, generator: torch.Generator, mean, std):
     """`n` distinct random training images, each with one random caption of its own."""
-    img_idx = torch.randperm(train.num_images, generator=generator)[:n]
-    img2txt = train.split.img2txt()
-    cap_idx = [img2txt[i][int(torch.randint(len(img2txt[i]), (1,), generator=generator))] for i in img_idx.tolist()]
-    images = normalize(train.image_batch(img_idx.tolist()), mean, std)
-    texts = train.text_emb[cap_idx].clone()
-    return images, texts, img_idx, torch.as_tensor(cap_idx)
+    img_idx = torch.randperm(train.num_images, generator=generator)[:n].tolist()
+    return real_pairs(train, img_idx, generator, mean, std)
 
 
 def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None) -> Path:

@@ -14,15 +14,13 @@ Each image comes with one of its captions, drawn with the run's seed; the set tr
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmdd.data.transforms import normalize
-from mmdd.methods.base import Method, check_budget
+from mmdd.methods.base import Method, check_budget, real_pairs
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -59,28 +57,15 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def with_captions(train, img_idx: list[int], seed: int, mean, std, lr: float) -> SyntheticSet:
-    gen = torch.Generator().manual_seed(seed)
-    img2txt = train.split.img2txt()
-    cap_idx = [img2txt[i][int(torch.randint(len(img2txt[i]), (1,), generator=gen))] for i in img_idx]
-    images = normalize(train.image_batch(img_idx), mean, std)
-    return SyntheticSet(images, train.text_emb[cap_idx].clone(), {"image": lr, "text": lr})
-
-
 @torch.no_grad()
 def teacher_features(cfg, train) -> torch.Tensor:
     """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
     from mmdd.methods.matching import ParamLayout
-    from mmdd.methods.trajectory_matching import load_trajectories
+    from mmdd.methods.trajectory_matching import load_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
-    from mmdd.teachers.trajectory_store import TrajectoryStore
 
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
-    names = model.modality_parameter_names()
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
-    traj = load_trajectories(store, names, max_experts=1)
+    traj = load_checked_trajectories(cfg, model, max_experts=1)
     final = ParamLayout.from_model(model).unflatten({m: t[0, -1] for m, t in traj.items()})
     named = dict(model.named_parameters())
     for n, v in final.items():
@@ -116,7 +101,9 @@ class RandomCoreset(Method):
         budget = int(cfg.budget)
         check_budget(budget, train)
         chosen = self.select(cfg, train, budget)
-        return with_captions(train, chosen, int(cfg.seed), cfg.data.mean, cfg.data.std, self.lr)
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
+        return SyntheticSet(images, texts, {"image": self.lr, "text": self.lr})
 
 
 class HerdingCoreset(RandomCoreset):

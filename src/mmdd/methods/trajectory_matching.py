@@ -36,6 +36,23 @@ def load_trajectories(store: TrajectoryStore, names: dict[str, list[str]], max_e
     return {m: torch.stack(v) for m, v in per_mod.items()}
 
 
+def load_checked_trajectories(cfg, model, max_experts: int | None = None) -> dict[str, torch.Tensor]:
+    """The store at cfg.buffer_dir, checked against `model` and the dataset, all experts in memory."""
+    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
+    names = model.modality_parameter_names()
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
+    trajectories = load_trajectories(store, names, max_experts)
+    log.info(
+        "loaded %d experts x %d epochs from %s (%s params)",
+        trajectories["image"].shape[0],
+        trajectories["image"].shape[1] - 1,
+        store.root,
+        {m: t.shape[-1] for m, t in trajectories.items()},
+    )
+    return trajectories
+
+
 class SaveSyntheticEvery(L.Callback):
     """Saves the synthetic set every `every` iterations (and the caller saves at the end)."""
 
@@ -59,7 +76,7 @@ class TrajectoryMatching(Method):
 
     def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
         gen = torch.Generator().manual_seed(int(cfg.seed))
-        images, texts, _, _ = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
+        images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
         if self.config.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
@@ -77,18 +94,7 @@ class TrajectoryMatching(Method):
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-        store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
-        names = model.modality_parameter_names()
-        shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-        store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
-        trajectories = load_trajectories(store, names, self.config.max_experts)
-        log.info(
-            "loaded %d experts x %d epochs from %s (%s params)",
-            trajectories["image"].shape[0],
-            trajectories["image"].shape[1] - 1,
-            store.root,
-            {m: t.shape[-1] for m, t in trajectories.items()},
-        )
+        trajectories = load_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
         module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed))

@@ -20,3 +20,9 @@ def markdown_table(rows: list[dict]) -> str:
         cells += [format_cell(r["mean"][k], r.get("std", {}).get(k)) for k in METRIC_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def result_row(results: dict) -> dict:
+    """A table row from an evaluation's results.json contents."""
+    return {"method": results["label"], "budget": results["budget"], "n": results["num_seeds"],
+            "mean": results["mean"], "std": results["std"]}

@@ -39,7 +39,7 @@ class SyntheticSet(nn.Module):
         self.images = nn.Parameter(images.detach().clone().float())
         self.texts = nn.Parameter(texts.detach().clone().float())
         self.lrs = nn.ParameterDict(
-            {m: nn.Parameter(torch.as_tensor(float(v) if not torch.is_tensor(v) else v.item()).float()) for m, v in lrs.items()}
+            {m: nn.Parameter(torch.tensor(float(v))) for m, v in lrs.items()}
         )
         # Learned image-text similarity (LoRS); None means the pairs are the only positives (S = I).
         self.similarity = similarity
