@@ -80,8 +80,10 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
 
     label = label or manifest.get("method", "synthetic")
     loss = str(cfg.protocol.loss)
+    label_temperature = float(cfg.protocol.label_temperature)
     if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
         loss = str(manifest.get("inner_loss", "infonce"))
+        label_temperature = float(manifest.get("label_temperature", label_temperature))
     with torch.no_grad():
         similarity = syn.similarity_matrix()
     seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
@@ -91,7 +93,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_s{s}", save_dir=out_dir)
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
-                                loss=loss, similarity=similarity)
+                                loss=loss, similarity=similarity, label_temperature=label_temperature)
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

@@ -55,6 +55,7 @@ class StudentModule(L.LightningModule):
         std,
         loss: str = "infonce",
         similarity: torch.Tensor | None = None,
+        label_temperature: float = 0.1,
     ):
         super().__init__()
         if selection not in SELECTIONS:
@@ -76,13 +77,14 @@ class StudentModule(L.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
         self.loss_name = loss
+        self.label_temperature = label_temperature
         # The set's learned similarity (LoRS): students train against S[idx][:, idx].
         self.register_buffer("similarity", similarity.detach().clone() if similarity is not None else None)
 
     def training_step(self, batch, batch_idx):
         images, texts, idx = batch
         target = None if self.similarity is None else self.similarity[idx][:, idx]
-        loss = pair_loss(self.loss_name, self.model(images, texts), target)
+        loss = pair_loss(self.loss_name, self.model(images, texts), target, self.label_temperature)
         self.log("student/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
@@ -139,6 +141,7 @@ def train_student(
     loggers=None,
     loss: str = "infonce",
     similarity: torch.Tensor | None = None,
+    label_temperature: float = 0.1,
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""
     from mmdd.utils.trainer import build_trainer
@@ -162,6 +165,7 @@ def train_student(
         std=cfg.data.std,
         loss=loss,
         similarity=similarity,
+        label_temperature=label_temperature,
     )
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(

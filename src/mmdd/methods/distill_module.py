@@ -43,7 +43,8 @@ class MatchingConfig:
     max_experts: int | None = None
     lr_min: float = 0.0
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
-    inner_loss: str = "infonce"  # infonce | wbce | bce | mse (soft ones read S; S = I without one)
+    inner_loss: str = "infonce"  # infonce | wbce | bce | kl | mse (soft ones read S; S = I without one)
+    label_temperature: float = 0.1  # the kl loss's targets softmax(S / label_temperature)
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
@@ -60,6 +61,8 @@ class MatchingConfig:
             raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
         if self.init not in ("real", "noise"):
             raise MmddError(f"method.init must be 'real' or 'noise', got {self.init!r}")
+        if self.label_temperature <= 0:
+            raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
         if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1 or self.iterations < 1:
             raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
 
@@ -116,7 +119,7 @@ class DistillModule(L.LightningModule):
         return expert, start, starts, targets
 
     def inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return pair_loss(self.config.inner_loss, logits, self.syn.similarity_matrix(idx))
+        return pair_loss(self.config.inner_loss, logits, self.syn.similarity_matrix(idx), self.config.label_temperature)
 
     def iteration(self):
         """One outer iteration's gradients (left in .grad); returns (loss, terms, expert, start)."""

@@ -39,21 +39,40 @@ def multilabel_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 0.5 * (rows + cols)
 
 
+def soft_kl(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
+    """KL(softmax(S / tau) || softmax(logits)) per row, mean over rows, both directions averaged (LoRS's "KL").
+
+    Unlike multi-label InfoNCE, softmax(S / tau) is a distribution whatever S becomes (entries > 1 or < 0),
+    so the loss stays bounded below; with S = I and tau = 0.1 it is InfoNCE with ~1% label smoothing.
+    Written as soft cross-entropy: it differs from the KL by the targets' entropy, a constant in the logits.
+    """
+
+    def one_side(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        return -(F.softmax(tg / label_temperature, dim=1) * F.log_softmax(lg, dim=1)).sum(1).mean()
+
+    return 0.5 * (one_side(logits, target) + one_side(logits.t(), target.t()))
+
+
 def soft_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE between sigmoid(logits) and S."""
     return F.mse_loss(torch.sigmoid(logits), target)
 
 
-SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "mse": soft_mse}
+SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "kl": soft_kl, "mse": soft_mse}
 INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
 
 
-def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I)."""
+def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = 0.1) -> torch.Tensor:
+    """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I).
+
+    `label_temperature` is the `kl` loss's tau (softmax(S / tau) targets); the other losses ignore it.
+    """
     if target is None:
         if name == "infonce":
             return symmetric_infonce(logits)
         target = torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
     if name not in SOFT_LOSSES:
         raise ValueError(f"unknown inner loss {name!r}; choose from {sorted(SOFT_LOSSES)}")
+    if name == "kl":
+        return soft_kl(logits, target, label_temperature)
     return SOFT_LOSSES[name](logits, target)
