@@ -75,8 +75,8 @@ def main() -> None:
                 run_pretrain(cfg, data)  # reuses a finished checkpoint
             run_buffer(cfg, data)  # reuses complete experts
             syn = run_distill(cfg, data, out / "synthetic")
-            res = run_evaluate(cfg, syn, data, out)
-            rows.append({**result_row(res), "method": label})
+            res = run_evaluate(cfg, syn, data, out, label=label)
+            rows.append(result_row(res))
             print(f"{label} b{budget}: r_mean {res['mean']['r_mean']:.2f} ± {res['std']['r_mean']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             out_root.mkdir(parents=True, exist_ok=True)

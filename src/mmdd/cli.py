@@ -13,12 +13,18 @@ STAGES = {
     "pretrain": "pre-train the image backbone contrastively (for frozen-backbone methods)",
     "run": "the quick start: all stages on the embedded dataset, then a table",
 }
+# Commands that read finished artifacts: plain argparse, no Hydra composition (`mmdd <command> --help`).
+COMMANDS = {
+    "table": "collect results.json files (and W&B runs) into a paper-style table",
+    "export": "write a synthetic set as a plain image-caption dataset",
+}
 
 log = logging.getLogger("mmdd")
 
 
 def _task(stage: str):
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
+        """Runs the stage; returns the val objective (val r_mean) where the stage evaluates, for sweepers."""
         from mmdd.errors import MmddError
 
         quiet_third_party()
@@ -31,12 +37,17 @@ def _task(stage: str):
             elif stage == "distill":
                 from mmdd.methods.stage import run_distill
 
-                print(f"synthetic set: {run_distill(cfg)}")
-            elif stage == "evaluate":
-                from mmdd.evaluate.stage import run_evaluate
-                from mmdd.report.table import markdown_table, result_row
+                data = None
+                if cfg.get("evaluate"):
+                    from mmdd.data.datamodule import load_data
 
-                print(markdown_table([result_row(run_evaluate(cfg))]))
+                    data = load_data(cfg)  # train for distilling, val/test for the students after
+                syn_dir = run_distill(cfg, data)
+                print(f"synthetic set: {syn_dir}")
+                if cfg.get("evaluate"):
+                    return evaluate_and_print(cfg, syn_dir, data)
+            elif stage == "evaluate":
+                return evaluate_and_print(cfg)
             elif stage == "pretrain":
                 from mmdd.teachers.pretrain import run_pretrain
 
@@ -44,12 +55,21 @@ def _task(stage: str):
             elif stage == "run":
                 from mmdd.pipeline import run_all
 
-                run_all(cfg)
+                return run_all(cfg)["objective"]
         except MmddError as exc:
             print(f"mmdd {stage}: error: {exc}", file=sys.stderr)
             sys.exit(2)
 
     return task
+
+
+def evaluate_and_print(cfg, synthetic=None, data=None) -> float | None:
+    from mmdd.evaluate.stage import run_evaluate
+    from mmdd.report.table import markdown_table, result_row
+
+    results = run_evaluate(cfg, synthetic, data)
+    print(markdown_table([result_row(results)]))
+    return results["objective"]
 
 
 def quiet_third_party() -> None:
@@ -68,6 +88,7 @@ def quiet_third_party() -> None:
 def usage() -> str:
     lines = ["usage: mmdd <stage> [key=value ...] [-m for a multirun]", "", "stages:"]
     lines += [f"  {k:<9} {v}" for k, v in STAGES.items()]
+    lines += ["", "commands:"] + [f"  {k:<9} {v}" for k, v in COMMANDS.items()]
     lines += ["", "Show a stage's composed config: mmdd <stage> --cfg job"]
     return "\n".join(lines)
 
@@ -78,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     stage = argv[0]
+    if stage in COMMANDS:
+        from mmdd import commands
+
+        sys.exit(getattr(commands, stage)(argv[1:]))
     if stage not in STAGES:
         print(f"mmdd: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)

@@ -11,3 +11,8 @@ def conf_dir() -> Path:
         if (candidate / "base.yaml").exists():
             return candidate
     raise FileNotFoundError(f"mmdd's conf/ directory was not found next to {here}")
+
+
+def repo_root() -> Path:
+    """The checkout's root (where experiments/ lives); in an installed wheel, the package directory."""
+    return conf_dir().parent

@@ -58,4 +58,4 @@ def run_all(cfg) -> dict:
     print(f"\nOutputs: {out}")
     if (out / "wandb").exists():
         print(f"W&B runs (offline): {out / 'wandb'}; upload with `wandb sync {out / 'wandb'}/offline-run-*`")
-    return {"rows": rows, "table": table, "out": str(out)}
+    return {"rows": rows, "table": table, "out": str(out), "objective": res["objective"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -87,9 +88,45 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     with torch.no_grad():
         similarity = syn.similarity_matrix()
     seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
-    per_seed = []
+    results_path = out_dir / "results.json"
+    this_hash = config_hash(cfg)
+    per_seed = finished_seeds(results_path, this_hash, manifest.get("config_hash"), seeds)
+    done = {r["seed"] for r in per_seed}
+    if done:
+        log.info("%s: resuming, %d of %d student seeds already in %s", label, len(done), len(seeds), results_path)
     t0 = time.perf_counter()
+
+    def results(complete: bool) -> dict:
+        mean, std = summarize(per_seed)
+        val = [r["selected"]["r_mean"] for r in per_seed if r.get("selected")] if str(cfg.protocol.selection) == "val" else []
+        return {
+            "label": label,
+            "method": manifest.get("method"),
+            "budget": manifest.get("budget"),
+            "dataset": str(cfg.data.name),
+            "seed": manifest.get("seed", int(cfg.seed)),  # the distillation seed (students: seeds[*].seed)
+            "protocol": to_plain(cfg.protocol),
+            "synthetic": str(synthetic),
+            "synthetic_config_hash": manifest.get("config_hash"),
+            "config_hash": this_hash,
+            "complete": complete,
+            "expected_seeds": len(seeds),
+            "num_seeds": len(per_seed),
+            "seeds": per_seed,
+            "mean": mean,
+            "std": std,
+            # What a sweep may optimise: val r_mean of the selected checkpoints (never test); None unless
+            # the protocol selects on val.
+            "objective": statistics.fmean(val) if val else None,
+            "timings": {"evaluate_seconds": time.perf_counter() - t0},
+            "distill_stats": manifest.get("distill_stats"),
+            "overrides": task_overrides(),
+            "config": resolved_config(cfg),
+        }
+
     for s in seeds:
+        if s in done:
+            continue
         loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_s{s}", save_dir=out_dir)
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
@@ -99,22 +136,39 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             finish_loggers(loggers)
         log.info("%s seed %d: test r_mean %.2f (epoch %d)", label, s, res.test["r_mean"], res.best_epoch)
         per_seed.append(asdict(res))
-    mean, std = summarize(per_seed)
-    results = {
-        "label": label,
-        "method": manifest.get("method"),
-        "budget": manifest.get("budget"),
-        "dataset": str(cfg.data.name),
-        "protocol": to_plain(cfg.protocol),
-        "synthetic": str(synthetic),
-        "synthetic_config_hash": manifest.get("config_hash"),
-        "config_hash": config_hash(cfg),
-        "num_seeds": len(per_seed),
-        "seeds": per_seed,
-        "mean": mean,
-        "std": std,
-        "timings": {"evaluate_seconds": time.perf_counter() - t0},
-        "distill_stats": manifest.get("distill_stats"),
-    }
-    atomic_write_json(out_dir / "results.json", results)
-    return results
+        # After every seed, so a killed evaluation keeps the finished ones (complete: false until the last).
+        atomic_write_json(results_path, results(complete=len(per_seed) == len(seeds)))
+    final = results(complete=True)
+    atomic_write_json(results_path, final)
+    return final
+
+
+def finished_seeds(path: Path, cfg_hash: str, synthetic_hash: str | None, seeds: list[int]) -> list[dict]:
+    """Student results already in `path` from an interrupted run of this same config and set."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("ignoring unreadable %s; its seeds are re-run", path)
+        return []
+    if old.get("config_hash") != cfg_hash or old.get("synthetic_config_hash") != synthetic_hash:
+        return []
+    return [r for r in old.get("seeds", []) if r.get("seed") in seeds]
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside a Hydra app, e.g. the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def resolved_config(cfg) -> dict:
+    """The full composed config, interpolations resolved where they can be (hydra: ones need a Hydra app)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...} under the compose API: keep them unresolved
+        return OmegaConf.to_container(cfg, resolve=False)

@@ -59,6 +59,7 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
     manifest = {
         "method": str(cfg.method.name),
         "budget": int(cfg.budget),
+        "seed": int(cfg.seed),
         "dataset": str(cfg.data.name),
         "text_encoder": str(cfg.model.text.name_or_path),
         "text_pooling": str(cfg.model.text.pooling),

@@ -68,8 +68,13 @@ class MatchingConfig:
 
 
 class DistillModule(L.LightningModule):
-    def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int):
+    def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int,
+                 probe=None, diagnostics_every: int = 0):
         super().__init__()
+        # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
+        self.probe = probe
+        self.diagnostics_every = int(diagnostics_every)
+        self.diagnostics: dict[str, dict[str, float]] = {}
         self.automatic_optimization = False
         self.model = model
         self.syn = syn
@@ -108,6 +113,9 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self):
         self.trajectories = {m: t.to(self.device) for m, t in self.trajectories.items()}
+        if self.probe is not None:
+            self.probe.to(self.device)
+            self.diagnostics = {"real": self.probe.reference, "initial": self.probe(self.syn.images, self.syn.texts)}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -163,6 +171,12 @@ class DistillModule(L.LightningModule):
             "distill/peak_mem_mb": peak_memory_mb(self.device),
             "distill/start_epoch": float(start),
         }
-        self.history.append({"iteration": float(self.global_step), **stats})
+        step = self.global_step
+        if self.probe is not None and self.diagnostics_every and (
+            step % self.diagnostics_every == 0 or step == self.config.iterations
+        ):
+            self.diagnostics["final"] = self.probe(self.syn.images, self.syn.texts)
+            stats.update({f"distill/diag_{k}": v for k, v in self.diagnostics["final"].items()})
+        self.history.append({"iteration": float(step), **stats})
         self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         self.log("loss", stats["distill/matching_loss"], prog_bar=True, logger=False, batch_size=1)

@@ -45,7 +45,10 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         syn = method.synthesize(cfg, data, out_dir, loggers)
         history = getattr(method, "history", [])
         stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}
-        save_synthetic(cfg, syn, data["train"], out_dir, {"complete": True, "iteration": len(history), "distill_stats": stats})
+        extra = {"complete": True, "iteration": len(history), "distill_stats": stats}
+        if getattr(method, "diagnostics", None):
+            extra["diagnostics"] = method.diagnostics  # modality collapse: real / initial / final
+        save_synthetic(cfg, syn, data["train"], out_dir, extra)
         if history:
             atomic_write_json(out_dir / "history.json", history)
         log_images(loggers, "synthetic/grid", [str(out_dir / "grid.png")])

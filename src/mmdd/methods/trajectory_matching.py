@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 
 from mmdd.errors import MmddError
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
+from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.distill_module import DistillModule, MatchingConfig
+from mmdd.methods.matching import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -73,6 +75,7 @@ class TrajectoryMatching(Method):
         self.name = name
         self.config = MatchingConfig(**settings)
         self.history: list[dict] = []
+        self.diagnostics: dict[str, dict[str, float]] = {}
 
     def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
         gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -97,7 +100,9 @@ class TrajectoryMatching(Method):
         trajectories = load_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
-        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed))
+        every = int(cfg.get("diagnostics_every") or 0)
+        probe = self.collapse_probe(cfg, model, trajectories, train, len(syn)) if every else None
+        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed), probe=probe, diagnostics_every=every)
 
         def save(step: int) -> None:
             save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False})
@@ -107,4 +112,13 @@ class TrajectoryMatching(Method):
         iterations = DataLoader(range(self.config.iterations), batch_size=1)
         trainer.fit(module, iterations)
         self.history = module.history
+        self.diagnostics = module.diagnostics
         return syn
+
+    @staticmethod
+    def collapse_probe(cfg, model, trajectories, train, n: int) -> CollapseProbe:
+        """Embeds with expert 0's last recorded parameters; real reference: n real pairs (seeded)."""
+        flats = {m: t[0, -1] for m, t in trajectories.items()}
+        gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
+        return CollapseProbe(model, ParamLayout.from_model(model), flats, images, texts)

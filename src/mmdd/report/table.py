@@ -1,10 +1,17 @@
-"""Paper-style results tables: mean ± std over seeds."""
+"""Paper-style results tables: mean ± std over seeds, as Markdown, LaTeX or CSV."""
 
 from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
 
 from mmdd.evaluate.retrieval import METRIC_KEYS
 
 HEADERS = {"ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10", "tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10", "r_mean": "r_mean"}
+FORMATS = ("md", "latex", "csv")
+PAPER_ORDER = ("mtt_vl", "lors", "repblend")  # publication order
 
 
 def format_cell(mean: float, std: float | None) -> str:
@@ -26,3 +33,118 @@ def result_row(results: dict) -> dict:
     """A table row from an evaluation's results.json contents."""
     return {"method": results["label"], "budget": results["budget"], "n": results["num_seeds"],
             "mean": results["mean"], "std": results["std"]}
+
+
+# --- `mmdd table`: rows from collected cells, best per column, paper anchors ----------------------
+def rows_from_cells(cells) -> list[dict]:
+    rows = []
+    for c in cells:
+        mean, std = c.stats()
+        rows.append({"dataset": c.dataset, "method": c.label, "key": c.method, "budget": c.budget,
+                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std})
+    return rows
+
+
+def mark_best(rows: list[dict]) -> None:
+    """row["best"] = the metrics where the row has the highest mean among rows of its (dataset, budget, protocol)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["budget"], r["protocol"]), []).append(r)
+    for group in groups.values():
+        for r in group:
+            r["best"] = set()
+        if len(group) < 2:
+            continue
+        for k in METRIC_KEYS:
+            top = max(r["mean"][k] for r in group)
+            for r in group:
+                if r["mean"][k] == top:
+                    r["best"].add(k)
+
+
+def load_anchors(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return json.loads(path.read_text()).get("cells", [])
+
+
+def anchors_for(row: dict, anchors: list[dict], dataset: str | None) -> list[dict]:
+    """The papers' numbers for the row's cell (method, budget, and `dataset` or the row's own dataset)."""
+    want = dataset or row["dataset"]
+    found = [a for a in anchors if a.get("method") == row["key"] and int(a.get("budget", -1)) == int(row["budget"])
+             and a.get("dataset") == want]
+    # One line per cell: the method's own paper, else the earliest paper that reports it (later ones copy it).
+    found.sort(key=lambda a: (a.get("paper") != row["key"], PAPER_ORDER.index(a["paper"]) if a.get("paper") in PAPER_ORDER else 99))
+    return found[:1]
+
+
+def _anchor_label(a: dict) -> str:
+    return f"↳ {a['method']} as reported ({a['paper']}, {a['dataset']})"
+
+
+def render(rows: list[dict], fmt: str = "md", anchors: list[dict] | None = None, anchor_dataset: str | None = None) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    mark_best(rows)
+    anchors = anchors or []
+    return {"md": _markdown, "latex": _latex, "csv": _csv}[fmt](rows, anchors, anchor_dataset)
+
+
+def _value(r: dict, k: str, bold=lambda s: s) -> str:
+    s = format_cell(r["mean"][k], (r.get("std") or {}).get(k))
+    return bold(s) if k in r.get("best", ()) else s
+
+
+def _anchor_value(a: dict, k: str) -> str:
+    v = a.get(k)
+    if v is None and k == "r_mean" and all(a.get(m) is not None for m in METRIC_KEYS if m != "r_mean"):
+        v = sum(a[m] for m in METRIC_KEYS if m != "r_mean") / 6
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _markdown(rows, anchors, anchor_dataset) -> str:
+    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        cells = [r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
+        cells += [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+        for a in anchors_for(r, anchors, anchor_dataset):
+            cells = ["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""]
+            lines.append("| " + " | ".join(cells + [_anchor_value(a, k) for k in METRIC_KEYS]) + " |")
+    return "\n".join(lines)
+
+
+def _latex(rows, anchors, anchor_dataset) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+
+    cols = "llrll" + "r" * len(METRIC_KEYS)
+    head = ["Dataset", "Method", "Budget", "Protocol", "Seeds"] + [HEADERS[k] for k in METRIC_KEYS]
+    lines = [rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(esc(h) for h in head) + r" \\", r"\midrule"]
+    for r in rows:
+        vals = [_value(r, k, lambda s: rf"\textbf{{{s}}}").replace("±", r"$\pm$") for k in METRIC_KEYS]
+        lines.append(" & ".join([esc(r["dataset"]), esc(r["method"]), str(r["budget"]), esc(r["protocol"]),
+                                 esc(r["seeds"]).replace("×", r"$\times$"), *vals]) + r" \\")
+        for a in anchors_for(r, anchors, anchor_dataset):
+            label = rf"\textit{{{esc(a['paper'])} ({esc(a['dataset'])}), reported}}"
+            lines.append(" & ".join(["", label, str(a["budget"]), "paper", "", *(_anchor_value(a, k) for k in METRIC_KEYS)])
+                         + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def _csv(rows, anchors, anchor_dataset) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
+                *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best"])
+    for r in rows:
+        std = r.get("std") or {}
+        w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
+                    *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
+                    ";".join(k for k in METRIC_KEYS if k in r.get("best", ()))])
+        for a in anchors_for(r, anchors, anchor_dataset):
+            w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
+                        *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), ""])
+    return buf.getvalue()

@@ -23,7 +23,7 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
     wcfg = lcfg.get("wandb")
     if wcfg:
         mode = os.environ.get("WANDB_MODE", str(wcfg.mode))
-        tags = [str(t) for t in (wcfg.get("tags") or [])]
+        tags = [str(t) for t in (wcfg.get("tags") or [])] + run_tags(cfg)
         loggers.append(
             WandbLogger(
                 project=str(wcfg.project),
@@ -39,6 +39,17 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
             )
         )
     return loggers
+
+
+def run_tags(cfg) -> list[str]:
+    """What a run is, as W&B tags to filter on: method, dataset, budget, seed."""
+    method = cfg.get("method")
+    return [
+        *([f"method:{method.name}"] if method is not None and method.get("name") else []),
+        f"dataset:{cfg.data.name}",
+        *([f"budget:{cfg.budget}"] if cfg.get("budget") is not None else []),
+        f"seed:{cfg.seed}",
+    ]
 
 
 def finish_loggers(loggers: list) -> None:

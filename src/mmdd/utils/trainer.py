@@ -14,6 +14,7 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
     kwargs = dict(
         accelerator=str(hw.accelerator),
         devices=hw.devices,
+        num_nodes=int(hw.num_nodes),
         strategy=str(hw.strategy),
         precision=hw.precision,
         logger=loggers if loggers else False,

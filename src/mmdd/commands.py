@@ -1,0 +1,75 @@
+"""`mmdd table` and `mmdd export`: commands over finished artifacts (argparse, no Hydra)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmdd.errors import MmddError
+from mmdd.paths import repo_root
+
+DEFAULT_ANCHORS = "experiments/paper_anchors.json"
+
+
+def table(argv: list[str]) -> int:
+    from mmdd.report.collect import add_run, collect, collect_wandb
+    from mmdd.report.table import FORMATS, load_anchors, render, rows_from_cells
+
+    ap = argparse.ArgumentParser(prog="mmdd table", description="Collect results.json files into a paper-style table: "
+                                 "mean ± std over all student evaluations of all runs of a cell, best per column in bold.")
+    ap.add_argument("dirs", nargs="*", default=["outputs"], help="directories searched for results.json (default: outputs)")
+    ap.add_argument("--format", "-f", choices=FORMATS, default="md")
+    ap.add_argument("--out", "-o", help="also write the table to this file")
+    ap.add_argument("--anchors", nargs="?", const="", metavar="DATASET",
+                    help="add the papers' numbers for each cell (optionally those of DATASET, e.g. flickr30k, "
+                         "beside a run on another dataset)")
+    ap.add_argument("--anchors-file", default=None, help=f"paper numbers (default: {DEFAULT_ANCHORS})")
+    ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
+                    help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
+    args = ap.parse_args(argv)
+
+    collection = collect([Path(d) for d in args.dirs])
+    if args.wandb:
+        cells = {(c.dataset, c.method, c.budget, c.protocol, c.variant): c for c in collection.cells}
+        for source in args.wandb:
+            for res in collect_wandb(source):
+                add_run(cells, res, f"wandb:{source}", collection.problems)
+        collection.cells[:] = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
+    if not collection.cells:
+        print(f"mmdd table: error: no results.json under {' '.join(args.dirs)}", file=sys.stderr)
+        for p in collection.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    anchors = []
+    if args.anchors is not None:
+        anchor_file = Path(args.anchors_file) if args.anchors_file else repo_root() / DEFAULT_ANCHORS
+        anchors = load_anchors(anchor_file)
+        if not anchors:
+            print(f"mmdd table: note: no paper numbers in {anchor_file}", file=sys.stderr)
+    text = render(rows_from_cells(collection.cells), args.format, anchors, args.anchors or None)
+    print(text)
+    if args.out:
+        from mmdd.utils.io import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    for p in collection.problems:
+        print(f"mmdd table: {p}", file=sys.stderr)
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    from mmdd.synthetic.export import export_synthetic
+
+    ap = argparse.ArgumentParser(prog="mmdd export", description="Write a synthetic set as a plain dataset: PNG images, "
+                                 "captions.jsonl (nearest real caption per text), text embeddings and the similarity matrix.")
+    ap.add_argument("synthetic", help="a synthetic-set directory written by mmdd distill")
+    ap.add_argument("out", help="the directory to write (must not exist, or be empty)")
+    args = ap.parse_args(argv)
+    try:
+        out = export_synthetic(Path(args.synthetic), Path(args.out))
+    except MmddError as exc:
+        print(f"mmdd export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}; load it with data=pairs_table data.ann_file={out / 'captions.jsonl'}")
+    return 0

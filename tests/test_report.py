@@ -1,0 +1,109 @@
+"""`mmdd table`: aggregation over written results.json files, formats, anchors, missing and partial runs."""
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+
+from mmdd.commands import table as table_command
+from mmdd.evaluate.retrieval import METRIC_KEYS
+from mmdd.report.collect import collect, variant_of
+from mmdd.report.table import render, rows_from_cells
+
+
+def metrics(v: float) -> dict:
+    return {k: v for k in METRIC_KEYS}
+
+
+def write_results(path, method, budget, students, seed=0, expected=None, complete=True, overrides=(), dataset="synscenes"):
+    path.mkdir(parents=True, exist_ok=True)
+    res = {
+        "label": method, "method": method, "budget": budget, "dataset": dataset, "seed": seed,
+        "protocol": {"name": "mmdd"}, "complete": complete, "expected_seeds": expected or len(students),
+        "num_seeds": len(students), "seeds": [{"seed": i, "test": metrics(v)} for i, v in enumerate(students)],
+        "overrides": list(overrides),
+    }
+    (path / "results.json").write_text(json.dumps(res))
+
+
+def test_cells_pool_every_student_of_every_run(tmp_path):
+    write_results(tmp_path / "a" / "0", "lors", 100, [1.0, 2.0], seed=0)
+    write_results(tmp_path / "a" / "1", "lors", 100, [3.0, 6.0], seed=1)
+    write_results(tmp_path / "b", "mtt_vl", 100, [2.0, 2.0], seed=0)
+    write_results(tmp_path / "b2", "mtt_vl", 100, [4.0, 4.0], seed=1)
+    col = collect([tmp_path])
+    assert [c.method for c in col.cells] == ["lors", "mtt_vl"]
+    lors = col.cells[0]
+    mean, std = lors.stats()
+    assert mean["r_mean"] == pytest.approx(3.0)
+    assert std["r_mean"] == pytest.approx(statistics.stdev([1, 2, 3, 6]))
+    assert lors.seeds == "2×2"
+    assert col.problems == []
+
+
+def test_missing_and_partial_runs_are_reported_not_dropped(tmp_path):
+    write_results(tmp_path / "ok0", "lors", 100, [1.0, 2.0, 3.0], seed=0)
+    write_results(tmp_path / "ok1", "lors", 100, [1.0, 2.0, 3.0], seed=1)
+    write_results(tmp_path / "part", "tesla_vl", 100, [5.0], expected=3, complete=False)
+    dead = tmp_path / "dead" / ".hydra"
+    dead.mkdir(parents=True)
+    (dead / "config.yaml").write_text("stage: distill\nevaluate: true\n")
+    not_a_result_stage = tmp_path / "buf" / ".hydra"
+    not_a_result_stage.mkdir(parents=True)
+    (not_a_result_stage / "config.yaml").write_text("stage: buffer\n")
+    col = collect([tmp_path])
+    text = "\n".join(col.problems)
+    assert "partial, 1 of 3 student seeds" in text
+    assert "dead: a `mmdd distill` run without results.json" in text
+    assert "tesla_vl / budget 100: 1 run(s), others have 2" in text
+    assert "buf" not in text
+    # the partial run still shows, with its real seed count
+    tesla = next(c for c in col.cells if c.method == "tesla_vl")
+    assert tesla.seeds == "1×1"
+
+
+def test_sweep_variants_stay_apart_and_seeds_do_not_split_cells():
+    assert variant_of(["method=lors", "seed=2", "budget=100", "method.lr_img=100", "paths.output_dir=x"]) == "method.lr_img=100"
+    assert variant_of(["seed=1"]) == ""
+
+
+def test_best_marked_per_budget_and_formats(tmp_path):
+    write_results(tmp_path / "a", "lors", 100, [4.0, 6.0])
+    write_results(tmp_path / "b", "random", 100, [1.0, 1.0])
+    write_results(tmp_path / "c", "random", 200, [9.0, 9.0])  # alone at its budget: nothing to beat
+    rows = rows_from_cells(collect([tmp_path]).cells)
+    md = render(rows, "md")
+    lors_line = next(line for line in md.splitlines() if "| lors |" in line)
+    assert "**5.00 ± 1.41**" in lors_line
+    assert "**" not in next(line for line in md.splitlines() if "| random | 200 |" in line)
+    latex = render(rows, "latex")
+    assert r"\textbf{5.00 $\pm$ 1.41}" in latex and latex.startswith(r"\begin{tabular}") and r"2$\times$2" not in latex
+    rows_csv = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    lors = next(r for r in rows_csv if r["method"] == "lors")
+    assert float(lors["r_mean_mean"]) == pytest.approx(5.0) and float(lors["r_mean_std"]) == pytest.approx(1.4142, abs=1e-3)
+    assert "r_mean" in lors["best"].split(";")
+
+
+def test_anchors_beside_our_rows(tmp_path):
+    write_results(tmp_path / "a", "lors", 100, [4.0, 6.0])
+    anchors = [{"paper": "lors", "dataset": "flickr30k", "budget": 100, "method": "lors",
+                "ir1": 1.0, "ir5": 2.0, "ir10": 3.0, "tr1": 4.0, "tr5": 5.0, "tr10": 6.0}]
+    rows = rows_from_cells(collect([tmp_path]).cells)
+    assert "reported" not in render(rows, "md", anchors)  # synscenes has no paper numbers of its own
+    md = render(rows, "md", anchors, "flickr30k")
+    anchor = next(line for line in md.splitlines() if "reported" in line)
+    assert "| 1.00 | 2.00 | 3.00 | 4.00 | 5.00 | 6.00 | 3.50 |" in anchor  # r_mean from the six recalls
+
+
+def test_table_command_writes_file_and_reports(tmp_path, capsys):
+    write_results(tmp_path / "runs" / "a", "lors", 100, [4.0, 6.0])
+    write_results(tmp_path / "runs" / "b", "lors", 200, [1.0], expected=2, complete=False)
+    out = tmp_path / "table.tex"
+    assert table_command([str(tmp_path / "runs"), "-f", "latex", "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert out.read_text().startswith(r"\begin{tabular}")
+    assert "partial, 1 of 2" in captured.err
+    assert table_command([str(tmp_path / "empty")]) == 2
+    assert "no results.json" in capsys.readouterr().err
