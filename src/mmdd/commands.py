@@ -25,6 +25,7 @@ def table(argv: list[str]) -> int:
                     help="add the papers' numbers for each cell (optionally those of DATASET, e.g. flickr30k, "
                          "beside a run on another dataset)")
     ap.add_argument("--anchors-file", default=None, help=f"paper numbers (default: {DEFAULT_ANCHORS})")
+    ap.add_argument("--plot", metavar="PNG", help="also plot test r_mean against budget per method (error bars: std)")
     ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
     args = ap.parse_args(argv)
@@ -47,8 +48,13 @@ def table(argv: list[str]) -> int:
         anchors = load_anchors(anchor_file)
         if not anchors:
             print(f"mmdd table: note: no paper numbers in {anchor_file}", file=sys.stderr)
-    text = render(rows_from_cells(collection.cells), args.format, anchors, args.anchors or None)
+    rows = rows_from_cells(collection.cells)
+    text = render(rows, args.format, anchors, args.anchors or None)
     print(text)
+    if args.plot:
+        from mmdd.report.plots import recall_vs_budget
+
+        print(f"plot: {recall_vs_budget(rows, Path(args.plot))}", file=sys.stderr)
     if args.out:
         from mmdd.utils.io import atomic_write_text
 

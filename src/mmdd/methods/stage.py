@@ -14,7 +14,8 @@ from mmdd.methods.base import save_synthetic
 from mmdd.utils.io import atomic_write_json
 from mmdd.data.transforms import denormalize
 from mmdd.synthetic.synthetic_set import load_captions
-from mmdd.utils.logging import build_loggers, finish_loggers, log_images
+from mmdd.report.plots import distillation_curves, pairs_grid
+from mmdd.utils.logging import build_loggers, finish_loggers, log_images, log_pairs_table
 from mmdd.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,20 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         if getattr(method, "diagnostics", None):
             extra["diagnostics"] = method.diagnostics  # modality collapse: real / initial / final
         save_synthetic(cfg, syn, data["train"], out_dir, extra)
+        figures = [out_dir / "grid.png"]
+        captions = load_captions(out_dir) or []
         if history:
             atomic_write_json(out_dir / "history.json", history)
-        log_images(loggers, "synthetic/grid", [str(out_dir / "grid.png")])
+            figures.append(distillation_curves(history, out_dir / "curves.png"))
+        if captions:
+            figures.append(pairs_grid(syn.images, captions, cfg.data.mean, cfg.data.std, out_dir / "pairs.png"))
+        for fig in figures:
+            log_images(loggers, f"synthetic/{fig.stem}", [str(fig)])
         n = min(len(syn), int(cfg.get("log_pairs", 32)))
         pics = denormalize(syn.images[:n].detach().cpu(), cfg.data.mean, cfg.data.std).permute(0, 2, 3, 1).numpy()
-        log_images(loggers, "synthetic/pairs", list(pics), (load_captions(out_dir) or [])[:n] or None)
+        log_images(loggers, "synthetic/pairs", list(pics), captions[:n] or None)
+        if captions:
+            log_pairs_table(loggers, "synthetic/pairs_table", list(pics), captions[:n])
         log.info("synthetic set (%s, budget %d) saved to %s; %s", cfg.method.name, int(cfg.budget), out_dir, stats)
     finally:
         finish_loggers(loggers)

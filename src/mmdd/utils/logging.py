@@ -23,7 +23,7 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
     wcfg = lcfg.get("wandb")
     if wcfg:
         mode = os.environ.get("WANDB_MODE", str(wcfg.mode))
-        tags = [str(t) for t in (wcfg.get("tags") or [])] + run_tags(cfg)
+        tags = [str(t) for t in (wcfg.get("tags") or [])]
         loggers.append(
             WandbLogger(
                 project=str(wcfg.project),
@@ -39,17 +39,6 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
             )
         )
     return loggers
-
-
-def run_tags(cfg) -> list[str]:
-    """What a run is, as W&B tags to filter on: method, dataset, budget, seed."""
-    method = cfg.get("method")
-    return [
-        *([f"method:{method.name}"] if method is not None and method.get("name") else []),
-        f"dataset:{cfg.data.name}",
-        *([f"budget:{cfg.budget}"] if cfg.get("budget") is not None else []),
-        f"seed:{cfg.seed}",
-    ]
 
 
 def finish_loggers(loggers: list) -> None:
@@ -69,6 +58,16 @@ def log_metrics(loggers: list, metrics: dict, step: int | None = None) -> None:
     for lg in loggers:
         lg.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         lg.save()
+
+
+def log_pairs_table(loggers: list, key: str, images: list, captions: list[str]) -> None:
+    """A W&B table: index, synthetic image, nearest real caption of its text."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            data = [[i, wandb.Image(img), cap] for i, (img, cap) in enumerate(zip(images, captions))]
+            lg.log_table(key=key, columns=["index", "image", "nearest caption"], data=data)
 
 
 def log_images(loggers: list, key: str, images: list, captions: list[str] | None = None) -> None:
