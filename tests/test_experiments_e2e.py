@@ -53,8 +53,7 @@ def test_table_over_the_multirun_with_anchors_and_wandb(grid, tmp_path):
     assert "| 8 | mmdd | 2×2 |" in mtt  # budget, protocol, 2 distillation seeds x 2 students
     assert (tmp_path / "budget.png").exists() and (tmp_path / "t.md").read_text().strip() == proc.stdout.strip()
     # the same cells from the W&B offline runs of the students
-    proc = run_mmdd(["table", str(root / "outputs" / "empty_dir_for_wandb_only"), "--wandb", "outputs/grid", "-f", "csv"],
-                    root, check=False)
+    proc = run_mmdd(["table", "--wandb", "outputs/grid", "-f", "csv"], root, check=False)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines()[1:] if line]
     assert len(rows) == 2 and all(",2×2," in r for r in rows)
@@ -74,3 +73,19 @@ def test_export_of_a_distilled_set_loads_as_a_dataset(grid):
     assert "data=pairs_table" in proc.stdout
     rows = (root / "outputs" / "exported" / "captions.jsonl").read_text().splitlines()
     assert len(rows) == 8 and json.loads(rows[0])["image"] == "images/00000.png"
+
+
+def test_interrupted_evaluation_keeps_finished_seeds(grid):
+    root, _ = grid
+    syn = root / "outputs" / "grid" / "0" / "synthetic"
+    args = ["evaluate", *TINY, "logger=none", f"synthetic={syn}", "hydra.run.dir=outputs/resume"]
+    run_mmdd(args, root)
+    path = root / "outputs" / "resume" / "results.json"
+    full = json.loads(path.read_text())
+    # as a run killed after its first student leaves it: one seed, complete false
+    partial = {**full, "seeds": full["seeds"][:1], "num_seeds": 1, "complete": False}
+    path.write_text(json.dumps(partial))
+    proc = run_mmdd(args, root)
+    assert "resuming, 1 of 2 student seeds" in proc.stdout + proc.stderr
+    again = json.loads(path.read_text())
+    assert again["complete"] is True and again["mean"] == full["mean"]

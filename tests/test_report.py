@@ -67,6 +67,8 @@ def test_missing_and_partial_runs_are_reported_not_dropped(tmp_path):
 def test_sweep_variants_stay_apart_and_seeds_do_not_split_cells():
     assert variant_of(["method=lors", "seed=2", "budget=100", "method.lr_img=100", "paths.output_dir=x"]) == "method.lr_img=100"
     assert variant_of(["seed=1"]) == ""
+    # what every collected run shares (a grid's common settings) does not split rows
+    assert variant_of(["method.iterations=3", "method.lr_img=10"], common={"method.iterations=3"}) == "method.lr_img=10"
 
 
 def test_best_marked_per_budget_and_formats(tmp_path):

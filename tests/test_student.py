@@ -24,7 +24,7 @@ def cfg(selection, epochs=6):
         "protocol": {"epochs": epochs, "lr_decay_epoch": 3, "lr_decay": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                      "batch_size": 4, "eval_every": 2, "selection": selection},
         "data": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        "hardware": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"},
+        "hardware": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
         "progress_bar": False,
     })
 

@@ -13,12 +13,13 @@ DEFAULT_ANCHORS = "experiments/paper_anchors.json"
 
 
 def table(argv: list[str]) -> int:
-    from mmdd.report.collect import add_run, collect, collect_wandb
+    from mmdd.report.collect import collect, collect_wandb
     from mmdd.report.table import FORMATS, load_anchors, render, rows_from_cells
 
     ap = argparse.ArgumentParser(prog="mmdd table", description="Collect results.json files into a paper-style table: "
                                  "mean ± std over all student evaluations of all runs of a cell, best per column in bold.")
-    ap.add_argument("dirs", nargs="*", default=["outputs"], help="directories searched for results.json (default: outputs)")
+    ap.add_argument("dirs", nargs="*", default=["outputs"],
+                    help="directories searched for results.json (default: outputs; none with --wandb alone)")
     ap.add_argument("--format", "-f", choices=FORMATS, default="md")
     ap.add_argument("--out", "-o", help="also write the table to this file")
     ap.add_argument("--anchors", nargs="?", const="", metavar="DATASET",
@@ -30,13 +31,9 @@ def table(argv: list[str]) -> int:
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
     args = ap.parse_args(argv)
 
-    collection = collect([Path(d) for d in args.dirs])
-    if args.wandb:
-        cells = {(c.dataset, c.method, c.budget, c.protocol, c.variant): c for c in collection.cells}
-        for source in args.wandb:
-            for res in collect_wandb(source):
-                add_run(cells, res, f"wandb:{source}", collection.problems)
-        collection.cells[:] = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
+    from_wandb = [(res, f"wandb:{source}") for source in args.wandb for res in collect_wandb(source)]
+    dirs = args.dirs if (args.dirs != ["outputs"] or not args.wandb) else []  # --wandb alone: W&B runs only
+    collection = collect([Path(d) for d in dirs], from_wandb)
     if not collection.cells:
         print(f"mmdd table: error: no results.json under {' '.join(args.dirs)}", file=sys.stderr)
         for p in collection.problems:

@@ -9,11 +9,14 @@ students than their protocol asked for are reported, not dropped silently.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdd.evaluate.retrieval import METRIC_KEYS
+
+log = logging.getLogger(__name__)
 
 # Overrides that say which run of a cell this is, or where it wrote, not what was run.
 NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "experiment_name", "buffer_dir",
@@ -60,15 +63,21 @@ class Collection:
     problems: list[str]  # missing and partial runs, uneven seed counts
 
 
-def variant_of(overrides: list[str]) -> str:
+def variant_overrides(overrides: list[str]) -> set[str]:
+    """The overrides that change what was run (not which seed, budget, method, or where it wrote)."""
+
     def key(o: str) -> str:
         return o.lstrip("+~").split("=", 1)[0]
 
-    kept = [o for o in overrides if key(o) not in NOT_VARIANT_KEYS and not key(o).startswith(NOT_VARIANT_PREFIXES)]
-    return " ".join(sorted(kept))
+    return {o for o in overrides if key(o) not in NOT_VARIANT_KEYS and not key(o).startswith(NOT_VARIANT_PREFIXES)}
 
 
-def add_run(cells: dict, results: dict, where: str, problems: list[str]) -> None:
+def variant_of(overrides: list[str], common: set[str] = frozenset()) -> str:
+    """What tells this run's row apart: its variant overrides minus those every collected run shares."""
+    return " ".join(sorted(variant_overrides(overrides) - set(common)))
+
+
+def add_run(cells: dict, results: dict, where: str, problems: list[str], common: set[str] = frozenset()) -> None:
     n, expected = len(results.get("seeds", [])), results.get("expected_seeds", results.get("num_seeds"))
     if n == 0:
         problems.append(f"{where}: results.json has no finished student; the run is not in the table")
@@ -81,7 +90,7 @@ def add_run(cells: dict, results: dict, where: str, problems: list[str]) -> None
         str(results.get("label") or results.get("method")),
         int(results.get("budget") or 0),
         str(protocol.get("name", "?") if isinstance(protocol, dict) else protocol),
-        variant_of(results.get("overrides", [])),
+        variant_of(results.get("overrides", []), common),
     )
     cells.setdefault(key, Cell(*key)).runs.append(results)
 
@@ -97,9 +106,11 @@ def stage_of(run_dir: Path) -> str | None:
     return None
 
 
-def collect(roots: list[Path]) -> Collection:
+def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection:
+    """Cells from every results.json under `roots` plus `extra` (results, where) pairs (e.g. from W&B)."""
     cells: dict[tuple, Cell] = {}
     problems: list[str] = []
+    found: list[tuple[dict, str]] = list(extra)
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -111,7 +122,7 @@ def collect(roots: list[Path]) -> Collection:
             except (OSError, json.JSONDecodeError) as exc:
                 problems.append(f"{path}: unreadable ({exc}); skipped")
                 continue
-            add_run(cells, results, str(path), problems)
+            found.append((results, str(path)))
         # Hydra run dirs of evaluating stages that never wrote results.json: crashed or killed runs.
         for hydra_dir in sorted(root.rglob(".hydra")):
             run_dir = hydra_dir.parent
@@ -120,6 +131,11 @@ def collect(roots: list[Path]) -> Collection:
                 if stage == "distill" and "evaluate: false" in (hydra_dir / "config.yaml").read_text():
                     continue
                 problems.append(f"{run_dir}: a `mmdd {stage}` run without results.json (failed or still running)")
+    # Overrides shared by every run (e.g. a grid's common settings) do not tell rows apart.
+    sets = [variant_overrides(r.get("overrides", [])) for r, _ in found]
+    common = set.intersection(*sets) if sets else set()
+    for results, where in found:
+        add_run(cells, results, where, problems, common)
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
     counts = {len(c.runs) for c in ordered}
     if len(counts) > 1:
@@ -133,8 +149,7 @@ def collect(roots: list[Path]) -> Collection:
 def collect_wandb(path_or_project: str) -> list[dict]:
     """results-like dicts from W&B evaluate runs: an offline directory (wandb/ or offline-run-*) or entity/project.
 
-    Offline runs are read from their run directory (files/wandb-summary.json, files/config.yaml); online ones
-    through the public API. Each run's summary carries test/* of one student, grouped back by its config.
+    Offline runs are read from their .wandb files (mmdd.report.wandb_offline); online ones through the public API. Each run's summary carries test/* of one student, grouped back by its config.
     """
     runs = _offline_runs(Path(path_or_project)) if Path(path_or_project).exists() else _online_runs(path_or_project)
     grouped: dict[tuple, dict] = {}
@@ -144,26 +159,26 @@ def collect_wandb(path_or_project: str) -> list[dict]:
         test = {k: float(summary[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in summary}
         if len(test) != len(METRIC_KEYS):
             continue
-        method = (cfg.get("method") or {}).get("name", "?")
-        key = (cfg.get("data", {}).get("name"), method, cfg.get("budget"), cfg.get("seed"),
-               (cfg.get("protocol") or {}).get("name"))
-        res = grouped.setdefault(key, {"dataset": key[0], "label": method, "method": method, "budget": key[2],
-                                       "seed": key[3], "protocol": cfg.get("protocol") or {}, "seeds": []})
+        # Students log which set they train on; the stage's own method/budget/seed are the fallback.
+        syn = cfg.get("synthetic_set") or {}
+        method = syn.get("method") or (cfg.get("method") or {}).get("name", "?")
+        label = syn.get("label") or method
+        budget, seed = syn.get("budget", cfg.get("budget")), syn.get("seed", cfg.get("seed"))
+        key = (cfg.get("data", {}).get("name"), label, budget, seed, (cfg.get("protocol") or {}).get("name"), syn.get("path"))
+        res = grouped.setdefault(key, {"dataset": key[0], "label": label, "method": method, "budget": budget,
+                                       "seed": seed, "protocol": cfg.get("protocol") or {}, "seeds": []})
         res["seeds"].append({"test": test})
     return list(grouped.values())
 
 
 def _offline_runs(root: Path):
-    import yaml
+    from mmdd.report.wandb_offline import read_run
 
-    dirs = [root] if (root / "files").exists() else sorted(root.rglob("offline-run-*")) + sorted(root.rglob("run-*"))
-    for d in dirs:
-        summary_file, config_file = d / "files" / "wandb-summary.json", d / "files" / "config.yaml"
-        if not summary_file.exists() or not config_file.exists():
-            continue
-        raw = yaml.safe_load(config_file.read_text()) or {}
-        cfg = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in raw.items()}
-        yield cfg, json.loads(summary_file.read_text())
+    for f in sorted(root.rglob("run-*.wandb")):
+        try:
+            yield read_run(f)
+        except (ValueError, OSError) as exc:
+            log.warning("skipping %s: %s", f, exc)
 
 
 def _online_runs(project: str):

@@ -52,7 +52,7 @@ def run_buffer(cfg, data=None) -> Path:
         if e in done:
             log.info("expert %d already complete in %s; skipping", e, store.root)
             continue
-        seed_everything(expert_seed(int(cfg.seed), e))
+        seed_everything(expert_seed(int(tcfg.seed), e))
         model = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
         module = ExpertModule(
             model,
@@ -70,7 +70,7 @@ def run_buffer(cfg, data=None) -> Path:
             shuffle=True,
             drop_last=True,
             num_workers=int(cfg.data.num_workers),
-            generator=torch.Generator().manual_seed(expert_seed(int(cfg.seed), e)),
+            generator=torch.Generator().manual_seed(expert_seed(int(tcfg.seed), e)),
         )
         loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}")
         try:

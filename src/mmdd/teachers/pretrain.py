@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def pretrain_hash(cfg) -> str:
     image = {k: v for k, v in to_plain(cfg.model.image).items() if k != "checkpoint"}
-    return stable_hash({"data": data_identity(cfg.data), "image": image, "pretrain": to_plain(cfg.pretrain), "seed": int(cfg.seed)})
+    return stable_hash({"data": data_identity(cfg.data), "image": image, "pretrain": to_plain(cfg.pretrain)})
 
 
 def run_pretrain(cfg, data=None) -> Path:
@@ -53,14 +53,14 @@ def run_pretrain(cfg, data=None) -> Path:
     train = data["train"]
     # Train the whole network; the checkpoint being produced must not be loaded into it.
     model_cfg = OmegaConf.merge(cfg.model, {"trainable": "backbone_and_heads", "image": {"checkpoint": None}})
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.pretrain.seed))
     model = build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size))
     p = cfg.pretrain
     module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment_config(cfg.data.augment))
     loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit)), batch_size=int(p.batch_size), shuffle=True,
                         drop_last=True, num_workers=int(cfg.data.num_workers),
-                        generator=torch.Generator().manual_seed(int(cfg.seed)))
+                        generator=torch.Generator().manual_seed(int(cfg.pretrain.seed)))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:
         build_trainer(cfg, loggers, max_epochs=int(p.epochs)).fit(module, loader)

@@ -11,8 +11,12 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
-def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | Path | None = None) -> list:
-    """Loggers from `cfg.logger`: `csv` (bool) and `wandb` (a dict, or null for none)."""
+def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | Path | None = None,
+                  extra_config: dict | None = None) -> list:
+    """Loggers from `cfg.logger`: `csv` (bool) and `wandb` (a dict, or null for none).
+
+    `extra_config` is added to the W&B run's config (e.g. which synthetic set a student trains on).
+    """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     save_dir = Path(save_dir or cfg.paths.output_dir)
@@ -35,7 +39,7 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
                 save_dir=str(save_dir),
                 offline=(mode == "offline"),
                 mode=mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config={**OmegaConf.to_container(cfg, resolve=True), **(extra_config or {})},
             )
         )
     return loggers
