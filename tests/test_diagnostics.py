@@ -30,8 +30,12 @@ def test_modality_gap_and_concentration_ratio():
     txt = torch.tensor([[0.0, 2.0], [0.0, 5.0]])
     assert modality_gap(img, txt) == pytest.approx(math.sqrt(2))  # centroids (1, 0) and (0, 1)
     assert modality_gap(img, img) == pytest.approx(0.0)
-    ref = {"intra_image": 0.5, "intra_text": 0.25}
-    m = collapse_metrics(img, txt, reference=ref)
-    assert m["intra_image"] == pytest.approx(1.0) and m["intra_text"] == pytest.approx(1.0)
-    assert m["concentration_image"] == pytest.approx(2.0) and m["concentration_text"] == pytest.approx(4.0)
+    # a collapsed set (every embedding the same) is infinitely concentrated
+    collapsed = collapse_metrics(img, txt, reference={"intra_image": 0.5, "intra_text": 0.25})
+    assert collapsed["intra_image"] == pytest.approx(1.0) and collapsed["concentration_image"] == float("inf")
+    # orthogonal set vs real data at cosine 0.5 / 0.75: mean cosine distances 1 vs 0.5 / 0.25
+    m = collapse_metrics(torch.eye(3), torch.eye(3), reference={"intra_image": 0.5, "intra_text": 0.75})
+    assert m["concentration_image"] == pytest.approx(0.5) and m["concentration_text"] == pytest.approx(0.25)
+    # a set as spread as the real data scores 1
+    assert collapse_metrics(torch.eye(3), torch.eye(3), reference={"intra_image": 0.0, "intra_text": 0.0})["concentration_text"] == pytest.approx(1.0)
     assert "concentration_image" not in collapse_metrics(img, txt)

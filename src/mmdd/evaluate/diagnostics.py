@@ -4,8 +4,12 @@ On L2-normalised embeddings of N images and N texts:
     intra_image    mean cosine similarity between distinct images (1 = all embeddings identical)
     intra_text     the same for texts
     modality_gap   ||mean(image embeddings) - mean(text embeddings)||_2 (Liang et al., 2022)
-    concentration_{image,text}  intra-modal similarity of the set divided by that of real pairs embedded by
-                   the same model (> 1: the set's embeddings are more concentrated than real data's)
+    concentration_{image,text}  (1 - intra of real pairs) / (1 - intra of the set), both embedded by the
+                   same model: the real data's mean cosine distance over the set's. > 1: the set's embeddings
+                   are more concentrated than real data's; infinite when the set has collapsed to one point.
+                   (mmdd's definition: a ratio of similarities would divide by ~0 for text, whose real
+                   intra-modal similarity is close to 0. The RepBlend paper's own "concentration ratio"
+                   is defined in a footnote this project could not read offline.)
 Collapse shows as intra similarities and the gap growing during distillation.
 """
 
@@ -38,8 +42,8 @@ def collapse_metrics(img: torch.Tensor, txt: torch.Tensor, reference: dict[str, 
     out = {"intra_image": mean_offdiag_cosine(img), "intra_text": mean_offdiag_cosine(txt), "modality_gap": modality_gap(img, txt)}
     if reference:
         for m in ("image", "text"):
-            ref = reference[f"intra_{m}"]
-            out[f"concentration_{m}"] = out[f"intra_{m}"] / ref if ref != 0 else float("nan")
+            spread = 1.0 - out[f"intra_{m}"]
+            out[f"concentration_{m}"] = (1.0 - reference[f"intra_{m}"]) / spread if spread > 0 else float("inf")
     return out
 
 
