@@ -50,6 +50,22 @@ def test_heads_only_layout_matches_heads():
     assert all(n.startswith("text_head.") for n in lay.names["text"])
 
 
+def test_repblend_refuses_a_model_whose_backbone_trains():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mmdd.errors import MmddError
+    from mmdd.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        method = instantiate(compose("distill", overrides=["method=repblend"]).method)
+    method.check_model(heads_model())  # frozen backbone + heads: fine
+    torch.manual_seed(0)
+    bb = ConvNet(image_size=8, width=3, depth=1)
+    with pytest.raises(MmddError, match="model=convnet_heads"):
+        method.check_model(DualEncoder(bb, bb.num_features, text_dim=5))
+
+
 def segment(steps):
     m = heads_model()
     for p in m.parameters():

@@ -97,6 +97,7 @@ class TrajectoryMatching(Method):
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        self.check_model(model)
         trajectories = load_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
@@ -114,6 +115,15 @@ class TrajectoryMatching(Method):
         self.history = module.history
         self.diagnostics = module.diagnostics
         return syn
+
+    def check_model(self, model) -> None:
+        """Blending (RepBlend) mixes frozen backbone features before trainable heads; refuse other models."""
+        if self.config.blend and model.trainable != "heads":
+            raise MmddError(
+                f"method={self.name} blends the features of a frozen backbone and matches the heads only, but "
+                f"model.trainable={model.trainable}: use model=convnet_heads (CPU), model=nfnet_bert_heads (the papers), "
+                "or experiment=synscenes_repblend"
+            )
 
     @staticmethod
     def collapse_probe(cfg, model, trajectories, train, n: int) -> CollapseProbe:
