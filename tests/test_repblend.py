@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
-from mmdd.methods.meta_gradient import Segment, full_unroll, tesla
+from mmdd.methods.meta_gradient import Segment, full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import weighted_bce
@@ -95,3 +95,28 @@ def test_tesla_replays_the_blend_of_its_first_pass():
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
     assert grads[0][0].abs().sum() > 0  # pixels get gradient through the frozen backbone
+
+
+@pytest.mark.parametrize("strategy", [full_unroll, tesla], ids=["full", "tesla"])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_cached_backbone_features_give_the_same_gradients(strategy, chunk):
+    """Backbone once per iteration (+ one backward to the pixels) == backbone at every inner step."""
+    grads = []
+    for run in (strategy, with_cached_features(strategy, chunk)):
+        seg = segment(3)
+        loss, _ = run(seg, lambda t, inputs: t.backward(inputs=inputs))
+        grads.append([loss, seg.images.grad, seg.texts.grad, *(lr.grad for lr in seg.lrs.values()), *(p.grad for p in seg.extra)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert grads[1][1].abs().sum() > 0
+
+
+def test_only_frozen_batch_independent_backbones_are_cached():
+    assert heads_model().backbone_is_cacheable()
+    torch.manual_seed(0)
+    bb = ConvNet(image_size=8, width=3, depth=1)
+    assert not DualEncoder(bb, bb.num_features, text_dim=5).backbone_is_cacheable()  # backbone trains
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with_bn = DualEncoder(bn, 4, text_dim=5, image_head=True, trainable="heads")
+    assert not with_bn.backbone_is_cacheable()  # batch statistics: features depend on the batch
+    assert with_bn.eval().backbone_is_cacheable()

@@ -11,7 +11,7 @@ import torch
 
 from mmdd.errors import MmddError
 from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
-from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient
+from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_cached_features
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -49,6 +49,8 @@ class MatchingConfig:
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
     blend: dict | None = None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
+    cache_features: bool = True  # frozen backbone: its features once per iteration (exact; see meta_gradient)
+    feature_chunk: int | None = None  # None: keep the backbone graph; int: recompute in chunks (bounded memory)
 
     def __post_init__(self):
         if self.inner_loss not in INNER_LOSSES:
@@ -148,6 +150,8 @@ class DistillModule(L.LightningModule):
             blend=Blend(float(self.config.blend["alpha"]), self.generator) if self.config.blend else None,
         )
         strategy = meta_gradient(self.config.meta_gradient)
+        if self.config.cache_features and self.model.backbone_is_cacheable():
+            strategy = with_cached_features(strategy, self.config.feature_chunk)
         loss, terms = strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
         return loss, terms, expert, start
 

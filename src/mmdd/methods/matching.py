@@ -72,9 +72,12 @@ class BatchSchedule:
         return idx.to(self.device) if self.device is not None else idx
 
 
-def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts, mix=None) -> torch.Tensor:
-    """Logits of `model` with its matched parameters replaced by the flat vectors."""
-    return functional_call(model, layout.unflatten(flats), (images, texts), {"mix": mix}, strict=False)
+def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts, mix=None,
+                      from_features: bool = False) -> torch.Tensor:
+    """Logits of `model` with its matched parameters replaced by the flat vectors (`images` may be
+    cached backbone features, see `from_features`)."""
+    kwargs = {"mix": mix, "from_features": True} if from_features else {"mix": mix}
+    return functional_call(model, layout.unflatten(flats), (images, texts), kwargs, strict=False)
 
 
 class Blend:
@@ -106,6 +109,7 @@ def unroll_full(
     syn_steps: int,
     inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     blend: "Blend | None" = None,
+    from_features: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Unrolled student: `syn_steps` differentiable SGD steps from `start` (MTT's full meta-gradient).
 
@@ -118,7 +122,7 @@ def unroll_full(
     for _ in range(syn_steps):
         idx = schedule.next()
         mix = blend.draw(len(idx), idx.device) if blend is not None else None
-        logits = functional_logits(model, layout, params, images[idx], texts[idx], mix)
+        logits = functional_logits(model, layout, params, images[idx], texts[idx], mix, from_features)
         loss = inner_loss(logits, idx)
         grads = torch.autograd.grad(loss, [params[m] for m in mods], create_graph=True)
         params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}

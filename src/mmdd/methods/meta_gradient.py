@@ -18,7 +18,7 @@ precision plugins apply), and return (loss, per-modality terms) detached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -45,6 +45,7 @@ class Segment:
     merged: bool = False
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
     blend: Blend | None = None  # RepBlend: representation blending per inner step
+    from_features: bool = False  # `images` hold cached backbone features (see with_cached_features)
 
     @property
     def data(self) -> list[torch.Tensor]:
@@ -54,7 +55,7 @@ class Segment:
 def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
     final = unroll_full(
         seg.model, seg.layout, seg.start, seg.lrs, seg.images, seg.texts, seg.schedule, seg.syn_steps, seg.inner_loss,
-        seg.blend,
+        seg.blend, seg.from_features,
     )
     loss, terms = matching_loss(final, seg.start, seg.target, merged=seg.merged)
     backward(loss, [*seg.data, *seg.lrs.values()])
@@ -63,7 +64,7 @@ def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
 
 def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, mix, create_graph: bool):
     mods = list(params)
-    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx], mix)
+    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx], mix, seg.from_features)
     grads = torch.autograd.grad(seg.inner_loss(logits, idx), [params[m] for m in mods], create_graph=create_graph)
     return dict(zip(mods, grads))
 
@@ -83,7 +84,7 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         with torch.enable_grad():
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
-            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix)
+            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix, seg.from_features)
             grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods])
         with torch.no_grad():
             for m, g in zip(mods, grads):
@@ -107,6 +108,38 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         with torch.no_grad():
             params = {m: params[m].detach() - lrs[m] * grads[m].detach() for m in mods}
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
+
+
+def with_cached_features(strategy, chunk: int | None = None):
+    """Run `strategy` on a frozen backbone's features of the synthetic images, computed once per iteration.
+
+    Within an iteration the pixels do not change and the backbone is frozen and batch-independent, so
+    every inner step would recompute the same features: compute them once, let the strategy accumulate
+    the gradient of all steps on them, and take a single backward pass through the backbone to the pixels.
+    The gradient is the same (sum over steps of J^T g_i = J^T sum g_i). `chunk`: None keeps the backbone's
+    graph for all images (one forward); an int computes features without a graph and recomputes them in
+    chunks of that many images for the backward, so activation memory stays bounded (two forwards).
+    """
+
+    def run(seg: Segment, backward: Callable[[torch.Tensor], None]):
+        backbone, images = seg.model.backbone, seg.images
+        if chunk:
+            with torch.no_grad():
+                feats = torch.cat([backbone(images[i : i + chunk]) for i in range(0, len(images), chunk)])
+        else:
+            feats = backbone(images)
+        leaf = feats.detach().requires_grad_(True)
+        loss, terms = strategy(replace(seg, images=leaf, from_features=True), backward)
+        if leaf.grad is not None and images.requires_grad:
+            # Plain autograd, not `backward`: leaf.grad already carries any loss scaling of the precision plugin.
+            if chunk:
+                for i in range(0, len(images), chunk):
+                    torch.autograd.backward(backbone(images[i : i + chunk]), grad_tensors=leaf.grad[i : i + chunk])
+            else:
+                torch.autograd.backward(feats, grad_tensors=leaf.grad)
+        return loss, terms
+
+    return run
 
 
 def meta_gradient(name: str):

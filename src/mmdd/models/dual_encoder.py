@@ -54,6 +54,13 @@ class DualEncoder(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
 
+    def backbone_is_cacheable(self) -> bool:
+        """Whether the backbone's features of an image are a fixed function of that image alone: frozen
+        parameters and no batch statistics. Then an iteration can compute them once for all steps."""
+        if self.trainable != "heads":
+            return False
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.backbone.modules())
+
     # -- parameter groups -------------------------------------------------------------
     def modality_parameter_names(self) -> dict[str, list[str]]:
         """Names of the trainable parameters per modality ("image", "text"), in a fixed order."""
@@ -77,16 +84,18 @@ class DualEncoder(nn.Module):
     def similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return img @ txt.t() * self.logit_scale.exp()
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor, mix: tuple | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor, mix: tuple | None = None,
+                from_features: bool = False) -> torch.Tensor:
         """Logits [B_img, B_txt] = cos(img, txt) / T.
 
         `mix = (lam, perm)` blends representations before the heads (RepBlend): backbone features
         and text embeddings both become lam * x + (1 - lam) * x[perm], with one shared perm.
+        `from_features=True`: `images` are already backbone features (a frozen backbone's, cached).
         """
+        feats = images if from_features else self.backbone(images)
         if mix is None:
-            return self.similarity(self.encode_image(images), self.encode_text(text_emb))
+            return self.similarity(F.normalize(self.image_head(feats), dim=-1), self.encode_text(text_emb))
         lam, perm = mix
-        feats = self.backbone(images)
         feats = lam * feats + (1 - lam) * feats[perm]
         text_emb = lam * text_emb + (1 - lam) * text_emb[perm]
         img = F.normalize(self.image_head(feats), dim=-1)
