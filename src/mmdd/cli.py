@@ -12,6 +12,7 @@ STAGES = {
     "evaluate": "train students on a synthetic set and score retrieval",
     "pretrain": "pre-train the image backbone contrastively (for frozen-backbone methods)",
     "run": "the quick start: all stages on the embedded dataset, then a table",
+    "bench": "seconds per distillation iteration and memory: mmdd's path vs the reference loop",
 }
 # Commands that read finished artifacts: plain argparse, no Hydra composition (`mmdd <command> --help`).
 COMMANDS = {
@@ -52,6 +53,10 @@ def _task(stage: str):
                 from mmdd.teachers.pretrain import run_pretrain
 
                 print(f"pretrained backbone: {run_pretrain(cfg)}")
+            elif stage == "bench":
+                from mmdd.bench.runner import bench_table, run_bench
+
+                print(bench_table([run_bench(cfg)]))
             elif stage == "run":
                 from mmdd.pipeline import run_all
 

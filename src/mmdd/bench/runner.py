@@ -1,0 +1,206 @@
+"""`mmdd bench`: seconds per distillation iteration and peak memory, mmdd's path against the reference loop.
+
+Both paths start from the same synthetic set and draw the same expert, start epoch, mini-batches and
+blends (one generator seed), take the same outer SGD step, and differ only in how the iteration's
+gradients are computed: mmdd's strategy (trajectories in memory, one fused autograd call, a frozen
+backbone's features once per iteration) or `mmdd.bench.reference` (the reference code's structure).
+The gradients of the first iteration are compared (max relative difference per tensor).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+from mmdd.bench.memory import PeakMemory
+from mmdd.bench.reference import REFERENCE
+from mmdd.data.datamodule import load_data
+from mmdd.errors import MmddError
+from mmdd.methods.distill_module import DistillModule
+from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
+from mmdd.methods.meta_gradient import Segment, meta_gradient, with_cached_features
+from mmdd.methods.trajectory_matching import TrajectoryMatching, load_checked_trajectories
+from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.models.losses import pair_loss
+from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
+from mmdd.utils.io import atomic_write_json, atomic_write_text
+from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
+from mmdd.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+PATHS = ("reference", "ours")
+
+
+class GradientPath:
+    """One way of computing an iteration's gradients."""
+
+    def __init__(self, name, model, layout, config, strategy, source):
+        self.name, self.model, self.layout, self.config = name, model, layout, config
+        self.strategy = strategy
+        self.source = source  # (expert, start epoch) -> (start params, target params)
+
+    def gradients(self, syn, gen: torch.Generator, device) -> torch.Tensor:
+        cfg = self.config
+        n_exp, max_start = self.source.n_experts, cfg.max_start_epoch
+        expert = int(torch.randint(n_exp, (1,), generator=gen))
+        start_epoch = int(torch.randint(max_start, (1,), generator=gen))
+        start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
+
+        def inner_loss(logits, idx):
+            return pair_loss(cfg.inner_loss, logits, syn.similarity_matrix(idx), cfg.label_temperature)
+
+        seg = Segment(
+            model=self.model, layout=self.layout, start=start, target=target,
+            lrs={"image": syn.lrs["image"], "text": syn.lrs["text"]}, images=syn.images, texts=syn.texts,
+            schedule=BatchSchedule(len(syn), cfg.batch_syn, gen, device=device), syn_steps=cfg.syn_steps,
+            inner_loss=inner_loss, merged=cfg.loss_merge == "merged",
+            extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
+            blend=Blend(float(cfg.blend["alpha"]), gen) if cfg.blend else None,
+        )
+        loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
+        return loss
+
+
+class InMemory:
+    def __init__(self, trajectories):
+        self.trajectories = trajectories
+        self.n_experts = next(iter(trajectories.values())).shape[0]
+
+    def __call__(self, expert, start, span, device):
+        return ({m: t[expert, start] for m, t in self.trajectories.items()},
+                {m: t[expert, start + span] for m, t in self.trajectories.items()})
+
+
+class FromDisk:
+    """The reference loops' way: read the expert's file at every iteration."""
+
+    def __init__(self, store: TrajectoryStore, names: dict[str, list[str]], experts: list[int]):
+        self.store, self.names, self.experts = store, names, experts
+        self.n_experts = len(experts)
+
+    def __call__(self, expert, start, span, device):
+        traj = self.store.load_expert(self.experts[expert])
+        flat = {m: flatten_trajectory(traj, self.names[m]).to(device) for m in self.names}
+        return {m: t[start] for m, t in flat.items()}, {m: t[start + span] for m, t in flat.items()}
+
+
+def grads_of(syn) -> dict[str, torch.Tensor]:
+    out = {"images": syn.images.grad, "texts": syn.texts.grad, **{f"lr_{m}": p.grad for m, p in syn.lrs.items()}}
+    if syn.similarity is not None:
+        out.update({f"sim_{n}": p.grad for n, p in syn.similarity.named_parameters()})
+    return {k: v.detach().clone() for k, v in out.items() if v is not None}
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
+
+
+def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
+    seed_everything(int(cfg.seed))
+    b = cfg.bench
+    device = torch.device("cuda" if str(cfg.hardware.accelerator) in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    data = data or load_data(cfg, splits=("train",))
+    train = data["train"]
+    method = instantiate(cfg.method)
+    if not isinstance(method, TrajectoryMatching):
+        raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
+    mc = method.config
+    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)).to(device)
+    method.check_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layout = ParamLayout.from_model(model)
+    trajectories = {m: t.to(device) for m, t in load_checked_trajectories(cfg, model, mc.max_experts).items()}
+    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
+    experts = store.completed_experts()[: mc.max_experts or None]
+    budget = int(cfg.budget)
+    syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
+
+    ours = meta_gradient(mc.meta_gradient)
+    cached = mc.cache_features and model.backbone_is_cacheable()
+    if cached:
+        ours = with_cached_features(ours, mc.feature_chunk)
+    paths = {
+        "reference": GradientPath("reference", model, layout, mc, REFERENCE[mc.meta_gradient],
+                           FromDisk(store, model.modality_parameter_names(), experts)),
+        "ours": GradientPath("ours", model, layout, mc, ours, InMemory(trajectories)),
+    }
+
+    def fresh():
+        syn = copy.deepcopy(syn0)
+        opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
+        return syn, opt
+
+    # Gradient agreement on the first iteration (same draws: same generator seed).
+    grads = {}
+    for name, path in paths.items():
+        syn, _ = fresh()
+        path.gradients(syn, torch.Generator().manual_seed(int(cfg.seed)), device)
+        grads[name] = grads_of(syn)
+    agreement = {k: relative_difference(grads["ours"][k], grads["reference"][k]) for k in grads["reference"]}
+
+    timings, memory = {}, {}
+    for name in PATHS:
+        path = paths[name]
+        syn, opt = fresh()
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        seconds = []
+        with PeakMemory(device) as pm:
+            for i in range(int(b.warmup) + int(b.iterations)):
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                path.gradients(syn, gen, device)
+                opt.step()
+                with torch.no_grad():
+                    for p in syn.lrs.values():
+                        p.clamp_(min=mc.lr_min)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= int(b.warmup):
+                    seconds.append(time.perf_counter() - t0)
+        timings[name] = seconds
+        memory[name] = pm.peak_mb
+        log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
+                 statistics.median(seconds), len(seconds), pm.peak_mb, pm.kind)
+
+    med = {n: statistics.median(t) for n, t in timings.items()}
+    result = {
+        "method": str(cfg.method.name), "budget": budget, "pairs": len(syn0), "dataset": str(cfg.data.name),
+        "model": str(cfg.model.name), "device": str(device), "meta_gradient": mc.meta_gradient,
+        "syn_steps": mc.syn_steps, "batch_syn": mc.batch_syn, "cached_backbone_features": bool(cached),
+        "iterations": int(b.iterations), "warmup": int(b.warmup),
+        "sec_per_iter": med, "seconds": timings, "speedup": med["reference"] / med["ours"],
+        "peak_mem_mb": memory, "memory_kind": PeakMemory(device).kind,
+        "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
+    }
+    out = Path(out_dir or cfg.paths.output_dir)
+    atomic_write_json(out / "bench.json", result)
+    atomic_write_text(out / "bench.md", bench_table([result]) + "\n")
+    loggers = build_loggers(cfg, job_type="bench", name=f"bench_{cfg.method.name}_b{budget}")
+    try:
+        log_metrics(loggers, {"bench/sec_per_iter_ours": med["ours"], "bench/sec_per_iter_reference": med["reference"],
+                              "bench/speedup": result["speedup"], "bench/peak_mem_mb_ours": memory["ours"],
+                              "bench/peak_mem_mb_reference": memory["reference"],
+                              "bench/grad_max_rel_diff": result["grad_max_rel_diff"]})
+    finally:
+        finish_loggers(loggers)
+    return result
+
+
+def bench_table(results: list[dict]) -> str:
+    head = ["method", "budget", "device", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
+            "peak MB mmdd", "max rel. grad diff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append("| " + " | ".join([
+            r["method"], str(r["budget"]), r["device"], f"{r['sec_per_iter']['reference']:.3f}",
+            f"{r['sec_per_iter']['ours']:.3f}", f"{r['speedup']:.2f}×", f"{r['peak_mem_mb']['reference']:.0f}",
+            f"{r['peak_mem_mb']['ours']:.0f}", f"{r['grad_max_rel_diff']:.1e}"]) + " |")
+    return "\n".join(lines)
