@@ -120,3 +120,20 @@ def test_only_frozen_batch_independent_backbones_are_cached():
     with_bn = DualEncoder(bn, 4, text_dim=5, image_head=True, trainable="heads")
     assert not with_bn.backbone_is_cacheable()  # batch statistics: features depend on the batch
     assert with_bn.eval().backbone_is_cacheable()
+
+
+def test_tesla_replays_dropout_masks():
+    """Dropout in the heads (the papers' models have 0.1): pass 2 must see pass 1's masks, or its gradients
+    belong to other networks than the ones whose steps were summed (a bug of the reference code)."""
+    grads = []
+    for strategy in (full_unroll, tesla):
+        seg = segment(1)
+        for mod in seg.model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.5
+        seg.model.train()
+        torch.manual_seed(123)
+        strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
+        grads.append([seg.images.grad, seg.texts.grad, *(p.grad for p in seg.extra)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)

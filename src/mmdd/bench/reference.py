@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from mmdd.methods.matching import functional_logits, matching_loss
-from mmdd.methods.meta_gradient import Segment
+from mmdd.methods.meta_gradient import RngReplay, Segment
 
 
 def _grads_two_calls(seg: Segment, params: dict[str, torch.Tensor], idx, mix, create_graph: bool):
@@ -47,10 +47,11 @@ def reference_tesla(seg: Segment, backward: Callable):
     params = {m: seg.start[m].detach().clone().requires_grad_(True) for m in mods}
     grad_sum = {m: torch.zeros_like(params[m]) for m in mods}
     batches = []
+    rng = RngReplay(seg.images.device)  # replayed dropout masks (the reference code draws new ones: a bug)
     for _ in range(seg.syn_steps):
         idx = seg.schedule.next()
         mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
-        batches.append((idx, mix))
+        batches.append((idx, mix, rng.get()))
         grads = _grads_two_calls(seg, params, idx, mix, create_graph=True)  # a graph nobody uses
         grads = {m: g.detach() for m, g in grads.items()}
         for m in mods:
@@ -64,10 +65,13 @@ def reference_tesla(seg: Segment, backward: Callable):
     backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
 
     params = {m: seg.start[m].detach().clone().requires_grad_(True) for m in mods}
-    for idx, mix in batches:  # the whole model again on the pixels, and a backward to them, per step
+    after_pass1 = rng.get()
+    for idx, mix, state in batches:  # the whole model again on the pixels, and a backward to them, per step
+        rng.set(state)
         grads = _grads_two_calls(seg, params, idx, mix, create_graph=True)
         backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), seg.data)
         params = {m: (params[m] - lrs[m] * grads[m].detach()).detach().requires_grad_(True) for m in mods}
+    rng.set(after_pass1)
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 

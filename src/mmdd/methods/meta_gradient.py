@@ -69,18 +69,37 @@ def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tenso
     return dict(zip(mods, grads))
 
 
+class RngReplay:
+    """Saves the RNG state before each step of pass 1 and restores it for that step in pass 2, so
+    stochastic layers (the heads' dropout) draw the same masks in the recomputation; afterwards the
+    generator continues from where pass 1 left it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def get(self):
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.cuda else None)
+
+    def set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+
 def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     mods = list(seg.start)
     # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
     params = {m: seg.start[m].detach().clone() for m in mods}
     grad_sum = {m: torch.zeros_like(params[m]) for m in mods}
     batches = []
+    rng = RngReplay(seg.images.device)
     with torch.no_grad():
         lrs = {m: seg.lrs[m].detach() for m in mods}
     for _ in range(seg.syn_steps):
         idx = seg.schedule.next()
         mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
-        batches.append((idx, mix))  # pass 2 replays the same batches and blends
+        batches.append((idx, mix, rng.get()))  # pass 2 replays the same batches, blends and dropout masks
         with torch.enable_grad():
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
@@ -101,12 +120,15 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
 
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
-    for idx, mix in batches:
+    after_pass1 = rng.get()
+    for idx, mix, state in batches:
+        rng.set(state)
         leaf = {m: params[m].requires_grad_(True) for m in mods}
         grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
         backward(sum(-(lrs[m] * (c[m] * grads[m]).sum()) for m in mods), seg.data)
         with torch.no_grad():
             params = {m: params[m].detach() - lrs[m] * grads[m].detach() for m in mods}
+    rng.set(after_pass1)
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
