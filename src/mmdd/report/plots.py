@@ -34,6 +34,7 @@ def recall_vs_budget(rows: list[dict], path: Path, metric: str = "r_mean") -> Pa
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the budgets as ticks
     budgets = sorted({int(r["budget"]) for r in rows})
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("budget (pairs)")
