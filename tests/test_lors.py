@@ -75,11 +75,11 @@ def test_similarity_starts_at_identity_and_indexes_blocks():
     low = LowRankSimilarity(6, rank=3, alpha=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(low.matrix(), torch.eye(6))
     with torch.no_grad():
-        low.right.normal_()
+        low.right.normal_(generator=torch.Generator().manual_seed(1))
     idx = torch.tensor([4, 1, 2])
     assert torch.allclose(low.matrix(idx), low.matrix()[idx][:, idx])
-    expected = torch.diag(low.diag) + (2.0 / 3) * low.left @ low.right.t()
-    assert torch.allclose(low.matrix(), expected)
+    expected = torch.diag(low.diag) + (2.0 / 3) * (low.left @ low.right.t())
+    assert torch.allclose(low.matrix(), expected, atol=1e-6)  # float32: entries near 0 round differently
     full = FullSimilarity(4)
     assert torch.equal(full.matrix(torch.tensor([0, 3])), torch.eye(2))
 
