@@ -2,7 +2,7 @@
 
 On CPU the process's lifetime peak (getrusage) only grows, so it cannot tell two paths run one after the
 other apart; sampling /proc/self/statm every few milliseconds gives the peak *during* the block, minus the
-resident set at its start.
+resident set at its start (after handing freed heap back to the OS, which glibc otherwise keeps and reuses).
 """
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), so the resident set reflects live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement is only coarser
+        pass
+
+
 class PeakMemory:
     """`with PeakMemory(device) as pm: ...` then `pm.peak_mb` (above the start) and `pm.kind`."""
 
@@ -41,6 +53,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
+        release_free_heap()  # memory freed by earlier work would otherwise hide this block's growth
         self._start = rss_bytes()
         self._peak = self._start
         self._stop = threading.Event()
