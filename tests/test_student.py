@@ -66,3 +66,28 @@ def test_a_diverging_student_is_a_clear_error(data):
     images, texts = torch.randn(8, 3, 8, 8) * 1e3, torch.randn(8, 6) * 1e3
     with pytest.raises(MmddError, match="diverged"):
         train_student(cfg("val"), build, images, texts, {"image": 1e12, "text": 1e12}, data, seed=0)
+
+
+def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):
+    """Heads-only students: training and evaluating on cached backbone features gives the pixel path's result,
+    and the cache computes each split's features once for every seed."""
+    from mmdd.evaluate.encode import BackboneFeatures
+
+    def heads():
+        torch.manual_seed(7)  # the same frozen backbone for every student, as a loaded checkpoint would be
+        bb = ConvNet(image_size=8, width=4, depth=1)
+        return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
+
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1)
+    cache = BackboneFeatures("ckpt", [0.5] * 3, [0.25] * 3)
+    cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
+    assert cached.best_epoch == plain.best_epoch
+    assert cached.test == pytest.approx(plain.test, abs=1e-4)
+    assert [h["r_mean"] for h in cached.history] == pytest.approx([h["r_mean"] for h in plain.history], abs=1e-4)
+    assert len(cache._cache) == 2  # val and test, each encoded once
+    again = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=2, features=cache)
+    assert len(cache._cache) == 2 and set(again.test) >= {"r_mean"}
+    # a backbone that trains cannot be cached: the same call falls back to pixels
+    fallback = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
+    assert fallback.test == train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1).test

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from mmdd.data.datamodule import load_data
 from mmdd.errors import ArtifactError, MmddError
+from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.student import train_student
 from mmdd.models.dual_encoder import build_dual_encoder
@@ -95,6 +96,9 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     if done:
         log.info("%s: resuming, %d of %d student seeds already in %s", label, len(done), len(seeds), results_path)
     t0 = time.perf_counter()
+    # Frozen-backbone students (heads only) share one cache of val/test backbone features across seeds.
+    features = BackboneFeatures(str(model_cfg.image.get("checkpoint")), cfg.data.mean, cfg.data.std) \
+        if str(model_cfg.trainable) == "heads" and cfg.protocol.cache_features else None
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
@@ -133,7 +137,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
                                                                 "seed": manifest.get("seed"), "path": str(synthetic)}}, save_dir=out_dir)
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
-                                loss=loss, similarity=similarity, label_temperature=label_temperature)
+                                loss=loss, similarity=similarity, label_temperature=label_temperature,
+                                features=features)
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

@@ -56,8 +56,12 @@ class StudentModule(L.LightningModule):
         loss: str = "infonce",
         similarity: torch.Tensor | None = None,
         label_temperature: float = 0.1,
+        features=None,
     ):
         super().__init__()
+        # A frozen backbone's cache (mmdd.evaluate.encode.BackboneFeatures): the loader then yields backbone
+        # features of the synthetic images, and evaluations run only the heads.
+        self.features = features
         if selection not in SELECTIONS:
             raise ValueError(f"protocol.selection must be one of {SELECTIONS}, got {selection!r}")
         self.model = model
@@ -84,7 +88,8 @@ class StudentModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, texts, idx = batch
         target = None if self.similarity is None else self.similarity[idx][:, idx]
-        loss = pair_loss(self.loss_name, self.model(images, texts), target, self.label_temperature)
+        logits = self.model(images, texts, from_features=self.features is not None)
+        loss = pair_loss(self.loss_name, logits, target, self.label_temperature)
         self.log("student/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
@@ -116,7 +121,7 @@ class StudentModule(L.LightningModule):
                 self._keep(epoch, {})
             return
         if (epoch + 1) % self.eval_every == 0 or last:
-            metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std)
+            metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std, features=self.features)
             self.model.train()
             self.history.append({"epoch": epoch, **metrics})
             self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)
@@ -142,6 +147,7 @@ def train_student(
     loss: str = "infonce",
     similarity: torch.Tensor | None = None,
     label_temperature: float = 0.1,
+    features=None,
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""
     from mmdd.utils.trainer import build_trainer
@@ -149,6 +155,12 @@ def train_student(
     p = cfg.protocol
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model()
+    if features is not None and not model.backbone_is_cacheable():
+        features = None  # the backbone trains: nothing to reuse
+    inputs = images.detach().cpu()
+    if features is not None:
+        with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
+            inputs = torch.cat([model.backbone(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
     select_split = {"val": "val", "test_best": "test", "last": None}[str(p.selection)]
     module = StudentModule(
         model,
@@ -166,10 +178,11 @@ def train_student(
         loss=loss,
         similarity=similarity,
         label_temperature=label_temperature,
+        features=features,
     )
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
-        TensorDataset(images.detach().cpu(), texts.detach().cpu(), torch.arange(images.shape[0])),
+        TensorDataset(inputs, texts.detach().cpu(), torch.arange(images.shape[0])),
         batch_size=int(p.batch_size),
         shuffle=True,
         generator=gen,
@@ -180,7 +193,7 @@ def train_student(
     seconds = time.perf_counter() - t0
     model.load_state_dict(module.best_state)
     model.to("cpu")
-    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std)
+    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)
     return StudentResult(
         seed=seed,
         test=test,
