@@ -124,23 +124,28 @@ def test_jsonl_and_csv_tables(root):
     assert s.captions == ["hello world", "bye"]
 
 
-def test_table_errors(root):
-    jl = root / "t.jsonl"
-    jl.write_text('{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/a.jpg"\n')
-    with pytest.raises(DataError, match=r"t.jsonl: line 2 is not valid JSON"):
-        load_pairs_table(jl, root, "train")
-    jl.write_text('{"image": "imgs/a.jpg", "text": "ok"}\n')
-    with pytest.raises(DataError, match=r"line 1 needs the fields 'image' and 'caption'"):
-        load_pairs_table(jl, root, "train")
-    csv = root / "t.csv"
-    csv.write_text("path,text\nimgs/a.jpg,x\n")
-    with pytest.raises(DataError, match=r"t.csv: the header \(line 1\) must name the columns 'image' and 'caption'"):
-        load_pairs_table(csv, root, "train")
-    csv.write_text("image,caption\nimgs/a.jpg,\n")
-    with pytest.raises(DataError, match=r"t.csv: line 2: caption 0 .* empty"):
-        load_pairs_table(csv, root, "train")
-    with pytest.raises(DataError, match="use .jsonl or .csv"):
-        load_pairs_table(write_json(root / "t.txt", []), root, "train")
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("t.jsonl", '{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/a.jpg"\n', r"t.jsonl: line 2 is not valid JSON"),
+        ("t.jsonl", '{"image": "imgs/a.jpg", "text": "ok"}\n', r"line 1 needs the fields 'image' and 'caption'"),
+        ("t.csv", "path,text\nimgs/a.jpg,x\n", r"t.csv: the header \(line 1\) must name the columns 'image' and 'caption'"),
+        ("t.csv", "image,caption\nimgs/a.jpg,\n", r"t.csv: line 2: caption 0 .* empty"),
+        ("t.txt", "[]", "use .jsonl or .csv"),
+        ("pairs.jsonl", None, r"pairs.jsonl does not exist"),
+        ("m.jsonl", '{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/nope.jpg", "caption": "x"}\n',
+         r"m.jsonl: line 2: image .*nope.jpg does not exist; check data.image_root"),
+        ("m.jsonl", '{"image": "imgs/a.jpg", "caption": ["a", "b"]}\n', r"m.jsonl: line 1: caption 0 is list"),
+        ("short.csv", "image,caption\nimgs/a.jpg,fine\nimgs/b.jpg\n", r"short.csv: line 3 has 1 columns"),
+        ("empty.jsonl", "\n\n", r"empty.jsonl: the train split has no rows"),
+    ],
+)
+def test_table_errors_name_file_and_line(root, name, content, match):
+    path = root / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_pairs_table(path, root, "train")
 
 
 def test_blip_image_paths_are_absolute_and_dirs_are_not_images(root, monkeypatch):
@@ -195,23 +200,3 @@ def test_csv_with_bom_spaces_extra_columns_and_quotes(root):
     csv.write_bytes("\ufeffid, image ,caption\r\n1,imgs/a.jpg,\"A \"\"quoted\"\", caption\"\r\n\r\n2,imgs/b.jpg,B\r\n".encode("utf-8"))
     s = load_pairs_table(csv, root, "train")
     assert s.captions == ["a quoted caption", "b"] and s.txt2img == [0, 1]
-
-
-def test_table_missing_file_image_and_short_rows(root):
-    with pytest.raises(DataError, match=r"pairs.jsonl does not exist"):
-        load_pairs_table(root / "pairs.jsonl", root, "train")
-    jl = root / "m.jsonl"
-    jl.write_text('{"image": "imgs/a.jpg", "caption": "ok"}\n{"image": "imgs/nope.jpg", "caption": "x"}\n')
-    with pytest.raises(DataError, match=r"m.jsonl: line 2: image .*nope.jpg does not exist; check data.image_root"):
-        load_pairs_table(jl, root, "train")
-    jl.write_text('{"image": "imgs/a.jpg", "caption": ["a", "b"]}\n')
-    with pytest.raises(DataError, match=r"m.jsonl: line 1: caption 0 is list"):
-        load_pairs_table(jl, root, "train")
-    csv = root / "short.csv"
-    csv.write_text("image,caption\nimgs/a.jpg,fine\nimgs/b.jpg\n")
-    with pytest.raises(DataError, match=r"short.csv: line 3 has 1 columns"):
-        load_pairs_table(csv, root, "train")
-    empty = root / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(DataError, match=r"empty.jsonl: the train split has no rows"):
-        load_pairs_table(empty, root, "train")
