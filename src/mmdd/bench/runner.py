@@ -22,12 +22,10 @@ from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.datamodule import load_data
 from mmdd.errors import MmddError
-from mmdd.methods.distill_module import DistillModule
-from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
-from mmdd.methods.meta_gradient import Segment, meta_gradient, with_cached_features
+from mmdd.methods.distill_module import DistillModule, build_segment, draw_segment_start, strategy_for
+from mmdd.methods.matching import ParamLayout
 from mmdd.methods.trajectory_matching import TrajectoryMatching, load_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
-from mmdd.models.losses import pair_loss
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
@@ -38,31 +36,19 @@ PATHS = ("reference", "ours")
 
 
 class GradientPath:
-    """One way of computing an iteration's gradients."""
+    """One way of computing an iteration's gradients: a trajectory source and a meta-gradient strategy.
+    Everything else (draws, segment, loss) is the distillation's own (mmdd.methods.distill_module)."""
 
-    def __init__(self, name, model, layout, config, strategy, source):
-        self.name, self.model, self.layout, self.config = name, model, layout, config
+    def __init__(self, model, layout, config, strategy, source):
+        self.model, self.layout, self.config = model, layout, config
         self.strategy = strategy
         self.source = source  # (expert, start epoch) -> (start params, target params)
 
     def gradients(self, syn, gen: torch.Generator, device) -> torch.Tensor:
         cfg = self.config
-        n_exp, max_start = self.source.n_experts, cfg.max_start_epoch
-        expert = int(torch.randint(n_exp, (1,), generator=gen))
-        start_epoch = int(torch.randint(max_start, (1,), generator=gen))
+        expert, start_epoch = draw_segment_start(gen, self.source.n_experts, cfg.max_start_epoch)
         start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
-
-        def inner_loss(logits, idx):
-            return pair_loss(cfg.inner_loss, logits, syn.similarity_matrix(idx), cfg.label_temperature)
-
-        seg = Segment(
-            model=self.model, layout=self.layout, start=start, target=target,
-            lrs={"image": syn.lrs["image"], "text": syn.lrs["text"]}, images=syn.images, texts=syn.texts,
-            schedule=BatchSchedule(len(syn), cfg.batch_syn, gen, device=device), syn_steps=cfg.syn_steps,
-            inner_loss=inner_loss, merged=cfg.loss_merge == "merged",
-            extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
-            blend=Blend(float(cfg.blend["alpha"]), gen) if cfg.blend else None,
-        )
+        seg = build_segment(self.model, self.layout, syn, cfg, start, target, gen, device)
         loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
         return loss
 
@@ -123,14 +109,11 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     budget = int(cfg.budget)
     syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
 
-    ours = meta_gradient(mc.meta_gradient)
     cached = mc.cache_features and model.backbone_is_cacheable()
-    if cached:
-        ours = with_cached_features(ours, mc.feature_chunk)
     paths = {
-        "reference": GradientPath("reference", model, layout, mc, REFERENCE[mc.meta_gradient],
-                           FromDisk(store, model.modality_parameter_names(), experts)),
-        "ours": GradientPath("ours", model, layout, mc, ours, InMemory(trajectories)),
+        "reference": GradientPath(model, layout, mc, REFERENCE[mc.meta_gradient],
+                                  FromDisk(store, model.modality_parameter_names(), experts)),
+        "ours": GradientPath(model, layout, mc, strategy_for(mc, model), InMemory(trajectories)),
     }
 
     def fresh():
@@ -158,9 +141,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
                 opt.zero_grad()
                 path.gradients(syn, gen, device)
                 opt.step()
-                with torch.no_grad():
-                    for p in syn.lrs.values():
-                        p.clamp_(min=mc.lr_min)
+                syn.clamp_lrs_(mc.lr_min)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if i >= int(b.warmup):

@@ -69,6 +69,46 @@ class MatchingConfig:
             raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
 
 
+def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int) -> tuple[int, int]:
+    """The expert and start epoch of one iteration (MTT: uniform over experts and [0, max_start_epoch))."""
+    expert = int(torch.randint(n_experts, (1,), generator=generator))
+    start = int(torch.randint(max_start_epoch, (1,), generator=generator))
+    return expert, start
+
+
+def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: MatchingConfig, start, target,
+                  generator: torch.Generator, device=None) -> Segment:
+    """One iteration's segment: the synthetic set's data, step sizes and S, batches and blends drawn from
+    `generator` (so two runs with equally seeded generators draw the same)."""
+
+    def inner_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature)
+
+    return Segment(
+        model=model,
+        layout=layout,
+        start=start,
+        target=target,
+        lrs={"image": syn.lrs["image"], "text": syn.lrs["text"]},
+        images=syn.images,
+        texts=syn.texts,
+        schedule=BatchSchedule(len(syn), config.batch_syn, generator, device=device),
+        syn_steps=config.syn_steps,
+        inner_loss=inner_loss,
+        merged=config.loss_merge == "merged",
+        extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
+        blend=Blend(float(config.blend["alpha"]), generator) if config.blend else None,
+    )
+
+
+def strategy_for(config: MatchingConfig, model):
+    """The configured meta-gradient, on cached backbone features when the backbone allows it."""
+    strategy = meta_gradient(config.meta_gradient)
+    if config.cache_features and model.backbone_is_cacheable():
+        strategy = with_cached_features(strategy, config.feature_chunk)
+    return strategy
+
+
 class DistillModule(L.LightningModule):
     def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int,
                  probe=None, diagnostics_every: int = 0):
@@ -121,38 +161,13 @@ class DistillModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def sample_segment(self):
-        expert = int(torch.randint(self.n_experts, (1,), generator=self.generator))
-        start = int(torch.randint(self.config.max_start_epoch, (1,), generator=self.generator))
-        starts = {m: t[expert, start] for m, t in self.trajectories.items()}
-        targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
-        return expert, start, starts, targets
-
-    def inner_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return pair_loss(self.config.inner_loss, logits, self.syn.similarity_matrix(idx), self.config.label_temperature)
-
     def iteration(self):
         """One outer iteration's gradients (left in .grad); returns (loss, terms, expert, start)."""
-        expert, start, starts, targets = self.sample_segment()
-        seg = Segment(
-            model=self.model,
-            layout=self.layout,
-            start=starts,
-            target=targets,
-            lrs={"image": self.syn.lrs["image"], "text": self.syn.lrs["text"]},
-            images=self.syn.images,
-            texts=self.syn.texts,
-            schedule=BatchSchedule(len(self.syn), self.config.batch_syn, self.generator, device=self.device),
-            syn_steps=self.config.syn_steps,
-            inner_loss=self.inner_loss,
-            merged=self.config.loss_merge == "merged",
-            extra=tuple(self.syn.similarity.parameters()) if self.syn.similarity is not None else (),
-            blend=Blend(float(self.config.blend["alpha"]), self.generator) if self.config.blend else None,
-        )
-        strategy = meta_gradient(self.config.meta_gradient)
-        if self.config.cache_features and self.model.backbone_is_cacheable():
-            strategy = with_cached_features(strategy, self.config.feature_chunk)
-        loss, terms = strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
+        expert, start = draw_segment_start(self.generator, self.n_experts, self.config.max_start_epoch)
+        starts = {m: t[expert, start] for m, t in self.trajectories.items()}
+        targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
+        seg = build_segment(self.model, self.layout, self.syn, self.config, starts, targets, self.generator, self.device)
+        loss, terms = strategy_for(self.config, self.model)(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
         return loss, terms, expert, start
 
     def training_step(self, batch, batch_idx):
@@ -161,9 +176,7 @@ class DistillModule(L.LightningModule):
         opt.zero_grad()
         loss, terms, expert, start = self.iteration()
         opt.step()
-        with torch.no_grad():
-            for p in self.syn.lrs.values():
-                p.clamp_(min=self.config.lr_min)  # a non-positive step size would stop students from training
+        self.syn.clamp_lrs_(self.config.lr_min)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0

@@ -53,6 +53,12 @@ class SyntheticSet(nn.Module):
     def lr_values(self) -> dict[str, float]:
         return {m: float(p.detach()) for m, p in self.lrs.items()}
 
+    @torch.no_grad()
+    def clamp_lrs_(self, minimum: float) -> None:
+        """Keep the learned step sizes >= minimum after an outer step: a non-positive one stops students."""
+        for p in self.lrs.values():
+            p.clamp_(min=minimum)
+
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | Path, manifest: dict, captions: list[str] | None = None) -> Path:
         d = Path(directory)
