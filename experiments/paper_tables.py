@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from mmdd.evaluate.retrieval import METRIC_KEYS
-from mmdd.report.table import HEADERS
+from mmdd.report.table import HEADERS, anchor_metric, anchors_for
 
 ANCHORS = Path(__file__).with_name("paper_anchors.json")
 METHODS = ["random", "herding", "kcenter", "forgetting", "mtt_vl", "tesla_vl", "lors", "repblend"]
@@ -37,15 +37,10 @@ def main() -> None:
             print("| method | paper | " + " | ".join(HEADERS[k] for k in METRIC_KEYS) + " |")
             print("|---|---|" + "---|" * len(METRIC_KEYS))
             for m in METHODS:
-                found = sorted((c for c in rows if c["method"] == m), key=lambda c: (c["paper"] != m, c["paper"] != "mtt_vl"))
-                if not found:
-                    continue
-                c = found[0]
-                std = c.get("std") or {}
-                recalls = [c.get(k) for k in METRIC_KEYS if k != "r_mean"]
-                r_mean = sum(recalls) / 6 if None not in recalls else None
-                vals = [cell(c.get(k), std.get(k)) for k in METRIC_KEYS if k != "r_mean"] + [cell(r_mean, None)]
-                print(f"| {m} | {c['paper']} | " + " | ".join(vals) + " |")
+                for c in anchors_for({"key": m, "budget": budget, "dataset": dataset}, rows, None):
+                    std = c.get("std") or {}
+                    vals = [cell(anchor_metric(c, k), std.get(k)) for k in METRIC_KEYS]
+                    print(f"| {m} | {c['paper']} | " + " | ".join(vals) + " |")
             print()
 
 

@@ -18,8 +18,8 @@ def table(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="mmdd table", description="Collect results.json files into a paper-style table: "
                                  "mean ± std over all student evaluations of all runs of a cell, best per column in bold.")
-    ap.add_argument("dirs", nargs="*", default=["outputs"],
-                    help="directories searched for results.json (default: outputs; none with --wandb alone)")
+    ap.add_argument("dirs", nargs="*",
+                    help="directories searched for results.json (default: outputs, unless --wandb is given)")
     ap.add_argument("--format", "-f", choices=FORMATS, default="md")
     ap.add_argument("--out", "-o", help="also write the table to this file")
     ap.add_argument("--anchors", nargs="?", const="", metavar="DATASET",
@@ -32,10 +32,10 @@ def table(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     from_wandb = [(res, f"wandb:{source}") for source in args.wandb for res in collect_wandb(source)]
-    dirs = args.dirs if (args.dirs != ["outputs"] or not args.wandb) else []  # --wandb alone: W&B runs only
+    dirs = args.dirs or ([] if args.wandb else ["outputs"])
     collection = collect([Path(d) for d in dirs], from_wandb)
     if not collection.cells:
-        print(f"mmdd table: error: no results.json under {' '.join(args.dirs)}", file=sys.stderr)
+        print(f"mmdd table: error: no results.json (or W&B runs) under {' '.join(dirs + args.wandb)}", file=sys.stderr)
         for p in collection.problems:
             print(f"  {p}", file=sys.stderr)
         return 2

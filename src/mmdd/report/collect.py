@@ -95,15 +95,18 @@ def add_run(cells: dict, results: dict, where: str, problems: list[str], common:
     cells.setdefault(key, Cell(*key)).runs.append(results)
 
 
-def stage_of(run_dir: Path) -> str | None:
-    """The `stage` of a Hydra run directory (from its saved config), None if it is not one."""
-    cfg = run_dir / ".hydra" / "config.yaml"
-    if not cfg.exists():
+def writes_results(run_dir: Path) -> str | None:
+    """The stage of a Hydra run directory whose stage should have written results.json, else None."""
+    from omegaconf import OmegaConf
+
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
         return None
-    for line in cfg.read_text().splitlines():
-        if line.startswith("stage:"):
-            return line.split(":", 1)[1].strip()
-    return None
+    cfg = OmegaConf.load(saved)
+    stage = cfg.get("stage")
+    if stage not in STAGES_WITH_RESULTS or (stage == "distill" and not cfg.get("evaluate", False)):
+        return None
+    return stage
 
 
 def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection:
@@ -126,10 +129,8 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
         # Hydra run dirs of evaluating stages that never wrote results.json: crashed or killed runs.
         for hydra_dir in sorted(root.rglob(".hydra")):
             run_dir = hydra_dir.parent
-            stage = stage_of(run_dir)
-            if stage in STAGES_WITH_RESULTS and not any(run_dir.rglob("results.json")):
-                if stage == "distill" and "evaluate: false" in (hydra_dir / "config.yaml").read_text():
-                    continue
+            stage = writes_results(run_dir)
+            if stage and not any(run_dir.rglob("results.json")):
                 problems.append(f"{run_dir}: a `mmdd {stage}` run without results.json (failed or still running)")
     # Overrides shared by every run (e.g. a grid's common settings) do not tell rows apart.
     sets = [variant_overrides(r.get("overrides", [])) for r, _ in found]

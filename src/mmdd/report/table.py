@@ -18,15 +18,16 @@ def format_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def _md(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
 def markdown_table(rows: list[dict]) -> str:
     """rows: {"method", "budget", "n", "mean": {...}, "std": {...}} -> a Markdown table."""
     head = ["method", "budget", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for r in rows:
-        cells = [str(r["method"]), str(r.get("budget", "")), str(r.get("n", ""))]
-        cells += [format_cell(r["mean"][k], r.get("std", {}).get(k)) for k in METRIC_KEYS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _md(head, [[str(r["method"]), str(r.get("budget", "")), str(r.get("n", ""))]
+                      + [format_cell(r["mean"][k], r.get("std", {}).get(k)) for k in METRIC_KEYS] for r in rows])
 
 
 def result_row(results: dict) -> dict:
@@ -95,24 +96,29 @@ def _value(r: dict, k: str, bold=lambda s: s) -> str:
     return bold(s) if k in r.get("best", ()) else s
 
 
-def _anchor_value(a: dict, k: str) -> str:
+def anchor_metric(a: dict, k: str) -> float | None:
+    """A paper number; r_mean, which the papers do not print, is the mean of the six recalls."""
     v = a.get(k)
-    if v is None and k == "r_mean" and all(a.get(m) is not None for m in METRIC_KEYS if m != "r_mean"):
-        v = sum(a[m] for m in METRIC_KEYS if m != "r_mean") / 6
+    recalls = [a.get(m) for m in METRIC_KEYS if m != "r_mean"]
+    if v is None and k == "r_mean" and None not in recalls:
+        v = sum(recalls) / len(recalls)
+    return v
+
+
+def _anchor_value(a: dict, k: str) -> str:
+    v = anchor_metric(a, k)
     return "–" if v is None else f"{v:.2f}"
 
 
 def _markdown(rows, anchors, anchor_dataset) -> str:
     head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    body = []
     for r in rows:
-        cells = [r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
-        cells += [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append([r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
+                    + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS])
         for a in anchors_for(r, anchors, anchor_dataset):
-            cells = ["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""]
-            lines.append("| " + " | ".join(cells + [_anchor_value(a, k) for k in METRIC_KEYS]) + " |")
-    return "\n".join(lines)
+            body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS])
+    return _md(head, body)
 
 
 def _latex(rows, anchors, anchor_dataset) -> str:
