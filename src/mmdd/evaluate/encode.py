@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.evaluate.retrieval import retrieval_metrics
+
+
+def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device):
+    """The backbone's features of a split's images, batch by batch (no grad; caller sets eval mode)."""
+    for s in range(0, data.num_images, batch_size):
+        idx = range(s, min(s + batch_size, data.num_images))
+        yield model.backbone(normalize(data.image_batch(idx).to(device), mean, std))
 
 
 class BackboneFeatures:
@@ -28,12 +36,9 @@ class BackboneFeatures:
             was_training = model.training
             model.eval()
             device = next(model.parameters()).device
-            feats = []
-            for s in range(0, data.num_images, self.batch_size):
-                idx = range(s, min(s + self.batch_size, data.num_images))
-                feats.append(model.backbone(normalize(data.image_batch(idx).to(device), self.mean, self.std)).float().cpu())
+            batches = backbone_batches(model, data, self.mean, self.std, self.batch_size, device)
+            self._cache[key] = torch.cat([f.float().cpu() for f in batches])
             model.train(was_training)
-            self._cache[key] = torch.cat(feats)
         return self._cache[key]
 
 
@@ -46,20 +51,15 @@ def encode_split(model, data: SplitData, mean, std, batch_size: int = 256, devic
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    img_feats = []
-    cached = features.split(model, data) if features is not None else None
-    for s in range(0, data.num_images, batch_size):
-        idx = range(s, min(s + batch_size, data.num_images))
-        if cached is not None:
-            img_feats.append(torch.nn.functional.normalize(model.image_head(cached[s : s + batch_size].to(device)), dim=-1).float())
-            continue
-        x = normalize(data.image_batch(idx).to(device), mean, std)
-        img_feats.append(model.encode_image(x).float())
-    txt_feats = []
-    for s in range(0, data.text_emb.shape[0], batch_size):
-        txt_feats.append(model.encode_text(data.text_emb[s : s + batch_size].to(device)).float())
+    if features is not None:
+        backbone = features.split(model, data).split(batch_size)
+    else:
+        backbone = backbone_batches(model, data, mean, std, batch_size, device)
+    img = torch.cat([F.normalize(model.image_head(f.to(device)), dim=-1).float() for f in backbone])
+    txt = torch.cat([model.encode_text(data.text_emb[s : s + batch_size].to(device)).float()
+                     for s in range(0, data.text_emb.shape[0], batch_size)])
     model.train(was_training)
-    return torch.cat(img_feats), torch.cat(txt_feats)
+    return img, txt
 
 
 def evaluate_retrieval(model, data: SplitData, mean, std, batch_size: int = 256,
