@@ -22,7 +22,8 @@ from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.datamodule import load_data
 from mmdd.errors import MmddError
-from mmdd.methods.distill_module import DistillModule, build_segment, draw_segment_start, strategy_for
+from mmdd.methods.distill_module import (DistillModule, build_segment, caches_features, draw_segment_start,
+                                         strategy_for)
 from mmdd.methods.matching import ParamLayout
 from mmdd.methods.trajectory_matching import TrajectoryMatching, load_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
@@ -109,7 +110,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     budget = int(cfg.budget)
     syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
 
-    cached = mc.cache_features and model.backbone_is_cacheable()
+    cached = caches_features(mc, model)
     paths = {
         "reference": GradientPath(model, layout, mc, REFERENCE[mc.meta_gradient],
                                   FromDisk(store, model.modality_parameter_names(), experts)),

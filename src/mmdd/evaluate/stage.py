@@ -19,7 +19,7 @@ from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.student import train_student
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.utils.config import config_hash, to_plain
+from mmdd.utils.config import config_hash, resolved_config, task_overrides, to_plain
 from mmdd.utils.io import atomic_write_json
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 
@@ -96,9 +96,10 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     if done:
         log.info("%s: resuming, %d of %d student seeds already in %s", label, len(done), len(seeds), results_path)
     t0 = time.perf_counter()
-    # Frozen-backbone students (heads only) share one cache of val/test backbone features across seeds.
+    # Frozen-backbone students share one cache of val/test backbone features across seeds (train_student
+    # uses it only when the student's backbone is frozen).
     features = BackboneFeatures(str(model_cfg.image.get("checkpoint")), cfg.data.mean, cfg.data.std) \
-        if str(model_cfg.trainable) == "heads" and cfg.protocol.cache_features else None
+        if cfg.protocol.cache_features else None
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
@@ -163,20 +164,3 @@ def finished_seeds(path: Path, cfg_hash: str, synthetic_hash: str | None, seeds:
     if old.get("config_hash") != cfg_hash or old.get("synthetic_config_hash") != synthetic_hash:
         return []
     return [r for r in old.get("seeds", []) if r.get("seed") in seeds]
-
-
-def task_overrides() -> list[str]:
-    """The command-line overrides of this Hydra job ([] outside a Hydra app, e.g. the compose API)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def resolved_config(cfg) -> dict:
-    """The full composed config, interpolations resolved where they can be (hydra: ones need a Hydra app)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - e.g. ${hydra:...} under the compose API: keep them unresolved
-        return OmegaConf.to_container(cfg, resolve=False)

@@ -101,10 +101,14 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
     )
 
 
+def caches_features(config: MatchingConfig, model) -> bool:
+    return config.cache_features and model.backbone_is_cacheable()
+
+
 def strategy_for(config: MatchingConfig, model):
     """The configured meta-gradient, on cached backbone features when the backbone allows it."""
     strategy = meta_gradient(config.meta_gradient)
-    if config.cache_features and model.backbone_is_cacheable():
+    if caches_features(config, model):
         strategy = with_cached_features(strategy, config.feature_chunk)
     return strategy
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mmdd.utils.io import stable_hash
 
@@ -41,3 +42,20 @@ def config_hash(cfg) -> str:
     plain.pop("paths", None)
     plain.pop("hydra", None)
     return stable_hash(plain)
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside a Hydra app, e.g. the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def resolved_config(cfg) -> dict:
+    """The full composed config, interpolations resolved where they can be (hydra: ones need a Hydra app)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # e.g. ${hydra:...} under the compose API: keep them unresolved
+        return OmegaConf.to_container(cfg, resolve=False)

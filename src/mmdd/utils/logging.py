@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from mmdd.utils.config import resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
                 save_dir=str(save_dir),
                 offline=(mode == "offline"),
                 mode=mode,
-                config={**OmegaConf.to_container(cfg, resolve=True), **(extra_config or {})},
+                config={**resolved_config(cfg), **(extra_config or {})},
             )
         )
     return loggers
