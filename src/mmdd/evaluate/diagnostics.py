@@ -53,9 +53,7 @@ class CollapseProbe:
 
     def __init__(self, model, layout: ParamLayout, flats: dict[str, torch.Tensor], real_images, real_texts, batch: int = 256):
         self.model = copy.deepcopy(model).eval()
-        with torch.no_grad():
-            for name, value in layout.unflatten({m: f.detach() for m, f in flats.items()}).items():
-                self.model.get_parameter(name).copy_(value)
+        layout.load_into(self.model, flats)
         self.batch = batch
         self.reference = collapse_metrics(*self.embed(real_images, real_texts))
 

@@ -66,10 +66,7 @@ def teacher_features(cfg, train) -> torch.Tensor:
 
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
     traj = load_checked_trajectories(cfg, model, max_experts=1)
-    final = ParamLayout.from_model(model).unflatten({m: t[0, -1] for m, t in traj.items()})
-    named = dict(model.named_parameters())
-    for n, v in final.items():
-        named[n].copy_(v)
+    ParamLayout.from_model(model).load_into(model, {m: t[0, -1] for m, t in traj.items()})
     model.eval()
     img = []
     for s in range(0, train.num_images, 256):

@@ -42,6 +42,12 @@ class ParamLayout:
     def flatten(self, params: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
         return torch.cat([params[n].reshape(-1) for n in self.names[modality]])
 
+    @torch.no_grad()
+    def load_into(self, model, flats: dict[str, torch.Tensor]) -> None:
+        """Copy flat vectors (e.g. an expert's snapshot) into the model's matched parameters."""
+        for name, value in self.unflatten({m: f.detach() for m, f in flats.items()}).items():
+            model.get_parameter(name).copy_(value)
+
     def unflatten(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Views of the flat vectors shaped as the model's parameters (gradients flow through)."""
         out: dict[str, torch.Tensor] = {}
