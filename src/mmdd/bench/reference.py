@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from mmdd.methods.matching import functional_logits, matching_loss
-from mmdd.methods.meta_gradient import RngReplay, Segment
+from mmdd.methods.meta_gradient import RngReplay, Segment, tesla_lr_gradient
 
 
 def _grads_two_calls(seg: Segment, params: dict[str, torch.Tensor], idx, mix, create_graph: bool):
@@ -58,11 +58,7 @@ def reference_tesla(seg: Segment, backward: Callable):
             grad_sum[m] += grads[m]
         params = {m: (params[m] - lrs[m] * grads[m]).detach().requires_grad_(True) for m in mods}
 
-    final = {m: seg.start[m] - seg.lrs[m] * grad_sum[m] for m in mods}
-    final_leaf = {m: final[m].detach().requires_grad_(True) for m in mods}
-    loss, terms = matching_loss(final_leaf, seg.start, seg.target, merged=seg.merged)
-    c = dict(zip(mods, torch.autograd.grad(loss, [final_leaf[m] for m in mods])))
-    backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
+    loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)  # the same in the reference code
 
     params = {m: seg.start[m].detach().clone().requires_grad_(True) for m in mods}
     after_pass1 = rng.get()

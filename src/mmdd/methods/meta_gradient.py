@@ -87,6 +87,19 @@ class RngReplay:
             torch.cuda.set_rng_state(state[1], self.device)
 
 
+def tesla_lr_gradient(seg: Segment, grad_sum: dict[str, torch.Tensor], backward: Callable):
+    """TESLA between its passes: the matching loss of theta_0 - lr*G with G detached. Leaves the step sizes'
+    gradient in .grad and returns (loss, terms, c = dL/dtheta_N), which weights pass 2's data gradients."""
+    mods = list(seg.start)
+    final = {m: seg.start[m] - seg.lrs[m] * grad_sum[m] for m in mods}
+    final_leaf = {m: final[m].detach().requires_grad_(True) for m in mods}
+    loss, terms = matching_loss(final_leaf, seg.start, seg.target, merged=seg.merged)
+    c = dict(zip(mods, torch.autograd.grad(loss, [final_leaf[m] for m in mods])))
+    # d loss / d lr = <c, d final / d lr>; take it through autograd so .grad accumulates as usual.
+    backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
+    return loss, terms, c
+
+
 def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     mods = list(seg.start)
     # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
@@ -110,13 +123,7 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
                 grad_sum[m] += g
                 params[m] = params[m].detach() - lrs[m] * g
 
-    # The matching loss as a function of the lrs with G detached: gives the lr gradient and c.
-    final = {m: seg.start[m] - seg.lrs[m] * grad_sum[m] for m in mods}
-    final_leaf = {m: final[m].detach().requires_grad_(True) for m in mods}
-    loss, terms = matching_loss(final_leaf, seg.start, seg.target, merged=seg.merged)
-    c = dict(zip(mods, torch.autograd.grad(loss, [final_leaf[m] for m in mods])))
-    # d loss / d lr = <c, d final / d lr>; take it through autograd so .grad accumulates as usual.
-    backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
+    loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)
 
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
