@@ -31,6 +31,7 @@ from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
+from mmdd.utils.trainer import accelerate_model
 
 log = logging.getLogger(__name__)
 PATHS = ("reference", "ours")
@@ -40,18 +41,29 @@ class GradientPath:
     """One way of computing an iteration's gradients: a trajectory source and a meta-gradient strategy.
     Everything else (draws, segment, loss) is the distillation's own (mmdd.methods.distill_module)."""
 
-    def __init__(self, model, layout, config, strategy, source):
+    def __init__(self, model, layout, config, strategy, source, autocast: torch.dtype | None = None):
         self.model, self.layout, self.config = model, layout, config
         self.strategy = strategy
         self.source = source  # (expert, start epoch) -> (start params, target params)
+        self.autocast = autocast  # hardware.precision bf16-mixed / 16-mixed: what Lightning wraps a step in
 
     def gradients(self, syn, gen: torch.Generator, device) -> torch.Tensor:
         cfg = self.config
         expert, start_epoch = draw_segment_start(gen, self.source.n_experts, cfg.max_start_epoch)
         start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
         seg = build_segment(self.model, self.layout, syn, cfg, start, target, gen, device)
-        loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
+        with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
         return loss
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    precision = str(precision)
+    if precision.startswith("bf16") and precision.endswith("mixed"):
+        return torch.bfloat16
+    if precision.startswith("16") and precision.endswith("mixed"):
+        return torch.float16
+    return None
 
 
 class InMemory:
@@ -111,10 +123,13 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
 
     cached = caches_features(mc, model)
+    fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)
     paths = {
         "reference": GradientPath(model, layout, mc, REFERENCE[mc.meta_gradient],
                                   FromDisk(store, model.modality_parameter_names(), experts)),
-        "ours": GradientPath(model, layout, mc, strategy_for(mc, model), InMemory(trajectories)),
+        # mmdd's path also gets the hardware's speed switches (channels-last, compile, autocast; all off on CPU).
+        "ours": GradientPath(fast, layout, mc, strategy_for(mc, fast), InMemory(trajectories),
+                             autocast_dtype(cfg.hardware.precision)),
     }
 
     def fresh():
@@ -157,6 +172,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "method": str(cfg.method.name), "budget": budget, "pairs": len(syn0), "dataset": str(cfg.data.name),
         "model": str(cfg.model.name), "device": str(device), "meta_gradient": mc.meta_gradient,
         "syn_steps": mc.syn_steps, "batch_syn": mc.batch_syn, "cached_backbone_features": bool(cached),
+        "precision": str(cfg.hardware.precision), "channels_last": fast.channels_last,
+        "compiled_backbone": fast.compiled,
         "iterations": int(b.iterations), "warmup": int(b.warmup),
         "sec_per_iter": med, "seconds": timings, "speedup": med["reference"] / med["ours"],
         "peak_mem_mb": memory, "memory_kind": PeakMemory(device).kind,

@@ -14,7 +14,7 @@ def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device)
     """The backbone's features of a split's images, batch by batch (no grad; caller sets eval mode)."""
     for s in range(0, data.num_images, batch_size):
         idx = range(s, min(s + batch_size, data.num_images))
-        yield model.backbone(normalize(data.image_batch(idx).to(device), mean, std))
+        yield model.features(normalize(data.image_batch(idx).to(device), mean, std))
 
 
 class BackboneFeatures:

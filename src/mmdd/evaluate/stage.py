@@ -22,6 +22,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import config_hash, resolved_config, task_overrides, to_plain
 from mmdd.utils.io import atomic_write_json
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
+from mmdd.utils.trainer import accelerate_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
 
     def build_model():
-        return build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size))
+        return accelerate_model(build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size)), cfg.hardware)
 
     label = label or manifest.get("method", "synthetic")
     loss = str(cfg.protocol.loss)

@@ -160,7 +160,7 @@ def train_student(
     inputs = images.detach().cpu()
     if features is not None:
         with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
-            inputs = torch.cat([model.backbone(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
+            inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
     select_split = {"val": "val", "test_best": "test", "last": None}[str(p.selection)]
     module = StudentModule(
         model,

@@ -152,10 +152,11 @@ class ForgettingCoreset(RandomCoreset):
         from mmdd.data.transforms import augment_config
         from mmdd.models.dual_encoder import build_dual_encoder
         from mmdd.teachers.expert_module import ExpertModule
-        from mmdd.utils.trainer import build_trainer
+        from mmdd.utils.trainer import accelerate_model, build_trainer
 
         torch.manual_seed(int(cfg.seed))
-        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)),
+                                 cfg.hardware)
         t = cfg.teacher
         module = ExpertModule(model, float(t.lr), float(t.momentum), float(t.weight_decay), cfg.data.mean, cfg.data.std,
                               augment_config(cfg.data.augment if t.augment else None))

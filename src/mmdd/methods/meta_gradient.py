@@ -151,7 +151,7 @@ def with_cached_features(strategy, chunk: int | None = None):
     """
 
     def run(seg: Segment, backward: Callable[[torch.Tensor], None]):
-        backbone, images = seg.model.backbone, seg.images
+        backbone, images = seg.model.features, seg.images
         if chunk:
             with torch.no_grad():
                 feats = torch.cat([backbone(images[i : i + chunk]) for i in range(0, len(images), chunk)])

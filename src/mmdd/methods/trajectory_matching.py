@@ -18,7 +18,7 @@ from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
-from mmdd.utils.trainer import build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class TrajectoryMatching(Method):
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         self.check_model(model)
+        accelerate_model(model, cfg.hardware, second_order=True)
         trajectories = load_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)

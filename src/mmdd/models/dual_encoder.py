@@ -50,6 +50,8 @@ class DualEncoder(nn.Module):
         self.trainable = trainable
         self.text_dim = text_dim
         self.embed_dim = embed_dim
+        self.channels_last = False
+        self._compiled_backbone = None  # a plain function, so it is neither a submodule nor in the state dict
         if trainable == "heads":
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
@@ -74,9 +76,31 @@ class DualEncoder(nn.Module):
                 image.append(name)
         return {"image": image, "text": text}
 
+    # -- speed switches (hardware.channels_last, hardware.compile) ----------------------
+    def accelerate(self, channels_last: bool = False, compile: bool = False) -> "DualEncoder":
+        """Channels-last memory format for the backbone's weights and inputs, and/or a `torch.compile`d
+        backbone. Neither changes what is computed: parameters keep their values and names, and
+        trajectories are flattened in logical order. The compiled backbone only supports first-order
+        autograd through it (see mmdd.utils.trainer.accelerate_model)."""
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self._compiled_backbone = torch.compile(self.backbone.forward) if compile else None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_backbone is not None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of (normalised) images, through the speed switches."""
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (self._compiled_backbone or self.backbone)(images)
+
     # -- forward ----------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_head(self.backbone(images)), dim=-1)
+        return F.normalize(self.image_head(self.features(images)), dim=-1)
 
     def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(text_emb), dim=-1)
@@ -92,7 +116,7 @@ class DualEncoder(nn.Module):
         and text embeddings both become lam * x + (1 - lam) * x[perm], with one shared perm.
         `from_features=True`: `images` are already backbone features (a frozen backbone's, cached).
         """
-        feats = images if from_features else self.backbone(images)
+        feats = images if from_features else self.features(images)
         if mix is None:
             return self.similarity(F.normalize(self.image_head(feats), dim=-1), self.encode_text(text_emb))
         lam, perm = mix

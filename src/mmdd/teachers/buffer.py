@@ -19,7 +19,7 @@ from mmdd.utils.config import teacher_hash, to_plain
 from mmdd.utils.io import atomic_write_json
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def run_buffer(cfg, data=None) -> Path:
             log.info("expert %d already complete in %s; skipping", e, store.root)
             continue
         seed_everything(expert_seed(int(tcfg.seed), e))
-        model = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
+        model = accelerate_model(build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)), cfg.hardware)
         module = ExpertModule(
             model,
             lr=float(tcfg.lr),

@@ -26,7 +26,7 @@ from mmdd.utils.config import data_identity, to_plain
 from mmdd.utils.io import atomic_write, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_pretrain(cfg, data=None) -> Path:
     # Train the whole network; the checkpoint being produced must not be loaded into it.
     model_cfg = OmegaConf.merge(cfg.model, {"trainable": "backbone_and_heads", "image": {"checkpoint": None}})
     seed_everything(int(cfg.pretrain.seed))
-    model = build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size))
+    model = accelerate_model(build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size)), cfg.hardware)
     p = cfg.pretrain
     module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment_config(cfg.data.augment))

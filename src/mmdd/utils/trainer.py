@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
+
+
+def accelerate_model(model, hw, second_order: bool = False):
+    """Apply `hardware.channels_last` and `hardware.compile` to a dual encoder (both default off).
+
+    torch.compile has no double backward, so the backbone is compiled only where autograd goes through it
+    once: teachers, students, pre-training, and distillation when the backbone is frozen. Distilling through
+    a trainable backbone (`second_order=True`) differentiates its gradient, and keeps it uncompiled.
+    """
+    compile = bool(hw.get("compile", False))
+    if compile and second_order and model.trainable != "heads":
+        log.warning("hardware.compile is not applied to the backbone here: distilling through a trainable "
+                    "backbone needs double backward, which torch.compile does not support")
+        compile = False
+    return model.accelerate(channels_last=bool(hw.get("channels_last", False)), compile=compile)
 
 
 def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
