@@ -21,6 +21,7 @@ COMMANDS = {
 }
 
 log = logging.getLogger("mmdd")
+STAGE_ENV = "MMDD_STAGE"  # the stage of a process that Lightning's DDP launcher re-started
 
 
 def _task(stage: str):
@@ -31,6 +32,9 @@ def _task(stage: str):
         quiet_third_party()
 
         try:
+            from mmdd.utils.preflight import preflight
+
+            preflight(cfg, stage)
             if stage == "buffer":
                 from mmdd.teachers.buffer import run_buffer
 
@@ -44,6 +48,8 @@ def _task(stage: str):
 
                     data = load_data(cfg)  # train for distilling, val/test for the students after
                 syn_dir = run_distill(cfg, data)
+                if not is_rank_zero():
+                    return None  # the other processes of a multi-process distillation stop here
                 print(f"synthetic set: {syn_dir}")
                 if cfg.get("evaluate"):
                     return evaluate_and_print(cfg, syn_dir, data)
@@ -68,6 +74,12 @@ def _task(stage: str):
     return task
 
 
+def is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def evaluate_and_print(cfg, synthetic=None, data=None) -> float | None:
     from mmdd.evaluate.stage import run_evaluate
     from mmdd.report.table import markdown_table, result_row
@@ -88,6 +100,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Distillation's "data loader" is just the iteration count; resuming it mid-epoch loses nothing.
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def usage() -> str:
@@ -100,6 +114,9 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    relaunched = os.environ.get(STAGE_ENV)
+    if relaunched in STAGES and "LOCAL_RANK" in os.environ and (not argv or argv[0] not in STAGES):
+        argv = [relaunched, *argv]  # a rank > 0 started by Lightning's DDP launcher (see below)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -117,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # W&B's per-run console banners drown the stage's output; runs are still written (see README).
     os.environ.setdefault("WANDB_SILENT", "true")
-    sys.argv = [f"mmdd-{stage}"] + argv[1:]
+    # Lightning's DDP launcher starts ranks > 0 by re-running `python <sys.argv[0]> <sys.argv[1:]>` (or
+    # `python -m <module>`) with LOCAL_RANK set: keep argv[0] a real file and hand the stage over in the environment.
+    os.environ[STAGE_ENV] = stage
+    sys.argv = [os.path.abspath(__file__)] + argv[1:]
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     app()
 

@@ -187,7 +187,9 @@ def train_student(
         shuffle=True,
         generator=gen,
     )
-    trainer = build_trainer(cfg, loggers, max_epochs=int(p.epochs), log_every_n_steps=1)
+    # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
+    trainer = build_trainer(cfg, loggers, max_epochs=int(p.epochs), log_every_n_steps=1, devices=1, num_nodes=1,
+                            strategy="auto")
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     seconds = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
 from mmdd.synthetic.synthetic_set import SyntheticSet
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -113,10 +116,27 @@ def strategy_for(config: MatchingConfig, model):
     return strategy
 
 
+class NonFiniteLoss(MmddError):
+    """Too many consecutive iterations with a NaN/inf matching loss or gradient (the set in memory is still the
+    last good one: `save`), or an outer step that overflowed (it is not)."""
+
+    def __init__(self, message: str, save: bool = True):
+        super().__init__(message)
+        self.save = save
+
+
 class DistillModule(L.LightningModule):
     def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int,
-                 probe=None, diagnostics_every: int = 0):
+                 probe=None, diagnostics_every: int = 0, identity: dict | None = None, max_nonfinite: int = 10):
         super().__init__()
+        # What this run distils (mmdd.utils.config.distill_identity): a checkpoint resumes only into the same.
+        self.identity = identity
+        # Iterations with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
+        self.max_nonfinite = int(max_nonfinite)
+        self.nonfinite_in_a_row = 0
+        self.skipped_iterations = 0
+        self._resume_rng: torch.Tensor | None = None
+        self.seed = int(seed)
         # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
         self.probe = probe
         self.diagnostics_every = int(diagnostics_every)
@@ -157,6 +177,50 @@ class DistillModule(L.LightningModule):
             momentum=self.config.momentum,
         )
 
+    def setup(self, stage: str) -> None:
+        # Every rank draws its own experts, start epochs and batches; rank 0 draws what a single process does.
+        from mmdd.methods.distributed import rank_seed
+
+        self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
+
+    # -- checkpoints: everything an uninterrupted run would still have in memory --------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from mmdd.methods.distributed import gather_states
+
+        checkpoint["mmdd"] = {
+            "identity": self.identity,
+            "world_size": self.trainer.world_size,
+            "generator": gather_states(self, self.generator.get_state()),  # [world, ...]: each rank's draws
+            "torch_rng": gather_states(self, torch.get_rng_state()),  # dropout masks
+            "cuda_rng": gather_states(self, torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None,
+            "history": self.history,
+            "diagnostics": self.diagnostics,
+            "skipped_iterations": self.skipped_iterations,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from mmdd.errors import ArtifactError
+        from mmdd.utils.config import config_differences
+
+        state = checkpoint.get("mmdd")
+        if state is None:
+            raise ArtifactError("the checkpoint is not a distillation checkpoint of mmdd (no 'mmdd' state)")
+        if self.identity is not None and state["identity"] != self.identity:
+            diffs = "; ".join(config_differences(state["identity"], self.identity))
+            raise ArtifactError(f"the checkpoint was written by another distillation ({diffs}); resume with the "
+                                "settings it was made with, or start a fresh run in a new directory")
+        world = self.trainer.world_size
+        if state["world_size"] != world:
+            raise MmddError(f"the checkpoint was written by {state['world_size']} processes, this run has {world}; "
+                            "resume with the same hardware.devices x hardware.num_nodes")
+        rank = self.global_rank
+        self.generator.set_state(state["generator"][rank])
+        # Applied when the first resumed iteration starts: starting the data loader draws from the global RNG.
+        self._resume_rng = (state["torch_rng"][rank], None if state["cuda_rng"] is None else state["cuda_rng"][rank])
+        self.history = state["history"]
+        self.diagnostics = state["diagnostics"]
+        self.skipped_iterations = state.get("skipped_iterations", 0)
+
     def on_fit_start(self):
         self.trajectories = {m: t.to(self.device) for m, t in self.trajectories.items()}
         if self.probe is not None:
@@ -174,13 +238,65 @@ class DistillModule(L.LightningModule):
         loss, terms = strategy_for(self.config, self.model)(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
         return loss, terms, expert, start
 
+    def average_gradients(self) -> None:
+        """Mean of the synthetic set's gradients over the ranks (each rank matched its own trajectory)."""
+        if self.trainer.world_size == 1:
+            return
+        for p in self.syn.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
+
+    def gradients_are_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=self.device)
+        for p in self.syn.parameters():
+            if p.grad is not None:
+                bad = bad + (~torch.isfinite(p.grad)).any().float()
+        if self.trainer.world_size > 1:  # every rank skips, or none does
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return float(bad) == 0.0
+
+    def skip_nonfinite(self, step: int) -> None:
+        """The set, step sizes, S and momentum stay as they were; stop after `max_nonfinite` in a row."""
+        self.nonfinite_in_a_row += 1
+        self.skipped_iterations += 1
+        self.log("distill/skipped_iterations", float(self.skipped_iterations), on_step=True, batch_size=1)
+        log.warning("iteration %d: NaN/inf matching loss or gradient; step skipped (%d in a row)", step,
+                    self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.max_nonfinite:
+            raise NonFiniteLoss(
+                f"{self.nonfinite_in_a_row} iterations in a row had a NaN/inf matching loss or gradient (up to "
+                f"iteration {step}); stopped. The synthetic set is left as it was before them. Lower the outer "
+                "learning rates (method.lr_img, lr_txt, lr_lr) or method.lr_init, or raise max_nonfinite"
+            )
+
     def training_step(self, batch, batch_idx):
+        if self._resume_rng is not None:
+            cpu, cuda = self._resume_rng
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            self._resume_rng = None
         t0 = time.perf_counter()
         opt = self.optimizers()
         opt.zero_grad()
         loss, terms, expert, start = self.iteration()
+        self.average_gradients()
+        if not self.gradients_are_finite(loss):
+            # No optimizer step: the set and the momentum stay; the step count does not advance, so the run
+            # still makes method.iterations outer steps (the next iteration draws anew).
+            opt.zero_grad()
+            self.skip_nonfinite(self.global_step + 1)
+            return
+        self.nonfinite_in_a_row = 0
         opt.step()
         self.syn.clamp_lrs_(self.config.lr_min)
+        if not all(torch.isfinite(p).all() for p in self.syn.parameters()):
+            # Finite gradients, but the step overflowed: the set in memory is lost; the last saved one is not.
+            raise NonFiniteLoss(
+                f"the outer step of iteration {self.global_step} made the synthetic set non-finite (overflow); "
+                "stopped without saving it: the set and checkpoint last written (save_every) are intact. "
+                "Lower the outer learning rates (method.lr_img, lr_txt, lr_lr)", save=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0

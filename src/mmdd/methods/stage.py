@@ -44,6 +44,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     try:
         t0 = time.perf_counter()
         syn = method.synthesize(cfg, data, out_dir, loggers)
+        if not method.is_global_zero:
+            return out_dir  # rank 0 of a multi-process run writes the set
         history = getattr(method, "history", [])
         stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}
         extra = {"complete": True, "iteration": len(history), "distill_stats": stats}

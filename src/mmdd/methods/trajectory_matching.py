@@ -12,12 +12,14 @@ from torch.utils.data import DataLoader
 from mmdd.errors import MmddError
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.evaluate.diagnostics import CollapseProbe
-from mmdd.methods.distill_module import DistillModule, MatchingConfig
+from mmdd.methods.distill_module import DistillModule, MatchingConfig, NonFiniteLoss
+from mmdd.methods.distributed import distill_strategy
 from mmdd.methods.matching import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
+from mmdd.utils.config import distill_identity
 from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
@@ -55,17 +57,47 @@ def load_checked_trajectories(cfg, model, max_experts: int | None = None) -> dic
     return trajectories
 
 
-class SaveSyntheticEvery(L.Callback):
-    """Saves the synthetic set every `every` iterations (and the caller saves at the end)."""
+CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
 
-    def __init__(self, every: int, save_fn):
-        self.every = every
-        self.save_fn = save_fn
+
+class DistillCheckpoint(L.Callback):
+    """Every `every` outer steps: the synthetic set so far (rank 0) and a Lightning checkpoint to resume from
+    (set, S, step sizes, optimizer momentum, step, every rank's RNG states, history); the checkpoint again at
+    the end, so a finished run can be extended with more iterations. Both are written atomically."""
+
+    def __init__(self, every: int, path: Path, save_set):
+        self.every, self.path, self.save_set = every, Path(path), save_set
+        self.last_saved = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step % self.every == 0:
-            self.save_fn(step)
+        if self.every and step % self.every == 0 and step != self.last_saved:  # a skipped iteration keeps the step
+            self.last_saved = step
+            if trainer.is_global_zero:
+                self.save_set(step)
+            trainer.save_checkpoint(self.path)  # every rank takes part (RNG states are gathered); rank 0 writes
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step != self.last_saved:
+            trainer.save_checkpoint(self.path)
+
+
+def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `resume=auto` takes this run's own if one exists (a rerun in the same
+    directory, a requeued SLURM job); `resume=<path>` a checkpoint file or a synthetic-set directory; `resume=false`
+    starts over."""
+    resume = cfg.get("resume", "auto")
+    if resume in (None, False, "false", "never"):
+        return None
+    if str(resume) == "auto":
+        own = out_dir / CHECKPOINT
+        return own if own.exists() else None
+    path = Path(str(resume))
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise MmddError(f"resume={resume}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
+                        f"distill (it holds {CHECKPOINT}) or the .ckpt file, or resume=auto")
+    return path
 
 
 class TrajectoryMatching(Method):
@@ -104,17 +136,31 @@ class TrajectoryMatching(Method):
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
         every = int(cfg.get("diagnostics_every") or 0)
         probe = self.collapse_probe(cfg, model, trajectories, train, len(syn)) if every else None
-        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed), probe=probe, diagnostics_every=every)
+        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed), probe=probe,
+                               diagnostics_every=every, identity=distill_identity(cfg),
+                               max_nonfinite=int(cfg.get("max_nonfinite", 10)))
 
         def save(step: int) -> None:
             save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False})
 
-        callbacks = [SaveSyntheticEvery(int(cfg.save_every), save)]
-        trainer = build_trainer(cfg, loggers, callbacks, max_epochs=1)
+        ckpt = resume_checkpoint(cfg, out_dir)
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+        callbacks = [DistillCheckpoint(int(cfg.save_every), out_dir / CHECKPOINT, save)]
+        # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
+        trainer = build_trainer(cfg, loggers, callbacks, max_steps=self.config.iterations, max_epochs=-1,
+                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False)
         iterations = DataLoader(range(self.config.iterations), batch_size=1)
-        trainer.fit(module, iterations)
+        try:
+            trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None)
+        except NonFiniteLoss as exc:
+            if exc.save and trainer.is_global_zero:
+                save(module.global_step)  # the last good set, marked incomplete
+            raise
         self.history = module.history
         self.diagnostics = module.diagnostics
+        self.is_global_zero = trainer.is_global_zero
+        self.world_size = trainer.world_size
         return syn
 
     def check_model(self, model) -> None:

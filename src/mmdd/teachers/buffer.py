@@ -13,6 +13,7 @@ from mmdd.data.datamodule import PairDataset, load_data
 from mmdd.data.transforms import augment_config
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import teacher_hash, to_plain
@@ -47,10 +48,22 @@ def run_buffer(cfg, data=None) -> Path:
         epochs=int(tcfg.epochs),
         teacher=to_plain(tcfg),
     )
-    done = set(store.completed_experts())
+    # One process per job: experts are claimed, so several `mmdd buffer` jobs fill one store together.
+    # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.
+    ddp = str(cfg.hardware.strategy).startswith("ddp")
+    claims = None if ddp else ExpertClaims(store.root, float(cfg.get("claim_stale_minutes", 120)))
+    busy = []
     for e in range(int(tcfg.num_experts)):
-        if e in done:
+        if e in store.completed_experts():  # re-listed: another process may have finished it meanwhile
             log.info("expert %d already complete in %s; skipping", e, store.root)
+            continue
+        if claims is not None and not claims.try_claim(e):
+            owner = claims.owner(e) or {}
+            log.info("expert %d is being trained by %s (pid %s); skipping", e, owner.get("host"), owner.get("pid"))
+            busy.append(e)
+            continue
+        if claims is not None and e in store.completed_experts():  # finished between the two checks
+            claims.release(e)
             continue
         seed_everything(expert_seed(int(tcfg.seed), e))
         model = accelerate_model(build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)), cfg.hardware)
@@ -63,7 +76,7 @@ def run_buffer(cfg, data=None) -> Path:
             std=cfg.data.std,
             augment=augment_config(cfg.data.augment if tcfg.augment else None),
         )
-        recorder = TrajectoryRecorder(module.trainable_names())
+        recorder = TrajectoryRecorder(module.trainable_names(), heartbeat=(lambda e=e: claims.refresh(e)) if claims else None)
         loader = DataLoader(
             PairDataset(train, unit=str(cfg.data.train_unit)),
             batch_size=int(tcfg.batch_size),
@@ -76,6 +89,8 @@ def run_buffer(cfg, data=None) -> Path:
         try:
             trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
             trainer.fit(module, loader)
+            if not trainer.is_global_zero:
+                continue
             store.save_expert(e, recorder.trajectory())
             model.to("cpu")
             metrics = {}
@@ -88,6 +103,11 @@ def run_buffer(cfg, data=None) -> Path:
             log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
         finally:
             finish_loggers(loggers)
+            if claims is not None:
+                claims.release(e)
+    if busy:
+        log.warning("experts %s were being trained by other processes; rerun `mmdd buffer` (or wait for them) before "
+                    "distilling with all %d", busy, int(tcfg.num_experts))
     return store.root
 
 

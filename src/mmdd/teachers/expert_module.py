@@ -52,9 +52,10 @@ class ExpertModule(L.LightningModule):
 class TrajectoryRecorder(L.Callback):
     """Records the trainable parameters at epoch 0 (before training) and after every epoch."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], heartbeat=None):
         self.names = names
         self.snapshots: list[dict[str, torch.Tensor]] = []
+        self.heartbeat = heartbeat  # called every epoch: keeps this process's claim on the expert fresh
 
     def _snapshot(self, pl_module: ExpertModule) -> None:
         named = dict(pl_module.model.named_parameters())
@@ -66,6 +67,8 @@ class TrajectoryRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._snapshot(pl_module)
+        if self.heartbeat is not None:
+            self.heartbeat()
 
     def trajectory(self) -> dict[str, torch.Tensor]:
         """{name: [epochs+1, *shape]}"""

@@ -59,3 +59,30 @@ def resolved_config(cfg) -> dict:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:  # e.g. ${hydra:...} under the compose API: keep them unresolved
         return OmegaConf.to_container(cfg, resolve=False)
+
+
+def distill_identity(cfg) -> dict:
+    """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings,
+    seed and budget. `method.iterations` may grow (resume a finished run to extend it); hardware, logging
+    and evaluation settings may change."""
+    method = {k: v for k, v in to_plain(cfg.method).items() if k != "iterations"}
+    return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher),
+            "method": method, "seed": int(cfg.seed), "budget": int(cfg.budget)}
+
+
+def flat_items(tree, prefix: str = "") -> dict:
+    """{"a.b.c": value} for a nested dict, for naming the fields in which two configs differ."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(flat_items(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
+    """'field: old -> new' for every field that differs (at most `limit`)."""
+    a, b = flat_items(old), flat_items(new)
+    diffs = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+             if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])

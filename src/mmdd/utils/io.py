@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,6 +28,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            from mmdd.errors import MmddError
+
+            raise MmddError(f"could not write {path}: {exc.strerror} (the previous version, if any, is intact); "
+                            "free disk space or fix the directory's permissions, then rerun: runs resume") from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

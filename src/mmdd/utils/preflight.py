@@ -1,0 +1,54 @@
+"""Fail before the work, not after it: every place a stage will write is checked when the stage starts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mmdd.errors import MmddError
+
+# Config keys whose directories a stage writes (besides the run directory, paths.output_dir).
+STAGE_OUTPUTS = {
+    "buffer": ["buffer_dir", "paths.data_dir", "paths.cache_dir"],
+    "distill": ["synthetic_dir", "paths.cache_dir"],
+    "evaluate": ["paths.cache_dir"],
+    "pretrain": ["pretrain.output", "paths.data_dir", "paths.cache_dir"],
+    "run": ["buffer_dir", "paths.data_dir", "paths.cache_dir"],
+    "bench": [],
+}
+
+
+def check_writable(path: str | Path, key: str, min_free_mb: float) -> None:
+    """`path` (a directory, created if missing) can be written, and its disk has `min_free_mb` free."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mmdd-write-check-") as f:
+            f.write(b"mmdd")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise MmddError(f"cannot write to {path} ({key}): {exc.strerror or exc}; make it writable or set {key}=<another "
+                        "directory>") from exc
+    free_mb = shutil.disk_usage(path).free / 2**20
+    if free_mb < min_free_mb:
+        raise MmddError(f"only {free_mb:.0f} MB free on the disk that holds {path} ({key}); this run wants at least "
+                        f"{min_free_mb:.0f} MB (paths.min_free_mb): free some space, or point {key} elsewhere")
+
+
+def preflight(cfg, stage: str) -> None:
+    """Check the run directory and every output location of `stage` before any data is loaded."""
+    min_free = float(cfg.paths.get("min_free_mb", 0) or 0)
+    keys = ["paths.output_dir", *STAGE_OUTPUTS.get(stage, [])]
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if node is not None else None
+        if node is None:
+            continue
+        path = Path(str(node))
+        if key == "pretrain.output":
+            path = path.parent  # a file
+        check_writable(path, key, min_free)

@@ -1,0 +1,212 @@
+"""Never lose work: kill-and-resume, extending a finished run, NaN steps, 2-process DDP distillation."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, run_mmdd
+
+TINY_DISTILL = [o for o in TINY if not o.startswith("method.iterations")] + ["logger=none", "evaluate=false"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    return root
+
+
+def distill(root: Path, run: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_mmdd(["distill", *TINY_DISTILL, *overrides, f"hydra.run.dir=outputs/{run}"], root, check=check)
+
+
+def the_set(root: Path, run: str) -> dict[str, torch.Tensor]:
+    return load_file(str(root / "outputs" / run / "synthetic" / "synthetic.safetensors"))
+
+
+def manifest(root: Path, run: str) -> dict:
+    import json
+
+    return json.loads((root / "outputs" / run / "synthetic" / "manifest.json").read_text())
+
+
+def assert_same_set(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
+    n = 300  # long enough that the kill lands mid-run (a tiny iteration is ~20 ms)
+    distill(root, "straight", f"method.iterations={n}", "save_every=5")
+
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=5",
+           "hydra.run.dir=outputs/killed"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = root / "outputs/killed/synthetic/checkpoint/last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few more checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = manifest(root, "killed")["iteration"]
+    assert not manifest(root, "killed")["complete"] and 0 < killed_at < n
+
+    out = distill(root, "killed", f"method.iterations={n}", "save_every=5")  # same command, same directory
+    assert "resuming from" in out.stderr + out.stdout
+    assert manifest(root, "killed")["complete"]
+    assert_same_set(the_set(root, "killed"), the_set(root, "straight"))
+    history = __import__("json").loads((root / "outputs/killed/synthetic/history.json").read_text())
+    assert [h["iteration"] for h in history] == list(range(1, n + 1))
+
+
+def test_a_finished_run_extends_with_more_iterations(root):
+    distill(root, "short_then_long", "method.iterations=7", "save_every=0")
+    distill(root, "short_then_long", "method.iterations=12", "save_every=0")
+    distill(root, "long", "method.iterations=12", "save_every=0")
+    assert manifest(root, "short_then_long")["iteration"] == 12
+    assert_same_set(the_set(root, "short_then_long"), the_set(root, "long"))
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(root):
+    distill(root, "other", "method.iterations=3")
+    proc = distill(root, "other", "method.iterations=3", "method.lr_img=7", check=False)
+    assert proc.returncode == 2
+    assert "another distillation" in proc.stderr and "(method.lr_img: 200 -> 7)" in proc.stderr
+    proc = distill(root, "fresh", "method.iterations=3", "resume=outputs/nowhere", check=False)
+    assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
+
+
+def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_set(root):
+    proc = distill(root, "nan", "method.iterations=50", "method.lr_img=1e35", "max_nonfinite=3", check=False)
+    assert proc.returncode == 2
+    assert "3 iterations in a row had a NaN/inf" in proc.stderr
+    assert (proc.stdout + proc.stderr).count("step skipped") == 3
+    m = manifest(root, "nan")
+    assert not m["complete"] and m["iteration"] >= 1
+    assert all(torch.isfinite(t).all() for t in the_set(root, "nan").values())
+
+
+def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root):
+    """gloo, 2 CPU processes: each rank matches its own expert/start/batches; the set's update is the one a
+    single process makes with both samples' gradients averaged."""
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.data.datamodule import load_data
+    from mmdd.methods.distill_module import DistillModule, build_segment, draw_segment_start, strategy_for
+    from mmdd.methods.distributed import rank_seed
+    from mmdd.methods.matching import ParamLayout
+    from mmdd.methods.trajectory_matching import load_checked_trajectories
+    from mmdd.models.dual_encoder import build_dual_encoder
+    from mmdd.paths import conf_dir
+    from hydra.utils import instantiate
+
+    iterations = 2
+    distill(root, "ddp", f"method.iterations={iterations}", "hardware.devices=2", "hardware.strategy=ddp")
+    assert not (root / "outputs/ddp/synthetic_rank1").exists()
+
+    overrides = [o for o in TINY_DISTILL if o != "evaluate=false"] + [f"method.iterations={iterations}"]
+    os.environ["MMDD_ROOT"] = str(root)
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("distill", overrides=[*overrides, "paths.output_dir=unused"])
+        train = load_data(cfg, splits=("train",))["train"]
+        method = instantiate(cfg.method)
+        torch.manual_seed(int(cfg.seed))
+        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trajectories = load_checked_trajectories(cfg, model, method.config.max_experts)
+    finally:
+        del os.environ["MMDD_ROOT"]
+    syn = method.initial_set(cfg, train, int(cfg.budget))
+    mc, layout = method.config, ParamLayout.from_model(model)
+    opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
+    gens = [torch.Generator().manual_seed(rank_seed(int(cfg.seed), r)) for r in range(2)]
+    n_experts = trajectories["image"].shape[0]
+    for _ in range(iterations):
+        grads = []
+        for gen in gens:  # rank r's sample
+            opt.zero_grad()
+            e, s = draw_segment_start(gen, n_experts, mc.max_start_epoch)
+            seg = build_segment(model, layout, syn, mc, {m: t[e, s] for m, t in trajectories.items()},
+                                {m: t[e, s + mc.expert_epochs] for m, t in trajectories.items()}, gen)
+            strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+            grads.append([p.grad.clone() for p in syn.parameters()])
+        for p, g0, g1 in zip(syn.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+        syn.clamp_lrs_(mc.lr_min)
+    ddp = the_set(root, "ddp")
+    # Not bit-equal: each of the two processes runs on half the CPU threads, so kernels sum in another order.
+    assert torch.allclose(ddp["images"], syn.images.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ddp["texts"], syn.texts.detach(), rtol=1e-5, atol=1e-5)
+    for m in ("image", "text"):
+        assert torch.allclose(ddp[f"lr_{m}"], syn.lrs[m].detach().reshape(1), rtol=1e-5)
+    # and it is not what one process makes alone
+    distill(root, "single", f"method.iterations={iterations}")
+    assert (the_set(root, "single")["images"] - ddp["images"]).abs().max() > 1e-2
+
+
+def buffer_cmd(root: Path, run: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "mmdd.cli", "buffer", *TINY, "logger=none", *overrides, f"hydra.run.dir=outputs/{run}"]
+
+
+def trained_experts(log: str) -> set[int]:
+    import re
+
+    return {int(m) for m in re.findall(r"expert (\d+): test r_mean", log)}
+
+
+def test_two_buffer_processes_fill_one_store_without_clashing(root):
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    store = root / "outputs/artifacts/shared"
+    procs = [subprocess.Popen(buffer_cmd(root, f"buf_{i}", "teacher.num_experts=4", f"buffer_dir={store}"), cwd=root,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    trained = [trained_experts(log) for log in logs]
+    assert trained[0] | trained[1] == {0, 1, 2, 3} and not trained[0] & trained[1], trained  # each exactly once
+    assert sorted(p.name for p in store.glob("expert_*.safetensors")) == [f"expert_{e:03d}.safetensors" for e in range(4)]
+    assert not list(store.glob("*.claim")) and not list(store.glob("*.stale-*"))
+
+
+def test_claims_of_dead_processes_are_taken_over_and_live_ones_respected(root):
+    import json
+    import socket
+
+    store = root / "outputs/artifacts/claims"
+    store.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    (store / "expert_001.claim").write_text(json.dumps({"host": host, "pid": gone.pid}))  # a killed run's claim
+    (store / "expert_002.claim").write_text(json.dumps({"host": host, "pid": os.getpid()}))  # alive: this test
+    proc = run_mmdd(["buffer", *TINY, "logger=none", "teacher.num_experts=3", f"buffer_dir={store}",
+                     "hydra.run.dir=outputs/claims_1"], root)
+    out = proc.stdout + proc.stderr
+    assert trained_experts(out) == {0, 1}
+    assert "taking over a stale claim" in out and f"expert 2 is being trained by {host} (pid {os.getpid()})" in out
+    assert (store / "expert_001.safetensors").exists() and not (store / "expert_002.safetensors").exists()
+    assert (store / "expert_002.claim").exists() and not (store / "expert_001.claim").exists()
+
+
+def test_unwritable_output_and_a_full_disk_fail_before_any_work(root):
+    blocker = root / "a_file"
+    blocker.write_text("not a directory")
+    proc = distill(root, "nowhere", "method.iterations=2", f"synthetic_dir={blocker}/synthetic", check=False)
+    assert proc.returncode == 2
+    assert f"cannot write to {blocker}/synthetic (synthetic_dir)" in proc.stderr
+    assert "loaded" not in proc.stdout  # failed before reading data or trajectories
+    proc = distill(root, "full", "method.iterations=2", "paths.min_free_mb=1e12", check=False)
+    assert proc.returncode == 2 and "MB free on the disk that holds" in proc.stderr and "paths.min_free_mb" in proc.stderr
