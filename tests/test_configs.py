@@ -104,3 +104,32 @@ def test_paper_cells_hold_the_published_settings():
     assert cfg_for("distill", ["experiment=paper/lors_coco_200", "paths.output_dir=/tmp/x"]).method.iterations == 2000
     m = cfg_for("distill", ["experiment=paper/mtt_vl_flickr_100", "paths.output_dir=/tmp/x"]).method
     assert m.batch_syn is None and m.lr_img == 1000 and m.meta_gradient == "full"
+
+
+@pytest.mark.parametrize("override, field, says", [
+    ("protocol.epochs=abc", "protocol.epochs", "could not be converted to Integer"),
+    ("teacher.lr=fast", "teacher.lr", "could not be converted to Float"),
+    ("hardware.compile=maybe", "hardware.compile", "is not a valid bool"),
+    ("hardware.devicez=2", "hardware.devicez", "not in 'HardwareConfig'"),
+    ("protocol.num_seed=2", "protocol.num_seed", "not in 'ProtocolConfig'"),
+])
+def test_typed_groups_refuse_wrong_types_and_unknown_keys_when_composing(override, field, says):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        cfg_for("distill", ["paths.output_dir=/tmp/x", override])
+    text = f"{err.value} {err.value.__cause__}"
+    assert field in text and says in text
+
+
+@pytest.mark.parametrize("group", ["hardware", "protocol", "teacher"])
+def test_every_file_of_a_typed_group_fills_its_schema(group):
+    from omegaconf import OmegaConf
+
+    from mmdd.config_schema import SCHEMAS
+
+    for f in sorted((conf_dir() / group).glob("*.yaml")):
+        cfg = cfg_for("distill", ["paths.output_dir=/tmp/x", f"{group}={f.stem}"])
+        node = cfg[group]
+        assert OmegaConf.get_type(node) is SCHEMAS[group], f
+        assert not OmegaConf.missing_keys(node), (f, OmegaConf.missing_keys(node))

@@ -6,6 +6,10 @@ from pathlib import Path
 
 
 def conf_dir() -> Path:
+    """The config tree (every Hydra entry point asks for it, so the typed schemas are registered here too)."""
+    from mmdd.config_schema import register_schemas
+
+    register_schemas()
     here = Path(__file__).resolve().parent
     for candidate in (here / "conf", here.parents[1] / "conf"):
         if (candidate / "base.yaml").exists():

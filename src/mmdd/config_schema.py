@@ -1,0 +1,76 @@
+"""Typed schemas of the config groups whose keys every file of the group shares (Hydra structured configs).
+
+Each YAML file of these groups lists its schema first in its defaults, so Hydra checks at composition time,
+before anything runs, that no key is misspelt or missing and that every value has the right type, e.g.
+`mmdd distill protocol.epochs=abc` stops with "Value 'abc' of type 'str' could not be converted to Integer".
+Methods are validated by their own dataclasses (`MatchingConfig`), since matching methods and coresets differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class HardwareConfig:
+    accelerator: str = MISSING  # cpu | gpu
+    devices: Any = MISSING  # an int, a list of device ids, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    num_threads: Optional[int] = None
+    deterministic: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class ProtocolConfig:
+    name: str = MISSING
+    num_seeds: int = MISSING
+    epochs: int = MISSING
+    lr_decay_epoch: int = MISSING
+    lr_decay: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    batch_size: int = MISSING
+    lr_source: str = MISSING  # learned | fixed
+    lr: float = MISSING
+    eval_every: int = MISSING
+    selection: str = MISSING  # val | test_best | last
+    loss: str = MISSING  # set | infonce | wbce | bce | kl | mse
+    label_temperature: float = MISSING
+    trainable: Optional[str] = None  # null | heads
+    cache_features: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    num_experts: int = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    batch_size: int = MISSING
+    augment: bool = MISSING
+    seed: int = 0
+
+
+SCHEMAS = {"hardware": HardwareConfig, "protocol": ProtocolConfig, "teacher": TeacherConfig}
+_registered = False
+
+
+def register_schemas() -> None:
+    """Store each schema as `<group>/_schema` (idempotent); conf/<group>/*.yaml start from it."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, node in SCHEMAS.items():
+        cs.store(group=group, name="_schema", node=node)
+    _registered = True
