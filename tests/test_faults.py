@@ -210,3 +210,19 @@ def test_unwritable_output_and_a_full_disk_fail_before_any_work(root):
     assert "loaded" not in proc.stdout  # failed before reading data or trajectories
     proc = distill(root, "full", "method.iterations=2", "paths.min_free_mb=1e12", check=False)
     assert proc.returncode == 2 and "MB free on the disk that holds" in proc.stderr and "paths.min_free_mb" in proc.stderr
+
+
+def test_students_spread_over_jobs_pool_into_the_same_cell(root):
+    from mmdd.report.collect import collect
+
+    distill(root, "spread_set", "method.iterations=2")
+    syn = root / "outputs/spread_set/synthetic"
+    common = ["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=2"]
+    run_mmdd([common[0], "-m", *common[1:], "students=0,1", "hydra.sweep.dir=outputs/spread"], root)
+    run_mmdd([*common, "hydra.run.dir=outputs/together"], root)
+    spread, together = collect([root / "outputs/spread"]), collect([root / "outputs/together"])
+    (a,), (b,) = spread.cells, together.cells
+    assert len(a.runs) == 2 and a.seeds == "1×2" and b.seeds == "1×2"
+    assert a.stats()[0] == b.stats()[0]
+    proc = run_mmdd([*common, "students=2", "hydra.run.dir=outputs/bad_students"], root, check=False)
+    assert proc.returncode == 2 and "indices must lie in 0..1" in proc.stderr

@@ -89,7 +89,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         label_temperature = float(manifest.get("label_temperature", label_temperature))
     with torch.no_grad():
         similarity = syn.similarity_matrix()
-    seeds = [int(cfg.seed) * 100 + k for k in range(int(cfg.protocol.num_seeds))]
+    seeds = [int(cfg.seed) * 100 + k for k in student_indices(cfg)]
     results_path = out_dir / "results.json"
     this_hash = config_hash(cfg)
     per_seed = finished_seeds(results_path, this_hash, manifest.get("config_hash"), seeds)
@@ -151,6 +151,24 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     final = results(complete=True)
     atomic_write_json(results_path, final)
     return final
+
+
+def student_indices(cfg) -> list[int]:
+    """Which of the protocol's `num_seeds` students this job trains: all of them, or `students=<k>` / `[k, ...]`,
+    so that a multirun (`students=0,1,2`) spreads one set's students over jobs; `mmdd table` pools them."""
+    n = int(cfg.protocol.num_seeds)
+    chosen = cfg.get("students")
+    if chosen is None:
+        return list(range(n))
+    try:
+        idx = [int(chosen)] if isinstance(chosen, (int, str)) else [int(k) for k in chosen]
+    except (TypeError, ValueError):
+        raise MmddError(f"students={chosen}: give a student index or a list of them, e.g. students=0 or "
+                        "students=[0,2]") from None
+    bad = [k for k in idx if not 0 <= k < n]
+    if bad or not idx:
+        raise MmddError(f"students={chosen}: indices must lie in 0..{n - 1} (protocol.num_seeds={n})")
+    return idx
 
 
 def finished_seeds(path: Path, cfg_hash: str, synthetic_hash: str | None, seeds: list[int]) -> list[dict]:

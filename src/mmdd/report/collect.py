@@ -19,7 +19,7 @@ from mmdd.evaluate.retrieval import METRIC_KEYS
 log = logging.getLogger(__name__)
 
 # Overrides that say which run of a cell this is, or where it wrote, not what was run.
-NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "experiment_name", "buffer_dir",
+NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "students", "experiment_name", "buffer_dir",
                     "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs"}
 NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "data.root", "hydra/")
 STAGES_WITH_RESULTS = ("distill", "evaluate", "run")
@@ -38,9 +38,19 @@ class Cell:
     def label(self) -> str:
         return f"{self.method} ({self.variant})" if self.variant else self.method
 
+    def students_by_set(self) -> dict[str, dict[int, dict]]:
+        """{synthetic set: {student seed: test metrics}}: the students of one set may come from several jobs
+        (`students=` spreads them), and a student evaluated twice counts once."""
+        out: dict[str, dict[int, dict]] = {}
+        for i, r in enumerate(self.runs):
+            per_set = out.setdefault(str(r.get("synthetic") or f"run{i}"), {})
+            for s in r.get("seeds", []):
+                per_set.setdefault(int(s.get("seed", len(per_set))), s["test"])
+        return out
+
     @property
     def evaluations(self) -> list[dict]:
-        return [s["test"] for r in self.runs for s in r.get("seeds", [])]
+        return [t for students in self.students_by_set().values() for t in students.values()]
 
     def stats(self) -> tuple[dict, dict | None]:
         """Mean and sample std of each metric over all student evaluations of all runs."""
@@ -51,10 +61,11 @@ class Cell:
 
     @property
     def seeds(self) -> str:
-        """'runs×students', e.g. 3×3: distillation seeds times student seeds per run."""
-        students = sorted({len(r.get("seeds", [])) for r in self.runs})
-        per_run = str(students[0]) if len(students) == 1 else "/".join(map(str, students))
-        return f"{len(self.runs)}×{per_run}"
+        """'sets×students', e.g. 3×3: distilled sets (distillation seeds) times students per set."""
+        by_set = self.students_by_set()
+        students = sorted({len(v) for v in by_set.values()})
+        per_set = str(students[0]) if len(students) == 1 else "/".join(map(str, students))
+        return f"{len(by_set)}×{per_set}"
 
 
 @dataclass
