@@ -226,3 +226,16 @@ def test_students_spread_over_jobs_pool_into_the_same_cell(root):
     assert a.stats()[0] == b.stats()[0]
     proc = run_mmdd([*common, "students=2", "hydra.run.dir=outputs/bad_students"], root, check=False)
     assert proc.returncode == 2 and "indices must lie in 0..1" in proc.stderr
+
+
+def test_one_expert_trained_with_ddp_on_two_processes_is_written_once(root):
+    store = root / "outputs/artifacts/ddp_buffer"
+    proc = run_mmdd(["buffer", *TINY, "logger=none", "hardware.devices=2", "hardware.strategy=ddp",
+                     f"buffer_dir={store}", "hydra.run.dir=outputs/ddp_buffer"], root)
+    assert proc.stdout.count("trajectory store:") == 1  # rank 0 reports; rank 1 only trains
+    assert trained_experts(proc.stdout + proc.stderr) == {0, 1}
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    s = TrajectoryStore.open(store)
+    assert s.completed_experts() == [0, 1]
+    assert s.load_expert(1)["text_head.projection.weight"].shape[0] == 4  # epochs + 1 snapshots

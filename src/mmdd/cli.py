@@ -38,7 +38,9 @@ def _task(stage: str):
             if stage == "buffer":
                 from mmdd.teachers.buffer import run_buffer
 
-                print(f"trajectory store: {run_buffer(cfg)}")
+                store = run_buffer(cfg)
+                if is_rank_zero():
+                    print(f"trajectory store: {store}")
             elif stage == "distill":
                 from mmdd.methods.stage import run_distill
 
