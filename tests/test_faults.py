@@ -239,3 +239,15 @@ def test_one_expert_trained_with_ddp_on_two_processes_is_written_once(root):
     s = TrajectoryStore.open(store)
     assert s.completed_experts() == [0, 1]
     assert s.load_expert(1)["text_head.projection.weight"].shape[0] == 4  # epochs + 1 snapshots
+
+
+def test_a_corrupted_checkpoint_is_refused_not_loaded(root):
+    distill(root, "corrupt", "method.iterations=4", "save_every=2")
+    ckpt = root / "outputs/corrupt/synthetic/checkpoint/last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated
+    before = the_set(root, "corrupt")
+    proc = distill(root, "corrupt", "method.iterations=8", check=False)
+    assert proc.returncode == 2 and f"checkpoint {ckpt} cannot be used" in proc.stderr and "resume=false" in proc.stderr
+    assert_same_set(the_set(root, "corrupt"), before)  # nothing overwritten
+    distill(root, "corrupt", "method.iterations=8", "resume=false")  # starts over
+    assert manifest(root, "corrupt")["complete"] and manifest(root, "corrupt")["iteration"] == 8

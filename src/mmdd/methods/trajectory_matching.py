@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mmdd.errors import MmddError
+from mmdd.errors import ArtifactError, MmddError
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.distill_module import DistillModule, MatchingConfig, NonFiniteLoss
@@ -91,12 +91,24 @@ def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
         return None
     if str(resume) == "auto":
         own = out_dir / CHECKPOINT
-        return own if own.exists() else None
+        return check_readable(own) if own.exists() else None
     path = Path(str(resume))
     path = path / CHECKPOINT if path.is_dir() else path
     if not path.is_file():
         raise MmddError(f"resume={resume}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
                         f"distill (it holds {CHECKPOINT}) or the .ckpt file, or resume=auto")
+    return check_readable(path)
+
+
+def check_readable(path: Path) -> Path:
+    """Refuse a truncated or corrupted checkpoint with its path, before Lightning fails deep inside torch.load."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "mmdd" not in state or "state_dict" not in state:
+            raise ValueError("not a distillation checkpoint of mmdd")
+    except Exception as exc:  # torch.load raises many kinds on garbage (pickle, zip, EOF, ...)
+        raise ArtifactError(f"checkpoint {path} cannot be used ({type(exc).__name__}: {exc}); delete it, or rerun with "
+                            "resume=false to start over (the synthetic set saved beside it is kept until then)") from exc
     return path
 
 
