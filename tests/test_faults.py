@@ -134,15 +134,18 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
     gens = [torch.Generator().manual_seed(rank_seed(int(cfg.seed), r)) for r in range(2)]
     n_experts = trajectories["image"].shape[0]
+    losses = []
     for _ in range(iterations):
-        grads = []
+        grads, step_losses = [], []
         for gen in gens:  # rank r's sample
             opt.zero_grad()
             e, s = draw_segment_start(gen, n_experts, mc.max_start_epoch)
             seg = build_segment(model, layout, syn, mc, {m: t[e, s] for m, t in trajectories.items()},
                                 {m: t[e, s + mc.expert_epochs] for m, t in trajectories.items()}, gen)
-            strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+            loss, _ = strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+            step_losses.append(float(loss))
             grads.append([p.grad.clone() for p in syn.parameters()])
+        losses.append(sum(step_losses) / 2)
         for p, g0, g1 in zip(syn.parameters(), *grads):
             p.grad = (g0 + g1) / 2
         opt.step()
@@ -153,6 +156,8 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     assert torch.allclose(ddp["texts"], syn.texts.detach(), rtol=1e-5, atol=1e-5)
     for m in ("image", "text"):
         assert torch.allclose(ddp[f"lr_{m}"], syn.lrs[m].detach().reshape(1), rtol=1e-5)
+    history = __import__("json").loads((root / "outputs/ddp/synthetic/history.json").read_text())
+    assert [h["distill/matching_loss"] for h in history] == pytest.approx(losses, rel=1e-5)  # mean over ranks
     # and it is not what one process makes alone
     distill(root, "single", f"method.iterations={iterations}")
     assert (the_set(root, "single")["images"] - ddp["images"]).abs().max() > 1e-2
