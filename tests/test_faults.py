@@ -256,3 +256,9 @@ def test_a_corrupted_checkpoint_is_refused_not_loaded(root):
     assert_same_set(the_set(root, "corrupt"), before)  # nothing overwritten
     distill(root, "corrupt", "method.iterations=8", "resume=false")  # starts over
     assert manifest(root, "corrupt")["complete"] and manifest(root, "corrupt")["iteration"] == 8
+
+
+def test_ddp_inside_a_local_multirun_is_refused_before_it_relaunches_the_sweep(root):
+    proc = run_mmdd(["distill", "-m", *TINY_DISTILL, "method.iterations=2", "hardware.devices=2",
+                     "hardware.strategy=ddp", "seed=0,1", "hydra.sweep.dir=outputs/ddp_multirun"], root, check=False)
+    assert proc.returncode == 2 and "inside a local multirun" in proc.stderr

@@ -46,4 +46,28 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
         num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
+    refuse_ddp_in_local_multirun(kwargs["strategy"])
     return L.Trainer(**kwargs)
+
+
+def refuse_ddp_in_local_multirun(strategy) -> None:
+    """Lightning starts DDP ranks > 0 by re-running the command line; inside a Hydra multirun that command is the
+    whole sweep. SLURM jobs (submitit, one task per device) start their ranks themselves and are fine."""
+    import os
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if not (isinstance(strategy, DDPStrategy) or str(strategy).startswith("ddp")):
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    from mmdd.errors import MmddError
+
+    raise MmddError("hardware.strategy=ddp inside a local multirun (-m): Lightning would start the whole sweep again "
+                    "in every extra process. Run each multi-GPU job as a single run, or launch the sweep with "
+                    "hydra/launcher=slurm hydra.launcher.tasks_per_node=<devices per node>")
