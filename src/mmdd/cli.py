@@ -27,6 +27,8 @@ STAGE_ENV = "MMDD_STAGE"  # the stage of a process that Lightning's DDP launcher
 def _task(stage: str):
     def task(cfg) -> float | None:
         """Runs the stage; returns the val objective (val r_mean) where the stage evaluates, for sweepers."""
+        from hydra.errors import InstantiationException
+
         from mmdd.errors import MmddError
 
         quiet_third_party()
@@ -71,6 +73,11 @@ def _task(stage: str):
                 return run_all(cfg)["objective"]
         except MmddError as exc:
             print(f"mmdd {stage}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except InstantiationException as exc:  # hydra.utils.instantiate wraps a method's own config errors
+            if not isinstance(exc.__cause__, MmddError):
+                raise
+            print(f"mmdd {stage}: error: {exc.__cause__}", file=sys.stderr)
             sys.exit(2)
 
     return task

@@ -129,7 +129,8 @@ def load_blip_split(ann_file: Path, image_root: Path, split: str, preprocess: bo
         b.add(e["image"], caps, where)
     out = b.done()
     if not out.image_paths:
-        raise DataError(f"{ann_file}: the {split} split has no entries")
+        raise DataError(f"{ann_file}: the {split} split has no entries; every split (train, val, test) needs at least "
+                        "one image: add entries, or point data.ann_files to the right file")
     return out
 
 
@@ -212,5 +213,6 @@ def load_pairs_table(ann_file: Path, image_root: Path, split: str, preprocess: b
             raise DataError(f"{ann_file}: line {reader.line_num} is not valid CSV ({exc})") from exc
     out = b.done()
     if not out.image_paths:
-        raise DataError(f"{ann_file}: the {split} split has no rows")
+        raise DataError(f"{ann_file}: the {split} split has no rows; every split (train, val, test) needs at least one "
+                        "image: add (image, caption) rows, or point data.ann_files to the right file")
     return out

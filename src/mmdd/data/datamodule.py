@@ -100,7 +100,9 @@ def load_annotations(data_cfg) -> dict[str, Split]:
         splits = load_karpathy(Path(str(data_cfg.ann_file)), image_root, preprocess=pre, max_words=max_words)
         for s in SPLITS:
             if s not in splits or not splits[s].image_paths:
-                raise DataError(f"{data_cfg.ann_file}: the {s!r} split has no images (field images[].split)")
+                raise DataError(f"{data_cfg.ann_file}: the {s!r} split has no images (field images[].split); every "
+                                "split (train, val, test) needs at least one image: mark some images as "
+                                f"split {s!r}, or use another split file")
         return splits
     if fmt == "table":
         ann_dir = Path(str(data_cfg.ann_dir))

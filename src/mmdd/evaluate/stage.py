@@ -35,6 +35,7 @@ def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) 
             f"synthetic set {where} holds {manifest['text_dim']}-d text embeddings "
             f"({manifest.get('text_encoder')}), but model.text={cfg.model.text.name_or_path} gives {text_dim}-d; "
             "evaluate with the text encoder the set was distilled with"
+            + (f" (model.text.name_or_path={manifest['text_encoder']})" if manifest.get("text_encoder") else "")
         )
     if manifest.get("text_encoder") not in (None, str(cfg.model.text.name_or_path)):
         raise ArtifactError(

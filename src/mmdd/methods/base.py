@@ -32,14 +32,23 @@ class Method:
         raise NotImplementedError
 
 
-def check_budget(budget: int, train: SplitData) -> None:
+def check_budget(budget, train: SplitData) -> int:
+    """`budget` (the config value as given: pass `cfg.budget` itself, before any int()) as an int, checked to be
+    a whole number of pairs within 1..train images."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (
+        isinstance(budget, float) and not budget.is_integer()
+    ):
+        raise MmddError(f"budget={budget!r} is not a whole number of pairs; set budget=<positive integer> "
+                        "(the number of image-text pairs of the synthetic set)")
+    budget = int(budget)
     n = train.num_images
     if budget < 1:
-        raise MmddError(f"budget={budget}: the synthetic set needs at least one pair")
+        raise MmddError(f"budget={budget}: the synthetic set needs at least one pair; set budget=<positive integer>")
     if budget > n:
         raise MmddError(
             f"budget={budget} is larger than the train split ({n} images); lower `budget` or use a larger dataset"
         )
+    return budget
 
 
 def real_pairs(train: SplitData, img_idx: list[int], generator: torch.Generator, mean, std):

@@ -95,8 +95,7 @@ class RandomCoreset(Method):
 
     def synthesize(self, cfg, data, out_dir, loggers) -> SyntheticSet:
         train = data["train"]
-        budget = int(cfg.budget)
-        check_budget(budget, train)
+        budget = check_budget(cfg.budget, train)
         chosen = self.select(cfg, train, budget)
         gen = torch.Generator().manual_seed(int(cfg.seed))
         images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)

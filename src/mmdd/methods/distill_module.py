@@ -56,6 +56,7 @@ class MatchingConfig:
     feature_chunk: int | None = None  # None: keep the backbone graph; int: recompute in chunks (bounded memory)
 
     def __post_init__(self):
+        self._check_types()
         if self.inner_loss not in INNER_LOSSES:
             raise MmddError(f"method.inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
         if self.similarity is not None and self.similarity.get("kind") not in SIMILARITY_KINDS:
@@ -70,6 +71,49 @@ class MatchingConfig:
             raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
         if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1 or self.iterations < 1:
             raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
+
+    _INTS = ("syn_steps", "expert_epochs", "max_start_epoch", "iterations")
+    _OPTIONAL_INTS = ("batch_syn", "max_experts", "feature_chunk")
+    _FLOATS = ("lr_img", "lr_txt", "lr_lr", "lr_init", "momentum", "lr_min", "label_temperature", "lr_sim",
+               "sim_momentum")
+    _STRS = ("loss_merge", "init", "meta_gradient", "inner_loss")
+    _OPTIONAL_DICTS = ("similarity", "blend")
+
+    def _check_types(self) -> None:
+        """Values from YAML or a command-line override (`method.syn_steps=abc`) are not typed by Hydra: refuse
+        the wrong kinds here, naming the field, instead of failing deep inside a comparison or a range()."""
+        from collections.abc import Mapping
+
+        def bad(f: str, what: str):
+            v = getattr(self, f)
+            return MmddError(f"method.{f} must be {what}, got {v!r} ({type(v).__name__}); "
+                             f"fix it in conf/method/ or on the command line (method.{f}=...)")
+
+        for f in self._INTS + self._OPTIONAL_INTS:
+            v = getattr(self, f)
+            if v is None and f in self._OPTIONAL_INTS:
+                continue
+            what = "an integer" + (" or null" if f in self._OPTIONAL_INTS else "")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(f, what)
+            if isinstance(v, float):
+                if not v.is_integer():
+                    raise bad(f, what)
+                setattr(self, f, int(v))
+        for f in self._FLOATS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise bad(f, "a finite number")
+            setattr(self, f, float(v))
+        for f in self._STRS:
+            if not isinstance(getattr(self, f), str):
+                raise bad(f, "a string")
+        for f in self._OPTIONAL_DICTS:
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, Mapping):
+                raise bad(f, "a mapping of settings or null")
+        if not isinstance(self.cache_features, bool):
+            raise bad("cache_features", "true or false")
 
 
 def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int) -> tuple[int, int]:
@@ -300,6 +344,9 @@ class DistillModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
+        if self.trainer.world_size > 1:  # the loss of the averaged step: the mean over the ranks' samples
+            loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+            terms = {m: self.trainer.strategy.reduce(v.detach(), reduce_op="mean") for m, v in terms.items()}
         stats = {
             "distill/matching_loss": float(loss.detach()),
             **{f"distill/loss_{m}": float(v.detach()) for m, v in terms.items()},

@@ -135,8 +135,7 @@ class TrajectoryMatching(Method):
 
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> SyntheticSet:
         train = data["train"]
-        budget = int(cfg.budget)
-        check_budget(budget, train)
+        budget = check_budget(cfg.budget, train)
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(int(cfg.seed))

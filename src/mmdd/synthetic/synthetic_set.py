@@ -93,16 +93,25 @@ class SyntheticSet(nn.Module):
             raise ArtifactError(
                 f"no synthetic set at {d} (missing manifest.json); pass synthetic=<dir written by mmdd distill>"
             )
+        again = "distill the set again (`mmdd distill`), or pass synthetic=<another set directory>"
         try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{mpath} is not a synthetic-set manifest (format={manifest.get('format')!r})")
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{mpath} is not valid JSON ({exc}); {again}") from exc
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt != FORMAT:
+            raise ArtifactError(f"{mpath} is not a synthetic-set manifest (format={fmt!r}); "
+                                "pass synthetic=<dir written by mmdd distill>")
+        tpath = d / "synthetic.safetensors"
+        if not tpath.is_file():
+            raise ArtifactError(f"{tpath} is missing (the set's tensors; manifest.json alone is not a set); {again}")
         try:
-            t = load_file(str(d / "synthetic.safetensors"))
-        except (SafetensorError, OSError, FileNotFoundError) as exc:
-            raise ArtifactError(f"{d / 'synthetic.safetensors'} is missing or corrupted: {exc}") from exc
+            t = load_file(str(tpath))
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{tpath} is missing or corrupted ({exc}), e.g. truncated by an interrupted copy; "
+                                f"{again}") from exc
+        for key, value in check_tensors(t, manifest, tpath, again).items():
+            manifest.setdefault(key, value)
         lrs = {k[3:]: t[k] for k in t if k.startswith("lr_")}
         similarity = None
         if manifest.get("similarity"):
@@ -115,6 +124,23 @@ class SyntheticSet(nn.Module):
                 raise ArtifactError(f"{d}: similarity parameters do not match the manifest: {exc}") from exc
         syn = cls(t["images"], t["texts"], lrs, similarity)
         return syn, manifest
+
+
+def check_tensors(t: dict[str, torch.Tensor], manifest: dict, path: Path, fix: str) -> dict:
+    """The tensors a set needs are in its file, with the shapes its manifest states; returns those shapes."""
+    for key in ("images", "texts", "lr_image", "lr_text"):
+        if key not in t:
+            raise ArtifactError(f"{path} lacks the tensor {key!r} (it holds {sorted(t)}); {fix}")
+    images, texts = t["images"], t["texts"]
+    if images.dim() != 4 or texts.dim() != 2 or images.shape[0] != texts.shape[0]:
+        raise ArtifactError(f"{path}: images {list(images.shape)} and texts {list(texts.shape)} are not N pairs of "
+                            f"[N,3,H,W] images and [N,D] texts; {fix}")
+    stated = {"num_pairs": images.shape[0], "image_shape": list(images.shape[1:]), "text_dim": texts.shape[1]}
+    for key, actual in stated.items():
+        if key in manifest and manifest[key] != actual:
+            raise ArtifactError(f"{path} holds {key}={actual}, but manifest.json beside it says {manifest[key]}: the "
+                                f"two files come from different sets; {fix}")
+    return stated
 
 
 def load_captions(directory: str | Path) -> list[str] | None:

@@ -5,17 +5,21 @@ Layout (readable without mmdd: JSON + safetensors):
     <root>/expert_000.safetensors  one tensor per trainable parameter, shape [epochs+1, *param_shape]
 
 An expert file appears only when the expert is complete (atomic rename), so a killed
-`mmdd buffer` keeps every finished expert and a rerun skips them.
+`mmdd buffer` keeps every finished expert and a rerun skips them. An expert file that is damaged
+afterwards (truncated by a copy, overwritten) is not loaded: reading it raises ArtifactError naming
+the file, and a rerun of `mmdd buffer` moves it aside (to expert_NNN.safetensors.corrupt, bytes
+kept) and trains that expert again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mmdd.errors import ArtifactError
@@ -24,6 +28,8 @@ from mmdd.utils.io import atomic_write, atomic_write_json
 FORMAT = "mmdd-trajectory-store"
 VERSION = 1
 _EXPERT_RE = re.compile(r"^expert_(\d+)\.safetensors$")
+
+log = logging.getLogger(__name__)
 
 
 class TrajectoryStore:
@@ -67,6 +73,7 @@ class TrajectoryStore:
                     f"(config hash {old.get('config_hash')} != {config_hash}; differs in {diffs or 'other settings'}). "
                     "Point buffer_dir at a new directory, or delete the old store."
                 )
+            store.set_aside_corrupt_experts()
             return store
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "manifest.json", manifest)
@@ -79,11 +86,13 @@ class TrajectoryStore:
         if not path.exists():
             raise ArtifactError(f"no trajectory store at {root} (missing manifest.json); run `mmdd buffer` first")
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{path} is not valid JSON ({exc}); delete the store and rerun `mmdd buffer`") from exc
-        if manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{path} is not a trajectory store manifest (format={manifest.get('format')!r})")
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt != FORMAT:
+            raise ArtifactError(f"{path} is not a trajectory store manifest (format={fmt!r}); point buffer_dir at a "
+                                "directory written by `mmdd buffer`")
         return cls(root, manifest)
 
     # -- contents ---------------------------------------------------------------------------
@@ -118,17 +127,64 @@ class TrajectoryStore:
         meta = {"expert": str(idx), "config_hash": self.manifest["config_hash"]}
         return atomic_write(self.expert_path(idx), lambda p: save_file(tensors, str(p), metadata=meta))
 
+    def _expected_shapes(self) -> dict[str, list[int]]:
+        return {n: [self.epochs + 1] + list(self.manifest["param_shapes"][n])
+                for names in self.param_names.values() for n in names}
+
+    def expert_problem(self, idx: int) -> str | None:
+        """Why expert `idx`'s file cannot be used (unreadable header, truncated, a parameter missing or of another
+        shape than the manifest's), or None when it is intact. Reads the header only, not the tensors."""
+        try:
+            with safe_open(str(self.expert_path(idx)), framework="pt") as f:
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            return f"unreadable safetensors file: {exc}"
+        for name, want in self._expected_shapes().items():
+            if name not in shapes:
+                return f"it lacks parameter {name!r}"
+            if shapes[name] != want:
+                return f"parameter {name!r} has shape {shapes[name]}, the manifest says {want}"
+        return None
+
+    def set_aside_corrupt_experts(self) -> list[Path]:
+        """Rename every expert file that cannot be used to expert_NNN.safetensors.corrupt (its bytes are kept), so
+        that `mmdd buffer` counts the expert as not complete and trains it again. Returns the new paths."""
+        moved = []
+        for idx in self.completed_experts():
+            problem = self.expert_problem(idx)
+            if problem is None:
+                continue
+            path = self.expert_path(idx)
+            dest = path.with_name(path.name + ".corrupt")
+            k = 1
+            while dest.exists():
+                dest = path.with_name(f"{path.name}.corrupt{k}")
+                k += 1
+            try:
+                path.rename(dest)
+            except FileNotFoundError:  # another `mmdd buffer` job on this store moved it first
+                continue
+            log.warning("%s is corrupted (%s); moved it to %s, expert %d will be trained again", path, problem,
+                        dest.name, idx)
+            moved.append(dest)
+        return moved
+
     def load_expert(self, idx: int) -> dict[str, torch.Tensor]:
         path = self.expert_path(idx)
+        fix = ("rerun `mmdd buffer` with the settings that made this store: it moves the damaged file aside "
+               "(to .corrupt) and trains that expert again")
         if not path.exists():
             raise ArtifactError(f"{path} is missing; rerun `mmdd buffer` to complete the store")
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{path} is corrupted ({exc}); delete it and rerun `mmdd buffer`") from exc
-        for name in (n for names in self.param_names.values() for n in names):
+            raise ArtifactError(f"{path} is corrupted ({exc}), e.g. truncated by an interrupted copy; {fix}") from exc
+        for name, want in self._expected_shapes().items():
             if name not in tensors:
-                raise ArtifactError(f"{path} lacks parameter {name!r}; delete it and rerun `mmdd buffer`")
+                raise ArtifactError(f"{path} lacks parameter {name!r}; {fix}")
+            if list(tensors[name].shape) != want:
+                raise ArtifactError(f"{path}: parameter {name!r} has shape {list(tensors[name].shape)}, but the store's "
+                                    f"manifest says {want}; {fix}")
         return tensors
 
     def check_model(self, param_names: dict[str, list[str]], param_shapes: dict[str, list[int]], dataset: str) -> None:
@@ -136,7 +192,8 @@ class TrajectoryStore:
         if self.manifest.get("dataset") != dataset:
             raise ArtifactError(
                 f"trajectory store {self.root} was made on dataset {self.manifest.get('dataset')!r}, "
-                f"not {dataset!r}; set buffer_dir to a store for this dataset or run `mmdd buffer data={dataset}`"
+                f"not {dataset!r} (data.name); set buffer_dir to a store recorded on {dataset!r}, or build one "
+                "with `mmdd buffer` and this run's data and model settings"
             )
         if self.param_names != param_names or any(
             list(self.manifest["param_shapes"].get(n, [])) != list(s) for n, s in param_shapes.items()
