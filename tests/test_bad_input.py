@@ -181,6 +181,16 @@ def test_store_from_another_dataset_is_a_clear_error(env, tmp_path):
     assert not (root / "outputs" / "other_dataset" / "synthetic" / "manifest.json").exists()
 
 
+def test_store_from_other_contents_of_the_same_dataset_is_a_clear_error(env):
+    """Same data.name, other images (another generator seed): the store's data hash tells them apart."""
+    root, store = env
+    proc = run_mmdd(["distill", *TINY, *QUIET, "data.generate.seed=1", f"buffer_dir={store}", "evaluate=false",
+                     "hydra.run.dir=outputs/other_contents"], root, check=False)
+    err = cli_error(proc)
+    assert f"trajectory store {store} was recorded on other contents of dataset 'synscenes'" in err
+    assert not (root / "outputs" / "other_contents" / "synthetic" / "manifest.json").exists()
+
+
 # --------------------------------------------------------------------- 3. a set from another text encoder
 def test_set_from_another_text_encoder_is_refused_by_evaluate(env, tmp_path):
     root, _ = env

@@ -19,7 +19,8 @@ from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
-from mmdd.utils.config import distill_identity
+from mmdd.utils.config import data_identity, distill_identity
+from mmdd.utils.io import stable_hash
 from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def load_checked_trajectories(cfg, model, max_experts: int | None = None) -> dic
     store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
     names = model.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name))
+    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
+                      stable_hash(data_identity(cfg.data)))
     trajectories = load_trajectories(store, names, max_experts)
     log.info(
         "loaded %d experts x %d epochs from %s (%s params)",

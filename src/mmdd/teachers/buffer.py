@@ -16,8 +16,8 @@ from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.trajectory_store import TrajectoryStore
-from mmdd.utils.config import teacher_hash, to_plain
-from mmdd.utils.io import atomic_write_json
+from mmdd.utils.config import data_identity, teacher_hash, to_plain
+from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
 from mmdd.utils.trainer import accelerate_model, build_trainer
@@ -47,6 +47,7 @@ def run_buffer(cfg, data=None) -> Path:
         param_shapes={n: shapes[n] for group in names.values() for n in group},
         epochs=int(tcfg.epochs),
         teacher=to_plain(tcfg),
+        data_hash=stable_hash(data_identity(cfg.data)),
     )
     # One process per job: experts are claimed, so several `mmdd buffer` jobs fill one store together.
     # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.

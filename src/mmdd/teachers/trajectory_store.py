@@ -50,6 +50,7 @@ class TrajectoryStore:
         param_shapes: dict[str, list[int]],
         epochs: int,
         teacher: dict,
+        data_hash: str | None = None,
     ) -> "TrajectoryStore":
         root = Path(root)
         manifest = {
@@ -62,6 +63,7 @@ class TrajectoryStore:
             "param_names": param_names,
             "param_shapes": {k: list(v) for k, v in param_shapes.items()},
             "teacher": teacher,
+            "data_hash": data_hash,  # what the data is (not where): mmdd.utils.config.data_identity
         }
         if (root / "manifest.json").exists():
             store = cls.open(root)
@@ -187,13 +189,21 @@ class TrajectoryStore:
                                     f"manifest says {want}; {fix}")
         return tensors
 
-    def check_model(self, param_names: dict[str, list[str]], param_shapes: dict[str, list[int]], dataset: str) -> None:
+    def check_model(self, param_names: dict[str, list[str]], param_shapes: dict[str, list[int]], dataset: str,
+                    data_hash: str | None = None) -> None:
         """Raise a clear error when the store was recorded for another model or dataset."""
         if self.manifest.get("dataset") != dataset:
             raise ArtifactError(
                 f"trajectory store {self.root} was made on dataset {self.manifest.get('dataset')!r}, "
                 f"not {dataset!r} (data.name); set buffer_dir to a store recorded on {dataset!r}, or build one "
                 "with `mmdd buffer` and this run's data and model settings"
+            )
+        recorded = self.manifest.get("data_hash")
+        if data_hash and recorded and recorded != data_hash:
+            raise ArtifactError(
+                f"trajectory store {self.root} was recorded on other contents of dataset {dataset!r} (data hash "
+                f"{recorded} != {data_hash}: other data.generate sizes, annotation files or pre-processing); use the "
+                "data settings it was made with, or build a store for this data with `mmdd buffer` and another buffer_dir"
             )
         if self.param_names != param_names or any(
             list(self.manifest["param_shapes"].get(n, [])) != list(s) for n, s in param_shapes.items()
