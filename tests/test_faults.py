@@ -78,11 +78,25 @@ def test_a_finished_run_extends_with_more_iterations(root):
     assert_same_set(the_set(root, "short_then_long"), the_set(root, "long"))
 
 
+def test_resume_may_change_the_outer_learning_rates_and_records_it(root):
+    """E.g. after a run stopped on NaN losses: continue from the last checkpoint with a lower lr_img."""
+    for run in ("lowered", "kept"):
+        distill(root, run, "method.iterations=4", "save_every=2")
+    distill(root, "lowered", "method.iterations=8", "method.lr_img=20")
+    distill(root, "kept", "method.iterations=8")
+    lowered, kept = manifest(root, "lowered"), manifest(root, "kept")
+    assert lowered["resumed"] == [{"iteration": 4, "changed": ["lr_img: 200.0 -> 20.0"]}]
+    assert kept["resumed"] == [{"iteration": 4, "changed": []}]
+    assert lowered["diagnostics"]["initial"] == kept["diagnostics"]["initial"]  # the first start's, kept
+    step = (the_set(root, "lowered")["images"] - the_set(root, "kept")["images"]).abs().max()
+    assert step > 0  # the new learning rate took effect after iteration 4
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(root):
     distill(root, "other", "method.iterations=3")
-    proc = distill(root, "other", "method.iterations=3", "method.lr_img=7", check=False)
+    proc = distill(root, "other", "method.iterations=3", "method.syn_steps=3", check=False)
     assert proc.returncode == 2
-    assert "another distillation" in proc.stderr and "(method.lr_img: 200 -> 7)" in proc.stderr
+    assert "another distillation" in proc.stderr and "(method.syn_steps: 2 -> 3)" in proc.stderr
     proc = distill(root, "fresh", "method.iterations=3", "resume=outputs/nowhere", check=False)
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
 

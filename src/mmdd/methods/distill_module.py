@@ -180,6 +180,7 @@ class DistillModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.skipped_iterations = 0
         self._resume_rng: torch.Tensor | None = None
+        self.resumes: list[dict] = []  # provenance: at which iterations this run was resumed, and what changed
         self.seed = int(seed)
         # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
         self.probe = probe
@@ -240,6 +241,8 @@ class DistillModule(L.LightningModule):
             "history": self.history,
             "diagnostics": self.diagnostics,
             "skipped_iterations": self.skipped_iterations,
+            "outer": self.outer_settings(),
+            "resumes": self.resumes,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -264,12 +267,29 @@ class DistillModule(L.LightningModule):
         self.history = state["history"]
         self.diagnostics = state["diagnostics"]
         self.skipped_iterations = state.get("skipped_iterations", 0)
+        changed = config_differences(state.get("outer", {}), self.outer_settings())
+        self.resumes = [*state.get("resumes", []), {"iteration": int(checkpoint.get("global_step", 0)),
+                                                    "changed": changed}]
+        if changed:
+            log.info("resuming with other outer settings: %s", "; ".join(changed))
+
+    def outer_settings(self) -> dict:
+        c = self.config
+        return {"lr_img": c.lr_img, "lr_txt": c.lr_txt, "lr_lr": c.lr_lr, "lr_sim": c.lr_sim, "momentum": c.momentum,
+                "sim_momentum": c.sim_momentum}
+
+    def on_train_start(self) -> None:
+        # After Lightning restored the optimizer of a checkpoint: this run's learning rates and momenta apply.
+        fresh = self.configure_optimizers()
+        for group, want in zip(self.optimizers().optimizer.param_groups, fresh.param_groups):
+            group["lr"], group["momentum"] = want["lr"], want["momentum"]
 
     def on_fit_start(self):
         self.trajectories = {m: t.to(self.device) for m, t in self.trajectories.items()}
         if self.probe is not None:
             self.probe.to(self.device)
-            self.diagnostics = {"real": self.probe.reference, "initial": self.probe(self.syn.images, self.syn.texts)}
+            if "initial" not in self.diagnostics:  # a resumed run keeps the first start's
+                self.diagnostics = {"real": self.probe.reference, "initial": self.probe(self.syn.images, self.syn.texts)}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

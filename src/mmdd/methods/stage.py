@@ -51,6 +51,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         extra = {"complete": True, "iteration": len(history), "distill_stats": stats}
         if getattr(method, "diagnostics", None):
             extra["diagnostics"] = method.diagnostics  # modality collapse: real / initial / final
+        if getattr(method, "resumes", None):
+            extra["resumed"] = method.resumes  # from which iterations, with which outer settings changed
         save_synthetic(cfg, syn, data["train"], out_dir, extra)
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []

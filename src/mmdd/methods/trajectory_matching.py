@@ -172,6 +172,7 @@ class TrajectoryMatching(Method):
             raise
         self.history = module.history
         self.diagnostics = module.diagnostics
+        self.resumes = module.resumes
         self.is_global_zero = trainer.is_global_zero
         self.world_size = trainer.world_size
         return syn

@@ -61,11 +61,15 @@ def resolved_config(cfg) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+# Method settings a resumed distillation may change: more iterations (extend a finished run), and the outer
+# optimiser's learning rates and momenta (e.g. lower lr_img after a run stopped on NaN losses).
+RESUMABLE_METHOD_KEYS = ("iterations", "lr_img", "lr_txt", "lr_lr", "lr_sim", "momentum", "sim_momentum")
+
+
 def distill_identity(cfg) -> dict:
-    """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings,
-    seed and budget. `method.iterations` may grow (resume a finished run to extend it); hardware, logging
-    and evaluation settings may change."""
-    method = {k: v for k, v in to_plain(cfg.method).items() if k != "iterations"}
+    """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings
+    (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
+    method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS}
     return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher),
             "method": method, "seed": int(cfg.seed), "budget": int(cfg.budget)}
 
