@@ -80,7 +80,7 @@ def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):
 
     images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
     plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1)
-    cache = BackboneFeatures("ckpt", [0.5] * 3, [0.25] * 3)
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
     cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
     assert cached.best_epoch == plain.best_epoch
     assert cached.test == pytest.approx(plain.test, abs=1e-4)
@@ -91,3 +91,21 @@ def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):
     # a backbone that trains cannot be cached: the same call falls back to pixels
     fallback = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
     assert fallback.test == train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1).test
+
+
+def test_frozen_random_backbones_of_different_students_do_not_share_cached_features(data):
+    """Without a checkpoint every student seed draws its own frozen backbone: the cache must tell them apart."""
+    from mmdd.evaluate.encode import BackboneFeatures
+
+    def heads():  # random init from the student's seed (train_student seeds before building)
+        bb = ConvNet(image_size=8, width=4, depth=1)
+        return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
+
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
+    for seed in (1, 2):
+        plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed)
+        cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed,
+                               features=cache)
+        assert cached.test == pytest.approx(plain.test, abs=1e-4)
+    assert len(cache._cache) == 4  # val and test per backbone

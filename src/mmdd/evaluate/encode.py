@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -17,21 +20,34 @@ def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device)
         yield model.features(normalize(data.image_batch(idx).to(device), mean, std))
 
 
+def backbone_fingerprint(model) -> str:
+    """Hash of the backbone's parameters and buffers: two frozen backbones share features only if this is equal
+    (a loaded checkpoint gives every student the same one; a random initialisation gives each seed its own)."""
+    h = hashlib.sha1()
+    for name, t in sorted({**dict(model.backbone.named_parameters()), **dict(model.backbone.named_buffers())}.items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class BackboneFeatures:
     """Features of a frozen backbone for whole splits, computed once and reused by every student that
     stands on the same backbone (the K seeds of an evaluation, every evaluation point of each).
 
-    Keyed by (backbone checkpoint, split, normalisation); only valid for a frozen, batch-independent
+    Keyed by (backbone fingerprint, split, normalisation); only valid for a frozen, batch-independent
     backbone (`DualEncoder.backbone_is_cacheable`), and students do not augment, so reuse is exact.
     """
 
-    def __init__(self, checkpoint: str | None, mean, std, batch_size: int = 256):
-        self.checkpoint, self.mean, self.std, self.batch_size = checkpoint, list(mean), list(std), batch_size
+    def __init__(self, mean, std, batch_size: int = 256):
+        self.mean, self.std, self.batch_size = list(mean), list(std), batch_size
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen: hashed once per model
 
     @torch.no_grad()
     def split(self, model, data: SplitData) -> torch.Tensor:
-        key = (self.checkpoint, data.split.name, data.num_images, tuple(self.mean), tuple(self.std))
+        if model not in self._fingerprints:
+            self._fingerprints[model] = backbone_fingerprint(model)
+        key = (self._fingerprints[model], data.split.name, data.num_images, tuple(self.mean), tuple(self.std))
         if key not in self._cache:
             was_training = model.training
             model.eval()

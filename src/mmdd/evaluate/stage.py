@@ -100,8 +100,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     t0 = time.perf_counter()
     # Frozen-backbone students share one cache of val/test backbone features across seeds (train_student
     # uses it only when the student's backbone is frozen).
-    features = BackboneFeatures(str(model_cfg.image.get("checkpoint")), cfg.data.mean, cfg.data.std) \
-        if cfg.protocol.cache_features else None
+    features = BackboneFeatures(cfg.data.mean, cfg.data.std) if cfg.protocol.cache_features else None
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
