@@ -109,3 +109,20 @@ def test_frozen_random_backbones_of_different_students_do_not_share_cached_featu
                                features=cache)
         assert cached.test == pytest.approx(plain.test, abs=1e-4)
     assert len(cache._cache) == 4  # val and test per backbone
+
+
+def test_backbone_features_persist_on_disk_for_later_evaluations(data, tmp_path):
+    from mmdd.evaluate.encode import BackboneFeatures
+
+    torch.manual_seed(7)
+    bb = ConvNet(image_size=8, width=4, depth=1)
+    model = DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    first = BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    assert calls and len(list((tmp_path / "backbone_features").glob("*.safetensors"))) == 1
+    calls.clear()
+    again = BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    assert torch.equal(first, again) and not calls  # read back, the backbone never ran
+    BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
+    assert calls  # another dataset: computed anew

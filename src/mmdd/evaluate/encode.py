@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.evaluate.retrieval import retrieval_metrics
+from mmdd.utils.io import atomic_write, stable_hash
+
+log = logging.getLogger(__name__)
 
 
 def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device):
@@ -36,10 +43,15 @@ class BackboneFeatures:
 
     Keyed by (backbone fingerprint, split, normalisation); only valid for a frozen, batch-independent
     backbone (`DualEncoder.backbone_is_cacheable`), and students do not augment, so reuse is exact.
+    With `cache_dir`, splits are also kept on disk (`<cache_dir>/backbone_features/`), so later evaluations
+    (other sets, sweep trials, reruns) on the same backbone and data skip the backbone entirely; `data_key`
+    says which data (mmdd.utils.config.data_identity's hash).
     """
 
-    def __init__(self, mean, std, batch_size: int = 256):
+    def __init__(self, mean, std, batch_size: int = 256, cache_dir: str | Path | None = None, data_key: str = ""):
         self.mean, self.std, self.batch_size = list(mean), list(std), batch_size
+        self.cache_dir = Path(cache_dir) / "backbone_features" if cache_dir else None
+        self.data_key = data_key
         self._cache: dict[tuple, torch.Tensor] = {}
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen: hashed once per model
 
@@ -49,13 +61,36 @@ class BackboneFeatures:
             self._fingerprints[model] = backbone_fingerprint(model)
         key = (self._fingerprints[model], data.split.name, data.num_images, tuple(self.mean), tuple(self.std))
         if key not in self._cache:
+            self._cache[key] = self._from_disk(key, data.num_images)
+        if self._cache[key] is None:
             was_training = model.training
             model.eval()
             device = next(model.parameters()).device
             batches = backbone_batches(model, data, self.mean, self.std, self.batch_size, device)
             self._cache[key] = torch.cat([f.float().cpu() for f in batches])
             model.train(was_training)
+            self._to_disk(key, self._cache[key])
         return self._cache[key]
+
+    def _path(self, key: tuple) -> Path | None:
+        return self.cache_dir / f"{stable_hash([*key, self.data_key], length=20)}.safetensors" if self.cache_dir else None
+
+    def _from_disk(self, key: tuple, rows: int) -> torch.Tensor | None:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            feats = load_file(str(path))["features"]
+        except (SafetensorError, KeyError, OSError) as exc:
+            log.warning("backbone feature cache %s is unreadable (%s); recomputing", path, exc)
+            return None
+        return feats if feats.shape[0] == rows else None
+
+    def _to_disk(self, key: tuple, feats: torch.Tensor) -> None:
+        path = self._path(key)
+        if path is not None:
+            atomic_write(path, lambda p: save_file({"features": feats.contiguous()}, str(p),
+                                                   metadata={"split": str(key[1]), "backbone": str(key[0])}))
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.student import train_student
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.utils.config import config_hash, resolved_config, task_overrides, to_plain
-from mmdd.utils.io import atomic_write_json
+from mmdd.utils.config import config_hash, data_identity, resolved_config, task_overrides, to_plain
+from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.trainer import accelerate_model
 
@@ -100,7 +100,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     t0 = time.perf_counter()
     # Frozen-backbone students share one cache of val/test backbone features across seeds (train_student
     # uses it only when the student's backbone is frozen).
-    features = BackboneFeatures(cfg.data.mean, cfg.data.std) if cfg.protocol.cache_features else None
+    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+                                data_key=stable_hash(data_identity(cfg.data))) if cfg.protocol.cache_features else None
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
