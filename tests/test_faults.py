@@ -109,6 +109,9 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_set(root):
     m = manifest(root, "nan")
     assert not m["complete"] and m["iteration"] >= 1
     assert all(torch.isfinite(t).all() for t in the_set(root, "nan").values())
+    # a checkpoint of that set, so a rerun with lower learning rates continues from it
+    state = torch.load(root / "outputs/nan/synthetic/checkpoint/last.ckpt", weights_only=False)
+    assert state["global_step"] == m["iteration"] and state["mmdd"]["skipped_iterations"] == 3
 
 
 def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root):
@@ -218,6 +221,7 @@ def test_claims_of_dead_processes_are_taken_over_and_live_ones_respected(root):
     assert "taking over a stale claim" in out and f"expert 2 is being trained by {host} (pid {os.getpid()})" in out
     assert (store / "expert_001.safetensors").exists() and not (store / "expert_002.safetensors").exists()
     assert (store / "expert_002.claim").exists() and not (store / "expert_001.claim").exists()
+    assert not list(store.glob("*.stale-*"))  # the moved-away claim is cleaned up with the finished expert
 
 
 def test_unwritable_output_and_a_full_disk_fail_before_any_work(root):

@@ -161,12 +161,7 @@ def strategy_for(config: MatchingConfig, model):
 
 
 class NonFiniteLoss(MmddError):
-    """Too many consecutive iterations with a NaN/inf matching loss or gradient (the set in memory is still the
-    last good one: `save`), or an outer step that overflowed (it is not)."""
-
-    def __init__(self, message: str, save: bool = True):
-        super().__init__(message)
-        self.save = save
+    """Too many consecutive iterations with a NaN/inf matching loss or gradient, or an outer step that overflowed."""
 
 
 class DistillModule(L.LightningModule):
@@ -181,6 +176,7 @@ class DistillModule(L.LightningModule):
         self.skipped_iterations = 0
         self._resume_rng: torch.Tensor | None = None
         self.resumes: list[dict] = []  # provenance: at which iterations this run was resumed, and what changed
+        self.save_before_stop = None  # called on every rank before a stop on repeated NaN losses
         self.seed = int(seed)
         # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
         self.probe = probe
@@ -328,6 +324,8 @@ class DistillModule(L.LightningModule):
         log.warning("iteration %d: NaN/inf matching loss or gradient; step skipped (%d in a row)", step,
                     self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.max_nonfinite:
+            if self.save_before_stop is not None:
+                self.save_before_stop()
             raise NonFiniteLoss(
                 f"{self.nonfinite_in_a_row} iterations in a row had a NaN/inf matching loss or gradient (up to "
                 f"iteration {step}); stopped. The synthetic set is left as it was before them. Lower the outer "
@@ -360,7 +358,7 @@ class DistillModule(L.LightningModule):
             raise NonFiniteLoss(
                 f"the outer step of iteration {self.global_step} made the synthetic set non-finite (overflow); "
                 "stopped without saving it: the set and checkpoint last written (save_every) are intact. "
-                "Lower the outer learning rates (method.lr_img, lr_txt, lr_lr)", save=False)
+                "Lower the outer learning rates (method.lr_img, lr_txt, lr_lr)")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ forward, and the trainable tensors are just the synthetic set's, reduced once pe
 from __future__ import annotations
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
 
@@ -24,15 +25,18 @@ class SyntheticSetDDP(DDPStrategy):
 
 
 def distill_strategy(hw):
-    """The Lightning strategy for distillation under `hardware` (DDP without the wrapper; else unchanged)."""
-    strategy = str(hw.strategy)
-    if strategy == "ddp":
-        return SyntheticSetDDP()
-    if strategy.startswith("ddp"):
-        from mmdd.errors import MmddError
+    """The Lightning strategy for distillation under `hardware`: DDP without the wrapper whenever several
+    processes run (`ddp`, or `auto` with devices/nodes > 1, which Lightning would turn into plain DDP)."""
+    from mmdd.utils.trainer import hardware_processes
 
-        raise MmddError(f"hardware.strategy={strategy}: distillation supports strategy=ddp (or auto) only")
-    return strategy
+    strategy = str(hw.strategy)
+    if hardware_processes(hw) == 1 and strategy in ("auto", "ddp"):
+        return "auto"
+    if strategy in ("auto", "ddp"):
+        return SyntheticSetDDP()
+    from mmdd.errors import MmddError
+
+    raise MmddError(f"hardware.strategy={strategy}: distillation runs on one process or with strategy=ddp (or auto)")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -49,3 +53,41 @@ def gather_states(module, state: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(state) for _ in range(world)]
     torch.distributed.all_gather(out, state)  # on the process group Lightning set up
     return torch.stack(out).cpu()
+
+
+class GuardedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer (atomic), but a failed write (a full disk) is kept instead of raised, so rank 0
+    still reaches the barrier after it and every rank can learn of the failure (`raise_together`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.error: BaseException | None = None
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by raise_together
+            self.error = exc
+
+    def take_error(self) -> BaseException | None:
+        error, self.error = self.error, None
+        return error
+
+
+def raise_together(trainer, device, error: BaseException | None, what: str) -> None:
+    """If any rank failed at `what`, every rank raises (a rank that fails alone would leave the others waiting in
+    the next collective). A full disk or a permission problem becomes a plain MmddError."""
+    from mmdd.errors import MmddError
+    from mmdd.utils.io import write_failure
+
+    failed = torch.tensor(0.0 if error is None else 1.0, device=device)
+    if trainer.world_size > 1:
+        torch.distributed.all_reduce(failed)
+    if error is not None:
+        reason = write_failure(error)
+        if reason is not None and not isinstance(error, MmddError):
+            raise MmddError(f"{what} failed: {reason}; free disk space, then rerun the same command: it resumes "
+                            "from the last checkpoint that was written") from error
+        raise error
+    if float(failed) > 0:
+        raise MmddError(f"{what} failed on another process (see its error); stopping every process")

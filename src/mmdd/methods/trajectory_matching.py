@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.evaluate.diagnostics import CollapseProbe
-from mmdd.methods.distill_module import DistillModule, MatchingConfig, NonFiniteLoss
-from mmdd.methods.distributed import distill_strategy
+from mmdd.methods.distill_module import DistillModule, MatchingConfig
+from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy, raise_together
 from mmdd.methods.matching import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
@@ -75,13 +75,26 @@ class DistillCheckpoint(L.Callback):
         step = trainer.global_step
         if self.every and step % self.every == 0 and step != self.last_saved:  # a skipped iteration keeps the step
             self.last_saved = step
-            if trainer.is_global_zero:
-                self.save_set(step)
-            trainer.save_checkpoint(self.path)  # every rank takes part (RNG states are gathered); rank 0 writes
+            self.save(trainer, pl_module, with_set=True)
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_step != self.last_saved:
-            trainer.save_checkpoint(self.path)
+            self.save(trainer, pl_module, with_set=False)
+
+    def save(self, trainer, pl_module, with_set: bool) -> None:
+        """The set (rank 0), then the checkpoint (every rank takes part: RNG states are gathered; rank 0 writes);
+        a failure on any rank stops every rank, with the last complete checkpoint left as it was."""
+        error = None
+        if with_set and trainer.is_global_zero:
+            try:
+                self.save_set(trainer.global_step)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+                error = exc
+        raise_together(trainer, pl_module.device, error, f"saving the synthetic set at iteration {trainer.global_step}")
+        trainer.save_checkpoint(self.path)
+        io = trainer.strategy.checkpoint_io
+        raise_together(trainer, pl_module.device, io.take_error() if isinstance(io, GuardedCheckpointIO) else None,
+                       f"writing the checkpoint {self.path}")
 
 
 def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
@@ -162,14 +175,13 @@ class TrajectoryMatching(Method):
         callbacks = [DistillCheckpoint(int(cfg.save_every), out_dir / CHECKPOINT, save)]
         # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
         trainer = build_trainer(cfg, loggers, callbacks, max_steps=self.config.iterations, max_epochs=-1,
-                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False)
+                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False,
+                                plugins=[GuardedCheckpointIO()])
         iterations = DataLoader(range(self.config.iterations), batch_size=1)
-        try:
-            trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None)
-        except NonFiniteLoss as exc:
-            if exc.save and trainer.is_global_zero:
-                save(module.global_step)  # the last good set, marked incomplete
-            raise
+        # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
+        # and a checkpoint of it, so a rerun with lower learning rates continues from there.
+        module.save_before_stop = lambda: callbacks[0].save(trainer, module, with_set=True)
+        trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None)
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes

@@ -20,7 +20,7 @@ from mmdd.utils.config import data_identity, teacher_hash, to_plain
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_buffer(cfg, data=None) -> Path:
     )
     # One process per job: experts are claimed, so several `mmdd buffer` jobs fill one store together.
     # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.
-    ddp = str(cfg.hardware.strategy).startswith("ddp")
+    ddp = hardware_processes(cfg.hardware) > 1
     claims = None if ddp else ExpertClaims(store.root, float(cfg.get("claim_stale_minutes", 120)))
     busy = []
     for e in range(int(tcfg.num_experts)):

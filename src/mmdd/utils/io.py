@@ -28,17 +28,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            from mmdd.errors import MmddError
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        from mmdd.errors import MmddError
 
-            raise MmddError(f"could not write {path}: {exc.strerror} (the previous version, if any, is intact); "
-                            "free disk space or fix the directory's permissions, then rerun: runs resume") from exc
-        raise
+        raise MmddError(f"could not write {path}: {reason} (the previous version, if any, is intact); "
+                        "free disk space or fix the directory's permissions, then rerun: runs resume") from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if for a reason the user can fix (a full disk, ...); None for anything else. Writers
+    that are not plain file objects (safetensors, torch.save) report the OS error only in their message."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return _WRITE_ERRNOS[e.errno]
+    text = str(exc)
+    for code, reason in _WRITE_ERRNOS.items():
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return reason
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

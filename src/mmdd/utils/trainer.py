@@ -24,6 +24,26 @@ def accelerate_model(model, hw, second_order: bool = False):
     return model.accelerate(channels_last=bool(hw.get("channels_last", False)), compile=compile)
 
 
+def num_processes(accelerator, devices, num_nodes=1) -> int:
+    """How many processes Lightning will run for these settings (strategy `auto` becomes DDP when > 1)."""
+    from omegaconf import ListConfig
+
+    if isinstance(devices, (list, tuple, ListConfig)):
+        n = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        gpu = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if gpu else 1
+    elif "," in str(devices):
+        n = len([d for d in str(devices).split(",") if d.strip()])
+    else:
+        n = int(devices)
+    return max(n, 1) * int(num_nodes)
+
+
+def hardware_processes(hw) -> int:
+    return num_processes(hw.accelerator, hw.devices, hw.get("num_nodes", 1))
+
+
 def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
     import lightning as L
 
@@ -46,19 +66,16 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
         num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
-    refuse_ddp_in_local_multirun(kwargs["strategy"])
+    if num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"]) > 1:
+        refuse_ddp_in_local_multirun()
     return L.Trainer(**kwargs)
 
 
-def refuse_ddp_in_local_multirun(strategy) -> None:
+def refuse_ddp_in_local_multirun() -> None:
     """Lightning starts DDP ranks > 0 by re-running the command line; inside a Hydra multirun that command is the
     whole sweep. SLURM jobs (submitit, one task per device) start their ranks themselves and are fine."""
     import os
 
-    from lightning.pytorch.strategies import DDPStrategy
-
-    if not (isinstance(strategy, DDPStrategy) or str(strategy).startswith("ddp")):
-        return
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -68,6 +85,7 @@ def refuse_ddp_in_local_multirun(strategy) -> None:
         return
     from mmdd.errors import MmddError
 
-    raise MmddError("hardware.strategy=ddp inside a local multirun (-m): Lightning would start the whole sweep again "
+    raise MmddError("several processes (hardware.devices x num_nodes > 1) inside a local multirun (-m): Lightning "
+                    "would start the whole sweep again "
                     "in every extra process. Run each multi-GPU job as a single run, or launch the sweep with "
                     "hydra/launcher=slurm hydra.launcher.tasks_per_node=<devices per node>")
