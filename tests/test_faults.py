@@ -97,6 +97,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(root):
     proc = distill(root, "other", "method.iterations=3", "method.syn_steps=3", check=False)
     assert proc.returncode == 2
     assert "another distillation" in proc.stderr and "(method.syn_steps: 2 -> 3)" in proc.stderr
+    proc = distill(root, "other", "method.iterations=2", check=False)
+    assert proc.returncode == 2 and "beyond method.iterations=2" in proc.stderr
     proc = distill(root, "fresh", "method.iterations=3", "resume=outputs/nowhere", check=False)
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
 
@@ -247,6 +249,11 @@ def test_students_spread_over_jobs_pool_into_the_same_cell(root):
     (a,), (b,) = spread.cells, together.cells
     assert len(a.runs) == 2 and a.seeds == "1×2" and b.seeds == "1×2"
     assert a.stats()[0] == b.stats()[0]
+    assert not spread.problems
+    run_mmdd([common[0], "-m", *common[1:], "protocol.num_seeds=3", "students=0,1", "hydra.sweep.dir=outputs/spread3"],
+             root)
+    missing = collect([root / "outputs/spread3"]).problems
+    assert len(missing) == 1 and "2 of 3 students evaluated (a `students=` job is missing)" in missing[0]
     proc = run_mmdd([*common, "students=2", "hydra.run.dir=outputs/bad_students"], root, check=False)
     assert proc.returncode == 2 and "indices must lie in 0..1" in proc.stderr
 

@@ -57,7 +57,7 @@ def test_missing_and_partial_runs_are_reported_not_dropped(tmp_path):
     text = "\n".join(col.problems)
     assert "partial, 1 of 3 student seeds" in text
     assert "dead: a `mmdd distill` run without results.json" in text
-    assert "tesla_vl / budget 100: 1 run(s), others have 2" in text
+    assert "tesla_vl / budget 100: 1 set(s), others have 2" in text
     assert "buf" not in text
     # the partial run still shows, with its real seed count
     tesla = next(c for c in col.cells if c.method == "tesla_vl")

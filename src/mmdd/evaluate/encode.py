@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import weakref
 from pathlib import Path
 
@@ -37,6 +38,19 @@ def backbone_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def split_content(data: SplitData) -> str:
+    """Which images a split holds: their paths with each file's size and modification time (so an edited or
+    another dataset of the same name and size never shares cached features)."""
+    h = hashlib.sha1()
+    for p in data.split.image_paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|?\n".encode())
+    return f"{data.num_images}:{h.hexdigest()[:16]}"
+
+
 class BackboneFeatures:
     """Features of a frozen backbone for whole splits, computed once and reused by every student that
     stands on the same backbone (the K seeds of an evaluation, every evaluation point of each).
@@ -54,12 +68,15 @@ class BackboneFeatures:
         self.data_key = data_key
         self._cache: dict[tuple, torch.Tensor] = {}
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen: hashed once per model
+        self._contents: dict[int, str] = {}
 
     @torch.no_grad()
     def split(self, model, data: SplitData) -> torch.Tensor:
         if model not in self._fingerprints:
             self._fingerprints[model] = backbone_fingerprint(model)
-        key = (self._fingerprints[model], data.split.name, data.num_images, tuple(self.mean), tuple(self.std))
+        if id(data) not in self._contents:  # the splits outlive this cache (one evaluation)
+            self._contents[id(data)] = split_content(data)
+        key = (self._fingerprints[model], data.split.name, self._contents[id(data)], tuple(self.mean), tuple(self.std))
         if key not in self._cache:
             self._cache[key] = self._from_disk(key, data.num_images)
         if self._cache[key] is None:

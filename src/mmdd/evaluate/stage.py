@@ -113,7 +113,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "dataset": str(cfg.data.name),
             "seed": manifest.get("seed", int(cfg.seed)),  # the distillation seed (students: seeds[*].seed)
             "protocol": to_plain(cfg.protocol),
-            "synthetic": str(synthetic),
+            "synthetic": str(synthetic.resolve()),
             "synthetic_config_hash": manifest.get("config_hash"),
             "config_hash": this_hash,
             "complete": complete,
@@ -169,7 +169,7 @@ def student_indices(cfg) -> list[int]:
     bad = [k for k in idx if not 0 <= k < n]
     if bad or not idx:
         raise MmddError(f"students={chosen}: indices must lie in 0..{n - 1} (protocol.num_seeds={n})")
-    return idx
+    return sorted(set(idx))
 
 
 def finished_seeds(path: Path, cfg_hash: str, synthetic_hash: str | None, seeds: list[int]) -> list[dict]:

@@ -252,6 +252,10 @@ class DistillModule(L.LightningModule):
             diffs = "; ".join(config_differences(state["identity"], self.identity))
             raise ArtifactError(f"the checkpoint was written by another distillation ({diffs}); resume with the "
                                 "settings it was made with, or start a fresh run in a new directory")
+        done = int(checkpoint.get("global_step", 0))
+        if done > self.config.iterations:
+            raise MmddError(f"the checkpoint is at iteration {done}, beyond method.iterations={self.config.iterations}; "
+                            f"resume with method.iterations >= {done}, or start over with resume=false")
         world = self.trainer.world_size
         if state["world_size"] != world:
             raise MmddError(f"the checkpoint was written by {state['world_size']} processes, this run has {world}; "

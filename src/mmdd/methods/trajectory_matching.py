@@ -104,7 +104,7 @@ def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
     resume = cfg.get("resume", "auto")
     if resume in (None, False, "false", "never"):
         return None
-    if str(resume) == "auto":
+    if str(resume).lower() in ("auto", "true"):
         own = out_dir / CHECKPOINT
         return check_readable(own) if own.exists() else None
     path = Path(str(resume))

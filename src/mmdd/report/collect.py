@@ -48,6 +48,18 @@ class Cell:
                 per_set.setdefault(int(s.get("seed", len(per_set))), s["test"])
         return out
 
+    def incomplete_sets(self) -> list[str]:
+        """Sets whose students were spread over jobs (`students=`) and some job is missing."""
+        out = []
+        for where, students in self.students_by_set().items():
+            runs = [r for r in self.runs if str(r.get("synthetic")) == where]
+            protocol = runs[0].get("protocol") if runs else None
+            wanted = protocol.get("num_seeds") if isinstance(protocol, dict) else None
+            spread = any(r.get("expected_seeds") != wanted for r in runs)
+            if wanted and spread and len(students) < int(wanted):
+                out.append(f"{where}: {len(students)} of {wanted} students evaluated (a `students=` job is missing)")
+        return out
+
     @property
     def evaluations(self) -> list[dict]:
         return [t for students in self.students_by_set().values() for t in students.values()]
@@ -149,12 +161,15 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
     for results, where in found:
         add_run(cells, results, where, problems, common)
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
-    counts = {len(c.runs) for c in ordered}
+    for c in ordered:
+        problems.extend(c.incomplete_sets())
+    counts = {len(c.students_by_set()) for c in ordered}
     if len(counts) > 1:
         most = max(counts)
         for c in ordered:
-            if len(c.runs) < most:
-                problems.append(f"{c.dataset} / {c.label} / budget {c.budget}: {len(c.runs)} run(s), others have {most}")
+            if len(c.students_by_set()) < most:
+                problems.append(f"{c.dataset} / {c.label} / budget {c.budget}: {len(c.students_by_set())} set(s), "
+                                f"others have {most}")
     return Collection(ordered, problems)
 
 

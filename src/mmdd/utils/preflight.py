@@ -10,12 +10,13 @@ from pathlib import Path
 from mmdd.errors import MmddError
 
 # Config keys whose directories a stage writes (besides the run directory, paths.output_dir).
+# (paths.data_dir is added where the stage may generate the embedded dataset; a real dataset may be read-only.)
 STAGE_OUTPUTS = {
-    "buffer": ["buffer_dir", "paths.data_dir", "paths.cache_dir"],
+    "buffer": ["buffer_dir", "paths.cache_dir"],
     "distill": ["synthetic_dir", "paths.cache_dir"],
     "evaluate": ["paths.cache_dir"],
-    "pretrain": ["pretrain.output", "paths.data_dir", "paths.cache_dir"],
-    "run": ["buffer_dir", "paths.data_dir", "paths.cache_dir"],
+    "pretrain": ["pretrain.output", "paths.cache_dir"],
+    "run": ["buffer_dir", "paths.cache_dir"],
     "bench": [],
 }
 
@@ -42,6 +43,8 @@ def preflight(cfg, stage: str) -> None:
     """Check the run directory and every output location of `stage` before any data is loaded."""
     min_free = float(cfg.paths.get("min_free_mb", 0) or 0)
     keys = ["paths.output_dir", *STAGE_OUTPUTS.get(stage, [])]
+    if str(cfg.data.get("format")) == "synscenes":  # generated on first use
+        keys.append("paths.data_dir")
     for key in keys:
         node = cfg
         for part in key.split("."):
