@@ -287,3 +287,22 @@ def test_ddp_inside_a_local_multirun_is_refused_before_it_relaunches_the_sweep(r
     proc = run_mmdd(["distill", "-m", *TINY_DISTILL, "method.iterations=2", "hardware.devices=2",
                      "hardware.strategy=ddp", "seed=0,1", "hydra.sweep.dir=outputs/ddp_multirun"], root, check=False)
     assert proc.returncode == 2 and "inside a local multirun" in proc.stderr
+
+
+def test_a_write_that_fails_mid_run_stops_with_a_message_and_leaves_no_partial_file(root):
+    """A real failing write: the process's file-size limit (RLIMIT_FSIZE) is below the checkpoint's size, so
+    Lightning's checkpoint write fails with EFBIG, like a disk that fills up during the run."""
+    import resource
+
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, "method.iterations=4", "save_every=2",
+           "hydra.run.dir=outputs/limited"]
+    limit = 200 * 1024  # the set (~110 KB) fits, the checkpoint (set + model + optimizer) does not
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "writing the checkpoint" in proc.stderr and "file-size limit" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt_dir = root / "outputs/limited/synthetic/checkpoint"
+    assert not list(ckpt_dir.glob("*"))  # no truncated checkpoint left to resume from
+    assert manifest(root, "limited")["iteration"] == 2  # the set saved before the failure is intact

@@ -86,8 +86,8 @@ def raise_together(trainer, device, error: BaseException | None, what: str) -> N
     if error is not None:
         reason = write_failure(error)
         if reason is not None and not isinstance(error, MmddError):
-            raise MmddError(f"{what} failed: {reason}; free disk space, then rerun the same command: it resumes "
-                            "from the last checkpoint that was written") from error
+            raise MmddError(f"{what} failed: {reason}; fix that (free disk space, permissions, limits), then rerun the "
+                            "same command: it resumes from the last checkpoint that was written") from error
         raise error
     if float(failed) > 0:
         raise MmddError(f"{what} failed on another process (see its error); stopping every process")

@@ -43,7 +43,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EFBIG: "file too large for this process's file-size limit (ulimit -f)"}
 
 
 def write_failure(exc: BaseException) -> str | None:
