@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mmdd.methods.matching import BatchSchedule, ParamLayout
-from mmdd.methods.meta_gradient import Segment, full_unroll, tesla, with_cached_features
+from conftest import toy_segment
+from mmdd.methods.matching import ParamLayout
+from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import symmetric_infonce
@@ -22,20 +23,9 @@ def model(trainable: str) -> DualEncoder:
 
 
 def gradients(m: DualEncoder, strategy, steps: int = 3) -> list[torch.Tensor]:
-    for p in m.parameters():
-        p.requires_grad_(False)
-    lay = ParamLayout.from_model(m)
-    named = dict(m.named_parameters())
-    start = {k: lay.flatten(named, k) for k in ("image", "text")}
-    g = torch.Generator().manual_seed(1)
-    target = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
-    images = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    texts = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    lrs = {k: torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for k in start}
-    seg = Segment(m, lay, start, target, lrs, images, texts, BatchSchedule(4, 3, torch.Generator().manual_seed(3)),
-                  steps, lambda logits, idx: symmetric_infonce(logits))
+    seg = toy_segment(m, steps, lambda logits, idx: symmetric_infonce(logits))
     loss, _ = strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
-    return [loss, images.grad, texts.grad, *(lr.grad for lr in lrs.values())]
+    return [loss, seg.images.grad, seg.texts.grad, *(lr.grad for lr in seg.lrs.values())]
 
 
 @pytest.mark.parametrize("trainable", ["backbone_and_heads", "heads"])

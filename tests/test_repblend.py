@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
-from mmdd.methods.meta_gradient import Segment, full_unroll, tesla, with_cached_features
+from conftest import toy_segment
+from mmdd.methods.matching import Blend, ParamLayout
+from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import weighted_bce
@@ -67,22 +68,9 @@ def test_repblend_refuses_a_model_whose_backbone_trains():
 
 
 def segment(steps):
-    m = heads_model()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    lay = ParamLayout.from_model(m)
-    named = dict(m.named_parameters())
-    start = {k: lay.flatten(named, k) for k in ("image", "text")}
-    g = torch.Generator().manual_seed(1)
-    target = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
-    images = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    texts = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     sim = LowRankSimilarity(4, 2, 1.0, torch.Generator().manual_seed(2)).double()
-    lrs = {k: torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for k in start}
-    seg = Segment(m, lay, start, target, lrs, images, texts, BatchSchedule(4, 3, torch.Generator().manual_seed(3)), steps,
-                  lambda logits, idx: weighted_bce(logits, sim.matrix(idx)), extra=tuple(sim.parameters()),
-                  blend=Blend(1.0, torch.Generator().manual_seed(4)))
-    return seg
+    return toy_segment(heads_model(), steps, lambda logits, idx: weighted_bce(logits, sim.matrix(idx)),
+                       extra=sim.parameters(), blend=Blend(1.0, torch.Generator().manual_seed(4)))
 
 
 def test_tesla_replays_the_blend_of_its_first_pass():

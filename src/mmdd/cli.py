@@ -30,6 +30,7 @@ def _task(stage: str):
         from hydra.errors import InstantiationException
 
         from mmdd.errors import MmddError
+        from mmdd.utils.trainer import is_rank_zero
 
         quiet_third_party()
 
@@ -71,22 +72,15 @@ def _task(stage: str):
                 from mmdd.pipeline import run_all
 
                 return run_all(cfg)["objective"]
-        except MmddError as exc:
-            print(f"mmdd {stage}: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        except InstantiationException as exc:  # hydra.utils.instantiate wraps a method's own config errors
-            if not isinstance(exc.__cause__, MmddError):
+        except (MmddError, InstantiationException) as exc:
+            # hydra.utils.instantiate wraps a method's own config errors (MatchingConfig's checks)
+            error = exc.__cause__ if isinstance(exc, InstantiationException) else exc
+            if not isinstance(error, MmddError):
                 raise
-            print(f"mmdd {stage}: error: {exc.__cause__}", file=sys.stderr)
+            print(f"mmdd {stage}: error: {error}", file=sys.stderr)
             sys.exit(2)
 
     return task
-
-
-def is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def evaluate_and_print(cfg, synthetic=None, data=None) -> float | None:

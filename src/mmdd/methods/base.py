@@ -24,9 +24,6 @@ class Method:
     """
 
     name: str = "method"
-    # Set by `synthesize` when it ran on several processes: only rank 0 saves, evaluates and logs.
-    is_global_zero: bool = True
-    world_size: int = 1
 
     def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> SyntheticSet:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
 from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.utils.config import OUTER_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class DistillModule(L.LightningModule):
         self._resume_rng: torch.Tensor | None = None
         self.resumes: list[dict] = []  # provenance: at which iterations this run was resumed, and what changed
         self.save_before_stop = None  # called on every rank before a stop on repeated NaN losses
+        self._strategy = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
         self.seed = int(seed)
         # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
         self.probe = probe
@@ -274,9 +276,7 @@ class DistillModule(L.LightningModule):
             log.info("resuming with other outer settings: %s", "; ".join(changed))
 
     def outer_settings(self) -> dict:
-        c = self.config
-        return {"lr_img": c.lr_img, "lr_txt": c.lr_txt, "lr_lr": c.lr_lr, "lr_sim": c.lr_sim, "momentum": c.momentum,
-                "sim_momentum": c.sim_momentum}
+        return {k: getattr(self.config, k) for k in OUTER_SETTINGS}
 
     def on_train_start(self) -> None:
         # After Lightning restored the optimizer of a checkpoint: this run's learning rates and momenta apply.
@@ -299,7 +299,9 @@ class DistillModule(L.LightningModule):
         starts = {m: t[expert, start] for m, t in self.trajectories.items()}
         targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
         seg = build_segment(self.model, self.layout, self.syn, self.config, starts, targets, self.generator, self.device)
-        loss, terms = strategy_for(self.config, self.model)(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
+        if self._strategy is None:  # decided once, in training mode (batch-norm statistics decide caching)
+            self._strategy = strategy_for(self.config, self.model)
+        loss, terms = self._strategy(seg, lambda t, inputs: self.manual_backward(t, inputs=inputs))
         return loss, terms, expert, start
 
     def average_gradients(self) -> None:
@@ -311,14 +313,15 @@ class DistillModule(L.LightningModule):
                 p.grad = torch.zeros_like(p)
             p.grad = self.trainer.strategy.reduce(p.grad, reduce_op="mean")
 
+    def all_finite(self, tensors) -> bool:
+        """One device-side reduction and one host sync; agreed by every rank (all skip, or none does)."""
+        ok = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all().float()
+        if self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="mean")
+        return float(ok) == 1.0
+
     def gradients_are_finite(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=self.device)
-        for p in self.syn.parameters():
-            if p.grad is not None:
-                bad = bad + (~torch.isfinite(p.grad)).any().float()
-        if self.trainer.world_size > 1:  # every rank skips, or none does
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return float(bad) == 0.0
+        return self.all_finite([loss, *(p.grad for p in self.syn.parameters() if p.grad is not None)])
 
     def skip_nonfinite(self, step: int) -> None:
         """The set, step sizes, S and momentum stay as they were; stop after `max_nonfinite` in a row."""
@@ -357,7 +360,7 @@ class DistillModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         opt.step()
         self.syn.clamp_lrs_(self.config.lr_min)
-        if not all(torch.isfinite(p).all() for p in self.syn.parameters()):
+        if not self.all_finite(list(self.syn.parameters())):
             # Finite gradients, but the step overflowed: the set in memory is lost; the last saved one is not.
             raise NonFiniteLoss(
                 f"the outer step of iteration {self.global_step} made the synthetic set non-finite (overflow); "

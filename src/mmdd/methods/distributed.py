@@ -82,7 +82,7 @@ def raise_together(trainer, device, error: BaseException | None, what: str) -> N
 
     failed = torch.tensor(0.0 if error is None else 1.0, device=device)
     if trainer.world_size > 1:
-        torch.distributed.all_reduce(failed)
+        failed = trainer.strategy.reduce(failed, reduce_op="sum")
     if error is not None:
         reason = write_failure(error)
         if reason is not None and not isinstance(error, MmddError):

@@ -17,6 +17,7 @@ from mmdd.synthetic.synthetic_set import load_captions
 from mmdd.report.plots import distillation_curves, pairs_grid
 from mmdd.utils.logging import build_loggers, finish_loggers, log_images, log_pairs_table
 from mmdd.utils.seed import seed_everything
+from mmdd.utils.trainer import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     try:
         t0 = time.perf_counter()
         syn = method.synthesize(cfg, data, out_dir, loggers)
-        if not method.is_global_zero:
+        if not is_rank_zero():
             return out_dir  # rank 0 of a multi-process run writes the set
         history = getattr(method, "history", [])
         stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}

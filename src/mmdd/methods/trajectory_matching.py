@@ -101,10 +101,10 @@ def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
     """The checkpoint to resume from: `resume=auto` takes this run's own if one exists (a rerun in the same
     directory, a requeued SLURM job); `resume=<path>` a checkpoint file or a synthetic-set directory; `resume=false`
     starts over."""
-    resume = cfg.get("resume", "auto")
-    if resume in (None, False, "false", "never"):
+    resume = str(cfg.get("resume", "auto"))
+    if resume.lower() in ("none", "false"):
         return None
-    if str(resume).lower() in ("auto", "true"):
+    if resume.lower() in ("auto", "true"):
         own = out_dir / CHECKPOINT
         return check_readable(own) if own.exists() else None
     path = Path(str(resume))
@@ -118,7 +118,8 @@ def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
 def check_readable(path: Path) -> Path:
     """Refuse a truncated or corrupted checkpoint with its path, before Lightning fails deep inside torch.load."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: reads the archive's index and pickles, not the tensors (Lightning loads them right after)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         if not isinstance(state, dict) or "mmdd" not in state or "state_dict" not in state:
             raise ValueError("not a distillation checkpoint of mmdd")
     except Exception as exc:  # torch.load raises many kinds on garbage (pickle, zip, EOF, ...)
@@ -185,8 +186,6 @@ class TrajectoryMatching(Method):
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes
-        self.is_global_zero = trainer.is_global_zero
-        self.world_size = trainer.world_size
         return syn
 
     def check_model(self, model) -> None:

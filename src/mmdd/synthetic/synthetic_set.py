@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmdd.errors import ArtifactError
-from mmdd.utils.io import atomic_write, atomic_write_json
+from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest
 
 FORMAT = "mmdd-synthetic-set"
 VERSION = 1
@@ -88,20 +88,8 @@ class SyntheticSet(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> tuple["SyntheticSet", dict]:
         d = Path(directory)
-        mpath = d / "manifest.json"
-        if not mpath.exists():
-            raise ArtifactError(
-                f"no synthetic set at {d} (missing manifest.json); pass synthetic=<dir written by mmdd distill>"
-            )
         again = "distill the set again (`mmdd distill`), or pass synthetic=<another set directory>"
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{mpath} is not valid JSON ({exc}); {again}") from exc
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        if fmt != FORMAT:
-            raise ArtifactError(f"{mpath} is not a synthetic-set manifest (format={fmt!r}); "
-                                "pass synthetic=<dir written by mmdd distill>")
+        manifest = read_manifest(d, FORMAT, "synthetic set", "pass synthetic=<dir written by mmdd distill>")
         tpath = d / "synthetic.safetensors"
         if not tpath.is_file():
             raise ArtifactError(f"{tpath} is missing (the set's tensors; manifest.json alone is not a set); {again}")

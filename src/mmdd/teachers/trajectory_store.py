@@ -13,7 +13,6 @@ kept) and trains that expert again.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mmdd.errors import ArtifactError
-from mmdd.utils.io import atomic_write, atomic_write_json
+from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest
 
 FORMAT = "mmdd-trajectory-store"
 VERSION = 1
@@ -84,17 +83,8 @@ class TrajectoryStore:
     @classmethod
     def open(cls, root: str | Path) -> "TrajectoryStore":
         root = Path(root)
-        path = root / "manifest.json"
-        if not path.exists():
-            raise ArtifactError(f"no trajectory store at {root} (missing manifest.json); run `mmdd buffer` first")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{path} is not valid JSON ({exc}); delete the store and rerun `mmdd buffer`") from exc
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        if fmt != FORMAT:
-            raise ArtifactError(f"{path} is not a trajectory store manifest (format={fmt!r}); point buffer_dir at a "
-                                "directory written by `mmdd buffer`")
+        manifest = read_manifest(root, FORMAT, "trajectory store",
+                                 "run `mmdd buffer` first, or point buffer_dir at a directory it wrote")
         return cls(root, manifest)
 
     # -- contents ---------------------------------------------------------------------------

@@ -64,8 +64,8 @@ def resolved_config(cfg) -> dict:
 # Method settings a resumed distillation may change: more iterations (extend a finished run), the outer
 # optimiser's learning rates and momenta (e.g. lower lr_img after a run stopped on NaN losses), and how the
 # meta-gradient is computed, which changes memory and speed but not the gradient (e.g. resume on a smaller GPU).
-RESUMABLE_METHOD_KEYS = ("iterations", "lr_img", "lr_txt", "lr_lr", "lr_sim", "momentum", "sim_momentum",
-                         "meta_gradient", "cache_features", "feature_chunk")
+OUTER_SETTINGS = ("lr_img", "lr_txt", "lr_lr", "lr_sim", "momentum", "sim_momentum")  # the outer SGD's
+RESUMABLE_METHOD_KEYS = ("iterations", *OUTER_SETTINGS, "meta_gradient", "cache_features", "feature_chunk")
 
 
 def distill_identity(cfg) -> dict:

@@ -72,3 +72,21 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     """Hash of a JSON-serialisable object, independent of dict key order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def read_manifest(directory: str | os.PathLike, fmt: str, what: str, fix: str) -> dict:
+    """An artifact's manifest.json, checked to be JSON of the format `fmt`; else ArtifactError naming the file,
+    what was expected there (`what`, e.g. "synthetic set") and what to do (`fix`)."""
+    from mmdd.errors import ArtifactError
+
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise ArtifactError(f"no {what} at {directory} (missing manifest.json); {fix}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); {fix}") from exc
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != fmt:
+        raise ArtifactError(f"{path} is not a {what} manifest (format={found!r}); {fix}")
+    return manifest

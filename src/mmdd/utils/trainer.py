@@ -40,6 +40,13 @@ def num_processes(accelerator, devices, num_nodes=1) -> int:
     return max(n, 1) * int(num_nodes)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that writes, evaluates and prints."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def hardware_processes(hw) -> int:
     return num_processes(hw.accelerator, hw.devices, hw.get("num_nodes", 1))
 
