@@ -70,6 +70,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
     assert [h["iteration"] for h in history] == list(range(1, n + 1))
 
 
+@pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
 def test_a_finished_run_extends_with_more_iterations(root):
     distill(root, "short_then_long", "method.iterations=7", "save_every=0")
     distill(root, "short_then_long", "method.iterations=12", "save_every=0")
@@ -78,6 +79,7 @@ def test_a_finished_run_extends_with_more_iterations(root):
     assert_same_set(the_set(root, "short_then_long"), the_set(root, "long"))
 
 
+@pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
 def test_resume_may_change_the_outer_learning_rates_and_records_it(root):
     """E.g. after a run stopped on NaN losses: continue from the last checkpoint with a lower lr_img."""
     for run in ("lowered", "kept"):
