@@ -127,7 +127,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from mmdd.methods.distill_module import DistillModule, build_segment, draw_segment_start, strategy_for
     from mmdd.methods.distributed import rank_seed
     from mmdd.methods.matching import ParamLayout
-    from mmdd.methods.trajectory_matching import load_checked_trajectories
+    from mmdd.methods.trajectory_matching import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.paths import conf_dir
     from hydra.utils import instantiate
@@ -147,22 +147,21 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         for p in model.parameters():
             p.requires_grad_(False)
-        trajectories = load_checked_trajectories(cfg, model, method.config.max_experts)
+        trajectories = open_checked_trajectories(cfg, model, method.config.max_experts)
     finally:
         del os.environ["MMDD_ROOT"]
     syn = method.initial_set(cfg, train, int(cfg.budget))
     mc, layout = method.config, ParamLayout.from_model(model)
     opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
     gens = [torch.Generator().manual_seed(rank_seed(int(cfg.seed), r)) for r in range(2)]
-    n_experts = trajectories["image"].shape[0]
+    n_experts = trajectories.n_experts
     losses = []
     for _ in range(iterations):
         grads, step_losses = [], []
         for gen in gens:  # rank r's sample
             opt.zero_grad()
             e, s = draw_segment_start(gen, n_experts, mc.max_start_epoch)
-            seg = build_segment(model, layout, syn, mc, {m: t[e, s] for m, t in trajectories.items()},
-                                {m: t[e, s + mc.expert_epochs] for m, t in trajectories.items()}, gen)
+            seg = build_segment(model, layout, syn, mc, *trajectories.segment(e, s, mc.expert_epochs), gen)
             loss, _ = strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
             step_losses.append(float(loss))
             grads.append([p.grad.clone() for p in syn.parameters()])

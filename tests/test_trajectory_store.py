@@ -92,3 +92,51 @@ def test_atomic_writes_leave_no_temp_files_and_normal_permissions(tmp_path):
     os.umask(umask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_snapshots_are_the_flat_rows_of_the_expert_file(tmp_path):
+    from mmdd.teachers.trajectory_store import ExpertSnapshots
+
+    store = make(tmp_path / "s", epochs=3)
+    t0, t1 = traj(epochs=3, seed=0), traj(epochs=3, seed=1)
+    store.save_expert(0, t0)
+    store.save_expert(1, t1)
+    reader = ExpertSnapshots(store, NAMES, store.completed_experts())
+    assert (reader.n_experts, reader.epochs, reader.numel) == (2, 3, {"image": 6, "text": 12})
+    start, target = reader.segment(1, 1, 2)
+    for m in NAMES:
+        assert torch.equal(start[m], flatten_trajectory(t1, NAMES[m])[1])
+        assert torch.equal(target[m], flatten_trajectory(t1, NAMES[m])[3])
+    only_second = ExpertSnapshots(store, NAMES, [1])  # indices are into the reader's experts
+    assert torch.equal(only_second.snapshots(0, [0])[0]["image"], t1["backbone.w"][0].reshape(-1))
+
+
+def test_reading_snapshots_does_not_hold_the_experts(tmp_path):
+    """Ten 23 MB experts: reading one segment from each of them peaks at about what reading ten segments of one
+    expert does (two snapshots of 2.2 MB, plus their mapped file pages), below one expert's size; loading the
+    experts would hold 23 MB each."""
+    from mmdd.bench.memory import PeakMemory, reset_peak_rss
+    from mmdd.teachers.trajectory_store import ExpertSnapshots
+
+    if not reset_peak_rss():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak resident set")
+    names = {"image": ["w"], "text": ["v"]}
+    shapes = {"w": [512, 1024], "v": [64, 512]}
+    store = TrajectoryStore.create_or_open(tmp_path / "s", dataset="d", model="m", config_hash="h", param_names=names,
+                                           param_shapes=shapes, epochs=10, teacher={})
+    for e in range(10):
+        store.save_expert(e, {n: torch.full([11, *s], float(e)) for n, s in shapes.items()})
+    expert_mb = store.expert_path(0).stat().st_size / 2**20
+    reader = ExpertSnapshots(store, names, store.completed_experts())
+
+    def peak(experts):
+        with PeakMemory(torch.device("cpu")) as pm:
+            for e in experts:
+                start, target = reader.segment(e, 2, 3)
+                assert float(start["image"][0]) == e and float(target["text"][-1]) == e
+                del start, target
+        return pm.peak_mb
+
+    one, ten = peak([0] * 10), peak(range(10))
+    assert expert_mb > 20
+    assert ten < expert_mb and ten - one < 0.25 * expert_mb, (one, ten, expert_mb)

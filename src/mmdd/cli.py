@@ -18,6 +18,7 @@ STAGES = {
 COMMANDS = {
     "table": "collect results.json files (and W&B runs) into a paper-style table",
     "export": "write a synthetic set as a plain image-caption dataset",
+    "plan": "parameter counts, store size and estimated peak memory of a stage's config (runs nothing)",
 }
 
 log = logging.getLogger("mmdd")

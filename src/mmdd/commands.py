@@ -76,3 +76,26 @@ def export(argv: list[str]) -> int:
         return 2
     print(f"exported to {out}; load it with data=pairs_table data.ann_file={out / 'captions.jsonl'}")
     return 0
+
+
+def plan(argv: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from mmdd.cli import STAGES
+    from mmdd.paths import conf_dir
+    from mmdd.plan import format_plan, make_plan
+
+    ap = argparse.ArgumentParser(prog="mmdd plan", description="Parameter counts, trajectory store size and estimated "
+                                 "peak device memory per stage for a composed config, without running anything.")
+    ap.add_argument("stage", choices=[s for s in STAGES if s not in ("run",)], help="the stage whose config to compose")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `mmdd <stage>`")
+    args = ap.parse_args(argv)
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose(args.stage, overrides=args.overrides, return_hydra_config=False)
+        print(format_plan(cfg, make_plan(cfg)))
+    except (MmddError, HydraException) as exc:
+        print(f"mmdd plan: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,8 +1,10 @@
 """Peak memory of a block of code: CUDA's allocator peak, or on CPU the resident set sampled in a thread.
 
 On CPU the process's lifetime peak (getrusage) only grows, so it cannot tell two paths run one after the
-other apart; sampling /proc/self/statm every few milliseconds gives the peak *during* the block, minus the
-resident set at its start (after handing freed heap back to the OS, which glibc otherwise keeps and reuses).
+other apart. On Linux the kernel's high-water mark (VmHWM) is reset at the start of the block (writing 5 to
+/proc/self/clear_refs) and read at its end: the exact peak during the block. Elsewhere /proc/self/statm is
+sampled every few milliseconds. Either is reported minus the resident set at the block's start (after handing
+freed heap back to the OS, which glibc otherwise keeps and reuses).
 """
 
 from __future__ import annotations
@@ -24,6 +26,28 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark of this process (Linux >= 4.0); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak_rss_bytes() is not None
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The resident-set high-water mark since the last reset (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def release_free_heap() -> None:
@@ -57,6 +81,9 @@ class PeakMemory:
         self._start = rss_bytes()
         self._peak = self._start
         self._stop = threading.Event()
+        self._hwm = reset_peak_rss()
+        if self._hwm:  # exact: the kernel tracks the peak, no sampling thread needed
+            return self
 
         def sample():
             while not self._stop.is_set():
@@ -71,6 +98,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+        elif self._hwm:
+            self.peak_mb = (max(peak_rss_bytes(), self._start) - self._start) / 2**20
         else:
             self._stop.set()
             self._thread.join()

@@ -2,7 +2,7 @@
 
 Both paths start from the same synthetic set and draw the same expert, start epoch, mini-batches and
 blends (one generator seed), take the same outer SGD step, and differ only in how the iteration's
-gradients are computed: mmdd's strategy (trajectories in memory, one fused autograd call, a frozen
+gradients are computed: mmdd's strategy (two snapshots read memory-mapped per iteration, one fused autograd call, a frozen
 backbone's features once per iteration) or `mmdd.bench.reference` (the reference code's structure).
 The gradients of the first iteration are compared (max relative difference per tensor).
 """
@@ -25,7 +25,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.distill_module import (DistillModule, build_segment, caches_features, draw_segment_start,
                                          strategy_for)
 from mmdd.methods.matching import ParamLayout
-from mmdd.methods.trajectory_matching import TrajectoryMatching, load_checked_trajectories
+from mmdd.methods.trajectory_matching import TrajectoryMatching, open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
@@ -66,14 +66,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None
 
 
-class InMemory:
-    def __init__(self, trajectories):
-        self.trajectories = trajectories
-        self.n_experts = next(iter(trajectories.values())).shape[0]
+class Snapshots:
+    """mmdd's way: the two snapshots of the segment, read memory-mapped (mmdd.teachers.trajectory_store)."""
+
+    def __init__(self, reader):
+        self.reader, self.n_experts = reader, reader.n_experts
 
     def __call__(self, expert, start, span, device):
-        return ({m: t[expert, start] for m, t in self.trajectories.items()},
-                {m: t[expert, start + span] for m, t in self.trajectories.items()})
+        return self.reader.segment(expert, start, span, device)
 
 
 class FromDisk:
@@ -116,9 +116,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     layout = ParamLayout.from_model(model)
-    trajectories = {m: t.to(device) for m, t in load_checked_trajectories(cfg, model, mc.max_experts).items()}
-    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
-    experts = store.completed_experts()[: mc.max_experts or None]
+    trajectories = open_checked_trajectories(cfg, model, mc.max_experts)
     budget = int(cfg.budget)
     syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
 
@@ -126,9 +124,9 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)
     paths = {
         "reference": GradientPath(model, layout, mc, REFERENCE[mc.meta_gradient],
-                                  FromDisk(store, model.modality_parameter_names(), experts)),
+                                  FromDisk(trajectories.store, trajectories.names, trajectories.experts)),
         # mmdd's path also gets the hardware's speed switches (channels-last, compile, autocast; all off on CPU).
-        "ours": GradientPath(fast, layout, mc, strategy_for(mc, fast), InMemory(trajectories),
+        "ours": GradientPath(fast, layout, mc, strategy_for(mc, fast), Snapshots(trajectories),
                              autocast_dtype(cfg.hardware.precision)),
     }
 

@@ -61,12 +61,12 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 def teacher_features(cfg, train) -> torch.Tensor:
     """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
     from mmdd.methods.matching import ParamLayout
-    from mmdd.methods.trajectory_matching import load_checked_trajectories
+    from mmdd.methods.trajectory_matching import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
 
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-    traj = load_checked_trajectories(cfg, model, max_experts=1)
-    ParamLayout.from_model(model).load_into(model, {m: t[0, -1] for m, t in traj.items()})
+    traj = open_checked_trajectories(cfg, model, max_experts=1)
+    ParamLayout.from_model(model).load_into(model, traj.snapshots(0, [traj.epochs])[0])
     model.eval()
     img = []
     for s in range(0, train.num_images, 256):

@@ -16,6 +16,7 @@ from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
 from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.teachers.trajectory_store import ExpertSnapshots
 from mmdd.utils.config import OUTER_SETTINGS
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class NonFiniteLoss(MmddError):
 
 
 class DistillModule(L.LightningModule):
-    def __init__(self, model, syn: SyntheticSet, trajectories: dict[str, torch.Tensor], config: MatchingConfig, seed: int,
+    def __init__(self, model, syn: SyntheticSet, trajectories: ExpertSnapshots, config: MatchingConfig, seed: int,
                  probe=None, diagnostics_every: int = 0, identity: dict | None = None, max_nonfinite: int = 10):
         super().__init__()
         # What this run distils (mmdd.utils.config.distill_identity): a checkpoint resumes only into the same.
@@ -187,18 +188,17 @@ class DistillModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = model
         self.syn = syn
-        # [n_experts, epochs+1, P] per modality; kept in memory, sampled every iteration.
+        # The experts stay on disk: each iteration reads the drawn expert's start and target snapshots only.
         self.trajectories = trajectories
         self.layout = ParamLayout.from_model(model)
         self.config = config
         self.generator = torch.Generator().manual_seed(seed)
-        n_exp, n_epochs = next(iter(trajectories.values())).shape[:2]
-        if config.max_start_epoch + config.expert_epochs > n_epochs - 1:
+        if config.max_start_epoch + config.expert_epochs > trajectories.epochs:
             raise MmddError(
                 f"method.max_start_epoch ({config.max_start_epoch}) + expert_epochs ({config.expert_epochs}) "
-                f"exceeds the {n_epochs - 1} recorded teacher epochs; lower them or record more epochs (teacher.epochs)"
+                f"exceeds the {trajectories.epochs} recorded teacher epochs; lower them or record more epochs "
+                "(teacher.epochs)"
             )
-        self.n_experts = n_exp
         self.history: list[dict[str, float]] = []
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -285,7 +285,6 @@ class DistillModule(L.LightningModule):
             group["lr"], group["momentum"] = want["lr"], want["momentum"]
 
     def on_fit_start(self):
-        self.trajectories = {m: t.to(self.device) for m, t in self.trajectories.items()}
         if self.probe is not None:
             self.probe.to(self.device)
             if "initial" not in self.diagnostics:  # a resumed run keeps the first start's
@@ -295,9 +294,8 @@ class DistillModule(L.LightningModule):
 
     def iteration(self):
         """One outer iteration's gradients (left in .grad); returns (loss, terms, expert, start)."""
-        expert, start = draw_segment_start(self.generator, self.n_experts, self.config.max_start_epoch)
-        starts = {m: t[expert, start] for m, t in self.trajectories.items()}
-        targets = {m: t[expert, start + self.config.expert_epochs] for m, t in self.trajectories.items()}
+        expert, start = draw_segment_start(self.generator, self.trajectories.n_experts, self.config.max_start_epoch)
+        starts, targets = self.trajectories.segment(expert, start, self.config.expert_epochs, self.device)
         seg = build_segment(self.model, self.layout, self.syn, self.config, starts, targets, self.generator, self.device)
         if self._strategy is None:  # decided once, in training mode (batch-norm statistics decide caching)
             self._strategy = strategy_for(self.config, self.model)

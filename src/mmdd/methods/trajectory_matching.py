@@ -18,7 +18,7 @@ from mmdd.methods.matching import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
+from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 from mmdd.utils.config import data_identity, distill_identity
 from mmdd.utils.io import stable_hash
 from mmdd.utils.trainer import accelerate_model, build_trainer
@@ -26,37 +26,20 @@ from mmdd.utils.trainer import accelerate_model, build_trainer
 log = logging.getLogger(__name__)
 
 
-def load_trajectories(store: TrajectoryStore, names: dict[str, list[str]], max_experts: int | None = None):
-    """All experts of the store in memory: {modality: [n_experts, epochs+1, P]}."""
-    experts = store.completed_experts()
-    if not experts:
-        raise ValueError(f"trajectory store {store.root} has no complete expert; run `mmdd buffer`")
-    if max_experts:
-        experts = experts[:max_experts]
-    per_mod: dict[str, list[torch.Tensor]] = {m: [] for m in names}
-    for e in experts:
-        traj = store.load_expert(e)
-        for m in names:
-            per_mod[m].append(flatten_trajectory(traj, names[m]))
-    return {m: torch.stack(v) for m, v in per_mod.items()}
-
-
-def load_checked_trajectories(cfg, model, max_experts: int | None = None) -> dict[str, torch.Tensor]:
-    """The store at cfg.buffer_dir, checked against `model` and the dataset, all experts in memory."""
+def open_checked_trajectories(cfg, model, max_experts: int | None = None) -> ExpertSnapshots:
+    """The store at cfg.buffer_dir, checked against `model` and the dataset, as a reader of single snapshots (the
+    trajectories themselves stay on disk: see ExpertSnapshots)."""
     store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
     names = model.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
                       stable_hash(data_identity(cfg.data)))
-    trajectories = load_trajectories(store, names, max_experts)
-    log.info(
-        "loaded %d experts x %d epochs from %s (%s params)",
-        trajectories["image"].shape[0],
-        trajectories["image"].shape[1] - 1,
-        store.root,
-        {m: t.shape[-1] for m, t in trajectories.items()},
-    )
-    return trajectories
+    experts = store.completed_experts()
+    reader = ExpertSnapshots(store, names, experts[:max_experts] if max_experts else experts)
+    reader.check_intact()
+    log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",
+             reader.n_experts, reader.epochs, store.root, reader.numel, 2 * reader.snapshot_bytes() / 2**20)
+    return reader
 
 
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
@@ -158,7 +141,7 @@ class TrajectoryMatching(Method):
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         self.check_model(model)
         accelerate_model(model, cfg.hardware, second_order=True)
-        trajectories = load_checked_trajectories(cfg, model, self.config.max_experts)
+        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
         every = int(cfg.get("diagnostics_every") or 0)
@@ -200,7 +183,7 @@ class TrajectoryMatching(Method):
     @staticmethod
     def collapse_probe(cfg, model, trajectories, train, n: int) -> CollapseProbe:
         """Embeds with expert 0's last recorded parameters; real reference: n real pairs (seeded)."""
-        flats = {m: t[0, -1] for m, t in trajectories.items()}
+        flats = trajectories.snapshots(0, [trajectories.epochs])[0]
         gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
         images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
         return CollapseProbe(model, ParamLayout.from_model(model), flats, images, texts)

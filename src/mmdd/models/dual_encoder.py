@@ -136,6 +136,7 @@ def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder
         checkpoint=img.get("checkpoint"),
         width=int(img.get("width") or 64),  # ConvNet only; timm models ignore these
         depth=int(img.get("depth") or 3),
+        feature_side=img.get("feature_side"),
     )
     return DualEncoder(
         backbone,

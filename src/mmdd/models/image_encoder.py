@@ -18,10 +18,14 @@ def build_image_backbone(
     checkpoint: str | None = None,
     width: int = 64,
     depth: int = 3,
+    feature_side: int | None = 4,
 ) -> tuple[nn.Module, int]:
     """Return (backbone, feature_dim). `name` is `convnet` or a timm model name."""
     if name == "convnet":
-        net: nn.Module = ConvNet(image_size=image_size, width=width, depth=depth)
+        if image_size % (2**depth) != 0:
+            raise MmddError(f"model.image.depth={depth}: the ConvNet halves the image {depth} times, so data.image_size "
+                            f"({image_size}) must be divisible by {2**depth}; choose another depth or image size")
+        net: nn.Module = ConvNet(image_size=image_size, width=width, depth=depth, feature_side=feature_side)
         dim = net.num_features
     else:
         import timm

@@ -1,0 +1,275 @@
+"""`mmdd plan <stage> [overrides]`: what a stage will hold, before it runs.
+
+For the composed config: parameter counts, the trajectory store's size on disk, and an estimate of peak device
+memory per stage (teachers, distillation with the full unroll or TESLA, students). Nothing is computed for real:
+the model, the synthetic set and the expert snapshots are built on PyTorch's `meta` device (shapes only, no
+weights, no network) and one step of the stage's own code runs there (a teacher's training step; one outer
+iteration of the configured meta-gradient, mmdd.methods.meta_gradient, with its outer SGD step) under PyTorch's
+dispatch-mode tracker (`LiveBytes`) that follows every tensor storage from the op that made it until its last
+reference dies, and keeps the peak. Left out: the allocator's slack and fragmentation, CUDA's context and cuDNN/cuBLAS workspaces (a few hundred MB on
+a GPU). experiments/bench.md compares the estimate with the resident set measured on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from mmdd.errors import MmddError
+
+FLOAT_BYTES = 4  # snapshots, sets and weights are float32 (bf16 autocast changes activations, not these)
+
+
+@dataclass
+class Estimate:
+    """Peak device memory of one stage, by part (bytes)."""
+
+    stage: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def text_dim(cfg) -> int:
+    """The text encoder's width from its config file alone (no weights, no network)."""
+    from transformers import AutoConfig
+
+    from mmdd.models.text_encoder import resolve_model_path
+
+    name = str(cfg.model.text.name_or_path)
+    try:
+        return int(AutoConfig.from_pretrained(resolve_model_path(name), local_files_only=True).hidden_size)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for a missing model
+        raise MmddError(f"mmdd plan needs the text encoder's config to know its width: model.text.name_or_path={name!r} "
+                        f"is not a local model folder here ({type(exc).__name__}); point it at a folder with a "
+                        "config.json (e.g. a downloaded bert-base-uncased)") from exc
+
+
+def meta_model(cfg, dim: int, device="meta"):
+    """The stage's dual encoder with shapes only (on `meta`): no weights are loaded (pretrained/checkpoint do not
+    change the shapes)."""
+    from mmdd.models.dual_encoder import build_dual_encoder
+
+    model_cfg = copy.deepcopy(cfg.model)
+    OmegaConf.set_struct(model_cfg, False)
+    model_cfg.image.pretrained = False
+    model_cfg.image.checkpoint = None
+    with torch.device(device):
+        model = build_dual_encoder(model_cfg, dim, int(cfg.data.image_size))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _bytes(n: int) -> int:
+    return int(n) * FLOAT_BYTES
+
+
+def counts(model) -> dict[str, int]:
+    names = model.modality_parameter_names()
+    named = dict(model.named_parameters())
+    return {
+        "image backbone": sum(p.numel() for n, p in named.items() if n.startswith("backbone.")),
+        "image head": sum(p.numel() for n, p in named.items() if n.startswith("image_head.")),
+        "text head": sum(p.numel() for n, p in named.items() if n.startswith("text_head.")),
+        "matched image": sum(named[n].numel() for n in names["image"]),
+        "matched text": sum(named[n].numel() for n in names["text"]),
+    }
+
+
+def store_bytes(cfg, model) -> int:
+    """The trajectory store on disk: every expert's matched parameters at epochs 0..E (safetensors headers aside)."""
+    c = counts(model)
+    return int(cfg.teacher.num_experts) * (int(cfg.teacher.epochs) + 1) * _bytes(c["matched image"] + c["matched text"])
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages made inside the block and still alive (`with LiveBytes() as m: ...`, then
+    `m.peak`). Every op's outputs are followed; a storage counts until its last reference dies (PyTorch keeps one
+    Python object per storage, so a weak reference to it says when). Works on the meta device: shapes only."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, weakref.ref]] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        nbytes, _ = self.live.pop(key, (0, None))
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.live:
+                    self.live[key] = (st.nbytes(), weakref.ref(st, lambda _, k=key: self._free(k)))
+                    self.current += st.nbytes()
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def tracked_peak(step) -> int:
+    """Peak bytes of the tensors `step()` makes (it allocates on the meta device)."""
+    with LiveBytes() as tracker:
+        step()
+    return tracker.peak
+
+
+def training_step(cfg, model, dim: int, batch: int, momentum: float, weight_decay: float, device="meta"):
+    """One SGD step of a teacher or student (InfoNCE on `batch` pairs), as ExpertModule/StudentModule take it."""
+    from mmdd.models.losses import pair_loss
+
+    size = int(cfg.data.image_size)
+    matched = set(sum(model.modality_parameter_names().values(), []))
+    params = [p for n, p in model.named_parameters() if n in matched]
+
+    def step():
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+        model.train()
+        with torch.device(device):
+            images, texts = torch.zeros(batch, 3, size, size), torch.zeros(batch, dim)
+        pair_loss("infonce", model(images, texts), None, 0.1).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.requires_grad_(False)
+
+    return step
+
+
+def training_estimate(cfg, model, dim: int, stage: str, batch: int, momentum: float, weight_decay: float) -> Estimate:
+    parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
+             "one training step (activations, gradients, optimizer state)":
+                 tracked_peak(training_step(cfg, model, dim, batch, momentum, weight_decay))}
+    return Estimate(f"{stage} (batch {batch})", parts)
+
+
+def distill_step(cfg, model, dim: int, method, device="meta"):
+    """One outer iteration of trajectory matching as DistillModule takes it: the configured meta-gradient (on cached
+    frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
+    expert snapshots on the device."""
+    from mmdd.methods.distill_module import DistillModule, build_segment, strategy_for
+    from mmdd.methods.matching import ParamLayout
+    from mmdd.synthetic.similarity import build_similarity
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+
+    mc = method.config
+    budget = int(cfg.budget) - (1 if mc.similarity else 0)
+    size = int(cfg.data.image_size)
+    layout = ParamLayout.from_model(model)
+    model.train()
+
+    def step():
+        with torch.device(device):
+            start = {m: torch.zeros(layout.numel(m)) for m in ("image", "text")}
+            target = {m: torch.full((layout.numel(m),), 0.01) for m in ("image", "text")}
+            sim = build_similarity(dict(mc.similarity), budget, torch.Generator()) if mc.similarity else None
+            syn = SyntheticSet(torch.zeros(budget, 3, size, size), torch.zeros(budget, dim),
+                               {"image": mc.lr_init, "text": mc.lr_init}, sim)
+        syn.to(device)
+        opt = DistillModule.configure_optimizers(_OuterOnly(syn, mc))
+        seg = build_segment(model, layout, syn, mc, start, target, torch.Generator(), torch.device(device))
+        strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+        opt.step()
+
+    return step
+
+
+def distill_estimate(cfg, model, dim: int, method) -> Estimate:
+    mc = method.config
+    parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
+             "one outer iteration (set, snapshots, meta-gradient, outer step)":
+                 tracked_peak(distill_step(cfg, model, dim, method))}
+    budget = int(cfg.budget) - (1 if mc.similarity else 0)
+    name = "full unroll" if mc.meta_gradient == "full" else "TESLA"
+    return Estimate(f"distill, {name} ({mc.syn_steps} steps of batch {min(mc.batch_syn or budget, budget)})", parts)
+
+
+class _OuterOnly:
+    """What DistillModule.configure_optimizers reads: the set and the method's settings."""
+
+    def __init__(self, syn, config):
+        self.syn, self.config = syn, config
+
+
+def student_estimate(cfg, model, dim: int) -> Estimate:
+    p = cfg.protocol
+    return training_estimate(cfg, model, dim, "evaluate, one student", int(p.batch_size), float(p.momentum),
+                             float(p.weight_decay))
+
+
+def make_plan(cfg) -> dict:
+    """Everything `mmdd plan` prints, as data."""
+    from hydra.utils import instantiate
+
+    from mmdd.methods.trajectory_matching import TrajectoryMatching
+
+    dim = text_dim(cfg)
+    model = meta_model(cfg, dim)
+    plan = {"counts": counts(model), "store_bytes": store_bytes(cfg, model), "buffer_dir": str(cfg.buffer_dir),
+            "estimates": [training_estimate(cfg, model, dim, "buffer, one teacher", int(cfg.teacher.batch_size),
+                                            float(cfg.teacher.momentum), float(cfg.teacher.weight_decay))]}
+    method = instantiate(cfg.method) if "method" in cfg else None
+    if isinstance(method, TrajectoryMatching):
+        for strategy in ("full", "tesla"):
+            variant = copy.deepcopy(method)
+            variant.config.meta_gradient = strategy
+            plan["estimates"].append(distill_estimate(cfg, model, dim, variant))
+        plan["method_meta_gradient"] = method.config.meta_gradient
+    plan["estimates"].append(student_estimate(cfg, model, dim))
+    return plan
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
+
+
+def format_plan(cfg, plan: dict) -> str:
+    c = plan["counts"]
+    lines = [f"model {cfg.model.name} at {cfg.data.image_size} px, text {cfg.model.text.name_or_path}; "
+             f"method {cfg.method.name}, budget {cfg.budget}",
+             "parameters: " + ", ".join(f"{k} {v / 1e6:,.2f}M" for k, v in c.items()),
+             f"trajectory store: {cfg.teacher.num_experts} experts x {int(cfg.teacher.epochs) + 1} snapshots = "
+             f"{_mb(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
+             "peak device memory, estimated (tensors only: see mmdd.plan):"]
+    for est in plan["estimates"]:
+        mark = " <- this run" if plan.get("method_meta_gradient") and est.stage.startswith("distill") and (
+            ("TESLA" in est.stage) == (plan["method_meta_gradient"] == "tesla")) else ""
+        lines.append(f"  {est.stage}: {_mb(est.total)}{mark}")
+        lines += [f"      {k}: {_mb(v)}" for k, v in est.parts.items() if v]
+    return "\n".join(lines)
+
+
+def check_store_fits(cfg, model) -> None:
+    """Refuse `mmdd buffer` when the experts still to train will not fit on the store's disk."""
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    root = Path(str(cfg.buffer_dir))
+    per_expert = store_bytes(cfg, model) // max(int(cfg.teacher.num_experts), 1)
+    done = 0
+    if (root / "manifest.json").exists():
+        done = len([e for e in TrajectoryStore.open(root).completed_experts() if e < int(cfg.teacher.num_experts)])
+    need = per_expert * (int(cfg.teacher.num_experts) - done)
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise MmddError(f"the trajectory store needs {_mb(need)} more ({int(cfg.teacher.num_experts) - done} experts x "
+                        f"{_mb(per_expert)}) but only {_mb(free)} is free on the disk of {root} (buffer_dir): free space, "
+                        "point buffer_dir at a larger disk, or record fewer experts/epochs (teacher.num_experts, "
+                        "teacher.epochs)")
