@@ -133,3 +133,16 @@ def test_every_file_of_a_typed_group_fills_its_schema(group):
         node = cfg[group]
         assert OmegaConf.get_type(node) is SCHEMAS[group], f
         assert not OmegaConf.missing_keys(node), (f, OmegaConf.missing_keys(node))
+
+
+def test_default_store_names_tell_data_model_and_teacher_variants_apart():
+    """A 64 px run, other split sizes or another model must not find the 32 px store (and be refused by it)."""
+    def store(*overrides):
+        return cfg_for("distill", ["paths.output_dir=/tmp/x", *overrides]).buffer_dir
+
+    base = store()
+    variants = [store("data.image_size=64"), store("data.generate.num_train=100"), store("model.image.width=64"),
+                store("teacher.lr=0.05"), store("data.preprocess.max_words=20")]
+    assert len({base, *variants}) == 1 + len(variants)
+    # what does not define the teachers keeps the store: distillation seed, method, budget
+    assert store("seed=3", "method=tesla_vl", "budget=50") == base

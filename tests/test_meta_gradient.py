@@ -28,8 +28,11 @@ def run(strategy, seg):
 
 @pytest.mark.parametrize("merged", [False, True])
 def test_tesla_equals_full_unroll_for_one_step(merged):
+    """(Under merged, with the step sizes' gradient of the merged loss too: tesla_lr_loss=as_loss.)"""
+    from dataclasses import replace
+
     lf, gi_f, gt_f, gl_f = run(full_unroll, segment(1, 2, merged))
-    lt, gi_t, gt_t, gl_t = run(tesla, segment(1, 2, merged))
+    lt, gi_t, gt_t, gl_t = run(tesla, replace(segment(1, 2, merged), lr_merged=merged))
     assert lt.item() == pytest.approx(lf.item(), rel=1e-12)
     assert torch.allclose(gi_t, gi_f, rtol=1e-9, atol=1e-14)
     assert torch.allclose(gt_t, gt_f, rtol=1e-9, atol=1e-14)
@@ -87,3 +90,35 @@ def test_tesla_points_the_same_way_as_full_unroll_for_several_steps():
     cos = torch.nn.functional.cosine_similarity(torch.cat([gi_f.flatten(), gt_f.flatten()]),
                                                 torch.cat([gi_t.flatten(), gt_t.flatten()]), dim=0)
     assert cos > 0.5
+
+
+def test_tesla_step_size_gradient_is_per_modality_under_the_merged_loss_as_in_the_reference():
+    """LoRS distill_tesla_lors.py (and RepBlend): with --merge_loss_branches the data gradients follow the merged loss,
+    but lr_m's gradient is that of ||theta_0 - lr_m G_m - theta*_m||^2 / D_m, its own modality's term."""
+    from dataclasses import replace
+
+    seg = segment(3, 2, merged=True)
+    _, gi, gt, gl = run(tesla, seg)
+    as_loss = replace(segment(3, 2, merged=True), lr_merged=True)
+    _, gi_a, gt_a, gl_a = run(tesla, as_loss)
+    assert torch.equal(gi, gi_a) and torch.equal(gt, gt_a)  # the data gradients do not change
+
+    # G_m: the sum of the inner gradients of a plain replay of pass 1 (same batches)
+    ref = segment(3, 2, merged=True)
+    params = {m: ref.start[m].detach().clone() for m in ref.start}
+    grad_sum = {m: torch.zeros_like(params[m]) for m in params}
+    for _ in range(3):
+        idx = ref.schedule.next()
+        leaf = {m: p.requires_grad_(True) for m, p in params.items()}
+        logits = functional_logits(ref.model, ref.layout, leaf, ref.images[idx].detach(), ref.texts[idx].detach())
+        grads = torch.autograd.grad(ref.inner_loss(logits, idx), [leaf[m] for m in leaf])
+        for m, g in zip(list(leaf), grads):
+            grad_sum[m] += g
+            params[m] = (params[m] - ref.lrs[m].detach() * g).detach()
+    dens = {m: (ref.start[m] - ref.target[m]).pow(2).sum() for m in params}
+    for m in params:
+        final = ref.start[m] - ref.lrs[m].detach() * grad_sum[m]
+        want = 2 * ((final - ref.target[m]) * -grad_sum[m]).sum() / dens[m]
+        assert gl[m].item() == pytest.approx(want.item(), rel=1e-9)
+        merged_want = want * dens[m] / sum(dens.values())  # what mmdd took before: the merged loss's
+        assert gl_a[m].item() == pytest.approx(merged_want.item(), rel=1e-9)

@@ -140,3 +140,28 @@ def test_reading_snapshots_does_not_hold_the_experts(tmp_path):
     one, ten = peak([0] * 10), peak(range(10))
     assert expert_mb > 20
     assert ten < expert_mb and ten - one < 0.25 * expert_mb, (one, ten, expert_mb)
+
+
+def test_a_store_that_will_not_fit_on_the_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.errors import MmddError
+    from mmdd.models.dual_encoder import build_dual_encoder
+    from mmdd.paths import conf_dir
+    from mmdd.plan import check_store_fits, store_bytes
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("buffer", overrides=[f"buffer_dir={tmp_path / 'store'}", "teacher.num_experts=3",
+                                           "teacher.epochs=2"])
+    model = build_dual_encoder(cfg.model, 384, 32)
+    matched = sum(p.numel() for p in model.parameters())  # convnet_minilm trains (and records) every parameter
+    assert store_bytes(cfg, model) == 3 * 3 * matched * 4  # experts x snapshots x matched params x float32
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, store_bytes(cfg, model) - 1))
+    with pytest.raises(MmddError, match=r"needs .* more \(3 experts x .*teacher.num_experts"):
+        check_store_fits(cfg, model)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, store_bytes(cfg, model)))
+    check_store_fits(cfg, model)  # just fits

@@ -58,7 +58,8 @@ def reference_tesla(seg: Segment, backward: Callable):
             grad_sum[m] += grads[m]
         params = {m: (params[m] - lrs[m] * grads[m]).detach().requires_grad_(True) for m in mods}
 
-    loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)  # the same in the reference code
+    # mmdd's own step between the passes (the step-size gradient, per modality as the reference code takes it)
+    loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)
 
     params = {m: seg.start[m].detach().clone().requires_grad_(True) for m in mods}
     after_pass1 = rng.get()

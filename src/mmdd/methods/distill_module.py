@@ -43,6 +43,7 @@ class MatchingConfig:
     momentum: float = 0.5
     batch_syn: int | None = None  # inner mini-batch; None = all pairs
     loss_merge: str = "separate"
+    tesla_lr_loss: str = "separate"  # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
     init: str = "real"
     iterations: int = 1000
     max_experts: int | None = None
@@ -67,6 +68,8 @@ class MatchingConfig:
             raise MmddError(f"method.meta_gradient must be one of {STRATEGIES}, got {self.meta_gradient!r}")
         if self.loss_merge not in ("separate", "merged"):
             raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
+        if self.tesla_lr_loss not in ("separate", "as_loss"):
+            raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
         if self.init not in ("real", "noise"):
             raise MmddError(f"method.init must be 'real' or 'noise', got {self.init!r}")
         if self.label_temperature <= 0:
@@ -78,7 +81,7 @@ class MatchingConfig:
     _OPTIONAL_INTS = ("batch_syn", "max_experts", "feature_chunk")
     _FLOATS = ("lr_img", "lr_txt", "lr_lr", "lr_init", "momentum", "lr_min", "label_temperature", "lr_sim",
                "sim_momentum")
-    _STRS = ("loss_merge", "init", "meta_gradient", "inner_loss")
+    _STRS = ("loss_merge", "tesla_lr_loss", "init", "meta_gradient", "inner_loss")
     _OPTIONAL_DICTS = ("similarity", "blend")
 
     def _check_types(self) -> None:
@@ -145,6 +148,7 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
         syn_steps=config.syn_steps,
         inner_loss=inner_loss,
         merged=config.loss_merge == "merged",
+        lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
         extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
         blend=Blend(float(config.blend["alpha"]), generator) if config.blend else None,
     )

@@ -43,6 +43,9 @@ class Segment:
     syn_steps: int
     inner_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch idx) -> loss
     merged: bool = False
+    # TESLA's step-size gradient: of the merged loss too (True), or of the per-modality normalised loss whatever
+    # `merged` says (False: what LoRS's and RepBlend's code do; see tesla_lr_gradient)
+    lr_merged: bool = False
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
     blend: Blend | None = None  # RepBlend: representation blending per inner step
     from_features: bool = False  # `images` hold cached backbone features (see with_cached_features)
@@ -89,14 +92,24 @@ class RngReplay:
 
 def tesla_lr_gradient(seg: Segment, grad_sum: dict[str, torch.Tensor], backward: Callable):
     """TESLA between its passes: the matching loss of theta_0 - lr*G with G detached. Leaves the step sizes'
-    gradient in .grad and returns (loss, terms, c = dL/dtheta_N), which weights pass 2's data gradients."""
+    gradient in .grad and returns (loss, terms, c = dL/dtheta_N), which weights pass 2's data gradients.
+
+    Under loss_merge=merged the reference code (LoRS distill_tesla_lors.py, RepBlend distill_repblend.py) weights
+    the data gradients by the merged loss but takes each step size's gradient from its own modality's term,
+    ||theta_0 - lr_m G_m - theta*_m||^2 / D_m: a factor D_m / (D_img + D_txt) apart from the merged loss's. That is
+    the default (`seg.lr_merged=False`); `lr_merged=True` takes it from the merged loss (method.tesla_lr_loss=as_loss)."""
     mods = list(seg.start)
     final = {m: seg.start[m] - seg.lrs[m] * grad_sum[m] for m in mods}
     final_leaf = {m: final[m].detach().requires_grad_(True) for m in mods}
     loss, terms = matching_loss(final_leaf, seg.start, seg.target, merged=seg.merged)
-    c = dict(zip(mods, torch.autograd.grad(loss, [final_leaf[m] for m in mods])))
+    leaves = [final_leaf[m] for m in mods]
+    c = dict(zip(mods, torch.autograd.grad(loss, leaves)))
+    c_lr = c
+    if seg.merged and not seg.lr_merged:
+        separate, _ = matching_loss(final_leaf, seg.start, seg.target, merged=False)
+        c_lr = dict(zip(mods, torch.autograd.grad(separate, leaves)))
     # d loss / d lr = <c, d final / d lr>; take it through autograd so .grad accumulates as usual.
-    backward(sum((final[m] * c[m]).sum() for m in mods), list(seg.lrs.values()))
+    backward(sum((final[m] * c_lr[m]).sum() for m in mods), list(seg.lrs.values()))
     return loss, terms, c
 
 

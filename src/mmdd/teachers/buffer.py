@@ -13,6 +13,7 @@ from mmdd.data.datamodule import PairDataset, load_data
 from mmdd.data.transforms import augment_config
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.trajectory_store import TrajectoryStore
@@ -38,6 +39,7 @@ def run_buffer(cfg, data=None) -> Path:
     probe = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
     names = probe.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in probe.named_parameters()}
+    check_store_fits(cfg, probe)
     store = TrajectoryStore.create_or_open(
         Path(str(cfg.buffer_dir)),
         dataset=str(cfg.data.name),

@@ -14,12 +14,13 @@ def to_plain(cfg) -> dict:
     return cfg
 
 
-def data_identity(data_cfg) -> dict:
-    """What makes two datasets the same (not where they live on disk)."""
+def data_identity(data_cfg, fingerprint: bool = True) -> dict:
+    """What makes two datasets the same (not where they live on disk). `fingerprint=False`: from the config alone
+    (the generated data's fingerprint needs the data on disk)."""
     d = to_plain(data_cfg)
     keep = ("name", "format", "generate", "image_size", "ann_files", "ann_file", "preprocess", "train_unit")
     identity = {k: d.get(k) for k in keep if k in d}
-    if d.get("format") == "synscenes":
+    if fingerprint and d.get("format") == "synscenes":
         # The generated content (generator version included), so a new generator means new teachers.
         from mmdd.data.synscenes import synscenes_fingerprint
 
@@ -29,6 +30,19 @@ def data_identity(data_cfg) -> dict:
 
 def model_identity(model_cfg) -> dict:
     return to_plain(model_cfg)
+
+
+def store_id(data_cfg, model_cfg, teacher_cfg) -> str:
+    """A short hash of what defines a trajectory store's teachers, for its default directory name
+    (`${mmdd.store_id:${data},${model},${teacher}}` in conf/base.yaml): other image sizes, split sizes, models or
+    teacher settings get other stores instead of finding one made otherwise."""
+    return stable_hash({"data": data_identity(data_cfg, fingerprint=False), "model": model_identity(model_cfg),
+                        "teacher": to_plain(teacher_cfg)}, length=8)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("mmdd.store_id"):
+        OmegaConf.register_new_resolver("mmdd.store_id", store_id)
 
 
 def teacher_hash(cfg) -> str:

@@ -1,0 +1,48 @@
+import torch
+
+from mmdd import commands
+from mmdd.plan import LiveBytes
+
+
+def test_live_bytes_follows_storages_until_their_last_reference_dies():
+    with LiveBytes() as m:
+        a = torch.zeros(1000, device="meta")  # 4000 B
+        b = a * 2
+        view = b[:10]  # same storage: counted once
+        del a
+        c = b + 1
+        del b, c
+        d = torch.zeros(500, device="meta")  # 2000 B: b's storage is still alive through `view`
+    assert m.peak == 8000
+    assert m.current == 4000 + 2000
+    del view, d
+
+
+def test_live_bytes_sees_what_autograd_keeps_for_backward():
+    x = torch.zeros(256, 1024, device="meta", requires_grad=True)  # 1 MiB, made outside: not counted
+    with LiveBytes() as m:
+        y = torch.exp(x)  # exp saves its output for backward: 1 MiB
+        loss = y.sum()
+        del y  # still alive: the graph holds it
+        peak_forward = m.current
+        loss.backward()  # x.grad: 1 MiB
+    assert peak_forward >= 2**20
+    assert m.current >= 2**20  # x.grad outlives the block
+
+
+def test_plan_prints_counts_store_size_and_estimates(capsys):
+    base = ["budget=20", "teacher.num_experts=3", "teacher.epochs=2"]
+    assert commands.plan(["distill", *base, "method.syn_steps=2"]) == 0
+    two = capsys.readouterr().out
+    assert commands.plan(["distill", *base, "method.syn_steps=6"]) == 0
+    six = capsys.readouterr().out
+    assert "trajectory store: 3 experts x 3 snapshots" in two
+
+    def mb(text, stage):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(stage))
+        return float(line.split(":")[1].split("MB")[0].replace(",", ""))
+
+    # the full unroll keeps every step's graph; TESLA one step's at a time
+    assert mb(six, "distill, full unroll") > 2 * mb(two, "distill, full unroll")
+    assert abs(mb(six, "distill, TESLA") - mb(two, "distill, TESLA")) <= 1
+    assert commands.plan(["distill", "method.syn_steps=abc"]) == 2
