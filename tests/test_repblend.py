@@ -60,11 +60,11 @@ def test_repblend_refuses_a_model_whose_backbone_trains():
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         method = instantiate(compose("distill", overrides=["method=repblend"]).method)
-    method.check_model(heads_model())  # frozen backbone + heads: fine
+    method.prepare_model(heads_model())  # frozen backbone + heads: fine
     torch.manual_seed(0)
     bb = ConvNet(image_size=8, width=3, depth=1)
     with pytest.raises(MmddError, match="model=convnet_heads"):
-        method.check_model(DualEncoder(bb, bb.num_features, text_dim=5))
+        method.prepare_model(DualEncoder(bb, bb.num_features, text_dim=5))
 
 
 def segment(steps):
@@ -125,3 +125,20 @@ def test_tesla_replays_dropout_masks():
         grads.append([seg.images.grad, seg.texts.grad, *(p.grad for p in seg.extra)])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_method_temperature_sets_the_distillation_models_logit_scale_only():
+    from omegaconf import OmegaConf
+
+    from mmdd.errors import MmddError
+    from mmdd.methods.trajectory_matching import TrajectoryMatching
+    from mmdd.paths import conf_dir
+
+    settings = OmegaConf.to_container(OmegaConf.load(conf_dir() / "method" / "mtt_vl.yaml"))
+    settings = {k: v for k, v in settings.items() if k not in ("_target_", "name")}
+    model = heads_model()
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+    TrajectoryMatching("lors", **{**settings, "temperature": 0.1}).prepare_model(model)
+    assert model.logit_scale.exp().item() == pytest.approx(10.0)
+    with pytest.raises(MmddError, match="method.temperature"):
+        TrajectoryMatching("lors", **{**settings, "temperature": 0})

@@ -112,7 +112,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
     mc = method.config
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)).to(device)
-    method.check_model(model)
+    method.prepare_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     layout = ParamLayout.from_model(model)

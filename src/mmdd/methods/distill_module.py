@@ -51,6 +51,7 @@ class MatchingConfig:
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
     inner_loss: str = "infonce"  # infonce | wbce | bce | kl | mse (soft ones read S; S = I without one)
     label_temperature: float = 0.1  # the kl loss's targets softmax(S / label_temperature)
+    temperature: float | None = None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
@@ -72,6 +73,9 @@ class MatchingConfig:
             raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
         if self.init not in ("real", "noise"):
             raise MmddError(f"method.init must be 'real' or 'noise', got {self.init!r}")
+        if self.temperature is not None and (isinstance(self.temperature, bool) or
+                                             not isinstance(self.temperature, (int, float)) or self.temperature <= 0):
+            raise MmddError(f"method.temperature must be a number > 0 or null, got {self.temperature!r}")
         if self.label_temperature <= 0:
             raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
         if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1 or self.iterations < 1:

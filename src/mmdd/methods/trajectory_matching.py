@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -139,7 +140,7 @@ class TrajectoryMatching(Method):
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-        self.check_model(model)
+        self.prepare_model(model)
         accelerate_model(model, cfg.hardware, second_order=True)
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
@@ -171,8 +172,13 @@ class TrajectoryMatching(Method):
         self.resumes = module.resumes
         return syn
 
-    def check_model(self, model) -> None:
-        """Blending (RepBlend) mixes frozen backbone features before trainable heads; refuse other models."""
+    def prepare_model(self, model) -> None:
+        """The distillation loop's model: refuse what the method cannot use, and apply `method.temperature` (the inner
+        loop's only: LoRS's COCO-500 script passes --temperature 0.1 to its distillation, while its teachers and
+        students keep 0.07)."""
+        if self.config.temperature is not None:
+            model.logit_scale.fill_(math.log(1.0 / self.config.temperature))
+        # Blending (RepBlend) mixes frozen backbone features before trainable heads; refuse other models.
         if self.config.blend and model.trainable != "heads":
             raise MmddError(
                 f"method={self.name} blends the features of a frozen backbone and matches the heads only, but "
