@@ -7,7 +7,7 @@ import torch
 
 from mmdd.methods.matching import BatchSchedule
 from mmdd.methods.meta_gradient import Segment, full_unroll, tesla
-from mmdd.models.losses import multilabel_infonce, pair_loss, soft_bce, soft_kl, soft_mse, symmetric_infonce, weighted_bce
+from mmdd.models.losses import multilabel_infonce, pair_loss, soft_bce, soft_ce, soft_mse, lors_kl, symmetric_infonce, weighted_bce
 from mmdd.synthetic.similarity import FullSimilarity, LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from test_matching import setup
@@ -45,22 +45,36 @@ def test_multilabel_infonce_reduces_to_infonce_for_identity_targets():
 def test_kl_loss_hand_computed_and_bounded():
     # 2x2, logits 0 everywhere -> log softmax = log(1/2) per entry; S = I, tau = 1:
     # targets softmax([1, 0]) = [e/(e+1), 1/(e+1)] sum to 1, so the loss is log 2 in both directions.
-    assert soft_kl(torch.zeros(2, 2), torch.eye(2), 1.0).item() == pytest.approx(math.log(2))
+    assert soft_ce(torch.zeros(2, 2), torch.eye(2), 1.0).item() == pytest.approx(math.log(2))
     # logits [[2, 0], [0, 2]], S = I, tau = 1: rows give -(p log q) with p = (e, 1)/(e+1), q = softmax(2, 0).
     p = torch.tensor([math.e, 1.0]) / (math.e + 1)
     logq = torch.log_softmax(torch.tensor([2.0, 0.0]), 0)
     expected = -(p * logq).sum().item()
-    assert soft_kl(2 * torch.eye(2), torch.eye(2), 1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert soft_ce(2 * torch.eye(2), torch.eye(2), 1.0).item() == pytest.approx(expected, rel=1e-6)
     # Targets are a distribution whatever S is, so S with negative entries cannot drive it below 0,
     # unlike multi-label InfoNCE whose raw-S targets make it unbounded below.
     s = torch.tensor([[1.0, -3.0], [-3.0, 1.0]])
     logits = torch.tensor([[20.0, -20.0], [-20.0, 20.0]])
-    assert soft_kl(logits, s, 0.1).item() >= 0
+    assert soft_ce(logits, s, 0.1).item() >= 0
     assert multilabel_infonce(logits, s).item() < 0
     # tau -> small: hard targets, InfoNCE; through pair_loss with the temperature passed on.
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 5, generator=g)
-    assert pair_loss("kl", logits, None, 1e-3).item() == pytest.approx(symmetric_infonce(logits).item(), rel=1e-5)
+    assert pair_loss("soft_ce", logits, None, 1e-3).item() == pytest.approx(symmetric_infonce(logits).item(), rel=1e-5)
+
+
+def test_kl_is_lors_kldivloss_mean_hand_computed():
+    """LoRS's "KL": KLDivLoss(reduction="mean") = sum over the B x B entries of p (log p - log q), divided by B^2."""
+    # 2x2, logits 0 -> q = 1/2 everywhere; S = I, tau = 1 -> p rows (e, 1)/(e+1) and (1, e)/(e+1)
+    p = torch.tensor([math.e, 1.0]) / (math.e + 1)
+    row_kl = (p * (p.log() - math.log(0.5))).sum().item()  # the same for both rows and both directions
+    assert pair_loss("kl", torch.zeros(2, 2), torch.eye(2), 1.0).item() == pytest.approx(2 * row_kl / 4, rel=1e-6)
+    # its gradient in the logits is 1/B of soft_ce's (the targets' entropy is a constant)
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    s = torch.rand(5, 5, generator=torch.Generator().manual_seed(2))
+    (g_kl,) = torch.autograd.grad(lors_kl(logits, s, 0.1), logits)
+    (g_ce,) = torch.autograd.grad(soft_ce(logits, s, 0.1), logits)
+    assert torch.allclose(g_kl * 5, g_ce, atol=1e-7)
 
 
 def test_mse_and_hard_target_default():

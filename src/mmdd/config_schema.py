@@ -41,7 +41,7 @@ class ProtocolConfig:
     lr: float = MISSING
     eval_every: int = MISSING
     selection: str = MISSING  # val | test_best | last
-    loss: str = MISSING  # set | infonce | wbce | bce | kl | mse
+    loss: str = MISSING  # set | infonce | wbce | bce | soft_ce | kl | mse
     label_temperature: float = MISSING
     trainable: Optional[str] = None  # null | heads
     cache_features: bool = True

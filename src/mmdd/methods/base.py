@@ -77,7 +77,7 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "std": list(cfg.data.std),
         "config_hash": config_hash(cfg),
         "inner_loss": str(cfg.method.get("inner_loss", "infonce")),  # what students of this set train with
-        "label_temperature": float(cfg.method.get("label_temperature", 0.1)),  # the kl loss's target sharpness
+        "label_temperature": float(cfg.method.get("label_temperature", 0.1)),  # soft_ce/kl targets' sharpness
         **(extra or {}),
     }
     syn.save(out_dir, manifest, captions)

@@ -49,8 +49,8 @@ class MatchingConfig:
     max_experts: int | None = None
     lr_min: float = 0.0
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
-    inner_loss: str = "infonce"  # infonce | wbce | bce | kl | mse (soft ones read S; S = I without one)
-    label_temperature: float = 0.1  # the kl loss's targets softmax(S / label_temperature)
+    inner_loss: str = "infonce"  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
+    label_temperature: float = 0.1  # soft_ce/kl targets: softmax(S / label_temperature)
     temperature: float | None = None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
     lr_sim: float = 0.0  # outer lr of S

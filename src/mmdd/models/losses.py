@@ -39,16 +39,28 @@ def multilabel_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 0.5 * (rows + cols)
 
 
-def soft_kl(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
-    """KL(softmax(S / tau) || softmax(logits)) per row, mean over rows, both directions averaged (LoRS's "KL").
+def soft_ce(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
+    """Cross-entropy of softmax(logits) against softmax(S / tau) per row, mean over rows, both directions averaged.
 
     Unlike multi-label InfoNCE, softmax(S / tau) is a distribution whatever S becomes (entries > 1 or < 0),
     so the loss stays bounded below; with S = I and tau = 0.1 it is InfoNCE with ~1% label smoothing.
-    Written as soft cross-entropy: it differs from the KL by the targets' entropy, a constant in the logits.
+    mmdd's soft-label loss (it was called `kl` before 2026-11): LoRS's "KL" (`lors_kl`) has the same targets but
+    is the KL itself (the targets' entropy apart, a constant in the logits) averaged over all B x B entries, so
+    its gradient is 1/B of this one's.
     """
 
     def one_side(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
         return -(F.softmax(tg / label_temperature, dim=1) * F.log_softmax(lg, dim=1)).sum(1).mean()
+
+    return 0.5 * (one_side(logits, target) + one_side(logits.t(), target.t()))
+
+
+def lors_kl(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
+    """LoRS's "KL" loss exactly (src/similarity_mining.py): KLDivLoss(reduction="mean") of log_softmax(logits) against
+    softmax(S / tau), i.e. the summed KL divided by B^2 entries, both directions averaged."""
+
+    def one_side(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(lg, dim=1), F.softmax(tg / label_temperature, dim=1), reduction="mean")
 
     return 0.5 * (one_side(logits, target) + one_side(logits.t(), target.t()))
 
@@ -58,14 +70,16 @@ def soft_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(torch.sigmoid(logits), target)
 
 
-SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "kl": soft_kl, "mse": soft_mse}
+SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "soft_ce": soft_ce, "kl": lors_kl,
+               "mse": soft_mse}
+LABEL_TEMPERATURE_LOSSES = ("soft_ce", "kl")  # the losses whose targets are softmax(S / label_temperature)
 INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
 
 
 def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = 0.1) -> torch.Tensor:
     """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I).
 
-    `label_temperature` is the `kl` loss's tau (softmax(S / tau) targets); the other losses ignore it.
+    `label_temperature` is the tau of `soft_ce` and `kl` (softmax(S / tau) targets); the other losses ignore it.
     """
     if target is None:
         if name == "infonce":
@@ -73,6 +87,6 @@ def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, labe
         target = torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
     if name not in SOFT_LOSSES:
         raise ValueError(f"unknown inner loss {name!r}; choose from {sorted(SOFT_LOSSES)}")
-    if name == "kl":
-        return soft_kl(logits, target, label_temperature)
+    if name in LABEL_TEMPERATURE_LOSSES:
+        return SOFT_LOSSES[name](logits, target, label_temperature)
     return SOFT_LOSSES[name](logits, target)
