@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.evaluate.retrieval import retrieval_metrics
+from mmdd.models.dual_encoder import backbone_fingerprint
 from mmdd.utils.io import atomic_write, stable_hash
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,6 @@ def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device)
     for s in range(0, data.num_images, batch_size):
         idx = range(s, min(s + batch_size, data.num_images))
         yield model.features(normalize(data.image_batch(idx).to(device), mean, std))
-
-
-def backbone_fingerprint(model) -> str:
-    """Hash of the backbone's parameters and buffers: two frozen backbones share features only if this is equal
-    (a loaded checkpoint gives every student the same one; a random initialisation gives each seed its own)."""
-    h = hashlib.sha1()
-    for name, t in sorted({**dict(model.backbone.named_parameters()), **dict(model.backbone.named_buffers())}.items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def split_content(data: SplitData) -> str:

@@ -17,14 +17,46 @@ from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.student import train_student
-from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.utils.config import config_hash, data_identity, resolved_config, task_overrides, to_plain
+from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
+                               to_plain)
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.trainer import accelerate_model
 
 log = logging.getLogger(__name__)
+
+
+def other_dataset(manifest: dict, cfg, where: Path) -> list[str] | None:
+    """How the data under evaluation differs from the set's own ('key: set's -> this run's'), None when it is the
+    same. Another dataset is refused unless the run asks for it (allow_other_dataset=true; recorded in results)."""
+    recorded = (manifest.get("identity") or {}).get("data")
+    if recorded is None:  # sets written before identities were recorded: only the name can be compared
+        recorded = {"name": manifest.get("dataset")}
+        here = {"name": str(cfg.data.name)}
+    else:
+        here = data_identity(cfg.data)
+    diffs = config_differences({"data": recorded}, {"data": here})
+    if not diffs:
+        return None
+    if not cfg.get("allow_other_dataset", False):
+        raise ArtifactError(f"synthetic set {where} was distilled on other data than this evaluation's ({'; '.join(diffs)}; "
+                            "set -> this run): evaluate with the data settings it was made with, or pass "
+                            "allow_other_dataset=true to evaluate it on this data on purpose (recorded in results.json)")
+    log.warning("evaluating synthetic set %s on other data than its own (allow_other_dataset): %s", where, "; ".join(diffs))
+    return diffs
+
+
+def check_frozen_backbone(manifest: dict, model, where: Path) -> None:
+    """Students that train heads on a frozen backbone must stand on the one the set was distilled on."""
+    recorded = manifest.get("backbone_fingerprint")
+    here = frozen_backbone_fingerprint(model)
+    if recorded and here and recorded != here:
+        raise ArtifactError(f"synthetic set {where} was distilled on a frozen backbone with fingerprint {recorded}, but "
+                            f"the students' frozen backbone is {here}: its features would not be the ones the set was "
+                            "made for. Load the same backbone (model.image.checkpoint / pretrained, or the same "
+                            "model.image.init_seed for a random one)")
 
 
 def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) -> None:
@@ -82,6 +114,10 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     def build_model():
         return accelerate_model(build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size)), cfg.hardware)
 
+    if str(model_cfg.trainable) == "heads" and manifest.get("backbone_fingerprint"):
+        check_frozen_backbone(manifest, build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size)), synthetic)
+    data_differences = other_dataset(manifest, cfg, synthetic)
+
     label = label or manifest.get("method", "synthetic")
     loss = str(cfg.protocol.loss)
     label_temperature = float(cfg.protocol.label_temperature)
@@ -115,6 +151,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "protocol": to_plain(cfg.protocol),
             "synthetic": str(synthetic.resolve()),
             "synthetic_config_hash": manifest.get("config_hash"),
+            "other_dataset": data_differences,  # None, or how this data differs from the set's (allow_other_dataset)
             "config_hash": this_hash,
             "complete": complete,
             "expected_seeds": len(seeds),

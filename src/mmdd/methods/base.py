@@ -11,7 +11,7 @@ from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
-from mmdd.utils.config import config_hash
+from mmdd.utils.config import config_hash, data_identity, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ class Method:
     """
 
     name: str = "method"
+    # The fingerprint of the frozen backbone the set was made on (mmdd.models.dual_encoder), when there is one:
+    # saved with the set, so students on another frozen backbone are refused.
+    backbone_fingerprint: str | None = None
 
     def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> SyntheticSet:
         raise NotImplementedError
@@ -76,6 +79,8 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "config_hash": config_hash(cfg),
+        # what the set was distilled on: evaluate refuses other data unless asked (allow_other_dataset=true)
+        "identity": {"data": data_identity(cfg.data), "model": model_identity(cfg.model)},
         "inner_loss": str(cfg.method.get("inner_loss", "infonce")),  # what students of this set train with
         "label_temperature": float(cfg.method.get("label_temperature", 0.1)),  # soft_ce/kl targets' sharpness
         **(extra or {}),

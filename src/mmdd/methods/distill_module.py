@@ -47,7 +47,7 @@ class MatchingConfig:
     init: str = "real"
     iterations: int = 1000
     max_experts: int | None = None
-    lr_min: float = 0.0
+    lr_min: float | None = 0.0  # learned step sizes clamped here after each outer step; None = no clamp (the papers')
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
     inner_loss: str = "infonce"  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
     label_temperature: float = 0.1  # soft_ce/kl targets: softmax(S / label_temperature)
@@ -83,8 +83,8 @@ class MatchingConfig:
 
     _INTS = ("syn_steps", "expert_epochs", "max_start_epoch", "iterations")
     _OPTIONAL_INTS = ("batch_syn", "max_experts", "feature_chunk")
-    _FLOATS = ("lr_img", "lr_txt", "lr_lr", "lr_init", "momentum", "lr_min", "label_temperature", "lr_sim",
-               "sim_momentum")
+    _FLOATS = ("lr_img", "lr_txt", "lr_lr", "lr_init", "momentum", "label_temperature", "lr_sim", "sim_momentum")
+    _OPTIONAL_FLOATS = ("lr_min",)
     _STRS = ("loss_merge", "tesla_lr_loss", "init", "meta_gradient", "inner_loss")
     _OPTIONAL_DICTS = ("similarity", "blend")
 
@@ -109,8 +109,10 @@ class MatchingConfig:
                 if not v.is_integer():
                     raise bad(f, what)
                 setattr(self, f, int(v))
-        for f in self._FLOATS:
+        for f in self._FLOATS + self._OPTIONAL_FLOATS:
             v = getattr(self, f)
+            if v is None and f in self._OPTIONAL_FLOATS:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
                 raise bad(f, "a finite number")
             setattr(self, f, float(v))

@@ -49,7 +49,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
             return out_dir  # rank 0 of a multi-process run writes the set
         history = getattr(method, "history", [])
         stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}
-        extra = {"complete": True, "iteration": len(history), "distill_stats": stats}
+        extra = {"complete": True, "iteration": len(history), "distill_stats": stats,
+                 "backbone_fingerprint": method.backbone_fingerprint}
         if getattr(method, "diagnostics", None):
             extra["diagnostics"] = method.diagnostics  # modality collapse: real / initial / final
         if getattr(method, "resumes", None):

@@ -16,11 +16,11 @@ from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.distill_module import DistillModule, MatchingConfig
 from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy, raise_together
 from mmdd.methods.matching import ParamLayout
-from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
-from mmdd.utils.config import data_identity, distill_identity
+from mmdd.utils.config import data_identity, data_location, distill_identity, teachers_identity
 from mmdd.utils.io import stable_hash
 from mmdd.utils.trainer import accelerate_model, build_trainer
 
@@ -35,6 +35,7 @@ def open_checked_trajectories(cfg, model, max_experts: int | None = None) -> Exp
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
                       stable_hash(data_identity(cfg.data)))
+    store.check_identity(teachers_identity(cfg), frozen_backbone_fingerprint(model), data_location(cfg.data))
     experts = store.completed_experts()
     reader = ExpertSnapshots(store, names, experts[:max_experts] if max_experts else experts)
     reader.check_intact()
@@ -141,6 +142,7 @@ class TrajectoryMatching(Method):
         torch.manual_seed(int(cfg.seed))
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         self.prepare_model(model)
+        self.backbone_fingerprint = frozen_backbone_fingerprint(model)
         accelerate_model(model, cfg.hardware, second_order=True)
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
@@ -152,7 +154,8 @@ class TrajectoryMatching(Method):
                                max_nonfinite=int(cfg.get("max_nonfinite", 10)))
 
         def save(step: int) -> None:
-            save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False})
+            save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False,
+                                                      "backbone_fingerprint": self.backbone_fingerprint})
 
         ckpt = resume_checkpoint(cfg, out_dir)
         if ckpt is not None:

@@ -8,6 +8,7 @@ without exp, which we do not repeat).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -126,18 +127,52 @@ class DualEncoder(nn.Module):
         return self.similarity(img, self.encode_text(text_emb))
 
 
+def backbone_fingerprint(model) -> str:
+    """Hash of the backbone's parameters and buffers: two frozen backbones give the same features only if this is
+    equal (a loaded checkpoint gives every stage the same one)."""
+    h = hashlib.sha1()
+    for name, t in sorted({**dict(model.backbone.named_parameters()), **dict(model.backbone.named_buffers())}.items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def frozen_backbone_fingerprint(model) -> str | None:
+    """The fingerprint of a frozen backbone (recorded in stores and sets), None when the backbone trains."""
+    return backbone_fingerprint(model) if model.trainable == "heads" else None
+
+
 def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder:
-    """Build from the `model` config group (see conf/model/*.yaml)."""
+    """Build from the `model` config group (see conf/model/*.yaml).
+
+    A frozen backbone that loads no weights (model.trainable=heads, pretrained false, no checkpoint) is drawn from
+    `model.image.init_seed`, not from the stage's seed: teachers, distillation and students then stand on the same
+    random backbone (each stage drawing its own would match the heads' trajectories on other features)."""
     img = model_cfg.image
-    backbone, dim = build_image_backbone(
-        img.name,
-        image_size=image_size,
-        pretrained=bool(img.get("pretrained", False)),
-        checkpoint=img.get("checkpoint"),
-        width=int(img.get("width") or 64),  # ConvNet only; timm models ignore these
-        depth=int(img.get("depth") or 3),
-        feature_side=img.get("feature_side"),
-    )
+    pretrained = bool(img.get("pretrained", False))
+    frozen_random = str(model_cfg.trainable) == "heads" and not pretrained and not img.get("checkpoint")
+
+    def make_backbone():
+        return build_image_backbone(
+            img.name,
+            image_size=image_size,
+            pretrained=pretrained,
+            checkpoint=img.get("checkpoint"),
+            width=int(img.get("width") or 64),  # ConvNet only; timm models ignore these
+            depth=int(img.get("depth") or 3),
+            feature_side=img.get("feature_side"),
+        )
+
+    if frozen_random:
+        if img.get("init_seed") is None:
+            raise MmddError("model.trainable=heads freezes a backbone that loads no weights (model.image.pretrained "
+                            "false, no model.image.checkpoint): set model.image.init_seed=<int> so every stage draws "
+                            "the same random backbone, or load one (mmdd pretrain, model.image.checkpoint=...)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(img.init_seed))
+            backbone, dim = make_backbone()
+    else:
+        backbone, dim = make_backbone()
     return DualEncoder(
         backbone,
         backbone_dim=dim,

@@ -54,8 +54,11 @@ class SyntheticSet(nn.Module):
         return {m: float(p.detach()) for m, p in self.lrs.items()}
 
     @torch.no_grad()
-    def clamp_lrs_(self, minimum: float) -> None:
-        """Keep the learned step sizes >= minimum after an outer step: a non-positive one stops students."""
+    def clamp_lrs_(self, minimum: float | None) -> None:
+        """Keep the learned step sizes >= minimum after an outer step: a non-positive one stops students.
+        None: no clamp (what the reference code does)."""
+        if minimum is None:
+            return
         for p in self.lrs.values():
             p.clamp_(min=minimum)
 

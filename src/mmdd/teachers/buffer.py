@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 from mmdd.data.datamodule import PairDataset, load_data
 from mmdd.data.transforms import augment_config
 from mmdd.evaluate.encode import evaluate_retrieval
-from mmdd.models.dual_encoder import build_dual_encoder
+from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.trajectory_store import TrajectoryStore
-from mmdd.utils.config import data_identity, teacher_hash, to_plain
+from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
@@ -50,6 +50,9 @@ def run_buffer(cfg, data=None) -> Path:
         epochs=int(tcfg.epochs),
         teacher=to_plain(tcfg),
         data_hash=stable_hash(data_identity(cfg.data)),
+        identity=teachers_identity(cfg),
+        data_location=data_location(cfg.data),
+        backbone_fingerprint=frozen_backbone_fingerprint(probe),
     )
     # One process per job: experts are claimed, so several `mmdd buffer` jobs fill one store together.
     # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.

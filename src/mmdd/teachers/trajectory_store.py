@@ -51,6 +51,9 @@ class TrajectoryStore:
         epochs: int,
         teacher: dict,
         data_hash: str | None = None,
+        identity: dict | None = None,
+        data_location: dict | None = None,
+        backbone_fingerprint: str | None = None,
     ) -> "TrajectoryStore":
         root = Path(root)
         manifest = {
@@ -64,15 +67,26 @@ class TrajectoryStore:
             "param_shapes": {k: list(v) for k, v in param_shapes.items()},
             "teacher": teacher,
             "data_hash": data_hash,  # what the data is (not where): mmdd.utils.config.data_identity
+            # everything that defines the teachers (mmdd.utils.config.teachers_identity): readers must share it
+            "identity": identity,
+            "data_location": data_location,  # where the data was read from (recorded, not enforced)
+            # a frozen backbone's weights (mmdd.models.dual_encoder.backbone_fingerprint); None when it trains
+            "backbone_fingerprint": backbone_fingerprint,
         }
         if (root / "manifest.json").exists():
             store = cls.open(root)
             old = store.manifest
             if old.get("config_hash") != config_hash:
-                diffs = [k for k in ("dataset", "model", "epochs", "teacher", "param_shapes") if old.get(k) != manifest[k]]
+                from mmdd.utils.config import config_differences
+
+                if old.get("identity") is not None and identity is not None:
+                    diffs = config_differences(old["identity"], identity)
+                else:
+                    diffs = [k for k in ("dataset", "model", "epochs", "teacher", "param_shapes")
+                             if old.get(k) != manifest[k]]
                 raise ArtifactError(
-                    f"trajectory store {root} was made by another configuration "
-                    f"(config hash {old.get('config_hash')} != {config_hash}; differs in {diffs or 'other settings'}). "
+                    f"trajectory store {root} was made by another configuration (differs in "
+                    f"{'; '.join(diffs) if diffs else 'other settings'}; store -> this run). "
                     "Point buffer_dir at a new directory, or delete the old store."
                 )
             store.set_aside_corrupt_experts()
@@ -179,6 +193,32 @@ class TrajectoryStore:
                 raise ArtifactError(f"{path}: parameter {name!r} has shape {list(tensors[name].shape)}, but the store's "
                                     f"manifest says {want}; {fix}")
         return tensors
+
+    def check_identity(self, identity: dict, backbone_fingerprint: str | None, data_location: dict | None = None) -> None:
+        """Refuse a store whose teachers were defined otherwise than this run's (data, model, teacher settings,
+        augmentation) or stood on another frozen backbone, naming each differing key with both values. Stores
+        written before these were recorded are not checked here (check_model still is)."""
+        from mmdd.utils.config import config_differences
+
+        recorded = self.manifest.get("identity")
+        if recorded is not None:
+            diffs = config_differences(recorded, identity)
+            if diffs:
+                raise ArtifactError(
+                    f"trajectory store {self.root} was made with other settings than this run's ({'; '.join(diffs)}; "
+                    "store -> this run): use the settings it was made with, or build a store for these settings with "
+                    "`mmdd buffer` (the default buffer_dir already names one per setting)")
+        fingerprint = self.manifest.get("backbone_fingerprint")
+        if fingerprint and backbone_fingerprint and fingerprint != backbone_fingerprint:
+            raise ArtifactError(
+                f"trajectory store {self.root} recorded the heads' trajectories on a frozen backbone with fingerprint "
+                f"{fingerprint}, but this run's frozen backbone is {backbone_fingerprint}: the heads would be matched on "
+                "other features. Load the same backbone (model.image.checkpoint / pretrained, or the same "
+                "model.image.init_seed for a random one)")
+        where = self.manifest.get("data_location")
+        if where and data_location and where != data_location:
+            log.warning("trajectory store %s was recorded on data read from %s; this run reads %s (same identity: "
+                        "format, annotation files, sizes)", self.root, where, data_location)
 
     def check_model(self, param_names: dict[str, list[str]], param_shapes: dict[str, list[int]], dataset: str,
                     data_hash: str | None = None) -> None:

@@ -28,8 +28,35 @@ def data_identity(data_cfg, fingerprint: bool = True) -> dict:
     return identity
 
 
+# Model keys that say how captions are embedded (once), not what the model is.
+_HOW_TEXT_IS_EMBEDDED = ("batch_size", "device")
+
+
 def model_identity(model_cfg) -> dict:
-    return to_plain(model_cfg)
+    d = to_plain(model_cfg)
+    if isinstance(d.get("text"), dict):
+        d["text"] = {k: v for k, v in d["text"].items() if k not in _HOW_TEXT_IS_EMBEDDED}
+    return d
+
+
+def data_location(data_cfg) -> dict:
+    """Where the data is read from (absolute): recorded beside the identity, not part of it, so a moved dataset
+    keeps its stores and caches."""
+    from pathlib import Path
+
+    d = to_plain(data_cfg)
+    keys = ("image_root", "ann_dir") if d.get("format") != "karpathy" else ("image_root", "ann_file")
+    return {k: str(Path(str(d[k])).resolve()) for k in keys if d.get(k)}
+
+
+def teachers_identity(cfg) -> dict:
+    """Everything that defines a trajectory store's teachers and that a run reading the store must share: the data
+    (what, not where), the model (incl. temperature, trainable part, checkpoint) and the teacher settings, except
+    how many experts were asked for (a store is read expert by expert)."""
+    teacher = {k: v for k, v in to_plain(cfg.teacher).items() if k != "num_experts"}
+    augment = to_plain(cfg.data.augment) if cfg.teacher.augment and cfg.data.get("augment") is not None else None
+    return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": teacher,
+            "augment": augment}
 
 
 def store_id(data_cfg, model_cfg, teacher_cfg) -> str:
