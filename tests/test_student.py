@@ -126,3 +126,23 @@ def test_backbone_features_persist_on_disk_for_later_evaluations(data, tmp_path)
     assert torch.equal(first, again) and not calls  # read back, the backbone never ran
     BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
     assert calls  # another dataset: computed anew
+
+
+def test_reference_batches_are_drawn_independently_and_evaluations_start_after_the_first_epoch():
+    """LoRS/RepBlend (protocol.batch_draw=independent_if_similarity, eval_schedule=reference): ceil(N/B) batches of
+    B distinct pairs per epoch, each from a fresh permutation; the test split read after epochs 0, k, 2k, ... and the last."""
+    from mmdd.evaluate.student import IndependentBatches, StudentModule
+
+    batches = list(IndependentBatches(10, 4, torch.Generator().manual_seed(0)))
+    assert len(batches) == 3 and all(len(b) == len(set(b)) == 4 for b in batches)
+    assert len({i for b in batches for i in b}) < 12  # 12 draws from 10 pairs: some pair comes twice in the epoch
+    assert list(IndependentBatches(5, 128, torch.Generator())) and len(IndependentBatches(5, 128, torch.Generator())) == 1
+
+    def evaluated(schedule, every, epochs=101):
+        m = StudentModule(torch.nn.Linear(1, 1), {}, 0.9, 0, epochs, 51, 0.1, every, "test_best", None, [0], [1],
+                          eval_schedule=schedule)
+        return [e for e in range(epochs) if m.evaluates_after(e) or e == epochs - 1]
+
+    assert evaluated("reference", 10) == list(range(0, 101, 10))  # LoRS: 11 test reads
+    assert evaluated("reference", 20) == [0, 20, 40, 60, 80, 100]  # RepBlend: 6
+    assert evaluated("every", 10) == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99, 100]  # mmdd

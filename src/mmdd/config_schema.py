@@ -37,9 +37,15 @@ class ProtocolConfig:
     momentum: float = MISSING
     weight_decay: float = MISSING
     batch_size: int = MISSING
-    lr_source: str = MISSING  # learned | fixed
+    lr_source: str = MISSING  # learned | learned_image (the image step size for both towers: MTT-VL) | fixed
     lr: float = MISSING
     eval_every: int = MISSING
+    # every: after epochs k, 2k, ... (1-based) and the last; reference: after the first epoch, then every k (0-based
+    # 0, k, 2k, ...) and the last, as LoRS's and RepBlend's evaluate_synset
+    eval_schedule: str = "every"
+    # permutation: one shuffled pass per epoch; independent_if_similarity: a set with a learned S draws each of an
+    # epoch's ceil(N/B) batches independently (LoRS/RepBlend SimilarityDataloader), other sets a permutation
+    batch_draw: str = "permutation"
     selection: str = MISSING  # val | test_best | last
     loss: str = MISSING  # set | infonce | wbce | bce | soft_ce | kl | mse
     label_temperature: float = MISSING

@@ -100,8 +100,13 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
     out_dir = Path(out_dir or cfg.paths.output_dir)
     lrs = syn.lr_values()
-    if str(cfg.protocol.lr_source) == "fixed":
+    source = str(cfg.protocol.lr_source)
+    if source not in ("learned", "learned_image", "fixed"):
+        raise MmddError(f"protocol.lr_source must be learned, learned_image or fixed, got {source!r}")
+    if source == "fixed":
         lrs = {m: float(cfg.protocol.lr) for m in lrs}
+    elif source == "learned_image":  # MTT-VL's evaluation trains both towers at the learned image step size
+        lrs = {m: lrs["image"] for m in lrs}
     for m, v in lrs.items():
         if v <= 0:
             raise MmddError(f"synthetic set {synthetic}: learned step size lr_{m}={v} is not positive; "

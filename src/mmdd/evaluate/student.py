@@ -31,6 +31,26 @@ class StudentResult:
     history: list[dict]
 
 
+EVAL_SCHEDULES = ("every", "reference")
+BATCH_DRAWS = ("permutation", "independent_if_similarity")
+
+
+class IndependentBatches(torch.utils.data.Sampler):
+    """ceil(N / B) batches per epoch, each B indices of a fresh random permutation (so a pair may appear in several
+    batches of an epoch, or in none): LoRS's and RepBlend's SimilarityDataloader, which their evaluation uses for
+    sets with a learned similarity."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield torch.randperm(self.n, generator=self.generator)[: self.batch_size].tolist()
+
+
 class StudentModule(L.LightningModule):
     """Trains a dual encoder on (synthetic) pairs; picks its checkpoint by `selection`.
 
@@ -57,8 +77,12 @@ class StudentModule(L.LightningModule):
         similarity: torch.Tensor | None = None,
         label_temperature: float = 0.1,
         features=None,
+        eval_schedule: str = "every",
     ):
         super().__init__()
+        if eval_schedule not in EVAL_SCHEDULES:
+            raise ValueError(f"protocol.eval_schedule must be one of {EVAL_SCHEDULES}, got {eval_schedule!r}")
+        self.eval_schedule = eval_schedule
         # A frozen backbone's cache (mmdd.evaluate.encode.BackboneFeatures): the loader then yields backbone
         # features of the synthetic images, and evaluations run only the heads.
         self.features = features
@@ -120,13 +144,19 @@ class StudentModule(L.LightningModule):
             if last:
                 self._keep(epoch, {})
             return
-        if (epoch + 1) % self.eval_every == 0 or last:
+        if self.evaluates_after(epoch) or last:
             metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std, features=self.features)
             self.model.train()
             self.history.append({"epoch": epoch, **metrics})
             self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)
             if metrics["r_mean"] > self.best_score:
                 self._keep(epoch, metrics)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the selection split is evaluated after 0-based `epoch` (the last one always is)."""
+        if self.eval_schedule == "reference":  # LoRS/RepBlend: range(0, Epoch + 1, k)
+            return epoch % self.eval_every == 0
+        return (epoch + 1) % self.eval_every == 0
 
     def _keep(self, epoch: int, metrics: dict) -> None:
         self.best_score = metrics.get("r_mean", 0.0)
@@ -179,14 +209,17 @@ def train_student(
         similarity=similarity,
         label_temperature=label_temperature,
         features=features,
+        eval_schedule=str(p.eval_schedule),
     )
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        TensorDataset(inputs, texts.detach().cpu(), torch.arange(images.shape[0])),
-        batch_size=int(p.batch_size),
-        shuffle=True,
-        generator=gen,
-    )
+    pairs = TensorDataset(inputs, texts.detach().cpu(), torch.arange(images.shape[0]))
+    draw = str(p.batch_draw)
+    if draw not in BATCH_DRAWS:
+        raise MmddError(f"protocol.batch_draw must be one of {BATCH_DRAWS}, got {draw!r}")
+    if draw == "independent_if_similarity" and similarity is not None:
+        loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), int(p.batch_size), gen))
+    else:
+        loader = DataLoader(pairs, batch_size=int(p.batch_size), shuffle=True, generator=gen)
     # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
     trainer = build_trainer(cfg, loggers, max_epochs=int(p.epochs), log_every_n_steps=1, devices=1, num_nodes=1,
                             strategy="auto")

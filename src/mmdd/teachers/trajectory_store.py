@@ -310,9 +310,9 @@ class ExpertSnapshots:
         for idx in self.experts:
             problem = self.store.expert_problem(idx)
             if problem is not None:
-                raise ArtifactError(f"{self.store.expert_path(idx)} cannot be used: {problem}; rerun `mmdd buffer` "
-                                    "with the settings that made this store: it moves the damaged file aside "
-                                    "(to .corrupt) and trains that expert again")
+                raise ArtifactError(f"{self.store.expert_path(idx)} is corrupted ({problem}), e.g. truncated by an "
+                                    "interrupted copy; rerun `mmdd buffer` with the settings that made this store: it "
+                                    "moves the damaged file aside (to .corrupt) and trains that expert again")
 
 
 def _numel(shape: Sequence[int]) -> int:
