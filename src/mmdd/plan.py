@@ -242,10 +242,10 @@ def format_plan(cfg, plan: dict) -> str:
     c = plan["counts"]
     lines = [f"model {cfg.model.name} at {cfg.data.image_size} px, text {cfg.model.text.name_or_path}; "
              f"method {cfg.method.name}, budget {cfg.budget}",
-             "parameters: " + ", ".join(f"{k} {v / 1e6:,.2f}M" for k, v in c.items()),
+             "parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()),
              f"trajectory store: {cfg.teacher.num_experts} experts x {int(cfg.teacher.epochs) + 1} snapshots = "
              f"{_mb(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
-             "peak device memory, estimated (tensors only: see mmdd.plan):"]
+             "peak device memory, estimated (live tensors; allocator slack and CUDA context come on top: see mmdd.plan):"]
     for est in plan["estimates"]:
         mark = " <- this run" if plan.get("method_meta_gradient") and est.stage.startswith("distill") and (
             ("TESLA" in est.stage) == (plan["method_meta_gradient"] == "tesla")) else ""
