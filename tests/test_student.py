@@ -22,7 +22,8 @@ def split(n_img, seed):
 def cfg(selection, epochs=6):
     return OmegaConf.create({
         "protocol": {"epochs": epochs, "lr_decay_epoch": 3, "lr_decay": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                     "batch_size": 4, "eval_every": 2, "selection": selection},
+                     "batch_size": 4, "eval_every": 2, "selection": selection, "eval_schedule": "every",
+                     "batch_draw": "permutation"},
         "data": {"mean": [0.5] * 3, "std": [0.25] * 3},
         "hardware": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
         "progress_bar": False,
@@ -146,3 +147,12 @@ def test_reference_batches_are_drawn_independently_and_evaluations_start_after_t
     assert evaluated("reference", 10) == list(range(0, 101, 10))  # LoRS: 11 test reads
     assert evaluated("reference", 20) == [0, 20, 40, 60, 80, 100]  # RepBlend: 6
     assert evaluated("every", 10) == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99, 100]  # mmdd
+
+
+def test_a_student_trains_on_independently_drawn_batches_against_s(data):
+    c = cfg("test_best", epochs=2)
+    c.protocol.batch_draw, c.protocol.eval_schedule = "independent_if_similarity", "reference"
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    result = train_student(c, build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, loss="wbce",
+                           similarity=torch.eye(8))
+    assert [h["epoch"] for h in result.history] == [0, 1] and 0 <= result.test["r_mean"] <= 100
