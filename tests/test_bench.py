@@ -32,3 +32,42 @@ def test_bench_paths_agree(heads_root, method, model):
     assert len(res["seconds"]["ours"]) == 2
     assert res["cached_backbone_features"] is (method == "repblend")
     assert (root / out / "bench.md").read_text().startswith("| method |")
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("name", ["full", "tesla"])
+def test_the_independent_reference_port_gives_mmdds_gradients(name, merged):
+    """float64, frozen backbone + heads with blending and a learned S: the bench's reference (written from the
+    reference code, sharing none of mmdd's matching/meta-gradient code) and mmdd's strategies agree to 1e-9."""
+    from dataclasses import replace
+
+    import torch
+
+    from conftest import toy_segment
+    from mmdd.bench.reference import REFERENCE
+    from mmdd.methods.matching import Blend
+    from mmdd.methods.meta_gradient import meta_gradient
+    from mmdd.models.convnet import ConvNet
+    from mmdd.models.dual_encoder import DualEncoder
+    from mmdd.models.losses import weighted_bce
+    from mmdd.synthetic.similarity import LowRankSimilarity
+
+    def seg():
+        torch.manual_seed(0)
+        bb = ConvNet(image_size=8, width=3, depth=1)
+        model = DualEncoder(bb, bb.num_features, text_dim=5, embed_dim=6, image_head=True, trainable="heads").double()
+        sim = LowRankSimilarity(4, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(2)).double()
+        with torch.no_grad():
+            sim.right.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        s = toy_segment(model, 3, lambda logits, idx: weighted_bce(logits, sim.matrix(idx).clamp(0, 1)),
+                        extra=tuple(sim.parameters()), blend=Blend(1.0, torch.Generator().manual_seed(4)))
+        return replace(s, merged=merged)
+
+    grads = []
+    for strategy in (REFERENCE[name], meta_gradient(name)):
+        s = seg()
+        strategy(s, lambda t, inputs: t.backward(inputs=inputs))
+        grads.append([s.images.grad, s.texts.grad, *(lr.grad for lr in s.lrs.values()), *(p.grad for p in s.extra)])
+    for ref, ours in zip(*grads):
+        assert torch.allclose(ref, ours, rtol=1e-9, atol=1e-12)
+    assert grads[0][0].abs().sum() > 0

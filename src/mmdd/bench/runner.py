@@ -39,18 +39,22 @@ PATHS = ("reference", "ours")
 
 class GradientPath:
     """One way of computing an iteration's gradients: a trajectory source and a meta-gradient strategy.
-    Everything else (draws, segment, loss) is the distillation's own (mmdd.methods.distill_module)."""
+    The draws and the segment's data are the distillation's own (mmdd.methods.distill_module). `rebuild`: build the
+    model anew every iteration (the reference loops construct their student networks per iteration)."""
 
-    def __init__(self, model, layout, config, strategy, source, autocast: torch.dtype | None = None):
+    def __init__(self, model, layout, config, strategy, source, autocast: torch.dtype | None = None, rebuild=None):
         self.model, self.layout, self.config = model, layout, config
         self.strategy = strategy
         self.source = source  # (expert, start epoch) -> (start params, target params)
         self.autocast = autocast  # hardware.precision bf16-mixed / 16-mixed: what Lightning wraps a step in
+        self.rebuild = rebuild
 
     def gradients(self, syn, gen: torch.Generator, device) -> torch.Tensor:
         cfg = self.config
         expert, start_epoch = draw_segment_start(gen, self.source.n_experts, cfg.max_start_epoch)
         start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
+        if self.rebuild is not None:
+            self.model = self.rebuild()
         seg = build_segment(self.model, self.layout, syn, cfg, start, target, gen, device)
         with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
@@ -89,6 +93,23 @@ class FromDisk:
         return {m: t[start] for m, t in flat.items()}, {m: t[start + span] for m, t in flat.items()}
 
 
+class dropout_off:
+    """Within the block every Dropout of the given models has p = 0 (restored after)."""
+
+    def __init__(self, *models):
+        self.layers = [m for model in models for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+    def __enter__(self):
+        self.saved = [m.p for m in self.layers]
+        for m in self.layers:
+            m.p = 0.0
+
+    def __exit__(self, *exc):
+        for m, p in zip(self.layers, self.saved):
+            m.p = p
+        return False
+
+
 def grads_of(syn) -> dict[str, torch.Tensor]:
     out = {"images": syn.images.grad, "texts": syn.texts.grad, **{f"lr_{m}": p.grad for m, p in syn.lrs.items()}}
     if syn.similarity is not None:
@@ -122,9 +143,22 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
 
     cached = caches_features(mc, model)
     fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)
+    text_dim = train.text_emb.shape[1]
+
+    def rebuild():
+        fresh_model = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)).to(device)
+        method.prepare_model(fresh_model)
+        for p in fresh_model.parameters():
+            p.requires_grad_(False)
+        for new, old in zip(fresh_model.modules(), model.modules()):  # dropout as the template's (see dropout_off)
+            if isinstance(new, torch.nn.Dropout):
+                new.p = old.p
+        return fresh_model.train(model.training)
+
     paths = {
         "reference": GradientPath(model, layout, mc, REFERENCE[mc.meta_gradient],
-                                  FromDisk(trajectories.store, trajectories.names, trajectories.experts)),
+                                  FromDisk(trajectories.store, trajectories.names, trajectories.experts),
+                                  rebuild=rebuild if b.rebuild_model else None),
         # mmdd's path also gets the hardware's speed switches (channels-last, compile, autocast; all off on CPU).
         "ours": GradientPath(fast, layout, mc, strategy_for(mc, fast), Snapshots(trajectories),
                              autocast_dtype(cfg.hardware.precision)),
@@ -135,35 +169,41 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
         return syn, opt
 
-    # Gradient agreement on the first iteration (same draws: same generator seed).
+    # Gradient agreement on the first iteration, like with like: the same draws (same generator seed), the same
+    # global RNG, and the heads' dropout off (the reference's TESLA draws new masks in its second pass).
     grads = {}
-    for name, path in paths.items():
-        syn, _ = fresh()
-        path.gradients(syn, torch.Generator().manual_seed(int(cfg.seed)), device)
-        grads[name] = grads_of(syn)
+    with dropout_off(model, fast):
+        for name, path in paths.items():
+            syn, _ = fresh()
+            torch.manual_seed(int(cfg.seed))
+            path.gradients(syn, torch.Generator().manual_seed(int(cfg.seed)), device)
+            grads[name] = grads_of(syn)
     agreement = {k: relative_difference(grads["ours"][k], grads["reference"][k]) for k in grads["reference"]}
 
-    timings, memory = {}, {}
+    # Timing in interleaved rounds (one iteration of each path per round), so drifts of the machine hit both.
+    state = {}
     for name in PATHS:
-        path = paths[name]
         syn, opt = fresh()
-        gen = torch.Generator().manual_seed(int(cfg.seed))
-        seconds = []
-        with PeakMemory(device) as pm:
-            for i in range(int(b.warmup) + int(b.iterations)):
+        state[name] = (syn, opt, torch.Generator().manual_seed(int(cfg.seed)))
+    timings, memory = {n: [] for n in PATHS}, {n: 0.0 for n in PATHS}
+    for i in range(int(b.warmup) + int(b.iterations)):
+        for name in PATHS:
+            syn, opt, gen = state[name]
+            with PeakMemory(device) as pm:
                 t0 = time.perf_counter()
                 opt.zero_grad()
-                path.gradients(syn, gen, device)
+                paths[name].gradients(syn, gen, device)
                 opt.step()
                 syn.clamp_lrs_(mc.lr_min)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                if i >= int(b.warmup):
-                    seconds.append(time.perf_counter() - t0)
-        timings[name] = seconds
-        memory[name] = pm.peak_mb
+                seconds = time.perf_counter() - t0
+            memory[name] = max(memory[name], pm.peak_mb)
+            if i >= int(b.warmup):
+                timings[name].append(seconds)
+    for name in PATHS:
         log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
-                 statistics.median(seconds), len(seconds), pm.peak_mb, pm.kind)
+                 statistics.median(timings[name]), len(timings[name]), memory[name], PeakMemory(device).kind)
 
     med = {n: statistics.median(t) for n, t in timings.items()}
     result = {
