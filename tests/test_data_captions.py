@@ -51,3 +51,26 @@ def test_normalize_enabled_and_disabled():
 def test_normalize_errors_name_source_and_index(caps, enabled, match):
     with pytest.raises(DataError, match=match):
         normalize_captions(caps, enabled, 30, "f.json: entry 7")
+
+
+def test_reference_caption_styles_follow_blip_and_albef_exactly():
+    from mmdd.data.captions import preprocess_caption
+
+    raw = "A man, in a red-shirt!  Jumps: the dog's \"ball\"?\n"
+    # BLIP (the MTT-VL/LoRS/RepBlend loaders): .!"()*#:;~ to spaces, whitespace runs to one space; , ' ? and - stay
+    assert preprocess_caption(raw, 30, "blip") == "a man, in a red-shirt jumps the dog's ball ?"
+    # ALBEF: ,.'!?"()*#:;~ deleted, - and / to spaces
+    assert preprocess_caption(raw, 30, "albef") == "a man in a red shirt jumps the dogs ball"
+    assert preprocess_caption("<person> rides a bike/car", 30, "albef") == "person rides a bike car"
+    assert preprocess_caption("one two three", 2, "blip") == "one two"
+    assert preprocess_caption("a\nb", 30, "blip") == "a\nb"  # a single newline is not a run: the reference keeps it
+    assert preprocess_caption("a\nb", 30, "mmdd") == "a b"
+
+
+def test_flickr_and_coco_use_the_blip_style():
+    from omegaconf import OmegaConf
+
+    from mmdd.paths import conf_dir
+
+    for name in ("flickr30k", "coco"):
+        assert OmegaConf.load(conf_dir() / "data" / f"{name}.yaml").preprocess.style == "blip"

@@ -82,7 +82,8 @@ class PairDataset(Dataset):
 
 def load_annotations(data_cfg) -> dict[str, Split]:
     fmt = str(data_cfg.format)
-    pre = bool(data_cfg.preprocess.enabled)
+    # False, or the style of caption pre-processing (mmdd.data.captions)
+    pre = str(data_cfg.preprocess.get("style", "mmdd")) if bool(data_cfg.preprocess.enabled) else False
     max_words = data_cfg.preprocess.max_words
     if fmt == "synscenes":
         from mmdd.data.synscenes import SynScenesConfig, generate_synscenes
