@@ -205,6 +205,10 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
                  statistics.median(timings[name]), len(timings[name]), memory[name], PeakMemory(device).kind)
 
+    profiles = {}
+    if int(b.get("profile", 0)):
+        profiles = profile_paths(paths, fresh, int(b.profile), int(cfg.seed), device, mc.lr_min)
+
     med = {n: statistics.median(t) for n, t in timings.items()}
     result = {
         "method": str(cfg.method.name), "budget": budget, "pairs": len(syn0), "dataset": str(cfg.data.name),
@@ -218,6 +222,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
     }
     out = Path(out_dir or cfg.paths.output_dir)
+    for name, table in profiles.items():
+        atomic_write_text(out / f"profile_{name}.txt", table + "\n")
     atomic_write_json(out / "bench.json", result)
     atomic_write_text(out / "bench.md", bench_table([result]) + "\n")
     loggers = build_loggers(cfg, job_type="bench", name=f"bench_{cfg.method.name}_b{budget}")
@@ -231,13 +237,35 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     return result
 
 
+def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min) -> dict[str, str]:
+    """torch.profiler over `iterations` iterations of each path (after the timed ones): the top operators by self
+    time, as a table per path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, path in paths.items():
+        syn, opt = fresh()
+        gen = torch.Generator().manual_seed(seed)
+        with profile(activities=activities) as prof:
+            for _ in range(iterations):
+                opt.zero_grad()
+                path.gradients(syn, gen, device)
+                opt.step()
+                syn.clamp_lrs_(lr_min)
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=15)
+    return tables
+
+
 def bench_table(results: list[dict]) -> str:
-    head = ["method", "budget", "device", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
+    head = ["method", "budget", "device", "precision", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
             "peak MB mmdd", "max rel. grad diff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         lines.append("| " + " | ".join([
-            r["method"], str(r["budget"]), r["device"], f"{r['sec_per_iter']['reference']:.3f}",
+            r["method"], str(r["budget"]), r["device"], r.get("precision", "32-true"),
+            f"{r['sec_per_iter']['reference']:.3f}",
             f"{r['sec_per_iter']['ours']:.3f}", f"{r['speedup']:.2f}×", f"{r['peak_mem_mb']['reference']:.0f}",
             f"{r['peak_mem_mb']['ours']:.0f}", f"{r['grad_max_rel_diff']:.1e}"]) + " |")
     return "\n".join(lines)
