@@ -108,3 +108,24 @@ def test_tensor_loading_threaded_matches_sequential_and_reports_bad_files(tmp_pa
     (tmp_path / "50.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"50.png could not be decoded"):
         load_images_tensor(paths, 8, num_workers=4)
+
+
+def test_squash_keeps_the_whole_image_as_the_reference_evaluation(tmp_path):
+    """data.resize=squash (Flickr/COCO): Resize((S, S)) bicubic, as torchvision's on a PIL image; center_crop cuts
+    the sides of a wide image."""
+    import numpy as np
+    from PIL import Image
+
+    from mmdd.data.images import load_images_tensor
+
+    wide = np.zeros((20, 60, 3), dtype=np.uint8)
+    wide[:, :10] = (255, 0, 0)  # a red strip at the left edge
+    wide[:, 10:] = (0, 0, 255)
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    squashed = load_images_tensor([path], 16, resize="squash")[0]
+    cropped = load_images_tensor([path], 16, resize="center_crop")[0]
+    want = np.asarray(Image.fromarray(wide).resize((16, 16), Image.Resampling.BICUBIC))
+    assert torch.equal(squashed, torch.from_numpy(want.copy()).permute(2, 0, 1))
+    assert squashed[0, :, 0].float().mean() > 200  # the red strip survives
+    assert cropped[0].float().max() < 50  # centre crop: only blue is left

@@ -31,6 +31,7 @@ class SplitData:
     text_emb: torch.Tensor  # [n_captions, D]
     image_size: int
     images: torch.Tensor | None = None  # uint8 [n_images, 3, S, S] when preloaded
+    resize: str = "center_crop"  # how a decoded image becomes S x S (mmdd.data.images.resize_image)
 
     @property
     def txt2img(self) -> torch.Tensor:
@@ -43,13 +44,13 @@ class SplitData:
     def image(self, i: int) -> torch.Tensor:
         if self.images is not None:
             return self.images[i]
-        return load_images_tensor([self.split.image_paths[i]], self.image_size)[0]
+        return load_images_tensor([self.split.image_paths[i]], self.image_size, resize=self.resize)[0]
 
     def image_batch(self, idx) -> torch.Tensor:
         idx = [int(i) for i in idx]
         if self.images is not None:
             return self.images[idx]
-        return load_images_tensor([self.split.image_paths[i] for i in idx], self.image_size)
+        return load_images_tensor([self.split.image_paths[i] for i in idx], self.image_size, resize=self.resize)
 
 
 class PairDataset(Dataset):
@@ -125,8 +126,9 @@ def load_data(cfg, splits=SPLITS) -> dict[str, SplitData]:
             raise DataError(f"data split {s!r} of {cfg.data.name} is empty; check the annotation file for it")
         emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
         images = None
+        resize = str(cfg.data.get("resize", "center_crop"))
         if bool(cfg.data.preload):
-            images = load_images_tensor(split.image_paths, int(cfg.data.image_size))
-        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=images)
+            images = load_images_tensor(split.image_paths, int(cfg.data.image_size), resize=resize)
+        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=images, resize=resize)
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
     return out

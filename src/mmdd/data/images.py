@@ -92,12 +92,26 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _load_array(path, size: int) -> np.ndarray:
-    return np.asarray(resize_center_crop(load_image(path), size), dtype=np.uint8)
+RESIZES = ("center_crop", "squash")
 
 
-def load_images_tensor(paths, size: int, num_workers: int | None = None) -> torch.Tensor:
-    """uint8 [N,3,size,size]: decode, resize the shorter side (bicubic), centre-crop.
+def resize_image(img: Image.Image, size: int, mode: str = "center_crop") -> Image.Image:
+    """`size` x `size`: center_crop (shorter side to size, then the centre) or squash (both sides to size, the
+    aspect ratio not kept: torchvision's Resize((size, size)), bicubic, which the reference evaluations use, so
+    nothing captioned is cut off)."""
+    if mode == "squash":
+        return img if img.size == (size, size) else img.resize((size, size), _BICUBIC)
+    if mode != "center_crop":
+        raise DataError(f"data.resize must be one of {RESIZES}, got {mode!r}")
+    return resize_center_crop(img, size)
+
+
+def _load_array(path, size: int, mode: str = "center_crop") -> np.ndarray:
+    return np.asarray(resize_image(load_image(path), size, mode), dtype=np.uint8)
+
+
+def load_images_tensor(paths, size: int, num_workers: int | None = None, resize: str = "center_crop") -> torch.Tensor:
+    """uint8 [N,3,size,size]: decode, resize (`resize_image`; bicubic).
 
     Decoding runs in `num_workers` threads (Pillow releases the GIL while decoding/resizing);
     default: min(8, CPU count). The first failing file raises its DataError.
@@ -108,11 +122,11 @@ def load_images_tensor(paths, size: int, num_workers: int | None = None) -> torc
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     if num_workers <= 1 or len(paths) < 64:
-        arrays = map(lambda p: _load_array(p, size), paths)
+        arrays = map(lambda p: _load_array(p, size, resize), paths)
         for i, arr in enumerate(arrays):
             out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         return out
     with ThreadPoolExecutor(num_workers) as pool:
-        for i, arr in enumerate(pool.map(lambda p: _load_array(p, size), paths)):
+        for i, arr in enumerate(pool.map(lambda p: _load_array(p, size, resize), paths)):
             out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     return out
