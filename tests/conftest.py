@@ -43,9 +43,9 @@ def run_mmdd(args: list[str], root: Path, check: bool = True, timeout: int = 600
     return proc
 
 
-def toy_segment(model, steps: int, inner_loss, extra=(), blend=None):
-    """A float64 matching segment on `model` (4 pairs of 8x8 images and 5-d texts, batches of 3, a target 0.05
-    away from the start), the same draws every call: for comparing meta-gradient paths exactly."""
+def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4, batch: int = 3):
+    """A float64 matching segment on `model` (`n` pairs of 8x8 images and 5-d texts, batches of `batch`, a target
+    0.05 away from the start), the same draws every call: for comparing meta-gradient paths exactly."""
     import torch
 
     from mmdd.methods.matching import BatchSchedule, ParamLayout
@@ -58,8 +58,8 @@ def toy_segment(model, steps: int, inner_loss, extra=(), blend=None):
     start = {k: lay.flatten(named, k) for k in ("image", "text")}
     g = torch.Generator().manual_seed(1)
     target = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
-    images = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    texts = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    images = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    texts = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
     lrs = {k: torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for k in start}
-    return Segment(model, lay, start, target, lrs, images, texts, BatchSchedule(4, 3, torch.Generator().manual_seed(3)),
+    return Segment(model, lay, start, target, lrs, images, texts, BatchSchedule(n, batch, torch.Generator().manual_seed(3)),
                    steps, inner_loss, extra=tuple(extra), blend=blend)

@@ -149,27 +149,12 @@ def test_method_temperature_sets_the_distillation_models_logit_scale_only():
 def test_cached_features_encode_only_the_images_the_steps_touch(strategy, chunk):
     """12 images, 2 steps of batches of 3 (with blending and S): the backbone sees at most 6 images, the gradients
     equal the per-step path's (untouched images get zero gradient in both), and the draws are the same."""
-    from mmdd.methods.matching import BatchSchedule
-    from mmdd.methods.meta_gradient import Segment
-    from mmdd.methods.matching import ParamLayout
-
     def seg():
-        m = heads_model(seed=1)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        lay = ParamLayout.from_model(m)
-        named = dict(m.named_parameters())
-        start = {k: lay.flatten(named, k) for k in ("image", "text")}
-        g = torch.Generator().manual_seed(4)
-        target = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in start.items()}
-        images = torch.randn(12, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
-        texts = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
         sim = LowRankSimilarity(12, rank=2, alpha=1.0, generator=torch.Generator().manual_seed(2)).double()
-        lrs = {k: torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for k in start}
-        draws = torch.Generator().manual_seed(9)
-        return Segment(m, lay, start, target, lrs, images, texts, BatchSchedule(12, 3, draws), 2,
-                       lambda logits, idx: weighted_bce(logits, torch.sigmoid(sim.matrix(idx))), extra=tuple(sim.parameters()),
-                       blend=Blend(1.0, draws)), draws
+        blend = Blend(1.0, torch.Generator().manual_seed(9))
+        s = toy_segment(heads_model(seed=1), 2, lambda logits, idx: weighted_bce(logits, torch.sigmoid(sim.matrix(idx))),
+                        extra=tuple(sim.parameters()), blend=blend, n=12, batch=3)
+        return s, blend.generator
 
     results = []
     for cached in (False, True):
@@ -178,7 +163,8 @@ def test_cached_features_encode_only_the_images_the_steps_touch(strategy, chunk)
         s.model.backbone.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
         run = with_cached_features(strategy, chunk) if cached else strategy
         loss, _ = run(s, lambda t, inputs: t.backward(inputs=inputs))
-        results.append((loss, s.images.grad, s.texts.grad, *(p.grad for p in s.extra), draws.get_state()))
+        results.append((loss, s.images.grad, s.texts.grad, *(p.grad for p in s.extra),
+                        torch.cat([draws.get_state(), s.schedule.generator.get_state()])))
         if cached:
             assert sum(seen) <= 6 * (2 if chunk else 1)  # touched images only (chunked: encoded twice)
     (plain, cached) = results
@@ -186,4 +172,4 @@ def test_cached_features_encode_only_the_images_the_steps_touch(strategy, chunk)
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     untouched = cached[1].flatten(1).abs().sum(1) == 0
     assert 6 <= int(untouched.sum()) < 12  # some images were not used, and got no gradient
-    assert torch.equal(plain[-1], cached[-1])  # the generator advanced exactly as the per-step path's
+    assert torch.equal(plain[-1], cached[-1])  # the generators advanced exactly as in the per-step path
