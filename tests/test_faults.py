@@ -124,7 +124,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from hydra import compose, initialize_config_dir
 
     from mmdd.data.datamodule import load_data
-    from mmdd.methods.distill_module import DistillModule, build_segment, draw_segment_start, strategy_for
+    from mmdd.methods.distill_module import build_segment, draw_segment_start, outer_optimizer, strategy_for
     from mmdd.methods.distributed import rank_seed
     from mmdd.methods.matching import ParamLayout
     from mmdd.methods.trajectory_matching import open_checked_trajectories
@@ -152,7 +152,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
         del os.environ["MMDD_ROOT"]
     syn = method.initial_set(cfg, train, int(cfg.budget))
     mc, layout = method.config, ParamLayout.from_model(model)
-    opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
+    opt = outer_optimizer(syn, mc)
     gens = [torch.Generator().manual_seed(rank_seed(int(cfg.seed), r)) for r in range(2)]
     n_experts = trajectories.n_experts
     losses = []

@@ -6,8 +6,9 @@ the model, the synthetic set and the expert snapshots are built on PyTorch's `me
 weights, no network) and one step of the stage's own code runs there (a teacher's training step; one outer
 iteration of the configured meta-gradient, mmdd.methods.meta_gradient, with its outer SGD step) under PyTorch's
 dispatch-mode tracker (`LiveBytes`) that follows every tensor storage from the op that made it until its last
-reference dies, and keeps the peak. Left out: the allocator's slack and fragmentation, CUDA's context and cuDNN/cuBLAS workspaces (a few hundred MB on
-a GPU). experiments/bench.md compares the estimate with the resident set measured on CPU.
+reference dies, and keeps the peak. Left out: the allocator's slack and fragmentation, CUDA's context and
+cuDNN/cuBLAS workspaces (a few hundred MB on a GPU). experiments/bench.md compares the estimate with the resident
+set measured on CPU.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     """One outer iteration of trajectory matching as DistillModule takes it: the configured meta-gradient (on cached
     frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
     expert snapshots on the device."""
-    from mmdd.methods.distill_module import DistillModule, build_segment, strategy_for
+    from mmdd.methods.distill_module import build_segment, outer_optimizer, strategy_for
     from mmdd.methods.matching import ParamLayout
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -181,7 +182,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
             syn = SyntheticSet(torch.zeros(budget, 3, size, size), torch.zeros(budget, dim),
                                {"image": mc.lr_init, "text": mc.lr_init}, sim)
         syn.to(device)
-        opt = DistillModule.configure_optimizers(_OuterOnly(syn, mc))
+        opt = outer_optimizer(syn, mc)
         seg = build_segment(model, layout, syn, mc, start, target, torch.Generator(), torch.device(device))
         strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
         opt.step()
@@ -197,13 +198,6 @@ def distill_estimate(cfg, model, dim: int, method) -> Estimate:
     budget = int(cfg.budget) - (1 if mc.similarity else 0)
     name = "full unroll" if mc.meta_gradient == "full" else "TESLA"
     return Estimate(f"distill, {name} ({mc.syn_steps} steps of batch {min(mc.batch_syn or budget, budget)})", parts)
-
-
-class _OuterOnly:
-    """What DistillModule.configure_optimizers reads: the set and the method's settings."""
-
-    def __init__(self, syn, config):
-        self.syn, self.config = syn, config
 
 
 def student_estimate(cfg, model, dim: int) -> Estimate:

@@ -22,7 +22,7 @@ from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.datamodule import load_data
 from mmdd.errors import MmddError
-from mmdd.methods.distill_module import (DistillModule, build_segment, caches_features, draw_segment_start,
+from mmdd.methods.distill_module import (build_segment, caches_features, draw_segment_start, outer_optimizer,
                                          strategy_for)
 from mmdd.methods.matching import ParamLayout
 from mmdd.methods.trajectory_matching import TrajectoryMatching, open_checked_trajectories
@@ -166,7 +166,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
 
     def fresh():
         syn = copy.deepcopy(syn0)
-        opt = DistillModule(model, syn, trajectories, mc, seed=0).configure_optimizers()
+        opt = outer_optimizer(syn, mc)
         return syn, opt
 
     # Gradient agreement on the first iteration, like with like: the same draws (same generator seed), the same

@@ -172,6 +172,19 @@ def strategy_for(config: MatchingConfig, model):
     return strategy
 
 
+def outer_optimizer(syn: SyntheticSet, config: MatchingConfig) -> torch.optim.SGD:
+    """The outer SGD over the synthetic set: images, texts, step sizes (and S), one param group each. One optimizer
+    with param groups: several optimizers would each advance Lightning's global_step."""
+    groups = [
+        {"params": [syn.images], "lr": config.lr_img},
+        {"params": [syn.texts], "lr": config.lr_txt},
+        {"params": list(syn.lrs.parameters()), "lr": config.lr_lr},
+    ]
+    if syn.similarity is not None:
+        groups.append({"params": list(syn.similarity.parameters()), "lr": config.lr_sim, "momentum": config.sim_momentum})
+    return torch.optim.SGD(groups, lr=config.lr_img, momentum=config.momentum)
+
+
 class NonFiniteLoss(MmddError):
     """Too many consecutive iterations with a NaN/inf matching loss or gradient, or an outer step that overflowed."""
 
@@ -214,21 +227,7 @@ class DistillModule(L.LightningModule):
             p.requires_grad_(False)
 
     def configure_optimizers(self):
-        # One optimizer with param groups: several optimizers would each advance global_step.
-        groups = [
-            {"params": [self.syn.images], "lr": self.config.lr_img},
-            {"params": [self.syn.texts], "lr": self.config.lr_txt},
-            {"params": list(self.syn.lrs.parameters()), "lr": self.config.lr_lr},
-        ]
-        if self.syn.similarity is not None:
-            groups.append(
-                {"params": list(self.syn.similarity.parameters()), "lr": self.config.lr_sim, "momentum": self.config.sim_momentum}
-            )
-        return torch.optim.SGD(
-            groups,
-            lr=self.config.lr_img,
-            momentum=self.config.momentum,
-        )
+        return outer_optimizer(self.syn, self.config)
 
     def setup(self, stage: str) -> None:
         # Every rank draws its own experts, start epochs and batches; rank 0 draws what a single process does.

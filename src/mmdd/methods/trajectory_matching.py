@@ -27,15 +27,17 @@ from mmdd.utils.trainer import accelerate_model, build_trainer
 log = logging.getLogger(__name__)
 
 
-def open_checked_trajectories(cfg, model, max_experts: int | None = None) -> ExpertSnapshots:
-    """The store at cfg.buffer_dir, checked against `model` and the dataset, as a reader of single snapshots (the
-    trajectories themselves stay on disk: see ExpertSnapshots)."""
+def open_checked_trajectories(cfg, model, max_experts: int | None = None, fingerprint: str | None = None
+                              ) -> ExpertSnapshots:
+    """The store at cfg.buffer_dir, checked against `model` (and its frozen backbone's `fingerprint`, computed when
+    not given) and the data, as a reader of single snapshots (the trajectories stay on disk: see ExpertSnapshots)."""
     store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
     names = model.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
     store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
                       stable_hash(data_identity(cfg.data)))
-    store.check_identity(teachers_identity(cfg), frozen_backbone_fingerprint(model), data_location(cfg.data))
+    fingerprint = fingerprint or frozen_backbone_fingerprint(model)
+    store.check_identity(teachers_identity(cfg), fingerprint, data_location(cfg.data))
     experts = store.completed_experts()
     reader = ExpertSnapshots(store, names, experts[:max_experts] if max_experts else experts)
     reader.check_intact()
@@ -144,7 +146,7 @@ class TrajectoryMatching(Method):
         self.prepare_model(model)
         self.backbone_fingerprint = frozen_backbone_fingerprint(model)
         accelerate_model(model, cfg.hardware, second_order=True)
-        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts)
+        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, self.backbone_fingerprint)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
         every = int(cfg.get("diagnostics_every") or 0)
