@@ -67,6 +67,9 @@ def test_a_diverging_student_is_a_clear_error(data):
     images, texts = torch.randn(8, 3, 8, 8) * 1e3, torch.randn(8, 6) * 1e3
     with pytest.raises(MmddError, match="diverged"):
         train_student(cfg("val"), build, images, texts, {"image": 1e12, "text": 1e12}, data, seed=0)
+    # finite weights, overflowing activations (a set whose pixels blew up): the same clear error, not a ValueError
+    with pytest.raises(MmddError, match="diverged"):
+        train_student(cfg("val"), build, images * 1e36, texts, {"image": 1e-12, "text": 1e-12}, data, seed=0)
 
 
 def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):

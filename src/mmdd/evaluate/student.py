@@ -132,20 +132,27 @@ class StudentModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.lr_decay_epoch], gamma=self.lr_decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
+    def diverged(self, epoch: int, what: str) -> MmddError:
+        return MmddError(f"the student diverged ({what}) at epoch {epoch} with step sizes {self.lrs}; lower them with "
+                         "protocol.lr_source=fixed protocol.lr=<value>, or check the synthetic set")
+
     def on_train_epoch_end(self):
         epoch = self.current_epoch
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise MmddError(
-                f"the student diverged (non-finite weights) at epoch {epoch} with step sizes {self.lrs}; "
-                "lower them with protocol.lr_source=fixed protocol.lr=<value>, or check the synthetic set"
-            )
+            raise self.diverged(epoch, "non-finite weights")
+        loss = self.trainer.callback_metrics.get("student/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise self.diverged(epoch, f"training loss {float(loss)}")
         last = epoch == self.epochs - 1
         if self.selection == "last":
             if last:
                 self._keep(epoch, {})
             return
         if self.evaluates_after(epoch) or last:
-            metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std, features=self.features)
+            try:
+                metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std, features=self.features)
+            except ValueError as exc:  # finite weights, yet non-finite embeddings (overflowing activations)
+                raise self.diverged(epoch, f"{exc} when evaluating") from exc
             self.model.train()
             self.history.append({"epoch": epoch, **metrics})
             self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)

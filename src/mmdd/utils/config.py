@@ -18,7 +18,7 @@ def data_identity(data_cfg, fingerprint: bool = True) -> dict:
     """What makes two datasets the same (not where they live on disk). `fingerprint=False`: from the config alone
     (the generated data's fingerprint needs the data on disk)."""
     d = to_plain(data_cfg)
-    keep = ("name", "format", "generate", "image_size", "ann_files", "ann_file", "preprocess", "train_unit")
+    keep = ("name", "format", "generate", "image_size", "resize", "ann_files", "ann_file", "preprocess", "train_unit")
     identity = {k: d.get(k) for k in keep if k in d}
     if fingerprint and d.get("format") == "synscenes":
         # The generated content (generator version included), so a new generator means new teachers.
