@@ -26,15 +26,16 @@ from torch.func import functional_call
 
 
 def _named_views(seg, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's matched parameters as views of the flat vectors (the reference's ReparamModule `flat_param`)."""
+    """The model's matched parameters as views of the flat vectors, split as the reference's ReparamModule does
+    (`flat_param.split(numels)`, then `view`: one concatenation in the backward, not one full-size zero vector per
+    parameter as slicing would make)."""
     named = dict(seg.model.named_parameters())
     out = {}
     for modality, flat in flats.items():
-        offset = 0
-        for name in seg.layout.names[modality]:
-            shape = named[name].shape
-            out[name] = flat[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
+        names = seg.layout.names[modality]
+        shapes = [named[n].shape for n in names]
+        for name, shape, piece in zip(names, shapes, flat.split([s.numel() for s in shapes])):
+            out[name] = piece.view(shape)
     return out
 
 
