@@ -46,3 +46,11 @@ def test_plan_prints_counts_store_size_and_estimates(capsys):
     assert mb(six, "distill, full unroll") > 2 * mb(two, "distill, full unroll")
     assert abs(mb(six, "distill, TESLA") - mb(two, "distill, TESLA")) <= 1
     assert commands.plan(["distill", "method.syn_steps=abc"]) == 2
+
+
+def test_plan_of_a_frozen_backbone_method(capsys):
+    """RepBlend: cached backbone features of the touched images only (the batches are drawn on the CPU)."""
+    assert commands.plan(["distill", "method=repblend", "model=convnet_heads", "budget=50", "method.batch_syn=10",
+                          "method.syn_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "distill, TESLA (2 steps of batch 10)" in out and "image head 526,336" in out

@@ -183,7 +183,9 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
                                {"image": mc.lr_init, "text": mc.lr_init}, sim)
         syn.to(device)
         opt = outer_optimizer(syn, mc)
-        seg = build_segment(model, layout, syn, mc, start, target, torch.Generator(), torch.device(device))
+        # indices stay on the CPU (meta tensors have no values to draw from; unique() has no meta kernel)
+        index_device = None if device == "meta" else torch.device(device)
+        seg = build_segment(model, layout, syn, mc, start, target, torch.Generator(), index_device)
         strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
         opt.step()
 
