@@ -193,6 +193,7 @@ def trained_experts(log: str) -> set[int]:
     return {int(m) for m in re.findall(r"expert (\d+): test r_mean", log)}
 
 
+@pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
 def test_two_buffer_processes_fill_one_store_without_clashing(root):
     env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
     store = root / "outputs/artifacts/shared"
@@ -238,6 +239,7 @@ def test_unwritable_output_and_a_full_disk_fail_before_any_work(root):
     assert proc.returncode == 2 and "MB free on the disk that holds" in proc.stderr and "paths.min_free_mb" in proc.stderr
 
 
+@pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
 def test_students_spread_over_jobs_pool_into_the_same_cell(root):
     from mmdd.report.collect import collect
 
