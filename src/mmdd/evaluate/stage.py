@@ -17,7 +17,7 @@ from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS
 from mmdd.evaluate.student import train_student
-from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
+from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
                                to_plain)
@@ -50,13 +50,8 @@ def other_dataset(manifest: dict, cfg, where: Path) -> list[str] | None:
 
 def check_frozen_backbone(manifest: dict, model, where: Path) -> None:
     """Students that train heads on a frozen backbone must stand on the one the set was distilled on."""
-    recorded = manifest.get("backbone_fingerprint")
-    here = frozen_backbone_fingerprint(model)
-    if recorded and here and recorded != here:
-        raise ArtifactError(f"synthetic set {where} was distilled on a frozen backbone with fingerprint {recorded}, but "
-                            f"the students' frozen backbone is {here}: its features would not be the ones the set was "
-                            "made for. Load the same backbone (model.image.checkpoint / pretrained, or the same "
-                            "model.image.init_seed for a random one)")
+    check_same_frozen_backbone(f"synthetic set {where}", manifest.get("backbone_fingerprint"),
+                               frozen_backbone_fingerprint(model))
 
 
 def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) -> None:

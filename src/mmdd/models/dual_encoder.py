@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdd.errors import MmddError
+from mmdd.errors import ArtifactError, MmddError
 from mmdd.models.heads import ProjectionHead
 from mmdd.models.image_encoder import build_image_backbone
 
@@ -140,6 +140,16 @@ def backbone_fingerprint(model) -> str:
 def frozen_backbone_fingerprint(model) -> str | None:
     """The fingerprint of a frozen backbone (recorded in stores and sets), None when the backbone trains."""
     return backbone_fingerprint(model) if model.trainable == "heads" else None
+
+
+def check_same_frozen_backbone(what: str, recorded: str | None, here: str | None) -> None:
+    """Refuse `what` (a store, a synthetic set) made on another frozen backbone than this run's (both fingerprints
+    known and different): its features would not be the ones it was made for."""
+    if recorded and here and recorded != here:
+        raise ArtifactError(f"{what} was made on a frozen backbone with fingerprint {recorded}, but this run's frozen "
+                            f"backbone is {here}: its features are not the ones it was made for. Load the same "
+                            "backbone (model.image.checkpoint / pretrained, or the same model.image.init_seed for a "
+                            "random one)")
 
 
 def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder:

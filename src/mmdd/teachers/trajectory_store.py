@@ -208,13 +208,10 @@ class TrajectoryStore:
                     f"trajectory store {self.root} was made with other settings than this run's ({'; '.join(diffs)}; "
                     "store -> this run): use the settings it was made with, or build a store for these settings with "
                     "`mmdd buffer` (the default buffer_dir already names one per setting)")
-        fingerprint = self.manifest.get("backbone_fingerprint")
-        if fingerprint and backbone_fingerprint and fingerprint != backbone_fingerprint:
-            raise ArtifactError(
-                f"trajectory store {self.root} recorded the heads' trajectories on a frozen backbone with fingerprint "
-                f"{fingerprint}, but this run's frozen backbone is {backbone_fingerprint}: the heads would be matched on "
-                "other features. Load the same backbone (model.image.checkpoint / pretrained, or the same "
-                "model.image.init_seed for a random one)")
+        from mmdd.models.dual_encoder import check_same_frozen_backbone
+
+        check_same_frozen_backbone(f"trajectory store {self.root} (the heads' trajectories)",
+                                   self.manifest.get("backbone_fingerprint"), backbone_fingerprint)
         where = self.manifest.get("data_location")
         if where and data_location and where != data_location:
             log.warning("trajectory store %s was recorded on data read from %s; this run reads %s (same identity: "
