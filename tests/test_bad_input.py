@@ -376,8 +376,8 @@ def test_empty_captions_in_every_format(tmp_path):
 
 
 # --------------------------------------------------------------------- 8. odd image modes in a user dataset
-@pytest.mark.parametrize("preload", [True, False])
-def test_user_dataset_images_of_odd_modes_load_as_rgb(tmp_path, preload):
+@pytest.mark.parametrize("preload,decode_cache", [(True, False), (False, False), (False, True), (True, True)])
+def test_user_dataset_images_of_odd_modes_load_as_rgb(tmp_path, preload, decode_cache):
     from hydra import compose, initialize_config_dir
 
     from mmdd.data.datamodule import load_data
@@ -386,7 +386,8 @@ def test_user_dataset_images_of_odd_modes_load_as_rgb(tmp_path, preload):
     data = user_dataset(tmp_path / "mine")
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("distill", overrides=[f"paths.root_dir={tmp_path}", "data=pairs_table", f"data.root={data}",
-                                            "data.image_size=16", f"data.preload={preload}"])
+                                            "data.image_size=16", f"data.preload={preload}",
+                                            f"data.decode_cache={decode_cache}"])
     splits = load_data(cfg, splits=("train",))
     train = splits["train"]
     assert [p.name for p in train.split.image_paths] == ["L.png", "RGBA.png", "P.png", "I_16.png"]

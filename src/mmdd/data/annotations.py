@@ -29,6 +29,7 @@ class Split:
     image_paths: list[Path] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     txt2img: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # per image: the annotation entry that first named it
 
     @property
     def num_images(self) -> int:
@@ -70,6 +71,7 @@ class _SplitBuilder:
                 )
             self.index[image_rel] = len(self.split.image_paths)
             self.split.image_paths.append(path)
+            self.split.sources.append(f"{self.source}: {where}")
         img = self.index[image_rel]
         for c in caps:
             self.split.captions.append(c)

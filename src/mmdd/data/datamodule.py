@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmdd.data.annotations import Split, load_blip_split, load_karpathy, load_pairs_table
+from mmdd.data.image_cache import decoded_images
 from mmdd.data.images import load_images_tensor
+from mmdd.data.sample_augment import PerImageAugment
 from mmdd.data.text_cache import LazyTextEncoder, embed_captions
 from mmdd.errors import DataError
 
@@ -25,13 +28,14 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class SplitData:
-    """One split: its annotation, the caption embeddings and (optionally) preloaded images."""
+    """One split: its annotation, the caption embeddings and (optionally) its decoded images."""
 
     split: Split
     text_emb: torch.Tensor  # [n_captions, D]
     image_size: int
-    images: torch.Tensor | None = None  # uint8 [n_images, 3, S, S] when preloaded
+    images: torch.Tensor | None = None  # uint8 [n_images, 3, S, S]: in memory (preload) or memory-mapped (cache)
     resize: str = "center_crop"  # how a decoded image becomes S x S (mmdd.data.images.resize_image)
+    original_sizes: torch.Tensor | None = None  # [n_images, 2] (width, height) of the files; read on demand if None
 
     @property
     def txt2img(self) -> torch.Tensor:
@@ -46,6 +50,13 @@ class SplitData:
             return self.images[i]
         return load_images_tensor([self.split.image_paths[i]], self.image_size, resize=self.resize)[0]
 
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image i's file (for crops drawn in the original's geometry)."""
+        if self.original_sizes is not None:
+            return int(self.original_sizes[i, 0]), int(self.original_sizes[i, 1])
+        with Image.open(self.split.image_paths[i]) as img:  # the header only
+            return img.size
+
     def image_batch(self, idx) -> torch.Tensor:
         idx = [int(i) for i in idx]
         if self.images is not None:
@@ -58,14 +69,16 @@ class PairDataset(Dataset):
 
     unit=caption: every caption is one example (the papers' Flickr/COCO training sets);
     unit=image: one example per image with a caption drawn at random on each access.
+    `augment` (data.augment.style=blip): the per-image train transform, applied as each example is read.
     """
 
-    def __init__(self, data: SplitData, unit: str = "caption"):
+    def __init__(self, data: SplitData, unit: str = "caption", augment: PerImageAugment | None = None):
         if unit not in ("caption", "image"):
             raise ValueError(f"data.train_unit must be 'caption' or 'image', got {unit!r}")
         self.data = data
         self.unit = unit
         self.img2txt = data.split.img2txt()
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.data.split.captions) if self.unit == "caption" else self.data.num_images
@@ -78,7 +91,8 @@ class PairDataset(Dataset):
             img = i
             caps = self.img2txt[i]
             cap = caps[int(torch.randint(len(caps), (1,)))]
-        return self.data.image(img), self.data.text_emb[cap], img
+        image = self.data.image(img) if self.augment is None else self.augment(self.data, img)
+        return image, self.data.text_emb[cap], img
 
 
 def load_annotations(data_cfg) -> dict[str, Split]:
@@ -125,10 +139,17 @@ def load_data(cfg, splits=SPLITS) -> dict[str, SplitData]:
         if not split.image_paths:
             raise DataError(f"data split {s!r} of {cfg.data.name} is empty; check the annotation file for it")
         emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
-        images = None
-        resize = str(cfg.data.get("resize", "center_crop"))
-        if bool(cfg.data.preload):
-            images = load_images_tensor(split.image_paths, int(cfg.data.image_size), resize=resize)
-        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=images, resize=resize)
+        images = sizes = None
+        size, resize = int(cfg.data.image_size), str(cfg.data.get("resize", "center_crop"))
+        if bool(cfg.data.decode_cache):
+            decoded = decoded_images(split.image_paths, size, resize, Path(str(cfg.paths.cache_dir)) / "images",
+                                     sources=split.sources, name=f"{cfg.data.name}/{s}")
+            images, sizes = torch.from_numpy(decoded.pixels), torch.from_numpy(decoded.original_sizes)
+            if bool(cfg.data.preload):
+                images = images.clone()  # into memory
+        elif bool(cfg.data.preload):
+            images = load_images_tensor(split.image_paths, size, resize=resize)
+        out[s] = SplitData(split=split, text_emb=emb, image_size=size, images=images, resize=resize,
+                           original_sizes=sizes)
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
     return out

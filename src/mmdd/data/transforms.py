@@ -1,15 +1,21 @@
-"""Batched, device-side image transforms (normalisation and train augmentation).
+"""Image transforms: normalisation, and the teachers' train augmentation in its two styles.
 
-Images travel as uint8 [B,3,H,W] and become normalised floats on the device, so augmentation
-costs one grid_sample per batch instead of a PIL pipeline per image.
+`data.augment.style`:
+- `mmdd`: images travel as uint8 [B,3,H,W] and become normalised floats on the device, where one grid_sample per
+  batch crops and flips them (fast; for small square images such as the embedded dataset);
+- `blip`: the reference teachers' pipeline, image by image in the DataLoader workers (`mmdd.data.sample_augment`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from mmdd.data.randaugment import RandAugment
+from mmdd.data.sample_augment import PerImageAugment
+from mmdd.errors import DataError
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -29,17 +35,24 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x * s + m).clamp(0, 1)
 
 
+AUGMENT_STYLES = ("mmdd", "blip")
+CROP_SOURCES = ("decoded", "original")
+
+
 @dataclass
 class AugmentConfig:
     enabled: bool = True
     scale: tuple[float, float] = (0.7, 1.0)  # area fraction of the random crop
     ratio: tuple[float, float] = (0.85, 1.18)  # aspect ratio range of the crop
     hflip: bool = False  # off for synscenes: captions say "left of"
+    style: str = "mmdd"  # see the module docstring
+    crop_from: str = "decoded"  # blip style: crop the decoded pixels or the original file (mmdd.data.sample_augment)
+    randaugment: RandAugment = field(default_factory=lambda: RandAugment(num_ops=0))  # blip style only
 
 
 def random_resized_crop(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample random resized crop (+ optional horizontal flip) of a float batch."""
-    if not cfg.enabled:
+    if not cfg.enabled or cfg.style != "mmdd":
         return x
     b = x.shape[0]
     dev = x.device
@@ -68,11 +81,41 @@ def random_resized_crop(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Ge
 
 
 def augment_config(cfg) -> AugmentConfig:
+    """`data.augment` (None: no augmentation) as an AugmentConfig; DataError naming the field when a value is wrong."""
     if cfg is None:
         return AugmentConfig(enabled=False)
+    style = str(cfg.get("style", "mmdd"))
+    if style not in AUGMENT_STYLES:
+        raise DataError(f"data.augment.style must be one of {AUGMENT_STYLES}, got {style!r}")
+    crop_from = str(cfg.get("crop_from", "decoded"))
+    if crop_from not in CROP_SOURCES:
+        raise DataError(f"data.augment.crop_from must be one of {CROP_SOURCES}, got {crop_from!r}")
+    ra = cfg.get("randaugment")
+    randaugment = RandAugment(num_ops=0)
+    if ra is not None:
+        randaugment = RandAugment(num_ops=int(ra.num_ops), magnitude=float(ra.magnitude),
+                                  ops=tuple(str(o) for o in ra.ops))
+    if style == "mmdd" and randaugment.num_ops > 0:
+        raise DataError("data.augment.randaugment runs only with data.augment.style=blip (per image); set "
+                        "data.augment.randaugment.num_ops=0 or data.augment.style=blip")
     return AugmentConfig(
         enabled=bool(cfg.enabled),
         scale=tuple(float(v) for v in cfg.scale),
         ratio=tuple(float(v) for v in cfg.ratio),
         hflip=bool(cfg.hflip),
+        style=style,
+        crop_from=crop_from,
+        randaugment=randaugment,
     )
+
+
+def per_image_augment(aug: AugmentConfig, data) -> PerImageAugment | None:
+    """The per-image transform for the training split `data` (a SplitData) under `aug`; None unless style blip."""
+    if not aug.enabled or aug.style != "blip":
+        return None
+    if aug.crop_from == "decoded" and data.images is None:
+        raise DataError("data.augment.crop_from=decoded crops the decoded images, but this split is decoded on access "
+                        "(data.decode_cache=false, data.preload=false): set data.decode_cache=true, or "
+                        "data.augment.crop_from=original to crop each file as it is read")
+    return PerImageAugment(size=data.image_size, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+                           randaugment=aug.randaugment, crop_from=aug.crop_from, resize=data.resize)

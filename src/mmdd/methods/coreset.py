@@ -148,7 +148,7 @@ class ForgettingCoreset(RandomCoreset):
 
     def select(self, cfg, train, budget):
         from mmdd.data.datamodule import PairDataset
-        from mmdd.data.transforms import augment_config
+        from mmdd.data.transforms import augment_config, per_image_augment
         from mmdd.models.dual_encoder import build_dual_encoder
         from mmdd.teachers.expert_module import ExpertModule
         from mmdd.utils.trainer import accelerate_model, build_trainer
@@ -157,10 +157,12 @@ class ForgettingCoreset(RandomCoreset):
         model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)),
                                  cfg.hardware)
         t = cfg.teacher
+        augment = augment_config(cfg.data.augment if t.augment else None)
         module = ExpertModule(model, float(t.lr), float(t.momentum), float(t.weight_decay), cfg.data.mean, cfg.data.std,
-                              augment_config(cfg.data.augment if t.augment else None))
+                              augment)
         tracker = ForgettingTracker(train.num_images)
-        loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit)), batch_size=int(t.batch_size), shuffle=True,
+        loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
+                            batch_size=int(t.batch_size), shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
         build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdd.data.datamodule import PairDataset, load_data
-from mmdd.data.transforms import augment_config
+from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.plan import check_store_fits
@@ -72,6 +72,7 @@ def run_buffer(cfg, data=None) -> Path:
             claims.release(e)
             continue
         seed_everything(expert_seed(int(tcfg.seed), e))
+        augment = augment_config(cfg.data.augment if tcfg.augment else None)
         model = accelerate_model(build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)), cfg.hardware)
         module = ExpertModule(
             model,
@@ -80,11 +81,11 @@ def run_buffer(cfg, data=None) -> Path:
             weight_decay=float(tcfg.weight_decay),
             mean=cfg.data.mean,
             std=cfg.data.std,
-            augment=augment_config(cfg.data.augment if tcfg.augment else None),
+            augment=augment,
         )
         recorder = TrajectoryRecorder(module.trainable_names(), heartbeat=(lambda e=e: claims.refresh(e)) if claims else None)
         loader = DataLoader(
-            PairDataset(train, unit=str(cfg.data.train_unit)),
+            PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
             batch_size=int(tcfg.batch_size),
             shuffle=True,
             drop_last=True,

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from mmdd.data.datamodule import PairDataset, load_data
-from mmdd.data.transforms import augment_config
+from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.expert_module import ExpertModule
@@ -56,9 +56,11 @@ def run_pretrain(cfg, data=None) -> Path:
     seed_everything(int(cfg.pretrain.seed))
     model = accelerate_model(build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size)), cfg.hardware)
     p = cfg.pretrain
+    augment = augment_config(cfg.data.augment)
     module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
-                          mean=cfg.data.mean, std=cfg.data.std, augment=augment_config(cfg.data.augment))
-    loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit)), batch_size=int(p.batch_size), shuffle=True,
+                          mean=cfg.data.mean, std=cfg.data.std, augment=augment)
+    loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
+                        batch_size=int(p.batch_size), shuffle=True,
                         drop_last=True, num_workers=int(cfg.data.num_workers),
                         generator=torch.Generator().manual_seed(int(cfg.pretrain.seed)))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")

@@ -62,9 +62,10 @@ def teachers_identity(cfg) -> dict:
 def store_id(data_cfg, model_cfg, teacher_cfg) -> str:
     """A short hash of what defines a trajectory store's teachers, for its default directory name
     (`${mmdd.store_id:${data},${model},${teacher}}` in conf/base.yaml): other image sizes, split sizes, models or
-    teacher settings get other stores instead of finding one made otherwise."""
+    teacher settings or augmentations get other stores instead of finding one made otherwise."""
+    augment = to_plain(data_cfg.augment) if teacher_cfg.augment and data_cfg.get("augment") is not None else None
     return stable_hash({"data": data_identity(data_cfg, fingerprint=False), "model": model_identity(model_cfg),
-                        "teacher": to_plain(teacher_cfg)}, length=8)
+                        "teacher": to_plain(teacher_cfg), "augment": augment}, length=8)
 
 
 def register_resolvers() -> None:
