@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdd.data.captions import normalize_captions
 from mmdd.errors import DataError
+
+log = logging.getLogger(__name__)
 
 BLIP_SOURCE = (
     "the BLIP/ALBEF annotation files are linked from the BLIP repository "
@@ -46,21 +49,44 @@ class Split:
         return out
 
 
-class _SplitBuilder:
-    """Groups (image, caption) rows into unique images in first-seen order."""
+MAX_LISTED = 5  # entries named in a warning about duplicates
 
-    def __init__(self, name: str, image_root: Path, source: Path, preprocess: bool, max_words):
+
+class _SplitBuilder:
+    """Groups (image, caption) rows into unique images in first-seen order.
+
+    `one_entry_per_image`: the format gives each image one entry with all its captions (BLIP val/test, Karpathy),
+    so an image listed twice is an error (merging would silently give it both entries' captions); in formats of one
+    row per pair, repeated images are normal and only exact duplicate rows are reported (a warning).
+    """
+
+    def __init__(self, name: str, image_root: Path, source: Path, preprocess: bool, max_words,
+                 one_entry_per_image: bool = False):
         self.split = Split(name)
         self.index: dict[str, int] = {}
         self.image_root = Path(image_root).expanduser().absolute()
         self.source = source
         self.preprocess = preprocess
         self.max_words = max_words
+        self.one_entry_per_image = one_entry_per_image
+        self.rows: set[tuple[str, str]] = set()
+        self.duplicate_rows: list[str] = []
 
     def add(self, image_rel: str, captions: list, where: str, field: str = "image") -> None:
         if not isinstance(image_rel, str) or not image_rel.strip():
             raise DataError(f"{self.source}: {where}: field '{field}' must be a non-empty string, got {image_rel!r}")
         caps = normalize_captions(captions, self.preprocess, self.max_words, f"{self.source}: {where}")
+        if self.one_entry_per_image and image_rel in self.index:
+            first = self.split.sources[self.index[image_rel]].rsplit(": ", 1)[-1]
+            raise DataError(
+                f"{self.source}: {where} lists image {image_rel!r} again ({first} lists it first); in this format "
+                f"each image of the {self.split.name} split has one entry with all its captions: merge the two "
+                "entries' captions into one entry, or remove one")
+        for raw in captions:
+            row = (image_rel, str(raw))
+            if row in self.rows:
+                self.duplicate_rows.append(where)
+            self.rows.add(row)
         if image_rel not in self.index:
             path = self.image_root / image_rel
             if not path.is_file():
@@ -78,7 +104,29 @@ class _SplitBuilder:
             self.split.txt2img.append(img)
 
     def done(self) -> Split:
+        if self.duplicate_rows:
+            n = len(self.duplicate_rows)
+            log.warning("%s: %d (image, caption) row%s repeat an earlier row exactly (%s%s); each repeat trains as one "
+                        "more example of the same pair: remove them if they are not intended", self.source, n,
+                        "s" if n > 1 else "", ", ".join(self.duplicate_rows[:MAX_LISTED]),
+                        ", ..." if n > MAX_LISTED else "")
         return self.split
+
+
+def warn_shared_images(splits: dict[str, Split]) -> None:
+    """Warn (with counts and a few entries) about images that appear in two splits: retrieval on the second split
+    then partly measures memorisation of the first."""
+    names = [s for s in ("train", "val", "test") if s in splits]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            where_a = dict(zip(splits[a].image_paths, splits[a].sources))
+            shared = [(p, src) for p, src in zip(splits[b].image_paths, splits[b].sources) if p in where_a]
+            if shared:
+                listed = "; ".join(f"{p.name} ({where_a[p]} and {src})" for p, src in shared[:MAX_LISTED])
+                log.warning("%d image%s of the %s split %s also in the %s split (%s%s): its retrieval numbers partly "
+                            "measure memorisation; check the annotation files", len(shared),
+                            "s" if len(shared) > 1 else "", b, "are" if len(shared) > 1 else "is", a, listed,
+                            "; ..." if len(shared) > MAX_LISTED else "")
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -111,7 +159,8 @@ def load_blip_split(ann_file: Path, image_root: Path, split: str, preprocess: bo
     entries = _read_json(ann_file, BLIP_SOURCE)
     if not isinstance(entries, list):
         raise DataError(f"{ann_file}: the top level must be a list of entries, got {type(entries).__name__}")
-    b = _SplitBuilder(split, image_root, ann_file, preprocess, max_words)
+    # BLIP's train files have one entry per caption; its val/test files one entry per image with a caption list.
+    b = _SplitBuilder(split, image_root, ann_file, preprocess, max_words, one_entry_per_image=split != "train")
     for i, e in enumerate(entries):
         where = f"entry {i}"
         if not isinstance(e, dict):
@@ -143,7 +192,8 @@ def load_karpathy(ann_file: Path, image_root: Path, preprocess: bool = True, max
                                "from https://cs.stanford.edu/people/karpathy/deepimagesent/")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{ann_file}: expected an object with an 'images' list (Karpathy format)")
-    builders = {s: _SplitBuilder(s, image_root, ann_file, preprocess, max_words) for s in ("train", "val", "test")}
+    builders = {s: _SplitBuilder(s, image_root, ann_file, preprocess, max_words, one_entry_per_image=True)
+                for s in ("train", "val", "test")}
     for i, e in enumerate(doc["images"]):
         where = f"images[{i}]"
         if not isinstance(e, dict):

@@ -7,6 +7,7 @@ so the default run exercises the real loading path.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmdd.data.annotations import Split, load_blip_split, load_karpathy, load_pairs_table
-from mmdd.data.image_cache import decoded_images
+from mmdd.data.annotations import Split, load_blip_split, load_karpathy, load_pairs_table, warn_shared_images
+from mmdd.data.image_cache import decoded_images, verify_images
 from mmdd.data.images import load_images_tensor
 from mmdd.data.sample_augment import PerImageAugment
 from mmdd.data.text_cache import LazyTextEncoder, embed_captions
@@ -95,7 +96,40 @@ class PairDataset(Dataset):
         return image, self.data.text_emb[cap], img
 
 
+def loader_workers(setting) -> int:
+    """`data.num_workers`: a count, or `auto` = the CPU cores this process may use, at most 8 (so a 2-core box gets
+    2 and no warning about more workers than cores)."""
+    if str(setting) == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return min(8, cores)
+    try:
+        workers = int(setting)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0:
+        raise DataError(f"data.num_workers must be a count >= 0 or auto, got {setting!r}")
+    return workers
+
+
+def check_full_batches(dataset: PairDataset, batch_size: int, key: str) -> None:
+    """Training loaders drop the last partial batch: refuse a batch size larger than the train split, which would
+    train on nothing (and crash deep inside the DataLoader), naming the setting to change."""
+    if len(dataset) < batch_size:
+        raise DataError(f"{key}={batch_size} is larger than the train split ({len(dataset)} {dataset.unit} examples; "
+                        f"only full batches are used): set {key} to at most {len(dataset)}, or use more training data")
+
+
 def load_annotations(data_cfg) -> dict[str, Split]:
+    """Every split's annotation (checked; images shared between splits are warned about)."""
+    splits = _load_annotations(data_cfg)
+    warn_shared_images(splits)
+    return splits
+
+
+def _load_annotations(data_cfg) -> dict[str, Split]:
     fmt = str(data_cfg.format)
     # False, or the style of caption pre-processing (mmdd.data.captions)
     pre = str(data_cfg.preprocess.get("style", "mmdd")) if bool(data_cfg.preprocess.enabled) else False
@@ -129,9 +163,10 @@ def load_annotations(data_cfg) -> dict[str, Split]:
     raise DataError(f"data.format={fmt!r} is unknown; use synscenes, blip, karpathy or table")
 
 
-def load_data(cfg, splits=SPLITS) -> dict[str, SplitData]:
-    """Load the requested splits of `cfg.data` with caption embeddings from `cfg.model.text`."""
-    anns = load_annotations(cfg.data)
+def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -> dict[str, SplitData]:
+    """Load the requested splits of `cfg.data` with caption embeddings from `cfg.model.text` (`annotations`: the
+    splits' annotations when the caller has read them already, e.g. to check the budget before anything slow)."""
+    anns = annotations or load_annotations(cfg.data)
     encoder = LazyTextEncoder(cfg.model.text)
     out: dict[str, SplitData] = {}
     for s in splits:
@@ -148,7 +183,11 @@ def load_data(cfg, splits=SPLITS) -> dict[str, SplitData]:
             if bool(cfg.data.preload):
                 images = images.clone()  # into memory
         elif bool(cfg.data.preload):
-            images = load_images_tensor(split.image_paths, size, resize=resize)
+            images = load_images_tensor(split.image_paths, size, resize=resize, sources=split.sources,
+                                        name=f"{cfg.data.name}/{s}")
+        else:  # read from the files on every access: check them all now, not when a worker first reads one
+            verify_images(split.image_paths, Path(str(cfg.paths.cache_dir)) / "images", sources=split.sources,
+                          name=f"{cfg.data.name}/{s}")
         out[s] = SplitData(split=split, text_emb=emb, image_size=size, images=images, resize=resize,
                            original_sizes=sizes)
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from mmdd.errors import DataError
 
@@ -106,27 +107,55 @@ def resize_image(img: Image.Image, size: int, mode: str = "center_crop") -> Imag
     return resize_center_crop(img, size)
 
 
-def _load_array(path, size: int, mode: str = "center_crop") -> np.ndarray:
-    return np.asarray(resize_image(load_image(path), size, mode), dtype=np.uint8)
+MAX_LISTED_ERRORS = 20
 
 
-def load_images_tensor(paths, size: int, num_workers: int | None = None, resize: str = "center_crop") -> torch.Tensor:
+def decode_all(decode, paths, sources=None, name: str = "images", num_workers: int | None = None) -> None:
+    """Run `decode(i)` for every image in threads with a progress bar; then raise one DataError listing every image
+    whose decode raised a DataError, with its annotation entry (`sources[i]`)."""
+    if len(paths) == 1:
+        decode(0)  # one image read on access: its own error as is
+        return
+    errors: list[tuple[int, str]] = []
+
+    def run(i: int) -> None:
+        try:
+            decode(i)
+        except DataError as exc:
+            errors.append((i, str(exc)))
+
+    workers = max(1, num_workers or min(8, os.cpu_count() or 1))
+    if len(paths) < 64:  # a batch read on access: no threads, no progress bar
+        for i in range(len(paths)):
+            run(i)
+    else:
+        # Pillow releases the GIL while decoding and resizing, so threads scale with cores.
+        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc=f"decode {name}", unit="img",
+                                                       disable=None, leave=False) as bar:
+            for _ in pool.map(run, range(len(paths))):
+                bar.update()
+    if errors:
+        errors.sort()
+        lines = [f"  {sources[i] if sources else paths[i]}: {msg}" for i, msg in errors[:MAX_LISTED_ERRORS]]
+        more = f"\n  ... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        raise DataError(f"{len(errors)} of the {len(paths)} images of {name} cannot be used:\n" + "\n".join(lines)
+                        + more + "\nre-download or replace these files (or remove their annotation entries), then rerun")
+
+
+def load_images_tensor(paths, size: int, num_workers: int | None = None, resize: str = "center_crop", sources=None,
+                       name: str = "images") -> torch.Tensor:
     """uint8 [N,3,size,size]: decode, resize (`resize_image`; bicubic).
 
     Decoding runs in `num_workers` threads (Pillow releases the GIL while decoding/resizing);
-    default: min(8, CPU count). The first failing file raises its DataError.
+    default: min(8, CPU count). Every failing file is reported in one DataError (`decode_all`).
     """
     paths = list(paths)
     size = int(size)
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    if num_workers <= 1 or len(paths) < 64:
-        arrays = map(lambda p: _load_array(p, size, resize), paths)
-        for i, arr in enumerate(arrays):
-            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-        return out
-    with ThreadPoolExecutor(num_workers) as pool:
-        for i, arr in enumerate(pool.map(lambda p: _load_array(p, size, resize), paths)):
-            out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def decode(i: int) -> None:
+        arr = np.asarray(resize_image(load_image(paths[i]), size, resize), dtype=np.uint8)
+        out[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    decode_all(decode, paths, sources, name, num_workers)
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mmdd.data.annotations import Split
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
@@ -32,7 +33,7 @@ class Method:
         raise NotImplementedError
 
 
-def check_budget(budget, train: SplitData) -> int:
+def check_budget(budget, train: SplitData | Split) -> int:
     """`budget` (the config value as given: pass `cfg.budget` itself, before any int()) as an int, checked to be
     a whole number of pairs within 1..train images."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (

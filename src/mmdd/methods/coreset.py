@@ -147,7 +147,7 @@ class ForgettingCoreset(RandomCoreset):
         self.epochs = epochs
 
     def select(self, cfg, train, budget):
-        from mmdd.data.datamodule import PairDataset
+        from mmdd.data.datamodule import PairDataset, check_full_batches
         from mmdd.data.transforms import augment_config, per_image_augment
         from mmdd.models.dual_encoder import build_dual_encoder
         from mmdd.teachers.expert_module import ExpertModule
@@ -161,8 +161,9 @@ class ForgettingCoreset(RandomCoreset):
         module = ExpertModule(model, float(t.lr), float(t.momentum), float(t.weight_decay), cfg.data.mean, cfg.data.std,
                               augment)
         tracker = ForgettingTracker(train.num_images)
-        loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
-                            batch_size=int(t.batch_size), shuffle=True,
+        dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
+        check_full_batches(dataset, int(t.batch_size), "teacher.batch_size")
+        loader = DataLoader(dataset, batch_size=int(t.batch_size), shuffle=True,
                             drop_last=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
         build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.

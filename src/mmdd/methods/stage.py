@@ -9,8 +9,8 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from mmdd.data.datamodule import load_data
-from mmdd.methods.base import save_synthetic
+from mmdd.data.datamodule import load_annotations, load_data
+from mmdd.methods.base import check_budget, save_synthetic
 from mmdd.utils.io import atomic_write_json
 from mmdd.data.transforms import denormalize
 from mmdd.synthetic.synthetic_set import load_captions
@@ -38,7 +38,10 @@ def distill_stats(history: list[dict], warmup: int = 2) -> dict:
 def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     """Synthesize the set with `cfg.method`; returns the directory it was saved to."""
     seed_everything(int(cfg.seed))
-    data = data or load_data(cfg, splits=("train",))
+    if data is None:
+        annotations = load_annotations(cfg.data)
+        check_budget(cfg.budget, annotations["train"])  # before the captions are embedded (minutes at real size)
+        data = load_data(cfg, splits=("train",), annotations=annotations)
     out_dir = Path(out_dir or cfg.synthetic_dir)
     method = instantiate(cfg.method)
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")

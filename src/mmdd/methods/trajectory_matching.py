@@ -39,6 +39,10 @@ def open_checked_trajectories(cfg, model, max_experts: int | None = None, finger
     fingerprint = fingerprint or frozen_backbone_fingerprint(model)
     store.check_identity(teachers_identity(cfg), fingerprint, data_location(cfg.data))
     experts = store.completed_experts()
+    if not experts:
+        raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
+                            "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
+                            "teacher settings to train them, then distill")
     reader = ExpertSnapshots(store, names, experts[:max_experts] if max_experts else experts)
     reader.check_intact()
     log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mmdd.data.datamodule import PairDataset, load_data
+from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
@@ -36,6 +36,9 @@ def run_buffer(cfg, data=None) -> Path:
     train = data["train"]
     text_dim = train.text_emb.shape[1]
     tcfg = cfg.teacher
+    augment = augment_config(cfg.data.augment if tcfg.augment else None)
+    dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
+    check_full_batches(dataset, int(tcfg.batch_size), "teacher.batch_size")
     probe = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
     names = probe.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in probe.named_parameters()}
@@ -72,7 +75,6 @@ def run_buffer(cfg, data=None) -> Path:
             claims.release(e)
             continue
         seed_everything(expert_seed(int(tcfg.seed), e))
-        augment = augment_config(cfg.data.augment if tcfg.augment else None)
         model = accelerate_model(build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)), cfg.hardware)
         module = ExpertModule(
             model,
@@ -85,11 +87,11 @@ def run_buffer(cfg, data=None) -> Path:
         )
         recorder = TrajectoryRecorder(module.trainable_names(), heartbeat=(lambda e=e: claims.refresh(e)) if claims else None)
         loader = DataLoader(
-            PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
+            dataset,
             batch_size=int(tcfg.batch_size),
             shuffle=True,
             drop_last=True,
-            num_workers=int(cfg.data.num_workers),
+            num_workers=loader_workers(cfg.data.num_workers),
             generator=torch.Generator().manual_seed(expert_seed(int(tcfg.seed), e)),
         )
         loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}")
@@ -98,14 +100,16 @@ def run_buffer(cfg, data=None) -> Path:
             trainer.fit(module, loader)
             if not trainer.is_global_zero:
                 continue
-            store.save_expert(e, recorder.trajectory())
             model.to("cpu")
             metrics = {}
             for split in ("val", "test"):
                 if split in data:
                     m = evaluate_retrieval(model, data[split], cfg.data.mean, cfg.data.std)
                     metrics[split] = m
+            # Metrics first: the weights' file is what marks an expert complete, so a crash between the two leaves
+            # an incomplete expert (trained again on rerun), never a complete one without metrics.
             atomic_write_json(store.root / f"expert_{e:03d}.metrics.json", metrics)
+            store.save_expert(e, recorder.trajectory())
             log_metrics(loggers, {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()})
             log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
         finally:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from mmdd.data.datamodule import PairDataset, load_data
+from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
@@ -59,9 +59,10 @@ def run_pretrain(cfg, data=None) -> Path:
     augment = augment_config(cfg.data.augment)
     module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment)
-    loader = DataLoader(PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train)),
-                        batch_size=int(p.batch_size), shuffle=True,
-                        drop_last=True, num_workers=int(cfg.data.num_workers),
+    dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
+    check_full_batches(dataset, int(p.batch_size), "pretrain.batch_size")
+    loader = DataLoader(dataset, batch_size=int(p.batch_size), shuffle=True,
+                        drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
                         generator=torch.Generator().manual_seed(int(cfg.pretrain.seed)))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:

@@ -91,8 +91,9 @@ class TrajectoryStore:
                 )
             store.set_aside_corrupt_experts()
             return store
+        # The manifest is written with the first expert (save_expert): a first run that fails before any expert
+        # is complete leaves no manifest behind to refuse the next run with other settings.
         root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root / "manifest.json", manifest)
         return cls(root, manifest)
 
     @classmethod
@@ -132,6 +133,8 @@ class TrajectoryStore:
                 raise ValueError(f"trajectory of {name} has shape {list(t.shape)}, expected {want}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in trajectory.items()}
         meta = {"expert": str(idx), "config_hash": self.manifest["config_hash"]}
+        if not (self.root / "manifest.json").exists():
+            atomic_write_json(self.root / "manifest.json", self.manifest)
         return atomic_write(self.expert_path(idx), lambda p: save_file(tensors, str(p), metadata=meta))
 
     def _expected_shapes(self) -> dict[str, list[int]]:
