@@ -10,7 +10,7 @@ from conftest import TINY, run_mmdd
 @pytest.fixture(scope="module")
 def heads_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    common = [*TINY, "logger=none", "pretrain.epochs=2"]
+    common = [*TINY, "logger=none", "pretrain.epochs=2", "pretrain.batch_size=16"]
     run_mmdd(["pretrain", *common, "hydra.run.dir=outputs/pretrain"], root)
     run_mmdd(["buffer", *common, "model=convnet_heads", "hydra.run.dir=outputs/buffer_heads"], root)
     run_mmdd(["buffer", *common, "hydra.run.dir=outputs/buffer"], root)
