@@ -240,3 +240,43 @@ def test_caption_embedding_reports_its_rate(tmp_path, caplog):
         emb = build_text_encoder(cfg.model.text).encode(["a dog", "a cat", "a dog"])
     assert emb.shape[0] == 3
     assert "embedded 2 distinct captions in" in caplog.text and "captions/s)" in caplog.text
+
+
+# ------------------------------------------------------------------ paths a user will have
+def karpathy_flickr(root: Path, folder: str) -> None:
+    """Karpathy's dataset_flickr30k.json (bare file names) beside the images in `folder`."""
+    (root / folder).mkdir(parents=True)
+    write_jpegs(root / folder, 6)
+    images = [{"filename": f"{i}.jpg", "split": ("train", "train", "val", "val", "test", "test")[i],
+               "sentences": [{"raw": f"A picture, number {i}."}]} for i in range(6)]
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+
+
+def flickr_cfg(tmp_path: Path, root: Path, *extra: str):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("buffer", overrides=[f"paths.root_dir={tmp_path}", "data=flickr30k", f"data.root={root}",
+                                            "data.format=karpathy", f"paths.output_dir={tmp_path}/out", *extra])
+
+
+def test_karpathy_flickr_file_finds_its_images_in_flickr30k_images(tmp_path):
+    from mmdd.data.datamodule import load_annotations
+
+    root = tmp_path / "flickr30k"
+    karpathy_flickr(root, "flickr30k-images")
+    cfg = flickr_cfg(tmp_path, root)
+    assert cfg.data.image_root == f"{root}/flickr30k-images"
+    splits = load_annotations(cfg.data)
+    assert [splits[s].num_images for s in ("train", "val", "test")] == [2, 2, 2]
+    assert splits["train"].image_paths[0] == root / "flickr30k-images" / "0.jpg"
+
+
+def test_a_missing_image_names_the_usual_folder_that_holds_it(tmp_path):
+    from mmdd.data.datamodule import load_annotations
+
+    root = tmp_path / "flickr30k"
+    karpathy_flickr(root, "flickr30k_images")  # the underscore spelling of some mirrors
+    with pytest.raises(DataError, match=rf"image {root}/flickr30k-images/0.jpg does not exist; .*; it is in "
+                                        rf"{root}/flickr30k_images: set data.image_root={root}/flickr30k_images"):
+        load_annotations(flickr_cfg(tmp_path, root).data)
+    with pytest.raises(DataError, match=r"none of the usual image folders \(flickr30k-images, flickr30k_images"):
+        load_annotations(flickr_cfg(tmp_path, root, f"data.image_root={tmp_path / 'elsewhere'}").data)

@@ -50,6 +50,27 @@ class Split:
 
 
 MAX_LISTED = 5  # entries named in a warning about duplicates
+# Where Flickr30K, Flickr8k and COCO images usually live after extraction
+USUAL_IMAGE_FOLDERS = ("flickr30k-images", "flickr30k_images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images",
+                       "train2014", "val2014")
+
+
+def image_folder_hint(image_root: Path, image_rel: str) -> str:
+    """For a missing image: the usual image folders found under data.image_root (or its parent), and the setting
+    that would find the image there."""
+    found = []
+    for base in dict.fromkeys([image_root, image_root.parent]):
+        for name in USUAL_IMAGE_FOLDERS:
+            folder = base / name
+            if folder.is_dir() and folder != image_root:
+                found.append(folder)
+    if not found:
+        return (f"; none of the usual image folders ({', '.join(USUAL_IMAGE_FOLDERS)}) is under {image_root} or "
+                f"{image_root.parent}")
+    holding = [f for f in found if (f / image_rel).is_file()]
+    if holding:
+        return f"; it is in {holding[0]}: set data.image_root={holding[0]}"
+    return "; usual image folders found: " + ", ".join(str(f) for f in found) + " (none holds this image)"
 
 
 class _SplitBuilder:
@@ -93,7 +114,7 @@ class _SplitBuilder:
                 what = "is not a file" if path.exists() else "does not exist"
                 raise DataError(
                     f"{self.source}: {where}: image {path} {what}; check data.image_root ({self.image_root}) "
-                    f"and that the images were downloaded/extracted there"
+                    f"and that the images were downloaded/extracted there{image_folder_hint(self.image_root, image_rel)}"
                 )
             self.index[image_rel] = len(self.split.image_paths)
             self.split.image_paths.append(path)
