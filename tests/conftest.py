@@ -43,6 +43,39 @@ def run_mmdd(args: list[str], root: Path, check: bool = True, timeout: int = 600
     return proc
 
 
+def run_in_process(args: list[str], root: Path, check: bool = False) -> subprocess.CompletedProcess:
+    """`mmdd <stage> [overrides]` in this process: composed as the CLI composes it and run by the CLI's own task, so
+    an MmddError ends it with code 2 and its message on stderr, as on the command line, without the seconds of a
+    fresh interpreter (`check`: fail the test on a non-zero code). `hydra.run.dir=D` becomes the run directory root/D. For checks of what a stage refuses; runs
+    whose assertions read Hydra's or the logs' output use `run_mmdd`."""
+    import contextlib
+    import io
+
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.cli import _task
+    from mmdd.paths import conf_dir
+
+    stage, *overrides = args
+    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "outputs/in_process")
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    overrides += [f"paths.root_dir={root}", f"paths.output_dir={root / run_dir}"]
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(stage, overrides=overrides)
+    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            _task(stage)(cfg)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.chdir(cwd)
+    if check and code:
+        raise AssertionError(f"mmdd {stage} failed ({code}):\n{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}")
+    return subprocess.CompletedProcess([stage, *overrides], code, out.getvalue(), err.getvalue())
+
+
 def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4, batch: int = 3):
     """A float64 matching segment on `model` (`n` pairs of 8x8 images and 5-d texts, batches of `batch`, a target
     0.05 away from the start), the same draws every call: for comparing meta-gradient paths exactly."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_in_process, run_mmdd
 from mmdd.data.annotations import Split, load_blip_split, load_pairs_table
 from mmdd.data.datamodule import SplitData, load_annotations
 from mmdd.errors import ArtifactError, DataError, MmddError
@@ -164,7 +164,7 @@ def test_check_budget_returns_the_budget_as_an_int():
 
 def test_non_number_budget_is_a_clear_error(env):
     root, _ = env
-    proc = run_mmdd(["distill", *TINY, *QUIET, "budget=abc", "evaluate=false", "hydra.run.dir=outputs/budget_abc"],
+    proc = run_in_process(["distill", *TINY, *QUIET, "budget=abc", "evaluate=false", "hydra.run.dir=outputs/budget_abc"],
                     root, check=False)
     assert "budget='abc' is not a whole number of pairs" in cli_error(proc)
 
@@ -173,7 +173,7 @@ def test_non_number_budget_is_a_clear_error(env):
 def test_store_from_another_dataset_is_a_clear_error(env, tmp_path):
     root, store = env
     data = user_dataset(tmp_path / "mine")
-    proc = run_mmdd(["distill", *TINY_USER, *QUIET, *user_data_overrides(data), f"buffer_dir={store}",
+    proc = run_in_process(["distill", *TINY_USER, *QUIET, *user_data_overrides(data), f"buffer_dir={store}",
                      "hydra.run.dir=outputs/other_dataset"], root, check=False)
     err = cli_error(proc)
     assert f"trajectory store {store} was made on dataset 'synscenes', not 'my_pairs' (data.name)" in err
@@ -184,7 +184,7 @@ def test_store_from_another_dataset_is_a_clear_error(env, tmp_path):
 def test_store_from_other_contents_of_the_same_dataset_is_a_clear_error(env):
     """Same data.name, other images (another generator seed): the store's data hash tells them apart."""
     root, store = env
-    proc = run_mmdd(["distill", *TINY, *QUIET, "data.generate.seed=1", f"buffer_dir={store}", "evaluate=false",
+    proc = run_in_process(["distill", *TINY, *QUIET, "data.generate.seed=1", f"buffer_dir={store}", "evaluate=false",
                      "hydra.run.dir=outputs/other_contents"], root, check=False)
     err = cli_error(proc)
     assert f"trajectory store {store} was recorded on other contents of dataset 'synscenes'" in err
@@ -196,7 +196,7 @@ def test_set_from_another_text_encoder_is_refused_by_evaluate(env, tmp_path):
     root, _ = env
     syn = SyntheticSet(torch.randn(4, 3, 32, 32), torch.randn(4, 768), {"image": 0.01, "text": 0.01})
     syn.save(tmp_path / "bert_set", {"method": "mtt_vl", "budget": 4, "text_encoder": "bert-base-uncased"})
-    proc = run_mmdd(["evaluate", *TINY, *QUIET, f"synthetic={tmp_path / 'bert_set'}",
+    proc = run_in_process(["evaluate", *TINY, *QUIET, f"synthetic={tmp_path / 'bert_set'}",
                      "hydra.run.dir=outputs/other_encoder"], root, check=False)
     err = cli_error(proc)
     assert f"synthetic set {tmp_path / 'bert_set'} holds 768-d text embeddings (bert-base-uncased)" in err
@@ -216,7 +216,7 @@ def test_truncated_synthetic_set_is_refused_by_evaluate(env, tmp_path):
     path = a_set(tmp_path / "set")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    proc = run_mmdd(["evaluate", *TINY, *QUIET, f"synthetic={path.parent}", "hydra.run.dir=outputs/truncated_set"],
+    proc = run_in_process(["evaluate", *TINY, *QUIET, f"synthetic={path.parent}", "hydra.run.dir=outputs/truncated_set"],
                     root, check=False)
     err = cli_error(proc)
     assert f"{path} is missing or corrupted" in err and "file not fully covered" in err
@@ -260,7 +260,7 @@ def test_truncated_expert_is_refused_by_distill(env, tmp_path):
     copy = copy_store(store, tmp_path / "store")
     expert = copy / "expert_000.safetensors"
     expert.write_bytes(expert.read_bytes()[:1000])
-    proc = run_mmdd(["distill", *TINY, *QUIET, f"buffer_dir={copy}", "evaluate=false",
+    proc = run_in_process(["distill", *TINY, *QUIET, f"buffer_dir={copy}", "evaluate=false",
                      "hydra.run.dir=outputs/truncated_expert"], root, check=False)
     err = cli_error(proc)
     assert f"{expert} is corrupted" in err and "rerun `mmdd buffer`" in err and "trains that expert again" in err
@@ -306,7 +306,7 @@ def test_expert_with_wrong_shapes_is_detected(env, tmp_path):
 # --------------------------------------------------------------------- 5. empty val / test splits
 def test_generated_dataset_without_val_images_is_refused(env):
     root, _ = env
-    proc = run_mmdd(["buffer", *TINY, *QUIET, "data.generate.num_val=0", "hydra.run.dir=outputs/no_val"], root,
+    proc = run_in_process(["buffer", *TINY, *QUIET, "data.generate.num_val=0", "hydra.run.dir=outputs/no_val"], root,
                     check=False)
     assert "data.generate.num_val must be within 1..99999, got 0" in cli_error(proc)
 
@@ -314,7 +314,7 @@ def test_generated_dataset_without_val_images_is_refused(env):
 def test_user_dataset_with_empty_test_split_names_the_file(env, tmp_path):
     root, _ = env
     data = user_dataset(tmp_path / "mine", test=[])
-    proc = run_mmdd(["buffer", *TINY_USER, *QUIET, *user_data_overrides(data), "hydra.run.dir=outputs/no_test"], root,
+    proc = run_in_process(["buffer", *TINY_USER, *QUIET, *user_data_overrides(data), "hydra.run.dir=outputs/no_test"], root,
                     check=False)
     err = cli_error(proc)
     assert f"{data / 'test.jsonl'}: the test split has no rows" in err and "add (image, caption) rows" in err
@@ -340,7 +340,7 @@ def test_blip_and_karpathy_files_without_a_split_name_it(tmp_path):
 @pytest.mark.parametrize("method, tiny", [("mtt_vl", TINY), ("random", TINY_CORESET)])
 def test_budget_zero_is_a_clear_error(env, method, tiny):
     root, _ = env
-    proc = run_mmdd(["distill", *tiny, *QUIET, f"method={method}", "budget=0", "evaluate=false",
+    proc = run_in_process(["distill", *tiny, *QUIET, f"method={method}", "budget=0", "evaluate=false",
                      f"hydra.run.dir=outputs/budget0_{method}"], root, check=False)
     assert "budget=0: the synthetic set needs at least one pair; set budget=<positive integer>" in cli_error(proc)
     assert not (root / "outputs" / f"budget0_{method}" / "synthetic" / "manifest.json").exists()
@@ -353,7 +353,7 @@ def test_punctuation_only_caption_names_file_line_and_caption(env, tmp_path):
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     rows[1]["caption"] = "?!... ..."
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_mmdd(["buffer", *TINY_USER, *QUIET, *user_data_overrides(data), "hydra.run.dir=outputs/punct"], root,
+    proc = run_in_process(["buffer", *TINY_USER, *QUIET, *user_data_overrides(data), "hydra.run.dir=outputs/punct"], root,
                     check=False)
     err = cli_error(proc)
     assert f"{data / 'train.jsonl'}: line 2: caption 0 ('?!... ...') is empty after pre-processing" in err

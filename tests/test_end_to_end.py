@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_in_process, run_mmdd
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_stages_separately_and_buffer_resume(tiny_run, tmp_path):
 
 def test_budget_larger_than_train_split_is_a_clear_error(tiny_run):
     root, _ = tiny_run
-    proc = run_mmdd(["distill", *TINY, "logger=none", "budget=100000", "hydra.run.dir=outputs/bad_budget"], root, check=False)
+    proc = run_in_process(["distill", *TINY, "logger=none", "budget=100000", "hydra.run.dir=outputs/bad_budget"], root, check=False)
     assert proc.returncode == 2
     assert "budget=100000 is larger than the train split" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -84,7 +84,7 @@ def test_budget_larger_than_train_split_is_a_clear_error(tiny_run):
 def test_store_for_another_model_is_a_clear_error(tiny_run):
     root, _ = tiny_run
     store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
-    proc = run_mmdd(["distill", *TINY, "logger=none", "model.image.width=16", f"buffer_dir={store}",
+    proc = run_in_process(["distill", *TINY, "logger=none", "model.image.width=16", f"buffer_dir={store}",
                      "hydra.run.dir=outputs/bad_store"], root, check=False)
     assert proc.returncode == 2
     assert "trainable parameters differ" in proc.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_in_process, run_mmdd
 
 TINY_DISTILL = [o for o in TINY if not o.startswith("method.iterations")] + ["logger=none", "evaluate=false"]
 
@@ -25,6 +25,11 @@ def root(tmp_path_factory):
 
 def distill(root: Path, run: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_mmdd(["distill", *TINY_DISTILL, *overrides, f"hydra.run.dir=outputs/{run}"], root, check=check)
+
+
+def distill_here(root: Path, run: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`distill` in this process (conftest.run_in_process), for runs whose assertions are on files and messages."""
+    return run_in_process(["distill", *TINY_DISTILL, *overrides, f"hydra.run.dir=outputs/{run}"], root, check=check)
 
 
 def the_set(root: Path, run: str) -> dict[str, torch.Tensor]:
@@ -95,13 +100,13 @@ def test_resume_may_change_the_outer_learning_rates_and_records_it(root):
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(root):
-    distill(root, "other", "method.iterations=3")
-    proc = distill(root, "other", "method.iterations=3", "method.syn_steps=3", check=False)
+    distill_here(root, "other", "method.iterations=3")
+    proc = distill_here(root, "other", "method.iterations=3", "method.syn_steps=3", check=False)
     assert proc.returncode == 2
     assert "another distillation" in proc.stderr and "(method.syn_steps: 2 -> 3)" in proc.stderr
-    proc = distill(root, "other", "method.iterations=2", check=False)
+    proc = distill_here(root, "other", "method.iterations=2", check=False)
     assert proc.returncode == 2 and "beyond method.iterations=2" in proc.stderr
-    proc = distill(root, "fresh", "method.iterations=3", "resume=outputs/nowhere", check=False)
+    proc = distill_here(root, "fresh", "method.iterations=3", "resume=outputs/nowhere", check=False)
     assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
 
 
@@ -275,14 +280,14 @@ def test_one_expert_trained_with_ddp_on_two_processes_is_written_once(root):
 
 
 def test_a_corrupted_checkpoint_is_refused_not_loaded(root):
-    distill(root, "corrupt", "method.iterations=4", "save_every=2")
+    distill_here(root, "corrupt", "method.iterations=4", "save_every=2")
     ckpt = root / "outputs/corrupt/synthetic/checkpoint/last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated
     before = the_set(root, "corrupt")
-    proc = distill(root, "corrupt", "method.iterations=8", check=False)
+    proc = distill_here(root, "corrupt", "method.iterations=8", check=False)
     assert proc.returncode == 2 and f"checkpoint {ckpt} cannot be used" in proc.stderr and "resume=false" in proc.stderr
     assert_same_set(the_set(root, "corrupt"), before)  # nothing overwritten
-    distill(root, "corrupt", "method.iterations=8", "resume=false")  # starts over
+    distill_here(root, "corrupt", "method.iterations=8", "resume=false")  # starts over
     assert manifest(root, "corrupt")["complete"] and manifest(root, "corrupt")["iteration"] == 8
 
 
