@@ -267,6 +267,17 @@ def test_truncated_expert_is_refused_by_distill(env, tmp_path):
     assert not (root / "outputs" / "truncated_expert" / "synthetic" / "synthetic.safetensors").exists()
 
 
+def test_a_store_with_fewer_complete_experts_than_asked_for_is_refused(env):
+    root, store = env  # 2 complete experts
+    proc = run_in_process(["distill", *TINY, *QUIET, "teacher.num_experts=4", f"buffer_dir={store}", "evaluate=false",
+                           "hydra.run.dir=outputs/partial_store"], root)
+    err = cli_error(proc)
+    assert "has 2 of the 4 experts this run needs complete (missing: 2, 3)" in err and "method.max_experts=2" in err
+    proc = run_in_process(["distill", *TINY, *QUIET, "teacher.num_experts=4", "method.max_experts=2",
+                           f"buffer_dir={store}", "evaluate=false", "hydra.run.dir=outputs/partial_store"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_buffer_rerun_sets_a_corrupt_expert_aside_and_trains_it_again(env, tmp_path):
     root, store = env
     copy = copy_store(store, tmp_path / "store")

@@ -119,7 +119,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_set(root):
     assert not m["complete"] and m["iteration"] >= 1
     assert all(torch.isfinite(t).all() for t in the_set(root, "nan").values())
     # a checkpoint of that set, so a rerun with lower learning rates continues from it
-    state = torch.load(root / "outputs/nan/synthetic/checkpoint/last.ckpt", weights_only=False)
+    state = torch.load(root / "outputs/nan/synthetic/checkpoint/last.ckpt", weights_only=True)
     assert state["global_step"] == m["iteration"] and state["mmdd"]["skipped_iterations"] == 3
 
 
@@ -314,3 +314,29 @@ def test_a_write_that_fails_mid_run_stops_with_a_message_and_leaves_no_partial_f
     ckpt_dir = root / "outputs/limited/synthetic/checkpoint"
     assert not list(ckpt_dir.glob("*"))  # no truncated checkpoint left to resume from
     assert manifest(root, "limited")["iteration"] == 2  # the set saved before the failure is intact
+
+
+class _RunsCode:
+    """A pickle that, when unpickled, creates `marker` (any code could run the same way)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_unpickling_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mmdd.errors import ArtifactError
+    from mmdd.methods.trajectory_matching import resume_checkpoint
+
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "handed_over.ckpt"
+    torch.save({"mmdd": {}, "state_dict": {}, "payload": _RunsCode(marker)}, ckpt)
+    with pytest.raises(ArtifactError, match=rf"checkpoint {ckpt} cannot be used \(UnpicklingError"):
+        resume_checkpoint(OmegaConf.create({"resume": str(ckpt)}), tmp_path / "synthetic")
+    assert not marker.exists()
+    torch.load(ckpt, weights_only=False)  # what a full unpickle does with it
+    assert marker.exists()

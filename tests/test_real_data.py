@@ -280,3 +280,18 @@ def test_a_missing_image_names_the_usual_folder_that_holds_it(tmp_path):
         load_annotations(flickr_cfg(tmp_path, root).data)
     with pytest.raises(DataError, match=r"none of the usual image folders \(flickr30k-images, flickr30k_images"):
         load_annotations(flickr_cfg(tmp_path, root, f"data.image_root={tmp_path / 'elsewhere'}").data)
+
+
+def test_a_store_still_being_filled_is_refused_unless_fewer_experts_are_asked_for(tmp_path):
+    from mmdd.methods.trajectory_matching import check_enough_experts
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    store = TrajectoryStore(tmp_path, {})
+    with pytest.raises(ArtifactError, match=r"has 2 of the 4 experts this run needs complete \(missing: 1, 3\): run "
+                                            r"`mmdd buffer` .* or set method.max_experts=2"):
+        check_enough_experts(store, [0, 2], wanted=4, max_experts=None)
+    assert check_enough_experts(store, [0, 2], wanted=4, max_experts=2) == [0, 2]
+    assert check_enough_experts(store, [0, 1, 2, 3], wanted=4, max_experts=None) == [0, 1, 2, 3]
+    assert check_enough_experts(store, [0, 1, 2, 3, 4], wanted=4, max_experts=None) == [0, 1, 2, 3]
+    with pytest.raises(ArtifactError, match=r"has 2 of the 3 experts"):
+        check_enough_experts(store, [0, 1], wanted=4, max_experts=3)

@@ -43,11 +43,27 @@ def open_checked_trajectories(cfg, model, max_experts: int | None = None, finger
         raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
                             "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
                             "teacher settings to train them, then distill")
-    reader = ExpertSnapshots(store, names, experts[:max_experts] if max_experts else experts)
+    experts = check_enough_experts(store, experts, int(cfg.teacher.num_experts), max_experts)
+    reader = ExpertSnapshots(store, names, experts)
     reader.check_intact()
     log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",
              reader.n_experts, reader.epochs, store.root, reader.numel, 2 * reader.snapshot_bytes() / 2**20)
     return reader
+
+
+def check_enough_experts(store: TrajectoryStore, complete: list[int], wanted: int, max_experts: int | None
+                         ) -> list[int]:
+    """The experts to distil from: all `wanted` (teacher.num_experts) of them, or the first `max_experts` complete
+    ones when method.max_experts asks for fewer. A store still being filled is refused, not used silently."""
+    need = wanted if max_experts is None else int(max_experts)
+    if len(complete) >= need:
+        return complete[:need]
+    missing = [e for e in range(max(need, wanted)) if e not in complete]
+    listed = ", ".join(str(e) for e in missing[:10]) + (", ..." if len(missing) > 10 else "")
+    raise ArtifactError(
+        f"trajectory store {store.root} has {len(complete)} of the {need} experts this run needs complete (missing: "
+        f"{listed}): run `mmdd buffer` with the same settings to complete them (several jobs can share the work), "
+        f"or set method.max_experts={len(complete)} to distil from the complete ones")
 
 
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
@@ -107,10 +123,12 @@ def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
 
 
 def check_readable(path: Path) -> Path:
-    """Refuse a truncated or corrupted checkpoint with its path, before Lightning fails deep inside torch.load."""
+    """Refuse a truncated, corrupted or foreign checkpoint with its path, before Lightning fails deep inside
+    torch.load. weights_only: a checkpoint is a file a user hands us, and unpickling one can run any code it holds;
+    mmdd's own checkpoints hold tensors and plain containers only."""
     try:
         # mmap: reads the archive's index and pickles, not the tensors (Lightning loads them right after)
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, dict) or "mmdd" not in state or "state_dict" not in state:
             raise ValueError("not a distillation checkpoint of mmdd")
     except Exception as exc:  # torch.load raises many kinds on garbage (pickle, zip, EOF, ...)
@@ -175,7 +193,7 @@ class TrajectoryMatching(Method):
         # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
         # and a checkpoint of it, so a rerun with lower learning rates continues from there.
         module.save_before_stop = lambda: callbacks[0].save(trainer, module, with_set=True)
-        trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes
