@@ -75,6 +75,45 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
     assert [h["iteration"] for h in history] == list(range(1, n + 1))
 
 
+DDP = ["hardware.devices=2", "hardware.strategy=ddp"]
+
+
+def test_a_ddp_run_resumes_to_the_set_of_the_uninterrupted_run(root):
+    """2 processes (gloo): a finished run extended by one iteration equals the run that did all of them at once (every
+    rank restores its own generator and global RNG; rank 1's used to crash libtorch on a view of the saved states)."""
+    distill(root, "ddp_straight", "method.iterations=3", "save_every=1", *DDP)
+    distill(root, "ddp_resumed", "method.iterations=2", "save_every=1", *DDP)
+    out = distill(root, "ddp_resumed", "method.iterations=3", "save_every=1", *DDP, check=False)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert manifest(root, "ddp_resumed")["complete"] and manifest(root, "ddp_resumed")["iteration"] == 3
+    assert_same_set(the_set(root, "ddp_resumed"), the_set(root, "ddp_straight"))
+
+
+@pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
+def test_sigkill_of_a_ddp_run_then_resume_equals_the_uninterrupted_run(root):
+    n = 200
+    distill(root, "ddp_straight_long", f"method.iterations={n}", "save_every=5", *DDP)
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=5", *DDP,
+           "hydra.run.dir=outputs/ddp_killed"]
+    # Its own process group: the kill reaches both ranks, as a node failure or `scancel --signal=KILL` would.
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = root / "outputs/ddp_killed/synthetic/checkpoint/last.ckpt"
+    deadline = time.time() + 180
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = manifest(root, "ddp_killed")["iteration"]
+    assert not manifest(root, "ddp_killed")["complete"] and 0 < killed_at < n
+    out = distill(root, "ddp_killed", f"method.iterations={n}", "save_every=5", *DDP, check=False)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert_same_set(the_set(root, "ddp_killed"), the_set(root, "ddp_straight_long"))
+
+
 @pytest.mark.slow  # keeps the default suite under 10 minutes; `pytest -m slow`
 def test_a_finished_run_extends_with_more_iterations(root):
     distill(root, "short_then_long", "method.iterations=7", "save_every=0")

@@ -272,9 +272,12 @@ class DistillModule(L.LightningModule):
             raise MmddError(f"the checkpoint was written by {state['world_size']} processes, this run has {world}; "
                             "resume with the same hardware.devices x hardware.num_nodes")
         rank = self.global_rank
-        self.generator.set_state(state["generator"][rank])
+        # Each state is a row of a [world, ...] tensor: a view that does not start at its storage's beginning for
+        # rank > 0, which Generator.set_state reads from the storage's start (a crash in libtorch): clone the rows.
+        self.generator.set_state(state["generator"][rank].clone())
         # Applied when the first resumed iteration starts: starting the data loader draws from the global RNG.
-        self._resume_rng = (state["torch_rng"][rank], None if state["cuda_rng"] is None else state["cuda_rng"][rank])
+        self._resume_rng = (state["torch_rng"][rank].clone(),
+                            None if state["cuda_rng"] is None else state["cuda_rng"][rank].clone())
         self.history = state["history"]
         self.diagnostics = state["diagnostics"]
         self.skipped_iterations = state.get("skipped_iterations", 0)
