@@ -379,3 +379,27 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_unpickling_it(tmp_p
     assert not marker.exists()
     torch.load(ckpt, weights_only=False)  # what a full unpickle does with it
     assert marker.exists()
+
+
+def test_a_checkpoint_is_written_beside_itself_and_renamed_so_a_failed_write_keeps_the_last_one(tmp_path, monkeypatch):
+    from mmdd.methods import distributed
+
+    io = distributed.GuardedCheckpointIO()
+    path = tmp_path / "checkpoint" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    assert io.take_error() is None and torch.load(path, weights_only=True)["step"] == 1
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst)))
+    io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert [(s.parent, d) for s, d in renames] == [(path.parent, path)]  # staged in the same directory, not TMPDIR
+
+    def dies_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(distributed.torch, "save", dies_mid_write)
+    io.save_checkpoint({"step": torch.tensor(3)}, path)
+    assert isinstance(io.take_error(), OSError)
+    assert torch.load(path, weights_only=True)["step"] == 2  # the previous checkpoint, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left

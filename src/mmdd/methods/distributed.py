@@ -10,6 +10,8 @@ forward, and the trainable tensors are just the synthetic set's, reduced once pe
 
 from __future__ import annotations
 
+import os
+
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
@@ -55,19 +57,32 @@ def gather_states(module, state: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
+def _save_synced(checkpoint: dict, path) -> None:
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class GuardedCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer (atomic), but a failed write (a full disk) is kept instead of raised, so rank 0
-    still reaches the barrier after it and every rank can learn of the failure (`raise_together`)."""
+    """Writes a checkpoint as every mmdd artifact is written: into a temp file in the checkpoint's own directory,
+    fsynced, then renamed over the previous one, which stays whole until the new one is in place. (Lightning's own
+    writer stages the file in TMPDIR; on another filesystem its move truncates `last.ckpt` and copies into it, so a
+    kill during the copy left an empty checkpoint and lost the run.) A failed write (a full disk) is kept instead of
+    raised, so rank 0 still reaches the barrier after it and every rank learns of the failure (`raise_together`)."""
 
     def __init__(self):
         super().__init__()
         self.error: BaseException | None = None
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from mmdd.utils.io import atomic_write
+
         try:
-            super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_write(path, lambda tmp: _save_synced(checkpoint, tmp))
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank by raise_together
-            self.error = exc
+            # atomic_write words a full disk as its own error; keep the OS error for raise_together's message
+            self.error = exc.__cause__ if exc.__cause__ is not None else exc
 
     def take_error(self) -> BaseException | None:
         error, self.error = self.error, None
