@@ -295,3 +295,19 @@ def test_a_store_still_being_filled_is_refused_unless_fewer_experts_are_asked_fo
     assert check_enough_experts(store, [0, 1, 2, 3, 4], wanted=4, max_experts=None) == [0, 1, 2, 3]
     with pytest.raises(ArtifactError, match=r"has 2 of the 3 experts"):
         check_enough_experts(store, [0, 1], wanted=4, max_experts=3)
+
+
+def test_asking_for_a_gpu_without_one_is_a_sentence_and_ddp_falls_back_to_cpu_processes(tmp_path):
+    from mmdd.utils.trainer import build_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    root = user_data(tmp_path / "mine")
+    cfg = compose_cfg("buffer", tmp_path, root, "hardware=gpu")
+    with pytest.raises(MmddError, match=r"hardware.accelerator=gpu, but this machine has no usable CUDA GPU .* "
+                                        r"use hardware=cpu, or hardware.accelerator=auto"):
+        build_trainer(cfg)
+    ddp = compose_cfg("buffer", tmp_path, root, "hardware=ddp")
+    assert ddp.hardware.accelerator == "auto"
+    trainer = build_trainer(ddp, max_epochs=1)
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.num_devices == 2

@@ -73,9 +73,20 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
         num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
+    check_accelerator(kwargs["accelerator"])
     if num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"]) > 1:
         refuse_ddp_in_local_multirun()
     return L.Trainer(**kwargs)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for on a machine without one: a sentence saying what to set, not Lightning's traceback."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        from mmdd.errors import MmddError
+
+        raise MmddError(f"hardware.accelerator={accelerator}, but this machine has no usable CUDA GPU "
+                        "(torch.cuda.is_available() is False): use hardware=cpu, or hardware.accelerator=auto "
+                        "(a GPU where there is one, else the CPU; hardware=ddp on CPUs runs its processes with gloo)")
 
 
 def refuse_ddp_in_local_multirun() -> None:
