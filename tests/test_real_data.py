@@ -311,3 +311,14 @@ def test_asking_for_a_gpu_without_one_is_a_sentence_and_ddp_falls_back_to_cpu_pr
     assert ddp.hardware.accelerator == "auto"
     trainer = build_trainer(ddp, max_epochs=1)
     assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.num_devices == 2
+
+
+@pytest.mark.parametrize("setting, message", [("seed=abc", "seed='abc' must be a whole number; set seed=<int>"),
+                                              ("save_every=abc", "save_every='abc' must be a whole number"),
+                                              ("evaluate=maybe", "evaluate='maybe' must be true or false")])
+def test_a_top_level_setting_of_the_wrong_type_fails_before_any_data_is_loaded(tmp_path, setting, message):
+    from conftest import TINY, run_in_process
+
+    proc = run_in_process(["distill", *TINY, "logger=none", setting], tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "data").exists()  # the embedded dataset was not even generated

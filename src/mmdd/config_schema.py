@@ -65,6 +65,46 @@ class TeacherConfig:
     seed: int = 0
 
 
+@dataclass
+class StageSettings:
+    """The top-level settings of the stages' primary configs (conf/base.yaml and conf/<stage>.yaml) with a type.
+    A stage has only some of them; `check_stage_settings` checks those it has, before any data is loaded. Types
+    only: the values live in the YAML files."""
+
+    seed: int = MISSING
+    save_every: int = MISSING
+    max_nonfinite: int = MISSING
+    log_every_n_steps: int = MISSING
+    log_pairs: int = MISSING
+    diagnostics_every: int = MISSING
+    claim_stale_minutes: float = MISSING
+    progress_bar: bool = MISSING
+    allow_other_dataset: bool = MISSING
+    evaluate: bool = MISSING
+
+
+def check_stage_settings(cfg) -> None:
+    """Each top-level setting of `cfg` that StageSettings names must have its type: `seed=abc` fails in a second,
+    naming the key, not after the data has loaded."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    from mmdd.errors import MmddError
+
+    schema = OmegaConf.structured(StageSettings)
+    for f in dataclasses.fields(StageSettings):
+        if f.name not in cfg:
+            continue
+        value = cfg[f.name]
+        try:
+            OmegaConf.merge(schema, {f.name: value})
+        except ValidationError as exc:
+            kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[f.type]
+            raise MmddError(f"{f.name}={value!r} must be {kind}; set {f.name}=<{f.type}>") from exc
+
+
 SCHEMAS = {"hardware": HardwareConfig, "protocol": ProtocolConfig, "teacher": TeacherConfig}
 _registered = False
 

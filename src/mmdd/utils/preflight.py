@@ -40,7 +40,11 @@ def check_writable(path: str | Path, key: str, min_free_mb: float) -> None:
 
 
 def preflight(cfg, stage: str) -> None:
-    """Check the run directory and every output location of `stage` before any data is loaded."""
+    """Check the top-level settings' types, the run directory and every output location of `stage` before any data
+    is loaded."""
+    from mmdd.config_schema import check_stage_settings
+
+    check_stage_settings(cfg)
     min_free = float(cfg.paths.get("min_free_mb", 0) or 0)
     keys = ["paths.output_dir", *STAGE_OUTPUTS.get(stage, [])]
     if str(cfg.data.get("format")) == "synscenes":  # generated on first use
