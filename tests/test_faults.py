@@ -75,6 +75,34 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
     assert [h["iteration"] for h in history] == list(range(1, n + 1))
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143),
+                                       pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+def test_a_stop_signal_saves_the_iteration_says_so_and_exits_with_the_signals_code(root, sig, code):
+    """SIGTERM is what SLURM sends at a time limit or preemption; SIGINT is Ctrl-C. Both finish the iteration in
+    progress, save the set and a checkpoint at it, say where the run stopped, and exit 128 + signal (not 0 or 1)."""
+    n, run = 60, f"stopped_{sig.name}"
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=5",
+           f"hydra.run.dir=outputs/{run}"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = root / f"outputs/{run}/synthetic/manifest.json"  # written with the first periodic save
+    deadline = time.time() + 120
+    while not history.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (proc.returncode, err[-3000:])
+    m = manifest(root, run)
+    stopped_at = m["iteration"]
+    assert not m["complete"] and 0 < stopped_at < n, m
+    assert f"stopped by {sig.name} at iteration {stopped_at} of {n}" in err and "rerun the same command" in err
+    state = torch.load(root / f"outputs/{run}/synthetic/checkpoint/last.ckpt", weights_only=True)
+    assert state["global_step"] == stopped_at  # the checkpoint is at the stop, not at the last periodic save
+    out = distill(root, run, f"method.iterations={n}", "save_every=5")
+    assert "resuming from" in out.stderr + out.stdout and manifest(root, run)["complete"]
+
+
 DDP = ["hardware.devices=2", "hardware.strategy=ddp"]
 
 

@@ -30,7 +30,7 @@ def _task(stage: str):
         """Runs the stage; returns the val objective (val r_mean) where the stage evaluates, for sweepers."""
         from hydra.errors import InstantiationException
 
-        from mmdd.errors import MmddError
+        from mmdd.errors import MmddError, Stopped
         from mmdd.utils.trainer import is_rank_zero
 
         quiet_third_party()
@@ -78,6 +78,9 @@ def _task(stage: str):
             error = exc.__cause__ if isinstance(exc, InstantiationException) else exc
             if not isinstance(error, MmddError):
                 raise
+            if isinstance(error, Stopped):
+                print(f"mmdd {stage}: {error}", file=sys.stderr)
+                sys.exit(error.exit_code)
             print(f"mmdd {stage}: error: {error}", file=sys.stderr)
             sys.exit(2)
 

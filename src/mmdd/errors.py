@@ -16,3 +16,13 @@ class DataError(MmddError):
 
 class ArtifactError(MmddError):
     """An artifact on disk (trajectory store, synthetic set, cache) is missing or incompatible."""
+
+
+class Stopped(MmddError):
+    """A run stopped by a signal after saving what it had: not a failure of the input, but not a finished run
+    either. The CLI prints the message and exits with the shell's code for the signal (128 + its number: 143 for
+    SIGTERM, what SLURM sends at a time limit or preemption; 130 for SIGINT, Ctrl-C)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
-from mmdd.errors import ArtifactError, MmddError
+from mmdd.errors import ArtifactError, MmddError, Stopped
 from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.distill_module import DistillModule, MatchingConfig
@@ -77,6 +80,34 @@ class DistillCheckpoint(L.Callback):
     def __init__(self, every: int, path: Path, save_set):
         self.every, self.path, self.save_set = every, Path(path), save_set
         self.last_saved = -1
+        self.stopped_by: str | None = None  # SIGTERM / SIGINT, once the run stops on one
+        self._previous_sigint = None
+
+    # -- stopping on a signal: finish the iteration, save it, say so (a stop is not a success) --------------
+    def on_train_start(self, trainer, pl_module):
+        # Ctrl-C takes Lightning's SIGTERM path (stop after the current iteration, every rank alike) instead of
+        # interrupting the iteration half-way; a second Ctrl-C interrupts at once.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                self.stopped_by = "SIGINT"
+                trainer._signal_connector.received_sigterm = True  # what Lightning's own SIGTERM handler sets
+                signal.signal(signal.SIGINT, self._previous_sigint)
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):  # raised by Lightning's loop after the iteration in progress
+            self.stopped_by = self.stopped_by or "SIGTERM"
+            if trainer.global_step != self.last_saved:
+                self.last_saved = trainer.global_step
+                self.save(trainer, pl_module, with_set=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -193,7 +224,13 @@ class TrajectoryMatching(Method):
         # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
         # and a checkpoint of it, so a rerun with lower learning rates continues from there.
         module.save_before_stop = lambda: callbacks[0].save(trainer, module, with_set=True)
-        trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        try:
+            trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        except SIGTERMException as exc:
+            stop = callbacks[0].stopped_by or "SIGTERM"
+            raise Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
+                          f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
+                          exit_code=128 + int(getattr(signal, stop))) from exc
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes
