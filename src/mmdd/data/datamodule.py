@@ -165,30 +165,37 @@ def _load_annotations(data_cfg) -> dict[str, Split]:
 
 def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -> dict[str, SplitData]:
     """Load the requested splits of `cfg.data` with caption embeddings from `cfg.model.text` (`annotations`: the
-    splits' annotations when the caller has read them already, e.g. to check the budget before anything slow)."""
+    splits' annotations when the caller has read them already, e.g. to check the budget before anything slow).
+    Every split's images are checked (and decoded, with the cache) before any caption is embedded: a broken image
+    is reported in minutes, not after an hour of embedding."""
     anns = annotations or load_annotations(cfg.data)
+    for s in splits:
+        if not anns[s].image_paths:
+            raise DataError(f"data split {s!r} of {cfg.data.name} is empty; check the annotation file for it")
+    images = {s: split_images(cfg, anns[s], s) for s in splits}
     encoder = LazyTextEncoder(cfg.model.text)
     out: dict[str, SplitData] = {}
     for s in splits:
         split = anns[s]
-        if not split.image_paths:
-            raise DataError(f"data split {s!r} of {cfg.data.name} is empty; check the annotation file for it")
         emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
-        images = sizes = None
-        size, resize = int(cfg.data.image_size), str(cfg.data.get("resize", "center_crop"))
-        if bool(cfg.data.decode_cache):
-            decoded = decoded_images(split.image_paths, size, resize, Path(str(cfg.paths.cache_dir)) / "images",
-                                     sources=split.sources, name=f"{cfg.data.name}/{s}")
-            images, sizes = torch.from_numpy(decoded.pixels), torch.from_numpy(decoded.original_sizes)
-            if bool(cfg.data.preload):
-                images = images.clone()  # into memory
-        elif bool(cfg.data.preload):
-            images = load_images_tensor(split.image_paths, size, resize=resize, sources=split.sources,
-                                        name=f"{cfg.data.name}/{s}")
-        else:  # read from the files on every access: check them all now, not when a worker first reads one
-            verify_images(split.image_paths, Path(str(cfg.paths.cache_dir)) / "images", sources=split.sources,
-                          name=f"{cfg.data.name}/{s}")
-        out[s] = SplitData(split=split, text_emb=emb, image_size=size, images=images, resize=resize,
-                           original_sizes=sizes)
+        pixels, sizes = images[s]
+        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=pixels,
+                           resize=str(cfg.data.resize), original_sizes=sizes)
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
     return out
+
+
+def split_images(cfg, split: Split, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A split's decoded images and the files' (width, height), as `data.decode_cache`/`data.preload` say: from the
+    decode cache (memory-mapped, or read into memory), decoded into memory, or (None, None) when the files are read
+    on every access, after checking that every one of them decodes."""
+    size, resize, label = int(cfg.data.image_size), str(cfg.data.resize), f"{cfg.data.name}/{name}"
+    cache = Path(str(cfg.paths.cache_dir)) / "images"
+    if bool(cfg.data.decode_cache):
+        decoded = decoded_images(split.image_paths, size, resize, cache, sources=split.sources, name=label)
+        pixels = torch.from_numpy(decoded.pixels)
+        return (pixels.clone() if bool(cfg.data.preload) else pixels), torch.from_numpy(decoded.original_sizes)
+    if bool(cfg.data.preload):
+        return load_images_tensor(split.image_paths, size, resize=resize, sources=split.sources, name=label), None
+    verify_images(split.image_paths, cache, sources=split.sources, name=label)
+    return None, None
