@@ -425,3 +425,34 @@ def test_a_checkpoint_is_written_beside_itself_and_renamed_so_a_failed_write_kee
     assert isinstance(io.take_error(), OSError)
     assert torch.load(path, weights_only=True)["step"] == 2  # the previous checkpoint, whole
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_temp_files_of_killed_writers_and_claims_on_complete_experts_are_cleaned(tmp_path):
+    import socket
+
+    from mmdd.teachers.claims import ExpertClaims
+    from mmdd.utils.io import atomic_write, remove_stale_temp_files
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    left = tmp_path / f".synthetic.safetensors~{dead_pid}~{host}~abc123.tmp"
+    live = tmp_path / f".manifest.json~{os.getpid()}~{host}~def456.tmp"
+    other_host = tmp_path / f".history.json~{dead_pid}~another-host~ghi789.tmp"
+    kept = tmp_path / "synthetic.safetensors"
+    for p in (left, live, other_host, kept):
+        p.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == [left]
+    assert live.exists() and other_host.exists() and kept.exists()  # alive, or not ours to judge yet
+    old = time.time() - 2 * 24 * 3600
+    os.utime(other_host, (old, old))
+    assert remove_stale_temp_files(tmp_path) == [other_host]
+    # what atomic_write leaves behind when killed is recognised as its own
+    names = []
+    atomic_write(tmp_path / "a.json", lambda p: names.append(p.name) or p.write_text("{}"))
+    assert names[0].startswith(f".a.json~{os.getpid()}~{host}~") and names[0].endswith(".tmp")
+
+    claims = ExpertClaims(tmp_path)
+    assert claims.try_claim(0) and claims.try_claim(1)
+    claims.release_complete([0])
+    assert not claims.path(0).exists() and claims.path(1).exists()

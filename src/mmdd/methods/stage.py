@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from mmdd.data.datamodule import load_annotations, load_data
 from mmdd.methods.base import check_budget, save_synthetic
-from mmdd.utils.io import atomic_write_json
+from mmdd.utils.io import atomic_write_json, remove_stale_temp_files
 from mmdd.data.transforms import denormalize
 from mmdd.synthetic.synthetic_set import load_captions
 from mmdd.report.plots import distillation_curves, pairs_grid
@@ -43,6 +43,9 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         check_budget(cfg.budget, annotations["train"])  # before the captions are embedded (minutes at real size)
         data = load_data(cfg, splits=("train",), annotations=annotations)
     out_dir = Path(out_dir or cfg.synthetic_dir)
+    for folder in (out_dir, out_dir / "checkpoint"):  # temp files of a run killed while writing (a rerun resumes)
+        for tmp in remove_stale_temp_files(folder):
+            log.info("removed %s, left by a process that was stopped while writing it", tmp)
     method = instantiate(cfg.method)
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")
     try:

@@ -18,7 +18,7 @@ from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
-from mmdd.utils.io import atomic_write_json, stable_hash
+from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
 from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
@@ -61,6 +61,11 @@ def run_buffer(cfg, data=None) -> Path:
     # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.
     ddp = hardware_processes(cfg.hardware) > 1
     claims = None if ddp else ExpertClaims(store.root, float(cfg.get("claim_stale_minutes", 120)))
+    # Litter of killed runs: temp files of dead writers, claims left on experts that were completed.
+    for tmp in remove_stale_temp_files(store.root):
+        log.info("removed %s, left by a process that was stopped while writing it", tmp.name)
+    if claims is not None:
+        claims.release_complete(store.completed_experts())
     busy = []
     for e in range(int(tcfg.num_experts)):
         if e in store.completed_experts():  # re-listed: another process may have finished it meanwhile

@@ -16,17 +16,11 @@ import socket
 import time
 from pathlib import Path
 
+from mmdd.utils.io import process_alive
+
 log = logging.getLogger(__name__)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class ExpertClaims:
@@ -34,6 +28,12 @@ class ExpertClaims:
         self.root = Path(root)
         self.stale_seconds = float(stale_minutes) * 60
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def release_complete(self, complete: list[int]) -> None:
+        """Remove the claims left on experts that are complete (their process was killed after writing them): a
+        claim on a finished expert only misleads whoever lists the store."""
+        for e in complete:
+            self.path(e).unlink(missing_ok=True)
 
     def path(self, e: int) -> Path:
         return self.root / f"expert_{e:03d}.claim"
@@ -51,7 +51,7 @@ class ExpertClaims:
             return True
         owner = self.owner(e)
         if owner and owner.get("host") == self.me["host"]:
-            return not _process_alive(int(owner.get("pid", -1)))  # this host can tell: however slow, alive is alive
+            return not process_alive(int(owner.get("pid", -1)))  # this host can tell: however slow, alive is alive
         return age > self.stale_seconds
 
     def try_claim(self, e: int) -> bool:

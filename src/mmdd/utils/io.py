@@ -6,6 +6,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid and host in the name: a temp file left by a killed process is recognised as litter
+    # (remove_stale_temp_files) and never mistaken for one a live process is still writing.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}~{os.getpid()}~{socket.gethostname()}~", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,6 +45,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+_TEMP_OWNER = re.compile(r"~(\d+)~(.+)~[^~]*\.tmp$")
+STALE_TEMP_SECONDS = 24 * 3600  # a temp file of another host (or of an older mmdd) this old belongs to no live writer
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Remove the `.<name>...tmp` files that atomic_write left in `directory` when its process was killed: those of
+    a dead process on this host, and those older than a day from another host (or without an owner in the name).
+    Returns what was removed."""
+    import time
+
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    host = socket.gethostname()
+    for tmp in directory.glob(".*.tmp"):
+        owner = _TEMP_OWNER.search(tmp.name)
+        try:
+            if owner and owner.group(2) == host:
+                stale = not process_alive(int(owner.group(1)))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
