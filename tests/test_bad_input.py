@@ -278,6 +278,25 @@ def test_a_store_with_fewer_complete_experts_than_asked_for_is_refused(env):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_set_whose_values_left_the_datas_range_is_recorded_and_warned_about(env, caplog):
+    import json
+    import logging
+
+    root, store = env
+    with caplog.at_level(logging.WARNING, logger="mmdd.methods.base"):
+        proc = run_in_process(["distill", *TINY, *QUIET, "method.lr_img=1e12", f"buffer_dir={store}", "evaluate=false",
+                               "hydra.run.dir=outputs/huge_lr"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((root / "outputs/huge_lr/synthetic/manifest.json").read_text())
+    assert manifest["complete"] and manifest["value_range"]["out_of_range"]
+    assert manifest["value_range"]["images_max_std"] > 1e3
+    assert "it no longer looks like data (an outer learning rate too high?)" in caplog.text
+    proc = run_in_process(["distill", *TINY, *QUIET, f"buffer_dir={store}", "evaluate=false",
+                           "hydra.run.dir=outputs/sane_lr"], root)
+    sane = json.loads((root / "outputs/sane_lr/synthetic/manifest.json").read_text())["value_range"]
+    assert not sane["out_of_range"] and sane["images_max_std"] < 100, sane
+
+
 def test_buffer_rerun_sets_a_corrupt_expert_aside_and_trains_it_again(env, tmp_path):
     root, store = env
     copy = copy_store(store, tmp_path / "store")

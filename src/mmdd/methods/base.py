@@ -65,6 +65,21 @@ def sample_real_pairs(train: SplitData, n: int, generator: torch.Generator, mean
     return real_pairs(train, img_idx, generator, mean, std)
 
 
+SANE_RANGE = 100.0  # a set's values beyond this many of the real data's standard deviations are not data any more
+
+
+def value_range(syn: SyntheticSet, train: SplitData) -> dict:
+    """How far the set's values are from the real data's, in the real data's standard deviations: images are
+    normalised (per channel, std 1 on real images); texts are measured from the train captions' mean embedding in
+    units of their overall std (one number: some encoders have dimensions that barely vary). `out_of_range` when
+    either exceeds SANE_RANGE (e.g. an outer learning rate far too high)."""
+    images = float(syn.images.detach().abs().max()) if len(syn) else 0.0
+    mean, std = train.text_emb.mean(0), float(train.text_emb.std()) or 1.0
+    texts = float((syn.texts.detach().cpu() - mean).abs().max()) / std if len(syn) else 0.0
+    return {"images_max_std": images, "texts_max_std": texts,
+            "out_of_range": not (images <= SANE_RANGE and texts <= SANE_RANGE)}  # NaN counts as out of range
+
+
 def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None) -> Path:
     """Write the set with its manifest, the nearest real caption per text and an image grid."""
     out_dir = Path(out_dir)
@@ -84,8 +99,15 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "identity": {"data": data_identity(cfg.data), "model": model_identity(cfg.model)},
         "inner_loss": str(cfg.method.get("inner_loss", "infonce")),  # what students of this set train with
         "label_temperature": float(cfg.method.get("label_temperature", 0.1)),  # soft_ce/kl targets' sharpness
+        "value_range": value_range(syn, train),
         **(extra or {}),
     }
+    r = manifest["value_range"]
+    if r["out_of_range"]:
+        log.warning("the synthetic set in %s has values up to %.3g (images) / %.3g (texts) standard deviations of the "
+                    "real data's, beyond %g: it no longer looks like data (an outer learning rate too high?); "
+                    "recorded in its manifest (value_range)", out_dir, r["images_max_std"], r["texts_max_std"],
+                    SANE_RANGE)
     syn.save(out_dir, manifest, captions)
     save_grid(syn.images, cfg.data.mean, cfg.data.std, out_dir / "grid.png")
     return out_dir
