@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mmdd.models.text_encoder import FrozenTextEncoder, resolve_model_path
+from mmdd.utils.io import atomic_write
 
 DATASETS = {"Flickr30K": 155_070, "COCO (Karpathy)": 616_767}
 WORDS = ("a man woman child dog girl boy people group two young old red blue green white black small large "
@@ -80,8 +81,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write(args.out, lambda p: p.write_text(text + "\n"))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmdd.data.annotations import Split
+from mmdd.data.datamodule import SplitData
 from mmdd.data.image_cache import decoded_images
 from mmdd.data.images import load_images_tensor
 from mmdd.data.randaugment import BLIP_OPS, RandAugment
 from mmdd.data.sample_augment import PerImageAugment
+from mmdd.utils.io import atomic_write
 
 FLICKR_EXAMPLES = 29_000 * 5
 
@@ -70,18 +73,6 @@ def write_fixture(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-class Split:  # the two fields PerImageAugment reads from a SplitData
-    def __init__(self, paths, pixels, sizes):
-        self.split = type("S", (), {"image_paths": paths})()
-        self.pixels, self.sizes = pixels, sizes
-
-    def image(self, i):
-        return self.pixels[i]
-
-    def original_size(self, i):
-        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
-
-
 def per_item_seconds(fn, items) -> float:
     start = time.perf_counter()
     for i in items:
@@ -111,7 +102,8 @@ def main() -> None:
         build = time.perf_counter() - t0
         pixels, sizes = torch.from_numpy(dec.pixels), dec.original_sizes
         from_cache = per_item_seconds(lambda i: pixels[i].clone(), timed)
-        split = Split(paths, pixels, sizes)
+        split = SplitData(Split("fixture", image_paths=paths), text_emb=torch.zeros(0, 1), image_size=args.size,
+                          images=pixels, resize="squash", original_sizes=torch.from_numpy(sizes))
         ra = RandAugment(2, 5, BLIP_OPS)
         aug = {src: PerImageAugment(args.size, (0.5, 1.0), (0.75, 4 / 3), True, ra, crop_from=src, resize="squash")
                for src in ("original", "decoded")}
@@ -158,8 +150,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write(args.out, lambda p: p.write_text(text + "\n"))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class _SplitBuilder:
         self.preprocess = preprocess
         self.max_words = max_words
         self.one_entry_per_image = one_entry_per_image
+        self.first_entry: dict[str, str] = {}  # image -> the entry that named it first
         self.rows: set[tuple[str, str]] = set()
         self.duplicate_rows: list[str] = []
 
@@ -98,7 +99,7 @@ class _SplitBuilder:
             raise DataError(f"{self.source}: {where}: field '{field}' must be a non-empty string, got {image_rel!r}")
         caps = normalize_captions(captions, self.preprocess, self.max_words, f"{self.source}: {where}")
         if self.one_entry_per_image and image_rel in self.index:
-            first = self.split.sources[self.index[image_rel]].rsplit(": ", 1)[-1]
+            first = self.first_entry[image_rel]
             raise DataError(
                 f"{self.source}: {where} lists image {image_rel!r} again ({first} lists it first); in this format "
                 f"each image of the {self.split.name} split has one entry with all its captions: merge the two "
@@ -119,6 +120,7 @@ class _SplitBuilder:
             self.index[image_rel] = len(self.split.image_paths)
             self.split.image_paths.append(path)
             self.split.sources.append(f"{self.source}: {where}")
+            self.first_entry[image_rel] = where
         img = self.index[image_rel]
         for c in caps:
             self.split.captions.append(c)

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from mmdd.data.annotations import Split, load_blip_split
 from mmdd.errors import DataError
+from mmdd.utils.io import process_alive
 
 FORMAT_VERSION = 3
 
@@ -446,17 +447,8 @@ def _remove_if_dead(p: Path) -> None:
         pid = int(p.name.rsplit("-", 1)[1])
     except ValueError:
         return
-    if pid == os.getpid():
-        alive = False
-    else:
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except (PermissionError, OSError):
-            alive = True  # exists but not ours (or unknown): leave it
-    if not alive:
+    # this process's own leftover (a failed earlier attempt) is litter too
+    if pid == os.getpid() or not process_alive(pid):
         shutil.rmtree(p, ignore_errors=True)
 
 
