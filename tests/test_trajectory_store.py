@@ -113,8 +113,10 @@ def test_snapshots_are_the_flat_rows_of_the_expert_file(tmp_path):
 
 def test_reading_snapshots_does_not_hold_the_experts(tmp_path):
     """Ten 23 MB experts: reading one segment from each of them peaks at about what reading ten segments of one
-    expert does (two snapshots of 2.2 MB, plus their mapped file pages), below one expert's size; loading the
-    experts would hold 23 MB each."""
+    expert does (two snapshots of 2.2 MB, plus their mapped file pages); loading the experts would hold 23 MB each,
+    230 MB in all. The resident set counts mapped file pages, and a kernel that keeps the page cache in large folios
+    maps much of a just-written file on the first touch (CI measured 25 MB for one expert's segments), so the bound
+    on the absolute peak is two experts, far below ten; the growth from one expert to ten is the sharp check."""
     from mmdd.bench.memory import PeakMemory, reset_peak_rss
     from mmdd.teachers.trajectory_store import ExpertSnapshots
 
@@ -139,7 +141,7 @@ def test_reading_snapshots_does_not_hold_the_experts(tmp_path):
 
     one, ten = peak([0] * 10), peak(range(10))
     assert expert_mb > 20
-    assert ten < expert_mb and ten - one < 0.25 * expert_mb, (one, ten, expert_mb)
+    assert ten < 2 * expert_mb and ten - one < 0.25 * expert_mb, (one, ten, expert_mb)
 
 
 def test_a_store_that_will_not_fit_on_the_disk_is_refused_before_training(tmp_path, monkeypatch):
