@@ -116,3 +116,35 @@ def test_coreset_baselines_select_real_pairs(tiny_run, method):
     assert manifest["method"] == method and manifest["num_pairs"] == 8
     captions = json.loads((syn / "captions.json").read_text())
     assert len(set(captions)) > 1
+
+
+def _table_cells(markdown: str) -> dict[str, tuple]:
+    """{method: (budget, evaluations, the seven metric cells)} of a Markdown table from table.md or `mmdd table`."""
+    lines = [line.strip("| ").split(" | ") for line in markdown.strip().splitlines()]
+    head, body = lines[0], lines[2:]
+    out = {}
+    for cells in body:
+        row = dict(zip(head, (c.replace("**", "") for c in cells)))
+        seeds = row["seeds"].split("×")  # `mmdd table`: sets×students; table.md: evaluations
+        n = int(seeds[0]) * int(seeds[-1]) if len(seeds) == 2 else int(seeds[0])
+        out[row["method"]] = (int(row["budget"]), n, tuple(row[k] for k in head[-7:]))
+    return out
+
+
+def test_wandb_table_of_the_quick_start_equals_its_table_md(tiny_run, capsys):
+    """Every W&B run says which stage made it (inside `mmdd run` too, whose config says stage `run` for all), all
+    of one job's runs are in its wandb/ folder, and the table read back from them is table.md: the students of each
+    set and the teachers' full-data row, the teachers never counted as students."""
+    from mmdd.commands import table
+    from mmdd.report.wandb_offline import read_run
+
+    root, _ = tiny_run
+    out = root / "outputs" / "run_tiny"
+    jobs = sorted(read_run(f)[0] for f in (out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert jobs == ["buffer"] * 2 + ["distill"] * 2 + ["evaluate"] * 4
+    expected = _table_cells((out / "table.md").read_text())
+    assert set(expected) == {"mtt_vl", "random", "full train (teachers)"}
+    for source in (["--wandb", str(out / "wandb")], [str(out)]):
+        capsys.readouterr()
+        assert table(source) == 0
+        assert _table_cells(capsys.readouterr().out) == expected, source

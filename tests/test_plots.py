@@ -9,6 +9,8 @@ from mmdd.report.plots import distillation_curves, pairs_grid, recall_vs_budget
 def test_recall_vs_budget_png(tmp_path):
     rows = [{"dataset": "synscenes", "method": m, "budget": b, "mean": {"r_mean": v}, "std": {"r_mean": 0.5}}
             for m, base in (("lors", 4.0), ("random", 1.0)) for b, v in ((100, base), (200, base + 1))]
+    rows.append({"dataset": "synscenes", "method": "full train (teachers)", "budget": 5000, "protocol": "teacher",
+                 "mean": {"r_mean": 12.0}, "std": {"r_mean": 1.0}})  # drawn as a line, not a point at budget 5000
     png = recall_vs_budget(rows, tmp_path / "budget.png")
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 200 and im.height > 150

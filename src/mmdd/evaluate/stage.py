@@ -174,7 +174,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_student{s}",
                                 extra_config={"synthetic_set": {"label": label, "method": manifest.get("method"),
                                                                 "budget": manifest.get("budget"),
-                                                                "seed": manifest.get("seed"), "path": str(synthetic)}}, save_dir=out_dir)
+                                                                "seed": manifest.get("seed"), "path": str(synthetic)},
+                                              "student_seed": s}, save_dir=out_dir)
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
                                 loss=loss, similarity=similarity, label_temperature=label_temperature,

@@ -23,6 +23,9 @@ NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic
                     "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs"}
 NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "data.root", "hydra/")
 STAGES_WITH_RESULTS = ("distill", "evaluate", "run")
+# The full-data row: the teachers of a trajectory store, each evaluated on test after its last epoch.
+TEACHERS_LABEL = "full train (teachers)"
+TEACHERS_PROTOCOL = "teacher"
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Cell:
     protocol: str
     variant: str = ""
     runs: list[dict] = field(default_factory=list)  # results.json contents
+
+    @property
+    def is_teachers(self) -> bool:
+        return self.protocol == TEACHERS_PROTOCOL
 
     @property
     def label(self) -> str:
@@ -86,6 +93,14 @@ class Collection:
     problems: list[str]  # missing and partial runs, uneven seed counts
 
 
+def teacher_results(dataset: str, store: str, test_by_expert: dict[int, dict], train_images: int) -> dict:
+    """A results-like dict of a store's teachers (one "student" per expert, keyed by its index), so the full-data
+    row goes through the same cells as the distilled sets; `mmdd run` writes it into summary.json."""
+    return {"kind": "teachers", "dataset": dataset, "label": TEACHERS_LABEL, "method": TEACHERS_LABEL,
+            "budget": int(train_images), "protocol": {"name": TEACHERS_PROTOCOL}, "synthetic": str(store),
+            "seeds": [{"seed": int(e), "test": m} for e, m in sorted(test_by_expert.items())]}
+
+
 def variant_overrides(overrides: list[str]) -> set[str]:
     """The overrides that change what was run (not which seed, budget, method, or where it wrote)."""
 
@@ -113,7 +128,7 @@ def add_run(cells: dict, results: dict, where: str, problems: list[str], common:
         str(results.get("label") or results.get("method")),
         int(results.get("budget") or 0),
         str(protocol.get("name", "?") if isinstance(protocol, dict) else protocol),
-        variant_of(results.get("overrides", []), common),
+        results["variant"] if "variant" in results else variant_of(results.get("overrides", []), common),
     )
     cells.setdefault(key, Cell(*key)).runs.append(results)
 
@@ -149,6 +164,15 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
                 problems.append(f"{path}: unreadable ({exc}); skipped")
                 continue
             found.append((results, str(path)))
+        # `mmdd run` summaries carry the teachers of their store (the full-data row of their table.md).
+        for path in sorted(root.rglob("summary.json")):
+            try:
+                teachers = json.loads(path.read_text()).get("teachers")
+            except (OSError, json.JSONDecodeError, AttributeError) as exc:
+                problems.append(f"{path}: unreadable ({exc}); skipped")
+                continue
+            if teachers and teachers.get("seeds"):
+                found.append((teachers, str(path)))
         # Hydra run dirs of evaluating stages that never wrote results.json: crashed or killed runs.
         for hydra_dir in sorted(root.rglob(".hydra")):
             run_dir = hydra_dir.parent
@@ -156,17 +180,23 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
             if stage and not any(run_dir.rglob("results.json")):
                 problems.append(f"{run_dir}: a `mmdd {stage}` run without results.json (failed or still running)")
     # Overrides shared by every run (e.g. a grid's common settings) do not tell rows apart.
-    sets = [variant_overrides(r.get("overrides", [])) for r, _ in found]
+    sets = [variant_overrides(r.get("overrides", [])) for r, _ in found if r.get("kind") != "teachers"]
     common = set.intersection(*sets) if sets else set()
+    # Teachers of different stores (other models, teacher settings) are different rows, named by their store.
+    stores = {r["synthetic"] for r, _ in found if r.get("kind") == "teachers"}
+    for r, _ in found:
+        if r.get("kind") == "teachers":
+            r["variant"] = Path(r["synthetic"]).name if len(stores) > 1 else ""
     for results, where in found:
         add_run(cells, results, where, problems, common)
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
     for c in ordered:
         problems.extend(c.incomplete_sets())
-    counts = {len(c.students_by_set()) for c in ordered}
+    sets = [c for c in ordered if not c.is_teachers]  # a store's teachers are one "set" however many seeds ran
+    counts = {len(c.students_by_set()) for c in sets}
     if len(counts) > 1:
         most = max(counts)
-        for c in ordered:
+        for c in sets:
             if len(c.students_by_set()) < most:
                 problems.append(f"{c.dataset} / {c.label} / budget {c.budget}: {len(c.students_by_set())} set(s), "
                                 f"others have {most}")
@@ -174,17 +204,31 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
 
 
 def collect_wandb(path_or_project: str) -> list[dict]:
-    """results-like dicts from W&B evaluate runs: an offline directory (wandb/ or offline-run-*) or entity/project.
+    """results-like dicts from W&B runs: an offline directory (wandb/ or offline-run-*) or entity/project.
 
-    Offline runs are read from their .wandb files (mmdd.report.wandb_offline); online ones through the public API. Each run's summary carries test/* of one student, grouped back by its config.
+    Offline runs are read from their .wandb files (mmdd.report.wandb_offline); online ones through the public API.
+    A run's job type says what it is: an `evaluate` run is one student (its summary carries its test/*), grouped back
+    by the set it trained on; a `buffer` run is one teacher, grouped by its store into the full-data row. The config's
+    `stage` cannot tell them apart: inside `mmdd run` it is `run` for every one of them.
     """
     runs = _offline_runs(Path(path_or_project)) if Path(path_or_project).exists() else _online_runs(path_or_project)
     grouped: dict[tuple, dict] = {}
-    for cfg, summary in runs:
-        if cfg.get("stage") not in STAGES_WITH_RESULTS or not any(k.startswith("test/") for k in summary):
-            continue
+    teachers: dict[tuple, dict] = {}
+    for job_type, cfg, summary in runs:
         test = {k: float(summary[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in summary}
         if len(test) != len(METRIC_KEYS):
+            continue
+        dataset = (cfg.get("data") or {}).get("name")
+        if job_type == "buffer":
+            run = cfg.get("teacher_run") or {}
+            if "store" not in run:  # a teacher run of an older mmdd: which store it belongs to is unknown
+                continue
+            key = (dataset, run["store"])
+            res = teachers.setdefault(key, teacher_results(dataset, run["store"], {}, run.get("train_images", 0)))
+            res["seeds"] = [s for s in res["seeds"] if s["seed"] != int(run["expert"])]  # a retrained expert: the last
+            res["seeds"].append({"seed": int(run["expert"]), "test": test})
+            continue
+        if job_type != "evaluate":
             continue
         # Students log which set they train on; the stage's own method/budget/seed are the fallback.
         syn = cfg.get("synthetic_set") or {}
@@ -194,8 +238,14 @@ def collect_wandb(path_or_project: str) -> list[dict]:
         key = (cfg.get("data", {}).get("name"), label, budget, seed, (cfg.get("protocol") or {}).get("name"), syn.get("path"))
         res = grouped.setdefault(key, {"dataset": key[0], "label": label, "method": method, "budget": budget,
                                        "seed": seed, "protocol": cfg.get("protocol") or {}, "seeds": []})
-        res["seeds"].append({"test": test})
-    return list(grouped.values())
+        student = cfg.get("student_seed")  # a student evaluated again (another job on the same set) counts once
+        if student is not None:
+            res["synthetic"] = syn.get("path")
+            res["seeds"] = [s for s in res["seeds"] if s.get("seed") != int(student)]
+        res["seeds"].append({"test": test} if student is None else {"seed": int(student), "test": test})
+    for res in teachers.values():
+        res["seeds"].sort(key=lambda s: s["seed"])
+    return list(grouped.values()) + list(teachers.values())
 
 
 def _offline_runs(root: Path):
@@ -212,4 +262,4 @@ def _online_runs(project: str):
     import wandb
 
     for run in wandb.Api().runs(project):
-        yield dict(run.config), dict(run.summary)
+        yield run.job_type, dict(run.config), dict(run.summary)

@@ -23,9 +23,17 @@ def _save(fig, path: Path) -> Path:
 
 
 def recall_vs_budget(rows: list[dict], path: Path, metric: str = "r_mean") -> Path:
-    """One line per (dataset, method) over budgets, error bars = std over seeds."""
+    """One line per (dataset, method) over budgets, error bars = std over seeds; the teachers' full-data rows are
+    horizontal dashed lines (their budget is the whole train split, off the budgets' scale)."""
+    from mmdd.report.collect import TEACHERS_PROTOCOL
+
     fig, ax = plt.subplots(figsize=(5.5, 4))
     series: dict[str, list[tuple[int, float, float]]] = {}
+    full = [r for r in rows if r.get("protocol") == TEACHERS_PROTOCOL]
+    rows = [r for r in rows if r.get("protocol") != TEACHERS_PROTOCOL] or rows
+    for r in full:
+        ax.axhline(r["mean"][metric], linestyle="--", color="grey", linewidth=1,
+                   label=f"{r['method']} ({r['dataset']}, {r['budget']} images)")
     for r in rows:
         name = r["method"] if len({x["dataset"] for x in rows}) == 1 else f"{r['method']} ({r['dataset']})"
         series.setdefault(name, []).append((int(r["budget"]), r["mean"][metric], (r.get("std") or {}).get(metric, 0.0)))

@@ -49,10 +49,12 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(path: Path) -> tuple[dict, dict]:
-    """(config, metrics) of one offline run: config from the run record, the last value of every metric."""
+def read_run(path: Path) -> tuple[str, dict, dict]:
+    """(job type, config, metrics) of one offline run: job type and config from the run record, the last value of
+    every metric."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    job_type = ""
     config: dict = {}
     metrics: dict = {}
     for raw in read_records(path):
@@ -60,6 +62,7 @@ def read_run(path: Path) -> tuple[dict, dict]:
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
+            job_type = rec.run.job_type or job_type
             config.update({it.key: json.loads(it.value_json) for it in rec.run.config.update})
         elif kind == "config":
             config.update({_key(it): json.loads(it.value_json) for it in rec.config.update})
@@ -67,4 +70,4 @@ def read_run(path: Path) -> tuple[dict, dict]:
             metrics.update({_key(it): json.loads(it.value_json) for it in rec.history.item})
         elif kind == "summary":
             metrics.update({_key(it): json.loads(it.value_json) for it in rec.summary.update})
-    return config, metrics
+    return job_type, config, metrics

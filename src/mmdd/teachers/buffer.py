@@ -99,7 +99,10 @@ def run_buffer(cfg, data=None) -> Path:
             num_workers=loader_workers(cfg.data.num_workers),
             generator=torch.Generator().manual_seed(expert_seed(int(tcfg.seed), e)),
         )
-        loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}")
+        # What the full-data row of a W&B table needs: which store and expert, and how many images it trained on.
+        loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}",
+                                extra_config={"teacher_run": {"store": str(store.root), "expert": e,
+                                                              "train_images": train.num_images}})
         try:
             trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
             trainer.fit(module, loader)
@@ -127,9 +130,7 @@ def run_buffer(cfg, data=None) -> Path:
     return store.root
 
 
-def expert_metrics(store_dir: str | Path) -> list[dict]:
-    """Final-epoch retrieval of each expert (the full-data upper bound in `mmdd run`)."""
-    out = []
-    for p in sorted(Path(store_dir).glob("expert_*.metrics.json")):
-        out.append(json.loads(p.read_text()))
-    return out
+def expert_metrics(store_dir: str | Path) -> dict[int, dict]:
+    """{expert: its final-epoch retrieval per split} of a store's experts (the full-data upper bound)."""
+    return {int(p.name.split(".")[0].split("_")[1]): json.loads(p.read_text())
+            for p in sorted(Path(store_dir).glob("expert_*.metrics.json"))}

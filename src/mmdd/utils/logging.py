@@ -15,6 +15,9 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
                   extra_config: dict | None = None) -> list:
     """Loggers from `cfg.logger`: `csv` (bool) and `wandb` (a dict, or null for none).
 
+    `job_type` is the stage that made the run (buffer / distill / evaluate / ...), also inside `mmdd run`, whose
+    config says stage `run` for all of them: `mmdd table --wandb` tells teachers from students by it. The CSV log goes
+    under `save_dir`; every W&B run of one job goes to the job's own `wandb/` folder, so one folder holds all of them.
     `extra_config` is added to the W&B run's config (e.g. which synthetic set a student trains on).
     """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -36,7 +39,7 @@ def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | P
                 job_type=job_type,
                 name=name or f"{job_type}",
                 tags=tags,
-                save_dir=str(save_dir),
+                save_dir=str(cfg.paths.output_dir),
                 offline=(mode == "offline"),
                 mode=mode,
                 config={**resolved_config(cfg), **(extra_config or {})},
