@@ -148,3 +148,20 @@ def test_wandb_table_of_the_quick_start_equals_its_table_md(tiny_run, capsys):
         capsys.readouterr()
         assert table(source) == 0
         assert _table_cells(capsys.readouterr().out) == expected, source
+
+
+def test_students_that_learn_nothing_are_reported(tiny_run, capsys):
+    """Students that barely move (step size 1e-12) stay at chance: results.json records it and `mmdd table` says so."""
+    from mmdd.commands import table
+
+    root, _ = tiny_run
+    syn = root / "outputs" / "run_tiny" / "synthetic" / "mtt_vl"
+    run_in_process(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.lr_source=fixed", "protocol.lr=1e-12",
+                    "hydra.run.dir=outputs/eval_at_chance"], root, check=True)
+    chance = json.loads((root / "outputs" / "eval_at_chance" / "results.json").read_text())["chance"]
+    assert chance["all_at_chance"] and chance["of"] == 2 and 0 < chance["r_mean"] < chance["threshold"]
+    capsys.readouterr()
+    assert table([str(root / "outputs" / "eval_at_chance")]) == 0
+    assert "all 2 students score at chance" in capsys.readouterr().err
+    trained = json.loads((root / "outputs" / "run_tiny" / "evaluate" / "mtt_vl" / "results.json").read_text())
+    assert "all_at_chance" in trained["chance"]

@@ -81,3 +81,45 @@ def test_bad_shapes_are_rejected():
         retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(torch.zeros(2, 2), torch.tensor([0, 5]))
+
+
+def test_chance_level_by_hand():
+    """Two images with one caption each: a random order ranks the right one first half of the time, and K >= 2
+    always hits. Three images, image 0 with two of four captions: TR@1 hits with 2/4, TR@2 with 1 - C(2,2)/C(4,2) =
+    5/6; images 1 and 2 (one caption) 1/4 and 1/2."""
+    from mmdd.evaluate.retrieval import chance_metrics
+
+    mean, _ = chance_metrics(torch.tensor([0, 1]), 2)
+    assert mean["ir1"] == pytest.approx(50) and mean["tr1"] == pytest.approx(50)
+    assert mean["ir5"] == mean["tr10"] == pytest.approx(100)
+    assert mean["r_mean"] == pytest.approx((50 + 100 + 100) * 2 / 6)
+    mean, _ = chance_metrics(torch.tensor([0, 0, 1, 2]), 3)
+    assert mean["tr1"] == pytest.approx(100 * (2 / 4 + 1 / 4 + 1 / 4) / 3)
+    assert mean["ir1"] == pytest.approx(100 / 3)
+
+
+def test_chance_level_matches_random_similarities():
+    """The expected metrics of random similarity matrices, and their r_mean's spread within the bound."""
+    import statistics
+
+    from mmdd.evaluate.retrieval import chance_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 20
+    txt2img = torch.tensor([i for i in range(n) for _ in range(1 + i % 4)])  # 1-4 captions per image
+    mean, sd_bound = chance_metrics(txt2img, n)
+    runs = [retrieval_metrics(torch.rand(n, len(txt2img), generator=g), txt2img) for _ in range(1500)]
+    for k in mean:  # standard error of the Monte Carlo mean: below 0.4 points here
+        assert statistics.fmean(r[k] for r in runs) == pytest.approx(mean[k], abs=1.2), k
+    sd = statistics.stdev(r["r_mean"] for r in runs)
+    assert sd < sd_bound < 2 * sd
+
+
+def test_students_at_chance_are_told_apart_from_weak_ones():
+    from mmdd.evaluate.retrieval import chance_report
+
+    test = torch.arange(1000).repeat_interleave(5)  # Flickr30K's test split: 1000 images x 5 captions
+    at = chance_report(test, 1000, [0.4, 0.6, 0.9])
+    assert at["all_at_chance"] and at["r_mean"] == pytest.approx(0.53, abs=0.01)
+    weak = chance_report(test, 1000, [1.4, 1.7, 1.4])  # the quick start's random coreset
+    assert not weak["all_at_chance"] and weak["at_chance"] == 0

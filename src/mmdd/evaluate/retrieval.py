@@ -73,3 +73,51 @@ def retrieval_metrics(sims: torch.Tensor, txt2img: torch.Tensor) -> dict[str, fl
         out[f"tr{k}"] = 100.0 * (tr_rank < k).float().mean().item()
     out["r_mean"] = sum(out[f"{m}{k}"] for m in ("ir", "tr") for k in RECALL_KS) / 6.0
     return out
+
+
+def chance_metrics(txt2img: torch.Tensor, n_images: int) -> tuple[dict[str, float], float]:
+    """What a model whose similarities are a random order scores on this split: (the expected value of each metric,
+    an upper bound on the standard deviation of r_mean).
+
+    IR@K: each caption's image ranks uniformly among the n images, so a hit has probability min(K, n)/n. TR@K: image
+    i with c of the C captions is a hit when one of its c captions is among the first K of a random order,
+    1 - C(C-c, K)/C(C, K); an image without captions always misses. Queries are independent, so each recall's
+    variance is the sum of its queries' p(1-p) over the squared count; the six recalls of r_mean are correlated
+    (nested K), and the mean of their standard deviations bounds r_mean's from above.
+    """
+    import math
+
+    caps = torch.bincount(txt2img.long().cpu(), minlength=n_images).tolist()
+    n_cap = len(txt2img)
+    mean: dict[str, float] = {}
+    sds: list[float] = []
+    for k in RECALL_KS:
+        p = min(k, n_images) / n_images
+        mean[f"ir{k}"] = 100.0 * p
+        sds.append(100.0 * math.sqrt(p * (1 - p) / n_cap))
+    for k in RECALL_KS:
+        ps = []
+        for c in caps:
+            if c == 0:
+                ps.append(0.0)
+                continue
+            # C(C-c, K)/C(C, K) = prod_{j<K} (C-c-j)/(C-j): no huge binomials
+            miss = 1.0
+            for j in range(min(k, n_cap)):
+                miss *= max(n_cap - c - j, 0) / (n_cap - j)
+            ps.append(1.0 - miss)
+        mean[f"tr{k}"] = 100.0 * sum(ps) / n_images
+        sds.append(100.0 * math.sqrt(sum(p * (1 - p) for p in ps)) / n_images)
+    mean["r_mean"] = sum(mean[f"{m}{k}"] for m in ("ir", "tr") for k in RECALL_KS) / 6.0
+    return mean, sum(sds) / len(sds)
+
+
+def chance_report(txt2img: torch.Tensor, n_images: int, r_means: list[float]) -> dict:
+    """How test r_means compare with a random ranking of the split: a model scoring no better than chance + 3 (upper
+    bounds of the) standard deviations of chance is "at chance". Every student of a set at chance means the set taught
+    them nothing (diverged pixels, a wrong learning rate, an empty store): worth a warning, never silence."""
+    mean, sd = chance_metrics(txt2img, n_images)
+    threshold = mean["r_mean"] + 3 * sd
+    at = sum(r <= threshold for r in r_means)
+    return {"r_mean": mean["r_mean"], "threshold": threshold, "at_chance": at, "of": len(r_means),
+            "all_at_chance": bool(r_means) and at == len(r_means)}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from mmdd.data.datamodule import load_data
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
-from mmdd.evaluate.retrieval import METRIC_KEYS
+from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report
 from mmdd.evaluate.student import train_student
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -99,6 +99,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     if source not in ("learned", "learned_image", "fixed"):
         raise MmddError(f"protocol.lr_source must be learned, learned_image or fixed, got {source!r}")
     if source == "fixed":
+        if float(cfg.protocol.lr) <= 0:
+            raise MmddError(f"protocol.lr={cfg.protocol.lr}: a fixed student step size must be positive")
         lrs = {m: float(cfg.protocol.lr) for m in lrs}
     elif source == "learned_image":  # MTT-VL's evaluation trains both towers at the learned image step size
         lrs = {m: lrs["image"] for m in lrs}
@@ -162,6 +164,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             # What a sweep may optimise: val r_mean of the selected checkpoints (never test); None unless
             # the protocol selects on val.
             "objective": statistics.fmean(val) if val else None,
+            "chance": chance_report(data["test"].txt2img, data["test"].num_images, [r["test"]["r_mean"] for r in per_seed]),
             "timings": {"evaluate_seconds": time.perf_counter() - t0},
             "distill_stats": manifest.get("distill_stats"),
             "overrides": task_overrides(),
@@ -189,6 +192,12 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         atomic_write_json(results_path, results(complete=len(per_seed) == len(seeds)))
     final = results(complete=True)
     atomic_write_json(results_path, final)
+    chance = final["chance"]
+    if chance["all_at_chance"]:
+        log.warning("%s: all %d students score at chance (test r_mean <= %.2f, chance %.2f): the set taught them "
+                    "nothing. Check the set (its manifest's value_range, the learning rates it was distilled with) and "
+                    "the store it came from; recorded in %s", label, chance["of"], chance["threshold"],
+                    chance["r_mean"], results_path)
     return final
 
 

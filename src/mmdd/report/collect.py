@@ -122,6 +122,10 @@ def add_run(cells: dict, results: dict, where: str, problems: list[str], common:
         return
     if results.get("complete") is False or (expected and n < int(expected)):
         problems.append(f"{where}: partial, {n} of {expected} student seeds finished (rerun the same command to resume)")
+    chance = results.get("chance") or {}
+    if chance.get("all_at_chance"):
+        problems.append(f"{where}: all {chance['of']} students score at chance (test r_mean <= {chance['threshold']:.2f}, "
+                        f"chance {chance['r_mean']:.2f}); the set taught them nothing")
     protocol = results.get("protocol", {})
     key = (
         str(results.get("dataset")),

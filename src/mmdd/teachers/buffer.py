@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
+from mmdd.evaluate.retrieval import chance_report
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
@@ -120,6 +121,10 @@ def run_buffer(cfg, data=None) -> Path:
             store.save_expert(e, recorder.trajectory())
             log_metrics(loggers, {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()})
             log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
+            if "test" in metrics and chance_report(data["test"].txt2img, data["test"].num_images,
+                                                   [metrics["test"]["r_mean"]])["all_at_chance"]:
+                log.warning("expert %d scores at chance on test (r_mean %.2f): it learned nothing, and neither will a "
+                            "set distilled from its trajectory; check teacher.lr and the data", e, metrics["test"]["r_mean"])
         finally:
             finish_loggers(loggers)
             if claims is not None:
