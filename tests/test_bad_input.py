@@ -90,6 +90,17 @@ def cli_error(proc, code: int = 2) -> str:
 
 
 # --------------------------------------------------------------------- 1. unknown keys, wrong types
+def test_an_unwritable_run_directory_is_a_sentence_before_hydra_writes(env, tmp_path):
+    """Hydra writes .hydra/ before any mmdd code runs; its failure was a pathlib traceback. Root may write through
+    permission bits, so the directory here is made unwritable by lying under a file."""
+    root, _ = env
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run_mmdd(["buffer", *TINY, *QUIET, f"hydra.run.dir={blocker}/run"], root, check=False)
+    err = cli_error(proc)
+    assert f"cannot write the run directory {blocker}/run (Not a directory)" in err and "hydra.run.dir=" in err
+
+
 def test_unknown_config_key_is_refused_by_hydra_naming_the_key(env):
     root, _ = env
     proc = run_mmdd(["distill", *TINY, *QUIET, "method.syn_step=3", "hydra.run.dir=outputs/typo"], root, check=False)
