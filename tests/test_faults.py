@@ -456,3 +456,50 @@ def test_temp_files_of_killed_writers_and_claims_on_complete_experts_are_cleaned
     assert claims.try_claim(0) and claims.try_claim(1)
     claims.release_complete([0])
     assert not claims.path(0).exists() and claims.path(1).exists()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow  # 55 s; `pytest -m slow`
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the rank-1 process through Linux's /proc")
+def test_a_dead_ddp_process_is_named_and_the_run_resumes(root):
+    """SIGKILL of rank 1 mid-run: rank 0's collective fails ("Connection reset by peer") and Lightning's launcher
+    would SIGKILL rank 0 with no word; instead the run says which process died, exits 2, and resumes."""
+    n = 400
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=5", *DDP,
+           "hydra.run.dir=outputs/ddp_rank1_killed"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = root / "outputs/ddp_rank1_killed/synthetic/checkpoint/last.ckpt"
+    deadline = time.time() + 180
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    rank1 = _children(proc.pid)
+    assert len(rank1) == 1 and proc.poll() is None, "rank 1 was not found running"
+    os.kill(rank1[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    assert "process 1 of 2 died" in err and "Rerun the same command to resume" in err and "Traceback" not in err
+    killed_at = manifest(root, "ddp_rank1_killed")["iteration"]
+    assert 0 < killed_at < n
+    distill(root, "ddp_rank1_killed", f"method.iterations={n}", "save_every=5", *DDP)
+    done = manifest(root, "ddp_rank1_killed")
+    assert done["complete"] and done["resumed"][0]["iteration"] >= killed_at
+
+
+def test_the_launcher_watch_names_a_dead_process_and_exits_2(tmp_path):
+    """The other path: rank 0 not in a collective when rank 1 dies, so only Lightning's process watch notices."""
+    script = tmp_path / "watch.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from mmdd.utils.ddp import _ExplainingObserver\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'])\n"
+        "child.wait()\n"
+        "_ExplainingObserver([child], world_size=4, first_rank=2)._run()\n"
+        "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MMDD_STAGE": "buffer"})
+    assert proc.returncode == 2 and "not stopped" not in proc.stdout
+    assert "mmdd buffer: error: process 3 of 4 (killed by SIGKILL) died" in proc.stderr

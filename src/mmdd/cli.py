@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     # Lightning's DDP launcher starts ranks > 0 by re-running `python <sys.argv[0]> <sys.argv[1:]>` (or
     # `python -m <module>`) with LOCAL_RANK set: keep argv[0] a real file and hand the stage over in the environment.
     os.environ[STAGE_ENV] = stage
+    if "LOCAL_RANK" not in os.environ:  # ranks > 0 keep their launcher's: a changed parent means rank 0 died
+        from mmdd.utils.trainer import LAUNCHER_PID_ENV
+
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     sys.argv = [os.path.abspath(__file__)] + argv[1:]
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     app()

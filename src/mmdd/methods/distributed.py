@@ -14,11 +14,12 @@ import os
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
 
+from mmdd.utils.ddp import MmddDDPStrategy
 
-class SyntheticSetDDP(DDPStrategy):
+
+class SyntheticSetDDP(MmddDDPStrategy):
     strategy_name = "mmdd_synthetic_ddp"
 
     def configure_ddp(self) -> None:

@@ -25,7 +25,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, distill_identity, teachers_identity
 from mmdd.utils.io import stable_hash
-from mmdd.utils.trainer import accelerate_model, build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer, explain_lost_process
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,11 @@ class TrajectoryMatching(Method):
             raise Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
                           f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
                           exit_code=128 + int(getattr(signal, stop))) from exc
+        except RuntimeError as exc:
+            lost = explain_lost_process(trainer, exc, f"the set and checkpoint last saved in {out_dir} are kept")
+            if lost is None:
+                raise
+            raise lost from exc
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes

@@ -22,7 +22,7 @@ from mmdd.utils.config import data_identity, data_location, teacher_hash, teache
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
+from mmdd.utils.trainer import accelerate_model, build_trainer, explain_lost_process, hardware_processes
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,14 @@ def run_buffer(cfg, data=None) -> Path:
                                                               "train_images": train.num_images}})
         try:
             trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
-            trainer.fit(module, loader)
+            try:
+                trainer.fit(module, loader)
+            except RuntimeError as exc:
+                lost = explain_lost_process(trainer, exc, f"expert {e} was not saved; the experts saved in {store.root} "
+                                                          "are kept")
+                if lost is None:
+                    raise
+                raise lost from exc
             if not trainer.is_global_zero:
                 continue
             model.to("cpu")

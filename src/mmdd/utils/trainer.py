@@ -76,6 +76,10 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
     check_accelerator(kwargs["accelerator"])
     if num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"]) > 1:
         refuse_ddp_in_local_multirun()
+        if kwargs["strategy"] in ("ddp", "auto"):  # what Lightning would pick, plus a sentence when a process dies
+            from mmdd.utils.ddp import MmddDDPStrategy
+
+            kwargs["strategy"] = MmddDDPStrategy()
     return L.Trainer(**kwargs)
 
 
@@ -107,3 +111,45 @@ def refuse_ddp_in_local_multirun() -> None:
                     "would start the whole sweep again "
                     "in every extra process. Run each multi-GPU job as a single run, or launch the sweep with "
                     "hydra/launcher=slurm hydra.launcher.tasks_per_node=<devices per node>")
+
+
+# What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+LAUNCHER_PID_ENV = "MMDD_LAUNCHER_PID"  # the process that started the stage; ranks > 0 of a node are its children
+
+
+def lost_process(trainer, exc: BaseException) -> str | None:
+    """If `exc` is a collective failing because another process of a multi-process run died: which one, in words
+    ("process 1 of 2"); otherwise None. Rank 0 of a node started its other ranks (Lightning's launcher keeps them),
+    so it can tell which ended; a rank > 0 whose parent is gone knows rank 0 died."""
+    if getattr(trainer, "world_size", 1) <= 1:
+        return None
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    if not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
+        return None
+    import os
+
+    n = trainer.world_size
+    procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    first = trainer.node_rank * trainer.num_devices
+    dead = [first + i + 1 for i, p in enumerate(procs) if p.poll() is not None]
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if trainer.local_rank > 0 and launcher and os.getppid() != int(launcher):
+        dead = [first]
+    if dead:
+        return f"process {', '.join(map(str, dead))} of {n}"
+    return f"a process of {n} (on another node, or not started by this one)"
+
+
+def explain_lost_process(trainer, exc: BaseException, kept: str):
+    """The MmddError to raise instead of `exc` when another process died (see lost_process), else None."""
+    from mmdd.errors import MmddError
+
+    who = lost_process(trainer, exc)
+    if who is None:
+        return None
+    from mmdd.utils.ddp import LOST_PROCESS_EXPLAINED
+
+    LOST_PROCESS_EXPLAINED.set()
+    return MmddError(f"{who} died (killed, out of memory, or its node failed), so this one stopped too; {kept}. "
+                     "Rerun the same command to resume")
