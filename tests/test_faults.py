@@ -503,3 +503,24 @@ def test_the_launcher_watch_names_a_dead_process_and_exits_2(tmp_path):
                           env={**os.environ, "MMDD_STAGE": "buffer"})
     assert proc.returncode == 2 and "not stopped" not in proc.stdout
     assert "mmdd buffer: error: process 3 of 4 (killed by SIGKILL) died" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_teachers_stopped_by_a_signal_say_so_and_exit_with_its_code(root, sig):
+    """Lightning turns SIGTERM during training into a SystemExit without a code (exit 0, as if the teachers were
+    done) and Ctrl-C into exit 1; both are a sentence and 128 + the signal's number, the finished experts kept."""
+    store = root / f"outputs/artifacts/stopped_{sig.name}"
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "mmdd.cli", "buffer", *TINY, "logger=none", "teacher.num_experts=40",
+           f"buffer_dir={store}", f"hydra.run.dir=outputs/stopped_{sig.name}"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (store / "expert_001.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-2000:])
+    assert f"mmdd buffer: stopped by {sig.name}; every complete expert is kept" in err and "Traceback" not in err
+    kept = len(list(store.glob("expert_*.safetensors")))
+    assert 2 <= kept < 40

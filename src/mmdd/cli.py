@@ -21,6 +21,16 @@ COMMANDS = {
     "plan": "parameter counts, store size and estimated peak memory of a stage's config (runs nothing)",
 }
 
+# What a stopped stage keeps, for its "stopped by SIG..." sentence.
+KEPT = {
+    "buffer": "every complete expert is kept",
+    "distill": "the set and checkpoint last saved are kept",
+    "evaluate": "every finished student is kept in results.json",
+    "pretrain": "nothing of this pre-training is kept",
+    "run": "every finished stage's output is kept (complete experts, saved sets, finished students)",
+    "bench": "nothing is kept",
+}
+
 log = logging.getLogger("mmdd")
 STAGE_ENV = "MMDD_STAGE"  # the stage of a process that Lightning's DDP launcher re-started
 
@@ -73,6 +83,13 @@ def _task(stage: str):
                 from mmdd.pipeline import run_all
 
                 return run_all(cfg)["objective"]
+        except (KeyboardInterrupt, SystemExit):
+            from mmdd.utils.stopping import explain
+
+            code = explain(stage, KEPT[stage])
+            if code is None:
+                raise
+            sys.exit(code)
         except (MmddError, InstantiationException) as exc:
             # hydra.utils.instantiate wraps a method's own config errors (MatchingConfig's checks)
             error = exc.__cause__ if isinstance(exc, InstantiationException) else exc
@@ -149,8 +166,17 @@ def main(argv: list[str] | None = None) -> None:
 
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     sys.argv = [os.path.abspath(__file__)] + argv[1:]
+    from mmdd.utils.stopping import explain, install
+
+    install()
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
-    app()
+    try:
+        app()
+    except (KeyboardInterrupt, SystemExit):  # stopped while Hydra composes or sets up, before the stage ran
+        code = explain(stage, "nothing had started")
+        if code is None:
+            raise
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""Stopping by a signal, said in a sentence with the shell's exit code, in every stage.
+
+Without this, a SIGTERM (SLURM's time limit or preemption) during teacher or student training makes Lightning raise
+`SIGTERMException`, a SystemExit without a code, so the process exits 0 as if it had finished; Ctrl-C in training
+becomes Lightning's `sys.exit(1)`; and either signal outside training ends the process with no word. The handlers
+here only remember the signal and stop the way Python would; the CLI then says what was stopped and exits with
+128 + the signal's number (143 SIGTERM, 130 SIGINT). Distillation saves a checkpoint at the current iteration first
+(methods.trajectory_matching.DistillCheckpoint).
+"""
+
+from __future__ import annotations
+
+import signal
+
+_received: list[int] = []
+_explained: list[bool] = []
+
+
+def _on_sigterm(signum, frame) -> None:
+    _received.append(signum)
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        raise SystemExit(128 + signum)  # nothing else handles it: stop here
+    # Otherwise Lightning's handler, which calls this one too, stops its loop after the current step.
+
+
+def _on_sigint(signum, frame) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Remember SIGTERM and SIGINT (call once, early, in the main thread)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def received() -> int | None:
+    """The first stopping signal this process received, or None."""
+    return _received[0] if _received else None
+
+
+def explain(stage: str, kept: str) -> int | None:
+    """If a stopping signal arrived: say so on stderr (once) and return the exit code for it; else None."""
+    import sys
+
+    signum = received()
+    if signum is None:
+        return None
+    if not _explained:
+        _explained.append(True)
+        print(f"mmdd {stage}: stopped by {signal.Signals(signum).name}; {kept}. Rerun the same command to resume",
+              file=sys.stderr)
+    return 128 + signum
