@@ -524,3 +524,21 @@ def test_teachers_stopped_by_a_signal_say_so_and_exit_with_its_code(root, sig):
     assert f"mmdd buffer: stopped by {sig.name}; every complete expert is kept" in err and "Traceback" not in err
     kept = len(list(store.glob("expert_*.safetensors")))
     assert 2 <= kept < 40
+
+
+def test_a_store_is_extended_with_more_experts(root, tmp_path):
+    """`teacher.num_experts=3` on a store of 2 trains expert 2 only (the store was refused as "another
+    configuration": its hash counted the experts asked for)."""
+    import shutil
+
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    made = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    store = tmp_path / "store"
+    shutil.copytree(made, store)
+    before = {p.name: p.stat().st_mtime_ns for p in store.glob("expert_*.safetensors")}
+    proc = run_in_process(["buffer", *TINY, "logger=none", "teacher.num_experts=3", f"buffer_dir={store}",
+                           "hydra.run.dir=outputs/extend"], root, check=True)
+    assert proc.returncode == 0
+    assert TrajectoryStore.open(store).completed_experts() == [0, 1, 2]
+    assert {p: store.joinpath(p).stat().st_mtime_ns for p in before} == before  # experts 0 and 1 untouched

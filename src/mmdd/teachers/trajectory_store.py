@@ -76,14 +76,18 @@ class TrajectoryStore:
         if (root / "manifest.json").exists():
             store = cls.open(root)
             old = store.manifest
-            if old.get("config_hash") != config_hash:
-                from mmdd.utils.config import config_differences
+            from mmdd.utils.config import config_differences
 
-                if old.get("identity") is not None and identity is not None:
-                    diffs = config_differences(old["identity"], identity)
-                else:
-                    diffs = [k for k in ("dataset", "model", "epochs", "teacher", "param_shapes")
-                             if old.get(k) != manifest[k]]
+            # The identity leaves out how many experts were asked for, so a store is extended with more experts
+            # (teacher.num_experts=20 after 10); stores older than identities fall back to the config hash.
+            if old.get("identity") is not None and identity is not None:
+                diffs = config_differences(old["identity"], identity)
+                differs = bool(diffs)
+            else:
+                diffs = [k for k in ("dataset", "model", "epochs", "teacher", "param_shapes")
+                         if old.get(k) != manifest[k]]
+                differs = old.get("config_hash") != config_hash
+            if differs:
                 raise ArtifactError(
                     f"trajectory store {root} was made by another configuration (differs in "
                     f"{'; '.join(diffs) if diffs else 'other settings'}; store -> this run). "

@@ -74,9 +74,8 @@ def register_resolvers() -> None:
 
 
 def teacher_hash(cfg) -> str:
-    return stable_hash(
-        {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher)}
-    )
+    """A trajectory store's config hash: its teachers' identity (without the number of experts asked for)."""
+    return stable_hash(teachers_identity(cfg))
 
 
 def config_hash(cfg) -> str:
