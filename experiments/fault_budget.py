@@ -3,7 +3,8 @@
 For every (stage, processes) case the script first runs the stage once uninterrupted (the reference, also the time
 scale of the kills), then N trials in fresh run directories: start the stage, wait a uniformly random fraction of the
 reference's wall time, send a random signal to the whole process group (SIGKILL: a node failure or OOM kill; SIGTERM:
-SLURM's time limit or preemption; SIGINT: Ctrl-C), then rerun the same command until it exits 0 (at most
+SLURM's time limit or preemption; SIGINT: Ctrl-C; with two processes, a third of the kills are a SIGKILL of rank 1
+alone), then rerun the same command until it exits 0 (at most
 `--max-reruns`). A trial
 
 - *survived* when a rerun finished (exit 0) and the interrupted process did not claim success for unfinished work
@@ -118,19 +119,39 @@ def run_to_end(case: Case, root: Path, run: str, max_reruns: int) -> tuple[bool,
     return False, max_reruns
 
 
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
 def trial(case: Case, root: Path, run: str, reference: dict, seconds: float, rng: random.Random, tally: Tally,
           max_reruns: int) -> None:
     sig = rng.choice(SIGNALS)
+    # Several processes: a third of the kills hit rank 1 alone (SIGKILL: its node or the OOM killer), the rest the
+    # whole group; rank 0 must then stop too, say which process died, and leave a run that resumes.
+    one_rank = case.ddp and rng.random() < 1 / 3
+    if one_rank:
+        sig = signal.SIGKILL
     at = rng.uniform(0.05, 1.0) * seconds
     proc = mmdd(root, [a.format(root=root) for a in args_for(case, run)], wait=False)
     time.sleep(at)
     if proc.poll() is None:
-        os.killpg(proc.pid, sig)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        kids = [int(p) for p in children.read_text().split()] if one_rank and children.exists() else []
+        ranks = [k for k in kids if b"LOCAL_RANK=1\x00" in _environ(k)]  # not a DataLoader worker
+        if ranks:
+            os.kill(ranks[0], sig)
+        else:
+            one_rank = False  # rank 1 not started yet (or gone): the whole group instead
+            os.killpg(proc.pid, sig)
     proc.communicate()
+    name = f"{sig.name} to rank 1" if one_rank else sig.name
     code = proc.returncode
     claimed_success = code == 0 and not is_complete(case, root, run)
     tally.trials += 1
-    tally.signals[sig.name] = tally.signals.get(sig.name, 0) + 1
+    tally.signals[name] = tally.signals.get(name, 0) + 1
     tally.exits[str(code)] = tally.exits.get(str(code), 0) + 1
     finished, reruns = run_to_end(case, root, run, max_reruns)
     tally.reruns += reruns

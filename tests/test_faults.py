@@ -542,3 +542,46 @@ def test_a_store_is_extended_with_more_experts(root, tmp_path):
     assert proc.returncode == 0
     assert TrajectoryStore.open(store).completed_experts() == [0, 1, 2]
     assert {p: store.joinpath(p).stat().st_mtime_ns for p in before} == before  # experts 0 and 1 untouched
+
+
+@pytest.mark.slow  # about a minute; the figures in the README come from a longer run of the same script
+def test_the_fault_budget_script_counts_a_killed_evaluation(tmp_path):
+    out = tmp_path / "budget.md"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "experiments" / "fault_budget.py"),
+                           "--trials", "1", "--cases", "evaluate", "--root", str(tmp_path / "w"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| evaluate (1 process)"))
+    assert "| 1/1 | 1/1 |" in row
+
+
+@pytest.mark.slow  # 47 s; `pytest -m slow`
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_every_ddp_process_stops_them_at_the_same_iteration(root, sig):
+    """SLURM signals every task. Lightning's SIGTERM handler ran a collective inside the handler and stopped rank 0
+    alone, so the two processes waited in different collectives for ever; now both stop after the same iteration,
+    save it, say so, and the rerun finishes."""
+    n = 300
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    run = f"ddp_{sig.name}"
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=50",
+           *DDP, f"hydra.run.dir=outputs/{run}"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    ckpt = root / f"outputs/{run}/synthetic/checkpoint/last.ckpt"
+    deadline = time.time() + 180
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the processes hung after the signal")
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    stopped_at = manifest(root, run)["iteration"]
+    assert f"stopped by {sig.name} at iteration {stopped_at} of {n}" in err and 50 <= stopped_at < n
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == stopped_at
+    distill(root, run, f"method.iterations={n}", "save_every=50", *DDP)
+    assert manifest(root, run)["complete"] and manifest(root, run)["resumed"][0]["iteration"] == stopped_at

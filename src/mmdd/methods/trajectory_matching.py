@@ -81,37 +81,66 @@ class DistillCheckpoint(L.Callback):
         self.every, self.path, self.save_set = every, Path(path), save_set
         self.last_saved = -1
         self.stopped_by: str | None = None  # SIGTERM / SIGINT, once the run stops on one
-        self._previous_sigint = None
+        self._requested = 0  # the number of a stopping signal this process received, until the run stops on it
+        self._previous: dict[int, object] = {}
+        self._handler = None
 
     # -- stopping on a signal: finish the iteration, save it, say so (a stop is not a success) --------------
+    # Lightning's own SIGTERM handler runs a collective (a broadcast) inside the signal handler and its loop stops
+    # rank 0 without the others at the end of a step: with several processes the ranks then wait in different
+    # collectives for ever (a SIGTERM to a 2-process distillation hung in experiments/fault_budget.py). Here a
+    # signal only sets a flag; at the end of every iteration the ranks agree (one all-reduce of the flags) and all
+    # stop after the same iteration, with its checkpoint. A second Ctrl-C interrupts at once.
     def on_train_start(self, trainer, pl_module):
-        # Ctrl-C takes Lightning's SIGTERM path (stop after the current iteration, every rank alike) instead of
-        # interrupting the iteration half-way; a second Ctrl-C interrupts at once.
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum, frame):
+            self._requested = self._requested or int(signum)
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+
+        self._handler = on_signal
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, on_signal)
+
+    def _restore_signals(self) -> None:
+        """Put back the handlers found at the start where ours is still installed (on a normal end Lightning has
+        already put SIGTERM back to what it found before the run: that stays)."""
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.getsignal(signal.SIGINT)
-
-            def on_sigint(signum, frame):
-                self.stopped_by = "SIGINT"
-                trainer._signal_connector.received_sigterm = True  # what Lightning's own SIGTERM handler sets
-                signal.signal(signal.SIGINT, self._previous_sigint)
-
-            signal.signal(signal.SIGINT, on_sigint)
+            for sig, handler in self._previous.items():
+                if signal.getsignal(sig) is self._handler:
+                    signal.signal(sig, handler)
+        self._previous = {}
 
     def teardown(self, trainer, pl_module, stage):
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        self._restore_signals()
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException):  # raised by Lightning's loop after the iteration in progress
+        if isinstance(exception, SIGTERMException):  # Lightning's own path: a SIGTERM before on_train_start
             self.stopped_by = self.stopped_by or "SIGTERM"
             if trainer.global_step != self.last_saved:
                 self.last_saved = trainer.global_step
                 self.save(trainer, pl_module, with_set=True)
+        self._restore_signals()
+
+    def stop_agreed(self, trainer, pl_module) -> int:
+        """The stopping signal any rank received (0: none), the same on every rank."""
+        flag = self._requested
+        if trainer.world_size > 1:
+            t = torch.tensor(float(flag), device=pl_module.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every and step % self.every == 0 and step != self.last_saved:  # a skipped iteration keeps the step
+        stop = self.stop_agreed(trainer, pl_module) if self._previous else 0
+        if stop:
+            self.stopped_by = signal.Signals(stop).name
+            trainer.should_stop = True  # every rank, after this same iteration
+        if (stop or (self.every and step % self.every == 0)) and step != self.last_saved:  # a skipped iteration keeps the step
             self.last_saved = step
             self.save(trainer, pl_module, with_set=True)
 
@@ -224,18 +253,23 @@ class TrajectoryMatching(Method):
         # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
         # and a checkpoint of it, so a rerun with lower learning rates continues from there.
         module.save_before_stop = lambda: callbacks[0].save(trainer, module, with_set=True)
+        def stopped() -> Stopped:
+            stop = callbacks[0].stopped_by or "SIGTERM"
+            return Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
+                           f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
+                           exit_code=128 + int(getattr(signal, stop)))
+
         try:
             trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         except SIGTERMException as exc:
-            stop = callbacks[0].stopped_by or "SIGTERM"
-            raise Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
-                          f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
-                          exit_code=128 + int(getattr(signal, stop))) from exc
+            raise stopped() from exc
         except RuntimeError as exc:
             lost = explain_lost_process(trainer, exc, f"the set and checkpoint last saved in {out_dir} are kept")
             if lost is None:
                 raise
             raise lost from exc
+        if callbacks[0].stopped_by:
+            raise stopped()
         self.history = module.history
         self.diagnostics = module.diagnostics
         self.resumes = module.resumes
