@@ -146,8 +146,17 @@ def trial(case: Case, root: Path, run: str, reference: dict, seconds: float, rng
         else:
             one_rank = False  # rank 1 not started yet (or gone): the whole group instead
             os.killpg(proc.pid, sig)
-    proc.communicate()
     name = f"{sig.name} to rank 1" if one_rank else sig.name
+    try:
+        proc.communicate(timeout=max(120.0, 5 * seconds))
+    except subprocess.TimeoutExpired:  # a stage that hangs after a signal is the worst outcome: count it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        tally.trials += 1
+        tally.signals[name] = tally.signals.get(name, 0) + 1
+        tally.exits["hung"] = tally.exits.get("hung", 0) + 1
+        tally.failures.append(f"{run}: {name} at {at:.1f}s: hung (killed after {max(120.0, 5 * seconds):.0f} s)")
+        return
     code = proc.returncode
     claimed_success = code == 0 and not is_complete(case, root, run)
     tally.trials += 1

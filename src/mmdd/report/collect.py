@@ -196,11 +196,11 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
     for c in ordered:
         problems.extend(c.incomplete_sets())
-    sets = [c for c in ordered if not c.is_teachers]  # a store's teachers are one "set" however many seeds ran
-    counts = {len(c.students_by_set()) for c in sets}
+    distilled = [c for c in ordered if not c.is_teachers]  # a store's teachers are one row, not a set per seed
+    counts = {len(c.students_by_set()) for c in distilled}
     if len(counts) > 1:
         most = max(counts)
-        for c in sets:
+        for c in distilled:
             if len(c.students_by_set()) < most:
                 problems.append(f"{c.dataset} / {c.label} / budget {c.budget}: {len(c.students_by_set())} set(s), "
                                 f"others have {most}")

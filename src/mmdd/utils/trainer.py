@@ -133,8 +133,8 @@ def lost_process(trainer, exc: BaseException) -> str | None:
     procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
     first = trainer.node_rank * trainer.num_devices
     dead = [first + i + 1 for i, p in enumerate(procs) if p.poll() is not None]
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if trainer.local_rank > 0 and launcher and os.getppid() != int(launcher):
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+    if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned
         dead = [first]
     if dead:
         return f"process {', '.join(map(str, dead))} of {n}"
