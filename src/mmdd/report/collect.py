@@ -55,6 +55,21 @@ class Cell:
                 per_set.setdefault(int(s.get("seed", len(per_set))), s["test"])
         return out
 
+    def sets_at_chance(self) -> list[str]:
+        """Sets whose every student (over all the jobs that evaluated them) scored at chance: the evaluation records
+        the chance threshold of its test split in results.json (`chance`)."""
+        out = []
+        for where, students in self.students_by_set().items():
+            runs = [r for i, r in enumerate(self.runs) if str(r.get("synthetic") or f"run{i}") == where]
+            thresholds = [(r.get("chance") or {}).get("threshold") for r in runs]
+            if not runs or None in thresholds:
+                continue  # an older results.json, or the teachers' row
+            threshold = max(thresholds)
+            if all(t["r_mean"] <= threshold for t in students.values()):
+                out.append(f"{where}: all {len(students)} students score at chance (test r_mean <= {threshold:.2f}, "
+                           f"chance {runs[0]['chance']['r_mean']:.2f}); the set taught them nothing")
+        return out
+
     def incomplete_sets(self) -> list[str]:
         """Sets whose students were spread over jobs (`students=`) and some job is missing."""
         out = []
@@ -122,10 +137,6 @@ def add_run(cells: dict, results: dict, where: str, problems: list[str], common:
         return
     if results.get("complete") is False or (expected and n < int(expected)):
         problems.append(f"{where}: partial, {n} of {expected} student seeds finished (rerun the same command to resume)")
-    chance = results.get("chance") or {}
-    if chance.get("all_at_chance"):
-        problems.append(f"{where}: all {chance['of']} students score at chance (test r_mean <= {chance['threshold']:.2f}, "
-                        f"chance {chance['r_mean']:.2f}); the set taught them nothing")
     protocol = results.get("protocol", {})
     key = (
         str(results.get("dataset")),
@@ -196,6 +207,7 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
     for c in ordered:
         problems.extend(c.incomplete_sets())
+        problems.extend(c.sets_at_chance())
     distilled = [c for c in ordered if not c.is_teachers]  # a store's teachers are one row, not a set per seed
     counts = {len(c.students_by_set()) for c in distilled}
     if len(counts) > 1:
