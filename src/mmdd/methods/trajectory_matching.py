@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import threading
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +24,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, distill_identity, teachers_identity
 from mmdd.utils.io import stable_hash
+from mmdd.utils.signal_stop import SignalStop
 from mmdd.utils.trainer import accelerate_model, build_trainer, explain_lost_process
 
 log = logging.getLogger(__name__)
@@ -72,50 +72,19 @@ def check_enough_experts(store: TrajectoryStore, complete: list[int], wanted: in
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
 
 
-class DistillCheckpoint(L.Callback):
+class DistillCheckpoint(SignalStop):
     """Every `every` outer steps: the synthetic set so far (rank 0) and a Lightning checkpoint to resume from
     (set, S, step sizes, optimizer momentum, step, every rank's RNG states, history); the checkpoint again at
-    the end, so a finished run can be extended with more iterations. Both are written atomically."""
+    the end, so a finished run can be extended with more iterations. Both are written atomically.
+
+    A stopping signal (SignalStop: every rank agrees after the same iteration) saves that iteration's set and
+    checkpoint and ends the fit; `synthesize` then raises Stopped, so a stop is said and never taken for success."""
 
     def __init__(self, every: int, path: Path, save_set):
+        super().__init__()
         self.every, self.path, self.save_set = every, Path(path), save_set
         self.last_saved = -1
         self.stopped_by: str | None = None  # SIGTERM / SIGINT, once the run stops on one
-        self._requested = 0  # the number of a stopping signal this process received, until the run stops on it
-        self._previous: dict[int, object] = {}
-        self._handler = None
-
-    # -- stopping on a signal: finish the iteration, save it, say so (a stop is not a success) --------------
-    # Lightning's own SIGTERM handler runs a collective (a broadcast) inside the signal handler and its loop stops
-    # rank 0 without the others at the end of a step: with several processes the ranks then wait in different
-    # collectives for ever (a SIGTERM to a 2-process distillation hung in experiments/fault_budget.py). Here a
-    # signal only sets a flag; at the end of every iteration the ranks agree (one all-reduce of the flags) and all
-    # stop after the same iteration, with its checkpoint. A second Ctrl-C interrupts at once.
-    def on_train_start(self, trainer, pl_module):
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_signal(signum, frame):
-            self._requested = self._requested or int(signum)
-            if signum == signal.SIGINT:
-                signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-
-        self._handler = on_signal
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, on_signal)
-
-    def _restore_signals(self) -> None:
-        """Put back the handlers found at the start where ours is still installed (on a normal end Lightning has
-        already put SIGTERM back to what it found before the run: that stays)."""
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._previous.items():
-                if signal.getsignal(sig) is self._handler:
-                    signal.signal(sig, handler)
-        self._previous = {}
-
-    def teardown(self, trainer, pl_module, stage):
-        self._restore_signals()
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException):  # Lightning's own path: a SIGTERM before on_train_start
@@ -123,20 +92,11 @@ class DistillCheckpoint(L.Callback):
             if trainer.global_step != self.last_saved:
                 self.last_saved = trainer.global_step
                 self.save(trainer, pl_module, with_set=True)
-        self._restore_signals()
-
-    def stop_agreed(self, trainer, pl_module) -> int:
-        """The stopping signal any rank received (0: none), the same on every rank."""
-        flag = self._requested
-        if trainer.world_size > 1:
-            t = torch.tensor(float(flag), device=pl_module.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag
+        super().on_exception(trainer, pl_module, exception)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        stop = self.stop_agreed(trainer, pl_module) if self._previous else 0
+        stop = self.stop_requested(trainer, pl_module)
         if stop:
             self.stopped_by = signal.Signals(stop).name
             trainer.should_stop = True  # every rank, after this same iteration

@@ -3,8 +3,8 @@
 Lightning's launcher watches the processes it starts (ranks > 0 of a node) from a thread of rank 0; when one
 ends with an error it SIGKILLs every process, rank 0 included: the user sees "Killed" (exit 137) and no word on
 what happened. mmdd's observer does the same (a hung collective leaves nothing gentler) but first says which
-process died and how, unless rank 0's own code already said it (see utils.trainer.explain_lost_process), and
-ends rank 0 with exit code 2 instead of a kill.
+process died and how, unless rank 0 is already stopping with its own sentence (utils.trainer.explain_lost_process,
+or every rank stopping on a signal: utils.signal_stop), and ends rank 0 with exit code 2 instead of a kill.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-# Set by rank 0's code once it has explained a lost process itself; the observer then stops the others quietly.
-LOST_PROCESS_EXPLAINED = threading.Event()
+# Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
+# launcher's watch then ends the other processes quietly instead of reporting a death and exiting.
+STOP_EXPLAINED = threading.Event()
 
 
 def _how(returncode: int) -> str:
@@ -41,7 +42,7 @@ class _ExplainingObserver(_ChildProcessObserver):
         dead = [(self._first_rank + i + 1, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
         for p in self._child_processes:
             p.send_signal(self._termination_signal)
-        if LOST_PROCESS_EXPLAINED.is_set():
+        if STOP_EXPLAINED.is_set():
             return  # rank 0 is already stopping with its own message
         who = ", ".join(f"process {r} of {self._world_size} ({_how(code)})" for r, code in dead)
         stage = os.environ.get("MMDD_STAGE", "")

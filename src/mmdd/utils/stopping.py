@@ -51,3 +51,26 @@ def explain(stage: str, kept: str) -> int | None:
         print(f"mmdd {stage}: stopped by {signal.Signals(signum).name}; {kept}. Rerun the same command to resume",
               file=sys.stderr)
     return 128 + signum
+
+
+def note(signum: int) -> None:
+    """Record a stopping signal that another process received (the ranks agreed on it), as if this one had."""
+    if not _received:
+        _received.append(int(signum))
+
+
+def agree(signum: int, trainer, device) -> int:
+    """The stopping signal any process of the run received (0: none), the same on every process: one all-reduce,
+    called by every rank at the same point of the loop."""
+    if trainer.world_size > 1:
+        import torch
+
+        t = torch.tensor(float(signum), device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        signum = int(t.item())
+    if signum:
+        note(signum)
+        from mmdd.utils.ddp import STOP_EXPLAINED
+
+        STOP_EXPLAINED.set()  # every rank stops on its own; the launcher's watch must not take that for a death
+    return signum

@@ -73,6 +73,10 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
         num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
+    if not any(getattr(c, "handles_signals", False) for c in kwargs["callbacks"]):
+        from mmdd.utils.signal_stop import SignalStop
+
+        kwargs["callbacks"] = [*kwargs["callbacks"], SignalStop()]  # every rank stops at the same step on a signal
     check_accelerator(kwargs["accelerator"])
     if num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"]) > 1:
         refuse_ddp_in_local_multirun()
@@ -148,8 +152,8 @@ def explain_lost_process(trainer, exc: BaseException, kept: str):
     who = lost_process(trainer, exc)
     if who is None:
         return None
-    from mmdd.utils.ddp import LOST_PROCESS_EXPLAINED
+    from mmdd.utils.ddp import STOP_EXPLAINED
 
-    LOST_PROCESS_EXPLAINED.set()
+    STOP_EXPLAINED.set()
     return MmddError(f"{who} died (killed, out of memory, or its node failed), so this one stopped too; {kept}. "
                      "Rerun the same command to resume")
