@@ -49,6 +49,24 @@ def assert_same_set(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def signal_once_written(root: Path, args: list[str], marker: Path, sig: int, what: str = "") -> tuple[int, str]:
+    """Start `mmdd <args>` in its own process group, send `sig` to the group (every rank, as SLURM does) once
+    `marker` exists, and return (exit code, stderr); a run that does not end within 90 s fails the test as hung."""
+    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "mmdd.cli", *args], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{what}the processes hung after {signal.Signals(sig).name}")
+    return proc.returncode, err
+
+
 def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
     n = 300  # long enough that the kill lands mid-run (a tiny iteration is ~20 ms)
     distill_here(root, "straight", f"method.iterations={n}", "save_every=5")
@@ -512,17 +530,10 @@ def test_teachers_stopped_by_a_signal_say_so_and_exit_with_its_code(root, sig):
     """Lightning turns SIGTERM during training into a SystemExit without a code (exit 0, as if the teachers were
     done) and Ctrl-C into exit 1; both are a sentence and 128 + the signal's number, the finished experts kept."""
     store = root / f"outputs/artifacts/stopped_{sig.name}"
-    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
-    cmd = [sys.executable, "-m", "mmdd.cli", "buffer", *TINY, "logger=none", "teacher.num_experts=40",
-           f"buffer_dir={store}", f"hydra.run.dir=outputs/stopped_{sig.name}"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while not (store / "expert_001.safetensors").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, (proc.returncode, err[-2000:])
+    code, err = signal_once_written(root, ["buffer", *TINY, "logger=none", "teacher.num_experts=40",
+                                           f"buffer_dir={store}", f"hydra.run.dir=outputs/stopped_{sig.name}"],
+                                    store / "expert_001.safetensors", sig)
+    assert code == 128 + sig, (code, err[-2000:])
     assert f"mmdd buffer: stopped by {sig.name}; every complete expert is kept" in err and "Traceback" not in err
     kept = len(list(store.glob("expert_*.safetensors")))
     assert 2 <= kept < 40
@@ -564,23 +575,11 @@ def test_a_signal_to_every_ddp_process_stops_them_at_the_same_iteration(root, si
     alone, so the two processes waited in different collectives for ever; now both stop after the same iteration,
     save it, say so, and the rerun finishes."""
     n = 300
-    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
     run = f"ddp_{sig.name}"
-    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=50",
-           *DDP, f"hydra.run.dir=outputs/{run}"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     ckpt = root / f"outputs/{run}/synthetic/checkpoint/last.ckpt"
-    deadline = time.time() + 180
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, sig)
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the processes hung after the signal")
-    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    code, err = signal_once_written(root, ["distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=50", *DDP,
+                                           f"hydra.run.dir=outputs/{run}"], ckpt, sig)
+    assert code == 128 + sig, (code, err[-3000:])
     stopped_at = manifest(root, run)["iteration"]
     assert f"stopped by {sig.name} at iteration {stopped_at} of {n}" in err and 50 <= stopped_at < n
     state = torch.load(ckpt, weights_only=True)
@@ -593,22 +592,10 @@ def test_a_signal_to_every_ddp_process_stops_them_at_the_same_iteration(root, si
 def test_a_signal_to_every_process_of_a_ddp_teacher_run_never_hangs(root):
     """Lightning's SIGTERM handler (a broadcast inside the handler; rank 0 stopping alone) hung a 2-process teacher
     run 1 time in 5; with SignalStop every kill ends with the sentence and the signal's code."""
-    env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
     for k, (sig, experts_done) in enumerate([(signal.SIGTERM, 1), (signal.SIGTERM, 3), (signal.SIGINT, 2)]):
         store = root / f"outputs/artifacts/ddp_stop_{k}"
-        cmd = [sys.executable, "-m", "mmdd.cli", "buffer", *TINY, "logger=none", "teacher.num_experts=40", *DDP,
-               f"buffer_dir={store}", f"hydra.run.dir=outputs/ddp_stop_{k}"]
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        deadline = time.time() + 180
-        while (not (store / f"expert_{experts_done:03d}.safetensors").exists() and time.time() < deadline
-               and proc.poll() is None):
-            time.sleep(0.01)
-        os.killpg(proc.pid, sig)
-        try:
-            _, err = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"kill {k}: the processes hung after {sig.name}")
-        assert proc.returncode == 128 + sig, (k, proc.returncode, err[-3000:])
+        code, err = signal_once_written(root, ["buffer", *TINY, "logger=none", "teacher.num_experts=40", *DDP,
+                                               f"buffer_dir={store}", f"hydra.run.dir=outputs/ddp_stop_{k}"],
+                                        store / f"expert_{experts_done:03d}.safetensors", sig, f"kill {k}: ")
+        assert code == 128 + sig, (k, code, err[-3000:])
         assert f"stopped by {sig.name}; every complete expert is kept" in err and "died" not in err
