@@ -116,6 +116,7 @@ def test_a_stop_signal_saves_the_iteration_says_so_and_exits_with_the_signals_co
     stopped_at = m["iteration"]
     assert not m["complete"] and 0 < stopped_at < n, m
     assert f"stopped by {sig.name} at iteration {stopped_at} of {n}" in err and "rerun the same command" in err
+    assert err.count("stopped by") == 1, err[-2000:]  # said once (it was said again as "nothing had started")
     state = torch.load(root / f"outputs/{run}/synthetic/checkpoint/last.ckpt", weights_only=True)
     assert state["global_step"] == stopped_at  # the checkpoint is at the stop, not at the last periodic save
     distill_here(root, run, f"method.iterations={n}", "save_every=5")

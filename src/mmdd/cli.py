@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV  # a light module: no torch before the handlers
+
 STAGES = {
     "buffer": "train teachers and record their trajectories",
     "distill": "distill a synthetic set with a method",
@@ -21,18 +23,7 @@ COMMANDS = {
     "plan": "parameter counts, store size and estimated peak memory of a stage's config (runs nothing)",
 }
 
-# What a stopped stage keeps, for its "stopped by SIG..." sentence.
-KEPT = {
-    "buffer": "every complete expert is kept",
-    "distill": "the set and checkpoint last saved are kept",
-    "evaluate": "every finished student is kept in results.json",
-    "pretrain": "nothing of this pre-training is kept",
-    "run": "every finished stage's output is kept (complete experts, saved sets, finished students)",
-    "bench": "nothing is kept",
-}
-
 log = logging.getLogger("mmdd")
-STAGE_ENV = "MMDD_STAGE"  # the stage of a process that Lightning's DDP launcher re-started
 
 
 def _task(stage: str):
@@ -86,7 +77,7 @@ def _task(stage: str):
         except (KeyboardInterrupt, SystemExit):
             from mmdd.utils.stopping import explain
 
-            code = explain(stage, KEPT[stage])
+            code = explain(stage)
             if code is None:
                 raise
             sys.exit(code)
@@ -96,7 +87,9 @@ def _task(stage: str):
             if not isinstance(error, MmddError):
                 raise
             if isinstance(error, Stopped):
-                print(f"mmdd {stage}: {error}", file=sys.stderr)
+                from mmdd.utils.stopping import say
+
+                say(stage, str(error))
                 sys.exit(error.exit_code)
             print(f"mmdd {stage}: error: {error}", file=sys.stderr)
             sys.exit(2)
@@ -162,8 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     # `python -m <module>`) with LOCAL_RANK set: keep argv[0] a real file and hand the stage over in the environment.
     os.environ[STAGE_ENV] = stage
     if "LOCAL_RANK" not in os.environ:  # ranks > 0 keep their launcher's: a changed parent means rank 0 died
-        from mmdd.utils.trainer import LAUNCHER_PID_ENV
-
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     sys.argv = [os.path.abspath(__file__)] + argv[1:]
     from mmdd.utils.stopping import explain, install
@@ -172,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     try:
         app()
-    except (KeyboardInterrupt, SystemExit):  # stopped while Hydra composes or sets up, before the stage ran
-        code = explain(stage, "nothing had started")
+    except (KeyboardInterrupt, SystemExit):  # stopped while Hydra composes or sets up, or on the way out
+        code = explain(stage)
         if code is None:
             raise
         sys.exit(code)

@@ -48,7 +48,7 @@ def run_all(cfg) -> dict:
     experts = {e: m["test"] for e, m in expert_metrics(store).items() if "test" in m}
     teachers = teacher_results(str(cfg.data.name), str(store), experts, data["train"].num_images) if experts else None
     if teachers:
-        mean, std = summarize([{"test": s["test"]} for s in teachers["seeds"]])
+        mean, std = summarize(teachers["seeds"])
         rows.append({"method": teachers["label"], "budget": teachers["budget"], "n": len(experts), "mean": mean, "std": std})
 
     table = markdown_table(rows)

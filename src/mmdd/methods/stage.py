@@ -44,8 +44,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         data = load_data(cfg, splits=("train",), annotations=annotations)
     out_dir = Path(out_dir or cfg.synthetic_dir)
     for folder in (out_dir, out_dir / "checkpoint"):  # temp files of a run killed while writing (a rerun resumes)
-        for tmp in remove_stale_temp_files(folder):
-            log.info("removed %s, left by a process that was stopped while writing it", tmp)
+        remove_stale_temp_files(folder)
     method = instantiate(cfg.method)
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")
     try:

@@ -25,7 +25,7 @@ from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, distill_identity, teachers_identity
 from mmdd.utils.io import stable_hash
 from mmdd.utils.signal_stop import SignalStop
-from mmdd.utils.trainer import accelerate_model, build_trainer, explain_lost_process
+from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,6 @@ class TrajectoryMatching(Method):
             trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         except SIGTERMException as exc:
             raise stopped() from exc
-        except RuntimeError as exc:
-            lost = explain_lost_process(trainer, exc, f"the set and checkpoint last saved in {out_dir} are kept")
-            if lost is None:
-                raise
-            raise lost from exc
         if callbacks[0].stopped_by:
             raise stopped()
         self.history = module.history

@@ -45,6 +45,10 @@ class Cell:
     def label(self) -> str:
         return f"{self.method} ({self.variant})" if self.variant else self.method
 
+    def runs_of(self, where: str) -> list[dict]:
+        """The runs (results) of one set, as students_by_set names it."""
+        return [r for i, r in enumerate(self.runs) if str(r.get("synthetic") or f"run{i}") == where]
+
     def students_by_set(self) -> dict[str, dict[int, dict]]:
         """{synthetic set: {student seed: test metrics}}: the students of one set may come from several jobs
         (`students=` spreads them), and a student evaluated twice counts once."""
@@ -60,7 +64,7 @@ class Cell:
         the chance threshold of its test split in results.json (`chance`)."""
         out = []
         for where, students in self.students_by_set().items():
-            runs = [r for i, r in enumerate(self.runs) if str(r.get("synthetic") or f"run{i}") == where]
+            runs = self.runs_of(where)
             thresholds = [(r.get("chance") or {}).get("threshold") for r in runs]
             if not runs or None in thresholds:
                 continue  # an older results.json, or the teachers' row
@@ -74,7 +78,7 @@ class Cell:
         """Sets whose students were spread over jobs (`students=`) and some job is missing."""
         out = []
         for where, students in self.students_by_set().items():
-            runs = [r for r in self.runs if str(r.get("synthetic")) == where]
+            runs = self.runs_of(where)
             protocol = runs[0].get("protocol") if runs else None
             wanted = protocol.get("num_seeds") if isinstance(protocol, dict) else None
             spread = any(r.get("expected_seeds") != wanted for r in runs)
@@ -241,7 +245,6 @@ def collect_wandb(path_or_project: str) -> list[dict]:
                 continue
             key = (dataset, run["store"])
             res = teachers.setdefault(key, teacher_results(dataset, run["store"], {}, run.get("train_images", 0)))
-            res["seeds"] = [s for s in res["seeds"] if s["seed"] != int(run["expert"])]  # a retrained expert: the last
             res["seeds"].append({"seed": int(run["expert"]), "test": test})
             continue
         if job_type != "evaluate":
@@ -253,14 +256,11 @@ def collect_wandb(path_or_project: str) -> list[dict]:
         budget, seed = syn.get("budget", cfg.get("budget")), syn.get("seed", cfg.get("seed"))
         key = (cfg.get("data", {}).get("name"), label, budget, seed, (cfg.get("protocol") or {}).get("name"), syn.get("path"))
         res = grouped.setdefault(key, {"dataset": key[0], "label": label, "method": method, "budget": budget,
-                                       "seed": seed, "protocol": cfg.get("protocol") or {}, "seeds": []})
-        student = cfg.get("student_seed")  # a student evaluated again (another job on the same set) counts once
-        if student is not None:
-            res["synthetic"] = syn.get("path")
-            res["seeds"] = [s for s in res["seeds"] if s.get("seed") != int(student)]
+                                       "seed": seed, "protocol": cfg.get("protocol") or {}, "seeds": [],
+                                       "synthetic": syn.get("path")})
+        # With its seed, a student evaluated again (another job on the same set) counts once (Cell.students_by_set).
+        student = cfg.get("student_seed")
         res["seeds"].append({"test": test} if student is None else {"seed": int(student), "test": test})
-    for res in teachers.values():
-        res["seeds"].sort(key=lambda s: s["seed"])
     return list(grouped.values()) + list(teachers.values())
 
 

@@ -22,7 +22,7 @@ from mmdd.utils.config import data_identity, data_location, teacher_hash, teache
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, explain_lost_process, hardware_processes
+from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def run_buffer(cfg, data=None) -> Path:
     ddp = hardware_processes(cfg.hardware) > 1
     claims = None if ddp else ExpertClaims(store.root, float(cfg.get("claim_stale_minutes", 120)))
     # Litter of killed runs: temp files of dead writers, claims left on experts that were completed.
-    for tmp in remove_stale_temp_files(store.root):
-        log.info("removed %s, left by a process that was stopped while writing it", tmp.name)
+    remove_stale_temp_files(store.root)
     if claims is not None:
         claims.release_complete(store.completed_experts())
     busy = []
@@ -106,14 +105,7 @@ def run_buffer(cfg, data=None) -> Path:
                                                               "train_images": train.num_images}})
         try:
             trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
-            try:
-                trainer.fit(module, loader)
-            except RuntimeError as exc:
-                lost = explain_lost_process(trainer, exc, f"expert {e} was not saved; the experts saved in {store.root} "
-                                                          "are kept")
-                if lost is None:
-                    raise
-                raise lost from exc
+            trainer.fit(module, loader)
             if not trainer.is_global_zero:
                 continue
             model.to("cpu")

@@ -21,8 +21,6 @@ from mmdd.utils.io import process_alive
 log = logging.getLogger(__name__)
 
 
-
-
 class ExpertClaims:
     def __init__(self, root: str | Path, stale_minutes: float = 120.0):
         self.root = Path(root)

@@ -1,10 +1,13 @@
-"""Lightning's DDP, with a sentence when a process dies.
+"""Lightning's DDP, with a sentence when a process dies, for every multi-process trainer of mmdd.
 
-Lightning's launcher watches the processes it starts (ranks > 0 of a node) from a thread of rank 0; when one
-ends with an error it SIGKILLs every process, rank 0 included: the user sees "Killed" (exit 137) and no word on
-what happened. mmdd's observer does the same (a hung collective leaves nothing gentler) but first says which
-process died and how, unless rank 0 is already stopping with its own sentence (utils.trainer.explain_lost_process,
-or every rank stopping on a signal: utils.signal_stop), and ends rank 0 with exit code 2 instead of a kill.
+Two things happen when a process of the run dies, and both ended without a word:
+- the others' next collective fails (gloo: "Connection reset by peer"; NCCL: DistBackendError). The launcher runs
+  the fit on every rank, so it turns that error into `process k of n died ...; rerun to resume` (an MmddError, exit
+  2): rank 0 knows which of the processes it started ended, a rank > 0 whose parent changed knows rank 0 died;
+- Lightning's launcher watches the processes it started from a thread of rank 0 and, when one ends with an error,
+  SIGKILLs every process, rank 0 included ("Killed", exit 137). mmdd's watch does the same (a hung collective leaves
+  nothing gentler) but first says which process died and how, and ends rank 0 with exit code 2, unless rank 0 is
+  already stopping with its own sentence (a lost process, or every rank stopping on a signal: utils.signal_stop).
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import signal
 import sys
 import threading
 
+import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+from mmdd.errors import MmddError
+from mmdd.utils.stopping import KEPT, LAUNCHER_PID_ENV, STAGE_ENV
 
 # Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
 # launcher's watch then ends the other processes quietly instead of reporting a death and exiting.
@@ -45,7 +52,7 @@ class _ExplainingObserver(_ChildProcessObserver):
         if STOP_EXPLAINED.is_set():
             return  # rank 0 is already stopping with its own message
         who = ", ".join(f"process {r} of {self._world_size} ({_how(code)})" for r, code in dead)
-        stage = os.environ.get("MMDD_STAGE", "")
+        stage = os.environ.get(STAGE_ENV, "")
         sys.stderr.write(f"\nmmdd {stage}: error: {who} died (killed, out of memory, or it crashed: its own output "
                          "above says which), so the run stopped; what was saved is kept (complete experts, the last "
                          "checkpoint). Rerun the same command to resume\n")
@@ -53,17 +60,52 @@ class _ExplainingObserver(_ChildProcessObserver):
         os._exit(2)  # the main thread may hang in a collective that will never complete
 
 
+# What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
 class _ExplainingLauncher(_SubprocessScriptLauncher):
-    """Lightning's launcher (its `launch`, line for line) with the explaining observer."""
+    """Lightning's launcher (its `launch`, line for line) with the explaining watch, and the fit's collectives
+    failing on a dead process said in a sentence."""
 
     def launch(self, function, *args, trainer=None, **kwargs):
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
-            first = self.cluster_environment.node_rank() * self.num_processes
-            _ExplainingObserver(self.procs, self.num_processes * self.num_nodes, first).start()
+            _ExplainingObserver(self.procs, self.world_size, self.first_rank).start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as exc:
+            who = self.lost_process(exc)
+            if who is None:
+                raise
+            STOP_EXPLAINED.set()
+            stage = os.environ.get(STAGE_ENV, "")
+            raise MmddError(f"{who} died (killed, out of memory, or its node failed), so this one stopped too; "
+                            f"{KEPT.get(stage, 'what was saved is kept')}. Rerun the same command to resume") from exc
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_nodes
+
+    @property
+    def first_rank(self) -> int:
+        return self.cluster_environment.node_rank() * self.num_processes
+
+    def lost_process(self, exc: BaseException) -> str | None:
+        """Which process of the run is gone, in words ("process 1 of 2"), if `exc` is a collective failing for that
+        reason; otherwise None."""
+        backend_error = getattr(torch.distributed, "DistBackendError", ())
+        if self.world_size <= 1 or not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
+            return None
+        dead = [self.first_rank + i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
+        launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+        if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned
+            dead = [self.first_rank]
+        if dead:
+            return f"process {', '.join(map(str, dead))} of {self.world_size}"
+        return f"a process of {self.world_size} (on another node, or not started by this one)"
 
 
 class MmddDDPStrategy(DDPStrategy):

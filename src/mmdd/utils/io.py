@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import hashlib
 import json
 import os
@@ -11,6 +12,8 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -72,6 +75,7 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
             if stale:
                 tmp.unlink()
                 removed.append(tmp)
+                log.info("removed %s, left by a process that was stopped while writing it", tmp)
         except OSError:
             pass
     return removed

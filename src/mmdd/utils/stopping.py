@@ -15,6 +15,20 @@ import signal
 _received: list[int] = []
 _explained: list[bool] = []
 
+# What a stopped stage keeps, for its "stopped by SIG..." sentence (and a lost process's).
+KEPT = {
+    "buffer": "every complete expert is kept",
+    "distill": "the set and checkpoint last saved are kept",
+    "evaluate": "every finished student is kept in results.json",
+    "pretrain": "nothing of this pre-training is kept",
+    "run": "every finished stage's output is kept (complete experts, saved sets, finished students)",
+    "bench": "nothing is kept",
+}
+# The environment a stage's processes share: the stage (Lightning re-starts ranks > 0 without it on the command line)
+# and the pid of the process that started it (a rank > 0 whose parent is no longer that one knows rank 0 died).
+STAGE_ENV = "MMDD_STAGE"
+LAUNCHER_PID_ENV = "MMDD_LAUNCHER_PID"
+
 
 def _on_sigterm(signum, frame) -> None:
     _received.append(signum)
@@ -39,17 +53,22 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
-def explain(stage: str, kept: str) -> int | None:
-    """If a stopping signal arrived: say so on stderr (once) and return the exit code for it; else None."""
+def say(stage: str, message: str) -> None:
+    """Print how the stage stopped, once per process (a stop passes several handlers on its way out)."""
     import sys
 
+    if not _explained:
+        _explained.append(True)
+        print(f"mmdd {stage}: {message}", file=sys.stderr)
+
+
+def explain(stage: str) -> int | None:
+    """If a stopping signal arrived: say so (unless already said) and return the exit code for it; else None."""
     signum = received()
     if signum is None:
         return None
-    if not _explained:
-        _explained.append(True)
-        print(f"mmdd {stage}: stopped by {signal.Signals(signum).name}; {kept}. Rerun the same command to resume",
-              file=sys.stderr)
+    say(stage, f"stopped by {signal.Signals(signum).name}; {KEPT.get(stage, 'nothing had started')}. Rerun the same "
+               "command to resume")
     return 128 + signum
 
 
