@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import toy_segment
-from mmdd.methods.matching import ParamLayout
+from mmdd.models.functional import ParamLayout
 from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mmdd.methods.matching import BatchSchedule, ParamLayout, matching_loss, unroll_full
+from mmdd.methods.matching import BatchSchedule, matching_loss, unroll_full
+from mmdd.models.functional import ParamLayout
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import symmetric_infonce

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import toy_segment
-from mmdd.methods.matching import Blend, ParamLayout
+from mmdd.methods.matching import Blend
+from mmdd.models.functional import ParamLayout
 from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder

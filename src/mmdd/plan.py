@@ -164,7 +164,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
     expert snapshots on the device."""
     from mmdd.methods.distill_module import build_segment, outer_optimizer, strategy_for
-    from mmdd.methods.matching import ParamLayout
+    from mmdd.models.functional import ParamLayout
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
 

@@ -20,7 +20,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from mmdd.methods.matching import ParamLayout
+from mmdd.models.functional import ParamLayout
 
 
 def mean_offdiag_cosine(emb: torch.Tensor) -> float:

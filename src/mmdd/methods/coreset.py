@@ -60,7 +60,7 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 @torch.no_grad()
 def teacher_features(cfg, train) -> torch.Tensor:
     """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
-    from mmdd.methods.matching import ParamLayout
+    from mmdd.models.functional import ParamLayout
     from mmdd.methods.trajectory_matching import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
 

@@ -11,7 +11,8 @@ import lightning as L
 import torch
 
 from mmdd.errors import MmddError
-from mmdd.methods.matching import BatchSchedule, Blend, ParamLayout
+from mmdd.methods.matching import BatchSchedule, Blend
+from mmdd.models.functional import ParamLayout
 from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_cached_features
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS

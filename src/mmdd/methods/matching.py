@@ -7,55 +7,18 @@ of the synthetic set with learned per-modality step sizes; the loss per modality
     L_m = ||theta_hat_m - theta*_{s+M,m}||^2 / ||theta*_{s,m} - theta*_{s+M,m}||^2
 
 summed over modalities ("separate"), or sum of numerators over sum of denominators ("merged").
-Parameters live as one flat vector per modality; `ParamLayout` maps them to the model's
-named parameters for a functional forward.
+Parameters live as one flat vector per modality; `mmdd.models.functional.ParamLayout` maps them to the
+model's named parameters for a functional forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
-MODALITIES = ("image", "text")
-
-
-@dataclass
-class ParamLayout:
-    """Names and shapes of the matched parameters, per modality, in a fixed order."""
-
-    names: dict[str, list[str]]
-    shapes: dict[str, torch.Size]
-
-    @classmethod
-    def from_model(cls, model) -> "ParamLayout":
-        named = dict(model.named_parameters())
-        names = model.modality_parameter_names()
-        return cls(names=names, shapes={n: named[n].shape for group in names.values() for n in group})
-
-    def numel(self, modality: str) -> int:
-        return sum(self.shapes[n].numel() for n in self.names[modality])
-
-    def flatten(self, params: dict[str, torch.Tensor], modality: str) -> torch.Tensor:
-        return torch.cat([params[n].reshape(-1) for n in self.names[modality]])
-
-    @torch.no_grad()
-    def load_into(self, model, flats: dict[str, torch.Tensor]) -> None:
-        """Copy flat vectors (e.g. an expert's snapshot) into the model's matched parameters."""
-        for name, value in self.unflatten({m: f.detach() for m, f in flats.items()}).items():
-            model.get_parameter(name).copy_(value)
-
-    def unflatten(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Views of the flat vectors shaped as the model's parameters (gradients flow through)."""
-        out: dict[str, torch.Tensor] = {}
-        for m, flat in flats.items():
-            sizes = [self.shapes[n].numel() for n in self.names[m]]
-            for n, chunk in zip(self.names[m], torch.split(flat, sizes)):
-                out[n] = chunk.view(self.shapes[n])
-        return out
+from mmdd.models.functional import ParamLayout, functional_logits
 
 
 class BatchSchedule:
@@ -76,14 +39,6 @@ class BatchSchedule:
         idx = self._perm[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return idx.to(self.device) if self.device is not None else idx
-
-
-def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts, mix=None,
-                      from_features: bool = False) -> torch.Tensor:
-    """Logits of `model` with its matched parameters replaced by the flat vectors (`images` may be
-    cached backbone features, see `from_features`)."""
-    kwargs = {"mix": mix, "from_features": True} if from_features else {"mix": mix}
-    return functional_call(model, layout.unflatten(flats), (images, texts), kwargs, strict=False)
 
 
 class Blend:

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from mmdd.methods.matching import Blend, BatchSchedule, ParamLayout, functional_logits, matching_loss, unroll_full
+from mmdd.methods.matching import Blend, BatchSchedule, matching_loss, unroll_full
+from mmdd.models.functional import ParamLayout, functional_logits
 
 STRATEGIES = ("full", "tesla")
 

@@ -17,7 +17,7 @@ from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synt
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.distill_module import DistillModule, MatchingConfig
 from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy, raise_together
-from mmdd.methods.matching import ParamLayout
+from mmdd.models.functional import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
