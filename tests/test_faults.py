@@ -205,7 +205,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from mmdd.methods.distill_module import build_segment, draw_segment_start, outer_optimizer, strategy_for
     from mmdd.methods.distributed import rank_seed
     from mmdd.models.functional import ParamLayout
-    from mmdd.methods.trajectory_matching import open_checked_trajectories
+    from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.paths import conf_dir
     from hydra.utils import instantiate

@@ -196,7 +196,7 @@ def test_a_store_gets_its_manifest_with_its_first_expert(tmp_path):
 
 
 def test_distilling_from_a_store_without_a_complete_expert_says_what_to_run(tmp_path):
-    from mmdd.methods.trajectory_matching import open_checked_trajectories
+    from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.teachers.trajectory_store import TrajectoryStore
     from mmdd.utils.config import data_identity, teacher_hash, teachers_identity
@@ -287,7 +287,7 @@ def test_a_missing_image_names_the_usual_folder_that_holds_it(tmp_path):
 
 
 def test_a_store_still_being_filled_is_refused_unless_fewer_experts_are_asked_for(tmp_path):
-    from mmdd.methods.trajectory_matching import check_enough_experts
+    from mmdd.teachers.trajectory_store import check_enough_experts
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
     store = TrajectoryStore(tmp_path, {})

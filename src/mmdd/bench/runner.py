@@ -25,7 +25,8 @@ from mmdd.errors import MmddError
 from mmdd.methods.distill_module import (build_segment, caches_features, draw_segment_start, outer_optimizer,
                                          strategy_for)
 from mmdd.models.functional import ParamLayout
-from mmdd.methods.trajectory_matching import TrajectoryMatching, open_checked_trajectories
+from mmdd.methods.trajectory_matching import TrajectoryMatching
+from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text

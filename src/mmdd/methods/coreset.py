@@ -61,7 +61,7 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 def teacher_features(cfg, train) -> torch.Tensor:
     """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
     from mmdd.models.functional import ParamLayout
-    from mmdd.methods.trajectory_matching import open_checked_trajectories
+    from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
 
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))

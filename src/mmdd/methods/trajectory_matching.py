@@ -7,7 +7,6 @@ import math
 import signal
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
@@ -21,52 +20,12 @@ from mmdd.models.functional import ParamLayout
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
-from mmdd.utils.config import data_identity, data_location, distill_identity, teachers_identity
-from mmdd.utils.io import stable_hash
+from mmdd.teachers.trajectory_store import open_checked_trajectories
+from mmdd.utils.config import distill_identity
 from mmdd.utils.signal_stop import SignalStop
 from mmdd.utils.trainer import accelerate_model, build_trainer
 
 log = logging.getLogger(__name__)
-
-
-def open_checked_trajectories(cfg, model, max_experts: int | None = None, fingerprint: str | None = None
-                              ) -> ExpertSnapshots:
-    """The store at cfg.buffer_dir, checked against `model` (and its frozen backbone's `fingerprint`, computed when
-    not given) and the data, as a reader of single snapshots (the trajectories stay on disk: see ExpertSnapshots)."""
-    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
-    names = model.modality_parameter_names()
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
-                      stable_hash(data_identity(cfg.data)))
-    fingerprint = fingerprint or frozen_backbone_fingerprint(model)
-    store.check_identity(teachers_identity(cfg), fingerprint, data_location(cfg.data))
-    experts = store.completed_experts()
-    if not experts:
-        raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
-                            "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
-                            "teacher settings to train them, then distill")
-    experts = check_enough_experts(store, experts, int(cfg.teacher.num_experts), max_experts)
-    reader = ExpertSnapshots(store, names, experts)
-    reader.check_intact()
-    log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",
-             reader.n_experts, reader.epochs, store.root, reader.numel, 2 * reader.snapshot_bytes() / 2**20)
-    return reader
-
-
-def check_enough_experts(store: TrajectoryStore, complete: list[int], wanted: int, max_experts: int | None
-                         ) -> list[int]:
-    """The experts to distil from: all `wanted` (teacher.num_experts) of them, or the first `max_experts` complete
-    ones when method.max_experts asks for fewer. A store still being filled is refused, not used silently."""
-    need = wanted if max_experts is None else int(max_experts)
-    if len(complete) >= need:
-        return complete[:need]
-    missing = [e for e in range(max(need, wanted)) if e not in complete]
-    listed = ", ".join(str(e) for e in missing[:10]) + (", ..." if len(missing) > 10 else "")
-    raise ArtifactError(
-        f"trajectory store {store.root} has {len(complete)} of the {need} experts this run needs complete (missing: "
-        f"{listed}): run `mmdd buffer` with the same settings to complete them (several jobs can share the work), "
-        f"or set method.max_experts={len(complete)} to distil from the complete ones")
 
 
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory

@@ -23,7 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mmdd.errors import ArtifactError
-from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest
+from mmdd.models.dual_encoder import frozen_backbone_fingerprint
+from mmdd.utils.config import data_identity, data_location, teachers_identity
+from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest, stable_hash
 
 FORMAT = "mmdd-trajectory-store"
 VERSION = 1
@@ -329,3 +331,42 @@ def _numel(shape: Sequence[int]) -> int:
 def flatten_trajectory(traj: dict[str, torch.Tensor], names: list[str], dtype=torch.float32) -> torch.Tensor:
     """[epochs+1, P] flat trajectory of one modality (params concatenated in `names` order)."""
     return torch.cat([traj[n].reshape(traj[n].shape[0], -1).to(dtype) for n in names], dim=1)
+
+
+def open_checked_trajectories(cfg, model, max_experts: int | None = None, fingerprint: str | None = None
+                              ) -> ExpertSnapshots:
+    """The store at cfg.buffer_dir, checked against `model` (and its frozen backbone's `fingerprint`, computed when
+    not given) and the data, as a reader of single snapshots (the trajectories stay on disk: see ExpertSnapshots)."""
+    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
+    names = model.modality_parameter_names()
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
+                      stable_hash(data_identity(cfg.data)))
+    fingerprint = fingerprint or frozen_backbone_fingerprint(model)
+    store.check_identity(teachers_identity(cfg), fingerprint, data_location(cfg.data))
+    experts = store.completed_experts()
+    if not experts:
+        raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
+                            "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
+                            "teacher settings to train them, then distill")
+    experts = check_enough_experts(store, experts, int(cfg.teacher.num_experts), max_experts)
+    reader = ExpertSnapshots(store, names, experts)
+    reader.check_intact()
+    log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",
+             reader.n_experts, reader.epochs, store.root, reader.numel, 2 * reader.snapshot_bytes() / 2**20)
+    return reader
+
+
+def check_enough_experts(store: TrajectoryStore, complete: list[int], wanted: int, max_experts: int | None
+                         ) -> list[int]:
+    """The experts to distil from: all `wanted` (teacher.num_experts) of them, or the first `max_experts` complete
+    ones when method.max_experts asks for fewer. A store still being filled is refused, not used silently."""
+    need = wanted if max_experts is None else int(max_experts)
+    if len(complete) >= need:
+        return complete[:need]
+    missing = [e for e in range(max(need, wanted)) if e not in complete]
+    listed = ", ".join(str(e) for e in missing[:10]) + (", ..." if len(missing) > 10 else "")
+    raise ArtifactError(
+        f"trajectory store {store.root} has {len(complete)} of the {need} experts this run needs complete (missing: "
+        f"{listed}): run `mmdd buffer` with the same settings to complete them (several jobs can share the work), "
+        f"or set method.max_experts={len(complete)} to distil from the complete ones")
