@@ -19,7 +19,7 @@ from mmdd.data.annotations import Split, load_blip_split, load_pairs_table
 from mmdd.data.datamodule import SplitData, load_annotations
 from mmdd.errors import ArtifactError, DataError, MmddError
 from mmdd.methods.base import check_budget
-from mmdd.methods.distill_module import MatchingConfig
+from mmdd.methods.trajectory_matching import MatchingSettings
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore
 
@@ -140,11 +140,11 @@ MATCHING = dict(syn_steps=2, expert_epochs=1, max_start_epoch=1, lr_img=100, lr_
 ])
 def test_matching_config_refuses_wrong_types(field, value, match):
     with pytest.raises(MmddError, match=match):
-        MatchingConfig(**{**MATCHING, field: value})
+        MatchingSettings(**{**MATCHING, field: value})
 
 
 def test_matching_config_takes_whole_floats_and_int_learning_rates():
-    cfg = MatchingConfig(**{**MATCHING, "syn_steps": 3.0, "max_experts": 2.0})
+    cfg = MatchingSettings(**{**MATCHING, "syn_steps": 3.0, "max_experts": 2.0})
     assert cfg.syn_steps == 3 and isinstance(cfg.syn_steps, int) and isinstance(cfg.max_experts, int)
     assert cfg.lr_img == 100.0 and isinstance(cfg.lr_img, float)
     assert list(range(cfg.syn_steps)) == [0, 1, 2]

@@ -19,13 +19,32 @@ def test_herding_tracks_the_mean():
     assert len(set(herding_select(feats, 5))) == 5  # never picks twice
 
 
+def batch_logits(correct: list[bool]) -> torch.Tensor:
+    """Logits of a batch in which pair i wins its row and its column exactly when correct[i]."""
+    n = len(correct)
+    logits = torch.zeros(n, n)
+    for i, c in enumerate(correct):
+        if c:
+            logits[i, i] = 10.0
+        else:
+            logits[i, (i + 1) % n] = 5.0  # row i prefers the next caption; that column still goes to its own
+    return logits
+
+
 def test_forgetting_counts_learned_to_unlearned_transitions():
+    """Drives the callback the coreset trains with: its model's logits (here: the texts, passed through) decide
+    which pairs are learned at each presentation."""
+    from types import SimpleNamespace
+
     t = ForgettingTracker(3)
+    module = SimpleNamespace(mean=[0.0] * 3, std=[1.0] * 3, model=lambda images, texts: texts)
+    idx = torch.tensor([0, 1, 2])
     for correct in ([True, False, True], [False, False, True], [True, False, False], [False, False, False]):
-        idx = torch.tensor([0, 1, 2])
-        c = torch.tensor(correct)
-        t.forgotten[idx] += (t.learned[idx] & ~c).long()
-        t.learned[idx] = c
-        t.ever_learned[idx] |= c
+        t.on_train_batch_end(None, module, None, (torch.zeros(3, 3, 2, 2), batch_logits(correct), idx), 0)
     s = t.scores()
     assert s[0] == 2 and s[2] == 1 and s[1] == float("inf")
+    # presented in another order, the counts follow the images, not the batch positions
+    t = ForgettingTracker(3)
+    for correct in ([True, True, False], [False, True, False]):
+        t.on_train_batch_end(None, module, None, (torch.zeros(3, 3, 2, 2), batch_logits(correct), idx.flip(0)), 0)
+    assert t.scores().tolist() == [float("inf"), 0.0, 1.0]

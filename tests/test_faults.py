@@ -202,7 +202,8 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from hydra import compose, initialize_config_dir
 
     from mmdd.data.datamodule import load_data
-    from mmdd.methods.distill_module import build_segment, draw_segment_start, outer_optimizer, strategy_for
+    from mmdd.methods.outer_loop import outer_optimizer
+    from mmdd.methods.trajectory_matching import build_segment, draw_segment_start, strategy_for
     from mmdd.methods.distributed import rank_seed
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories

@@ -6,16 +6,9 @@ import logging
 import os
 import sys
 
-from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV  # a light module: no torch before the handlers
+from mmdd.stages import STAGES  # light modules: no torch before the signal handlers
+from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV
 
-STAGES = {
-    "buffer": "train teachers and record their trajectories",
-    "distill": "distill a synthetic set with a method",
-    "evaluate": "train students on a synthetic set and score retrieval",
-    "pretrain": "pre-train the image backbone contrastively (for frozen-backbone methods)",
-    "run": "the quick start: all stages on the embedded dataset, then a table",
-    "bench": "seconds per distillation iteration and memory: mmdd's path vs the reference loop",
-}
 # Commands that read finished artifacts: plain argparse, no Hydra composition (`mmdd <command> --help`).
 COMMANDS = {
     "table": "collect results.json files (and W&B runs) into a paper-style table",
@@ -32,7 +25,6 @@ def _task(stage: str):
         from hydra.errors import InstantiationException
 
         from mmdd.errors import MmddError, Stopped
-        from mmdd.utils.trainer import is_rank_zero
 
         quiet_third_party()
 
@@ -40,40 +32,7 @@ def _task(stage: str):
             from mmdd.utils.preflight import preflight
 
             preflight(cfg, stage)
-            if stage == "buffer":
-                from mmdd.teachers.buffer import run_buffer
-
-                store = run_buffer(cfg)
-                if is_rank_zero():
-                    print(f"trajectory store: {store}")
-            elif stage == "distill":
-                from mmdd.methods.stage import run_distill
-
-                data = None
-                if cfg.get("evaluate"):
-                    from mmdd.data.datamodule import load_data
-
-                    data = load_data(cfg)  # train for distilling, val/test for the students after
-                syn_dir = run_distill(cfg, data)
-                if not is_rank_zero():
-                    return None  # the other processes of a multi-process distillation stop here
-                print(f"synthetic set: {syn_dir}")
-                if cfg.get("evaluate"):
-                    return evaluate_and_print(cfg, syn_dir, data)
-            elif stage == "evaluate":
-                return evaluate_and_print(cfg)
-            elif stage == "pretrain":
-                from mmdd.teachers.pretrain import run_pretrain
-
-                print(f"pretrained backbone: {run_pretrain(cfg)}")
-            elif stage == "bench":
-                from mmdd.bench.runner import bench_table, run_bench
-
-                print(bench_table([run_bench(cfg)]))
-            elif stage == "run":
-                from mmdd.pipeline import run_all
-
-                return run_all(cfg)["objective"]
+            return STAGES[stage].run(cfg)
         except (KeyboardInterrupt, SystemExit):
             from mmdd.utils.stopping import explain
 
@@ -82,7 +41,7 @@ def _task(stage: str):
                 raise
             sys.exit(code)
         except (MmddError, InstantiationException) as exc:
-            # hydra.utils.instantiate wraps a method's own config errors (MatchingConfig's checks)
+            # hydra.utils.instantiate wraps a method's own config errors (its settings dataclass's checks)
             error = exc.__cause__ if isinstance(exc, InstantiationException) else exc
             if not isinstance(error, MmddError):
                 raise
@@ -97,15 +56,6 @@ def _task(stage: str):
     return task
 
 
-def evaluate_and_print(cfg, synthetic=None, data=None) -> float | None:
-    from mmdd.evaluate.stage import run_evaluate
-    from mmdd.report.table import markdown_table, result_row
-
-    results = run_evaluate(cfg, synthetic, data)
-    print(markdown_table([result_row(results)]))
-    return results["objective"]
-
-
 def quiet_third_party() -> None:
     """Lightning prints a banner (GPU available, tips) for every trainer; keep its warnings only."""
     import warnings
@@ -116,14 +66,13 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # Students train on in-memory tensors (TensorDataset): worker processes would only copy them.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # Distillation's "data loader" is just the iteration count; resuming it mid-epoch loses nothing.
-    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def usage() -> str:
     lines = ["usage: mmdd <stage> [key=value ...] [-m for a multirun]", "", "stages:"]
-    lines += [f"  {k:<9} {v}" for k, v in STAGES.items()]
+    lines += [f"  {s.name:<9} {s.help}" for s in STAGES.values()]
     lines += ["", "commands:"] + [f"  {k:<9} {v}" for k, v in COMMANDS.items()]
     lines += ["", "Show a stage's composed config: mmdd <stage> --cfg job"]
     return "\n".join(lines)

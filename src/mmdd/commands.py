@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mmdd.errors import MmddError
 from mmdd.paths import repo_root
+from mmdd.stages import STAGES
 
 DEFAULT_ANCHORS = "experiments/paper_anchors.json"
 
@@ -82,13 +83,12 @@ def plan(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from mmdd.cli import STAGES
     from mmdd.paths import conf_dir
     from mmdd.plan import format_plan, make_plan
 
     ap = argparse.ArgumentParser(prog="mmdd plan", description="Parameter counts, trajectory store size and estimated "
                                  "peak device memory per stage for a composed config, without running anything.")
-    ap.add_argument("stage", choices=[s for s in STAGES if s not in ("run",)], help="the stage whose config to compose")
+    ap.add_argument("stage", choices=[s.name for s in STAGES.values() if s.plannable], help="the stage whose config to compose")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `mmdd <stage>`")
     args = ap.parse_args(argv)
     try:

@@ -3,7 +3,8 @@
 Each YAML file of these groups lists its schema first in its defaults, so Hydra checks at composition time,
 before anything runs, that no key is misspelt or missing and that every value has the right type, e.g.
 `mmdd distill protocol.epochs=abc` stops with "Value 'abc' of type 'str' could not be converted to Integer".
-Methods are validated by their own dataclasses (`MatchingConfig`), since matching methods and coresets differ.
+Methods are validated by their own settings dataclasses (`mmdd.methods.outer_loop.OuterSettings` and its subclasses,
+through `check_fields`) when they are built, since learned methods and coresets differ.
 """
 
 from __future__ import annotations
@@ -103,6 +104,41 @@ def check_stage_settings(cfg) -> None:
         except ValidationError as exc:
             kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[f.type]
             raise MmddError(f"{f.name}={value!r} must be {kind}; set {f.name}=<{f.type}>") from exc
+
+
+def check_fields(settings, section: str, where: str) -> None:
+    """Check (and normalise) every field of a settings dataclass against its annotation, in place: values from YAML
+    or a command-line override are not typed by Hydra for groups without a schema. Whole floats become ints
+    (`3.0` -> 3), ints become floats; anything else of the wrong kind is an MmddError naming `section.<field>` and
+    `where` to fix it. Annotations understood: int, float, str, bool, dict, each optionally `| None`."""
+    import dataclasses
+    import math
+    import typing
+    from collections.abc import Mapping
+
+    from mmdd.errors import MmddError
+
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        kind = next((a for a in args if a is not type(None)), hint) if args else hint
+        value = getattr(settings, f.name)
+        if value is None and optional:
+            continue
+        what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+                dict: "a mapping of settings"}[kind] + (" or null" if optional else "")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and number and float(value).is_integer():
+            value = int(value)
+        elif kind is float and number and math.isfinite(value):
+            value = float(value)
+        elif not ((kind is str and isinstance(value, str)) or (kind is bool and isinstance(value, bool))
+                  or (kind is dict and isinstance(value, Mapping))):
+            raise MmddError(f"{section}.{f.name} must be {what}, got {value!r} ({type(value).__name__}); {where} "
+                            f"({section}.{f.name}=...)")
+        setattr(settings, f.name, value)
 
 
 SCHEMAS = {"hardware": HardwareConfig, "protocol": ProtocolConfig, "teacher": TeacherConfig}

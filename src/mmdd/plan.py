@@ -160,10 +160,11 @@ def training_estimate(cfg, model, dim: int, stage: str, batch: int, momentum: fl
 
 
 def distill_step(cfg, model, dim: int, method, device="meta"):
-    """One outer iteration of trajectory matching as DistillModule takes it: the configured meta-gradient (on cached
+    """One outer iteration of trajectory matching as the outer loop takes it: the configured meta-gradient (on cached
     frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
     expert snapshots on the device."""
-    from mmdd.methods.distill_module import build_segment, outer_optimizer, strategy_for
+    from mmdd.methods.outer_loop import outer_optimizer
+    from mmdd.methods.trajectory_matching import build_segment, strategy_for
     from mmdd.models.functional import ParamLayout
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet

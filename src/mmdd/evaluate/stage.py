@@ -18,6 +18,7 @@ from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report
 from mmdd.evaluate.student import train_student
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
+from mmdd.models.losses import DEFAULT_INNER_LOSS
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
                                to_plain)
@@ -124,7 +125,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     loss = str(cfg.protocol.loss)
     label_temperature = float(cfg.protocol.label_temperature)
     if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
-        loss = str(manifest.get("inner_loss", "infonce"))
+        loss = str(manifest.get("inner_loss", DEFAULT_INNER_LOSS))  # sets written before manifests said
         label_temperature = float(manifest.get("label_temperature", label_temperature))
     with torch.no_grad():
         similarity = syn.similarity_matrix()

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mmdd.data.datamodule import SplitData
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval
-from mmdd.models.losses import pair_loss
+from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, pair_loss
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ class StudentModule(L.LightningModule):
         select_data: SplitData | None,
         mean,
         std,
-        loss: str = "infonce",
+        loss: str = DEFAULT_INNER_LOSS,
         similarity: torch.Tensor | None = None,
-        label_temperature: float = 0.1,
+        label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
         features=None,
         eval_schedule: str = "every",
     ):
@@ -181,9 +181,9 @@ def train_student(
     data: dict[str, SplitData],
     seed: int,
     loggers=None,
-    loss: str = "infonce",
+    loss: str = DEFAULT_INNER_LOSS,
     similarity: torch.Tensor | None = None,
-    label_temperature: float = 0.1,
+    label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
     features=None,
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,10 +12,24 @@ from mmdd.data.annotations import Split
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
+from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
 from mmdd.utils.config import config_hash, data_identity, model_identity
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillResult:
+    """What a method made: the set, and what its run reports (saved beside the set by the distill stage)."""
+
+    synthetic: SyntheticSet
+    history: list[dict] = field(default_factory=list)  # one row per outer iteration (learned methods)
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)  # modality collapse: real/initial/final
+    resumes: list[dict] = field(default_factory=list)  # from which iterations, with which outer settings changed
+    # The fingerprint of the frozen backbone the set was made on (mmdd.models.dual_encoder), when there is one:
+    # saved with the set, so students on another frozen backbone are refused.
+    backbone_fingerprint: str | None = None
 
 
 class Method:
@@ -25,12 +40,13 @@ class Method:
     """
 
     name: str = "method"
-    # The fingerprint of the frozen backbone the set was made on (mmdd.models.dual_encoder), when there is one:
-    # saved with the set, so students on another frozen backbone are refused.
-    backbone_fingerprint: str | None = None
 
-    def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> SyntheticSet:
+    def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> DistillResult:
         raise NotImplementedError
+
+    def manifest_fields(self) -> dict:
+        """How students of this method's sets train (saved in the set's manifest, read by `mmdd evaluate`)."""
+        return {"inner_loss": DEFAULT_INNER_LOSS, "label_temperature": DEFAULT_LABEL_TEMPERATURE}
 
 
 def check_budget(budget, train: SplitData | Split) -> int:
@@ -80,8 +96,10 @@ def value_range(syn: SyntheticSet, train: SplitData) -> dict:
             "out_of_range": not (images <= SANE_RANGE and texts <= SANE_RANGE)}  # NaN counts as out of range
 
 
-def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None) -> Path:
-    """Write the set with its manifest, the nearest real caption per text and an image grid."""
+def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None,
+                   training: dict | None = None) -> Path:
+    """Write the set with its manifest, the nearest real caption per text and an image grid. `training`: how its
+    students train (Method.manifest_fields)."""
     out_dir = Path(out_dir)
     captions = nearest_captions(syn.texts, train.text_emb, train.split.captions)
     manifest = {
@@ -97,8 +115,7 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "config_hash": config_hash(cfg),
         # what the set was distilled on: evaluate refuses other data unless asked (allow_other_dataset=true)
         "identity": {"data": data_identity(cfg.data), "model": model_identity(cfg.model)},
-        "inner_loss": str(cfg.method.get("inner_loss", "infonce")),  # what students of this set train with
-        "label_temperature": float(cfg.method.get("label_temperature", 0.1)),  # soft_ce/kl targets' sharpness
+        **(training or Method().manifest_fields()),  # inner_loss, label_temperature: how its students train
         "value_range": value_range(syn, train),
         **(extra or {}),
     }

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmdd.data.transforms import normalize
-from mmdd.methods.base import Method, check_budget, real_pairs
+from mmdd.methods.base import DistillResult, Method, check_budget, real_pairs
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,13 @@ class RandomCoreset(Method):
         gen = torch.Generator().manual_seed(int(cfg.seed))
         return torch.randperm(train.num_images, generator=gen)[:budget].tolist()
 
-    def synthesize(self, cfg, data, out_dir, loggers) -> SyntheticSet:
+    def synthesize(self, cfg, data, out_dir, loggers) -> DistillResult:
         train = data["train"]
         budget = check_budget(cfg.budget, train)
         chosen = self.select(cfg, train, budget)
         gen = torch.Generator().manual_seed(int(cfg.seed))
         images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
-        return SyntheticSet(images, texts, {"image": self.lr, "text": self.lr})
+        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}))
 
 
 class HerdingCoreset(RandomCoreset):

@@ -1,7 +1,7 @@
 """Distillation on several processes with Lightning's DDP machinery.
 
-Each rank draws its own expert, start epoch and mini-batches; the synthetic set's gradients are averaged
-across ranks before every outer step (DistillModule.average_gradients), so N processes give N trajectory
+Each rank draws its own samples (trajectory matching: expert, start epoch and mini-batches); the synthetic set's gradients are averaged
+across ranks before every outer step (OuterLoop.average_gradients), so N processes give N trajectory
 samples per step. Lightning launches the processes, sets up the process group and provides the collectives;
 the only thing left out is the DistributedDataParallel wrapper: an iteration calls backward many times
 (every inner step of TESLA, the backbone pass of cached features) while DDP's reducer expects one backward per
@@ -14,7 +14,6 @@ import os
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.strategies.ddp import _sync_module_states
 
 from mmdd.utils.ddp import MmddDDPStrategy
 
@@ -24,7 +23,9 @@ class SyntheticSetDDP(MmddDDPStrategy):
 
     def configure_ddp(self) -> None:
         # No DistributedDataParallel wrapper; start every rank from rank 0's module state (the synthetic set).
-        _sync_module_states(self.model)
+        with torch.no_grad():
+            for tensor in (*self.model.parameters(), *self.model.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
 
 
 def distill_strategy(hw):

@@ -49,18 +49,18 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")
     try:
         t0 = time.perf_counter()
-        syn = method.synthesize(cfg, data, out_dir, loggers)
+        result = method.synthesize(cfg, data, out_dir, loggers)
         if not is_rank_zero():
             return out_dir  # rank 0 of a multi-process run writes the set
-        history = getattr(method, "history", [])
+        syn, history = result.synthetic, result.history
         stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}
         extra = {"complete": True, "iteration": len(history), "distill_stats": stats,
-                 "backbone_fingerprint": method.backbone_fingerprint}
-        if getattr(method, "diagnostics", None):
-            extra["diagnostics"] = method.diagnostics  # modality collapse: real / initial / final
-        if getattr(method, "resumes", None):
-            extra["resumed"] = method.resumes  # from which iterations, with which outer settings changed
-        save_synthetic(cfg, syn, data["train"], out_dir, extra)
+                 "backbone_fingerprint": result.backbone_fingerprint}
+        if result.diagnostics:
+            extra["diagnostics"] = result.diagnostics  # modality collapse: real / initial / final
+        if result.resumes:
+            extra["resumed"] = result.resumes  # from which iterations, with which outer settings changed
+        save_synthetic(cfg, syn, data["train"], out_dir, extra, method.manifest_fields())
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []
         if history:

@@ -1,193 +1,156 @@
-"""Trajectory-matching distillation (MTT-VL; later TESLA-VL, LoRS, RepBlend plug in here)."""
+"""Trajectory matching (MTT-VL, TESLA-VL, LoRS, RepBlend): the synthetic set is learned so that a student trained
+on it from an expert's snapshot at epoch s lands, after `syn_steps` steps, where the expert was at s + expert_epochs.
+
+One objective for the whole family; the papers differ in settings only (conf/method/*.yaml): the meta-gradient
+(full unroll or TESLA), the inner loss, a learned similarity S (LoRS) and feature blending (RepBlend). The outer
+loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method's (mmdd.methods.outer_loop)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader
 
-from mmdd.errors import ArtifactError, MmddError, Stopped
-from mmdd.methods.base import Method, check_budget, sample_real_pairs, save_synthetic
+from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
-from mmdd.methods.distill_module import DistillModule, MatchingConfig
-from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy, raise_together
+from mmdd.methods.base import sample_real_pairs
+from mmdd.methods.learned import LearnedMethod
+from mmdd.methods.matching import BatchSchedule, Blend
+from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_cached_features
+from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
-from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
-from mmdd.synthetic.similarity import build_similarity
+from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.trajectory_store import open_checked_trajectories
-from mmdd.utils.config import distill_identity
-from mmdd.utils.signal_stop import SignalStop
-from mmdd.utils.trainer import accelerate_model, build_trainer
+from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 
 log = logging.getLogger(__name__)
 
 
-CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
+@dataclass(kw_only=True)
+class MatchingSettings(OuterSettings):
+    """Settings of a trajectory-matching method (conf/method/<name>.yaml, minus `_target_`/`name`)."""
+
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    batch_syn: int | None = None  # inner mini-batch; None = all pairs
+    loss_merge: str = "separate"
+    tesla_lr_loss: str = "separate"  # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
+    max_experts: int | None = None
+    meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
+    inner_loss: str = DEFAULT_INNER_LOSS  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
+    label_temperature: float = DEFAULT_LABEL_TEMPERATURE  # soft_ce/kl targets: softmax(S / label_temperature)
+    temperature: float | None = None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
+    blend: dict | None = None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
+    cache_features: bool = True  # frozen backbone: its features once per iteration (exact; see meta_gradient)
+    feature_chunk: int | None = None  # None: keep the backbone graph; int: recompute in chunks (bounded memory)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.inner_loss not in INNER_LOSSES:
+            raise MmddError(f"method.inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
+        if self.meta_gradient not in STRATEGIES:
+            raise MmddError(f"method.meta_gradient must be one of {STRATEGIES}, got {self.meta_gradient!r}")
+        if self.loss_merge not in ("separate", "merged"):
+            raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
+        if self.tesla_lr_loss not in ("separate", "as_loss"):
+            raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise MmddError(f"method.temperature must be a number > 0 or null, got {self.temperature!r}")
+        if self.label_temperature <= 0:
+            raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
+        if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1:
+            raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
 
 
-class DistillCheckpoint(SignalStop):
-    """Every `every` outer steps: the synthetic set so far (rank 0) and a Lightning checkpoint to resume from
-    (set, S, step sizes, optimizer momentum, step, every rank's RNG states, history); the checkpoint again at
-    the end, so a finished run can be extended with more iterations. Both are written atomically.
-
-    A stopping signal (SignalStop: every rank agrees after the same iteration) saves that iteration's set and
-    checkpoint and ends the fit; `synthesize` then raises Stopped, so a stop is said and never taken for success."""
-
-    def __init__(self, every: int, path: Path, save_set):
-        super().__init__()
-        self.every, self.path, self.save_set = every, Path(path), save_set
-        self.last_saved = -1
-        self.stopped_by: str | None = None  # SIGTERM / SIGINT, once the run stops on one
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException):  # Lightning's own path: a SIGTERM before on_train_start
-            self.stopped_by = self.stopped_by or "SIGTERM"
-            if trainer.global_step != self.last_saved:
-                self.last_saved = trainer.global_step
-                self.save(trainer, pl_module, with_set=True)
-        super().on_exception(trainer, pl_module, exception)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        stop = self.stop_requested(trainer, pl_module)
-        if stop:
-            self.stopped_by = signal.Signals(stop).name
-            trainer.should_stop = True  # every rank, after this same iteration
-        if (stop or (self.every and step % self.every == 0)) and step != self.last_saved:  # a skipped iteration keeps the step
-            self.last_saved = step
-            self.save(trainer, pl_module, with_set=True)
-
-    def on_train_end(self, trainer, pl_module):
-        if trainer.global_step != self.last_saved:
-            self.save(trainer, pl_module, with_set=False)
-
-    def save(self, trainer, pl_module, with_set: bool) -> None:
-        """The set (rank 0), then the checkpoint (every rank takes part: RNG states are gathered; rank 0 writes);
-        a failure on any rank stops every rank, with the last complete checkpoint left as it was."""
-        error = None
-        if with_set and trainer.is_global_zero:
-            try:
-                self.save_set(trainer.global_step)
-            except Exception as exc:  # noqa: BLE001 - raised on every rank just below
-                error = exc
-        raise_together(trainer, pl_module.device, error, f"saving the synthetic set at iteration {trainer.global_step}")
-        trainer.save_checkpoint(self.path)
-        io = trainer.strategy.checkpoint_io
-        raise_together(trainer, pl_module.device, io.take_error() if isinstance(io, GuardedCheckpointIO) else None,
-                       f"writing the checkpoint {self.path}")
+def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int) -> tuple[int, int]:
+    """The expert and start epoch of one iteration (MTT: uniform over experts and [0, max_start_epoch))."""
+    expert = int(torch.randint(n_experts, (1,), generator=generator))
+    start = int(torch.randint(max_start_epoch, (1,), generator=generator))
+    return expert, start
 
 
-def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `resume=auto` takes this run's own if one exists (a rerun in the same
-    directory, a requeued SLURM job); `resume=<path>` a checkpoint file or a synthetic-set directory; `resume=false`
-    starts over."""
-    resume = str(cfg.get("resume", "auto"))
-    if resume.lower() in ("none", "false"):
-        return None
-    if resume.lower() in ("auto", "true"):
-        own = out_dir / CHECKPOINT
-        return check_readable(own) if own.exists() else None
-    path = Path(str(resume))
-    path = path / CHECKPOINT if path.is_dir() else path
-    if not path.is_file():
-        raise MmddError(f"resume={resume}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
-                        f"distill (it holds {CHECKPOINT}) or the .ckpt file, or resume=auto")
-    return check_readable(path)
+def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: MatchingSettings, start, target,
+                  generator: torch.Generator, device=None) -> Segment:
+    """One iteration's segment: the synthetic set's data, step sizes and S, batches and blends drawn from
+    `generator` (so two runs with equally seeded generators draw the same)."""
+
+    def inner_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature)
+
+    return Segment(
+        model=model,
+        layout=layout,
+        start=start,
+        target=target,
+        lrs={"image": syn.lrs["image"], "text": syn.lrs["text"]},
+        images=syn.images,
+        texts=syn.texts,
+        schedule=BatchSchedule(len(syn), config.batch_syn, generator, device=device),
+        syn_steps=config.syn_steps,
+        inner_loss=inner_loss,
+        merged=config.loss_merge == "merged",
+        lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
+        extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
+        blend=Blend(float(config.blend["alpha"]), generator) if config.blend else None,
+    )
 
 
-def check_readable(path: Path) -> Path:
-    """Refuse a truncated, corrupted or foreign checkpoint with its path, before Lightning fails deep inside
-    torch.load. weights_only: a checkpoint is a file a user hands us, and unpickling one can run any code it holds;
-    mmdd's own checkpoints hold tensors and plain containers only."""
-    try:
-        # mmap: reads the archive's index and pickles, not the tensors (Lightning loads them right after)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict) or "mmdd" not in state or "state_dict" not in state:
-            raise ValueError("not a distillation checkpoint of mmdd")
-    except Exception as exc:  # torch.load raises many kinds on garbage (pickle, zip, EOF, ...)
-        raise ArtifactError(f"checkpoint {path} cannot be used ({type(exc).__name__}: {exc}); delete it, or rerun with "
-                            "resume=false to start over (the synthetic set saved beside it is kept until then)") from exc
-    return path
+def caches_features(config: MatchingSettings, model) -> bool:
+    return config.cache_features and model.backbone_is_cacheable()
 
 
-class TrajectoryMatching(Method):
-    """Distils by matching expert trajectories; all settings live in a `MatchingConfig`."""
+def strategy_for(config: MatchingSettings, model):
+    """The configured meta-gradient, on cached backbone features when the backbone allows it."""
+    strategy = meta_gradient(config.meta_gradient)
+    if caches_features(config, model):
+        strategy = with_cached_features(strategy, config.feature_chunk)
+    return strategy
 
-    def __init__(self, name: str, **settings):
-        self.name = name
-        self.config = MatchingConfig(**settings)
-        self.history: list[dict] = []
-        self.diagnostics: dict[str, dict[str, float]] = {}
 
-    def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
-        gen = torch.Generator().manual_seed(int(cfg.seed))
-        images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
-        if self.config.init == "noise":
-            images = torch.randn(images.shape, generator=gen)
-            texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
-        lr = self.config.lr_init
-        similarity = None
-        if self.config.similarity:
-            similarity = build_similarity(dict(self.config.similarity), images.shape[0], gen)
-        return SyntheticSet(images, texts, {"image": lr, "text": lr}, similarity)
+class TrajectoryMatchingObjective:
+    """One outer iteration's matching loss: draw an expert and a start epoch, read the two snapshots, unroll a
+    student on the set and leave the meta-gradient in the set's .grad (the configured full unroll or TESLA)."""
 
-    def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> SyntheticSet:
-        train = data["train"]
-        budget = check_budget(cfg.budget, train)
-        if self.config.similarity and budget < 2:
-            raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
-        torch.manual_seed(int(cfg.seed))
-        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-        self.prepare_model(model)
-        self.backbone_fingerprint = frozen_backbone_fingerprint(model)
-        accelerate_model(model, cfg.hardware, second_order=True)
-        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, self.backbone_fingerprint)
-        # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
-        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
-        every = int(cfg.get("diagnostics_every") or 0)
-        probe = self.collapse_probe(cfg, model, trajectories, train, len(syn)) if every else None
-        module = DistillModule(model, syn, trajectories, self.config, seed=int(cfg.seed), probe=probe,
-                               diagnostics_every=every, identity=distill_identity(cfg),
-                               max_nonfinite=int(cfg.get("max_nonfinite", 10)))
+    def __init__(self, model, trajectories: ExpertSnapshots, settings: MatchingSettings):
+        if settings.max_start_epoch + settings.expert_epochs > trajectories.epochs:
+            raise MmddError(
+                f"method.max_start_epoch ({settings.max_start_epoch}) + expert_epochs ({settings.expert_epochs}) "
+                f"exceeds the {trajectories.epochs} recorded teacher epochs; lower them or record more epochs "
+                "(teacher.epochs)"
+            )
+        self.model = model
+        # The experts stay on disk: each iteration reads the drawn expert's start and target snapshots only.
+        self.trajectories = trajectories
+        self.layout = ParamLayout.from_model(model)
+        self.settings = settings
+        self._strategy = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
 
-        def save(step: int) -> None:
-            save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False,
-                                                      "backbone_fingerprint": self.backbone_fingerprint})
+    def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
+        s, device = self.settings, syn.images.device
+        expert, start = draw_segment_start(generator, self.trajectories.n_experts, s.max_start_epoch)
+        starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device)
+        seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device)
+        if self._strategy is None:  # decided once, in training mode (batch-norm statistics decide caching)
+            self._strategy = strategy_for(s, self.model)
+        loss, terms = self._strategy(seg, backward)
+        return ObjectiveStep(loss, terms, {"distill/start_epoch": float(start)})
 
-        ckpt = resume_checkpoint(cfg, out_dir)
-        if ckpt is not None:
-            log.info("resuming from %s", ckpt)
-        callbacks = [DistillCheckpoint(int(cfg.save_every), out_dir / CHECKPOINT, save)]
-        # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
-        trainer = build_trainer(cfg, loggers, callbacks, max_steps=self.config.iterations, max_epochs=-1,
-                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False,
-                                plugins=[GuardedCheckpointIO()])
-        iterations = DataLoader(range(self.config.iterations), batch_size=1)
-        # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
-        # and a checkpoint of it, so a rerun with lower learning rates continues from there.
-        module.save_before_stop = lambda: callbacks[0].save(trainer, module, with_set=True)
-        def stopped() -> Stopped:
-            stop = callbacks[0].stopped_by or "SIGTERM"
-            return Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
-                           f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
-                           exit_code=128 + int(getattr(signal, stop)))
 
-        try:
-            trainer.fit(module, iterations, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-        except SIGTERMException as exc:
-            raise stopped() from exc
-        if callbacks[0].stopped_by:
-            raise stopped()
-        self.history = module.history
-        self.diagnostics = module.diagnostics
-        self.resumes = module.resumes
-        return syn
+class TrajectoryMatching(LearnedMethod):
+    """Distils by matching expert trajectories; all settings live in a `MatchingSettings`."""
+
+    settings_cls = MatchingSettings
+    second_order = True  # the student's inner steps are differentiated: its backbone stays uncompiled
+
+    def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:
+        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
+        return TrajectoryMatchingObjective(model, trajectories, self.config)
+
+    def manifest_fields(self) -> dict:
+        return {"inner_loss": self.config.inner_loss, "label_temperature": self.config.label_temperature}
 
     def prepare_model(self, model) -> None:
         """The distillation loop's model: refuse what the method cannot use, and apply `method.temperature` (the inner
@@ -203,10 +166,10 @@ class TrajectoryMatching(Method):
                 "or experiment=synscenes_repblend"
             )
 
-    @staticmethod
-    def collapse_probe(cfg, model, trajectories, train, n: int) -> CollapseProbe:
+    def make_probe(self, cfg, model, objective: TrajectoryMatchingObjective, train, n: int) -> CollapseProbe:
         """Embeds with expert 0's last recorded parameters; real reference: n real pairs (seeded)."""
+        trajectories = objective.trajectories
         flats = trajectories.snapshots(0, [trajectories.epochs])[0]
         gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
         images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
-        return CollapseProbe(model, ParamLayout.from_model(model), flats, images, texts)
+        return CollapseProbe(model, objective.layout, flats, images, texts)

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+# How a set's students train when its method says nothing else (coresets; manifests written before these fields).
+DEFAULT_INNER_LOSS = "infonce"
+DEFAULT_LABEL_TEMPERATURE = 0.1  # tau of the soft_ce/kl targets softmax(S / tau)
+
+
 def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
     """CLIP loss: mean of image->text and text->image cross-entropy with diagonal targets."""
     target = torch.arange(logits.shape[0], device=logits.device)
@@ -39,7 +44,7 @@ def multilabel_infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 0.5 * (rows + cols)
 
 
-def soft_ce(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
+def soft_ce(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = DEFAULT_LABEL_TEMPERATURE) -> torch.Tensor:
     """Cross-entropy of softmax(logits) against softmax(S / tau) per row, mean over rows, both directions averaged.
 
     Unlike multi-label InfoNCE, softmax(S / tau) is a distribution whatever S becomes (entries > 1 or < 0),
@@ -55,7 +60,7 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor, label_temperature: float
     return 0.5 * (one_side(logits, target) + one_side(logits.t(), target.t()))
 
 
-def lors_kl(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = 0.1) -> torch.Tensor:
+def lors_kl(logits: torch.Tensor, target: torch.Tensor, label_temperature: float = DEFAULT_LABEL_TEMPERATURE) -> torch.Tensor:
     """LoRS's "KL" loss exactly (src/similarity_mining.py): KLDivLoss(reduction="mean") of log_softmax(logits) against
     softmax(S / tau), i.e. the summed KL divided by B^2 entries, both directions averaged."""
 
@@ -76,7 +81,7 @@ LABEL_TEMPERATURE_LOSSES = ("soft_ce", "kl")  # the losses whose targets are sof
 INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
 
 
-def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = 0.1) -> torch.Tensor:
+def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = DEFAULT_LABEL_TEMPERATURE) -> torch.Tensor:
     """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I).
 
     `label_temperature` is the tau of `soft_ce` and `kl` (softmax(S / tau) targets); the other losses ignore it.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdd.evaluate.retrieval import METRIC_KEYS
+from mmdd.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "students", "experiment_name", "buffer_dir",
                     "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs"}
 NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "data.root", "hydra/")
-STAGES_WITH_RESULTS = ("distill", "evaluate", "run")
 # The full-data row: the teachers of a trajectory store, each evaluated on test after its last epoch.
 TEACHERS_LABEL = "full train (teachers)"
 TEACHERS_PROTOCOL = "teacher"
@@ -161,7 +161,7 @@ def writes_results(run_dir: Path) -> str | None:
         return None
     cfg = OmegaConf.load(saved)
     stage = cfg.get("stage")
-    if stage not in STAGES_WITH_RESULTS or (stage == "distill" and not cfg.get("evaluate", False)):
+    if stage not in STAGES or not STAGES[stage].writes_results or (stage == "distill" and not cfg.get("evaluate", False)):
         return None
     return stage
 

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from mmdd.errors import MmddError
-from mmdd.utils.stopping import KEPT, LAUNCHER_PID_ENV, STAGE_ENV
+from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV, kept
 
 # Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
 # launcher's watch then ends the other processes quietly instead of reporting a death and exiting.
@@ -83,7 +83,7 @@ class _ExplainingLauncher(_SubprocessScriptLauncher):
             STOP_EXPLAINED.set()
             stage = os.environ.get(STAGE_ENV, "")
             raise MmddError(f"{who} died (killed, out of memory, or its node failed), so this one stopped too; "
-                            f"{KEPT.get(stage, 'what was saved is kept')}. Rerun the same command to resume") from exc
+                            f"{kept(stage, 'what was saved is kept')}. Rerun the same command to resume") from exc
 
     @property
     def world_size(self) -> int:

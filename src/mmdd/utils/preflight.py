@@ -8,18 +8,7 @@ import tempfile
 from pathlib import Path
 
 from mmdd.errors import MmddError
-
-# Config keys whose directories a stage writes (besides the run directory, paths.output_dir).
-# (paths.data_dir is added where the stage may generate the embedded dataset; a real dataset may be read-only.)
-STAGE_OUTPUTS = {
-    "buffer": ["buffer_dir", "paths.cache_dir"],
-    "distill": ["synthetic_dir", "paths.cache_dir"],
-    "evaluate": ["paths.cache_dir"],
-    "pretrain": ["pretrain.output", "paths.cache_dir"],
-    "run": ["buffer_dir", "paths.cache_dir"],
-    "bench": [],
-}
-
+from mmdd.stages import STAGES
 
 def check_writable(path: str | Path, key: str, min_free_mb: float) -> None:
     """`path` (a directory, created if missing) can be written, and its disk has `min_free_mb` free."""
@@ -41,12 +30,12 @@ def check_writable(path: str | Path, key: str, min_free_mb: float) -> None:
 
 def preflight(cfg, stage: str) -> None:
     """Check the top-level settings' types, the run directory and every output location of `stage` before any data
-    is loaded."""
+    is loaded (paths.data_dir too where the stage may generate the embedded dataset; a real one may be read-only)."""
     from mmdd.config_schema import check_stage_settings
 
     check_stage_settings(cfg)
     min_free = float(cfg.paths.get("min_free_mb", 0) or 0)
-    keys = ["paths.output_dir", *STAGE_OUTPUTS.get(stage, [])]
+    keys = ["paths.output_dir", *(STAGES[stage].outputs if stage in STAGES else ())]
     if str(cfg.data.get("format")) == "synscenes":  # generated on first use
         keys.append("paths.data_dir")
     for key in keys:

@@ -15,15 +15,13 @@ import signal
 _received: list[int] = []
 _explained: list[bool] = []
 
-# What a stopped stage keeps, for its "stopped by SIG..." sentence (and a lost process's).
-KEPT = {
-    "buffer": "every complete expert is kept",
-    "distill": "the set and checkpoint last saved are kept",
-    "evaluate": "every finished student is kept in results.json",
-    "pretrain": "nothing of this pre-training is kept",
-    "run": "every finished stage's output is kept (complete experts, saved sets, finished students)",
-    "bench": "nothing is kept",
-}
+
+def kept(stage: str, otherwise: str) -> str:
+    """What a stopped `stage` leaves behind, for its sentence (mmdd.stages)."""
+    from mmdd.stages import STAGES
+
+    return STAGES[stage].kept if stage in STAGES else otherwise
+
 # The environment a stage's processes share: the stage (Lightning re-starts ranks > 0 without it on the command line)
 # and the pid of the process that started it (a rank > 0 whose parent is no longer that one knows rank 0 died).
 STAGE_ENV = "MMDD_STAGE"
@@ -67,7 +65,7 @@ def explain(stage: str) -> int | None:
     signum = received()
     if signum is None:
         return None
-    say(stage, f"stopped by {signal.Signals(signum).name}; {KEPT.get(stage, 'nothing had started')}. Rerun the same "
+    say(stage, f"stopped by {signal.Signals(signum).name}; {kept(stage, 'nothing had started')}. Rerun the same "
                "command to resume")
     return 128 + signum
 

@@ -1,0 +1,115 @@
+"""What every learned method shares: its settings, its initial set, and a run of the outer loop that saves,
+resumes and stops as every other method's does. A new learned method subclasses `LearnedMethod` with its settings
+dataclass and `make_objective` (see tests/test_outer_loop.py for one in thirty lines)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mmdd.errors import MmddError, Stopped
+from mmdd.methods.base import DistillResult, Method, check_budget, sample_real_pairs, save_synthetic
+from mmdd.methods.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
+from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy
+from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
+from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
+from mmdd.synthetic.similarity import build_similarity
+from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.utils.config import distill_identity
+from mmdd.utils.trainer import accelerate_model, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+class LearnedMethod(Method):
+    """A method that learns the synthetic set by gradient descent on an `Objective`.
+
+    Subclasses set `settings_cls` (an OuterSettings subclass: every key of conf/method/<name>.yaml but `_target_`
+    and `name`) and implement `make_objective`; `prepare_model` and `make_probe` are optional hooks."""
+
+    settings_cls: type[OuterSettings] = OuterSettings
+    # The objective differentiates through the model's own gradient (trajectory matching): no torch.compile there.
+    second_order = False
+
+    def __init__(self, name: str, **settings):
+        self.name = name
+        self.config = self.settings_cls(**settings)
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def prepare_model(self, model) -> None:
+        """Adjust or refuse the model this method distils with (before its backbone is fingerprinted)."""
+
+    def make_objective(self, cfg, model, train, fingerprint: str) -> Objective:
+        raise NotImplementedError
+
+    def make_probe(self, cfg, model, objective: Objective, train, n: int):
+        """A modality-collapse probe (mmdd.evaluate.diagnostics.CollapseProbe) for `n` pairs, or None."""
+        return None
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
+        """`budget` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
+        shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init."""
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
+        if self.config.init == "noise":
+            images = torch.randn(images.shape, generator=gen)
+            texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
+        lr = self.config.lr_init
+        similarity = None
+        if self.config.similarity:
+            similarity = build_similarity(dict(self.config.similarity), images.shape[0], gen)
+        return SyntheticSet(images, texts, {"image": lr, "text": lr}, similarity)
+
+    def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
+        train = data["train"]
+        budget = check_budget(cfg.budget, train)
+        if self.config.similarity and budget < 2:
+            raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
+        torch.manual_seed(int(cfg.seed))
+        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        self.prepare_model(model)
+        fingerprint = frozen_backbone_fingerprint(model)
+        accelerate_model(model, cfg.hardware, second_order=self.second_order)
+        objective = self.make_objective(cfg, model, train, fingerprint)
+        # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
+        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
+        every = int(cfg.get("diagnostics_every") or 0)
+        probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
+        loop = OuterLoop(objective, syn, self.config, seed=int(cfg.seed), probe=probe, diagnostics_every=every,
+                         identity=distill_identity(cfg), max_nonfinite=int(cfg.get("max_nonfinite", 10)))
+
+        def save(step: int) -> None:
+            save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False,
+                                                      "backbone_fingerprint": fingerprint}, self.manifest_fields())
+
+        ckpt = resume_checkpoint(cfg, out_dir)
+        if ckpt is not None:
+            log.info("resuming from %s", ckpt)
+        checkpoints = DistillCheckpoint(int(cfg.save_every), out_dir / CHECKPOINT, save)
+        # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
+        trainer = build_trainer(cfg, loggers, [checkpoints], max_steps=self.config.iterations, max_epochs=-1,
+                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False,
+                                plugins=[GuardedCheckpointIO()])
+        # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
+        # and a checkpoint of it, so a rerun with lower learning rates continues from there.
+        loop.save_before_stop = lambda: checkpoints.save(trainer, loop, with_set=True)
+
+        def stopped() -> Stopped:
+            stop = checkpoints.stopped_by or "SIGTERM"
+            return Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
+                           f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
+                           exit_code=128 + int(getattr(signal, stop)))
+
+        try:
+            trainer.fit(loop, OuterIterations(self.config.iterations), ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        except SIGTERMException as exc:
+            raise stopped() from exc
+        if checkpoints.stopped_by:
+            raise stopped()
+        return DistillResult(syn, history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
+                             backbone_fingerprint=fingerprint)
