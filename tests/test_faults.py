@@ -204,7 +204,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from mmdd.data.datamodule import load_data
     from mmdd.methods.outer_loop import outer_optimizer
     from mmdd.methods.trajectory_matching import build_segment, draw_segment_start, strategy_for
-    from mmdd.methods.distributed import rank_seed
+    from mmdd.utils.seed import rank_seed
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
@@ -410,16 +410,14 @@ class _RunsCode:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_unpickling_it(tmp_path):
-    from omegaconf import OmegaConf
-
     from mmdd.errors import ArtifactError
-    from mmdd.methods.trajectory_matching import resume_checkpoint
+    from mmdd.methods.checkpointing import resume_checkpoint
 
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "handed_over.ckpt"
     torch.save({"mmdd": {}, "state_dict": {}, "payload": _RunsCode(marker)}, ckpt)
     with pytest.raises(ArtifactError, match=rf"checkpoint {ckpt} cannot be used \(UnpicklingError"):
-        resume_checkpoint(OmegaConf.create({"resume": str(ckpt)}), tmp_path / "synthetic")
+        resume_checkpoint(str(ckpt), tmp_path / "synthetic")
     assert not marker.exists()
     torch.load(ckpt, weights_only=False)  # what a full unpickle does with it
     assert marker.exists()

@@ -139,28 +139,40 @@ def _load_annotations(data_cfg) -> dict[str, Split]:
 
         gen = SynScenesConfig(root=str(data_cfg.root), **dict(data_cfg.generate))
         generate_synscenes(gen)
-    image_root = Path(str(data_cfg.image_root))
-    if fmt in ("blip", "synscenes"):
+    if fmt not in ANNOTATION_FORMATS:
+        raise DataError(f"data.format={fmt!r} is unknown; use {', '.join(ANNOTATION_FORMATS)}")
+    return ANNOTATION_FORMATS[fmt](data_cfg, Path(str(data_cfg.image_root)), pre, max_words)
+
+
+def _per_split_files(load_split):
+    """A format with one annotation file per split (data.ann_dir / data.ann_files[split])."""
+
+    def load(data_cfg, image_root: Path, pre, max_words) -> dict[str, Split]:
         ann_dir = Path(str(data_cfg.ann_dir))
-        return {
-            s: load_blip_split(ann_dir / str(data_cfg.ann_files[s]), image_root, s, preprocess=pre, max_words=max_words)
-            for s in SPLITS
-        }
-    if fmt == "karpathy":
-        splits = load_karpathy(Path(str(data_cfg.ann_file)), image_root, preprocess=pre, max_words=max_words)
-        for s in SPLITS:
-            if s not in splits or not splits[s].image_paths:
-                raise DataError(f"{data_cfg.ann_file}: the {s!r} split has no images (field images[].split); every "
-                                "split (train, val, test) needs at least one image: mark some images as "
-                                f"split {s!r}, or use another split file")
-        return splits
-    if fmt == "table":
-        ann_dir = Path(str(data_cfg.ann_dir))
-        return {
-            s: load_pairs_table(ann_dir / str(data_cfg.ann_files[s]), image_root, s, preprocess=pre, max_words=max_words)
-            for s in SPLITS
-        }
-    raise DataError(f"data.format={fmt!r} is unknown; use synscenes, blip, karpathy or table")
+        return {s: load_split(ann_dir / str(data_cfg.ann_files[s]), image_root, s, preprocess=pre, max_words=max_words)
+                for s in SPLITS}
+
+    return load
+
+
+def _karpathy(data_cfg, image_root: Path, pre, max_words) -> dict[str, Split]:
+    """Karpathy's one file for every split (data.ann_file, images[].split)."""
+    splits = load_karpathy(Path(str(data_cfg.ann_file)), image_root, preprocess=pre, max_words=max_words)
+    for s in SPLITS:
+        if s not in splits or not splits[s].image_paths:
+            raise DataError(f"{data_cfg.ann_file}: the {s!r} split has no images (field images[].split); every "
+                            "split (train, val, test) needs at least one image: mark some images as "
+                            f"split {s!r}, or use another split file")
+    return splits
+
+
+# data.format -> its reader: (data config, image root, caption pre-processing, max words) -> {split: Split}
+ANNOTATION_FORMATS = {
+    "synscenes": _per_split_files(load_blip_split),  # generated above, written in the BLIP layout
+    "blip": _per_split_files(load_blip_split),
+    "karpathy": _karpathy,
+    "table": _per_split_files(load_pairs_table),
+}
 
 
 def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -> dict[str, SplitData]:

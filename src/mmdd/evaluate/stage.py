@@ -23,6 +23,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
                                to_plain)
 from mmdd.utils.io import atomic_write_json, stable_hash
+from mmdd.utils.seed import student_seed
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.trainer import accelerate_model
 
@@ -129,7 +130,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         label_temperature = float(manifest.get("label_temperature", label_temperature))
     with torch.no_grad():
         similarity = syn.similarity_matrix()
-    seeds = [int(cfg.seed) * 100 + k for k in student_indices(cfg)]
+    seeds = [student_seed(cfg.seed, k) for k in student_indices(cfg)]
     results_path = out_dir / "results.json"
     this_hash = config_hash(cfg)
     per_seed = finished_seeds(results_path, this_hash, manifest.get("config_hash"), seeds)

@@ -70,11 +70,11 @@ class DistillCheckpoint(SignalStop):
                        f"writing the checkpoint {self.path}")
 
 
-def resume_checkpoint(cfg, out_dir: Path) -> Path | None:
+def resume_checkpoint(resume, out_dir: Path) -> Path | None:
     """The checkpoint to resume from: `resume=auto` takes this run's own if one exists (a rerun in the same
     directory, a requeued SLURM job); `resume=<path>` a checkpoint file or a synthetic-set directory; `resume=false`
     starts over."""
-    resume = str(cfg.get("resume", "auto"))
+    resume = str(resume)  # YAML reads resume: false as a bool
     if resume.lower() in ("none", "false"):
         return None
     if resume.lower() in ("auto", "true"):

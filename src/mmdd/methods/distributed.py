@@ -43,11 +43,6 @@ def distill_strategy(hw):
     raise MmddError(f"hardware.strategy={strategy}: distillation runs on one process or with strategy=ddp (or auto)")
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The draw seed of rank `rank`: rank 0 keeps `seed`, so one process draws what rank 0 of many draws."""
-    return int(seed) + 1_000_003 * int(rank)
-
-
 def gather_states(module, state: torch.Tensor) -> torch.Tensor:
     """[world, ...] of a per-rank state tensor (an RNG state), for a checkpoint written by rank 0."""
     world = module.trainer.world_size

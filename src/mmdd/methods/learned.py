@@ -54,7 +54,7 @@ class LearnedMethod(Method):
     def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
         """`budget` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
         shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init."""
-        gen = torch.Generator().manual_seed(int(cfg.seed))
+        gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
         if self.config.init == "noise":
             images = torch.randn(images.shape, generator=gen)
@@ -70,7 +70,7 @@ class LearnedMethod(Method):
         budget = check_budget(cfg.budget, train)
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
-        torch.manual_seed(int(cfg.seed))
+        torch.manual_seed(cfg.seed)
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         self.prepare_model(model)
         fingerprint = frozen_backbone_fingerprint(model)
@@ -78,19 +78,19 @@ class LearnedMethod(Method):
         objective = self.make_objective(cfg, model, train, fingerprint)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
-        every = int(cfg.get("diagnostics_every") or 0)
+        every = cfg.diagnostics_every
         probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
-        loop = OuterLoop(objective, syn, self.config, seed=int(cfg.seed), probe=probe, diagnostics_every=every,
-                         identity=distill_identity(cfg), max_nonfinite=int(cfg.get("max_nonfinite", 10)))
+        loop = OuterLoop(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,
+                         identity=distill_identity(cfg), max_nonfinite=cfg.max_nonfinite)
 
         def save(step: int) -> None:
             save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False,
                                                       "backbone_fingerprint": fingerprint}, self.manifest_fields())
 
-        ckpt = resume_checkpoint(cfg, out_dir)
+        ckpt = resume_checkpoint(cfg.resume, out_dir)
         if ckpt is not None:
             log.info("resuming from %s", ckpt)
-        checkpoints = DistillCheckpoint(int(cfg.save_every), out_dir / CHECKPOINT, save)
+        checkpoints = DistillCheckpoint(cfg.save_every, out_dir / CHECKPOINT, save)
         # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
         trainer = build_trainer(cfg, loggers, [checkpoints], max_steps=self.config.iterations, max_epochs=-1,
                                 strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False,

@@ -26,9 +26,6 @@ import torch
 from mmdd.methods.matching import Blend, BatchSchedule, matching_loss, unroll_full
 from mmdd.models.functional import ParamLayout, functional_logits
 
-STRATEGIES = ("full", "tesla")
-
-
 @dataclass
 class Segment:
     """Everything one outer iteration matches: expert start/target and the synthetic batch source."""
@@ -227,9 +224,12 @@ def with_cached_features(strategy, chunk: int | None = None):
     return run
 
 
+# method.meta_gradient -> how a segment's gradient is computed (every strategy takes (segment, backward)).
+META_GRADIENTS = {"full": full_unroll, "tesla": tesla}
+STRATEGIES = tuple(META_GRADIENTS)
+
+
 def meta_gradient(name: str):
-    if name == "full":
-        return full_unroll
-    if name == "tesla":
-        return tesla
-    raise ValueError(f"method.meta_gradient must be one of {STRATEGIES}, got {name!r}")
+    if name not in META_GRADIENTS:
+        raise ValueError(f"method.meta_gradient must be one of {STRATEGIES}, got {name!r}")
+    return META_GRADIENTS[name]

@@ -21,6 +21,7 @@ from mmdd.config_schema import check_fields
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import OUTER_SETTINGS, config_differences
+from mmdd.utils.seed import rank_seed
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,6 @@ class OuterLoop(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Every rank draws its own samples; rank 0 draws what a single process does.
-        from mmdd.methods.distributed import rank_seed
-
         self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
 
     # -- checkpoints: everything an uninterrupted run would still have in memory --------------------

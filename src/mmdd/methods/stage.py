@@ -37,7 +37,7 @@ def distill_stats(history: list[dict], warmup: int = 2) -> dict:
 
 def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     """Synthesize the set with `cfg.method`; returns the directory it was saved to."""
-    seed_everything(int(cfg.seed))
+    seed_everything(cfg.seed)
     if data is None:
         annotations = load_annotations(cfg.data)
         check_budget(cfg.budget, annotations["train"])  # before the captions are embedded (minutes at real size)
@@ -70,12 +70,12 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
             figures.append(pairs_grid(syn.images, captions, cfg.data.mean, cfg.data.std, out_dir / "pairs.png"))
         for fig in figures:
             log_images(loggers, f"synthetic/{fig.stem}", [str(fig)])
-        n = min(len(syn), int(cfg.get("log_pairs", 32)))
+        n = min(len(syn), cfg.log_pairs)
         pics = denormalize(syn.images[:n].detach().cpu(), cfg.data.mean, cfg.data.std).permute(0, 2, 3, 1).numpy()
         log_images(loggers, "synthetic/pairs", list(pics), captions[:n] or None)
         if captions:
             log_pairs_table(loggers, "synthetic/pairs_table", list(pics), captions[:n])
-        log.info("synthetic set (%s, budget %d) saved to %s; %s", cfg.method.name, int(cfg.budget), out_dir, stats)
+        log.info("synthetic set (%s, budget %d) saved to %s; %s", cfg.method.name, cfg.budget, out_dir, stats)
     finally:
         finish_loggers(loggers)
     return out_dir

@@ -24,6 +24,7 @@ from mmdd.models.functional import ParamLayout
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
+from mmdd.utils.seed import probe_seed
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,6 @@ class TrajectoryMatching(LearnedMethod):
         """Embeds with expert 0's last recorded parameters; real reference: n real pairs (seeded)."""
         trajectories = objective.trajectories
         flats = trajectories.snapshots(0, [trajectories.epochs])[0]
-        gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        gen = torch.Generator().manual_seed(probe_seed(cfg.seed))
         images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
         return CollapseProbe(model, objective.layout, flats, images, texts)

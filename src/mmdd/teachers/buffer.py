@@ -21,14 +21,10 @@ from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
-from mmdd.utils.seed import seed_everything
+from mmdd.utils.seed import expert_seed, seed_everything
 from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
 
 log = logging.getLogger(__name__)
-
-
-def expert_seed(base: int, idx: int) -> int:
-    return base * 1009 + idx
 
 
 def run_buffer(cfg, data=None) -> Path:

@@ -1,4 +1,13 @@
-"""Seeding: one integer controls every random choice of a stage."""
+"""Seeding: one integer controls every random choice of a stage.
+
+Every seed derived from a run's seed is derived here, each by its own named rule (the rules differ, and changing
+one would change every committed number made with it):
+
+    expert_seed(teacher.seed, e)  = teacher.seed * 1009 + e         teacher e of a store
+    rank_seed(seed, r)            = seed + 1_000_003 * r            the draws of DDP rank r (rank 0 draws as 1 process)
+    student_seed(seed, k)         = seed * 100 + k                  student k of a set
+    probe_seed(seed)              = seed + 1                        the real pairs of the collapse diagnostics
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,22 @@ import random
 
 import numpy as np
 import torch
+
+
+def expert_seed(teacher_seed: int, expert: int) -> int:
+    return teacher_seed * 1009 + expert
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    return seed + 1_000_003 * rank
+
+
+def student_seed(seed: int, student: int) -> int:
+    return seed * 100 + student
+
+
+def probe_seed(seed: int) -> int:
+    return seed + 1
 
 
 def seed_everything(seed: int) -> torch.Generator:
