@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mmdd.data.annotations import Split
 from mmdd.data.datamodule import SplitData
@@ -20,14 +19,17 @@ def split(n_img, seed):
 
 
 def cfg(selection, epochs=6):
-    return OmegaConf.create({
-        "protocol": {"epochs": epochs, "lr_decay_epoch": 3, "lr_decay": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                     "batch_size": 4, "eval_every": 2, "selection": selection, "eval_schedule": "every",
-                     "batch_draw": "permutation"},
-        "data": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        "hardware": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
-        "progress_bar": False,
-    })
+    """The evaluate stage's composed config (trainer, hardware, ...), with a tiny protocol."""
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("evaluate", overrides=[
+            f"protocol.epochs={epochs}", "protocol.lr_decay_epoch=3", "protocol.lr_decay=0.1", "protocol.momentum=0.9",
+            "protocol.weight_decay=5e-4", "protocol.batch_size=4", "protocol.eval_every=2",
+            f"protocol.selection={selection}", "protocol.eval_schedule=every", "protocol.batch_draw=permutation",
+            "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "logger=none", "paths.output_dir=/tmp/unused"])
 
 
 def build():

@@ -84,6 +84,7 @@ def plan(argv: list[str]) -> int:
     from hydra.errors import HydraException
 
     from mmdd.paths import conf_dir
+    from mmdd.config_schema import check_stage_settings
     from mmdd.plan import format_plan, make_plan
 
     ap = argparse.ArgumentParser(prog="mmdd plan", description="Parameter counts, trajectory store size and estimated "
@@ -94,6 +95,7 @@ def plan(argv: list[str]) -> int:
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose(args.stage, overrides=args.overrides, return_hydra_config=False)
+        check_stage_settings(cfg)  # as a stage does before it starts
         print(format_plan(cfg, make_plan(cfg)))
     except (MmddError, HydraException) as exc:
         print(f"mmdd plan: error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ through `check_fields`) when they are built, since learned methods and coresets 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -67,10 +67,31 @@ class TeacherConfig:
 
 
 @dataclass
+class DataSettings:
+    image_size: int = MISSING  # the one key every data config shares that code computes with
+
+
+@dataclass
+class PretrainSettings:
+    epochs: int = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class PathSettings:
+    min_free_mb: float = MISSING
+
+
+@dataclass
 class StageSettings:
-    """The top-level settings of the stages' primary configs (conf/base.yaml and conf/<stage>.yaml) with a type.
-    A stage has only some of them; `check_stage_settings` checks those it has, before any data is loaded. Types
-    only: the values live in the YAML files."""
+    """The settings outside the typed groups (conf/base.yaml, conf/<stage>.yaml, and the keys code computes with in
+    the untyped data group), with a type. A stage has only some of them; `check_stage_settings` checks those it
+    has, before any data is loaded, so code reads them as they are (no int()/float() at every use). Types only: the
+    values live in the YAML files."""
 
     seed: int = MISSING
     save_every: int = MISSING
@@ -82,28 +103,61 @@ class StageSettings:
     progress_bar: bool = MISSING
     allow_other_dataset: bool = MISSING
     evaluate: bool = MISSING
+    data: DataSettings = field(default_factory=DataSettings)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+
+
+_KINDS = {int: ("a whole number", "int"), float: ("a number", "float"), bool: ("true or false", "bool")}
+
+
+def typed_settings(schema=StageSettings, prefix: str = "") -> dict[str, type]:
+    """{dotted key: type} of every leaf of a settings dataclass."""
+    import dataclasses
+    import typing
+
+    out = {}
+    for f in dataclasses.fields(schema):
+        kind = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(typed_settings(kind, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = kind
+    return out
+
+
+def whole_budget(budget) -> int:
+    """`budget` as an int when it is a whole number of pairs (8 or 8.0); an MmddError otherwise."""
+    from mmdd.errors import MmddError
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (
+        isinstance(budget, float) and not budget.is_integer()
+    ):
+        raise MmddError(f"budget={budget!r} is not a whole number of pairs; set budget=<positive integer> "
+                        "(the number of image-text pairs of the synthetic set)")
+    return int(budget)
 
 
 def check_stage_settings(cfg) -> None:
-    """Each top-level setting of `cfg` that StageSettings names must have its type: `seed=abc` fails in a second,
-    naming the key, not after the data has loaded."""
-    import dataclasses
-
+    """Each setting of `cfg` that StageSettings names must have its type: `seed=abc` fails in a second, naming the
+    key, not after the data has loaded. A whole number is not a number of another kind: `seed=3.0` is refused, as
+    Hydra refuses it in the typed groups."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ValidationError
 
     from mmdd.errors import MmddError
 
-    schema = OmegaConf.structured(StageSettings)
-    for f in dataclasses.fields(StageSettings):
-        if f.name not in cfg:
+    absent = object()
+    for key, kind in typed_settings().items():
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is absent:
             continue
-        value = cfg[f.name]
-        try:
-            OmegaConf.merge(schema, {f.name: value})
-        except ValidationError as exc:
-            kind = {"int": "a whole number", "float": "a number", "bool": "true or false"}[f.type]
-            raise MmddError(f"{f.name}={value!r} must be {kind}; set {f.name}=<{f.type}>") from exc
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+        if not ok:
+            what, name = _KINDS[kind]
+            raise MmddError(f"{key}={value!r} must be {what}; set {key}=<{name}>")
+    if "budget" in cfg:  # a whole number of pairs, written as one (budget=8.0 is 8)
+        cfg.budget = whole_budget(cfg.budget)
 
 
 def check_fields(settings, section: str, where: str) -> None:

@@ -66,7 +66,7 @@ def meta_model(cfg, dim: int, device="meta"):
     model_cfg.image.pretrained = False
     model_cfg.image.checkpoint = None
     with torch.device(device):
-        model = build_dual_encoder(model_cfg, dim, int(cfg.data.image_size))
+        model = build_dual_encoder(model_cfg, dim, cfg.data.image_size)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -91,7 +91,7 @@ def counts(model) -> dict[str, int]:
 def store_bytes(cfg, model) -> int:
     """The trajectory store on disk: every expert's matched parameters at epochs 0..E (safetensors headers aside)."""
     c = counts(model)
-    return int(cfg.teacher.num_experts) * (int(cfg.teacher.epochs) + 1) * _bytes(c["matched image"] + c["matched text"])
+    return cfg.teacher.num_experts * (cfg.teacher.epochs + 1) * _bytes(c["matched image"] + c["matched text"])
 
 
 class LiveBytes(TorchDispatchMode):
@@ -132,7 +132,7 @@ def training_step(cfg, model, dim: int, batch: int, momentum: float, weight_deca
     """One SGD step of a teacher or student (InfoNCE on `batch` pairs), as ExpertModule/StudentModule take it."""
     from mmdd.models.losses import pair_loss
 
-    size = int(cfg.data.image_size)
+    size = cfg.data.image_size
     matched = set(sum(model.modality_parameter_names().values(), []))
     params = [p for n, p in model.named_parameters() if n in matched]
 
@@ -170,8 +170,8 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
     mc = method.config
-    budget = int(cfg.budget) - (1 if mc.similarity else 0)
-    size = int(cfg.data.image_size)
+    budget = cfg.budget - (1 if mc.similarity else 0)
+    size = cfg.data.image_size
     layout = ParamLayout.from_model(model)
     model.train()
 
@@ -198,15 +198,15 @@ def distill_estimate(cfg, model, dim: int, method) -> Estimate:
     parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
              "one outer iteration (set, snapshots, meta-gradient, outer step)":
                  tracked_peak(distill_step(cfg, model, dim, method))}
-    budget = int(cfg.budget) - (1 if mc.similarity else 0)
+    budget = cfg.budget - (1 if mc.similarity else 0)
     name = "full unroll" if mc.meta_gradient == "full" else "TESLA"
     return Estimate(f"distill, {name} ({mc.syn_steps} steps of batch {min(mc.batch_syn or budget, budget)})", parts)
 
 
 def student_estimate(cfg, model, dim: int) -> Estimate:
     p = cfg.protocol
-    return training_estimate(cfg, model, dim, "evaluate, one student", int(p.batch_size), float(p.momentum),
-                             float(p.weight_decay))
+    return training_estimate(cfg, model, dim, "evaluate, one student", p.batch_size, p.momentum,
+                             p.weight_decay)
 
 
 def make_plan(cfg) -> dict:
@@ -218,8 +218,8 @@ def make_plan(cfg) -> dict:
     dim = text_dim(cfg)
     model = meta_model(cfg, dim)
     plan = {"counts": counts(model), "store_bytes": store_bytes(cfg, model), "buffer_dir": str(cfg.buffer_dir),
-            "estimates": [training_estimate(cfg, model, dim, "buffer, one teacher", int(cfg.teacher.batch_size),
-                                            float(cfg.teacher.momentum), float(cfg.teacher.weight_decay))]}
+            "estimates": [training_estimate(cfg, model, dim, "buffer, one teacher", cfg.teacher.batch_size,
+                                            cfg.teacher.momentum, cfg.teacher.weight_decay)]}
     method = instantiate(cfg.method) if "method" in cfg else None
     if isinstance(method, TrajectoryMatching):
         for strategy in ("full", "tesla"):
@@ -240,7 +240,7 @@ def format_plan(cfg, plan: dict) -> str:
     lines = [f"model {cfg.model.name} at {cfg.data.image_size} px, text {cfg.model.text.name_or_path}; "
              f"method {cfg.method.name}, budget {cfg.budget}",
              "parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()),
-             f"trajectory store: {cfg.teacher.num_experts} experts x {int(cfg.teacher.epochs) + 1} snapshots = "
+             f"trajectory store: {cfg.teacher.num_experts} experts x {cfg.teacher.epochs + 1} snapshots = "
              f"{_mb(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
              "peak device memory, estimated (live tensors; allocator slack and CUDA context come on top: see mmdd.plan):"]
     for est in plan["estimates"]:
@@ -256,17 +256,17 @@ def check_store_fits(cfg, model) -> None:
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
     root = Path(str(cfg.buffer_dir))
-    per_expert = store_bytes(cfg, model) // max(int(cfg.teacher.num_experts), 1)
+    per_expert = store_bytes(cfg, model) // max(cfg.teacher.num_experts, 1)
     done = 0
     if (root / "manifest.json").exists():
-        done = len([e for e in TrajectoryStore.open(root).completed_experts() if e < int(cfg.teacher.num_experts)])
-    need = per_expert * (int(cfg.teacher.num_experts) - done)
+        done = len([e for e in TrajectoryStore.open(root).completed_experts() if e < cfg.teacher.num_experts])
+    need = per_expert * (cfg.teacher.num_experts - done)
     existing = root
     while not existing.exists():
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise MmddError(f"the trajectory store needs {_mb(need)} more ({int(cfg.teacher.num_experts) - done} experts x "
+        raise MmddError(f"the trajectory store needs {_mb(need)} more ({cfg.teacher.num_experts - done} experts x "
                         f"{_mb(per_expert)}) but only {_mb(free)} is free on the disk of {root} (buffer_dir): free space, "
                         "point buffer_dir at a larger disk, or record fewer experts/epochs (teacher.num_experts, "
                         "teacher.epochs)")

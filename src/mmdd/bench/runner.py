@@ -124,22 +124,22 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
-    seed_everything(int(cfg.seed))
+    seed_everything(cfg.seed)
     b = cfg.bench
-    device = torch.device("cuda" if str(cfg.hardware.accelerator) in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if cfg.hardware.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
     data = data or load_data(cfg, splits=("train",))
     train = data["train"]
     method = instantiate(cfg.method)
     if not isinstance(method, TrajectoryMatching):
         raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
     mc = method.config
-    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)).to(device)
+    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size).to(device)
     method.prepare_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     layout = ParamLayout.from_model(model)
     trajectories = open_checked_trajectories(cfg, model, mc.max_experts)
-    budget = int(cfg.budget)
+    budget = cfg.budget
     syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
 
     cached = caches_features(mc, model)
@@ -147,7 +147,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     text_dim = train.text_emb.shape[1]
 
     def rebuild():
-        fresh_model = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)).to(device)
+        fresh_model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size).to(device)
         method.prepare_model(fresh_model)
         for p in fresh_model.parameters():
             p.requires_grad_(False)
@@ -176,8 +176,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     with dropout_off(model, fast):
         for name, path in paths.items():
             syn, _ = fresh()
-            torch.manual_seed(int(cfg.seed))
-            path.gradients(syn, torch.Generator().manual_seed(int(cfg.seed)), device)
+            torch.manual_seed(cfg.seed)
+            path.gradients(syn, torch.Generator().manual_seed(cfg.seed), device)
             grads[name] = grads_of(syn)
     agreement = {k: relative_difference(grads["ours"][k], grads["reference"][k]) for k in grads["reference"]}
 
@@ -185,7 +185,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     state = {}
     for name in PATHS:
         syn, opt = fresh()
-        state[name] = (syn, opt, torch.Generator().manual_seed(int(cfg.seed)))
+        state[name] = (syn, opt, torch.Generator().manual_seed(cfg.seed))
     timings, memory = {n: [] for n in PATHS}, {n: 0.0 for n in PATHS}
     for i in range(int(b.warmup) + int(b.iterations)):
         for name in PATHS:
@@ -208,14 +208,14 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
 
     profiles = {}
     if int(b.get("profile", 0)):
-        profiles = profile_paths(paths, fresh, int(b.profile), int(cfg.seed), device, mc.lr_min)
+        profiles = profile_paths(paths, fresh, int(b.profile), cfg.seed, device, mc.lr_min)
 
     med = {n: statistics.median(t) for n, t in timings.items()}
     result = {
         "method": str(cfg.method.name), "budget": budget, "pairs": len(syn0), "dataset": str(cfg.data.name),
         "model": str(cfg.model.name), "device": str(device), "meta_gradient": mc.meta_gradient,
         "syn_steps": mc.syn_steps, "batch_syn": mc.batch_syn, "cached_backbone_features": bool(cached),
-        "precision": str(cfg.hardware.precision), "channels_last": fast.channels_last,
+        "precision": cfg.hardware.precision, "channels_last": fast.channels_last,
         "compiled_backbone": fast.compiled,
         "iterations": int(b.iterations), "warmup": int(b.warmup),
         "sec_per_iter": med, "seconds": timings, "speedup": med["reference"] / med["ours"],

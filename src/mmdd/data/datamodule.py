@@ -191,7 +191,7 @@ def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -
         split = anns[s]
         emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
         pixels, sizes = images[s]
-        out[s] = SplitData(split=split, text_emb=emb, image_size=int(cfg.data.image_size), images=pixels,
+        out[s] = SplitData(split=split, text_emb=emb, image_size=cfg.data.image_size, images=pixels,
                            resize=str(cfg.data.resize), original_sizes=sizes)
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
     return out
@@ -201,7 +201,7 @@ def split_images(cfg, split: Split, name: str) -> tuple[torch.Tensor | None, tor
     """A split's decoded images and the files' (width, height), as `data.decode_cache`/`data.preload` say: from the
     decode cache (memory-mapped, or read into memory), decoded into memory, or (None, None) when the files are read
     on every access, after checking that every one of them decodes."""
-    size, resize, label = int(cfg.data.image_size), str(cfg.data.resize), f"{cfg.data.name}/{name}"
+    size, resize, label = cfg.data.image_size, str(cfg.data.resize), f"{cfg.data.name}/{name}"
     cache = Path(str(cfg.paths.cache_dir)) / "images"
     if bool(cfg.data.decode_cache):
         decoded = decoded_images(split.image_paths, size, resize, cache, sources=split.sources, name=label)

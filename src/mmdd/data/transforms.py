@@ -80,17 +80,17 @@ def random_resized_crop(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Ge
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def augment_config(cfg) -> AugmentConfig:
+def augment_config(augment) -> AugmentConfig:
     """`data.augment` (None: no augmentation) as an AugmentConfig; DataError naming the field when a value is wrong."""
-    if cfg is None:
+    if augment is None:
         return AugmentConfig(enabled=False)
-    style = str(cfg.get("style", "mmdd"))
+    style = str(augment.style)
     if style not in AUGMENT_STYLES:
         raise DataError(f"data.augment.style must be one of {AUGMENT_STYLES}, got {style!r}")
-    crop_from = str(cfg.get("crop_from", "decoded"))
+    crop_from = str(augment.crop_from)
     if crop_from not in CROP_SOURCES:
         raise DataError(f"data.augment.crop_from must be one of {CROP_SOURCES}, got {crop_from!r}")
-    ra = cfg.get("randaugment")
+    ra = augment.randaugment
     randaugment = RandAugment(num_ops=0)
     if ra is not None:
         randaugment = RandAugment(num_ops=int(ra.num_ops), magnitude=float(ra.magnitude),
@@ -99,10 +99,10 @@ def augment_config(cfg) -> AugmentConfig:
         raise DataError("data.augment.randaugment runs only with data.augment.style=blip (per image); set "
                         "data.augment.randaugment.num_ops=0 or data.augment.style=blip")
     return AugmentConfig(
-        enabled=bool(cfg.enabled),
-        scale=tuple(float(v) for v in cfg.scale),
-        ratio=tuple(float(v) for v in cfg.ratio),
-        hflip=bool(cfg.hflip),
+        enabled=bool(augment.enabled),
+        scale=tuple(float(v) for v in augment.scale),
+        ratio=tuple(float(v) for v in augment.ratio),
+        hflip=bool(augment.hflip),
         style=style,
         crop_from=crop_from,
         randaugment=randaugment,

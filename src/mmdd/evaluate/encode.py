@@ -101,6 +101,25 @@ class BackboneFeatures:
                                                    metadata={"split": str(key[1]), "backbone": str(key[0])}))
 
 
+def chunks(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def encode_images(model, data: SplitData, rows: range, mean, std, device, features: BackboneFeatures | None = None):
+    """L2-normalised joint-space embeddings of a split's images `rows` (eval mode and no grad are the caller's);
+    with `features` (a frozen backbone's cache) only the image head runs."""
+    if features is not None:
+        backbone = features.split(model, data)[rows.start : rows.stop]
+    else:
+        backbone = model.features(normalize(data.image_batch(rows).to(device), mean, std))
+    return F.normalize(model.image_head(backbone.to(device)), dim=-1).float()
+
+
+def encode_texts(model, data: SplitData, rows: range, device):
+    """Joint-space embeddings of a split's captions `rows`."""
+    return model.encode_text(data.text_emb[rows.start : rows.stop].to(device)).float()
+
+
 @torch.no_grad()
 def encode_split(model, data: SplitData, mean, std, batch_size: int = 256, device=None, features: BackboneFeatures | None = None):
     """Return (image_features [n_img, D], text_features [n_cap, D]) L2-normalised.
@@ -110,13 +129,9 @@ def encode_split(model, data: SplitData, mean, std, batch_size: int = 256, devic
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    if features is not None:
-        backbone = features.split(model, data).split(batch_size)
-    else:
-        backbone = backbone_batches(model, data, mean, std, batch_size, device)
-    img = torch.cat([F.normalize(model.image_head(f.to(device)), dim=-1).float() for f in backbone])
-    txt = torch.cat([model.encode_text(data.text_emb[s : s + batch_size].to(device)).float()
-                     for s in range(0, data.text_emb.shape[0], batch_size)])
+    img = torch.cat([encode_images(model, data, rows, mean, std, device, features)
+                     for rows in chunks(data.num_images, batch_size)])
+    txt = torch.cat([encode_texts(model, data, rows, device) for rows in chunks(data.text_emb.shape[0], batch_size)])
     model.train(was_training)
     return img, txt
 

@@ -42,7 +42,7 @@ def other_dataset(manifest: dict, cfg, where: Path) -> list[str] | None:
     diffs = config_differences({"data": recorded}, {"data": here})
     if not diffs:
         return None
-    if not cfg.get("allow_other_dataset", False):
+    if not cfg.allow_other_dataset:
         raise ArtifactError(f"synthetic set {where} was distilled on other data than this evaluation's ({'; '.join(diffs)}; "
                             "set -> this run): evaluate with the data settings it was made with, or pass "
                             "allow_other_dataset=true to evaluate it on this data on purpose (recorded in results.json)")
@@ -71,7 +71,7 @@ def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) 
             f"synthetic set {where} was distilled with text encoder {manifest['text_encoder']!r}, "
             f"not {cfg.model.text.name_or_path!r}; set model.text.name_or_path accordingly"
         )
-    if list(manifest["image_shape"])[1:] != [int(cfg.data.image_size)] * 2:
+    if list(manifest["image_shape"])[1:] != [cfg.data.image_size] * 2:
         raise ArtifactError(
             f"synthetic set {where} has images of shape {manifest['image_shape']} but data.image_size="
             f"{cfg.data.image_size}; evaluate at the resolution it was distilled at"
@@ -88,7 +88,7 @@ def summarize(per_seed: list[dict], key: str = "test") -> tuple[dict, dict]:
 
 
 def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
-    synthetic = Path(str(synthetic or cfg.get("synthetic") or ""))
+    synthetic = Path(str(synthetic or cfg.synthetic or ""))
     if not str(synthetic) or str(synthetic) == ".":
         raise MmddError("mmdd evaluate needs synthetic=<directory of a synthetic set written by mmdd distill>")
     syn, manifest = SyntheticSet.load(synthetic)
@@ -97,13 +97,13 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
     out_dir = Path(out_dir or cfg.paths.output_dir)
     lrs = syn.lr_values()
-    source = str(cfg.protocol.lr_source)
+    source = cfg.protocol.lr_source
     if source not in ("learned", "learned_image", "fixed"):
         raise MmddError(f"protocol.lr_source must be learned, learned_image or fixed, got {source!r}")
     if source == "fixed":
-        if float(cfg.protocol.lr) <= 0:
+        if cfg.protocol.lr <= 0:
             raise MmddError(f"protocol.lr={cfg.protocol.lr}: a fixed student step size must be positive")
-        lrs = {m: float(cfg.protocol.lr) for m in lrs}
+        lrs = {m: cfg.protocol.lr for m in lrs}
     elif source == "learned_image":  # MTT-VL's evaluation trains both towers at the learned image step size
         lrs = {m: lrs["image"] for m in lrs}
     for m, v in lrs.items():
@@ -116,15 +116,15 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
 
     def build_model():
-        return accelerate_model(build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size)), cfg.hardware)
+        return accelerate_model(build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), cfg.hardware)
 
     if str(model_cfg.trainable) == "heads" and manifest.get("backbone_fingerprint"):
-        check_frozen_backbone(manifest, build_dual_encoder(model_cfg, text_dim, int(cfg.data.image_size)), synthetic)
+        check_frozen_backbone(manifest, build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), synthetic)
     data_differences = other_dataset(manifest, cfg, synthetic)
 
     label = label or manifest.get("method", "synthetic")
-    loss = str(cfg.protocol.loss)
-    label_temperature = float(cfg.protocol.label_temperature)
+    loss = cfg.protocol.loss
+    label_temperature = cfg.protocol.label_temperature
     if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
         loss = str(manifest.get("inner_loss", DEFAULT_INNER_LOSS))  # sets written before manifests said
         label_temperature = float(manifest.get("label_temperature", label_temperature))
@@ -145,13 +145,13 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
-        val = [r["selected"]["r_mean"] for r in per_seed if r.get("selected")] if str(cfg.protocol.selection) == "val" else []
+        val = [r["selected"]["r_mean"] for r in per_seed if r.get("selected")] if cfg.protocol.selection == "val" else []
         return {
             "label": label,
             "method": manifest.get("method"),
             "budget": manifest.get("budget"),
             "dataset": str(cfg.data.name),
-            "seed": manifest.get("seed", int(cfg.seed)),  # the distillation seed (students: seeds[*].seed)
+            "seed": manifest.get("seed", cfg.seed),  # the distillation seed (students: seeds[*].seed)
             "protocol": to_plain(cfg.protocol),
             "synthetic": str(synthetic.resolve()),
             "synthetic_config_hash": manifest.get("config_hash"),
@@ -206,8 +206,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
 def student_indices(cfg) -> list[int]:
     """Which of the protocol's `num_seeds` students this job trains: all of them, or `students=<k>` / `[k, ...]`,
     so that a multirun (`students=0,1,2`) spreads one set's students over jobs; `mmdd table` pools them."""
-    n = int(cfg.protocol.num_seeds)
-    chosen = cfg.get("students")
+    n = cfg.protocol.num_seeds
+    chosen = cfg.students
     if chosen is None:
         return list(range(n))
     try:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mmdd.data.datamodule import SplitData
 from mmdd.errors import MmddError
-from mmdd.evaluate.encode import evaluate_retrieval
+from mmdd.evaluate.encode import chunks, encode_images, encode_texts, evaluate_retrieval
+from mmdd.evaluate.retrieval import retrieval_metrics
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, pair_loss
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,30 @@ class IndependentBatches(torch.utils.data.Sampler):
             yield torch.randperm(self.n, generator=self.generator)[: self.batch_size].tolist()
 
 
-class StudentModule(L.LightningModule):
-    """Trains a dual encoder on (synthetic) pairs; picks its checkpoint by `selection`.
+class SelectionSplit:
+    """The selection split as Lightning's validation data: chunks of its images and of its captions, as ranges of
+    rows that `validation_step` encodes (the tensors are in memory). Not a DataLoader: a DataLoader's iterator draws
+    from torch's global RNG, which would move the dropout masks of every later training step."""
 
-    selection=val: evaluate on val every `eval_every` epochs, keep the best state, read test once
-    at the end (our default, the honest protocol). selection=test_best: choose on the test split
-    (what the papers' code reports). selection=last: the final epoch.
+    def __init__(self, data: SplitData | None, batch_size: int = 256):
+        self.batches = []  # none under selection=last: nothing is selected
+        if data is not None:  # (which, first row, end): plain values, which Lightning's batch transfer passes as they are
+            self.batches += [("image", r.start, r.stop) for r in chunks(data.num_images, batch_size)]
+            self.batches += [("text", r.start, r.stop) for r in chunks(data.text_emb.shape[0], batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class StudentModule(L.LightningModule):
+    """Trains a dual encoder on (synthetic) pairs and scores the selection split in Lightning's validation loop
+    after the epochs `eval_schedule` names (and the last); `BestStudent` keeps the weights to test.
+
+    selection=val: the best val r_mean's weights, test read once at the end (our default, the honest protocol).
+    selection=test_best: chosen on the test split (what the papers' code reports). selection=last: the final epoch.
     """
 
     def __init__(
@@ -99,11 +118,8 @@ class StudentModule(L.LightningModule):
         self.selection = selection
         self.select_data = select_data
         self.mean, self.std = list(mean), list(std)
-        self.best_score = float("-inf")
-        self.best_epoch = -1
-        self.best_metrics: dict[str, float] = {}
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the selection split's metrics after each evaluated epoch
+        self._encoded: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
         self.loss_name = loss
         self.label_temperature = label_temperature
         # The set's learned similarity (LoRS): students train against S[idx][:, idx].
@@ -136,40 +152,79 @@ class StudentModule(L.LightningModule):
         return MmddError(f"the student diverged ({what}) at epoch {epoch} with step sizes {self.lrs}; lower them with "
                          "protocol.lr_source=fixed protocol.lr=<value>, or check the synthetic set")
 
-    def on_train_epoch_end(self):
-        epoch = self.current_epoch
+    def check_finite_weights(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise self.diverged(epoch, "non-finite weights")
-        loss = self.trainer.callback_metrics.get("student/loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise self.diverged(epoch, f"training loss {float(loss)}")
-        last = epoch == self.epochs - 1
-        if self.selection == "last":
-            if last:
-                self._keep(epoch, {})
-            return
-        if self.evaluates_after(epoch) or last:
-            try:
-                metrics = evaluate_retrieval(self.model, self.select_data, self.mean, self.std, features=self.features)
-            except ValueError as exc:  # finite weights, yet non-finite embeddings (overflowing activations)
-                raise self.diverged(epoch, f"{exc} when evaluating") from exc
-            self.model.train()
-            self.history.append({"epoch": epoch, **metrics})
-            self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)
-            if metrics["r_mean"] > self.best_score:
-                self._keep(epoch, metrics)
+            raise self.diverged(self.current_epoch, "non-finite weights")
 
+    # -- selection: Lightning's validation loop on the selection split ------------------------------------
     def evaluates_after(self, epoch: int) -> bool:
         """Whether the selection split is evaluated after 0-based `epoch` (the last one always is)."""
+        if epoch == self.epochs - 1:
+            return True
         if self.eval_schedule == "reference":  # LoRS/RepBlend: range(0, Epoch + 1, k)
             return epoch % self.eval_every == 0
         return (epoch + 1) % self.eval_every == 0
 
-    def _keep(self, epoch: int, metrics: dict) -> None:
-        self.best_score = metrics.get("r_mean", 0.0)
-        self.best_epoch = epoch
-        self.best_metrics = metrics
-        self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+    def validation_step(self, batch, batch_idx):
+        kind, start, stop = batch
+        rows = range(start, stop)
+        if not self.evaluates_after(self.current_epoch):
+            return  # validation runs after every epoch; the schedule says which ones count
+        device = next(self.model.parameters()).device
+        if kind == "image":
+            self._encoded["image"].append(encode_images(self.model, self.select_data, rows, self.mean, self.std,
+                                                        device, self.features))
+        else:
+            self._encoded["text"].append(encode_texts(self.model, self.select_data, rows, device))
+
+    def on_validation_epoch_end(self):
+        encoded, self._encoded = self._encoded, {"image": [], "text": []}
+        if not encoded["image"]:
+            return
+        self.check_finite_weights()
+        sims = (torch.cat(encoded["image"]) @ torch.cat(encoded["text"]).t()).cpu()
+        try:
+            metrics = retrieval_metrics(sims, self.select_data.txt2img)
+        except ValueError as exc:  # finite weights, yet non-finite embeddings (overflowing activations)
+            raise self.diverged(self.current_epoch, f"{exc} when evaluating") from exc
+        self.history.append({"epoch": self.current_epoch, **metrics})
+        self.log_dict({f"select/{k}": v for k, v in metrics.items()}, on_epoch=True)
+
+    def on_train_epoch_end(self):
+        self.check_finite_weights()
+        loss = self.trainer.callback_metrics.get("student/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise self.diverged(self.current_epoch, f"training loss {float(loss)}")
+
+
+class BestStudent(Checkpoint):
+    """Keeps the weights to test: those after the evaluated epoch with the best selection-split r_mean (the first
+    of equals), or after the last epoch under selection=last. In memory, not in a file: an evaluation trains K
+    students per set, and each would write a checkpoint at every improvement."""
+
+    def __init__(self, last_only: bool = False):
+        self.last_only = last_only
+        self.score = float("-inf")
+        self.epoch = -1
+        self.metrics: dict[str, float] = {}
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer, module: StudentModule):
+        if self.last_only or not module.history or module.history[-1]["epoch"] != trainer.current_epoch:
+            return
+        metrics = {k: v for k, v in module.history[-1].items() if k != "epoch"}
+        if metrics["r_mean"] > self.score:
+            self.keep(trainer.current_epoch, module, metrics)
+
+    def on_train_epoch_end(self, trainer, module: StudentModule):
+        if self.last_only and trainer.current_epoch == module.epochs - 1:
+            self.keep(trainer.current_epoch, module, {})
+
+    def keep(self, epoch: int, module: StudentModule, metrics: dict) -> None:
+        self.score = metrics.get("r_mean", 0.0)
+        self.epoch = epoch
+        self.metrics = metrics
+        self.state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
 
 
 def train_student(
@@ -198,17 +253,17 @@ def train_student(
     if features is not None:
         with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
             inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
-    select_split = {"val": "val", "test_best": "test", "last": None}[str(p.selection)]
+    select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
     module = StudentModule(
         model,
         lrs=lrs,
-        momentum=float(p.momentum),
-        weight_decay=float(p.weight_decay),
-        epochs=int(p.epochs),
-        lr_decay_epoch=int(p.lr_decay_epoch),
-        lr_decay=float(p.lr_decay),
-        eval_every=int(p.eval_every),
-        selection=str(p.selection),
+        momentum=p.momentum,
+        weight_decay=p.weight_decay,
+        epochs=p.epochs,
+        lr_decay_epoch=p.lr_decay_epoch,
+        lr_decay=p.lr_decay,
+        eval_every=p.eval_every,
+        selection=p.selection,
         select_data=data[select_split] if select_split else None,
         mean=cfg.data.mean,
         std=cfg.data.std,
@@ -216,31 +271,33 @@ def train_student(
         similarity=similarity,
         label_temperature=label_temperature,
         features=features,
-        eval_schedule=str(p.eval_schedule),
+        eval_schedule=p.eval_schedule,
     )
     gen = torch.Generator().manual_seed(seed)
     pairs = TensorDataset(inputs, texts.detach().cpu(), torch.arange(images.shape[0]))
-    draw = str(p.batch_draw)
+    draw = p.batch_draw
     if draw not in BATCH_DRAWS:
         raise MmddError(f"protocol.batch_draw must be one of {BATCH_DRAWS}, got {draw!r}")
     if draw == "independent_if_similarity" and similarity is not None:
-        loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), int(p.batch_size), gen))
+        loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), p.batch_size, gen))
     else:
-        loader = DataLoader(pairs, batch_size=int(p.batch_size), shuffle=True, generator=gen)
+        loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, generator=gen)
+    best = BestStudent(last_only=select_split is None)
     # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
-    trainer = build_trainer(cfg, loggers, max_epochs=int(p.epochs), log_every_n_steps=1, devices=1, num_nodes=1,
-                            strategy="auto")
+    trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
+                            strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
+                            limit_val_batches=1.0 if select_split else 0)  # selection=last: no selection split
     t0 = time.perf_counter()
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
     seconds = time.perf_counter() - t0
-    model.load_state_dict(module.best_state)
+    model.load_state_dict(best.state)
     model.to("cpu")
     test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)
     return StudentResult(
         seed=seed,
         test=test,
-        selected=module.best_metrics,
-        best_epoch=module.best_epoch,
+        selected=best.metrics,
+        best_epoch=best.epoch,
         train_seconds=seconds,
         history=module.history,
     )

@@ -11,6 +11,7 @@ import torch
 from mmdd.data.annotations import Split
 from mmdd.data.datamodule import SplitData
 from mmdd.data.transforms import normalize
+from mmdd.config_schema import whole_budget
 from mmdd.errors import MmddError
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
@@ -52,12 +53,7 @@ class Method:
 def check_budget(budget, train: SplitData | Split) -> int:
     """`budget` (the config value as given: pass `cfg.budget` itself, before any int()) as an int, checked to be
     a whole number of pairs within 1..train images."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (
-        isinstance(budget, float) and not budget.is_integer()
-    ):
-        raise MmddError(f"budget={budget!r} is not a whole number of pairs; set budget=<positive integer> "
-                        "(the number of image-text pairs of the synthetic set)")
-    budget = int(budget)
+    budget = whole_budget(budget)
     n = train.num_images
     if budget < 1:
         raise MmddError(f"budget={budget}: the synthetic set needs at least one pair; set budget=<positive integer>")
@@ -104,12 +100,12 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
     captions = nearest_captions(syn.texts, train.text_emb, train.split.captions)
     manifest = {
         "method": str(cfg.method.name),
-        "budget": int(cfg.budget),
-        "seed": int(cfg.seed),
+        "budget": cfg.budget,
+        "seed": cfg.seed,
         "dataset": str(cfg.data.name),
         "text_encoder": str(cfg.model.text.name_or_path),
         "text_pooling": str(cfg.model.text.pooling),
-        "image_size": int(cfg.data.image_size),
+        "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "config_hash": config_hash(cfg),

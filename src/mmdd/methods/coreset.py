@@ -64,7 +64,7 @@ def teacher_features(cfg, train) -> torch.Tensor:
     from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
 
-    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
     traj = open_checked_trajectories(cfg, model, max_experts=1)
     ParamLayout.from_model(model).load_into(model, traj.snapshots(0, [traj.epochs])[0])
     model.eval()
@@ -90,14 +90,14 @@ class RandomCoreset(Method):
         self.lr = lr
 
     def select(self, cfg, train, budget: int) -> list[int]:
-        gen = torch.Generator().manual_seed(int(cfg.seed))
+        gen = torch.Generator().manual_seed(cfg.seed)
         return torch.randperm(train.num_images, generator=gen)[:budget].tolist()
 
     def synthesize(self, cfg, data, out_dir, loggers) -> DistillResult:
         train = data["train"]
         budget = check_budget(cfg.budget, train)
         chosen = self.select(cfg, train, budget)
-        gen = torch.Generator().manual_seed(int(cfg.seed))
+        gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
         return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}))
 
@@ -110,7 +110,7 @@ class HerdingCoreset(RandomCoreset):
 class KCenterCoreset(RandomCoreset):
     def select(self, cfg, train, budget):
         feats = teacher_features(cfg, train)
-        first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(int(cfg.seed))))
+        first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
         return kcenter_select(feats, budget, first)
 
 
@@ -153,22 +153,22 @@ class ForgettingCoreset(RandomCoreset):
         from mmdd.teachers.expert_module import ExpertModule
         from mmdd.utils.trainer import accelerate_model, build_trainer
 
-        torch.manual_seed(int(cfg.seed))
-        model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size)),
+        torch.manual_seed(cfg.seed)
+        model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size),
                                  cfg.hardware)
         t = cfg.teacher
         augment = augment_config(cfg.data.augment if t.augment else None)
-        module = ExpertModule(model, float(t.lr), float(t.momentum), float(t.weight_decay), cfg.data.mean, cfg.data.std,
+        module = ExpertModule(model, t.lr, t.momentum, t.weight_decay, cfg.data.mean, cfg.data.std,
                               augment)
         tracker = ForgettingTracker(train.num_images)
         dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
-        check_full_batches(dataset, int(t.batch_size), "teacher.batch_size")
-        loader = DataLoader(dataset, batch_size=int(t.batch_size), shuffle=True,
-                            drop_last=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        check_full_batches(dataset, t.batch_size, "teacher.batch_size")
+        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
+                            drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
         build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.
         score = tracker.scores()
-        order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(int(cfg.seed)))
+        order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(cfg.seed))
         ranked = order[torch.argsort(score[order], descending=True, stable=True)]
         log.info("forgetting: %d images forgotten at least once", int((tracker.forgotten > 0).sum()))
         return ranked[:budget].tolist()

@@ -33,7 +33,7 @@ def distill_strategy(hw):
     processes run (`ddp`, or `auto` with devices/nodes > 1, which Lightning would turn into plain DDP)."""
     from mmdd.utils.trainer import hardware_processes
 
-    strategy = str(hw.strategy)
+    strategy = hw.strategy
     if hardware_processes(hw) == 1 and strategy in ("auto", "ddp"):
         return "auto"
     if strategy in ("auto", "ddp"):

@@ -71,7 +71,7 @@ class LearnedMethod(Method):
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(cfg.seed)
-        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
+        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
         self.prepare_model(model)
         fingerprint = frozen_backbone_fingerprint(model)
         accelerate_model(model, cfg.hardware, second_order=self.second_order)

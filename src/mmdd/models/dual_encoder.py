@@ -153,43 +153,39 @@ def check_same_frozen_backbone(what: str, recorded: str | None, here: str | None
 
 
 def build_dual_encoder(model_cfg, text_dim: int, image_size: int) -> DualEncoder:
-    """Build from the `model` config group (see conf/model/*.yaml).
+    """The `model` config group (conf/model/*.yaml, a partial `_target_`) built for captions embedded in `text_dim`
+    dimensions and images of `image_size` pixels."""
+    from hydra.utils import instantiate
 
-    A frozen backbone that loads no weights (model.trainable=heads, pretrained false, no checkpoint) is drawn from
-    `model.image.init_seed`, not from the stage's seed: teachers, distillation and students then stand on the same
+    return instantiate(model_cfg, _convert_="all")(text_dim=text_dim, image_size=image_size)
+
+
+def dual_encoder(*, text_dim: int, image_size: int, image: dict, image_head: bool, embed_dim: int | None,
+                 dropout: float, temperature: float, trainable: str, name: str = "", text: dict | None = None
+                 ) -> DualEncoder:
+    """A DualEncoder from the settings of conf/model/*.yaml (`name` and `text`, how captions are embedded once by
+    mmdd.models.text_encoder, say what the model is but build nothing here).
+
+    A frozen backbone that loads no weights (trainable=heads, image.pretrained false, no image.checkpoint) is drawn
+    from `image.init_seed`, not from the stage's seed: teachers, distillation and students then stand on the same
     random backbone (each stage drawing its own would match the heads' trajectories on other features)."""
-    img = model_cfg.image
-    pretrained = bool(img.get("pretrained", False))
-    frozen_random = str(model_cfg.trainable) == "heads" and not pretrained and not img.get("checkpoint")
+    pretrained = bool(image.get("pretrained", False))
+    frozen_random = trainable == "heads" and not pretrained and not image.get("checkpoint")
+    shape = {k: image.get(k) for k in ("width", "depth", "feature_side")}
 
     def make_backbone():
-        return build_image_backbone(
-            img.name,
-            image_size=image_size,
-            pretrained=pretrained,
-            checkpoint=img.get("checkpoint"),
-            width=int(img.get("width") or 64),  # ConvNet only; timm models ignore these
-            depth=int(img.get("depth") or 3),
-            feature_side=img.get("feature_side"),
-        )
+        return build_image_backbone(image["name"], image_size=image_size, pretrained=pretrained,
+                                    checkpoint=image.get("checkpoint"), **shape)
 
     if frozen_random:
-        if img.get("init_seed") is None:
+        if image.get("init_seed") is None:
             raise MmddError("model.trainable=heads freezes a backbone that loads no weights (model.image.pretrained "
                             "false, no model.image.checkpoint): set model.image.init_seed=<int> so every stage draws "
                             "the same random backbone, or load one (mmdd pretrain, model.image.checkpoint=...)")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(img.init_seed))
+            torch.manual_seed(int(image["init_seed"]))
             backbone, dim = make_backbone()
     else:
         backbone, dim = make_backbone()
-    return DualEncoder(
-        backbone,
-        backbone_dim=dim,
-        text_dim=text_dim,
-        embed_dim=model_cfg.get("embed_dim"),
-        image_head=bool(model_cfg.image_head),
-        dropout=float(model_cfg.dropout),
-        temperature=float(model_cfg.temperature),
-        trainable=str(model_cfg.trainable),
-    )
+    return DualEncoder(backbone, backbone_dim=dim, text_dim=text_dim, embed_dim=embed_dim, image_head=image_head,
+                       dropout=dropout, temperature=temperature, trainable=trainable)

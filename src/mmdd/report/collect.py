@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # Overrides that say which run of a cell this is, or where it wrote, not what was run.
 NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "students", "experiment_name", "buffer_dir",
                     "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs"}
-NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "data.root", "hydra/")
+NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "trainer.", "data.root", "hydra/")
 # The full-data row: the teachers of a trajectory store, each evaluated on test after its last epoch.
 TEACHERS_LABEL = "full train (teachers)"
 TEACHERS_PROTOCOL = "teacher"
@@ -159,9 +159,9 @@ def writes_results(run_dir: Path) -> str | None:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
         return None
-    cfg = OmegaConf.load(saved)
-    stage = cfg.get("stage")
-    if stage not in STAGES or not STAGES[stage].writes_results or (stage == "distill" and not cfg.get("evaluate", False)):
+    saved_cfg = OmegaConf.load(saved)
+    stage = saved_cfg.get("stage")
+    if stage not in STAGES or not STAGES[stage].writes_results or (stage == "distill" and not saved_cfg.get("evaluate", False)):
         return None
     return stage
 
@@ -234,13 +234,13 @@ def collect_wandb(path_or_project: str) -> list[dict]:
     runs = _offline_runs(Path(path_or_project)) if Path(path_or_project).exists() else _online_runs(path_or_project)
     grouped: dict[tuple, dict] = {}
     teachers: dict[tuple, dict] = {}
-    for job_type, cfg, summary in runs:
+    for job_type, recorded, summary in runs:  # recorded: the run's config as W&B kept it (a dict)
         test = {k: float(summary[f"test/{k}"]) for k in METRIC_KEYS if f"test/{k}" in summary}
         if len(test) != len(METRIC_KEYS):
             continue
-        dataset = (cfg.get("data") or {}).get("name")
+        dataset = (recorded.get("data") or {}).get("name")
         if job_type == "buffer":
-            run = cfg.get("teacher_run") or {}
+            run = recorded.get("teacher_run") or {}
             if "store" not in run:  # a teacher run of an older mmdd: which store it belongs to is unknown
                 continue
             key = (dataset, run["store"])
@@ -250,16 +250,16 @@ def collect_wandb(path_or_project: str) -> list[dict]:
         if job_type != "evaluate":
             continue
         # Students log which set they train on; the stage's own method/budget/seed are the fallback.
-        syn = cfg.get("synthetic_set") or {}
-        method = syn.get("method") or (cfg.get("method") or {}).get("name", "?")
+        syn = recorded.get("synthetic_set") or {}
+        method = syn.get("method") or (recorded.get("method") or {}).get("name", "?")
         label = syn.get("label") or method
-        budget, seed = syn.get("budget", cfg.get("budget")), syn.get("seed", cfg.get("seed"))
-        key = (cfg.get("data", {}).get("name"), label, budget, seed, (cfg.get("protocol") or {}).get("name"), syn.get("path"))
+        budget, seed = syn.get("budget", recorded.get("budget")), syn.get("seed", recorded.get("seed"))
+        key = (recorded.get("data", {}).get("name"), label, budget, seed, (recorded.get("protocol") or {}).get("name"), syn.get("path"))
         res = grouped.setdefault(key, {"dataset": key[0], "label": label, "method": method, "budget": budget,
-                                       "seed": seed, "protocol": cfg.get("protocol") or {}, "seeds": [],
+                                       "seed": seed, "protocol": recorded.get("protocol") or {}, "seeds": [],
                                        "synthetic": syn.get("path")})
         # With its seed, a student evaluated again (another job on the same set) counts once (Cell.students_by_set).
-        student = cfg.get("student_seed")
+        student = recorded.get("student_seed")
         res["seeds"].append({"test": test} if student is None else {"seed": int(student), "test": test})
     return list(grouped.values()) + list(teachers.values())
 

@@ -35,8 +35,8 @@ def run_buffer(cfg, data=None) -> Path:
     tcfg = cfg.teacher
     augment = augment_config(cfg.data.augment if tcfg.augment else None)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
-    check_full_batches(dataset, int(tcfg.batch_size), "teacher.batch_size")
-    probe = build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size))
+    check_full_batches(dataset, tcfg.batch_size, "teacher.batch_size")
+    probe = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
     names = probe.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in probe.named_parameters()}
     check_store_fits(cfg, probe)
@@ -47,7 +47,7 @@ def run_buffer(cfg, data=None) -> Path:
         config_hash=teacher_hash(cfg),
         param_names=names,
         param_shapes={n: shapes[n] for group in names.values() for n in group},
-        epochs=int(tcfg.epochs),
+        epochs=tcfg.epochs,
         teacher=to_plain(tcfg),
         data_hash=stable_hash(data_identity(cfg.data)),
         identity=teachers_identity(cfg),
@@ -57,13 +57,13 @@ def run_buffer(cfg, data=None) -> Path:
     # One process per job: experts are claimed, so several `mmdd buffer` jobs fill one store together.
     # One expert across N devices (DDP): the job's ranks go through the experts in step, and rank 0 writes.
     ddp = hardware_processes(cfg.hardware) > 1
-    claims = None if ddp else ExpertClaims(store.root, float(cfg.get("claim_stale_minutes", 120)))
+    claims = None if ddp else ExpertClaims(store.root, cfg.claim_stale_minutes)
     # Litter of killed runs: temp files of dead writers, claims left on experts that were completed.
     remove_stale_temp_files(store.root)
     if claims is not None:
         claims.release_complete(store.completed_experts())
     busy = []
-    for e in range(int(tcfg.num_experts)):
+    for e in range(tcfg.num_experts):
         if e in store.completed_experts():  # re-listed: another process may have finished it meanwhile
             log.info("expert %d already complete in %s; skipping", e, store.root)
             continue
@@ -75,13 +75,13 @@ def run_buffer(cfg, data=None) -> Path:
         if claims is not None and e in store.completed_experts():  # finished between the two checks
             claims.release(e)
             continue
-        seed_everything(expert_seed(int(tcfg.seed), e))
-        model = accelerate_model(build_dual_encoder(cfg.model, text_dim, int(cfg.data.image_size)), cfg.hardware)
+        seed_everything(expert_seed(tcfg.seed, e))
+        model = accelerate_model(build_dual_encoder(cfg.model, text_dim, cfg.data.image_size), cfg.hardware)
         module = ExpertModule(
             model,
-            lr=float(tcfg.lr),
-            momentum=float(tcfg.momentum),
-            weight_decay=float(tcfg.weight_decay),
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            weight_decay=tcfg.weight_decay,
             mean=cfg.data.mean,
             std=cfg.data.std,
             augment=augment,
@@ -89,18 +89,18 @@ def run_buffer(cfg, data=None) -> Path:
         recorder = TrajectoryRecorder(module.trainable_names(), heartbeat=(lambda e=e: claims.refresh(e)) if claims else None)
         loader = DataLoader(
             dataset,
-            batch_size=int(tcfg.batch_size),
+            batch_size=tcfg.batch_size,
             shuffle=True,
             drop_last=True,
             num_workers=loader_workers(cfg.data.num_workers),
-            generator=torch.Generator().manual_seed(expert_seed(int(tcfg.seed), e)),
+            generator=torch.Generator().manual_seed(expert_seed(tcfg.seed, e)),
         )
         # What the full-data row of a W&B table needs: which store and expert, and how many images it trained on.
         loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}",
                                 extra_config={"teacher_run": {"store": str(store.root), "expert": e,
                                                               "train_images": train.num_images}})
         try:
-            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=int(tcfg.epochs))
+            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=tcfg.epochs)
             trainer.fit(module, loader)
             if not trainer.is_global_zero:
                 continue
@@ -126,7 +126,7 @@ def run_buffer(cfg, data=None) -> Path:
                 claims.release(e)
     if busy:
         log.warning("experts %s were being trained by other processes; rerun `mmdd buffer` (or wait for them) before "
-                    "distilling with all %d", busy, int(tcfg.num_experts))
+                    "distilling with all %d", busy, tcfg.num_experts)
     return store.root
 
 

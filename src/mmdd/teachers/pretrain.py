@@ -53,20 +53,20 @@ def run_pretrain(cfg, data=None) -> Path:
     train = data["train"]
     # Train the whole network; the checkpoint being produced must not be loaded into it.
     model_cfg = OmegaConf.merge(cfg.model, {"trainable": "backbone_and_heads", "image": {"checkpoint": None}})
-    seed_everything(int(cfg.pretrain.seed))
-    model = accelerate_model(build_dual_encoder(model_cfg, train.text_emb.shape[1], int(cfg.data.image_size)), cfg.hardware)
+    seed_everything(cfg.pretrain.seed)
+    model = accelerate_model(build_dual_encoder(model_cfg, train.text_emb.shape[1], cfg.data.image_size), cfg.hardware)
     p = cfg.pretrain
     augment = augment_config(cfg.data.augment)
-    module = ExpertModule(model, lr=float(p.lr), momentum=float(p.momentum), weight_decay=float(p.weight_decay),
+    module = ExpertModule(model, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
-    check_full_batches(dataset, int(p.batch_size), "pretrain.batch_size")
-    loader = DataLoader(dataset, batch_size=int(p.batch_size), shuffle=True,
+    check_full_batches(dataset, p.batch_size, "pretrain.batch_size")
+    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True,
                         drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
-                        generator=torch.Generator().manual_seed(int(cfg.pretrain.seed)))
+                        generator=torch.Generator().manual_seed(cfg.pretrain.seed))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:
-        build_trainer(cfg, loggers, max_epochs=int(p.epochs)).fit(module, loader)
+        build_trainer(cfg, loggers, max_epochs=p.epochs).fit(module, loader)
         model.to("cpu")
         val = evaluate_retrieval(model, data["val"], cfg.data.mean, cfg.data.std) if "val" in data else {}
         log_metrics(loggers, {f"val/{k}": v for k, v in val.items()})

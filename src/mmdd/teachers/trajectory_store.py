@@ -349,7 +349,7 @@ def open_checked_trajectories(cfg, model, max_experts: int | None = None, finger
         raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
                             "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
                             "teacher settings to train them, then distill")
-    experts = check_enough_experts(store, experts, int(cfg.teacher.num_experts), max_experts)
+    experts = check_enough_experts(store, experts, cfg.teacher.num_experts, max_experts)
     reader = ExpertSnapshots(store, names, experts)
     reader.check_intact()
     log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",

@@ -33,7 +33,8 @@ _HOW_TEXT_IS_EMBEDDED = ("batch_size", "device")
 
 
 def model_identity(model_cfg) -> dict:
-    d = to_plain(model_cfg)
+    """What makes two models the same: the settings, not how Hydra builds them (_target_, _partial_)."""
+    d = {k: v for k, v in to_plain(model_cfg).items() if not k.startswith("_")}
     if isinstance(d.get("text"), dict):
         d["text"] = {k: v for k, v in d["text"].items() if k not in _HOW_TEXT_IS_EMBEDDED}
     return d
@@ -114,7 +115,7 @@ def distill_identity(cfg) -> dict:
     (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
     method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS}
     return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher),
-            "method": method, "seed": int(cfg.seed), "budget": int(cfg.budget)}
+            "method": method, "seed": cfg.seed, "budget": cfg.budget}
 
 
 def flat_items(tree, prefix: str = "") -> dict:

@@ -13,38 +13,25 @@ log = logging.getLogger(__name__)
 
 def build_loggers(cfg, job_type: str, name: str | None = None, save_dir: str | Path | None = None,
                   extra_config: dict | None = None) -> list:
-    """Loggers from `cfg.logger`: `csv` (bool) and `wandb` (a dict, or null for none).
+    """Loggers from `cfg.logger` (conf/logger/): `csv` and `wandb`, each a partial `_target_` or null for none.
 
     `job_type` is the stage that made the run (buffer / distill / evaluate / ...), also inside `mmdd run`, whose
     config says stage `run` for all of them: `mmdd table --wandb` tells teachers from students by it. The CSV log goes
     under `save_dir`; every W&B run of one job goes to the job's own `wandb/` folder, so one folder holds all of them.
     `extra_config` is added to the W&B run's config (e.g. which synthetic set a student trains on).
     """
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from hydra.utils import instantiate
 
     save_dir = Path(save_dir or cfg.paths.output_dir)
     loggers = []
-    lcfg = cfg.logger
-    if lcfg.get("csv", False):
-        loggers.append(CSVLogger(save_dir=str(save_dir), name="csv", version=name or job_type))
-    wcfg = lcfg.get("wandb")
-    if wcfg:
-        mode = os.environ.get("WANDB_MODE", str(wcfg.mode))
-        tags = [str(t) for t in (wcfg.get("tags") or [])]
-        loggers.append(
-            WandbLogger(
-                project=str(wcfg.project),
-                entity=wcfg.get("entity"),
-                group=str(wcfg.group),
-                job_type=job_type,
-                name=name or f"{job_type}",
-                tags=tags,
-                save_dir=str(cfg.paths.output_dir),
-                offline=(mode == "offline"),
-                mode=mode,
-                config={**resolved_config(cfg), **(extra_config or {})},
-            )
-        )
+    if cfg.logger.csv is not None:
+        loggers.append(instantiate(cfg.logger.csv)(save_dir=str(save_dir), version=name or job_type))
+    if cfg.logger.wandb is not None:
+        wandb = instantiate(cfg.logger.wandb, _convert_="all")
+        mode = os.environ.get("WANDB_MODE", wandb.keywords["mode"])  # the environment wins, as in wandb itself
+        loggers.append(wandb(job_type=job_type, name=name or job_type, save_dir=str(cfg.paths.output_dir),
+                             offline=(mode == "offline"), mode=mode,
+                             config={**resolved_config(cfg), **(extra_config or {})}))
     return loggers
 
 

@@ -34,7 +34,7 @@ def preflight(cfg, stage: str) -> None:
     from mmdd.config_schema import check_stage_settings
 
     check_stage_settings(cfg)
-    min_free = float(cfg.paths.get("min_free_mb", 0) or 0)
+    min_free = cfg.paths.min_free_mb
     keys = ["paths.output_dir", *(STAGES[stage].outputs if stage in STAGES else ())]
     if str(cfg.data.get("format")) == "synscenes":  # generated on first use
         keys.append("paths.data_dir")

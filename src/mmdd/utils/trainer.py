@@ -52,27 +52,15 @@ def hardware_processes(hw) -> int:
 
 
 def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
-    import lightning as L
+    """The stage's Lightning Trainer: `cfg.trainer` (conf/trainer/, from `hardware`) with the stage's loggers,
+    callbacks and `overrides`; every trainer stops on a signal at the same step on every rank (SignalStop), and
+    several processes run mmdd's DDP."""
+    from hydra.utils import instantiate
 
-    hw = cfg.hardware
-    if hw.get("num_threads"):
-        torch.set_num_threads(int(hw.num_threads))
-    kwargs = dict(
-        accelerator=str(hw.accelerator),
-        devices=hw.devices,
-        num_nodes=int(hw.num_nodes),
-        strategy=str(hw.strategy),
-        precision=hw.precision,
-        logger=loggers if loggers else False,
-        callbacks=callbacks or [],
-        enable_checkpointing=False,
-        enable_progress_bar=bool(cfg.progress_bar),
-        enable_model_summary=False,
-        log_every_n_steps=int(cfg.get("log_every_n_steps", 10)),
-        deterministic=bool(hw.get("deterministic", False)),
-        num_sanity_val_steps=0,
-    )
-    kwargs.update(overrides)
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    trainer = instantiate(cfg.trainer, _convert_="all")  # a partial: the stage adds what it owns
+    kwargs = {**trainer.keywords, "logger": loggers if loggers else False, "callbacks": callbacks or [], **overrides}
     if not any(getattr(c, "handles_signals", False) for c in kwargs["callbacks"]):
         from mmdd.utils.signal_stop import SignalStop
 
@@ -84,7 +72,7 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
             from mmdd.utils.ddp import MmddDDPStrategy
 
             kwargs["strategy"] = MmddDDPStrategy()
-    return L.Trainer(**kwargs)
+    return trainer.func(**kwargs)
 
 
 def check_accelerator(accelerator: str) -> None:
