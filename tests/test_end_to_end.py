@@ -175,7 +175,7 @@ def test_distillation_learns(tiny_run):
     from hydra.utils import instantiate
 
     from mmdd.data.datamodule import load_data
-    from mmdd.methods.trajectory_matching import build_segment, strategy_for
+    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.paths import conf_dir
     from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -196,7 +196,7 @@ def test_distillation_learns(tiny_run):
             for start in range(settings.max_start_epoch):
                 starts, targets = store.segment(expert, start, settings.expert_epochs, torch.device("cpu"))
                 seg = build_segment(model, objective.layout, syn, settings, starts, targets, torch.Generator().manual_seed(0))
-                loss, _ = strategy_for(settings, model)(seg, lambda t, inputs: None)
+                loss, _ = meta_gradient_for(settings, model)(seg, lambda t, inputs: None)
                 total += float(loss)
         return total
 

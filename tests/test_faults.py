@@ -203,7 +203,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
 
     from mmdd.data.datamodule import load_data
     from mmdd.methods.outer_loop import outer_optimizer
-    from mmdd.methods.trajectory_matching import build_segment, draw_segment_start, strategy_for
+    from mmdd.methods.trajectory_matching import build_segment, draw_segment_start, meta_gradient_for
     from mmdd.utils.seed import rank_seed
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
@@ -241,7 +241,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
             opt.zero_grad()
             e, s = draw_segment_start(gen, n_experts, mc.max_start_epoch)
             seg = build_segment(model, layout, syn, mc, *trajectories.segment(e, s, mc.expert_epochs), gen)
-            loss, _ = strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+            loss, _ = meta_gradient_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
             step_losses.append(float(loss))
             grads.append([p.grad.clone() for p in syn.parameters()])
         losses.append(sum(step_losses) / 2)

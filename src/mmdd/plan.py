@@ -164,7 +164,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
     expert snapshots on the device."""
     from mmdd.methods.outer_loop import outer_optimizer
-    from mmdd.methods.trajectory_matching import build_segment, strategy_for
+    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
     from mmdd.models.functional import ParamLayout
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -187,7 +187,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
         # indices stay on the CPU (meta tensors have no values to draw from; unique() has no meta kernel)
         index_device = None if device == "meta" else torch.device(device)
         seg = build_segment(model, layout, syn, mc, start, target, torch.Generator(), index_device)
-        strategy_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
+        meta_gradient_for(mc, model)(seg, lambda t, inputs: t.backward(inputs=inputs))
         opt.step()
 
     return step

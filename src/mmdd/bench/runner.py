@@ -25,7 +25,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
 from mmdd.methods.trajectory_matching import (TrajectoryMatching, build_segment, caches_features,
-                                              draw_segment_start, strategy_for)
+                                              draw_segment_start, meta_gradient_for)
 from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
@@ -161,7 +161,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
                                   FromDisk(trajectories.store, trajectories.names, trajectories.experts),
                                   rebuild=rebuild if b.rebuild_model else None),
         # mmdd's path also gets the hardware's speed switches (channels-last, compile, autocast; all off on CPU).
-        "ours": GradientPath(fast, layout, mc, strategy_for(mc, fast), Snapshots(trajectories),
+        "ours": GradientPath(fast, layout, mc, meta_gradient_for(mc, fast), Snapshots(trajectories),
                              autocast_dtype(cfg.hardware.precision)),
     }
 

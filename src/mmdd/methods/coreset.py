@@ -1,9 +1,9 @@
 """Coreset baselines: real pairs selected from the training split (nothing is learned).
 
 random     `budget` random images.
-herding    greedy herding (Welling 2009) on joint image-text features of a teacher trained on
-           the full data: each pick brings the mean of the picked features closest to the data mean.
-k-center   greedy k-center (Sener & Savarese 2018) on the same features: each pick is the point
+herding    greedy herding (Welling 2009) on joint image-text embeddings of a teacher trained on
+           the full data: each pick brings the mean of the picked embeddings closest to the data mean.
+k-center   greedy k-center (Sener & Savarese 2018) on the same embeddings: each pick is the point
            farthest from the centres so far.
 forgetting the images forgotten most often (Toneva et al. 2019) while a model trains on the full
            data: an image counts as learned when its pair wins its row and column of the batch logits,
@@ -58,8 +58,8 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 
 # ----------------------------------------------------------------------------- shared helpers
 @torch.no_grad()
-def teacher_features(cfg, train) -> torch.Tensor:
-    """Joint [image ; mean caption] features of every train image under a teacher's final weights."""
+def teacher_embeddings(cfg, train) -> torch.Tensor:
+    """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights."""
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder
@@ -104,12 +104,12 @@ class RandomCoreset(Method):
 
 class HerdingCoreset(RandomCoreset):
     def select(self, cfg, train, budget):
-        return herding_select(teacher_features(cfg, train), budget)
+        return herding_select(teacher_embeddings(cfg, train), budget)
 
 
 class KCenterCoreset(RandomCoreset):
     def select(self, cfg, train, budget):
-        feats = teacher_features(cfg, train)
+        feats = teacher_embeddings(cfg, train)
         first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
         return kcenter_select(feats, budget, first)
 

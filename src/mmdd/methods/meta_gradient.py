@@ -180,12 +180,12 @@ class PlannedDraws:
         return torch.unique(torch.cat([idx for idx, _ in self.steps]))
 
 
-def with_cached_features(strategy, chunk: int | None = None):
-    """Run `strategy` on a frozen backbone's features of the synthetic images, computed once per iteration, and
+def with_cached_features(compute, chunk: int | None = None):
+    """Run the meta-gradient `compute` on a frozen backbone's features of the synthetic images, computed once per iteration, and
     only for the images the iteration's mini-batches touch.
 
     Within an iteration the pixels do not change and the backbone is frozen and batch-independent, so
-    every inner step would recompute the same features: compute them once, let the strategy accumulate
+    every inner step would recompute the same features: compute them once, let the meta-gradient accumulate
     the gradient of all steps on them, and take a single backward pass through the backbone to the pixels.
     The gradient is the same (sum over steps of J^T g_i = J^T sum g_i). The batches and blends are drawn up front
     (`PlannedDraws`: the same draws), so images no step uses are neither encoded nor back-propagated (their
@@ -209,7 +209,7 @@ def with_cached_features(strategy, chunk: int | None = None):
         leaf[touched] = feats.detach()
         leaf.requires_grad_(True)
         blend = plan if seg.blend is not None else None
-        loss, terms = strategy(replace(seg, images=leaf, from_features=True, schedule=plan, blend=blend), backward)
+        loss, terms = compute(replace(seg, images=leaf, from_features=True, schedule=plan, blend=blend), backward)
         if leaf.grad is not None and images.requires_grad:
             grad = leaf.grad[touched]
             # Plain autograd, not `backward`: leaf.grad already carries any loss scaling of the precision plugin.
@@ -224,12 +224,12 @@ def with_cached_features(strategy, chunk: int | None = None):
     return run
 
 
-# method.meta_gradient -> how a segment's gradient is computed (every strategy takes (segment, backward)).
+# method.meta_gradient -> how a segment's gradient is computed (each takes (segment, backward)).
 META_GRADIENTS = {"full": full_unroll, "tesla": tesla}
-STRATEGIES = tuple(META_GRADIENTS)
+META_GRADIENT_NAMES = tuple(META_GRADIENTS)
 
 
 def meta_gradient(name: str):
     if name not in META_GRADIENTS:
-        raise ValueError(f"method.meta_gradient must be one of {STRATEGIES}, got {name!r}")
+        raise ValueError(f"method.meta_gradient must be one of {META_GRADIENT_NAMES}, got {name!r}")
     return META_GRADIENTS[name]

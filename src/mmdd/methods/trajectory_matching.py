@@ -18,7 +18,7 @@ from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
 from mmdd.methods.learned import LearnedMethod
 from mmdd.methods.matching import BatchSchedule, Blend
-from mmdd.methods.meta_gradient import STRATEGIES, Segment, meta_gradient, with_cached_features
+from mmdd.methods.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
 from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
@@ -52,8 +52,8 @@ class MatchingSettings(OuterSettings):
         super().__post_init__()
         if self.inner_loss not in INNER_LOSSES:
             raise MmddError(f"method.inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
-        if self.meta_gradient not in STRATEGIES:
-            raise MmddError(f"method.meta_gradient must be one of {STRATEGIES}, got {self.meta_gradient!r}")
+        if self.meta_gradient not in META_GRADIENT_NAMES:
+            raise MmddError(f"method.meta_gradient must be one of {META_GRADIENT_NAMES}, got {self.meta_gradient!r}")
         if self.loss_merge not in ("separate", "merged"):
             raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
         if self.tesla_lr_loss not in ("separate", "as_loss"):
@@ -103,12 +103,12 @@ def caches_features(config: MatchingSettings, model) -> bool:
     return config.cache_features and model.backbone_is_cacheable()
 
 
-def strategy_for(config: MatchingSettings, model):
+def meta_gradient_for(config: MatchingSettings, model):
     """The configured meta-gradient, on cached backbone features when the backbone allows it."""
-    strategy = meta_gradient(config.meta_gradient)
+    compute = meta_gradient(config.meta_gradient)
     if caches_features(config, model):
-        strategy = with_cached_features(strategy, config.feature_chunk)
-    return strategy
+        compute = with_cached_features(compute, config.feature_chunk)
+    return compute
 
 
 class TrajectoryMatchingObjective:
@@ -127,16 +127,16 @@ class TrajectoryMatchingObjective:
         self.trajectories = trajectories
         self.layout = ParamLayout.from_model(model)
         self.settings = settings
-        self._strategy = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
+        self._meta_gradient = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
         expert, start = draw_segment_start(generator, self.trajectories.n_experts, s.max_start_epoch)
         starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device)
         seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device)
-        if self._strategy is None:  # decided once, in training mode (batch-norm statistics decide caching)
-            self._strategy = strategy_for(s, self.model)
-        loss, terms = self._strategy(seg, backward)
+        if self._meta_gradient is None:  # decided once, in training mode (batch-norm statistics decide caching)
+            self._meta_gradient = meta_gradient_for(s, self.model)
+        loss, terms = self._meta_gradient(seg, backward)
         return ObjectiveStep(loss, terms, {"distill/start_epoch": float(start)})
 
 
