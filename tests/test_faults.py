@@ -485,8 +485,9 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow  # 55 s; `pytest -m slow`
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the rank-1 process through Linux's /proc")
 def test_a_dead_ddp_process_is_named_and_the_run_resumes(root):
-    """SIGKILL of rank 1 mid-run: rank 0's collective fails ("Connection reset by peer") and Lightning's launcher
-    would SIGKILL rank 0 with no word; instead the run says which process died, exits 2, and resumes."""
+    """SIGKILL of rank 1 mid-run: rank 0's collective fails ("Connection reset by peer"), which was a traceback (or,
+    by Lightning's process watch, a SIGKILL of rank 0 with no word); the run says which process died, exits 2, and
+    resumes."""
     n = 400
     env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
     cmd = [sys.executable, "-m", "mmdd.cli", "distill", *TINY_DISTILL, f"method.iterations={n}", "save_every=5", *DDP,
@@ -510,14 +511,15 @@ def test_a_dead_ddp_process_is_named_and_the_run_resumes(root):
 
 
 def test_the_launcher_watch_names_a_dead_process_and_exits_2(tmp_path):
-    """The other path: rank 0 not in a collective when rank 1 dies, so only Lightning's process watch notices."""
+    """The other path: rank 0 not in a collective when rank 1 dies, so only rank 0's watch over the processes it
+    started notices."""
     script = tmp_path / "watch.py"
     script.write_text(
         "import subprocess, sys\n"
-        "from mmdd.utils.ddp import _ExplainingObserver\n"
+        "from mmdd.utils.ddp import ProcessWatch\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'])\n"
         "child.wait()\n"
-        "_ExplainingObserver([child], world_size=4, first_rank=2)._run()\n"
+        "ProcessWatch([child], world_size=4, first_rank=2).check()\n"
         "print('not stopped')\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "MMDD_STAGE": "buffer"})

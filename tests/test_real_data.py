@@ -301,7 +301,7 @@ def test_a_store_still_being_filled_is_refused_unless_fewer_experts_are_asked_fo
         check_enough_experts(store, [0, 1], wanted=4, max_experts=3)
 
 
-def test_asking_for_a_gpu_without_one_is_a_sentence_and_ddp_falls_back_to_cpu_processes(tmp_path):
+def test_asking_for_a_gpu_without_one_is_a_sentence_and_ddp_falls_back_to_cpu_processes(tmp_path, monkeypatch):
     from mmdd.utils.trainer import build_trainer
 
     if torch.cuda.is_available():
@@ -313,6 +313,11 @@ def test_asking_for_a_gpu_without_one_is_a_sentence_and_ddp_falls_back_to_cpu_pr
         build_trainer(cfg)
     ddp = compose_cfg("buffer", tmp_path, root, "hardware=ddp")
     assert ddp.hardware.accelerator == "auto"
+    with pytest.raises(MmddError, match=r"several processes .* re-run the `mmdd <stage>` command line"):
+        build_trainer(ddp, max_epochs=1)  # mmdd starts the other processes only from its own command line
+    # processes set up outside (as SLURM or torchrun do): Lightning joins them, on the CPU
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     trainer = build_trainer(ddp, max_epochs=1)
     assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.num_devices == 2
 

@@ -40,6 +40,14 @@ def _task(stage: str):
             if code is None:
                 raise
             sys.exit(code)
+        except RuntimeError as exc:  # a collective of a multi-process run failing because a process is gone
+            from mmdd.utils.ddp import lost_process
+
+            who = lost_process(exc)
+            if who is None:
+                raise
+            print(f"mmdd {stage}: error: {who}", file=sys.stderr)
+            sys.exit(2)
         except (MmddError, InstantiationException) as exc:
             # hydra.utils.instantiate wraps a method's own config errors (its settings dataclass's checks)
             error = exc.__cause__ if isinstance(exc, InstantiationException) else exc
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     relaunched = os.environ.get(STAGE_ENV)
     if relaunched in STAGES and "LOCAL_RANK" in os.environ and (not argv or argv[0] not in STAGES):
-        argv = [relaunched, *argv]  # a rank > 0 started by Lightning's DDP launcher (see below)
+        argv = [relaunched, *argv]  # a rank > 0 started by mmdd.utils.ddp (see below)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -100,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # W&B's per-run console banners drown the stage's output; runs are still written (see README).
     os.environ.setdefault("WANDB_SILENT", "true")
-    # Lightning's DDP launcher starts ranks > 0 by re-running `python <sys.argv[0]> <sys.argv[1:]>` (or
-    # `python -m <module>`) with LOCAL_RANK set: keep argv[0] a real file and hand the stage over in the environment.
+    # Hydra reads the overrides from sys.argv[1:]; mmdd.utils.ddp starts ranks > 0 as `python -m mmdd.cli
+    # <sys.argv[1:]>` with LOCAL_RANK set, and the stage is handed over in the environment.
     os.environ[STAGE_ENV] = stage
     if "LOCAL_RANK" not in os.environ:  # ranks > 0 keep their launcher's: a changed parent means rank 0 died
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())

@@ -2,7 +2,7 @@
 
 Each rank draws its own samples (trajectory matching: expert, start epoch and mini-batches); the synthetic set's gradients are averaged
 across ranks before every outer step (OuterLoop.average_gradients), so N processes give N trajectory
-samples per step. Lightning launches the processes, sets up the process group and provides the collectives;
+samples per step. mmdd starts the processes (utils.ddp), Lightning sets up the process group and provides the collectives;
 the only thing left out is the DistributedDataParallel wrapper: an iteration calls backward many times
 (every inner step of TESLA, the backbone pass of cached features) while DDP's reducer expects one backward per
 forward, and the trainable tensors are just the synthetic set's, reduced once per step.
@@ -15,10 +15,10 @@ import os
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmdd.utils.ddp import MmddDDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 
-class SyntheticSetDDP(MmddDDPStrategy):
+class SyntheticSetDDP(DDPStrategy):
     strategy_name = "mmdd_synthetic_ddp"
 
     def configure_ddp(self) -> None:

@@ -1,34 +1,45 @@
-"""Lightning's DDP, with a sentence when a process dies, for every multi-process trainer of mmdd.
+"""The processes of a multi-process run: mmdd starts them, watches them, and says in a sentence when one dies.
 
-Two things happen when a process of the run dies, and both ended without a word:
-- the others' next collective fails (gloo: "Connection reset by peer"; NCCL: DistBackendError). The launcher runs
-  the fit on every rank, so it turns that error into `process k of n died ...; rerun to resume` (an MmddError, exit
-  2): rank 0 knows which of the processes it started ended, a rank > 0 whose parent changed knows rank 0 died;
-- Lightning's launcher watches the processes it started from a thread of rank 0 and, when one ends with an error,
-  SIGKILLs every process, rank 0 included ("Killed", exit 137). mmdd's watch does the same (a hung collective leaves
-  nothing gentler) but first says which process died and how, and ends rank 0 with exit code 2, unless rank 0 is
-  already stopping with its own sentence (a lost process, or every rank stopping on a signal: utils.signal_stop).
+Lightning starts a run's other processes only when none are set up (its LightningEnvironment finds no LOCAL_RANK);
+mmdd sets them up before its first multi-process Trainer exists, so Lightning joins them, with its public DDP
+strategy and nothing of its private launcher:
+- ranks 1..n-1 re-run the same command (the stage in MMDD_STAGE) in rank 0's Hydra run directory, with LOCAL_RANK,
+  NODE_RANK, WORLD_SIZE and the rendezvous address in their environment. SLURM and torchrun jobs set these
+  themselves, and nothing is started here;
+- every process gets cpus // n torch threads unless OMP_NUM_THREADS says otherwise (as Lightning did: a DDP run's
+  sums depend on it);
+- a thread of rank 0 watches the processes it started. When one ends with an error it says which and how, ends the
+  others and exits 2 (a hung collective leaves nothing gentler), unless rank 0 is already stopping with its own
+  sentence (a lost process, or every rank stopping on a signal: utils.signal_stop);
+- a collective failing because a process is gone is said as `process k of n died ...; rerun to resume`
+  (`lost_process`, read by the CLI on every rank).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 
 import torch
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from mmdd.errors import MmddError
 from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV, kept
 
 # Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
-# launcher's watch then ends the other processes quietly instead of reporting a death and exiting.
+# watch then ends the other processes quietly instead of reporting a death and exiting.
 STOP_EXPLAINED = threading.Event()
+# What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+_started: list[subprocess.Popen] = []  # the processes this one started (ranks first_rank + 1, ...)
+# This process's run, recorded when its first multi-process trainer is built (Lightning's teardown removes WORLD_SIZE
+# from the environment before a failed collective reaches the CLI)
+_run = {"world": 1, "first_rank": 0}
 
 
 def _how(returncode: int) -> str:
@@ -40,80 +51,101 @@ def _how(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-class _ExplainingObserver(_ChildProcessObserver):
-    def __init__(self, child_processes, world_size: int, first_rank: int):
-        super().__init__(main_pid=os.getpid(), child_processes=child_processes)
-        self._world_size, self._first_rank = world_size, first_rank
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
-    def _terminate_all(self) -> None:
-        dead = [(self._first_rank + i + 1, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
-        for p in self._child_processes:
-            p.send_signal(self._termination_signal)
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _command(local_rank: int) -> tuple[list[str], str | None]:
+    """Rank `local_rank`'s command line: the same stage and overrides, in rank 0's run directory, writing no second
+    copy of the composed config."""
+    command = [sys.executable, "-m", "mmdd.cli", *sys.argv[1:]]
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return command, None
+    from hydra.utils import get_original_cwd
+
+    run_dir = HydraConfig.get().run.dir
+    command += [f'hydra.run.dir="{run_dir}"', f"hydra.job.name=mmdd_rank_{local_rank}", "hydra.output_subdir=null"]
+    return command, get_original_cwd()
+
+
+def start_processes(num_processes: int, num_nodes: int = 1) -> None:
+    """Set up this node's `num_processes` processes of a run (this one is local rank 0), unless they are set up
+    already: this is a rank > 0, a later trainer of the same run, or SLURM/torchrun started every rank."""
+    node_rank = int(os.environ.get("NODE_RANK", 0))
+    _run.update(world=num_processes * num_nodes, first_rank=node_rank * num_processes)
+    if "LOCAL_RANK" in os.environ:
+        return
+    if os.environ.get(STAGE_ENV) is None:
+        raise MmddError("several processes (hardware.devices x num_nodes > 1) re-run the `mmdd <stage>` command line; "
+                        "start this run with the mmdd command (or under SLURM/torchrun, which start every rank)")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.update({"NODE_RANK": str(node_rank), "LOCAL_RANK": "0",
+                       "WORLD_SIZE": str(num_processes * num_nodes)})
+    if "OMP_NUM_THREADS" not in os.environ:  # before the others start: they read it when torch loads
+        os.environ["OMP_NUM_THREADS"] = str(max(1, _cpus() // num_processes))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    for local_rank in range(1, num_processes):
+        command, cwd = _command(local_rank)
+        _started.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
+    ProcessWatch(_started, world_size=num_processes * num_nodes, first_rank=node_rank * num_processes).start()
+
+
+class ProcessWatch(threading.Thread):
+    """Rank 0's watch over the processes it started (a daemon thread: it ends with the run)."""
+
+    def __init__(self, processes: list[subprocess.Popen], world_size: int, first_rank: int, period: float = 5.0):
+        super().__init__(daemon=True, name="mmdd-process-watch")
+        self.processes, self.world_size, self.first_rank, self.period = processes, world_size, first_rank, period
+
+    def run(self) -> None:
+        while not self.check():
+            time.sleep(self.period)
+
+    def check(self) -> bool:
+        """Looks once; True when there is nothing left to watch (all ended well, or the run was ended)."""
+        codes = [p.poll() for p in self.processes]
+        if all(code == 0 for code in codes):
+            return True
+        if not any(codes):
+            return False
+        dead = [(self.first_rank + i + 1, code) for i, code in enumerate(codes) if code]
+        for p in self.processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)  # a process waiting in a collective never returns from it
         if STOP_EXPLAINED.is_set():
-            return  # rank 0 is already stopping with its own message
-        who = ", ".join(f"process {r} of {self._world_size} ({_how(code)})" for r, code in dead)
+            return True  # rank 0 is already stopping with its own message
+        who = ", ".join(f"process {r} of {self.world_size} ({_how(code)})" for r, code in dead)
         stage = os.environ.get(STAGE_ENV, "")
         sys.stderr.write(f"\nmmdd {stage}: error: {who} died (killed, out of memory, or it crashed: its own output "
-                         "above says which), so the run stopped; what was saved is kept (complete experts, the last "
-                         "checkpoint). Rerun the same command to resume\n")
+                         f"above says which), so the run stopped; {kept(stage, 'what was saved is kept')}. Rerun the "
+                         "same command to resume\n")
         sys.stderr.flush()
         os._exit(2)  # the main thread may hang in a collective that will never complete
 
 
-# What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
-PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
-
-
-class _ExplainingLauncher(_SubprocessScriptLauncher):
-    """Lightning's launcher (its `launch`, line for line) with the explaining watch, and the fit's collectives
-    failing on a dead process said in a sentence."""
-
-    def launch(self, function, *args, trainer=None, **kwargs):
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            _ExplainingObserver(self.procs, self.world_size, self.first_rank).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        try:
-            return function(*args, **kwargs)
-        except RuntimeError as exc:
-            who = self.lost_process(exc)
-            if who is None:
-                raise
-            STOP_EXPLAINED.set()
-            stage = os.environ.get(STAGE_ENV, "")
-            raise MmddError(f"{who} died (killed, out of memory, or its node failed), so this one stopped too; "
-                            f"{kept(stage, 'what was saved is kept')}. Rerun the same command to resume") from exc
-
-    @property
-    def world_size(self) -> int:
-        return self.num_processes * self.num_nodes
-
-    @property
-    def first_rank(self) -> int:
-        return self.cluster_environment.node_rank() * self.num_processes
-
-    def lost_process(self, exc: BaseException) -> str | None:
-        """Which process of the run is gone, in words ("process 1 of 2"), if `exc` is a collective failing for that
-        reason; otherwise None."""
-        backend_error = getattr(torch.distributed, "DistBackendError", ())
-        if self.world_size <= 1 or not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
-            return None
-        dead = [self.first_rank + i + 1 for i, p in enumerate(self.procs) if p.poll() is not None]
-        launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
-        if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned
-            dead = [self.first_rank]
-        if dead:
-            return f"process {', '.join(map(str, dead))} of {self.world_size}"
-        return f"a process of {self.world_size} (on another node, or not started by this one)"
-
-
-class MmddDDPStrategy(DDPStrategy):
-    """DDP whose launcher says which process died (see the module's docstring)."""
-
-    strategy_name = "mmdd_ddp"
-
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
-            self._launcher = _ExplainingLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+def lost_process(exc: BaseException) -> str | None:
+    """The sentence for `exc` when it is a collective failing because a process of this run is gone, else None.
+    Rank 0 knows which of the processes it started ended; a rank > 0 whose parent changed knows rank 0 died."""
+    world, first_rank = _run["world"], _run["first_rank"]
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    if world <= 1 or not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
+        return None
+    STOP_EXPLAINED.set()
+    dead = [first_rank + i + 1 for i, p in enumerate(_started) if p.poll() is not None]
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+    if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned
+        dead = [first_rank]
+    who = f"process {', '.join(map(str, dead))} of {world}" if dead else \
+        f"a process of {world} (on another node, or not started by this one)"
+    stage = os.environ.get(STAGE_ENV, "")
+    return (f"{who} died (killed, out of memory, or its node failed), so this one stopped too; "
+            f"{kept(stage, 'what was saved is kept')}. Rerun the same command to resume")

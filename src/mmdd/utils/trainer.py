@@ -66,12 +66,15 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
 
         kwargs["callbacks"] = [*kwargs["callbacks"], SignalStop()]  # every rank stops at the same step on a signal
     check_accelerator(kwargs["accelerator"])
-    if num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"]) > 1:
+    processes = num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"])
+    if processes > 1:
         refuse_ddp_in_local_multirun()
-        if kwargs["strategy"] in ("ddp", "auto"):  # what Lightning would pick, plus a sentence when a process dies
-            from mmdd.utils.ddp import MmddDDPStrategy
+        from mmdd.utils.ddp import start_processes
 
-            kwargs["strategy"] = MmddDDPStrategy()
+        # mmdd starts (and watches) the other processes; Lightning's DDP joins them
+        start_processes(processes // kwargs["num_nodes"], kwargs["num_nodes"])
+        if kwargs["strategy"] == "auto":
+            kwargs["strategy"] = "ddp"  # what Lightning picks for several processes, said here
     return trainer.func(**kwargs)
 
 
