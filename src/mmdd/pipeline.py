@@ -39,7 +39,7 @@ def run_all(cfg) -> dict:
     syn_dir = run_distill(cfg, data, out / "synthetic" / str(cfg.method.name))
     res = run_evaluate(cfg, syn_dir, data, out / "evaluate" / str(cfg.method.name))
     rows.append(result_row(res))
-    for name, method_cfg in (cfg.get("baselines") or {}).items():
+    for name, method_cfg in cfg.baselines.items():
         bcfg = with_method(cfg, method_cfg)
         bdir = run_distill(bcfg, data, out / "synthetic" / str(name))
         bres = run_evaluate(bcfg, bdir, data, out / "evaluate" / str(name))

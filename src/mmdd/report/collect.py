@@ -159,9 +159,9 @@ def writes_results(run_dir: Path) -> str | None:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
         return None
-    saved_cfg = OmegaConf.load(saved)
-    stage = saved_cfg.get("stage")
-    if stage not in STAGES or not STAGES[stage].writes_results or (stage == "distill" and not saved_cfg.get("evaluate", False)):
+    config = OmegaConf.load(saved)
+    stage = config.get("stage")
+    if stage not in STAGES or not STAGES[stage].writes_results or (stage == "distill" and not config.get("evaluate", False)):
         return None
     return stage
 
