@@ -76,6 +76,23 @@ def run_in_process(args: list[str], root: Path, check: bool = False) -> subproce
     return subprocess.CompletedProcess([stage, *overrides], code, out.getvalue(), err.getvalue())
 
 
+def run_command(args: list[str], root: Path) -> subprocess.CompletedProcess:
+    """`mmdd <command> [args]` (table, export, plan) in this process, run from `root`: its exit code and output."""
+    import contextlib
+    import io
+
+    from mmdd import commands
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = getattr(commands, args[0])(args[1:])
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4, batch: int = 3):
     """A float64 matching segment on `model` (`n` pairs of 8x8 images and 5-d texts, batches of `batch`, a target
     0.05 away from the start), the same draws every call: for comparing meta-gradient paths exactly."""

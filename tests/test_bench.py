@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_in_process
 
 
 @pytest.fixture(scope="module")
 def heads_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     common = [*TINY, "logger=none", "pretrain.epochs=2", "pretrain.batch_size=16"]
-    run_mmdd(["pretrain", *common, "hydra.run.dir=outputs/pretrain"], root)
-    run_mmdd(["buffer", *common, "model=convnet_heads", "hydra.run.dir=outputs/buffer_heads"], root)
-    run_mmdd(["buffer", *common, "hydra.run.dir=outputs/buffer"], root)
+    run_in_process(["pretrain", *common, "hydra.run.dir=outputs/pretrain"], root, check=True)
+    run_in_process(["buffer", *common, "model=convnet_heads", "hydra.run.dir=outputs/buffer_heads"], root, check=True)
+    run_in_process(["buffer", *common, "hydra.run.dir=outputs/buffer"], root, check=True)
     return root, common
 
 
@@ -22,8 +22,8 @@ def heads_root(tmp_path_factory):
 def test_bench_paths_agree(heads_root, method, model):
     root, common = heads_root
     out = f"outputs/bench_{method}"
-    proc = run_mmdd(["bench", *common, f"model={model}", f"method={method}", "bench.iterations=2", "bench.warmup=1",
-                     f"hydra.run.dir={out}"], root)
+    proc = run_in_process(["bench", *common, f"model={model}", f"method={method}", "bench.iterations=2",
+                           "bench.warmup=1", f"hydra.run.dir={out}"], root, check=True)
     assert "| s/iter reference | s/iter mmdd |" in proc.stdout
     res = json.loads((root / out / "bench.json").read_text())
     assert res["grad_max_rel_diff"] < 1e-4  # the same gradients, up to float32 rounding

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_command, run_in_process, run_mmdd
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_multirun_writes_results_with_config_per_job(grid):
 def test_same_seed_same_result_on_cpu(grid):
     root, _ = grid
     job0 = json.loads((root / "outputs" / "grid" / "0" / "results.json").read_text())
-    run_mmdd(["distill", *TINY, "method=mtt_vl", "seed=0", "logger=none", "hydra.run.dir=outputs/again"], root)
+    run_in_process(["distill", *TINY, "method=mtt_vl", "seed=0", "logger=none", "hydra.run.dir=outputs/again"], root,
+                   check=True)
     again = json.loads((root / "outputs" / "again" / "results.json").read_text())
     assert job0["method"] == "mtt_vl" and job0["seed"] == 0
     assert again["mean"] == job0["mean"]
@@ -46,14 +47,15 @@ def test_same_seed_same_result_on_cpu(grid):
 
 def test_table_over_the_multirun_with_anchors_and_wandb(grid, tmp_path):
     root, _ = grid
-    proc = run_mmdd(["table", "outputs/grid", "--anchors", "flickr30k", "--plot", str(tmp_path / "budget.png"),
-                     "-o", str(tmp_path / "t.md")], root)
+    proc = run_command(["table", "outputs/grid", "--anchors", "flickr30k", "--plot", str(tmp_path / "budget.png"),
+                        "-o", str(tmp_path / "t.md")], root)
+    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     mtt = next(line for line in lines if "| mtt_vl |" in line)
     assert "| 8 | mmdd | 2×2 |" in mtt  # budget, protocol, 2 distillation seeds x 2 students
     assert (tmp_path / "budget.png").exists() and (tmp_path / "t.md").read_text().strip() == proc.stdout.strip()
     # the same cells from the W&B offline runs of the students
-    proc = run_mmdd(["table", "--wandb", "outputs/grid", "-f", "csv"], root, check=False)
+    proc = run_command(["table", "--wandb", "outputs/grid", "-f", "csv"], root)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines()[1:] if line]
     assert len(rows) == 2 and all(",2×2," in r for r in rows)
@@ -69,7 +71,7 @@ def test_optuna_sweep_runs_trials_on_val(grid):
 def test_export_of_a_distilled_set_loads_as_a_dataset(grid):
     root, _ = grid
     syn = root / "outputs" / "grid" / "0" / "synthetic"
-    proc = run_mmdd(["export", str(syn), "outputs/exported"], root)
+    proc = run_command(["export", str(syn), "outputs/exported"], root)
     assert "data=pairs_table" in proc.stdout
     rows = (root / "outputs" / "exported" / "captions.jsonl").read_text().splitlines()
     assert len(rows) == 8 and json.loads(rows[0])["image"] == "images/00000.png"
