@@ -286,7 +286,7 @@ def train_student(
     # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
     trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
                             strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
-                            limit_val_batches=1.0 if select_split else 0)  # selection=last: no selection split
+                            **({} if select_split else {"limit_val_batches": 0}))  # selection=last: nothing to select on
     t0 = time.perf_counter()
     trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
     seconds = time.perf_counter() - t0
