@@ -32,7 +32,8 @@ class LearnedMethod(Method):
     and `name`) and implement `make_objective`; `prepare_model` and `make_probe` are optional hooks."""
 
     settings_cls: type[OuterSettings] = OuterSettings
-    # The objective differentiates through the model's own gradient (trajectory matching): no torch.compile there.
+    # True when the objective differentiates through the model's own gradient (trajectory matching): the backbone is
+    # then left uncompiled (torch.compile has no double backward)
     second_order = False
 
     def __init__(self, name: str, **settings):
@@ -44,6 +45,8 @@ class LearnedMethod(Method):
         """Adjust or refuse the model this method distils with (before its backbone is fingerprinted)."""
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> Objective:
+        """The method's loss on the set, for `model` (built from cfg.model, frozen by the loop) and the train split;
+        `fingerprint` is the model's frozen backbone's, for checks against what the objective reads."""
         raise NotImplementedError
 
     def make_probe(self, cfg, model, objective: Objective, train, n: int):
