@@ -41,11 +41,12 @@ def _task(stage: str):
                 raise
             sys.exit(code)
         except RuntimeError as exc:  # a collective of a multi-process run failing because a process is gone
-            from mmdd.utils.ddp import lost_process
+            from mmdd.utils.ddp import STOP_EXPLAINED, lost_process
 
             who = lost_process(exc)
             if who is None:
                 raise
+            STOP_EXPLAINED.set()  # the watch of rank 0 then ends the others without a second sentence
             print(f"mmdd {stage}: error: {who}", file=sys.stderr)
             sys.exit(2)
         except (MmddError, InstantiationException) as exc:

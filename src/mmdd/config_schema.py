@@ -126,22 +126,37 @@ def typed_settings(schema=StageSettings, prefix: str = "") -> dict[str, type]:
     return out
 
 
+def as_kind(value, kind: type):
+    """`value` as a value of `kind` (int, float, str, bool or dict), or None when it is not one: a whole float is an
+    int (3.0 -> 3), an int is a float, a finite number only; bools are never numbers. The one rule every settings
+    check here uses."""
+    import math
+    from collections.abc import Mapping
+
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return int(value) if number and math.isfinite(value) and float(value).is_integer() else None
+    if kind is float:
+        return float(value) if number and math.isfinite(value) else None
+    ok = {str: isinstance(value, str), bool: isinstance(value, bool), dict: isinstance(value, Mapping)}[kind]
+    return value if ok else None
+
+
 def whole_budget(budget) -> int:
     """`budget` as an int when it is a whole number of pairs (8 or 8.0); an MmddError otherwise."""
     from mmdd.errors import MmddError
 
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (
-        isinstance(budget, float) and not budget.is_integer()
-    ):
+    pairs = as_kind(budget, int)
+    if pairs is None:
         raise MmddError(f"budget={budget!r} is not a whole number of pairs; set budget=<positive integer> "
                         "(the number of image-text pairs of the synthetic set)")
-    return int(budget)
+    return pairs
 
 
 def check_stage_settings(cfg) -> None:
     """Each setting of `cfg` that StageSettings names must have its type: `seed=abc` fails in a second, naming the
-    key, not after the data has loaded. A whole number is not a number of another kind: `seed=3.0` is refused, as
-    Hydra refuses it in the typed groups."""
+    key, not after the data has loaded. Whole numbers written as floats (`seed=3.0`, `budget=8.0`) are stored as ints,
+    so code reads every setting as it is."""
     from omegaconf import OmegaConf
 
     from mmdd.errors import MmddError
@@ -151,24 +166,23 @@ def check_stage_settings(cfg) -> None:
         value = OmegaConf.select(cfg, key, default=absent)
         if value is absent:
             continue
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
-        if not ok:
+        converted = as_kind(value, kind)
+        if converted is None:
             what, name = _KINDS[kind]
             raise MmddError(f"{key}={value!r} must be {what}; set {key}=<{name}>")
-    if "budget" in cfg:  # a whole number of pairs, written as one (budget=8.0 is 8)
+        if kind is int and not isinstance(value, int):
+            OmegaConf.update(cfg, key, converted)
+    if "budget" in cfg:  # a whole number of pairs
         cfg.budget = whole_budget(cfg.budget)
 
 
 def check_fields(settings, section: str, where: str) -> None:
-    """Check (and normalise) every field of a settings dataclass against its annotation, in place: values from YAML
-    or a command-line override are not typed by Hydra for groups without a schema. Whole floats become ints
-    (`3.0` -> 3), ints become floats; anything else of the wrong kind is an MmddError naming `section.<field>` and
-    `where` to fix it. Annotations understood: int, float, str, bool, dict, each optionally `| None`."""
+    """Check (and normalise, by `as_kind`) every field of a settings dataclass against its annotation, in place:
+    values from YAML or a command-line override are not typed by Hydra for groups without a schema. A value of the
+    wrong kind is an MmddError naming `section.<field>` and `where` to fix it. Annotations understood: int, float,
+    str, bool, dict, each optionally `| None`."""
     import dataclasses
-    import math
     import typing
-    from collections.abc import Mapping
 
     from mmdd.errors import MmddError
 
@@ -181,18 +195,13 @@ def check_fields(settings, section: str, where: str) -> None:
         value = getattr(settings, f.name)
         if value is None and optional:
             continue
-        what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
-                dict: "a mapping of settings"}[kind] + (" or null" if optional else "")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is int and number and float(value).is_integer():
-            value = int(value)
-        elif kind is float and number and math.isfinite(value):
-            value = float(value)
-        elif not ((kind is str and isinstance(value, str)) or (kind is bool and isinstance(value, bool))
-                  or (kind is dict and isinstance(value, Mapping))):
+        converted = as_kind(value, kind)
+        if converted is None:
+            what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+                    dict: "a mapping of settings"}[kind] + (" or null" if optional else "")
             raise MmddError(f"{section}.{f.name} must be {what}, got {value!r} ({type(value).__name__}); {where} "
                             f"({section}.{f.name}=...)")
-        setattr(settings, f.name, value)
+        setattr(settings, f.name, converted)
 
 
 SCHEMAS = {"hardware": HardwareConfig, "protocol": ProtocolConfig, "teacher": TeacherConfig}

@@ -22,11 +22,19 @@ from mmdd.utils.io import atomic_write, stable_hash
 log = logging.getLogger(__name__)
 
 
+def chunks(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def backbone_features(model, data: SplitData, rows: range, mean, std, device):
+    """The backbone's features of a split's images `rows` (no grad and eval mode are the caller's)."""
+    return model.features(normalize(data.image_batch(rows).to(device), mean, std))
+
+
 def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device):
     """The backbone's features of a split's images, batch by batch (no grad; caller sets eval mode)."""
-    for s in range(0, data.num_images, batch_size):
-        idx = range(s, min(s + batch_size, data.num_images))
-        yield model.features(normalize(data.image_batch(idx).to(device), mean, std))
+    for rows in chunks(data.num_images, batch_size):
+        yield backbone_features(model, data, rows, mean, std, device)
 
 
 def split_content(data: SplitData) -> str:
@@ -101,17 +109,13 @@ class BackboneFeatures:
                                                    metadata={"split": str(key[1]), "backbone": str(key[0])}))
 
 
-def chunks(n: int, size: int) -> list[range]:
-    return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
-
 def encode_images(model, data: SplitData, rows: range, mean, std, device, features: BackboneFeatures | None = None):
     """L2-normalised joint-space embeddings of a split's images `rows` (eval mode and no grad are the caller's);
     with `features` (a frozen backbone's cache) only the image head runs."""
     if features is not None:
         backbone = features.split(model, data)[rows.start : rows.stop]
     else:
-        backbone = model.features(normalize(data.image_batch(rows).to(device), mean, std))
+        backbone = backbone_features(model, data, rows, mean, std, device)
     return F.normalize(model.image_head(backbone.to(device)), dim=-1).float()
 
 

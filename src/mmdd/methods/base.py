@@ -92,8 +92,8 @@ def value_range(syn: SyntheticSet, train: SplitData) -> dict:
             "out_of_range": not (images <= SANE_RANGE and texts <= SANE_RANGE)}  # NaN counts as out of range
 
 
-def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extra: dict | None = None,
-                   training: dict | None = None) -> Path:
+def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, training: dict,
+                   extra: dict | None = None) -> Path:
     """Write the set with its manifest, the nearest real caption per text and an image grid. `training`: how its
     students train (Method.manifest_fields)."""
     out_dir = Path(out_dir)
@@ -111,7 +111,7 @@ def save_synthetic(cfg, syn: SyntheticSet, train: SplitData, out_dir: Path, extr
         "config_hash": config_hash(cfg),
         # what the set was distilled on: evaluate refuses other data unless asked (allow_other_dataset=true)
         "identity": {"data": data_identity(cfg.data), "model": model_identity(cfg.model)},
-        **(training or Method().manifest_fields()),  # inner_loss, label_temperature: how its students train
+        **training,  # inner_loss, label_temperature: how its students train (Method.manifest_fields)
         "value_range": value_range(syn, train),
         **(extra or {}),
     }

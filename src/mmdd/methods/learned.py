@@ -87,8 +87,8 @@ class LearnedMethod(Method):
                          identity=distill_identity(cfg), max_nonfinite=cfg.max_nonfinite)
 
         def save(step: int) -> None:
-            save_synthetic(cfg, syn, train, out_dir, {"iteration": step, "complete": False,
-                                                      "backbone_fingerprint": fingerprint}, self.manifest_fields())
+            save_synthetic(cfg, syn, train, out_dir, self.manifest_fields(),
+                           {"iteration": step, "complete": False, "backbone_fingerprint": fingerprint})
 
         ckpt = resume_checkpoint(cfg.resume, out_dir)
         if ckpt is not None:

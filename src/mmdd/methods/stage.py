@@ -60,7 +60,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
             extra["diagnostics"] = result.diagnostics  # modality collapse: real / initial / final
         if result.resumes:
             extra["resumed"] = result.resumes  # from which iterations, with which outer settings changed
-        save_synthetic(cfg, syn, data["train"], out_dir, extra, method.manifest_fields())
+        save_synthetic(cfg, syn, data["train"], out_dir, method.manifest_fields(), extra)
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []
         if history:

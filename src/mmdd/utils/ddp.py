@@ -96,7 +96,7 @@ def start_processes(num_processes: int, num_nodes: int = 1) -> None:
     for local_rank in range(1, num_processes):
         command, cwd = _command(local_rank)
         _started.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
-    ProcessWatch(_started, world_size=num_processes * num_nodes, first_rank=node_rank * num_processes).start()
+    ProcessWatch(_started, world_size=_run["world"], first_rank=_run["first_rank"]).start()
 
 
 class ProcessWatch(threading.Thread):
@@ -139,7 +139,6 @@ def lost_process(exc: BaseException) -> str | None:
     backend_error = getattr(torch.distributed, "DistBackendError", ())
     if world <= 1 or not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
         return None
-    STOP_EXPLAINED.set()
     dead = [first_rank + i + 1 for i, p in enumerate(_started) if p.poll() is not None]
     launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
     if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned

@@ -35,7 +35,7 @@ def preflight(cfg, stage: str) -> None:
 
     check_stage_settings(cfg)
     min_free = cfg.paths.min_free_mb
-    keys = ["paths.output_dir", *(STAGES[stage].outputs if stage in STAGES else ())]
+    keys = ["paths.output_dir", *STAGES[stage].outputs]
     if str(cfg.data.get("format")) == "synscenes":  # generated on first use
         keys.append("paths.data_dir")
     for key in keys:
