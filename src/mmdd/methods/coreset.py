@@ -57,17 +57,23 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- shared helpers
-@torch.no_grad()
-def teacher_embeddings(cfg, train) -> torch.Tensor:
-    """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights."""
+def final_teacher(cfg, train):
+    """The model of cfg.model with expert 0's last recorded parameters (from the store at cfg.buffer_dir), in eval
+    mode: the teacher the learning-free selections embed with."""
+    from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
-    from mmdd.models.dual_encoder import build_dual_encoder
 
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
     traj = open_checked_trajectories(cfg, model, max_experts=1)
     ParamLayout.from_model(model).load_into(model, traj.snapshots(0, [traj.epochs])[0])
-    model.eval()
+    return model.eval()
+
+
+@torch.no_grad()
+def teacher_embeddings(cfg, train) -> torch.Tensor:
+    """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights."""
+    model = final_teacher(cfg, train)
     img = []
     for s in range(0, train.num_images, 256):
         idx = list(range(s, min(s + 256, train.num_images)))

@@ -64,6 +64,9 @@ class OuterSettings:
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
+    grad_clip: float | None = None  # clip the joint norm of the images' and texts' gradients (MDM: 1.0); None = off
+
+    INITS = ("real", "noise")  # what `init` may name; a method with its own initialisation extends this
 
     def __post_init__(self):
         from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
@@ -71,8 +74,10 @@ class OuterSettings:
         check_fields(self, "method", "fix it in conf/method/ or on the command line")
         if self.similarity is not None and self.similarity.get("kind") not in SIMILARITY_KINDS:
             raise MmddError(f"method.similarity.kind must be one of {SIMILARITY_KINDS} (or similarity: null)")
-        if self.init not in ("real", "noise"):
-            raise MmddError(f"method.init must be 'real' or 'noise', got {self.init!r}")
+        if self.init not in self.INITS:
+            raise MmddError(f"method.init must be one of {self.INITS}, got {self.init!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise MmddError(f"method.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.iterations < 1:
             raise MmddError(f"method.iterations must be >= 1, got {self.iterations}")
 
@@ -282,6 +287,8 @@ class OuterLoop(L.LightningModule):
             self.skip_nonfinite(self.global_step + 1)
             return
         self.nonfinite_in_a_row = 0
+        if self.settings.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([self.syn.images, self.syn.texts], self.settings.grad_clip)
         opt.step()
         self.syn.clamp_lrs_(self.settings.lr_min)
         if not self.all_finite(list(self.syn.parameters())):

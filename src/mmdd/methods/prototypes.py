@@ -1,0 +1,158 @@
+"""PDS-style prototype selection: the learning-free first stage of PDS (prototype-guided data synthesis, ICLR 2026;
+code junhyeok9712/PDS, pds_distill.py, read at 3a73f43), with real images where PDS generates them.
+
+1. every (image, caption) annotation is embedded: the image by a teacher (expert 0 of the trajectory store at its
+   last epoch), the caption as the students read it (its cached embedding) and by the teacher;
+2. the `prune_ratio` (0.2) of pairs whose image and caption agree least (teacher cosine) are dropped;
+3. k-means with K = budget, separately on the kept image embeddings and on the kept caption embeddings;
+4. image clusters are matched one-to-one to caption clusters by the largest total co-occurrence (Hungarian);
+5. each matched cell (i, j) gives a prototype pair: the mean image embedding and the mean caption embedding of the
+   pairs in both clusters (the clusters' centres when no pair is in both).
+The set's text is the caption prototype itself (as PDS: its students read the prototype embedding), or with
+text=nearest the real caption nearest to it. PDS renders each image prototype with Stable unCLIP (prompted by the
+nearest real caption); those weights cannot be fetched here, so the set takes the real image nearest to each image
+prototype (distinct images), which PDS never does: mmdd's variant, hence "PDS-style". A generator is a hook
+(`generator: {_target_: ...}`, see `PrototypeImageGenerator`); none ships with mmdd.
+
+Where mmdd differs from PDS's code, and why: the embeddings are a teacher's and the student's caption encoder's
+(PDS: CLIP ViT-L/14 for both, not available offline); k-means is exact Lloyd with k-means++ (PDS: sklearn
+MiniBatchKMeans, batch 10000) seeded by the run's seed (PDS: 42 whatever the seed, so seeds would give one set); an
+empty matched cell always falls back to the centres (PDS: only when K < 300, else NaN); the co-occurrence table is
+K x K by cluster label (PDS indexes a table that shrinks when a cluster is empty).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from mmdd.data.transforms import normalize
+from mmdd.errors import MmddError
+from mmdd.evaluate.encode import encode_split
+from mmdd.methods.base import DistillResult, Method, check_budget
+from mmdd.methods.clustering import cooccurrence, kmeans, match_clusters
+from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prototypes:
+    """K matched prototype pairs, in the order of the image clusters."""
+
+    image: torch.Tensor  # [K, D_teacher] mean teacher image embedding of each cell
+    text: torch.Tensor  # [K, D_caption] mean caption embedding (the students' input space)
+    members: list[list[int]]  # the kept annotation rows (caption indices) of each cell; empty: centres were used
+    pairs: list[tuple[int, int]]  # (image cluster, caption cluster) of each prototype
+
+
+class PrototypeImageGenerator(Protocol):
+    """Renders one image per prototype (PDS: Stable unCLIP from the image prototype, prompted by `prompts`).
+    Returns uint8 [K, 3, image_size, image_size]."""
+
+    def __call__(self, prototypes: Prototypes, prompts: list[str], image_size: int) -> torch.Tensor: ...
+
+
+def prune_pairs(image_rows: torch.Tensor, text_rows: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices of the annotation rows kept after dropping the int(N * ratio) with the lowest image-text cosine
+    (ties: the earlier row is kept)."""
+    sim = (F.normalize(image_rows, dim=1) * F.normalize(text_rows, dim=1)).sum(1)
+    n_drop = int(sim.shape[0] * ratio)
+    order = torch.argsort(sim, descending=True, stable=True)
+    return order[: sim.shape[0] - n_drop].sort().values
+
+
+def match_prototypes(image_rows: torch.Tensor, caption_rows: torch.Tensor, k: int, generator: torch.Generator,
+                     metric: str = "euclidean", iterations: int = 100, restarts: int = 1,
+                     cluster_captions: torch.Tensor | None = None) -> Prototypes:
+    """Steps 3-5 on kept rows: k-means of images and of captions, Hungarian matching, cell means. Captions are
+    clustered on `cluster_captions` when given (e.g. teacher embeddings) and averaged in `caption_rows`."""
+    km_img = kmeans(image_rows, k, generator, metric, iterations, restarts=restarts)
+    clustered = caption_rows if cluster_captions is None else cluster_captions
+    km_txt = kmeans(clustered, k, generator, metric, iterations, restarts=restarts)
+    pairs = match_clusters(cooccurrence(km_img.labels, km_txt.labels, k))
+    images, texts, members = [], [], []
+    for i, j in pairs:
+        cell = ((km_img.labels == i) & (km_txt.labels == j)).nonzero().flatten()
+        members.append(cell.tolist())
+        if len(cell):
+            images.append(image_rows[cell].mean(0))
+            texts.append(caption_rows[cell].mean(0))
+        else:  # no pair in both: the image cluster's centre and the caption cluster's mean
+            images.append(image_rows[km_img.labels == i].mean(0))
+            texts.append(caption_rows[km_txt.labels == j].mean(0))
+    return Prototypes(torch.stack(images), torch.stack(texts), members, pairs)
+
+
+def nearest_distinct(queries: torch.Tensor, candidates: torch.Tensor) -> list[int]:
+    """For each query in turn, the candidate with the highest cosine not yet taken."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(candidates, dim=1).t()
+    taken = torch.zeros(candidates.shape[0], dtype=torch.bool)
+    out = []
+    for row in sim:
+        i = int(row.masked_fill(taken, float("-inf")).argmax())
+        out.append(i)
+        taken[i] = True
+    return out
+
+
+class PrototypeSelection(Method):
+    """PDS-style selection (see the module doc); conf/method/pds.yaml."""
+
+    def __init__(self, name: str = "pds", lr: float = 0.1, prune_ratio: float = 0.2, metric: str = "euclidean",
+                 iterations: int = 100, restarts: int = 20, caption_space: str = "input", text: str = "prototype",
+                 generator: dict | None = None):
+        if not 0.0 <= float(prune_ratio) < 1.0:
+            raise MmddError(f"method.prune_ratio must be in [0, 1), got {prune_ratio}")
+        if caption_space not in ("input", "teacher"):
+            raise MmddError(f"method.caption_space must be 'input' or 'teacher', got {caption_space!r}")
+        if text not in ("prototype", "nearest"):
+            raise MmddError(f"method.text must be 'prototype' or 'nearest', got {text!r}")
+        self.name, self.lr, self.prune_ratio = name, float(lr), float(prune_ratio)
+        self.metric, self.iterations, self.restarts = metric, int(iterations), int(restarts)
+        self.caption_space, self.text, self.generator = caption_space, text, generator
+
+    def prototypes(self, cfg, train, budget: int) -> tuple[Prototypes, torch.Tensor]:
+        """The matched prototypes, and the teacher's embedding of every train image."""
+        from mmdd.methods.coreset import final_teacher
+
+        model = final_teacher(cfg, train)
+        image_emb, caption_emb = encode_split(model, train, cfg.data.mean, cfg.data.std)
+        txt2img = train.txt2img
+        kept = prune_pairs(image_emb[txt2img], caption_emb, self.prune_ratio)
+        if kept.numel() < budget:
+            raise MmddError(f"method.prune_ratio={self.prune_ratio} keeps {kept.numel()} pairs, fewer than budget={budget}")
+        teacher_captions = caption_emb[kept] if self.caption_space == "teacher" else None
+        protos = match_prototypes(image_emb[txt2img[kept]], train.text_emb[kept], budget,
+                                  torch.Generator().manual_seed(cfg.seed), self.metric, self.iterations, self.restarts,
+                                  teacher_captions)
+        protos.members = [[int(kept[r]) for r in cell] for cell in protos.members]
+        empty = sum(not cell for cell in protos.members)
+        log.info("PDS-style: kept %d of %d pairs; %d prototypes (%d from cluster centres: no pair in both clusters)",
+                 kept.numel(), txt2img.numel(), budget, empty)
+        return protos, image_emb
+
+    def synthesize(self, cfg, data, out_dir, loggers) -> DistillResult:
+        train = data["train"]
+        budget = check_budget(cfg.budget, train)
+        protos, image_emb = self.prototypes(cfg, train, budget)
+        prompts = nearest_captions(protos.text, train.text_emb, train.split.captions)
+        if self.generator:
+            images = instantiate(self.generator)(protos, prompts, cfg.data.image_size)
+            want = (budget, 3, cfg.data.image_size, cfg.data.image_size)
+            if tuple(images.shape) != want or images.dtype != torch.uint8:
+                raise MmddError(f"method.generator returned {images.dtype} {tuple(images.shape)}, expected uint8 {want}")
+        else:
+            images = train.image_batch(nearest_distinct(protos.image, image_emb))
+        if self.text == "nearest":
+            idx = nearest_distinct(protos.text, train.text_emb)
+            texts = train.text_emb[idx].clone()
+        else:
+            texts = protos.text.clone()
+        images = normalize(images, cfg.data.mean, cfg.data.std)
+        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}))
