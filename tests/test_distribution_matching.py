@@ -226,6 +226,9 @@ def test_mdm_distills_from_kmeans_medoids_with_its_three_terms(tiny_store):
         assert h["distill/matching_loss"] == pytest.approx(
             h["distill/loss_nce"] + 0.8 * h["distill/loss_agr"] + 0.8 * h["distill/loss_dis"], rel=1e-5)
     assert manifest["distill_stats"]["iterations"] == 4
+    cost = manifest["distill_stats"]["cost"]  # the mixed teacher draws from both experts: their training is counted
+    assert cost["teachers"]["experts"] == 2 and cost["teachers"]["seconds"] > 0 and cost["distill_seconds"] > 0
+    assert cost["device"].startswith("cpu")
 
 
 def test_dm_and_pds_distill_and_save_a_set(tiny_store):
@@ -237,6 +240,7 @@ def test_dm_and_pds_distill_and_save_a_set(tiny_store):
                    check=True)
     manifest = json.loads((tiny_store / "outputs" / "pds" / "synthetic" / "manifest.json").read_text())
     assert manifest["method"] == "pds" and manifest["budget"] == 8
+    assert manifest["distill_stats"]["cost"]["teachers"]["experts"] == 1  # one teacher embeds
 
 
 def test_grad_clip_bounds_the_joint_norm_of_the_step():

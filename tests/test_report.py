@@ -17,14 +17,17 @@ def metrics(v: float) -> dict:
     return {k: v for k in METRIC_KEYS}
 
 
-def write_results(path, method, budget, students, seed=0, expected=None, complete=True, overrides=(), dataset="synscenes"):
+def write_results(path, method, budget, students, seed=0, expected=None, complete=True, overrides=(), dataset="synscenes",
+                  cost=None):
     path.mkdir(parents=True, exist_ok=True)
     res = {
         "label": method, "method": method, "budget": budget, "dataset": dataset, "seed": seed,
         "protocol": {"name": "mmdd"}, "complete": complete, "expected_seeds": expected or len(students),
         "num_seeds": len(students), "seeds": [{"seed": i, "test": metrics(v)} for i, v in enumerate(students)],
-        "overrides": list(overrides),
+        "overrides": list(overrides), "synthetic": str(path / "synthetic"),
     }
+    if cost is not None:
+        res["distill_stats"] = {"cost": cost}
     (path / "results.json").write_text(json.dumps(res))
 
 
@@ -109,3 +112,29 @@ def test_table_command_writes_file_and_reports(tmp_path, capsys):
     assert "partial, 1 of 2" in captured.err
     assert table_command([str(tmp_path / "empty")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def cost(seconds, teacher_seconds=120.0, experts=5):
+    return {"distill_seconds": seconds, "device": "cpu (2 threads)", "iterations": 10,
+            "teachers": {"experts": experts, "seconds": teacher_seconds, "device": "cpu (2 threads)"}}
+
+
+def test_cost_column_and_time_plot(tmp_path):
+    write_results(tmp_path / "m0", "mdm", 100, [4.0, 6.0], seed=0, cost=cost(30.0))
+    write_results(tmp_path / "m1", "mdm", 100, [5.0, 5.0], seed=1, cost=cost(90.0))
+    write_results(tmp_path / "l0", "lors", 100, [5.0, 5.0], seed=0, cost=cost(7200.0, teacher_seconds=None))
+    write_results(tmp_path / "r0", "random", 100, [1.0, 1.0], seed=0, cost=cost(0.5, experts=0, teacher_seconds=0.0))
+    write_results(tmp_path / "old", "herding", 100, [2.0, 2.0], seed=0)  # results written before costs were recorded
+    rows = rows_from_cells(collect([tmp_path]).cells)
+    mdm = next(r for r in rows if r["method"] == "mdm")
+    assert mdm["cost"]["distill_seconds"] == pytest.approx(60.0) and mdm["cost"]["sets"] == 2
+    md = render(rows, "md")
+    line = {r: next(x for x in md.splitlines() if f"| {r} |" in x) for r in ("mdm", "lors", "random", "herding")}
+    assert line["mdm"].endswith("| 1.0 min + 2.0 min teachers (5) |")
+    assert line["lors"].endswith("| 2.0 h + ? teachers (5) |")  # the store's training time was not recorded
+    assert line["random"].endswith("| 0 s |") and line["herding"].endswith("| – |")
+    assert "measured on cpu (2 threads)" in md
+    rows_csv = {r["method"]: r for r in csv.DictReader(io.StringIO(render(rows, "csv")))}
+    assert rows_csv["mdm"]["distill_seconds"] == "60.0" and rows_csv["lors"]["teacher_seconds"] == ""
+    png = tmp_path / "time.png"
+    assert table_command([str(tmp_path), "--plot", str(png), "--plot-x", "time"]) == 0 and png.stat().st_size > 0

@@ -28,6 +28,9 @@ def table(argv: list[str]) -> int:
                          "beside a run on another dataset)")
     ap.add_argument("--anchors-file", default=None, help=f"paper numbers (default: {DEFAULT_ANCHORS})")
     ap.add_argument("--plot", metavar="PNG", help="also plot test r_mean against budget per method (error bars: std)")
+    ap.add_argument("--plot-x", choices=("budget", "time"), default="budget",
+                    help="the plot's x axis: the budget, or the wall time to distil one set (one point per method and "
+                         "budget)")
     ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
     args = ap.parse_args(argv)
@@ -50,9 +53,10 @@ def table(argv: list[str]) -> int:
     text = render(rows, args.format, anchors, args.anchors or None)
     print(text)
     if args.plot:
-        from mmdd.report.plots import recall_vs_budget
+        from mmdd.report.plots import recall_vs_budget, recall_vs_time
 
-        print(f"plot: {recall_vs_budget(rows, Path(args.plot))}", file=sys.stderr)
+        draw = recall_vs_time if args.plot_x == "time" else recall_vs_budget
+        print(f"plot: {draw(rows, Path(args.plot))}", file=sys.stderr)
     if args.out:
         from mmdd.utils.io import atomic_write_text
 

@@ -31,6 +31,8 @@ class DistillResult:
     # The fingerprint of the frozen backbone the set was made on (mmdd.models.dual_encoder), when there is one:
     # saved with the set, so students on another frozen backbone are refused.
     backbone_fingerprint: str | None = None
+    # The experts of the trajectory store at cfg.buffer_dir the method read (their training is part of its cost).
+    teacher_experts: list[int] = field(default_factory=list)
 
 
 class Method:

@@ -58,8 +58,8 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 
 # ----------------------------------------------------------------------------- shared helpers
 def final_teacher(cfg, train):
-    """The model of cfg.model with expert 0's last recorded parameters (from the store at cfg.buffer_dir), in eval
-    mode: the teacher the learning-free selections embed with."""
+    """(model, expert): the model of cfg.model with the store's first expert's last recorded parameters (the store at
+    cfg.buffer_dir), in eval mode, and that expert's index: the teacher the learning-free selections embed with."""
     from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
@@ -67,13 +67,14 @@ def final_teacher(cfg, train):
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
     traj = open_checked_trajectories(cfg, model, max_experts=1)
     ParamLayout.from_model(model).load_into(model, traj.snapshots(0, [traj.epochs])[0])
-    return model.eval()
+    return model.eval(), traj.experts[0]
 
 
 @torch.no_grad()
-def teacher_embeddings(cfg, train) -> torch.Tensor:
-    """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights."""
-    model = final_teacher(cfg, train)
+def teacher_embeddings(cfg, train) -> tuple[torch.Tensor, int]:
+    """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights, and
+    which expert of the store that teacher is."""
+    model, expert = final_teacher(cfg, train)
     img = []
     for s in range(0, train.num_images, 256):
         idx = list(range(s, min(s + 256, train.num_images)))
@@ -83,7 +84,7 @@ def teacher_embeddings(cfg, train) -> torch.Tensor:
     txt2img = torch.as_tensor(train.split.txt2img)
     txt_mean = torch.zeros_like(img).index_add_(0, txt2img, txt)
     txt_mean = F.normalize(txt_mean, dim=-1)
-    return torch.cat([img, txt_mean], dim=1)
+    return torch.cat([img, txt_mean], dim=1), expert
 
 
 class RandomCoreset(Method):
@@ -94,6 +95,7 @@ class RandomCoreset(Method):
     def __init__(self, name: str = "random", lr: float = 0.1):
         self.name = name
         self.lr = lr
+        self.teacher_experts: list[int] = []  # the store's experts a selection embeds with (set by `select`)
 
     def select(self, cfg, train, budget: int) -> list[int]:
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -105,17 +107,21 @@ class RandomCoreset(Method):
         chosen = self.select(cfg, train, budget)
         gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
-        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}))
+        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}),
+                             teacher_experts=list(self.teacher_experts))
 
 
 class HerdingCoreset(RandomCoreset):
     def select(self, cfg, train, budget):
-        return herding_select(teacher_embeddings(cfg, train), budget)
+        feats, expert = teacher_embeddings(cfg, train)
+        self.teacher_experts = [expert]
+        return herding_select(feats, budget)
 
 
 class KCenterCoreset(RandomCoreset):
     def select(self, cfg, train, budget):
-        feats = teacher_embeddings(cfg, train)
+        feats, expert = teacher_embeddings(cfg, train)
+        self.teacher_experts = [expert]
         first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
         return kcenter_select(feats, budget, first)
 

@@ -77,6 +77,7 @@ class DistributionObjective:
         self.encoders = encoders
         self.real = real
         self.settings = settings
+        self.teacher_experts = list(encoders.trajectories.experts) if encoders.trajectories is not None else []
 
     def weights(self) -> dict[str, float]:
         raise NotImplementedError

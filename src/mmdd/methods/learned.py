@@ -46,7 +46,8 @@ class LearnedMethod(Method):
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> Objective:
         """The method's loss on the set, for `model` (built from cfg.model, frozen by the loop) and the train split;
-        `fingerprint` is the model's frozen backbone's, for checks against what the objective reads."""
+        `fingerprint` is the model's frozen backbone's, for checks against what the objective reads. An objective
+        that reads experts of the trajectory store lists them in `teacher_experts` (their training is its cost)."""
         raise NotImplementedError
 
     def make_probe(self, cfg, model, objective: Objective, train, n: int):
@@ -115,4 +116,5 @@ class LearnedMethod(Method):
         if checkpoints.stopped_by:
             raise stopped()
         return DistillResult(syn, history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
-                             backbone_fingerprint=fingerprint)
+                             backbone_fingerprint=fingerprint,
+                             teacher_experts=list(getattr(objective, "teacher_experts", [])))

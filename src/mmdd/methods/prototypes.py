@@ -121,7 +121,8 @@ class PrototypeSelection(Method):
         """The matched prototypes, and the teacher's embedding of every train image."""
         from mmdd.methods.coreset import final_teacher
 
-        model = final_teacher(cfg, train)
+        model, expert = final_teacher(cfg, train)
+        self.teacher_experts = [expert]
         image_emb, caption_emb = encode_split(model, train, cfg.data.mean, cfg.data.std)
         txt2img = train.txt2img
         kept = prune_pairs(image_emb[txt2img], caption_emb, self.prune_ratio)
@@ -155,4 +156,5 @@ class PrototypeSelection(Method):
         else:
             texts = protos.text.clone()
         images = normalize(images, cfg.data.mean, cfg.data.std)
-        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}))
+        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}),
+                             teacher_experts=list(self.teacher_experts))

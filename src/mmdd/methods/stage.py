@@ -35,6 +35,23 @@ def distill_stats(history: list[dict], warmup: int = 2) -> dict:
     }
 
 
+def distill_cost(cfg, result, wall_seconds: float) -> dict:
+    """What the set cost: the distillation's wall time (this process's, plus the iterations of earlier runs it
+    resumed from, whose setup time is not known), its device and iterations, and the training of the store's experts
+    it read (`mmdd table`'s cost column)."""
+    from mmdd.teachers.buffer import teacher_cost
+    from mmdd.utils.trainer import device_label
+
+    earlier = 0.0
+    if result.resumes:
+        done = result.resumes[-1]["iteration"]
+        earlier = sum(h["distill/sec_per_iter"] for h in result.history if h["iteration"] <= done)
+    teachers = (teacher_cost(str(cfg.buffer_dir), result.teacher_experts) if result.teacher_experts
+                else {"experts": 0, "seconds": 0.0, "device": None})
+    return {"distill_seconds": wall_seconds + earlier, "device": device_label(cfg.hardware),
+            "iterations": len(result.history), "teachers": teachers}
+
+
 def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     """Synthesize the set with `cfg.method`; returns the directory it was saved to."""
     seed_everything(cfg.seed)
@@ -53,7 +70,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         if not is_rank_zero():
             return out_dir  # rank 0 of a multi-process run writes the set
         syn, history = result.synthetic, result.history
-        stats = {**distill_stats(history), "total_seconds": time.perf_counter() - t0}
+        wall = time.perf_counter() - t0
+        stats = {**distill_stats(history), "total_seconds": wall, "cost": distill_cost(cfg, result, wall)}
         extra = {"complete": True, "iteration": len(history), "distill_stats": stats,
                  "backbone_fingerprint": result.backbone_fingerprint}
         if result.diagnostics:

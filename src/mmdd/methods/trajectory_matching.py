@@ -128,6 +128,7 @@ class TrajectoryMatchingObjective:
         self.layout = ParamLayout.from_model(model)
         self.settings = settings
         self._meta_gradient = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
+        self.teacher_experts = list(trajectories.experts)
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device

@@ -97,6 +97,25 @@ class Cell:
         std = {k: statistics.stdev(e[k] for e in evals) for k in METRIC_KEYS} if len(evals) > 1 else None
         return mean, std
 
+    def cost(self) -> dict | None:
+        """Mean cost of the cell's sets (each set once, from the distill_stats its results carry): distillation
+        seconds, the store's teacher training seconds (None when not recorded), devices; None when no set has one."""
+        per_set: dict[str, dict] = {}
+        for i, r in enumerate(self.runs):
+            cost = (r.get("distill_stats") or {}).get("cost")
+            if cost:
+                per_set.setdefault(str(r.get("synthetic") or f"run{i}"), cost)
+        if not per_set:
+            return None
+        costs = list(per_set.values())
+        teachers = [c["teachers"]["seconds"] for c in costs]
+        devices = {c["device"] for c in costs} | {c["teachers"]["device"] for c in costs if c["teachers"]["device"]}
+        return {"distill_seconds": statistics.fmean(c["distill_seconds"] for c in costs),
+                "distill_seconds_std": statistics.stdev([c["distill_seconds"] for c in costs]) if len(costs) > 1 else None,
+                "teacher_seconds": None if None in teachers else statistics.fmean(teachers),
+                "teacher_experts": max(c["teachers"]["experts"] for c in costs),
+                "devices": sorted(devices), "sets": len(costs)}
+
     @property
     def seeds(self) -> str:
         """'sets×students', e.g. 3×3: distilled sets (distillation seeds) times students per set."""

@@ -14,6 +14,24 @@ FORMATS = ("md", "latex", "csv")
 PAPER_ORDER = ("mtt_vl", "lors", "repblend")  # publication order
 
 
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def format_cost(cost: dict | None) -> str:
+    """'12.3 min + 4.1 min teachers (5)': mean distillation wall time of the cell's sets, plus the training of the
+    store experts they read (how many), '?' where not recorded; '–' for rows without a cost (the teachers' row)."""
+    if not cost:
+        return "–"
+    text = format_duration(cost["distill_seconds"])
+    if cost["teacher_experts"]:
+        teachers = "?" if cost["teacher_seconds"] is None else format_duration(cost["teacher_seconds"])
+        text += f" + {teachers} teachers ({cost['teacher_experts']})"
+    return text
+
+
 def format_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -42,7 +60,7 @@ def rows_from_cells(cells) -> list[dict]:
     for c in cells:
         mean, std = c.stats()
         rows.append({"dataset": c.dataset, "method": c.label, "key": c.method, "budget": c.budget,
-                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std})
+                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std, "cost": c.cost()})
     return rows
 
 
@@ -111,31 +129,38 @@ def _anchor_value(a: dict, k: str) -> str:
 
 
 def _markdown(rows, anchors, anchor_dataset) -> str:
-    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
+    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost"]
     body = []
     for r in rows:
         body.append([r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
-                    + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS])
+                    + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS] + [format_cost(r.get("cost"))])
         for a in anchors_for(r, anchors, anchor_dataset):
-            body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS])
-    return _md(head, body)
+            body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS]
+                        + [""])
+    text = _md(head, body)
+    devices = sorted({d for r in rows for d in ((r.get("cost") or {}).get("devices") or [])})
+    if devices:
+        text += (f"\n\ncost: mean wall time to distil one set, + training the store experts it read; measured on "
+                 f"{'; '.join(devices)}")
+    return text
 
 
 def _latex(rows, anchors, anchor_dataset) -> str:
     def esc(s: str) -> str:
         return str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
 
-    cols = "llrll" + "r" * len(METRIC_KEYS)
-    head = ["Dataset", "Method", "Budget", "Protocol", "Seeds"] + [HEADERS[k] for k in METRIC_KEYS]
+    cols = "llrll" + "r" * len(METRIC_KEYS) + "l"
+    head = ["Dataset", "Method", "Budget", "Protocol", "Seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["Cost"]
     lines = [rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(esc(h) for h in head) + r" \\", r"\midrule"]
     for r in rows:
         vals = [_value(r, k, lambda s: rf"\textbf{{{s}}}").replace("±", r"$\pm$") for k in METRIC_KEYS]
         lines.append(" & ".join([esc(r["dataset"]), esc(r["method"]), str(r["budget"]), esc(r["protocol"]),
-                                 esc(r["seeds"]).replace("×", r"$\times$"), *vals]) + r" \\")
+                                 esc(r["seeds"]).replace("×", r"$\times$"), *vals, esc(format_cost(r.get("cost")))])
+                     + r" \\")
         for a in anchors_for(r, anchors, anchor_dataset):
             label = rf"\textit{{{esc(a['paper'])} ({esc(a['dataset'])}), reported}}"
-            lines.append(" & ".join(["", label, str(a["budget"]), "paper", "", *(_anchor_value(a, k) for k in METRIC_KEYS)])
-                         + r" \\")
+            lines.append(" & ".join(["", label, str(a["budget"]), "paper", "", *(_anchor_value(a, k) for k in METRIC_KEYS),
+                                     ""]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -144,13 +169,22 @@ def _csv(rows, anchors, anchor_dataset) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
-                *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best"])
+                *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best",
+                "distill_seconds", "teacher_seconds", "teacher_experts", "devices"])
     for r in rows:
         std = r.get("std") or {}
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
-                    ";".join(k for k in METRIC_KEYS if k in r.get("best", ()))])
+                    ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost"))])
         for a in anchors_for(r, anchors, anchor_dataset):
             w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
-                        *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), ""])
+                        *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "",
+                        "", "", "", ""])
     return buf.getvalue()
+
+
+def _cost_fields(cost: dict | None) -> list[str]:
+    if not cost:
+        return ["", "", "", ""]
+    teachers = "" if cost["teacher_seconds"] is None else f"{cost['teacher_seconds']:.1f}"
+    return [f"{cost['distill_seconds']:.1f}", teachers, str(cost["teacher_experts"]), ";".join(cost["devices"])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from mmdd.utils.config import data_identity, data_location, teacher_hash, teache
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes
+from mmdd.utils.trainer import accelerate_model, build_trainer, device_label, hardware_processes
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def run_buffer(cfg, data=None) -> Path:
                                                               "train_images": train.num_images}})
         try:
             trainer = build_trainer(cfg, loggers, [recorder], max_epochs=tcfg.epochs)
+            started = time.perf_counter()
             trainer.fit(module, loader)
+            seconds = time.perf_counter() - started
             if not trainer.is_global_zero:
                 continue
             model.to("cpu")
@@ -110,11 +113,14 @@ def run_buffer(cfg, data=None) -> Path:
                 if split in data:
                     m = evaluate_retrieval(model, data[split], cfg.data.mean, cfg.data.std)
                     metrics[split] = m
+            # What this expert cost (read into the cost of every set distilled from it: mmdd table's cost column).
+            metrics["cost"] = {"seconds": seconds, "device": device_label(cfg.hardware), "epochs": tcfg.epochs}
             # Metrics first: the weights' file is what marks an expert complete, so a crash between the two leaves
             # an incomplete expert (trained again on rerun), never a complete one without metrics.
             atomic_write_json(store.root / f"expert_{e:03d}.metrics.json", metrics)
             store.save_expert(e, recorder.trajectory())
-            log_metrics(loggers, {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()})
+            log_metrics(loggers, {**{f"{s}/{k}": v for s, m in metrics.items() if s != "cost" for k, v in m.items()},
+                                  "cost/train_seconds": seconds})
             log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
             if "test" in metrics and chance_report(data["test"].txt2img, data["test"].num_images,
                                                    [metrics["test"]["r_mean"]])["all_at_chance"]:
@@ -131,6 +137,17 @@ def run_buffer(cfg, data=None) -> Path:
 
 
 def expert_metrics(store_dir: str | Path) -> dict[int, dict]:
-    """{expert: its final-epoch retrieval per split} of a store's experts (the full-data upper bound)."""
+    """{expert: its final-epoch retrieval per split, and its training `cost`} of a store's experts (the full-data
+    upper bound)."""
     return {int(p.name.split(".")[0].split("_")[1]): json.loads(p.read_text())
             for p in sorted(Path(store_dir).glob("expert_*.metrics.json"))}
+
+
+def teacher_cost(store_dir: str | Path, experts: list[int]) -> dict:
+    """What training `experts` of a store cost: total seconds and device, or seconds None when an expert's time was
+    not recorded (stores written before 2026-12)."""
+    metrics = expert_metrics(store_dir)
+    costs = [metrics.get(e, {}).get("cost") for e in experts]
+    known = all(c is not None for c in costs)
+    return {"experts": len(experts), "seconds": sum(c["seconds"] for c in costs) if known else None,
+            "device": ", ".join(sorted({c["device"] for c in costs if c})) or None}

@@ -47,6 +47,14 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def device_label(hw) -> str:
+    """What a stage ran on, for its cost record: e.g. '1x NVIDIA H200' or 'cpu (2 threads)'."""
+    n = hardware_processes(hw)
+    if str(hw.accelerator) in ("gpu", "cuda") and torch.cuda.is_available():
+        return f"{n}x {torch.cuda.get_device_name(0)}"
+    return f"{n}x cpu ({torch.get_num_threads()} threads)" if n > 1 else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def hardware_processes(hw) -> int:
     return num_processes(hw.accelerator, hw.devices, hw.get("num_nodes", 1))
 
