@@ -88,7 +88,7 @@ class LearnedMethod(Method):
                          identity=distill_identity(cfg), max_nonfinite=cfg.max_nonfinite)
 
         def save(step: int) -> None:
-            save_synthetic(cfg, syn, train, out_dir, self.manifest_fields(),
+            save_synthetic(cfg, loop.saved_set(), train, out_dir, self.manifest_fields(),
                            {"iteration": step, "complete": False, "backbone_fingerprint": fingerprint})
 
         ckpt = resume_checkpoint(cfg.resume, out_dir)
@@ -115,6 +115,6 @@ class LearnedMethod(Method):
             raise stopped() from exc
         if checkpoints.stopped_by:
             raise stopped()
-        return DistillResult(syn, history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
+        return DistillResult(loop.saved_set(), history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
                              backbone_fingerprint=fingerprint,
                              teacher_experts=list(getattr(objective, "teacher_experts", [])))

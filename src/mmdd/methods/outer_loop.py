@@ -8,6 +8,7 @@ DDP gradient averaging, timing, memory, collapse diagnostics and the history a r
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -65,6 +66,9 @@ class OuterSettings:
     lr_sim: float = 0.0  # outer lr of S
     sim_momentum: float = 0.5
     grad_clip: float | None = None  # clip the joint norm of the images' and texts' gradients (MDM: 1.0); None = off
+    # PTM-ST: an exponential moving average of the set (e = d e + (1 - d) x after every step) is what is saved and
+    # evaluated; the step sizes stay the learned ones (PTM's evaluated sets carry the raw step sizes). None = off.
+    ema_decay: float | None = None
 
     INITS = ("real", "noise")  # what `init` may name; a method with its own initialisation extends this
 
@@ -76,6 +80,8 @@ class OuterSettings:
             raise MmddError(f"method.similarity.kind must be one of {SIMILARITY_KINDS} (or similarity: null)")
         if self.init not in self.INITS:
             raise MmddError(f"method.init must be one of {self.INITS}, got {self.init!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise MmddError(f"method.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise MmddError(f"method.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.iterations < 1:
@@ -157,8 +163,26 @@ class OuterLoop(L.LightningModule):
                 p.requires_grad_(False)
         self.syn = syn
         self.settings = settings
+        # The EMA of the set (ema_decay): a frozen copy, in the checkpoints with the set, starting at the initial set.
+        self.ema = copy.deepcopy(syn).requires_grad_(False) if settings.ema_decay is not None else None
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[dict[str, float]] = []
+
+    def saved_set(self) -> SyntheticSet:
+        """What the run saves and hands to its students: the set, or its EMA (ema_decay)."""
+        return self.syn if self.ema is None else self.ema
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.settings.ema_decay
+        for name, p in self.syn.named_parameters():
+            e = self.ema.get_parameter(name)
+            if name.startswith("lrs."):
+                e.copy_(p)  # the learned step sizes themselves (see OuterSettings.ema_decay)
+            else:
+                e.mul_(d).add_(p, alpha=1.0 - d)
 
     def configure_optimizers(self):
         return outer_optimizer(self.syn, self.settings)
@@ -291,6 +315,7 @@ class OuterLoop(L.LightningModule):
             torch.nn.utils.clip_grad_norm_([self.syn.images, self.syn.texts], self.settings.grad_clip)
         opt.step()
         self.syn.clamp_lrs_(self.settings.lr_min)
+        self.update_ema()
         if not self.all_finite(list(self.syn.parameters())):
             # Finite gradients, but the step overflowed: the set in memory is lost; the last saved one is not.
             raise NonFiniteLoss(

@@ -36,6 +36,10 @@ class MatchingSettings(OuterSettings):
     syn_steps: int
     expert_epochs: int
     max_start_epoch: int
+    min_start_epoch: int = 0  # start epochs drawn from [min_start_epoch, max_start_epoch) (PTM-ST's phase windows)
+    # PTM-ST's shortcut trajectories: {start, end} matches snapshots start..end-1 convexified per tensor
+    # (mmdd.teachers.convexify); None = the recorded trajectories
+    convexify: dict | None = None
     batch_syn: int | None = None  # inner mini-batch; None = all pairs
     loss_merge: str = "separate"
     tesla_lr_loss: str = "separate"  # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
@@ -64,12 +68,21 @@ class MatchingSettings(OuterSettings):
             raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
         if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1:
             raise MmddError("method.syn_steps, expert_epochs, max_start_epoch and iterations must all be >= 1")
+        if not 0 <= self.min_start_epoch < self.max_start_epoch:
+            raise MmddError(f"method.min_start_epoch ({self.min_start_epoch}) must be >= 0 and below max_start_epoch "
+                            f"({self.max_start_epoch}): starts are drawn from [min, max)")
+        if self.convexify is not None:
+            from mmdd.teachers.convexify import ConvexifySettings
+
+            self.convexify_settings = ConvexifySettings(**dict(self.convexify))
 
 
-def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int) -> tuple[int, int]:
-    """The expert and start epoch of one iteration (MTT: uniform over experts and [0, max_start_epoch))."""
+def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int, min_start_epoch: int = 0
+                       ) -> tuple[int, int]:
+    """The expert and start epoch of one iteration: uniform over experts and [min_start_epoch, max_start_epoch)
+    (MTT: min 0; PTM-ST: a window per phase)."""
     expert = int(torch.randint(n_experts, (1,), generator=generator))
-    start = int(torch.randint(max_start_epoch, (1,), generator=generator))
+    start = min_start_epoch + int(torch.randint(max_start_epoch - min_start_epoch, (1,), generator=generator))
     return expert, start
 
 
@@ -132,7 +145,7 @@ class TrajectoryMatchingObjective:
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
-        expert, start = draw_segment_start(generator, self.trajectories.n_experts, s.max_start_epoch)
+        expert, start = draw_segment_start(generator, self.trajectories.n_experts, s.max_start_epoch, s.min_start_epoch)
         starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device)
         seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device)
         if self._meta_gradient is None:  # decided once, in training mode (batch-norm statistics decide caching)
@@ -149,6 +162,10 @@ class TrajectoryMatching(LearnedMethod):
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
+        if self.config.convexify is not None:
+            from mmdd.teachers.convexify import ConvexifiedSnapshots
+
+            trajectories = ConvexifiedSnapshots(trajectories, self.config.convexify_settings)
         return TrajectoryMatchingObjective(model, trajectories, self.config)
 
     def manifest_fields(self) -> dict:

@@ -1,0 +1,118 @@
+"""PTM-ST's pieces on the trajectory-matching core: shortcut (convexified) trajectories against their definition,
+start windows, and the EMA of the set; and one phase through the real `mmdd distill`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, run_in_process
+from mmdd.errors import MmddError
+from mmdd.methods.outer_loop import OuterLoop
+from mmdd.methods.trajectory_matching import MatchingSettings, draw_segment_start
+from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings, shortcut_betas
+from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
+
+NAMES = {"image": ["w", "still"], "text": ["t"]}
+SHAPES = {"w": [2, 2], "still": [3], "t": [4]}
+
+
+def test_shortcut_betas_are_cumulative_step_norms_over_their_total():
+    assert shortcut_betas(torch.tensor([1.0, 3.0])).tolist() == [0.0, 0.25, 1.0]
+    assert shortcut_betas(torch.tensor([2.0, 0.0, 2.0])).tolist() == [0.0, 0.5, 0.5, 1.0]
+    assert shortcut_betas(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0, 0.0]  # a tensor that never moved stays
+
+
+def store_with_one_expert(root, epochs=5):
+    gen = torch.Generator().manual_seed(0)
+    store = TrajectoryStore.create_or_open(root, dataset="d", model="m", config_hash="h", param_names=NAMES,
+                                           param_shapes=SHAPES, epochs=epochs, teacher={})
+    traj = {n: torch.randn([epochs + 1, *s], generator=gen).cumsum(0) for n, s in SHAPES.items()}
+    traj["still"] = torch.ones(epochs + 1, 3)  # never moves
+    store.save_expert(0, traj)
+    return store, traj
+
+
+def test_convexified_snapshots_follow_the_definition(tmp_path):
+    store, traj = store_with_one_expert(tmp_path / "s")
+    recorded = ExpertSnapshots(store, NAMES, [0])
+    short = ConvexifiedSnapshots(recorded, ConvexifySettings(start=1, end=5))  # snapshots 1..4, K = 3
+    assert short.epochs == 3 and short.n_experts == 1
+    got = short.snapshots(0, [0, 1, 2, 3])
+    for name, modality, offset in (("w", "image", 0), ("still", "image", 4), ("t", "text", 0)):
+        kept = traj[name][1:5].double()
+        size = kept[0].numel()
+        norms = [float((kept[p + 1] - kept[p]).norm()) for p in range(3)]
+        for t in range(4):
+            beta = sum(norms[:t]) / sum(norms) if sum(norms) else 0.0
+            want = (1 - beta) * kept[0] + beta * kept[3]
+            value = got[t][modality][offset:offset + size].reshape(kept[0].shape).double()
+            assert torch.allclose(value, want, atol=1e-6), (name, t)
+    # the endpoints are the recorded snapshots, bit for bit
+    assert torch.equal(got[0]["image"], recorded.snapshots(0, [1])[0]["image"])
+    assert torch.equal(got[3]["text"], recorded.snapshots(0, [4])[0]["text"])
+    start, target = short.segment(0, 1, 2)
+    assert torch.equal(start["image"], got[1]["image"]) and torch.equal(target["text"], got[3]["text"])
+    with pytest.raises(MmddError, match="records epochs 0..5"):
+        ConvexifiedSnapshots(recorded, ConvexifySettings(start=0, end=7))
+    with pytest.raises(MmddError, match="at least two snapshots"):
+        ConvexifySettings(start=3, end=4)
+
+
+def test_start_windows_draw_within_min_and_max():
+    gen = torch.Generator().manual_seed(0)
+    starts = {draw_segment_start(gen, 3, 3, 1)[1] for _ in range(200)}
+    assert starts == {1, 2}  # PTM-ST's window "1-3": randint(1, 3)
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    # min 0 draws exactly as before windows existed (committed runs keep their draws)
+    for _ in range(20):
+        expert, start = draw_segment_start(a, 4, 3)
+        assert (expert, start) == (int(torch.randint(4, (1,), generator=b)), int(torch.randint(3, (1,), generator=b)))
+    with pytest.raises(MmddError, match="min_start_epoch"):
+        MatchingSettings(lr_img=1, lr_txt=1, lr_lr=0, lr_init=0.1, syn_steps=1, expert_epochs=1, max_start_epoch=2,
+                         min_start_epoch=2)
+
+
+def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
+    from test_outer_loop import SETTINGS, MeanMatchingObjective, MeanMatchingSettings, fit, toy_set
+
+    syn = toy_set()
+    x0 = syn.images.detach().clone()
+    settings = MeanMatchingSettings(**{**SETTINGS, "lr_lr": 0.0}, ema_decay=0.9)
+    loop = OuterLoop(MeanMatchingObjective(torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)), syn, settings,
+                     seed=0)
+    assert loop.saved_set() is loop.ema and torch.equal(loop.ema.images, x0)
+    # the EMA by its definition, from the raw sets after each step
+    raws = []
+
+    class Track:
+        model = None
+
+        def __call__(self, s, generator, backward):
+            raws.append(s.images.detach().clone())
+            return inner(s, generator, backward)
+
+    inner, loop.objective = loop.objective, Track()
+    fit(loop, 3)
+    raws = raws[1:] + [syn.images.detach().clone()]  # the set after steps 1, 2, 3
+    want = x0
+    for x in raws:
+        want = 0.9 * want + 0.1 * x
+    assert torch.allclose(loop.ema.images, want, atol=1e-6) and not torch.allclose(loop.ema.images, syn.images)
+    assert loop.ema.lr_values() == syn.lr_values()
+    with pytest.raises(MmddError, match="ema_decay"):
+        MeanMatchingSettings(**SETTINGS, ema_decay=1.0)
+
+
+def test_ptm_st_phase_distills_on_shortcuts_with_its_window(tmp_path):
+    run_in_process(["buffer", *TINY, "hydra.run.dir=outputs/buffer"], tmp_path, check=True)
+    run_in_process(["distill", "method=ptm_st", *TINY, "method.convexify.end=4", "method.min_start_epoch=1",
+                    "method.max_start_epoch=2", "method.iterations=4", "evaluate=false", "hydra.run.dir=outputs/ptm"],
+                   tmp_path, check=True)
+    out = tmp_path / "outputs" / "ptm" / "synthetic"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["distill/start_epoch"] for h in history] == [1.0] * 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "ptm_st" and manifest["inner_loss"] == "wbce"
