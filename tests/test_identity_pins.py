@@ -33,6 +33,7 @@ PINNED = {
     'experiment=paper/lors_flickr_200': ('nfnet_bert_20x10_s0_cd81d406', '5e0260ea1802', 'aeee3a2e7c79'),
     'experiment=paper/lors_flickr_500': ('nfnet_bert_20x10_s0_cd81d406', '5e0260ea1802', '8d43a0e4e167'),
     'experiment=paper/mtt_vl_flickr_100': ('nfnet_bert_20x10_s0_cd81d406', '5e0260ea1802', 'ba1108ee96e9'),
+    'experiment=paper/ptm_st_flickr_100': ('nfnet_bert_20x10_s0_cd81d406', '5e0260ea1802', 'a544beacd342'),
     'experiment=paper/repblend_coco_100': ('nfnet_bert_heads_20x10_s0_68f60fae', '09070b02a0d9', '2021b2aab69b'),
     'experiment=paper/repblend_coco_200': ('nfnet_bert_heads_20x10_s0_68f60fae', '09070b02a0d9', 'c85255113fa3'),
     'experiment=paper/repblend_coco_500': ('nfnet_bert_heads_20x10_s0_68f60fae', '09070b02a0d9', '29df0f4c385f'),
