@@ -229,6 +229,8 @@ def test_mdm_distills_from_kmeans_medoids_with_its_three_terms(tiny_store):
     cost = manifest["distill_stats"]["cost"]  # the mixed teacher draws from both experts: their training is counted
     assert cost["teachers"]["experts"] == 2 and cost["teachers"]["seconds"] > 0 and cost["distill_seconds"] > 0
     assert cost["device"].startswith("cpu")
+    assert cost["storage"] == {"pairs": 8, "images": 8 * 3 * 32 * 32, "texts": 8 * 384, "similarity": 0, "step_sizes": 2,
+                               "floats": 8 * 3 * 32 * 32 + 8 * 384 + 2}
 
 
 def test_dm_and_pds_distill_and_save_a_set(tiny_store):

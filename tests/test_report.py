@@ -116,7 +116,8 @@ def test_table_command_writes_file_and_reports(tmp_path, capsys):
 
 def cost(seconds, teacher_seconds=120.0, experts=5):
     return {"distill_seconds": seconds, "device": "cpu (2 threads)", "iterations": 10,
-            "teachers": {"experts": experts, "seconds": teacher_seconds, "device": "cpu (2 threads)"}}
+            "teachers": {"experts": experts, "seconds": teacher_seconds, "device": "cpu (2 threads)"},
+            "storage": {"pairs": 99, "floats": 99 * 3456 + 99 * 99 + 2}}
 
 
 def test_cost_column_and_time_plot(tmp_path):
@@ -130,11 +131,12 @@ def test_cost_column_and_time_plot(tmp_path):
     assert mdm["cost"]["distill_seconds"] == pytest.approx(60.0) and mdm["cost"]["sets"] == 2
     md = render(rows, "md")
     line = {r: next(x for x in md.splitlines() if f"| {r} |" in x) for r in ("mdm", "lors", "random", "herding")}
-    assert line["mdm"].endswith("| 1.0 min + 2.0 min teachers (5) |")
-    assert line["lors"].endswith("| 2.0 h + ? teachers (5) |")  # the store's training time was not recorded
-    assert line["random"].endswith("| 0 s |") and line["herding"].endswith("| – |")
+    assert line["mdm"].endswith("| 1.0 min + 2.0 min teachers (5) | 352k |")  # 99 pairs of 3x32x32 + 384, S, 2 lrs
+    assert line["lors"].endswith("| 2.0 h + ? teachers (5) | 352k |")  # the store's training time was not recorded
+    assert line["random"].endswith("| 0 s | 352k |") and line["herding"].endswith("| – | – |")
     assert "measured on cpu (2 threads)" in md
     rows_csv = {r["method"]: r for r in csv.DictReader(io.StringIO(render(rows, "csv")))}
     assert rows_csv["mdm"]["distill_seconds"] == "60.0" and rows_csv["lors"]["teacher_seconds"] == ""
+    assert rows_csv["mdm"]["storage_floats"] == str(99 * 3456 + 99 * 99 + 2)
     png = tmp_path / "time.png"
     assert table_command([str(tmp_path), "--plot", str(png), "--plot-x", "time"]) == 0 and png.stat().st_size > 0

@@ -37,8 +37,8 @@ def distill_stats(history: list[dict], warmup: int = 2) -> dict:
 
 def distill_cost(cfg, result, wall_seconds: float) -> dict:
     """What the set cost: the distillation's wall time (this process's, plus the iterations of earlier runs it
-    resumed from, whose setup time is not known), its device and iterations, and the training of the store's experts
-    it read (`mmdd table`'s cost column)."""
+    resumed from, whose setup time is not known), its device and iterations, the training of the store's experts
+    it read (`mmdd table`'s cost column), and what it takes to store, in floats (images, texts, S, step sizes)."""
     from mmdd.teachers.buffer import teacher_cost
     from mmdd.utils.trainer import device_label
 
@@ -48,8 +48,13 @@ def distill_cost(cfg, result, wall_seconds: float) -> dict:
         earlier = sum(h["distill/sec_per_iter"] for h in result.history if h["iteration"] <= done)
     teachers = (teacher_cost(str(cfg.buffer_dir), result.teacher_experts) if result.teacher_experts
                 else {"experts": 0, "seconds": 0.0, "device": None})
+    syn = result.synthetic
+    storage = {"pairs": len(syn), "images": syn.images.numel(), "texts": syn.texts.numel(),
+               "similarity": sum(p.numel() for p in syn.similarity.parameters()) if syn.similarity is not None else 0,
+               "step_sizes": sum(p.numel() for p in syn.lrs.parameters())}
+    storage["floats"] = sum(v for k, v in storage.items() if k != "pairs")
     return {"distill_seconds": wall_seconds + earlier, "device": device_label(cfg.hardware),
-            "iterations": len(result.history), "teachers": teachers}
+            "iterations": len(result.history), "teachers": teachers, "storage": storage}
 
 
 def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:

@@ -175,7 +175,7 @@ def dual_encoder(*, text_dim: int, image_size: int, image: dict, image_head: boo
 
     def make_backbone():
         return build_image_backbone(image["name"], image_size=image_size, pretrained=pretrained,
-                                    checkpoint=image.get("checkpoint"), **shape)
+                                    checkpoint=image.get("checkpoint"), options=image.get("options"), **shape)
 
     if frozen_random:
         if image.get("init_seed") is None:

@@ -37,11 +37,13 @@ def build_image_backbone(
     image_size: int,
     pretrained: bool = False,
     checkpoint: str | None = None,
+    options: dict | None = None,
     **shape,
 ) -> tuple[nn.Module, int]:
     """(backbone, feature_dim) of `name`: an entry of BACKBONES, or timm's model of that name. `shape`: settings of
     model.image an entry declares by name (the ConvNet's width, depth, feature_side, and the image size); timm models
-    take theirs from their name. Null settings are not passed."""
+    take theirs from their name. Null settings are not passed. `options` (model.image.options) go to the entry or
+    timm.create_model as they are, e.g. {img_size: 32, patch_size: 4} for a ViT at 32 px."""
     import inspect
 
     if name in BACKBONES:
@@ -61,6 +63,7 @@ def build_image_backbone(
                                 f"{exc}") from exc
     declared = inspect.signature(entry).parameters if entry is not None else {}
     settings = {k: v for k, v in {"image_size": image_size, **shape}.items() if k in declared and v is not None}
+    settings.update(options or {})
     try:
         if name in BACKBONES:
             net = entry(pretrained, num_classes=0, global_pool="avg", **settings)

@@ -32,6 +32,14 @@ def format_cost(cost: dict | None) -> str:
     return text
 
 
+def format_storage(cost: dict | None) -> str:
+    """The set's size in floats (images + texts + S + step sizes), e.g. '346k'."""
+    n = (cost or {}).get("storage_floats")
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
 def format_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -129,19 +137,20 @@ def _anchor_value(a: dict, k: str) -> str:
 
 
 def _markdown(rows, anchors, anchor_dataset) -> str:
-    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost"]
+    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost", "floats"]
     body = []
     for r in rows:
         body.append([r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
-                    + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS] + [format_cost(r.get("cost"))])
+                    + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS]
+                    + [format_cost(r.get("cost")), format_storage(r.get("cost"))])
         for a in anchors_for(r, anchors, anchor_dataset):
             body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS]
-                        + [""])
+                        + ["", ""])
     text = _md(head, body)
     devices = sorted({d for r in rows for d in ((r.get("cost") or {}).get("devices") or [])})
     if devices:
         text += (f"\n\ncost: mean wall time to distil one set, + training the store experts it read; measured on "
-                 f"{'; '.join(devices)}")
+                 f"{'; '.join(devices)}. floats: what one set stores (images, texts, S, step sizes)")
     return text
 
 
@@ -170,7 +179,7 @@ def _csv(rows, anchors, anchor_dataset) -> str:
     w = csv.writer(buf)
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best",
-                "distill_seconds", "teacher_seconds", "teacher_experts", "devices"])
+                "distill_seconds", "teacher_seconds", "teacher_experts", "devices", "storage_floats"])
     for r in rows:
         std = r.get("std") or {}
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
@@ -179,12 +188,13 @@ def _csv(rows, anchors, anchor_dataset) -> str:
         for a in anchors_for(r, anchors, anchor_dataset):
             w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
                         *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "",
-                        "", "", "", ""])
+                        "", "", "", "", ""])
     return buf.getvalue()
 
 
 def _cost_fields(cost: dict | None) -> list[str]:
     if not cost:
-        return ["", "", "", ""]
+        return ["", "", "", "", ""]
     teachers = "" if cost["teacher_seconds"] is None else f"{cost['teacher_seconds']:.1f}"
-    return [f"{cost['distill_seconds']:.1f}", teachers, str(cost["teacher_experts"]), ";".join(cost["devices"])]
+    floats = "" if cost.get("storage_floats") is None else str(cost["storage_floats"])
+    return [f"{cost['distill_seconds']:.1f}", teachers, str(cost["teacher_experts"]), ";".join(cost["devices"]), floats]
