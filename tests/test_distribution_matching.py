@@ -255,3 +255,17 @@ def test_grad_clip_bounds_the_joint_norm_of_the_step():
                   seed=0), 1)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip((syn.images, syn.texts), before)])
     assert float(step.norm()) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_students_of_other_architectures_evaluate_a_convnet_set(tiny_store):
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=1", "hydra.run.dir=outputs/pds_x"], tiny_store,
+                   check=True)
+    syn = tiny_store / "outputs" / "pds_x" / "synthetic"
+    protocol = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
+    data = [o for o in TINY if o.startswith("data.")]
+    for student, backbone in (("resnet18_minilm", "resnet18"), ("vit_tiny_minilm", "vit_tiny_patch16_224")):
+        run_in_process(["evaluate", f"synthetic={syn}", f"model={student}", *data, *protocol,
+                        f"hydra.run.dir=outputs/x_{student}"], tiny_store, check=True)
+        res = json.loads((tiny_store / "outputs" / f"x_{student}" / "results.json").read_text())
+        assert res["config"]["model"]["image"]["name"] == backbone and res["method"] == "pds"
+        assert 0 <= res["mean"]["r_mean"] <= 100
