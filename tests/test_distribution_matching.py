@@ -269,3 +269,18 @@ def test_students_of_other_architectures_evaluate_a_convnet_set(tiny_store):
         res = json.loads((tiny_store / "outputs" / f"x_{student}" / "results.json").read_text())
         assert res["config"]["model"]["image"]["name"] == backbone and res["method"] == "pds"
         assert 0 <= res["mean"]["r_mean"] <= 100
+
+
+def test_full_train_upper_bound_trains_heads_only_students_on_every_pair(tmp_path):
+    data = [o for o in TINY if o.startswith("data.")]
+    protocol = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
+    heads = ["model=convnet_heads", "model.image.checkpoint=null"]  # a random frozen backbone (model.image.init_seed)
+    run_in_process(["evaluate", "synthetic=full_train", *heads, *data, *protocol, "hydra.run.dir=outputs/full"],
+                   tmp_path, check=True)
+    res = json.loads((tmp_path / "outputs" / "full" / "results.json").read_text())
+    assert res["method"] == "full_train" and res["budget"] == 64 and res["synthetic"] == "full_train"
+    history = res["seeds"][0]["history"]
+    assert history and 0 <= res["mean"]["r_mean"] <= 100
+    refused = run_in_process(["evaluate", "synthetic=full_train", *data, *protocol, "hydra.run.dir=outputs/full2"],
+                             tmp_path)
+    assert refused.returncode == 2 and "heads-only students" in refused.stderr

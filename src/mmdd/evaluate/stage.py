@@ -87,14 +87,47 @@ def summarize(per_seed: list[dict], key: str = "test") -> tuple[dict, dict]:
     return mean, std
 
 
+FULL_TRAIN = "full_train"  # synthetic=full_train: every train pair, for heads-only students (the upper bound)
+
+
+def full_train_set(cfg, model_cfg, data, text_dim: int) -> tuple[SyntheticSet, dict]:
+    """Every (image, caption) pair of the train split as a 'set' of frozen-backbone features, for students that
+    train heads only: the full-data upper bound of the frozen-backbone rows, trained under the students' protocol
+    (not the teachers' few epochs). Features are computed once per image (and cached with the val/test ones); the
+    students train at protocol.lr."""
+    model = build_dual_encoder(model_cfg, text_dim, cfg.data.image_size)
+    if not model.backbone_is_cacheable():
+        raise MmddError("synthetic=full_train trains heads-only students on a frozen backbone's features (e.g. "
+                        "model=convnet_heads, or protocol.trainable=heads); a trainable backbone's full-data row is the "
+                        "teachers' (mmdd run, or `mmdd table` over a store)")
+    train = data["train"]
+    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+                                data_key=stable_hash(data_identity(cfg.data))).split(model.eval(), train)
+    lr = float(cfg.protocol.lr)
+    syn = SyntheticSet(features[train.txt2img], train.text_emb, {"image": lr, "text": lr})
+    manifest = {"method": FULL_TRAIN, "budget": train.num_images, "seed": cfg.seed, "complete": True,
+                "inner_loss": "infonce", "identity": {"data": data_identity(cfg.data)},
+                "backbone_fingerprint": frozen_backbone_fingerprint(model), "config_hash": None, "features": True}
+    log.info("full_train: %d pairs of %d-d backbone features of %d train images", len(syn), features.shape[1],
+             train.num_images)
+    return syn, manifest
+
+
 def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
     synthetic = Path(str(synthetic or cfg.synthetic or ""))
     if not str(synthetic) or str(synthetic) == ".":
-        raise MmddError("mmdd evaluate needs synthetic=<directory of a synthetic set written by mmdd distill>")
-    syn, manifest = SyntheticSet.load(synthetic)
+        raise MmddError("mmdd evaluate needs synthetic=<directory of a synthetic set written by mmdd distill>, or "
+                        f"synthetic={FULL_TRAIN}")
+    model_cfg = cfg.model
+    if cfg.protocol.get("trainable"):  # e.g. the repblend protocol trains the heads only
+        model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
     data = data or load_data(cfg, splits=("train", "val", "test"))
     text_dim = data["test"].text_emb.shape[1]
-    check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
+    if str(synthetic) == FULL_TRAIN:  # its "learned" step sizes are protocol.lr
+        syn, manifest = full_train_set(cfg, model_cfg, data, text_dim)
+    else:
+        syn, manifest = SyntheticSet.load(synthetic)
+        check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
     out_dir = Path(out_dir or cfg.paths.output_dir)
     lrs = syn.lr_values()
     source = cfg.protocol.lr_source
@@ -110,10 +143,6 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         if v <= 0:
             raise MmddError(f"synthetic set {synthetic}: learned step size lr_{m}={v} is not positive; "
                             "use protocol.lr_source=fixed")
-
-    model_cfg = cfg.model
-    if cfg.protocol.get("trainable"):  # e.g. the repblend protocol trains the heads only
-        model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
 
     def build_model():
         return accelerate_model(build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), cfg.hardware)
@@ -153,7 +182,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "dataset": str(cfg.data.name),
             "seed": manifest.get("seed", cfg.seed),  # the distillation seed (students: seeds[*].seed)
             "protocol": to_plain(cfg.protocol),
-            "synthetic": str(synthetic.resolve()),
+            "synthetic": FULL_TRAIN if manifest.get("method") == FULL_TRAIN else str(synthetic.resolve()),
             "synthetic_config_hash": manifest.get("config_hash"),
             "other_dataset": data_differences,  # None, or how this data differs from the set's (allow_other_dataset)
             "config_hash": this_hash,
@@ -184,7 +213,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
                                 loss=loss, similarity=similarity, label_temperature=label_temperature,
-                                features=features)
+                                features=features, inputs_are_features=bool(manifest.get("features")))
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

@@ -240,8 +240,10 @@ def train_student(
     similarity: torch.Tensor | None = None,
     label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
     features=None,
+    inputs_are_features: bool = False,
 ) -> StudentResult:
-    """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`)."""
+    """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`).
+    `inputs_are_features`: `images` are already the frozen backbone's features (the full_train set)."""
     from mmdd.utils.trainer import build_trainer
 
     p = cfg.protocol
@@ -250,7 +252,9 @@ def train_student(
     if features is not None and not model.backbone_is_cacheable():
         features = None  # the backbone trains: nothing to reuse
     inputs = images.detach().cpu()
-    if features is not None:
+    if inputs_are_features and features is None:
+        raise MmddError("backbone features as the training inputs need a frozen backbone and protocol.cache_features")
+    if features is not None and not inputs_are_features:
         with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
             inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
     select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
