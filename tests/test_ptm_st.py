@@ -116,3 +116,26 @@ def test_ptm_st_phase_distills_on_shortcuts_with_its_window(tmp_path):
     assert [h["distill/start_epoch"] for h in history] == [1.0] * 4
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "ptm_st" and manifest["inner_loss"] == "wbce"
+
+
+def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(tmp_path):
+    run_in_process(["buffer", *TINY, "hydra.run.dir=outputs/buffer"], tmp_path, check=True)
+    phases = "method.phases=[{pairs: 3, min_start_epoch: 0, max_start_epoch: 1}, {pairs: 4, min_start_epoch: 1, max_start_epoch: 2, iterations: 2}]"
+    args = ["distill", "method=ptm_st", *[o for o in TINY if "num_seeds" not in o], "protocol.num_seeds=1",
+            "method.convexify.end=4", "method.iterations=3", phases, "hydra.run.dir=outputs/ptm"]
+    run_in_process(args, tmp_path, check=True)
+    out = tmp_path / "outputs" / "ptm" / "synthetic"
+    first = json.loads((out / "phase_0" / "manifest.json").read_text())
+    top = json.loads((out / "manifest.json").read_text())
+    assert first["phase"] == 0 and first["num_pairs"] == 3 and "earlier_phases" not in first
+    assert top["earlier_phases"] == ["phase_0"] and top["num_pairs"] == 4
+    history = json.loads((out / "history.json").read_text())
+    assert [(h["phase"], h["distill/start_epoch"]) for h in history] == [(0, 0)] * 3 + [(1, 1)] * 2
+    storage = top["distill_stats"]["cost"]["storage"]  # both phases, each with its full S
+    assert storage["pairs"] == 7 and storage["similarity"] == 3 * 3 + 4 * 4
+    res = json.loads((tmp_path / "outputs" / "ptm" / "results.json").read_text())
+    assert {h["phase"] for h in res["seeds"][0]["history"]} == {0, 1}
+    # a rerun skips the complete first phase (its set is not rewritten)
+    stamp = (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns
+    run_in_process(args, tmp_path, check=True)
+    assert (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns == stamp

@@ -161,3 +161,21 @@ def test_a_student_trains_on_independently_drawn_batches_against_s(data):
     result = train_student(c, build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, loss="wbce",
                            similarity=torch.eye(8))
     assert [h["epoch"] for h in result.history] == [0, 1] and 0 <= result.test["r_mean"] <= 100
+
+
+def test_earlier_phases_train_first_and_selection_spans_every_phase(data):
+    from mmdd.evaluate.student import StudentPhase
+
+    g = torch.Generator().manual_seed(4)
+    first = StudentPhase(torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 6, generator=g), {"image": 0.2, "text": 0.2})
+    images, texts = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 6, generator=g)
+    res = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, earlier=[first])
+    # each phase runs the protocol's 6 epochs; epochs are counted over both
+    assert [(h["phase"], h["epoch"]) for h in res.history] == [(0, 1), (0, 3), (0, 5), (1, 7), (1, 9), (1, 11)]
+    best = max(res.history, key=lambda h: h["r_mean"])
+    assert res.best_epoch == best["epoch"] and res.selected["r_mean"] == best["r_mean"]
+    # the second phase starts from the weights the first left: without it, the student is another one
+    alone = train_student(cfg("val"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0)
+    assert [h["r_mean"] for h in alone.history] != [h["r_mean"] for h in res.history[3:]]
+    last = train_student(cfg("last"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, earlier=[first])
+    assert last.best_epoch == 11

@@ -127,18 +127,19 @@ def typed_settings(schema=StageSettings, prefix: str = "") -> dict[str, type]:
 
 
 def as_kind(value, kind: type):
-    """`value` as a value of `kind` (int, float, str, bool or dict), or None when it is not one: a whole float is an
+    """`value` as a value of `kind` (int, float, str, bool, dict or list), or None when it is not one: a whole float is an
     int (3.0 -> 3), an int is a float, a finite number only; bools are never numbers. The one rule every settings
     check here uses."""
     import math
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
         return int(value) if number and math.isfinite(value) and float(value).is_integer() else None
     if kind is float:
         return float(value) if number and math.isfinite(value) else None
-    ok = {str: isinstance(value, str), bool: isinstance(value, bool), dict: isinstance(value, Mapping)}[kind]
+    ok = {str: isinstance(value, str), bool: isinstance(value, bool), dict: isinstance(value, Mapping),
+          list: isinstance(value, Sequence) and not isinstance(value, str)}[kind]
     return value if ok else None
 
 
@@ -180,7 +181,7 @@ def check_fields(settings, section: str, where: str) -> None:
     """Check (and normalise, by `as_kind`) every field of a settings dataclass against its annotation, in place:
     values from YAML or a command-line override are not typed by Hydra for groups without a schema. A value of the
     wrong kind is an MmddError naming `section.<field>` and `where` to fix it. Annotations understood: int, float,
-    str, bool, dict, each optionally `| None`."""
+    str, bool, dict, list, each optionally `| None`."""
     import dataclasses
     import typing
 
@@ -198,7 +199,7 @@ def check_fields(settings, section: str, where: str) -> None:
         converted = as_kind(value, kind)
         if converted is None:
             what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
-                    dict: "a mapping of settings"}[kind] + (" or null" if optional else "")
+                    dict: "a mapping of settings", list: "a list"}[kind] + (" or null" if optional else "")
             raise MmddError(f"{section}.{f.name} must be {what}, got {value!r} ({type(value).__name__}); {where} "
                             f"({section}.{f.name}=...)")
         setattr(settings, f.name, converted)

@@ -16,7 +16,7 @@ from mmdd.data.datamodule import load_data
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report
-from mmdd.evaluate.student import train_student
+from mmdd.evaluate.student import StudentPhase, train_student
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.models.losses import DEFAULT_INNER_LOSS
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -113,6 +113,41 @@ def full_train_set(cfg, model_cfg, data, text_dim: int) -> tuple[SyntheticSet, d
     return syn, manifest
 
 
+def student_lrs(cfg, syn: SyntheticSet, where: Path) -> dict[str, float]:
+    """The students' step sizes per modality under protocol.lr_source."""
+    lrs = syn.lr_values()
+    source = cfg.protocol.lr_source
+    if source not in ("learned", "learned_image", "fixed"):
+        raise MmddError(f"protocol.lr_source must be learned, learned_image or fixed, got {source!r}")
+    if source == "fixed":
+        if cfg.protocol.lr <= 0:
+            raise MmddError(f"protocol.lr={cfg.protocol.lr}: a fixed student step size must be positive")
+        lrs = {m: cfg.protocol.lr for m in lrs}
+    elif source == "learned_image":  # MTT-VL's evaluation trains both towers at the learned image step size
+        lrs = {m: lrs["image"] for m in lrs}
+    for m, v in lrs.items():
+        if v <= 0:
+            raise MmddError(f"synthetic set {where}: learned step size lr_{m}={v} is not positive; "
+                            "use protocol.lr_source=fixed")
+    return lrs
+
+
+def earlier_phases(cfg, manifest: dict, where: Path, text_dim: int) -> list[StudentPhase]:
+    """The sets a phased set's students train on first (its manifest's earlier_phases, directories beside it)."""
+    phases = []
+    for name in manifest.get("earlier_phases") or []:
+        path = where / name
+        if not (path / "manifest.json").exists():
+            raise ArtifactError(f"synthetic set {where} lists an earlier phase {name}/ that is missing; copy the set "
+                                "with its phase_<i>/ directories, or distil it again")
+        syn, phase_manifest = SyntheticSet.load(path)
+        check_synthetic_compatible(phase_manifest, cfg, text_dim, path)
+        with torch.no_grad():
+            similarity = syn.similarity_matrix()
+        phases.append(StudentPhase(syn.images, syn.texts, student_lrs(cfg, syn, path), similarity))
+    return phases
+
+
 def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
     synthetic = Path(str(synthetic or cfg.synthetic or ""))
     if not str(synthetic) or str(synthetic) == ".":
@@ -129,20 +164,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         syn, manifest = SyntheticSet.load(synthetic)
         check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
     out_dir = Path(out_dir or cfg.paths.output_dir)
-    lrs = syn.lr_values()
-    source = cfg.protocol.lr_source
-    if source not in ("learned", "learned_image", "fixed"):
-        raise MmddError(f"protocol.lr_source must be learned, learned_image or fixed, got {source!r}")
-    if source == "fixed":
-        if cfg.protocol.lr <= 0:
-            raise MmddError(f"protocol.lr={cfg.protocol.lr}: a fixed student step size must be positive")
-        lrs = {m: cfg.protocol.lr for m in lrs}
-    elif source == "learned_image":  # MTT-VL's evaluation trains both towers at the learned image step size
-        lrs = {m: lrs["image"] for m in lrs}
-    for m, v in lrs.items():
-        if v <= 0:
-            raise MmddError(f"synthetic set {synthetic}: learned step size lr_{m}={v} is not positive; "
-                            "use protocol.lr_source=fixed")
+    lrs = student_lrs(cfg, syn, synthetic)
+    earlier = earlier_phases(cfg, manifest, synthetic, text_dim)
 
     def build_model():
         return accelerate_model(build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), cfg.hardware)
@@ -213,7 +236,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         try:
             res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
                                 loss=loss, similarity=similarity, label_temperature=label_temperature,
-                                features=features, inputs_are_features=bool(manifest.get("features")))
+                                features=features, inputs_are_features=bool(manifest.get("features")), earlier=earlier)
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

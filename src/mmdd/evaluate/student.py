@@ -204,6 +204,7 @@ class BestStudent(Checkpoint):
 
     def __init__(self, last_only: bool = False):
         self.last_only = last_only
+        self.offset = 0  # epochs of the phases trained before this one (train_student's `earlier`)
         self.score = float("-inf")
         self.epoch = -1
         self.metrics: dict[str, float] = {}
@@ -222,9 +223,20 @@ class BestStudent(Checkpoint):
 
     def keep(self, epoch: int, module: StudentModule, metrics: dict) -> None:
         self.score = metrics.get("r_mean", 0.0)
-        self.epoch = epoch
+        self.epoch = epoch + self.offset
         self.metrics = metrics
         self.state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+
+
+@dataclass
+class StudentPhase:
+    """A set a student trains on before the one under evaluation (PTM-ST's earlier phases): its own pairs, step
+    sizes and S."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    lrs: dict[str, float]
+    similarity: torch.Tensor | None = None
 
 
 def train_student(
@@ -241,9 +253,12 @@ def train_student(
     label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
     features=None,
     inputs_are_features: bool = False,
+    earlier: list[StudentPhase] = (),
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`).
-    `inputs_are_features`: `images` are already the frozen backbone's features (the full_train set)."""
+    `inputs_are_features`: `images` are already the frozen backbone's features (the full_train set).
+    `earlier`: sets trained on first, in order (a curriculum): each phase runs the protocol's epochs with a fresh
+    optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases."""
     from mmdd.utils.trainer import build_trainer
 
     p = cfg.protocol
@@ -251,49 +266,55 @@ def train_student(
     model = build_model()
     if features is not None and not model.backbone_is_cacheable():
         features = None  # the backbone trains: nothing to reuse
-    inputs = images.detach().cpu()
     if inputs_are_features and features is None:
         raise MmddError("backbone features as the training inputs need a frozen backbone and protocol.cache_features")
-    if features is not None and not inputs_are_features:
-        with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
-            inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
-    select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
-    module = StudentModule(
-        model,
-        lrs=lrs,
-        momentum=p.momentum,
-        weight_decay=p.weight_decay,
-        epochs=p.epochs,
-        lr_decay_epoch=p.lr_decay_epoch,
-        lr_decay=p.lr_decay,
-        eval_every=p.eval_every,
-        selection=p.selection,
-        select_data=data[select_split] if select_split else None,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        loss=loss,
-        similarity=similarity,
-        label_temperature=label_temperature,
-        features=features,
-        eval_schedule=p.eval_schedule,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    pairs = TensorDataset(inputs, texts.detach().cpu(), torch.arange(images.shape[0]))
     draw = p.batch_draw
     if draw not in BATCH_DRAWS:
         raise MmddError(f"protocol.batch_draw must be one of {BATCH_DRAWS}, got {draw!r}")
-    if draw == "independent_if_similarity" and similarity is not None:
-        loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), p.batch_size, gen))
-    else:
-        loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, generator=gen)
+    select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
+    phases = [*earlier, StudentPhase(images, texts, lrs, similarity)]
+    gen = torch.Generator().manual_seed(seed)
     best = BestStudent(last_only=select_split is None)
-    # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
-    trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
-                            strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
-                            **({} if select_split else {"limit_val_batches": 0}))  # selection=last: nothing to select on
-    t0 = time.perf_counter()
-    trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
-    seconds = time.perf_counter() - t0
+    history: list[dict] = []
+    seconds = 0.0
+    for k, phase in enumerate(phases):
+        inputs = phase.images.detach().cpu()
+        if features is not None and not inputs_are_features:
+            with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
+                inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
+        module = StudentModule(
+            model,
+            lrs=phase.lrs,
+            momentum=p.momentum,
+            weight_decay=p.weight_decay,
+            epochs=p.epochs,
+            lr_decay_epoch=p.lr_decay_epoch,
+            lr_decay=p.lr_decay,
+            eval_every=p.eval_every,
+            selection=p.selection,
+            select_data=data[select_split] if select_split else None,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            loss=loss,
+            similarity=phase.similarity,
+            label_temperature=label_temperature,
+            features=features,
+            eval_schedule=p.eval_schedule,
+        )
+        pairs = TensorDataset(inputs, phase.texts.detach().cpu(), torch.arange(inputs.shape[0]))
+        if draw == "independent_if_similarity" and phase.similarity is not None:
+            loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), p.batch_size, gen))
+        else:
+            loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, generator=gen)
+        best.offset = k * p.epochs  # epochs are counted over all phases
+        # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
+        trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
+                                strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
+                                **({} if select_split else {"limit_val_batches": 0}))  # selection=last: nothing to select on
+        t0 = time.perf_counter()
+        trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
+        seconds += time.perf_counter() - t0
+        history += [{**h, "phase": k, "epoch": h["epoch"] + best.offset} for h in module.history] if earlier else module.history
     model.load_state_dict(best.state)
     model.to("cpu")
     test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)
@@ -303,5 +324,5 @@ def train_student(
         selected=best.metrics,
         best_epoch=best.epoch,
         train_seconds=seconds,
-        history=module.history,
+        history=history,
     )

@@ -33,6 +33,10 @@ class DistillResult:
     backbone_fingerprint: str | None = None
     # The experts of the trajectory store at cfg.buffer_dir the method read (their training is part of its cost).
     teacher_experts: list[int] = field(default_factory=list)
+    # Distillation time spent by earlier processes of this run (before a resume, or complete phases skipped).
+    earlier_seconds: float = 0.0
+    # Sets its students train on first, in order (PTM-ST's earlier phases; saved beside the set by the method).
+    earlier_phases: list[SyntheticSet] = field(default_factory=list)
 
 
 class Method:

@@ -115,6 +115,9 @@ class LearnedMethod(Method):
             raise stopped() from exc
         if checkpoints.stopped_by:
             raise stopped()
+        # The iterations made before the last resume ran in earlier processes (their setup time is not known).
+        done = loop.resumes[-1]["iteration"] if loop.resumes else 0
+        earlier = sum(h["distill/sec_per_iter"] for h in loop.history if h["iteration"] <= done)
         return DistillResult(loop.saved_set(), history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
                              backbone_fingerprint=fingerprint,
-                             teacher_experts=list(getattr(objective, "teacher_experts", [])))
+                             teacher_experts=list(getattr(objective, "teacher_experts", [])), earlier_seconds=earlier)

@@ -42,18 +42,15 @@ def distill_cost(cfg, result, wall_seconds: float) -> dict:
     from mmdd.teachers.buffer import teacher_cost
     from mmdd.utils.trainer import device_label
 
-    earlier = 0.0
-    if result.resumes:
-        done = result.resumes[-1]["iteration"]
-        earlier = sum(h["distill/sec_per_iter"] for h in result.history if h["iteration"] <= done)
     teachers = (teacher_cost(str(cfg.buffer_dir), result.teacher_experts) if result.teacher_experts
                 else {"experts": 0, "seconds": 0.0, "device": None})
-    syn = result.synthetic
-    storage = {"pairs": len(syn), "images": syn.images.numel(), "texts": syn.texts.numel(),
-               "similarity": sum(p.numel() for p in syn.similarity.parameters()) if syn.similarity is not None else 0,
-               "step_sizes": sum(p.numel() for p in syn.lrs.parameters())}
+    sets = [*result.earlier_phases, result.synthetic]  # a phased set stores every phase
+    storage = {"pairs": sum(len(s) for s in sets), "images": sum(s.images.numel() for s in sets),
+               "texts": sum(s.texts.numel() for s in sets),
+               "similarity": sum(p.numel() for s in sets if s.similarity is not None for p in s.similarity.parameters()),
+               "step_sizes": sum(p.numel() for s in sets for p in s.lrs.parameters())}
     storage["floats"] = sum(v for k, v in storage.items() if k != "pairs")
-    return {"distill_seconds": wall_seconds + earlier, "device": device_label(cfg.hardware),
+    return {"distill_seconds": wall_seconds + result.earlier_seconds, "device": device_label(cfg.hardware),
             "iterations": len(result.history), "teachers": teachers, "storage": storage}
 
 

@@ -7,6 +7,7 @@ one would change every committed number made with it):
     rank_seed(seed, r)            = seed + 1_000_003 * r            the draws of DDP rank r (rank 0 draws as 1 process)
     student_seed(seed, k)         = seed * 100 + k                  student k of a set
     probe_seed(seed)              = seed + 1                        the real pairs of the collapse diagnostics
+    phase_seed(seed, i)           = seed + 10_007 * i               phase i of a phased distillation (phase 0 = seed)
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def student_seed(seed: int, student: int) -> int:
 
 def probe_seed(seed: int) -> int:
     return seed + 1
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    return seed + 10_007 * phase
 
 
 def seed_everything(seed: int) -> torch.Generator:
