@@ -64,6 +64,9 @@ class TeacherConfig:
     batch_size: int = MISSING
     augment: bool = MISSING
     seed: int = 0
+    # per_expert: each expert draws its own initialisation (MTT/LoRS's buffer.py); shared: every expert starts from
+    # one (expert 0's), as fine-tunings of one pre-trained model do, which weight-space merging (MDM) assumes
+    init: str = "per_expert"
 
 
 @dataclass

@@ -11,7 +11,8 @@ kind=mixed   MDM's "mixed teacher": `experts` (2) distinct experts at random epo
 The anchor w0: MDM takes a freshly built model (ImageNet NFNet, a *random* text head, redrawn every iteration);
 mmdd takes the first drawn expert's epoch-0 snapshot, the initialisation its fine-tuning started from. The merge
 assumes both experts start from one initialisation (a pre-trained backbone); experts trained from different random
-initialisations lie in different basins, and their average is no teacher: a warning says so (kind=expert avoids it).
+initialisations lie in different basins, and their average is no teacher: a warning says so. `mmdd buffer
+teacher.init=shared` trains every expert from one initialisation (kind=expert avoids merging altogether).
 mmdd also clamps c at 0 (MDM: c in [-1, 1], so r -> -inf as c -> -1): a negative ratio would step away from both.
 """
 
@@ -139,7 +140,8 @@ class EncoderSampler:
                 log.warning("method.encoder.kind=mixed merges experts that start from different initialisations "
                             "(this store's experts %d and %d differ at epoch 0 in their %s parameters): there the "
                             "merge averages networks from different basins. MDM merges fine-tunings of one pre-trained "
-                            "model (its random text heads differ too); method.encoder.kind=expert avoids merging",
+                            "model (its random text heads differ too): build the store with teacher.init=shared, or use "
+                            "method.encoder.kind=expert",
                             experts[0], experts[1], " and ".join(differ))
         unflat = self.layout.unflatten
         merged = merge_weights(unflat(anchor_flat), [unflat(first), *(unflat(o) for o in others)], s.alpha)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
+from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.evaluate.retrieval import chance_report
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
@@ -34,6 +35,9 @@ def run_buffer(cfg, data=None) -> Path:
     train = data["train"]
     text_dim = train.text_emb.shape[1]
     tcfg = cfg.teacher
+    init = str(tcfg.get("init", "per_expert"))
+    if init not in ("per_expert", "shared"):
+        raise MmddError(f"teacher.init must be per_expert or shared, got {init!r}")
     augment = augment_config(cfg.data.augment if tcfg.augment else None)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
     check_full_batches(dataset, tcfg.batch_size, "teacher.batch_size")
@@ -76,8 +80,14 @@ def run_buffer(cfg, data=None) -> Path:
         if claims is not None and e in store.completed_experts():  # finished between the two checks
             claims.release(e)
             continue
-        seed_everything(expert_seed(tcfg.seed, e))
-        model = accelerate_model(build_dual_encoder(cfg.model, text_dim, cfg.data.image_size), cfg.hardware)
+        if init == "shared":  # expert 0's initialisation for every expert; each its own data order and dropout
+            seed_everything(expert_seed(tcfg.seed, 0))
+            model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
+            seed_everything(expert_seed(tcfg.seed, e))
+        else:
+            seed_everything(expert_seed(tcfg.seed, e))
+            model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
+        model = accelerate_model(model, cfg.hardware)
         module = ExpertModule(
             model,
             lr=tcfg.lr,

@@ -50,11 +50,21 @@ def data_location(data_cfg) -> dict:
     return {k: str(Path(str(d[k])).resolve()) for k in keys if d.get(k)}
 
 
+# Teacher settings added after stores were first written: at these values a store is what it was before the setting
+# existed, so they are left out of its identity (every existing store keeps its id and is still found).
+TEACHER_SETTING_DEFAULTS = {"init": "per_expert"}
+
+
+def teacher_identity(teacher_cfg) -> dict:
+    """The teacher settings as identities record them (settings at their TEACHER_SETTING_DEFAULTS left out)."""
+    return {k: v for k, v in to_plain(teacher_cfg).items() if TEACHER_SETTING_DEFAULTS.get(k, object()) != v}
+
+
 def teachers_identity(cfg) -> dict:
     """Everything that defines a trajectory store's teachers and that a run reading the store must share: the data
     (what, not where), the model (incl. temperature, trainable part, checkpoint) and the teacher settings, except
     how many experts were asked for (a store is read expert by expert)."""
-    teacher = {k: v for k, v in to_plain(cfg.teacher).items() if k != "num_experts"}
+    teacher = {k: v for k, v in teacher_identity(cfg.teacher).items() if k != "num_experts"}
     augment = to_plain(cfg.data.augment) if cfg.teacher.augment and cfg.data.get("augment") is not None else None
     return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": teacher,
             "augment": augment}
@@ -66,7 +76,7 @@ def store_id(data_cfg, model_cfg, teacher_cfg) -> str:
     teacher settings or augmentations get other stores instead of finding one made otherwise."""
     augment = to_plain(data_cfg.augment) if teacher_cfg.augment and data_cfg.get("augment") is not None else None
     return stable_hash({"data": data_identity(data_cfg, fingerprint=False), "model": model_identity(model_cfg),
-                        "teacher": to_plain(teacher_cfg), "augment": augment}, length=8)
+                        "teacher": teacher_identity(teacher_cfg), "augment": augment}, length=8)
 
 
 def register_resolvers() -> None:
@@ -114,7 +124,7 @@ def distill_identity(cfg) -> dict:
     """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings
     (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
     method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS}
-    return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": to_plain(cfg.teacher),
+    return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": teacher_identity(cfg.teacher),
             "method": method, "seed": cfg.seed, "budget": cfg.budget}
 
 
