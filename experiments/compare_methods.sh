@@ -1,32 +1,79 @@
 #!/usr/bin/env bash
-# Every method on the embedded dataset, as Hydra multiruns and one table (experiments/methods_comparison.md):
+# Every method on the embedded dataset, as Hydra multiruns and `mmdd table` (experiments/methods_comparison.md):
 #
 #   bash experiments/compare_methods.sh [OUT [hydra overrides for every stage ...]]
 #
-# OUT (default outputs/compare) receives one multirun folder per model, and table.md. Overrides after OUT apply
-# to every command (e.g. data.generate.num_train=... for a smaller run); LEARNED="method.iterations=3 ..." adds
-# overrides for the learned methods only (coresets have no iterations). BUDGETS (default "100,200") and SEEDS
-# (default 0) are the grid. The rows are told apart by `mmdd table`'s variant column (model=convnet_heads for the
-# frozen, pre-trained ConvNet; RepBlend is a frozen-backbone method, compared with the coresets on that model).
+# OUT (default outputs/compare) receives one multirun folder per group of rows, table.md (+ cost.png: r_mean against
+# distillation time) and cross_arch.md. Overrides after OUT apply to every command (e.g. data.generate.num_train=...
+# for a smaller run); LEARNED="method.iterations=3 ..." adds overrides for the learned methods only (coresets have
+# no iterations). BUDGETS (default "100,200"), SEEDS (default "0,1,2") are the grid; every set is evaluated by the
+# protocol's 3 students. Rows are told apart by `mmdd table`'s variant column:
+#   - the default model (ConvNet + MiniLM, everything trains): coresets, PDS-style, MTT-VL, TESLA-VL, LoRS, PTM-ST,
+#     DM, MDM-style (its store: teacher.init=shared, experts fine-tuned from one initialisation, as MDM merges);
+#   - model=convnet_heads (the ConvNet pre-trained by `mmdd pretrain` on the same train split with the same
+#     objective, frozen; heads train): coresets, RepBlend, LoRS with RepBlend's loss (blending isolated), and the
+#     full-data upper bound (heads-only students on every train pair, the student protocol);
+#   - cross_arch.md: the default model's sets of seed 0 at the first budget, students with other image encoders at
+#     the same resolution (timm ResNet-18 and ViT-Tiny, random init).
+# A run killed part-way is resumed by running the same command (every job resumes or skips what is complete).
 set -euo pipefail
 out=${1:-outputs/compare}
 shift || true
 mmdd=${MMDD:-mmdd}
 budgets=${BUDGETS:-100,200}
-seeds=${SEEDS:-0}
+seeds=${SEEDS:-0,1,2}
 read -r -a learned <<< "${LEARNED:-}"
 coresets=random,herding,kcenter,forgetting
 
+# Stores (each skips the experts it already has).
 "$mmdd" buffer "$@" hydra.run.dir="$out/stages/buffer"
+"$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"
 "$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
 "$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
 
-"$mmdd" distill -m method=$coresets budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
+# The default model.
+"$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
 "$mmdd" distill -m method=mtt_vl,tesla_vl,lors budget=$budgets seed=$seeds "$@" "${learned[@]}" \
     hydra.sweep.dir="$out/learned"
+"$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" hydra.sweep.dir="$out/dm"
+"$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" \
+    hydra.sweep.dir="$out/mdm"
+# PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
+# starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
+for b in ${budgets//,/ }; do
+  phases=null
+  if [ "$b" -gt 100 ]; then
+    half=$(( (b - 1) / 2 ))
+    phases="[{pairs: $half, min_start_epoch: 0, max_start_epoch: 2, convexify: {start: 0, end: 4}}, {pairs: $(( b - 1 - half )), min_start_epoch: 1, max_start_epoch: 3, convexify: {start: 0, end: 5}}]"
+  fi
+  "$mmdd" distill -m method=ptm_st budget="$b" "method.phases=$phases" seed=$seeds "$@" "${learned[@]}" \
+      hydra.sweep.dir="$out/ptm_st/b$b"
+done
+
+# The frozen, pre-trained ConvNet (heads train).
 "$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
     hydra.sweep.dir="$out/coresets_heads"
-"$mmdd" distill -m experiment=synscenes_repblend budget=$budgets seed=$seeds "$@" "${learned[@]}" \
-    hydra.sweep.dir="$out/repblend_heads"
+"$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
+    "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
+"$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
 
-"$mmdd" table "$out" -o "$out/table.md"
+"$mmdd" table "$out"/coresets "$out"/learned "$out"/dm "$out"/mdm "$out"/ptm_st "$out"/coresets_heads \
+    "$out"/repblend_heads "$out"/full_train_heads -o "$out/table.md" --plot "$out/cost.png" --plot-x time
+
+# Cross-architecture: seed 0, the first budget, every default-model set.
+first=${budgets%%,*}
+sets=$(python3 - "$out" "$first" <<'EOF'
+import json, sys
+from pathlib import Path
+out, budget = Path(sys.argv[1]), int(sys.argv[2])
+found = []
+for group in ("coresets", "learned", "dm", "mdm", "ptm_st"):
+    for m in sorted((out / group).rglob("synthetic/manifest.json")):
+        man = json.loads(m.read_text())
+        if man.get("budget") == budget and man.get("seed") == 0 and man.get("complete", True):
+            found.append(str(m.parent.resolve()))
+print(",".join(found))
+EOF
+)
+"$mmdd" evaluate -m "synthetic=$sets" model=resnet18_minilm,vit_tiny_minilm "$@" hydra.sweep.dir="$out/cross_arch"
+"$mmdd" table "$out/cross_arch" -o "$out/cross_arch.md"
