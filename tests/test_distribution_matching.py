@@ -306,3 +306,30 @@ def test_teachers_can_start_from_one_initialisation(tmp_path):
     assert any(not torch.equal(own[0][n][0], own[1][n][0]) for n in own[0])  # the default: a start each
     bad = run_in_process(["buffer", *TINY, "teacher.init=one", "hydra.run.dir=outputs/bad"], tmp_path)
     assert bad.returncode == 2 and "teacher.init must be per_expert or shared" in bad.stderr
+
+
+class FlatColourGenerator:
+    """A stand-in image generator for the PDS hook (a diffusion model cannot be loaded here): prototype k becomes a
+    flat image of grey level k, so the test can tell which prototype each image came from."""
+
+    def __call__(self, prototypes, prompts, image_size):
+        k = prototypes.image.shape[0]
+        assert len(prompts) == k and all(isinstance(p, str) for p in prompts)
+        return torch.arange(k, dtype=torch.uint8).view(k, 1, 1, 1).expand(k, 3, image_size, image_size).clone()
+
+
+def test_pds_generator_hook_renders_one_image_per_prototype(tiny_store):
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.data.transforms import denormalize
+    from mmdd.paths import conf_dir
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=1",
+                    "method.generator={_target_: test_distribution_matching.FlatColourGenerator}",
+                    "hydra.run.dir=outputs/pds_gen"], tiny_store, check=True)
+    syn, _ = SyntheticSet.load(tiny_store / "outputs" / "pds_gen" / "synthetic")
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        data = compose("distill", overrides=["paths.output_dir=/tmp/x"]).data
+    pixels = denormalize(syn.images.detach(), list(data.mean), list(data.std)) * 255
+    assert torch.allclose(pixels.flatten(1).mean(1), torch.arange(8.0), atol=0.05)  # image k is prototype k's

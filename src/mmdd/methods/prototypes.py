@@ -24,6 +24,7 @@ K x K by cluster label (PDS indexes a table that shrinks when a cluster is empty
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,7 +107,7 @@ class PrototypeSelection(Method):
 
     def __init__(self, name: str = "pds", lr: float = 0.1, prune_ratio: float = 0.2, metric: str = "euclidean",
                  iterations: int = 100, restarts: int = 20, caption_space: str = "input", text: str = "prototype",
-                 generator: dict | None = None):
+                 generator=None):
         if not 0.0 <= float(prune_ratio) < 1.0:
             raise MmddError(f"method.prune_ratio must be in [0, 1), got {prune_ratio}")
         if caption_space not in ("input", "teacher"):
@@ -144,7 +145,9 @@ class PrototypeSelection(Method):
         protos, image_emb = self.prototypes(cfg, train, budget)
         prompts = nearest_captions(protos.text, train.text_emb, train.split.captions)
         if self.generator:
-            images = instantiate(self.generator)(protos, prompts, cfg.data.image_size)
+            # Hydra builds a `_target_` generator with the method; a mapping given in code is built here.
+            render = instantiate(self.generator) if isinstance(self.generator, Mapping) else self.generator
+            images = render(protos, prompts, cfg.data.image_size)
             want = (budget, 3, cfg.data.image_size, cfg.data.image_size)
             if tuple(images.shape) != want or images.dtype != torch.uint8:
                 raise MmddError(f"method.generator returned {images.dtype} {tuple(images.shape)}, expected uint8 {want}")
