@@ -120,14 +120,16 @@ def test_coreset_baselines_select_real_pairs(tiny_run, method):
 
 def _table_cells(markdown: str) -> dict[str, tuple]:
     """{method: (budget, evaluations, the seven metric cells)} of a Markdown table from table.md or `mmdd table`."""
-    lines = [line.strip("| ").split(" | ") for line in markdown.strip().splitlines()]
+    table = [line for line in markdown.strip().splitlines() if line.startswith("|")]  # not the notes below it
+    lines = [line.strip("| ").split(" | ") for line in table]
     head, body = lines[0], lines[2:]
+    metrics = ["IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"]
     out = {}
     for cells in body:
         row = dict(zip(head, (c.replace("**", "") for c in cells)))
         seeds = row["seeds"].split("×")  # `mmdd table`: sets×students; table.md: evaluations
         n = int(seeds[0]) * int(seeds[-1]) if len(seeds) == 2 else int(seeds[0])
-        out[row["method"]] = (int(row["budget"]), n, tuple(row[k] for k in head[-7:]))
+        out[row["method"]] = (int(row["budget"]), n, tuple(row[k] for k in metrics))
     return out
 
 
