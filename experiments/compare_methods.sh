@@ -7,7 +7,7 @@
 # distillation time) and cross_arch.md. Overrides after OUT apply to every command (e.g. data.generate.num_train=...
 # for a smaller run); LEARNED="method.iterations=3 ..." adds overrides for the learned methods only (coresets have
 # no iterations). BUDGETS (default "100,200"), SEEDS (default "0,1,2") are the grid; every set is evaluated by the
-# protocol's 3 students. Rows are told apart by `mmdd table`'s variant column:
+# protocol's 3 students; PTM-ST distils budgets above PHASES_ABOVE (default 100) in two phases. Rows are told apart by `mmdd table`'s variant column:
 #   - the default model (ConvNet + MiniLM, everything trains): coresets, PDS-style, MTT-VL, TESLA-VL, LoRS, PTM-ST,
 #     DM, MDM-style (its store: teacher.init=shared, experts fine-tuned from one initialisation, as MDM merges);
 #   - model=convnet_heads (the ConvNet pre-trained by `mmdd pretrain` on the same train split with the same
@@ -42,7 +42,7 @@ coresets=random,herding,kcenter,forgetting
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
 for b in ${budgets//,/ }; do
   phases=null
-  if [ "$b" -gt 100 ]; then
+  if [ "$b" -gt "${PHASES_ABOVE:-100}" ]; then
     half=$(( (b - 1) / 2 ))
     phases="[{pairs: $half, min_start_epoch: 0, max_start_epoch: 2, convexify: {start: 0, end: 4}}, {pairs: $(( b - 1 - half )), min_start_epoch: 1, max_start_epoch: 3, convexify: {start: 0, end: 5}}]"
   fi

@@ -56,17 +56,19 @@ def recall_vs_time(rows: list[dict], path: Path, metric: str = "r_mean") -> Path
     """One point per (method, budget) at the mean wall time to distil one of its sets (log scale; teacher training
     not included), error bars = std over all student evaluations; a method's budgets joined by a line. Rows without
     a recorded cost (the teachers, older results) are left out, and said so in the title."""
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     timed = [r for r in rows if (r.get("cost") or {}).get("distill_seconds") is not None]
     series: dict[str, list[tuple[float, float, float, int]]] = {}
     for r in timed:
         name = r["method"] if len({x["dataset"] for x in timed}) == 1 else f"{r['method']} ({r['dataset']})"
         series.setdefault(name, []).append((max(r["cost"]["distill_seconds"], 1e-3), r["mean"][metric],
                                             (r.get("std") or {}).get(metric, 0.0), int(r["budget"])))
-    for name, pts in sorted(series.items()):
+    for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort(key=lambda p: p[3])
         xs, ys, es, budgets = zip(*pts)
-        line = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        label = name if len(name) <= 60 else name[:57] + "..."  # a sweep's variant can be long
+        # ten colours, then the next marker: every method stays told apart
+        line = ax.errorbar(xs, ys, yerr=es, marker="os^Dv"[k // 10 % 5], color=f"C{k % 10}", capsize=3, label=label)
         for x, y, b in zip(xs, ys, budgets):
             ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=line[0].get_color())
@@ -77,7 +79,8 @@ def recall_vs_time(rows: list[dict], path: Path, metric: str = "r_mean") -> Path
     if left_out:
         ax.set_title(f"{left_out} row(s) without a recorded cost left out", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not over, the points
+    fig.tight_layout()
     return _save(fig, path)
 
 

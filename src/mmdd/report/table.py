@@ -15,6 +15,8 @@ PAPER_ORDER = ("mtt_vl", "lors", "repblend")  # publication order
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
