@@ -133,7 +133,7 @@ def test_cost_column_and_time_plot(tmp_path):
     line = {r: next(x for x in md.splitlines() if f"| {r} |" in x) for r in ("mdm", "lors", "random", "herding")}
     assert line["mdm"].endswith("| 1.0 min + 2.0 min teachers (5) | 352k |")  # 99 pairs of 3x32x32 + 384, S, 2 lrs
     assert line["lors"].endswith("| 2.0 h + ? teachers (5) | 352k |")  # the store's training time was not recorded
-    assert line["random"].endswith("| 0 s | 352k |") and line["herding"].endswith("| – | – |")
+    assert line["random"].endswith("| 0.5 s | 352k |") and line["herding"].endswith("| – | – |")
     assert "measured on cpu (2 threads)" in md
     rows_csv = {r["method"]: r for r in csv.DictReader(io.StringIO(render(rows, "csv")))}
     assert rows_csv["mdm"]["distill_seconds"] == "60.0" and rows_csv["lors"]["teacher_seconds"] == ""
