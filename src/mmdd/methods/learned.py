@@ -72,6 +72,9 @@ class LearnedMethod(Method):
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
         train = data["train"]
         budget = check_budget(cfg.budget, train)
+        if self.config.grad_clip is not None and str(cfg.hardware.precision).startswith("16"):
+            raise MmddError("method.grad_clip clips the set's gradients as they are, which fp16 loss scaling inflates: "
+                            "use hardware.precision=bf16-mixed (hardware=gpu_bf16) or 32-true with it")
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(cfg.seed)
