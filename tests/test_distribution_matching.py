@@ -333,3 +333,19 @@ def test_pds_generator_hook_renders_one_image_per_prototype(tiny_store):
         data = compose("distill", overrides=["paths.output_dir=/tmp/x"]).data
     pixels = denormalize(syn.images.detach(), list(data.mean), list(data.std)) * 255
     assert torch.allclose(pixels.flatten(1).mean(1), torch.arange(8.0), atol=0.05)  # image k is prototype k's
+
+
+def test_mdm_resumed_equals_uninterrupted(tiny_store):
+    """A run extended from its checkpoint (iterations 2 -> 4) ends with the set of a run that never stopped: the
+    real batches, synthetic batches and teachers drawn after the resume are the same (and k-means is not redone)."""
+    from safetensors.torch import load_file
+
+    common = ["distill", "method=mdm", *SMALL, "method.syn_batch=4", "method.real_batch=16", "save_every=1"]
+    run_in_process([*common, "method.iterations=4", "hydra.run.dir=outputs/mdm_straight"], tiny_store, check=True)
+    run_in_process([*common, "method.iterations=2", "hydra.run.dir=outputs/mdm_resumed"], tiny_store, check=True)
+    run_in_process([*common, "method.iterations=4", "hydra.run.dir=outputs/mdm_resumed"], tiny_store, check=True)
+    sets = [load_file(str(tiny_store / "outputs" / d / "synthetic" / "synthetic.safetensors"))
+            for d in ("mdm_straight", "mdm_resumed")]
+    assert sets[0].keys() == sets[1].keys() and all(torch.equal(sets[0][k], sets[1][k]) for k in sets[0])
+    manifest = json.loads((tiny_store / "outputs" / "mdm_resumed" / "synthetic" / "manifest.json").read_text())
+    assert manifest["resumed"][0]["iteration"] == 2

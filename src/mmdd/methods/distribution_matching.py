@@ -213,8 +213,8 @@ class MultimodalDistributionMatching(DistributionMatching):
     settings_cls = MDMSettings
     objective_cls = MDMObjective
 
-    def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
-        if self.config.init != "kmeans":
+    def initial_set(self, cfg, train, budget: int, resuming: bool = False) -> SyntheticSet:
+        if self.config.init != "kmeans" or resuming:  # a resumed run's set comes from its checkpoint: no k-means
             return super().initial_set(cfg, train, budget)
         k = self.config.kmeans_settings
         # The encoder of a first draw from the run's seed (MDM: its mixed teacher, built once for the init).

@@ -55,9 +55,10 @@ class LearnedMethod(Method):
         return None
 
     # -- the run ------------------------------------------------------------------------------------------
-    def initial_set(self, cfg, train, budget: int) -> SyntheticSet:
+    def initial_set(self, cfg, train, budget: int, resuming: bool = False) -> SyntheticSet:
         """`budget` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
-        shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init."""
+        shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init.
+        `resuming`: a checkpoint will replace the set, so an expensive initialisation may be skipped."""
         gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
         if self.config.init == "noise":
@@ -83,8 +84,9 @@ class LearnedMethod(Method):
         fingerprint = frozen_backbone_fingerprint(model)
         accelerate_model(model, cfg.hardware, second_order=self.second_order)
         objective = self.make_objective(cfg, model, train, fingerprint)
+        ckpt = resume_checkpoint(cfg.resume, out_dir)
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
-        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget)
+        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget, resuming=ckpt is not None)
         every = cfg.diagnostics_every
         probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
         loop = OuterLoop(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,
@@ -94,7 +96,6 @@ class LearnedMethod(Method):
             save_synthetic(cfg, loop.saved_set(), train, out_dir, self.manifest_fields(),
                            {"iteration": step, "complete": False, "backbone_fingerprint": fingerprint})
 
-        ckpt = resume_checkpoint(cfg.resume, out_dir)
         if ckpt is not None:
             log.info("resuming from %s", ckpt)
         checkpoints = DistillCheckpoint(cfg.save_every, out_dir / CHECKPOINT, save)
