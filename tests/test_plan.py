@@ -54,3 +54,13 @@ def test_plan_of_a_frozen_backbone_method(capsys):
                           "method.syn_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "distill, TESLA (2 steps of batch 10)" in out and "image head 526,336" in out
+
+
+def test_plan_of_distribution_matching_grows_with_its_batches(capsys):
+    def mb(args):
+        assert commands.plan(["distill", "method=mdm", "budget=100", *args]) == 0
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("distill, mdm"))
+        return float(line.split(":")[1].split("MB")[0].replace(",", ""))
+
+    small, more_real, all_syn = mb([]), mb(["method.real_batch=1024"]), mb(["method.syn_batch=null", "budget=500"])
+    assert more_real > 3 * small and all_syn > 3 * small  # real batches are embedded, the synthetic one backpropagated

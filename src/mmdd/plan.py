@@ -203,6 +203,32 @@ def distill_estimate(cfg, model, dim: int, method) -> Estimate:
     return Estimate(f"distill, {name} ({mc.syn_steps} steps of batch {min(mc.batch_syn or budget, budget)})", parts)
 
 
+def distribution_step(cfg, model, dim: int, method, device="meta"):
+    """One outer iteration of a distribution-matching method (mmdd.methods.distribution_matching): the set, a real
+    batch embedded without grad, a synthetic batch embedded with it, the loss, its backward to the set, the step."""
+    from mmdd.methods.outer_loop import outer_optimizer
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+
+    mc = method.config
+    size, budget = cfg.data.image_size, int(cfg.budget)
+    n = budget if mc.syn_batch is None else min(mc.syn_batch, budget)
+
+    def step():
+        with torch.device(device):
+            syn = SyntheticSet(torch.zeros(budget, 3, size, size), torch.zeros(budget, dim),
+                               {"image": mc.lr_init, "text": mc.lr_init})
+            real_images, real_texts = torch.zeros(mc.real_batch, 3, size, size), torch.zeros(mc.real_batch, dim)
+        syn.to(device)
+        opt = outer_optimizer(syn, mc)
+        with torch.no_grad():
+            real = model.encode_image(real_images), model.encode_text(real_texts)
+        loss, _ = method.loss_cls(mc)(model.encode_image(syn.images[:n]), model.encode_text(syn.texts[:n]), *real)
+        loss.backward(inputs=[syn.images, syn.texts])
+        opt.step()
+
+    return step
+
+
 def student_estimate(cfg, model, dim: int) -> Estimate:
     p = cfg.protocol
     return training_estimate(cfg, model, dim, "evaluate, one student", p.batch_size, p.momentum,
@@ -213,6 +239,7 @@ def make_plan(cfg) -> dict:
     """Everything `mmdd plan` prints, as data."""
     from hydra.utils import instantiate
 
+    from mmdd.methods.distribution_matching import DistributionMatching
     from mmdd.methods.trajectory_matching import TrajectoryMatching
 
     dim = text_dim(cfg)
@@ -227,6 +254,14 @@ def make_plan(cfg) -> dict:
             variant.config.meta_gradient = strategy
             plan["estimates"].append(distill_estimate(cfg, model, dim, variant))
         plan["method_meta_gradient"] = method.config.meta_gradient
+    elif isinstance(method, DistributionMatching):
+        mc = method.config
+        parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
+                 "one outer iteration (set, real and synthetic batches, loss, outer step)":
+                     tracked_peak(distribution_step(cfg, model, dim, method))}
+        syn = int(cfg.budget) if mc.syn_batch is None else min(mc.syn_batch, int(cfg.budget))
+        plan["estimates"].append(Estimate(f"distill, {cfg.method.name} (synthetic batch {syn}, real batch "
+                                          f"{mc.real_batch})", parts))
     plan["estimates"].append(student_estimate(cfg, model, dim))
     return plan
 

@@ -68,22 +68,35 @@ class RealPairs:
         return images.to(device), self.train.text_emb[caps].to(device)
 
 
-class DistributionObjective:
-    """One iteration: draw an encoder, embed a real batch (no grad) and a synthetic batch, and back-propagate the
-    method's loss to the synthetic images and texts. Subclasses define `terms` and `weights`."""
+class DistributionLoss:
+    """A method's loss on embedded synthetic and real batches: weighted `terms` (each logged)."""
 
-    def __init__(self, model, encoders: EncoderSampler, real: RealPairs, settings: DistributionSettings):
-        self.model = model
-        self.encoders = encoders
-        self.real = real
+    def __init__(self, settings: DistributionSettings):
         self.settings = settings
-        self.teacher_experts = list(encoders.trajectories.experts) if encoders.trajectories is not None else []
 
     def weights(self) -> dict[str, float]:
         raise NotImplementedError
 
     def terms(self, syn_img, syn_txt, real_img, real_txt) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def __call__(self, syn_img, syn_txt, real_img, real_txt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.terms(syn_img, syn_txt, real_img, real_txt)
+        return sum(w * terms[k] for k, w in self.weights().items() if w), terms
+
+
+class DistributionObjective:
+    """One iteration: draw an encoder, embed a real batch (no grad) and a synthetic batch, and back-propagate the
+    method's loss to the synthetic images and texts."""
+
+    def __init__(self, model, encoders: EncoderSampler, real: RealPairs, settings: DistributionSettings,
+                 loss: DistributionLoss):
+        self.model = model
+        self.encoders = encoders
+        self.real = real
+        self.settings = settings
+        self.loss = loss
+        self.teacher_experts = list(encoders.trajectories.experts) if encoders.trajectories is not None else []
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
@@ -94,8 +107,7 @@ class DistributionObjective:
         with torch.no_grad():
             real_img, real_txt = self.model.encode_image(images), self.model.encode_text(texts)
         syn_img, syn_txt = self.model.encode_image(syn.images[idx]), self.model.encode_text(syn.texts[idx])
-        terms = self.terms(syn_img, syn_txt, real_img, real_txt)
-        loss = sum(w * terms[k] for k, w in self.weights().items() if w)
+        loss, terms = self.loss(syn_img, syn_txt, real_img, real_txt)
         backward(loss, [syn.images, syn.texts])
         return ObjectiveStep(loss.detach(), {k: v.detach() for k, v in terms.items()}, stats)
 
@@ -109,7 +121,7 @@ class DMSettings(DistributionSettings):
     lambda_dis: float = 1.0  # for g = norm(z_v - z_t)
 
 
-class DMObjective(DistributionObjective):
+class DMLoss(DistributionLoss):
     def weights(self):
         s = self.settings
         return {"image": s.lambda_image, "text": s.lambda_text, "agr": s.lambda_agr, "dis": s.lambda_dis}
@@ -162,7 +174,7 @@ class KMeansInit:
             raise MmddError(f"method.kmeans.space must be image_text, image or text, got {self.space!r}")
 
 
-class MDMObjective(DistributionObjective):
+class MDMLoss(DistributionLoss):
     def weights(self):
         s = self.settings
         return {"nce": s.lambda_nce, "agr": s.lambda_agr, "dis": s.lambda_dis}
@@ -193,7 +205,7 @@ class DistributionMatching(LearnedMethod):
     """DM; MDM below differs in its loss, its encoder and its initialisation."""
 
     settings_cls = DMSettings
-    objective_cls = DMObjective
+    loss_cls = DMLoss
 
     def make_encoders(self, cfg, model, train, fingerprint: str) -> EncoderSampler:
         s = self.config.encoder_settings
@@ -206,12 +218,13 @@ class DistributionMatching(LearnedMethod):
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> DistributionObjective:
         self.encoders = self.make_encoders(cfg, model, train, fingerprint)
-        return self.objective_cls(model, self.encoders, RealPairs(train, cfg.data.mean, cfg.data.std), self.config)
+        return DistributionObjective(model, self.encoders, RealPairs(train, cfg.data.mean, cfg.data.std), self.config,
+                                     self.loss_cls(self.config))
 
 
 class MultimodalDistributionMatching(DistributionMatching):
     settings_cls = MDMSettings
-    objective_cls = MDMObjective
+    loss_cls = MDMLoss
 
     def initial_set(self, cfg, train, budget: int, resuming: bool = False) -> SyntheticSet:
         if self.config.init != "kmeans" or resuming:  # a resumed run's set comes from its checkpoint: no k-means
