@@ -349,3 +349,8 @@ def test_mdm_resumed_equals_uninterrupted(tiny_store):
     assert sets[0].keys() == sets[1].keys() and all(torch.equal(sets[0][k], sets[1][k]) for k in sets[0])
     manifest = json.loads((tiny_store / "outputs" / "mdm_resumed" / "synthetic" / "manifest.json").read_text())
     assert manifest["resumed"][0]["iteration"] == 2
+    # its cost counts the two iterations the first process made, which this process's wall time does not see
+    history = json.loads((tiny_store / "outputs" / "mdm_resumed" / "synthetic" / "history.json").read_text())
+    stats = manifest["distill_stats"]
+    earlier = sum(h["distill/sec_per_iter"] for h in history[:2])
+    assert stats["cost"]["distill_seconds"] == pytest.approx(stats["total_seconds"] + earlier)
