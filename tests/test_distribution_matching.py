@@ -212,6 +212,8 @@ def tiny_store(tmp_path_factory):
 
 
 SMALL = [o for o in TINY if not o.startswith("method.")] + ["method.iterations=4", "evaluate=false"]
+TINY_DATA = [o for o in TINY if o.startswith("data.")]
+ONE_STUDENT = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
 
 
 def test_mdm_distills_from_kmeans_medoids_with_its_three_terms(tiny_store):
@@ -261,8 +263,7 @@ def test_students_of_other_architectures_evaluate_a_convnet_set(tiny_store):
     run_in_process(["distill", "method=pds", *SMALL, "method.restarts=1", "hydra.run.dir=outputs/pds_x"], tiny_store,
                    check=True)
     syn = tiny_store / "outputs" / "pds_x" / "synthetic"
-    protocol = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
-    data = [o for o in TINY if o.startswith("data.")]
+    data, protocol = TINY_DATA, ONE_STUDENT
     for student, backbone in (("resnet18_minilm", "resnet18"), ("vit_tiny_minilm", "vit_tiny_patch16_224")):
         run_in_process(["evaluate", f"synthetic={syn}", f"model={student}", *data, *protocol,
                         f"hydra.run.dir=outputs/x_{student}"], tiny_store, check=True)
@@ -272,8 +273,7 @@ def test_students_of_other_architectures_evaluate_a_convnet_set(tiny_store):
 
 
 def test_full_train_upper_bound_trains_heads_only_students_on_every_pair(tmp_path):
-    data = [o for o in TINY if o.startswith("data.")]
-    protocol = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
+    data, protocol = TINY_DATA, ONE_STUDENT
     heads = ["model=convnet_heads", "model.image.checkpoint=null"]  # a random frozen backbone (model.image.init_seed)
     run_in_process(["evaluate", "synthetic=full_train", *heads, *data, *protocol, "hydra.run.dir=outputs/full"],
                    tmp_path, check=True)

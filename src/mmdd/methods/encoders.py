@@ -111,7 +111,6 @@ class EncoderSampler:
     def draw(self, generator: torch.Generator) -> dict[str, float]:
         """Put a new encoder into the model; returns what was drawn (logged per iteration)."""
         s = self.settings
-        device = next(self.model.parameters()).device
         if s.kind == "random":
             seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
             with torch.random.fork_rng(devices=[]):
@@ -125,8 +124,7 @@ class EncoderSampler:
         n = self.trajectories.n_experts
         if s.kind == "expert":
             expert, epoch = int(torch.randint(n, (1,), generator=generator)), self._epoch(generator)
-            self.layout.load_into(self.model, {m: t.to(device) for m, t in
-                                               self.trajectories.snapshots(expert, [epoch])[0].items()})
+            self.layout.load_into(self.model, self.trajectories.snapshots(expert, [epoch])[0])
             return {"distill/encoder_expert": float(expert), "distill/encoder_epoch": float(epoch)}
         experts = torch.randperm(n, generator=generator)[: s.experts].tolist()
         epochs = [self._epoch(generator) for _ in range(s.experts)]
@@ -145,6 +143,6 @@ class EncoderSampler:
                             experts[0], experts[1], " and ".join(differ))
         unflat = self.layout.unflatten
         merged = merge_weights(unflat(anchor_flat), [unflat(first), *(unflat(o) for o in others)], s.alpha)
-        flats = {m: self.layout.flatten(merged, m).to(device) for m in self.layout.names}
-        self.layout.load_into(self.model, flats)
+        for name, value in merged.items():  # per tensor, as merged: no flat vector in between
+            self.model.get_parameter(name).copy_(value)
         return {"distill/encoder_epoch": float(sum(epochs)) / len(epochs)}

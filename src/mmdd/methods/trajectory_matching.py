@@ -7,7 +7,6 @@ loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 from mmdd.utils.seed import probe_seed
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)

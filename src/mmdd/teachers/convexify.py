@@ -8,8 +8,8 @@ with n_{p,l} = ||theta_l(p+1) - theta_l(p)||_2 the recorded step norms and beta 
 The endpoints t = 0 and t = K are the recorded snapshots exactly. {start, end} keep snapshots start..end-1 as PTM's
 `traj[start:end]` does (its 0_6 and 0_8 stores: K = 5 and 7), re-indexed from 0.
 
-mmdd computes them on the fly from the store instead of writing a second store: the step norms of an expert are read
-once (one parameter's rows at a time) and kept (K numbers per tensor); a snapshot then reads two rows per tensor.
+mmdd computes them on the fly from the store instead of writing a second store: the step norms of a tensor are read
+once per expert and kept (K numbers per tensor); a snapshot then reads two rows per tensor.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mmdd.config_schema import check_fields
-from mmdd.errors import ArtifactError, MmddError
+from mmdd.errors import MmddError
 from mmdd.teachers.trajectory_store import ExpertSnapshots
 
 
@@ -61,50 +60,21 @@ class ConvexifiedSnapshots(ExpertSnapshots):
     def epochs(self) -> int:
         return self.settings.end - 1 - self.settings.start
 
-    def _path(self, expert: int):
-        return self.store.expert_path(self.experts[expert])
-
-    def betas(self, expert: int) -> dict[str, torch.Tensor]:
-        """beta_l(t) of every tensor of one expert, from its recorded step norms (read once, then kept)."""
-        if expert not in self._betas:
-            s, path = self.settings, self._path(expert)
-            out = {}
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for group in self.names.values():
-                        for n in group:
-                            rows = f.get_slice(n)[s.start:s.end].flatten(1).double()
-                            out[n] = shortcut_betas((rows[1:] - rows[:-1]).norm(dim=1))
-            except (SafetensorError, OSError) as exc:
-                raise ArtifactError(f"{path} cannot be read ({exc}); rerun `mmdd buffer` with the settings that made "
-                                    "the store") from exc
-            self._betas[expert] = out
-        return self._betas[expert]
-
-    def snapshots(self, expert: int, epochs: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        betas, s = self.betas(expert), self.settings
-        first, last = s.start, s.end - 1
-        path = self._path(expert)
-        out = [{m: torch.empty(self.numel[m], dtype=self.dtype) for m in self.names} for _ in epochs]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for m, group in self.names.items():
-                    offset = 0
-                    for n in group:
-                        theta0 = f.get_slice(n)[first].reshape(-1)
-                        theta_k = f.get_slice(n)[last].reshape(-1)
-                        size = theta0.numel()
-                        for flats, t in zip(out, epochs):
-                            if t == 0:
-                                value = theta0
-                            elif t == self.epochs:
-                                value = theta_k
-                            else:
-                                b = float(betas[n][t])
-                                value = ((1 - b) * theta0.double() + b * theta_k.double()).to(theta0.dtype)
-                            flats[m][offset:offset + size].copy_(value)
-                        offset += size
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{path} cannot be read ({exc}); rerun `mmdd buffer` with the settings that made the "
-                                "store") from exc
+    def _rows(self, f, expert: int, name: str, epochs: Sequence[int]) -> list[torch.Tensor]:
+        """Parameter `name` on its shortcut at each of `epochs`. Its beta(t) comes from its recorded step norms, read
+        once per expert (K + 1 rows of this tensor) and kept; every later snapshot reads its two endpoint rows."""
+        s, rows = self.settings, f.get_slice(name)
+        betas = self._betas.setdefault(expert, {})
+        if name not in betas:
+            kept = rows[s.start:s.end].flatten(1).double()
+            betas[name] = shortcut_betas((kept[1:] - kept[:-1]).norm(dim=1))
+        theta0, theta_k = rows[s.start], rows[s.end - 1]
+        a, b = theta0.double(), theta_k.double()
+        out = []
+        for t in epochs:
+            if t == 0 or t == self.epochs:  # the endpoints are the recorded snapshots themselves
+                out.append(theta0 if t == 0 else theta_k)
+            else:
+                beta = float(betas[name][t])
+                out.append(((1 - beta) * a + beta * b).to(theta0.dtype))
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -280,28 +281,33 @@ class ExpertSnapshots:
         """Bytes of one snapshot (every modality) in this reader's dtype."""
         return sum(self.numel.values()) * torch.empty((), dtype=self.dtype).element_size()
 
-    def snapshots(self, expert: int, epochs: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """The flat parameters ({modality: [P]}) of expert number `expert` (an index into this reader's experts)
-        at each of `epochs`; only those rows of the file are read."""
+    @contextmanager
+    def _open(self, expert: int):
+        """Expert number `expert`'s file, opened memory-mapped; a file that cannot be read is an ArtifactError."""
         path = self.store.expert_path(self.experts[expert])
         try:
             with safe_open(str(path), framework="pt") as f:
-                out = []
-                for epoch in epochs:
-                    flats = {}
-                    for m, group in self.names.items():
-                        flat = torch.empty(self.numel[m], dtype=self.dtype)
-                        offset = 0
-                        for n in group:
-                            row = f.get_slice(n)[epoch].reshape(-1)
-                            flat[offset:offset + row.numel()].copy_(row)
-                            offset += row.numel()
-                        flats[m] = flat
-                    out.append(flats)
-                return out
+                yield f
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"{path} cannot be read ({exc}), e.g. deleted or truncated while in use; rerun "
                                 "`mmdd buffer` with the settings that made the store: it trains that expert again") from exc
+
+    def _rows(self, f, expert: int, name: str, epochs: Sequence[int]) -> list[torch.Tensor]:
+        """Parameter `name`'s value at each of `epochs` (a subclass may derive them: teachers.convexify)."""
+        return [f.get_slice(name)[epoch] for epoch in epochs]
+
+    def snapshots(self, expert: int, epochs: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """The flat parameters ({modality: [P]}) of expert number `expert` (an index into this reader's experts)
+        at each of `epochs`; only those rows of the file are read."""
+        out = [{m: torch.empty(self.numel[m], dtype=self.dtype) for m in self.names} for _ in epochs]
+        with self._open(expert) as f:
+            for m, group in self.names.items():
+                offset = 0
+                for n in group:
+                    for flats, row in zip(out, self._rows(f, expert, n, epochs)):
+                        flats[m][offset:offset + row.numel()].copy_(row.reshape(-1))
+                    offset += row.numel()
+        return out
 
     def segment(self, expert: int, start: int, span: int, device=None):
         """(start, target) flat parameters of one matching segment, moved to `device`."""
