@@ -33,3 +33,13 @@ def test_an_image_size_the_depth_cannot_halve_is_refused_with_what_to_set():
     cfg = OmegaConf.load(conf_dir() / "model" / "convnet_minilm.yaml")
     with pytest.raises(MmddError, match="divisible by 8"):
         build_dual_encoder(cfg, 384, 36)
+
+
+def test_an_unknown_backbone_name_is_a_sentence():
+    import pytest
+
+    from mmdd.errors import MmddError
+    from mmdd.models.image_encoder import build_image_backbone
+
+    with pytest.raises(MmddError, match="neither one of \\['convnet'\\] nor a timm model name"):
+        build_image_backbone("no_such_backbone", image_size=32)

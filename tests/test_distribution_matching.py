@@ -354,3 +354,13 @@ def test_mdm_resumed_equals_uninterrupted(tiny_store):
     stats = manifest["distill_stats"]
     earlier = sum(h["distill/sec_per_iter"] for h in history[:2])
     assert stats["cost"]["distill_seconds"] == pytest.approx(stats["total_seconds"] + earlier)
+
+
+def test_pds_settings_are_typed_like_every_method_s():
+    from mmdd.methods.prototypes import PrototypeSettings
+
+    with pytest.raises(MmddError, match=r"method.prune_ratio must be a finite number, got 'abc'"):
+        PrototypeSettings(prune_ratio="abc")
+    with pytest.raises(MmddError, match="method.metric must be one of"):
+        PrototypeSettings(metric="manhattan")
+    assert PrototypeSettings(restarts=3.0).restarts == 3  # a whole float from the command line is an int

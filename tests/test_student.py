@@ -145,7 +145,7 @@ def test_reference_batches_are_drawn_independently_and_evaluations_start_after_t
     assert list(IndependentBatches(5, 128, torch.Generator())) and len(IndependentBatches(5, 128, torch.Generator())) == 1
 
     def evaluated(schedule, every, epochs=101):
-        m = StudentModule(torch.nn.Linear(1, 1), {}, 0.9, 0, epochs, 51, 0.1, every, "test_best", None, [0], [1],
+        m = StudentModule(torch.nn.Linear(1, 1), {}, 0.9, 0, epochs, 51, 0.1, every, None, [0], [1],
                           eval_schedule=schedule)
         return [e for e in range(epochs) if m.evaluates_after(e) or e == epochs - 1]
 

@@ -203,6 +203,15 @@ def distill_estimate(cfg, model, dim: int, method) -> Estimate:
     return Estimate(f"distill, {name} ({mc.syn_steps} steps of batch {min(mc.batch_syn or budget, budget)})", parts)
 
 
+def distribution_estimate(cfg, model, dim: int, method) -> Estimate:
+    mc = method.config
+    parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
+             "one outer iteration (set, real and synthetic batches, loss, outer step)":
+                 tracked_peak(distribution_step(cfg, model, dim, method))}
+    return Estimate(f"distill, {cfg.method.name} (synthetic batch {mc.syn_batch_size(cfg.budget)}, real batch "
+                    f"{mc.real_batch})", parts)
+
+
 def distribution_step(cfg, model, dim: int, method, device="meta"):
     """One outer iteration of a distribution-matching method (mmdd.methods.distribution_matching): the set, a real
     batch embedded without grad, a synthetic batch embedded with it, the loss, its backward to the set, the step."""
@@ -210,8 +219,8 @@ def distribution_step(cfg, model, dim: int, method, device="meta"):
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
     mc = method.config
-    size, budget = cfg.data.image_size, int(cfg.budget)
-    n = budget if mc.syn_batch is None else min(mc.syn_batch, budget)
+    size, budget = cfg.data.image_size, cfg.budget
+    n = mc.syn_batch_size(budget)
 
     def step():
         with torch.device(device):
@@ -255,13 +264,7 @@ def make_plan(cfg) -> dict:
             plan["estimates"].append(distill_estimate(cfg, model, dim, variant))
         plan["method_meta_gradient"] = method.config.meta_gradient
     elif isinstance(method, DistributionMatching):
-        mc = method.config
-        parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
-                 "one outer iteration (set, real and synthetic batches, loss, outer step)":
-                     tracked_peak(distribution_step(cfg, model, dim, method))}
-        syn = int(cfg.budget) if mc.syn_batch is None else min(mc.syn_batch, int(cfg.budget))
-        plan["estimates"].append(Estimate(f"distill, {cfg.method.name} (synthetic batch {syn}, real batch "
-                                          f"{mc.real_batch})", parts))
+        plan["estimates"].append(distribution_estimate(cfg, model, dim, method))
     plan["estimates"].append(student_estimate(cfg, model, dim))
     return plan
 

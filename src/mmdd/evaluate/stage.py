@@ -90,25 +90,24 @@ def summarize(per_seed: list[dict], key: str = "test") -> tuple[dict, dict]:
 FULL_TRAIN = "full_train"  # synthetic=full_train: every train pair, for heads-only students (the upper bound)
 
 
-def full_train_set(cfg, model_cfg, data, text_dim: int) -> tuple[SyntheticSet, dict]:
+def full_train_set(cfg, model_cfg, data, text_dim: int, features: BackboneFeatures | None) -> tuple[SyntheticSet, dict]:
     """Every (image, caption) pair of the train split as a 'set' of frozen-backbone features, for students that
     train heads only: the full-data upper bound of the frozen-backbone rows, trained under the students' protocol
-    (not the teachers' few epochs). Features are computed once per image (and cached with the val/test ones); the
-    students train at protocol.lr."""
+    (not the teachers' few epochs). Features come from the evaluation's cache (`features`, computed once per image,
+    kept with the val/test ones); the students train at protocol.lr."""
     model = build_dual_encoder(model_cfg, text_dim, cfg.data.image_size)
-    if not model.backbone_is_cacheable():
-        raise MmddError("synthetic=full_train trains heads-only students on a frozen backbone's features (e.g. "
-                        "model=convnet_heads, or protocol.trainable=heads); a trainable backbone's full-data row is the "
-                        "teachers' (mmdd run, or `mmdd table` over a store)")
+    if not model.backbone_is_cacheable() or features is None:
+        raise MmddError("synthetic=full_train trains heads-only students on a frozen backbone's cached features (e.g. "
+                        "model=convnet_heads, or protocol.trainable=heads, with protocol.cache_features=true); a "
+                        "trainable backbone's full-data row is the teachers' (mmdd run, or `mmdd table` over a store)")
     train = data["train"]
-    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
-                                data_key=stable_hash(data_identity(cfg.data))).split(model.eval(), train)
     lr = float(cfg.protocol.lr)
-    syn = SyntheticSet(features[train.txt2img], train.text_emb, {"image": lr, "text": lr})
+    syn = SyntheticSet(features.split(model.eval(), train)[train.txt2img], train.text_emb, {"image": lr, "text": lr})
+    # No backbone fingerprint: the features are this run's backbone's, so there is nothing to check them against.
     manifest = {"method": FULL_TRAIN, "budget": train.num_images, "seed": cfg.seed, "complete": True,
-                "inner_loss": "infonce", "identity": {"data": data_identity(cfg.data)},
-                "backbone_fingerprint": frozen_backbone_fingerprint(model), "config_hash": None, "features": True}
-    log.info("full_train: %d pairs of %d-d backbone features of %d train images", len(syn), features.shape[1],
+                "inner_loss": "infonce", "identity": {"data": data_identity(cfg.data)}, "config_hash": None,
+                "features": True}
+    log.info("full_train: %d pairs of %d-d backbone features of %d train images", len(syn), syn.images.shape[1],
              train.num_images)
     return syn, manifest
 
@@ -142,10 +141,15 @@ def earlier_phases(cfg, manifest: dict, where: Path, text_dim: int) -> list[Stud
                                 "with its phase_<i>/ directories, or distil it again")
         syn, phase_manifest = SyntheticSet.load(path)
         check_synthetic_compatible(phase_manifest, cfg, text_dim, path)
-        with torch.no_grad():
-            similarity = syn.similarity_matrix()
-        phases.append(StudentPhase(syn.images, syn.texts, student_lrs(cfg, syn, path), similarity))
+        phases.append(student_phase(cfg, syn, path))
     return phases
+
+
+def student_phase(cfg, syn: SyntheticSet, where: Path) -> StudentPhase:
+    """What a student trains on from one set: its pairs, its step sizes (protocol.lr_source) and its S."""
+    with torch.no_grad():
+        similarity = syn.similarity_matrix()
+    return StudentPhase(syn.images, syn.texts, student_lrs(cfg, syn, where), similarity)
 
 
 def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
@@ -158,13 +162,19 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         model_cfg = OmegaConf.merge(cfg.model, {"trainable": str(cfg.protocol.trainable)})
     data = data or load_data(cfg, splits=("train", "val", "test"))
     text_dim = data["test"].text_emb.shape[1]
+    # Frozen-backbone students share one cache of backbone features across seeds (train_student uses it only when
+    # the student's backbone is frozen).
+    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+                                data_key=stable_hash(data_identity(cfg.data))) if cfg.protocol.cache_features else None
     if str(synthetic) == FULL_TRAIN:  # its "learned" step sizes are protocol.lr
-        syn, manifest = full_train_set(cfg, model_cfg, data, text_dim)
+        syn, manifest = full_train_set(cfg, model_cfg, data, text_dim, features)
+        recorded = FULL_TRAIN
     else:
         syn, manifest = SyntheticSet.load(synthetic)
         check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
+        recorded = str(synthetic.resolve())
     out_dir = Path(out_dir or cfg.paths.output_dir)
-    lrs = student_lrs(cfg, syn, synthetic)
+    final = student_phase(cfg, syn, synthetic)
     earlier = earlier_phases(cfg, manifest, synthetic, text_dim)
 
     def build_model():
@@ -180,8 +190,6 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
         loss = str(manifest.get("inner_loss", DEFAULT_INNER_LOSS))  # sets written before manifests said
         label_temperature = float(manifest.get("label_temperature", label_temperature))
-    with torch.no_grad():
-        similarity = syn.similarity_matrix()
     seeds = [student_seed(cfg.seed, k) for k in student_indices(cfg)]
     results_path = out_dir / "results.json"
     this_hash = config_hash(cfg)
@@ -190,10 +198,6 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     if done:
         log.info("%s: resuming, %d of %d student seeds already in %s", label, len(done), len(seeds), results_path)
     t0 = time.perf_counter()
-    # Frozen-backbone students share one cache of val/test backbone features across seeds (train_student
-    # uses it only when the student's backbone is frozen).
-    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
-                                data_key=stable_hash(data_identity(cfg.data))) if cfg.protocol.cache_features else None
 
     def results(complete: bool) -> dict:
         mean, std = summarize(per_seed)
@@ -205,7 +209,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "dataset": str(cfg.data.name),
             "seed": manifest.get("seed", cfg.seed),  # the distillation seed (students: seeds[*].seed)
             "protocol": to_plain(cfg.protocol),
-            "synthetic": FULL_TRAIN if manifest.get("method") == FULL_TRAIN else str(synthetic.resolve()),
+            "synthetic": recorded,
             "synthetic_config_hash": manifest.get("config_hash"),
             "other_dataset": data_differences,  # None, or how this data differs from the set's (allow_other_dataset)
             "config_hash": this_hash,
@@ -234,8 +238,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
                                                                 "seed": manifest.get("seed"), "path": str(synthetic)},
                                               "student_seed": s}, save_dir=out_dir)
         try:
-            res = train_student(cfg, build_model, syn.images, syn.texts, lrs, data, seed=s, loggers=loggers,
-                                loss=loss, similarity=similarity, label_temperature=label_temperature,
+            res = train_student(cfg, build_model, final.images, final.texts, final.lrs, data, seed=s, loggers=loggers,
+                                loss=loss, similarity=final.similarity, label_temperature=label_temperature,
                                 features=features, inputs_are_features=bool(manifest.get("features")), earlier=earlier)
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:

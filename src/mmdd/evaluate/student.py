@@ -88,7 +88,6 @@ class StudentModule(L.LightningModule):
         lr_decay_epoch: int,
         lr_decay: float,
         eval_every: int,
-        selection: str,
         select_data: SplitData | None,
         mean,
         std,
@@ -105,8 +104,6 @@ class StudentModule(L.LightningModule):
         # A frozen backbone's cache (mmdd.evaluate.encode.BackboneFeatures): the loader then yields backbone
         # features of the synthetic images, and evaluations run only the heads.
         self.features = features
-        if selection not in SELECTIONS:
-            raise ValueError(f"protocol.selection must be one of {SELECTIONS}, got {selection!r}")
         self.model = model
         self.lrs = lrs
         self.momentum = momentum
@@ -115,7 +112,6 @@ class StudentModule(L.LightningModule):
         self.lr_decay_epoch = lr_decay_epoch
         self.lr_decay = lr_decay
         self.eval_every = eval_every
-        self.selection = selection
         self.select_data = select_data
         self.mean, self.std = list(mean), list(std)
         self.history: list[dict] = []  # the selection split's metrics after each evaluated epoch
@@ -271,6 +267,8 @@ def train_student(
     draw = p.batch_draw
     if draw not in BATCH_DRAWS:
         raise MmddError(f"protocol.batch_draw must be one of {BATCH_DRAWS}, got {draw!r}")
+    if p.selection not in SELECTIONS:
+        raise MmddError(f"protocol.selection must be one of {SELECTIONS}, got {p.selection!r}")
     select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
     phases = [*earlier, StudentPhase(images, texts, lrs, similarity)]
     gen = torch.Generator().manual_seed(seed)
@@ -291,7 +289,6 @@ def train_student(
             lr_decay_epoch=p.lr_decay_epoch,
             lr_decay=p.lr_decay,
             eval_every=p.eval_every,
-            selection=p.selection,
             select_data=data[select_split] if select_split else None,
             mean=cfg.data.mean,
             std=cfg.data.std,

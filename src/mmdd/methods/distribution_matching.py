@@ -53,6 +53,10 @@ class DistributionSettings(OuterSettings):
         if self.real_batch < 2 or (self.syn_batch is not None and self.syn_batch < 2):
             raise MmddError("method.real_batch and method.syn_batch must be >= 2 (a distribution needs samples)")
 
+    def syn_batch_size(self, pairs: int) -> int:
+        """Synthetic pairs embedded per iteration, for a set of `pairs`."""
+        return pairs if self.syn_batch is None else min(self.syn_batch, pairs)
+
 
 class RealPairs:
     """Uniform batches of real (image, caption) pairs, one row per caption as the papers' loaders: normalised images
@@ -102,8 +106,7 @@ class DistributionObjective:
         s, device = self.settings, syn.images.device
         stats = self.encoders.draw(generator)
         images, texts = self.real.draw(s.real_batch, generator, device)
-        n = len(syn) if s.syn_batch is None else min(s.syn_batch, len(syn))
-        idx = torch.randperm(len(syn), generator=generator)[:n].to(device)
+        idx = torch.randperm(len(syn), generator=generator)[: s.syn_batch_size(len(syn))].to(device)
         with torch.no_grad():
             real_img, real_txt = self.model.encode_image(images), self.model.encode_text(texts)
         syn_img, syn_txt = self.model.encode_image(syn.images[idx]), self.model.encode_text(syn.texts[idx])

@@ -24,7 +24,6 @@ K x K by cluster label (PDS indexes a table that shrinks when a cluster is empty
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +35,8 @@ from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import encode_split
 from mmdd.methods.base import DistillResult, Method, check_budget
-from mmdd.methods.clustering import cooccurrence, kmeans, match_clusters
+from mmdd.config_schema import check_fields
+from mmdd.methods.clustering import METRICS, cooccurrence, kmeans, match_clusters
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
 
 log = logging.getLogger(__name__)
@@ -102,21 +102,37 @@ def nearest_distinct(queries: torch.Tensor, candidates: torch.Tensor) -> list[in
     return out
 
 
+@dataclass(kw_only=True)
+class PrototypeSettings:
+    """conf/method/pds.yaml, minus `_target_`/`name`; each field's type is checked as every method's are."""
+
+    lr: float = 0.1  # the students' step size (nothing is learned)
+    prune_ratio: float = 0.2
+    metric: str = "euclidean"
+    iterations: int = 100
+    restarts: int = 20
+    caption_space: str = "input"
+    text: str = "prototype"
+    generator: dict | None = None  # {_target_: ...} of a PrototypeImageGenerator, built when the set is made
+
+    def __post_init__(self):
+        check_fields(self, "method", "fix it in conf/method/pds.yaml or on the command line")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise MmddError(f"method.prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.metric not in METRICS:
+            raise MmddError(f"method.metric must be one of {METRICS}, got {self.metric!r}")
+        if self.caption_space not in ("input", "teacher"):
+            raise MmddError(f"method.caption_space must be 'input' or 'teacher', got {self.caption_space!r}")
+        if self.text not in ("prototype", "nearest"):
+            raise MmddError(f"method.text must be 'prototype' or 'nearest', got {self.text!r}")
+
+
 class PrototypeSelection(Method):
     """PDS-style selection (see the module doc); conf/method/pds.yaml."""
 
-    def __init__(self, name: str = "pds", lr: float = 0.1, prune_ratio: float = 0.2, metric: str = "euclidean",
-                 iterations: int = 100, restarts: int = 20, caption_space: str = "input", text: str = "prototype",
-                 generator=None):
-        if not 0.0 <= float(prune_ratio) < 1.0:
-            raise MmddError(f"method.prune_ratio must be in [0, 1), got {prune_ratio}")
-        if caption_space not in ("input", "teacher"):
-            raise MmddError(f"method.caption_space must be 'input' or 'teacher', got {caption_space!r}")
-        if text not in ("prototype", "nearest"):
-            raise MmddError(f"method.text must be 'prototype' or 'nearest', got {text!r}")
-        self.name, self.lr, self.prune_ratio = name, float(lr), float(prune_ratio)
-        self.metric, self.iterations, self.restarts = metric, int(iterations), int(restarts)
-        self.caption_space, self.text, self.generator = caption_space, text, generator
+    def __init__(self, name: str = "pds", **settings):
+        self.name = name
+        self.config = PrototypeSettings(**settings)
 
     def prototypes(self, cfg, train, budget: int) -> tuple[Prototypes, torch.Tensor]:
         """The matched prototypes, and the teacher's embedding of every train image."""
@@ -126,12 +142,13 @@ class PrototypeSelection(Method):
         self.teacher_experts = [expert]
         image_emb, caption_emb = encode_split(model, train, cfg.data.mean, cfg.data.std)
         txt2img = train.txt2img
-        kept = prune_pairs(image_emb[txt2img], caption_emb, self.prune_ratio)
+        c = self.config
+        kept = prune_pairs(image_emb[txt2img], caption_emb, c.prune_ratio)
         if kept.numel() < budget:
-            raise MmddError(f"method.prune_ratio={self.prune_ratio} keeps {kept.numel()} pairs, fewer than budget={budget}")
-        teacher_captions = caption_emb[kept] if self.caption_space == "teacher" else None
+            raise MmddError(f"method.prune_ratio={c.prune_ratio} keeps {kept.numel()} pairs, fewer than budget={budget}")
+        teacher_captions = caption_emb[kept] if c.caption_space == "teacher" else None
         protos = match_prototypes(image_emb[txt2img[kept]], train.text_emb[kept], budget,
-                                  torch.Generator().manual_seed(cfg.seed), self.metric, self.iterations, self.restarts,
+                                  torch.Generator().manual_seed(cfg.seed), c.metric, c.iterations, c.restarts,
                                   teacher_captions)
         protos.members = [[int(kept[r]) for r in cell] for cell in protos.members]
         empty = sum(not cell for cell in protos.members)
@@ -144,20 +161,19 @@ class PrototypeSelection(Method):
         budget = check_budget(cfg.budget, train)
         protos, image_emb = self.prototypes(cfg, train, budget)
         prompts = nearest_captions(protos.text, train.text_emb, train.split.captions)
-        if self.generator:
-            # Hydra builds a `_target_` generator with the method; a mapping given in code is built here.
-            render = instantiate(self.generator) if isinstance(self.generator, Mapping) else self.generator
-            images = render(protos, prompts, cfg.data.image_size)
+        if self.config.generator:
+            images = instantiate(self.config.generator)(protos, prompts, cfg.data.image_size)
             want = (budget, 3, cfg.data.image_size, cfg.data.image_size)
             if tuple(images.shape) != want or images.dtype != torch.uint8:
                 raise MmddError(f"method.generator returned {images.dtype} {tuple(images.shape)}, expected uint8 {want}")
         else:
             images = train.image_batch(nearest_distinct(protos.image, image_emb))
-        if self.text == "nearest":
+        if self.config.text == "nearest":
             idx = nearest_distinct(protos.text, train.text_emb)
             texts = train.text_emb[idx].clone()
         else:
             texts = protos.text.clone()
         images = normalize(images, cfg.data.mean, cfg.data.std)
-        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}),
+        lr = self.config.lr
+        return DistillResult(SyntheticSet(images, texts, {"image": lr, "text": lr}),
                              teacher_experts=list(self.teacher_experts))

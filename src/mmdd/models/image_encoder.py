@@ -54,13 +54,8 @@ def build_image_backbone(
 
         try:
             entry = model_entrypoint(name)
-        except (KeyError, RuntimeError):  # list_models() hides pretrained tags; accept anything timm can build
+        except (KeyError, RuntimeError):  # e.g. hf-hub: names, which timm.create_model resolves; it says what fails
             entry = None
-            try:
-                timm.create_model(name, pretrained=False, num_classes=0)
-            except Exception as exc:  # noqa: BLE001 - re-raised with advice
-                raise MmddError(f"model.image.name={name!r} is neither one of {sorted(BACKBONES)} nor a timm model: "
-                                f"{exc}") from exc
     declared = inspect.signature(entry).parameters if entry is not None else {}
     settings = {k: v for k, v in {"image_size": image_size, **shape}.items() if k in declared and v is not None}
     settings.update(options or {})
@@ -73,6 +68,8 @@ def build_image_backbone(
         raise
     except Exception as exc:  # noqa: BLE001
         hint = " (pretrained weights need network access to the Hugging Face hub)" if pretrained else ""
+        if entry is None:
+            hint += f" (model.image.name is neither one of {sorted(BACKBONES)} nor a timm model name)"
         raise MmddError(f"could not build the image backbone {name!r}{hint}: {exc}") from exc
     dim = int(net.num_features)
     if checkpoint:

@@ -113,7 +113,6 @@ class Cell:
         floats = {c["storage"]["floats"] for c in costs if c.get("storage")}
         return {"distill_seconds": statistics.fmean(c["distill_seconds"] for c in costs),
                 "storage_floats": max(floats) if floats else None,
-                "distill_seconds_std": statistics.stdev([c["distill_seconds"] for c in costs]) if len(costs) > 1 else None,
                 "teacher_seconds": None if None in teachers else statistics.fmean(teachers),
                 "teacher_experts": max(c["teachers"]["experts"] for c in costs),
                 "devices": sorted(devices), "sets": len(costs)}

@@ -181,7 +181,7 @@ def _csv(rows, anchors, anchor_dataset) -> str:
     w = csv.writer(buf)
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best",
-                "distill_seconds", "teacher_seconds", "teacher_experts", "devices", "storage_floats"])
+                *COST_COLUMNS])
     for r in rows:
         std = r.get("std") or {}
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
@@ -190,13 +190,17 @@ def _csv(rows, anchors, anchor_dataset) -> str:
         for a in anchors_for(r, anchors, anchor_dataset):
             w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
                         *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "",
-                        "", "", "", "", ""])
+                        *([""] * len(COST_COLUMNS))])
     return buf.getvalue()
 
 
+COST_COLUMNS = ("distill_seconds", "teacher_seconds", "teacher_experts", "devices", "storage_floats")
+
+
 def _cost_fields(cost: dict | None) -> list[str]:
+    """A row's COST_COLUMNS, in order."""
     if not cost:
-        return ["", "", "", "", ""]
+        return [""] * len(COST_COLUMNS)
     teachers = "" if cost["teacher_seconds"] is None else f"{cost['teacher_seconds']:.1f}"
     floats = "" if cost.get("storage_floats") is None else str(cost["storage_floats"])
     return [f"{cost['distill_seconds']:.1f}", teachers, str(cost["teacher_experts"]), ";".join(cost["devices"]), floats]

@@ -35,9 +35,8 @@ def run_buffer(cfg, data=None) -> Path:
     train = data["train"]
     text_dim = train.text_emb.shape[1]
     tcfg = cfg.teacher
-    init = str(tcfg.get("init", "per_expert"))
-    if init not in ("per_expert", "shared"):
-        raise MmddError(f"teacher.init must be per_expert or shared, got {init!r}")
+    if tcfg.init not in ("per_expert", "shared"):
+        raise MmddError(f"teacher.init must be per_expert or shared, got {tcfg.init!r}")
     augment = augment_config(cfg.data.augment if tcfg.augment else None)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
     check_full_batches(dataset, tcfg.batch_size, "teacher.batch_size")
@@ -80,13 +79,11 @@ def run_buffer(cfg, data=None) -> Path:
         if claims is not None and e in store.completed_experts():  # finished between the two checks
             claims.release(e)
             continue
-        if init == "shared":  # expert 0's initialisation for every expert; each its own data order and dropout
-            seed_everything(expert_seed(tcfg.seed, 0))
-            model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
+        shared = tcfg.init == "shared"  # expert 0's initialisation for every expert, each its own data order, dropout
+        seed_everything(expert_seed(tcfg.seed, 0 if shared else e))
+        model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
+        if shared:
             seed_everything(expert_seed(tcfg.seed, e))
-        else:
-            seed_everything(expert_seed(tcfg.seed, e))
-            model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
         model = accelerate_model(model, cfg.hardware)
         module = ExpertModule(
             model,

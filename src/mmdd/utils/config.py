@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmdd.config_schema import TeacherConfig
 from mmdd.utils.io import stable_hash
 
 
@@ -50,14 +51,14 @@ def data_location(data_cfg) -> dict:
     return {k: str(Path(str(d[k])).resolve()) for k in keys if d.get(k)}
 
 
-# Teacher settings added after stores were first written: at these values a store is what it was before the setting
-# existed, so they are left out of its identity (every existing store keeps its id and is still found).
-TEACHER_SETTING_DEFAULTS = {"init": "per_expert"}
+# Teacher settings added after stores were first written, at their schema defaults: there a store is what it was before
+# the setting existed, so they are left out of its identity (every existing store keeps its id and is still found).
+LATER_TEACHER_SETTINGS = {"init": TeacherConfig.init}
 
 
 def teacher_identity(teacher_cfg) -> dict:
-    """The teacher settings as identities record them (settings at their TEACHER_SETTING_DEFAULTS left out)."""
-    return {k: v for k, v in to_plain(teacher_cfg).items() if TEACHER_SETTING_DEFAULTS.get(k, object()) != v}
+    """The teacher settings as identities record them (LATER_TEACHER_SETTINGS at their defaults left out)."""
+    return {k: v for k, v in to_plain(teacher_cfg).items() if LATER_TEACHER_SETTINGS.get(k, object()) != v}
 
 
 def teachers_identity(cfg) -> dict:
