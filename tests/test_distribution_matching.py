@@ -364,3 +364,30 @@ def test_pds_settings_are_typed_like_every_method_s():
     with pytest.raises(MmddError, match="method.metric must be one of"):
         PrototypeSettings(metric="manhattan")
     assert PrototypeSettings(restarts=3.0).restarts == 3  # a whole float from the command line is an int
+
+
+def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
+    """The backbone's features of the train images are computed once; each batch then runs the heads only, and
+    embeds as the whole model does."""
+    from mmdd.data.annotations import Split
+    from mmdd.data.datamodule import SplitData
+    from mmdd.evaluate.encode import BackboneFeatures
+    from mmdd.methods.distribution_matching import RealPairs
+    from mmdd.models.convnet import ConvNet
+    from mmdd.models.dual_encoder import DualEncoder
+
+    g = torch.Generator().manual_seed(0)
+    split = Split("train", image_paths=[f"{i}.png" for i in range(12)], captions=[f"c{i}" for i in range(24)],
+                  txt2img=[i // 2 for i in range(24)])
+    train = SplitData(split=split, text_emb=torch.randn(24, 6, generator=g), image_size=8,
+                      images=torch.randint(0, 256, (12, 3, 8, 8), generator=g, dtype=torch.uint8))
+    backbone = ConvNet(image_size=8, width=4, depth=1)
+    model = DualEncoder(backbone, backbone.num_features, text_dim=6, image_head=True, trainable="heads").eval()
+    mean, std = [0.5] * 3, [0.25] * 3
+    cache = BackboneFeatures(mean, std)
+    cached = RealPairs(train, mean, std, cache).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
+    plain = RealPairs(train, mean, std).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cached, plain))
+    first = cache.split(model, train)
+    RealPairs(train, mean, std, cache).embed(model, 10, torch.Generator().manual_seed(2), "cpu")
+    assert cache.split(model, train) is first  # not computed again

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from mmdd.config_schema import check_fields
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
-from mmdd.evaluate.encode import encode_split
+from mmdd.evaluate.encode import BackboneFeatures, encode_split
 from mmdd.methods.clustering import kmeans, nearest_members
 from mmdd.methods.encoders import EncoderSampler, EncoderSettings
 from mmdd.methods.learned import LearnedMethod
@@ -35,6 +35,8 @@ from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import open_checked_trajectories
+from mmdd.utils.config import data_identity
+from mmdd.utils.io import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +61,24 @@ class DistributionSettings(OuterSettings):
 
 
 class RealPairs:
-    """Uniform batches of real (image, caption) pairs, one row per caption as the papers' loaders: normalised images
-    read from the split's decoded images (never re-decoded) and the captions' embeddings."""
+    """Uniform batches of real (image, caption) pairs, one row per caption as the papers' loaders, embedded by the
+    iteration's encoder: images read from the split's decoded images (never re-decoded), or, under a frozen backbone,
+    its features of every train image computed once (`features`, the evaluation's cache), so only the heads run."""
 
-    def __init__(self, train, mean, std):
-        self.train, self.mean, self.std = train, mean, std
+    def __init__(self, train, mean, std, features: BackboneFeatures | None = None):
+        self.train, self.mean, self.std, self.features = train, mean, std, features
         self.txt2img = train.txt2img
 
-    def draw(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def embed(self, model, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         caps = torch.randperm(self.txt2img.shape[0], generator=generator)[:n]
-        images = normalize(self.train.image_batch(self.txt2img[caps].tolist()), self.mean, self.std)
-        return images.to(device), self.train.text_emb[caps].to(device)
+        rows = self.txt2img[caps]
+        if self.features is not None:
+            feats = self.features.split(model, self.train)[rows].to(device)
+            images = F.normalize(model.image_head(feats), dim=-1)
+        else:
+            images = model.encode_image(normalize(self.train.image_batch(rows.tolist()), self.mean, self.std).to(device))
+        return images, model.encode_text(self.train.text_emb[caps].to(device))
 
 
 class DistributionLoss:
@@ -105,10 +114,8 @@ class DistributionObjective:
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
         stats = self.encoders.draw(generator)
-        images, texts = self.real.draw(s.real_batch, generator, device)
+        real_img, real_txt = self.real.embed(self.model, s.real_batch, generator, device)
         idx = torch.randperm(len(syn), generator=generator)[: s.syn_batch_size(len(syn))].to(device)
-        with torch.no_grad():
-            real_img, real_txt = self.model.encode_image(images), self.model.encode_text(texts)
         syn_img, syn_txt = self.model.encode_image(syn.images[idx]), self.model.encode_text(syn.texts[idx])
         loss, terms = self.loss(syn_img, syn_txt, real_img, real_txt)
         backward(loss, [syn.images, syn.texts])
@@ -221,8 +228,12 @@ class DistributionMatching(LearnedMethod):
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> DistributionObjective:
         self.encoders = self.make_encoders(cfg, model, train, fingerprint)
-        return DistributionObjective(model, self.encoders, RealPairs(train, cfg.data.mean, cfg.data.std), self.config,
-                                     self.loss_cls(self.config))
+        # A frozen backbone (no encoder kind redraws it): its features of the train images, once for every iteration.
+        self.features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+                                         data_key=stable_hash(data_identity(cfg.data))) \
+            if model.backbone_is_cacheable() else None
+        real = RealPairs(train, cfg.data.mean, cfg.data.std, self.features)
+        return DistributionObjective(model, self.encoders, real, self.config, self.loss_cls(self.config))
 
 
 class MultimodalDistributionMatching(DistributionMatching):
@@ -237,7 +248,7 @@ class MultimodalDistributionMatching(DistributionMatching):
         self.encoders.draw(torch.Generator().manual_seed(cfg.seed))
         model = self.encoders.model
         device = torch.device("cuda") if cfg.hardware.accelerator == "gpu" and torch.cuda.is_available() else None
-        img, txt = encode_split(model.to(device or "cpu"), train, cfg.data.mean, cfg.data.std)
+        img, txt = encode_split(model.to(device or "cpu"), train, cfg.data.mean, cfg.data.std, features=self.features)
         model.to("cpu")  # the trainer moves it where it runs
         rows = joint_rows(img, txt, train.txt2img.to(img.device), k.space)
         result = kmeans(rows, budget, torch.Generator().manual_seed(cfg.seed), k.metric, k.iterations, k.tol,
