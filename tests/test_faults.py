@@ -80,6 +80,11 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(0.3)  # a few more checkpoints
+    # A save writes the set, then the checkpoint: kill once the checkpoint is the newer file, so the manifest read
+    # below names the iteration the checkpoint holds (a kill between the two writes would resume one save earlier).
+    saved = root / "outputs/killed/synthetic/manifest.json"
+    while proc.poll() is None and time.time() < deadline and ckpt.stat().st_mtime_ns < saved.stat().st_mtime_ns:
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
