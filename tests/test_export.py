@@ -62,3 +62,33 @@ def test_export_refuses_non_empty_target_and_bad_source(saved_set, tmp_path, cap
     (src / "captions.json").write_text(json.dumps(["only one"]))
     assert export_command([str(src), str(tmp_path / "y")]) == 2
     assert "one caption per pair" in capsys.readouterr().err
+
+
+def test_export_of_a_phased_set_writes_every_phase(saved_set, tmp_path, capsys):
+    """A PTM-ST set keeps its earlier phases in phase_<i>/: the export carries each as an export of its own, listed
+    in export.json, so nobody exports half a set."""
+    src, syn, _, _ = saved_set
+    g = torch.Generator().manual_seed(1)
+    first = SyntheticSet(normalize(torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8), MEAN, STD),
+                         torch.randn(4, 12, generator=g), {"image": 0.3, "text": 0.4}, None)
+    first.save(src / "phase_0", {"method": "ptm_st", "budget": 5, "mean": MEAN, "std": STD, "text_encoder": "enc"},
+               [f"phase zero {i}" for i in range(4)])
+    manifest = json.loads((src / "manifest.json").read_text())
+    (src / "manifest.json").write_text(json.dumps({**manifest, "earlier_phases": ["phase_0"]}))
+
+    assert export_command([str(src), str(tmp_path / "export")]) == 0
+    assert "phase_0" in capsys.readouterr().out
+    out = tmp_path / "export"
+    last, _, info = load_export(out)
+    assert info["earlier_phases"] == ["phase_0"] and torch.equal(last.texts, syn.texts)
+    back, captions, phase_info = load_export(out / "phase_0")
+    assert captions == [f"phase zero {i}" for i in range(4)] and "earlier_phases" not in phase_info
+    assert torch.equal(back.texts, first.texts) and phase_info["lrs"] == pytest.approx({"image": 0.3, "text": 0.4})
+    assert torch.equal(back.similarity_matrix(), torch.eye(4))
+
+    # a missing phase is refused before anything is written
+    import shutil
+    shutil.rmtree(src / "phase_0")
+    assert export_command([str(src), str(tmp_path / "again")]) == 2
+    assert "phase_0/ that is missing" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    assert not list(tmp_path.glob(".again.*")) and not list(tmp_path.glob(".export.*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -79,7 +80,12 @@ def export(argv: list[str]) -> int:
     except MmddError as exc:
         print(f"mmdd export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported to {out}; load it with data=pairs_table data.ann_file={out / 'captions.jsonl'}")
+    print(f"exported to {out}; read it as a training split with data=pairs_table data.root={out} "
+          "data.ann_files.train=captions.jsonl")
+    phases = json.loads((out / "export.json").read_text()).get("earlier_phases")
+    if phases:
+        print(f"a phased set: its earlier phases are exports of their own in {', '.join(phases)} (train on them first, "
+              "in order)")
     return 0
 
 
