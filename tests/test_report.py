@@ -44,6 +44,28 @@ def test_cells_pool_every_student_of_every_run(tmp_path):
     assert std["r_mean"] == pytest.approx(statistics.stdev([1, 2, 3, 6]))
     assert lors.seeds == "2×2"
     assert col.problems == []
+    # across distillation seeds: the std of the sets' means (1.5 and 4.5), the mean unchanged
+    mean_sets, std_sets = lors.stats("sets")
+    assert mean_sets == mean and std_sets["r_mean"] == pytest.approx(statistics.stdev([1.5, 4.5]))
+    mtt = col.cells[1]
+    assert mtt.stats("sets")[1]["r_mean"] == pytest.approx(statistics.stdev([2.0, 4.0]))
+    assert mtt.stats()[1]["r_mean"] == pytest.approx(statistics.stdev([2, 2, 4, 4]))
+    write_results(tmp_path / "c", "random", 100, [1.0, 3.0])  # one set: no spread across seeds
+    random_cell = next(c for c in collect([tmp_path]).cells if c.method == "random")
+    assert random_cell.stats("sets")[1] is None and random_cell.stats()[1] is not None
+
+
+def test_table_says_what_its_spread_is(tmp_path, capsys):
+    write_results(tmp_path / "a" / "0", "lors", 100, [1.0, 2.0], seed=0)
+    write_results(tmp_path / "a" / "1", "lors", 100, [3.0, 6.0], seed=1)
+    assert table_command([str(tmp_path)]) == 0
+    default = capsys.readouterr().out
+    assert "3.00 ± 2.16" in default and "every student evaluation" in default
+    assert table_command([str(tmp_path), "--spread", "sets", "-f", "csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert row["r_mean_std"] == "2.1213" and row["std_over"] == "sets"
+    assert table_command([str(tmp_path), "--spread", "sets"]) == 0
+    assert "across distillation seeds" in capsys.readouterr().out
 
 
 def test_missing_and_partial_runs_are_reported_not_dropped(tmp_path):

@@ -15,7 +15,7 @@ DEFAULT_ANCHORS = "experiments/paper_anchors.json"
 
 
 def table(argv: list[str]) -> int:
-    from mmdd.report.collect import collect, collect_wandb
+    from mmdd.report.collect import SPREADS, collect, collect_wandb
     from mmdd.report.table import FORMATS, load_anchors, render, rows_from_cells
 
     ap = argparse.ArgumentParser(prog="mmdd table", description="Collect results.json files into a paper-style table: "
@@ -32,6 +32,9 @@ def table(argv: list[str]) -> int:
     ap.add_argument("--plot-x", choices=("budget", "time"), default="budget",
                     help="the plot's x axis: the budget, or the wall time to distil one set (one point per method and "
                          "budget)")
+    ap.add_argument("--spread", choices=SPREADS, default="evaluations",
+                    help="what ± (and the plot's error bars) is the std over: every student evaluation of a row "
+                         "(default), or the sets' means, i.e. across distillation seeds")
     ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
     args = ap.parse_args(argv)
@@ -50,7 +53,7 @@ def table(argv: list[str]) -> int:
         anchors = load_anchors(anchor_file)
         if not anchors:
             print(f"mmdd table: note: no paper numbers in {anchor_file}", file=sys.stderr)
-    rows = rows_from_cells(collection.cells)
+    rows = rows_from_cells(collection.cells, args.spread)
     text = render(rows, args.format, anchors, args.anchors or None)
     print(text)
     if args.plot:

@@ -28,6 +28,8 @@ TEACHERS_LABEL = "full train (teachers)"
 TEACHERS_PROTOCOL = "teacher"
 
 
+SPREADS = ("evaluations", "sets")  # what a table's ± is the std over (Cell.stats)
+
 @dataclass
 class Cell:
     dataset: str
@@ -90,11 +92,20 @@ class Cell:
     def evaluations(self) -> list[dict]:
         return [t for students in self.students_by_set().values() for t in students.values()]
 
-    def stats(self) -> tuple[dict, dict | None]:
-        """Mean and sample std of each metric over all student evaluations of all runs."""
+    def stats(self, spread: str = "evaluations") -> tuple[dict, dict | None]:
+        """Mean of each metric over all student evaluations of all runs, and its sample std: over those evaluations
+        (spread=evaluations: distillation and student seeds pooled), or over the sets' own means (spread=sets: how far
+        one distillation seed lands from another; None below two sets)."""
+        if spread not in SPREADS:
+            raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
         evals = self.evaluations
         mean = {k: statistics.fmean(e[k] for e in evals) for k in METRIC_KEYS}
-        std = {k: statistics.stdev(e[k] for e in evals) for k in METRIC_KEYS} if len(evals) > 1 else None
+        if spread == "sets":
+            sets = [list(students.values()) for students in self.students_by_set().values() if students]
+            spread_of = [{k: statistics.fmean(e[k] for e in students) for k in METRIC_KEYS} for students in sets]
+        else:
+            spread_of = evals
+        std = {k: statistics.stdev(e[k] for e in spread_of) for k in METRIC_KEYS} if len(spread_of) > 1 else None
         return mean, std
 
     def cost(self) -> dict | None:

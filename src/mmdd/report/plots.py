@@ -22,9 +22,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def error_bars(rows: list[dict]) -> str:
+    """What the error bars are, for an axis label."""
+    spreads = {r.get("spread") for r in rows} - {None}
+    what = {"evaluations": "std over all students", "sets": "std over distillation seeds"}
+    return f"; bars: {what[spreads.pop()]}" if len(spreads) == 1 else ""
+
+
 def recall_vs_budget(rows: list[dict], path: Path, metric: str = "r_mean") -> Path:
-    """One line per (dataset, method) over budgets, error bars = std over seeds; the teachers' full-data rows are
-    horizontal dashed lines (their budget is the whole train split, off the budgets' scale)."""
+    """One line per (dataset, method) over budgets, error bars = the rows' std (`mmdd table --spread`); the teachers'
+    full-data rows are horizontal dashed lines (their budget is the whole train split, off the budgets' scale)."""
     from mmdd.report.collect import TEACHERS_PROTOCOL
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -46,7 +53,7 @@ def recall_vs_budget(rows: list[dict], path: Path, metric: str = "r_mean") -> Pa
     budgets = sorted({int(r["budget"]) for r in rows})
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("budget (pairs)")
-    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_ylabel(f"test {metric} (%){error_bars(rows)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -54,7 +61,7 @@ def recall_vs_budget(rows: list[dict], path: Path, metric: str = "r_mean") -> Pa
 
 def recall_vs_time(rows: list[dict], path: Path, metric: str = "r_mean") -> Path:
     """One point per (method, budget) at the mean wall time to distil one of its sets (log scale; teacher training
-    not included), error bars = std over all student evaluations; a method's budgets joined by a line. Rows without
+    not included), error bars = the rows' std (`mmdd table --spread`); a method's budgets joined by a line. Rows without
     a recorded cost (the teachers, older results) are left out, and said so in the title."""
     fig, ax = plt.subplots(figsize=(9, 4.8))
     timed = [r for r in rows if (r.get("cost") or {}).get("distill_seconds") is not None]
@@ -74,7 +81,7 @@ def recall_vs_time(rows: list[dict], path: Path, metric: str = "r_mean") -> Path
                         color=line[0].get_color())
     ax.set_xscale("log")
     ax.set_xlabel("distillation wall time per set (s, log; labels: budget)")
-    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_ylabel(f"test {metric} (%){error_bars(rows)}")
     left_out = len(rows) - len(timed)
     if left_out:
         ax.set_title(f"{left_out} row(s) without a recorded cost left out", fontsize=8)

@@ -65,13 +65,19 @@ def result_row(results: dict) -> dict:
 
 
 # --- `mmdd table`: rows from collected cells, best per column, paper anchors ----------------------
-def rows_from_cells(cells) -> list[dict]:
+def rows_from_cells(cells, spread: str = "evaluations") -> list[dict]:
     rows = []
     for c in cells:
-        mean, std = c.stats()
+        mean, std = c.stats(spread)
         rows.append({"dataset": c.dataset, "method": c.label, "key": c.method, "budget": c.budget,
-                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std, "cost": c.cost()})
+                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std, "spread": spread,
+                     "cost": c.cost()})
     return rows
+
+
+SPREAD_NOTES = {"evaluations": "±: sample std over every student evaluation of the row (seeds = sets × students)",
+                "sets": "±: sample std of the sets' means, i.e. across distillation seeds (each set's students "
+                        "averaged first; no ± with one set)"}
 
 
 def mark_best(rows: list[dict]) -> None:
@@ -149,6 +155,9 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
             body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS]
                         + ["", ""])
     text = _md(head, body)
+    spreads = sorted({r["spread"] for r in rows if "spread" in r})
+    if spreads:
+        text += "\n\n" + "; ".join(SPREAD_NOTES[s] for s in spreads)
     devices = sorted({d for r in rows for d in ((r.get("cost") or {}).get("devices") or [])})
     if devices:
         text += (f"\n\ncost: mean wall time to distil one set, + training the store experts it read; measured on "
@@ -173,6 +182,7 @@ def _latex(rows, anchors, anchor_dataset) -> str:
             lines.append(" & ".join(["", label, str(a["budget"]), "paper", "", *(_anchor_value(a, k) for k in METRIC_KEYS),
                                      ""]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {SPREAD_NOTES[s]}" for s in sorted({r["spread"] for r in rows if "spread" in r})]
     return "\n".join(lines)
 
 
@@ -180,16 +190,16 @@ def _csv(rows, anchors, anchor_dataset) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
-                *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "best",
+                *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "std_over", "best",
                 *COST_COLUMNS])
     for r in rows:
         std = r.get("std") or {}
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
-                    ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost"))])
+                    r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost"))])
         for a in anchors_for(r, anchors, anchor_dataset):
             w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
-                        *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "",
+                        *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "", "",
                         *([""] * len(COST_COLUMNS))])
     return buf.getvalue()
 
