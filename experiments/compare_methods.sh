@@ -4,10 +4,12 @@
 #   bash experiments/compare_methods.sh [OUT [hydra overrides for every stage ...]]
 #
 # OUT (default outputs/compare) receives one multirun folder per group of rows, table.md (+ cost.png: r_mean against
-# distillation time) and cross_arch.md. Overrides after OUT apply to every command (e.g. data.generate.num_train=...
-# for a smaller run); LEARNED="method.iterations=3 ..." adds overrides for the learned methods only (coresets have
-# no iterations). BUDGETS (default "100,200"), SEEDS (default "0,1,2") are the grid; every set is evaluated by the
-# protocol's 3 students; PTM-ST distils budgets above PHASES_ABOVE (default 100) in two phases. Rows are told apart by `mmdd table`'s variant column:
+# distillation time; table_sets.md and cost_sets.png: the same with ± across distillation seeds) and cross_arch.md.
+# Overrides after OUT apply to every command (e.g. data.generate.num_train=... for a smaller run);
+# LEARNED="method.iterations=3 ..." adds overrides for the learned methods only (coresets have no iterations).
+# BUDGETS (default "100,200"), SEEDS (default "0,1,2") are the grid; every set is evaluated by the protocol's
+# 3 students; PTM-ST distils budgets above PHASES_ABOVE (default 100) in two phases. Rows are told apart by
+# `mmdd table`'s variant column:
 #   - the default model (ConvNet + MiniLM, everything trains): coresets, PDS-style, MTT-VL, TESLA-VL, LoRS, PTM-ST,
 #     DM, MDM-style (its store: teacher.init=shared, experts fine-tuned from one initialisation, as MDM merges);
 #   - model=convnet_heads (the ConvNet pre-trained by `mmdd pretrain` on the same train split with the same
@@ -57,8 +59,11 @@ done
     "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
 "$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
 
-"$mmdd" table "$out"/coresets "$out"/learned "$out"/dm "$out"/mdm "$out"/ptm_st "$out"/coresets_heads \
-    "$out"/repblend_heads "$out"/full_train_heads -o "$out/table.md" --plot "$out/cost.png" --plot-x time
+groups=("$out"/coresets "$out"/learned "$out"/dm "$out"/mdm "$out"/ptm_st "$out"/coresets_heads "$out"/repblend_heads
+        "$out"/full_train_heads)
+"$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
+# The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
+"$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
 
 # Cross-architecture: seed 0, the first budget, every default-model set.
 first=${budgets%%,*}
