@@ -61,6 +61,40 @@ def test_convexified_snapshots_follow_the_definition(tmp_path):
         ConvexifySettings(start=3, end=4)
 
 
+class TinyModel(torch.nn.Module):
+    """A model whose matched parameters are the store's (for the objective's checks)."""
+
+    def __init__(self, names, shapes):
+        super().__init__()
+        self.names = names
+        self.params = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.zeros(s)) for n, s in shapes.items()})
+
+    def named_parameters(self, *args, **kwargs):
+        return ((n, p) for n, p in self.params.items())
+
+    def modality_parameter_names(self):
+        return self.names
+
+
+def test_convexify_handles_scalar_parameters_and_windows_reach_the_last_snapshot(tmp_path):
+    """A 0-d tensor (timm NFNets' skipinit gains) is convexified like any other; a window whose last start plus
+    expert_epochs lands on the last kept snapshot is accepted, one further is refused, naming convexify.end."""
+    from mmdd.methods.trajectory_matching import TrajectoryMatchingObjective
+
+    names, shapes = {"image": ["gain"], "text": ["t"]}, {"gain": [], "t": [2]}
+    store = TrajectoryStore.create_or_open(tmp_path / "s", dataset="d", model="m", config_hash="h", param_names=names,
+                                           param_shapes=shapes, epochs=3, teacher={})
+    store.save_expert(0, {"gain": torch.tensor([0.0, 1.0, 3.0, 4.0]), "t": torch.zeros(4, 2)})
+    short = ConvexifiedSnapshots(ExpertSnapshots(store, names, [0]), ConvexifySettings(start=0, end=4))
+    got = short.snapshots(0, [1, 2])  # step norms 1, 2, 1: beta = 1/4 and 3/4 of the way from 0 to 4
+    assert [float(g["image"][0]) for g in got] == [1.0, 3.0]
+    settings = dict(lr_img=1, lr_txt=1, lr_lr=0, lr_init=0.1, syn_steps=1)
+    model = TinyModel(names, shapes)
+    TrajectoryMatchingObjective(model, short, MatchingSettings(**settings, expert_epochs=1, max_start_epoch=3))
+    with pytest.raises(MmddError, match="convexify.end"):
+        TrajectoryMatchingObjective(model, short, MatchingSettings(**settings, expert_epochs=2, max_start_epoch=3))
+
+
 def test_start_windows_draw_within_min_and_max():
     gen = torch.Generator().manual_seed(0)
     starts = {draw_segment_start(gen, 3, 3, 1)[1] for _ in range(200)}

@@ -22,6 +22,7 @@ from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.teachers.convexify import ConvexifiedSnapshots
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 from mmdd.utils.seed import probe_seed
 
@@ -127,11 +128,13 @@ class TrajectoryMatchingObjective:
     student on the set and leave the meta-gradient in the set's .grad (the configured full unroll or TESLA)."""
 
     def __init__(self, model, trajectories: ExpertSnapshots, settings: MatchingSettings):
-        if settings.max_start_epoch + settings.expert_epochs > trajectories.epochs:
+        # starts are drawn from [min, max): the furthest target is snapshot max_start_epoch - 1 + expert_epochs
+        if settings.max_start_epoch - 1 + settings.expert_epochs > trajectories.epochs:
+            more = ("keep more snapshots (method.convexify.end) or record more epochs (teacher.epochs)"
+                    if isinstance(trajectories, ConvexifiedSnapshots) else "or record more epochs (teacher.epochs)")
             raise MmddError(
-                f"method.max_start_epoch ({settings.max_start_epoch}) + expert_epochs ({settings.expert_epochs}) "
-                f"exceeds the {trajectories.epochs} recorded teacher epochs; lower them or record more epochs "
-                "(teacher.epochs)"
+                f"method.max_start_epoch ({settings.max_start_epoch}) - 1 + expert_epochs ({settings.expert_epochs}) "
+                f"reaches past the {trajectories.epochs} epochs of the trajectories; lower them, {more}"
             )
         self.model = model
         # The experts stay on disk: each iteration reads the drawn expert's start and target snapshots only.
@@ -161,8 +164,6 @@ class TrajectoryMatching(LearnedMethod):
     def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
         if self.config.convexify is not None:
-            from mmdd.teachers.convexify import ConvexifiedSnapshots
-
             trajectories = ConvexifiedSnapshots(trajectories, self.config.convexify_settings)
         return TrajectoryMatchingObjective(model, trajectories, self.config)
 

@@ -66,7 +66,7 @@ class ConvexifiedSnapshots(ExpertSnapshots):
         s, rows = self.settings, f.get_slice(name)
         betas = self._betas.setdefault(expert, {})
         if name not in betas:
-            kept = rows[s.start:s.end].flatten(1).double()
+            kept = rows[s.start:s.end].reshape(s.end - s.start, -1).double()  # 0-d tensors too
             betas[name] = shortcut_betas((kept[1:] - kept[:-1]).norm(dim=1))
         theta0, theta_k = rows[s.start], rows[s.end - 1]
         a, b = theta0.double(), theta_k.double()
