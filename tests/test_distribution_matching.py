@@ -203,6 +203,20 @@ def test_prototypes_are_the_means_of_matched_cells():
     assert nearest_distinct(torch.tensor([[1.0, 0.0], [1.0, 0.01]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == [0, 1]
 
 
+def test_prototypes_of_empty_clusters_are_finite():
+    """Repeated rows (each image once per caption) can leave a k-means cluster empty: its prototype is its centre,
+    never the NaN mean of nothing."""
+    img = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # two distinct images for k = 3
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [5.0, 5.0], [9.0, 0.0]])
+    km = kmeans(img, 3, torch.Generator().manual_seed(0), "euclidean", 10)
+    assert (torch.bincount(km.labels, minlength=3) == 0).any()  # the case under test
+    protos = match_prototypes(img, txt, 3, torch.Generator().manual_seed(0))
+    assert torch.isfinite(protos.image).all() and torch.isfinite(protos.text).all()
+    # clustered in another space: the caption row nearest the empty cluster's centre there
+    both = match_prototypes(txt, img, 3, torch.Generator().manual_seed(0), cluster_captions=img * 2)
+    assert torch.isfinite(both.text).all()
+
+
 # ------------------------------------------------------------------ through `mmdd distill`
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):

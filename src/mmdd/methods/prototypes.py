@@ -84,10 +84,21 @@ def match_prototypes(image_rows: torch.Tensor, caption_rows: torch.Tensor, k: in
         if len(cell):
             images.append(image_rows[cell].mean(0))
             texts.append(caption_rows[cell].mean(0))
-        else:  # no pair in both: the image cluster's centre and the caption cluster's mean
-            images.append(image_rows[km_img.labels == i].mean(0))
-            texts.append(caption_rows[km_txt.labels == j].mean(0))
+        else:  # no pair in both: each cluster's own mean (an empty cluster, e.g. of duplicate rows: its centre)
+            images.append(cluster_mean(image_rows, km_img, i))
+            texts.append(cluster_mean(caption_rows, km_txt, j, clustered))
     return Prototypes(torch.stack(images), torch.stack(texts), members, pairs)
+
+
+def cluster_mean(rows: torch.Tensor, km, c: int, clustered: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of cluster c's members in `rows`; for an empty cluster (k-means can end with one when rows repeat),
+    its centre, or, when it was clustered in another space (`clustered`), the row nearest that centre there."""
+    members = km.labels == c
+    if members.any():
+        return rows[members].mean(0)
+    if clustered is None or clustered is rows:
+        return km.centres[c].to(rows.dtype)
+    return rows[int((clustered - km.centres[c]).norm(dim=1).argmin())]
 
 
 def nearest_distinct(queries: torch.Tensor, candidates: torch.Tensor) -> list[int]:
