@@ -203,6 +203,17 @@ def test_prototypes_are_the_means_of_matched_cells():
     assert nearest_distinct(torch.tensor([[1.0, 0.0], [1.0, 0.01]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == [0, 1]
 
 
+def test_loss_weights_must_leave_a_loss():
+    from mmdd.methods.distribution_matching import DMLoss, DMSettings, MDMLoss, MDMSettings
+
+    lrs = dict(lr_img=1.0, lr_txt=1.0, lr_lr=0.0, lr_init=0.1)
+    with pytest.raises(MmddError, match="lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0"):
+        DMLoss(DMSettings(**lrs, lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0))
+    with pytest.raises(MmddError, match="must be >= 0"):
+        MDMLoss(MDMSettings(**lrs, lambda_agr=-1.0))
+    MDMLoss(MDMSettings(**lrs, lambda_agr=0.0, lambda_dis=0.0))  # InfoNCE alone is a loss
+
+
 def test_prototypes_of_empty_clusters_are_finite():
     """Repeated rows (each image once per caption) can leave a k-means cluster empty: its prototype is its centre,
     never the NaN mean of nothing."""

@@ -86,6 +86,10 @@ class DistributionLoss:
 
     def __init__(self, settings: DistributionSettings):
         self.settings = settings
+        weights = self.weights()
+        if min(weights.values()) < 0 or not any(weights.values()):
+            named = ", ".join(f"lambda_{k}={w}" for k, w in weights.items())
+            raise MmddError(f"method: the loss weights ({named}) must be >= 0 with at least one above 0")
 
     def weights(self) -> dict[str, float]:
         raise NotImplementedError
