@@ -60,3 +60,23 @@ def test_compiled_frozen_backbone_gives_the_same_meta_gradients():
     strategy = with_cached_features(tesla)
     for a, b in zip(gradients(fast, strategy), gradients(plain, strategy)):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_work_outside_the_trainer_runs_on_this_rank_s_device(monkeypatch):
+    """k-means initialisations and selections' teacher embeddings run on the process's own GPU, as Lightning
+    assigns it (LOCAL_RANK's entry of hardware.devices), and on the CPU without GPUs."""
+    from mmdd.utils.trainer import process_device
+
+    def hw(accelerator, devices):
+        return OmegaConf.create({"accelerator": accelerator, "devices": devices})
+
+    if not torch.cuda.is_available():
+        assert process_device(hw("gpu", 1)) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device(hw("cpu", 1)) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device(hw("gpu", 1)) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device(hw("auto", 2)) == torch.device("cuda", 1)
+    assert process_device(hw("gpu", [2, 3])) == torch.device("cuda", 3)
+    assert process_device(hw("gpu", "4,5")) == torch.device("cuda", 5)

@@ -146,5 +146,5 @@ def match_clusters(counts: torch.Tensor) -> list[tuple[int, int]]:
     algorithm), as (a, b) pairs ordered by a."""
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(counts.double().numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(counts.double().cpu().numpy(), maximize=True)
     return [(int(a), int(b)) for a, b in zip(rows, cols)]

@@ -74,13 +74,17 @@ def final_teacher(cfg, train):
 def teacher_embeddings(cfg, train) -> tuple[torch.Tensor, int]:
     """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights, and
     which expert of the store that teacher is."""
+    from mmdd.utils.trainer import process_device
+
     model, expert = final_teacher(cfg, train)
+    device = process_device(cfg.hardware)  # every train image through the teacher: a GPU's job at 224 px
+    model.to(device)
     img = []
     for s in range(0, train.num_images, 256):
         idx = list(range(s, min(s + 256, train.num_images)))
-        img.append(model.encode_image(normalize(train.image_batch(idx), cfg.data.mean, cfg.data.std)))
+        img.append(model.encode_image(normalize(train.image_batch(idx), cfg.data.mean, cfg.data.std).to(device)).cpu())
     img = torch.cat(img)
-    txt = model.encode_text(train.text_emb)
+    txt = model.encode_text(train.text_emb.to(device)).cpu()
     txt2img = torch.as_tensor(train.split.txt2img)
     txt_mean = torch.zeros_like(img).index_add_(0, txt2img, txt)
     txt_mean = F.normalize(txt_mean, dim=-1)

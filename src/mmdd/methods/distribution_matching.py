@@ -37,6 +37,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.utils.config import data_identity
 from mmdd.utils.io import stable_hash
+from mmdd.utils.trainer import process_device
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,8 @@ class MultimodalDistributionMatching(DistributionMatching):
         # The encoder of a first draw from the run's seed (MDM: its mixed teacher, built once for the init).
         self.encoders.draw(torch.Generator().manual_seed(cfg.seed))
         model = self.encoders.model
-        device = torch.device("cuda") if cfg.hardware.accelerator == "gpu" and torch.cuda.is_available() else None
-        img, txt = encode_split(model.to(device or "cpu"), train, cfg.data.mean, cfg.data.std, features=self.features)
+        img, txt = encode_split(model.to(process_device(cfg.hardware)), train, cfg.data.mean, cfg.data.std,
+                                features=self.features)
         model.to("cpu")  # the trainer moves it where it runs
         rows = joint_rows(img, txt, train.txt2img.to(img.device), k.space)
         result = kmeans(rows, budget, torch.Generator().manual_seed(cfg.seed), k.metric, k.iterations, k.tol,

@@ -38,6 +38,7 @@ from mmdd.methods.base import DistillResult, Method, check_budget
 from mmdd.config_schema import check_fields
 from mmdd.methods.clustering import METRICS, cooccurrence, kmeans, match_clusters
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
+from mmdd.utils.trainer import process_device
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +152,19 @@ class PrototypeSelection(Method):
 
         model, expert = final_teacher(cfg, train)
         self.teacher_experts = [expert]
-        image_emb, caption_emb = encode_split(model, train, cfg.data.mean, cfg.data.std)
-        txt2img = train.txt2img
+        device = process_device(cfg.hardware)  # the embeddings and the k-means: minutes at Flickr30K's size on a GPU
+        image_emb, caption_emb = encode_split(model.to(device), train, cfg.data.mean, cfg.data.std)
+        txt2img = train.txt2img.to(device)
         c = self.config
         kept = prune_pairs(image_emb[txt2img], caption_emb, c.prune_ratio)
         if kept.numel() < budget:
             raise MmddError(f"method.prune_ratio={c.prune_ratio} keeps {kept.numel()} pairs, fewer than budget={budget}")
         teacher_captions = caption_emb[kept] if c.caption_space == "teacher" else None
-        protos = match_prototypes(image_emb[txt2img[kept]], train.text_emb[kept], budget,
+        protos = match_prototypes(image_emb[txt2img[kept]], train.text_emb.to(device)[kept], budget,
                                   torch.Generator().manual_seed(cfg.seed), c.metric, c.iterations, c.restarts,
                                   teacher_captions)
+        kept = kept.cpu()
+        protos.image, protos.text, image_emb = protos.image.cpu(), protos.text.cpu(), image_emb.cpu()
         protos.members = [[int(kept[r]) for r in cell] for cell in protos.members]
         empty = sum(not cell for cell in protos.members)
         log.info("PDS-style: kept %d of %d pairs; %d prototypes (%d from cluster centres: no pair in both clusters)",

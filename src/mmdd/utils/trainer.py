@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -53,6 +54,20 @@ def device_label(hw) -> str:
     if str(hw.accelerator) in ("gpu", "cuda") and torch.cuda.is_available():
         return f"{n}x {torch.cuda.get_device_name(0)}"
     return f"{n}x cpu ({torch.get_num_threads()} threads)" if n > 1 else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def process_device(hw) -> torch.device:
+    """Where this process runs work outside a Lightning trainer (a k-means initialisation, a selection's teacher
+    embeddings): its own GPU when the hardware uses GPUs (LOCAL_RANK's entry of hardware.devices under DDP, as
+    Lightning assigns them), else the CPU."""
+    if str(hw.accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    devices = hw.devices
+    if isinstance(devices, str) and "," in devices:
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    ids = list(devices) if not isinstance(devices, (int, str)) else None
+    return torch.device("cuda", int(ids[rank]) if ids else rank)
 
 
 def hardware_processes(hw) -> int:
