@@ -169,7 +169,33 @@ def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(t
     assert storage["pairs"] == 7 and storage["similarity"] == 3 * 3 + 4 * 4
     res = json.loads((tmp_path / "outputs" / "ptm" / "results.json").read_text())
     assert {h["phase"] for h in res["seeds"][0]["history"]} == {0, 1}
-    # a rerun skips the complete first phase (its set is not rewritten)
+    assert top["earlier_phase_identities"] == [first["phase_identity"]]
+    # a rerun skips the complete first phase (its set is not rewritten) and keeps its history
     stamp = (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns
-    run_in_process(args, tmp_path, check=True)
+    run_in_process([*args, "evaluate=false"], tmp_path, check=True)
     assert (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns == stamp
+    again = json.loads((out / "history.json").read_text())
+    assert [(h["phase"], h["iteration"]) for h in again] == [(h["phase"], h["iteration"]) for h in history]
+    assert json.loads((out / "manifest.json").read_text())["distill_stats"]["iterations"] == 5
+
+    # more iterations: the complete first phase resumes to them (it is not skipped at its old count)
+    more = [a.replace("method.iterations=3", "method.iterations=4") for a in args] + ["evaluate=false"]
+    run_in_process(more, tmp_path, check=True)
+    first = json.loads((out / "phase_0" / "manifest.json").read_text())
+    assert first["iteration"] == 4 and first["resumed"][0]["iteration"] == 3
+    assert [h["phase"] for h in json.loads((out / "history.json").read_text())] == [0] * 4 + [1] * 2
+
+    # one checkpoint file cannot resume several phases
+    refused = run_in_process([*more, f"resume={out / 'checkpoint' / 'last.ckpt'}"], tmp_path)
+    assert refused.returncode == 2 and "not from one checkpoint file" in refused.stderr
+
+    # an earlier phase written by another configuration is refused by the evaluation, not silently taught
+    (out / "phase_0" / "manifest.json").write_text(json.dumps({**first, "phase_identity": "another"}))
+    evaluate = ["evaluate", f"synthetic={out}", *[o for o in args[2:] if not o.startswith(("method.", "hydra."))],
+                "hydra.run.dir=outputs/eval"]
+    stale = run_in_process(evaluate, tmp_path)
+    assert stale.returncode == 2 and "phase_0/ was distilled by another configuration" in stale.stderr
+    # resume=false starts every phase over, the complete first one too
+    run_in_process([*more, "resume=false"], tmp_path, check=True)
+    first = json.loads((out / "phase_0" / "manifest.json").read_text())
+    assert first["phase_identity"] != "another" and "resumed" not in first

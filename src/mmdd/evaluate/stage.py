@@ -134,12 +134,18 @@ def student_lrs(cfg, syn: SyntheticSet, where: Path) -> dict[str, float]:
 def earlier_phases(cfg, manifest: dict, where: Path, text_dim: int) -> list[StudentPhase]:
     """The sets a phased set's students train on first (its manifest's earlier_phases, directories beside it)."""
     phases = []
-    for name in manifest.get("earlier_phases") or []:
+    names = manifest.get("earlier_phases") or []
+    identities = manifest.get("earlier_phase_identities") or [None] * len(names)  # sets before 2026-12-01: none
+    for name, identity in zip(names, identities):
         path = where / name
         if not (path / "manifest.json").exists():
             raise ArtifactError(f"synthetic set {where} lists an earlier phase {name}/ that is missing; copy the set "
                                 "with its phase_<i>/ directories, or distil it again")
         syn, phase_manifest = SyntheticSet.load(path)
+        if identity is not None and phase_manifest.get("phase_identity") != identity:
+            raise ArtifactError(f"synthetic set {where}: its earlier phase {name}/ was distilled by another "
+                                "configuration than the one the set continues (phase_identity differs from the "
+                                "set's earlier_phase_identities); distil the set again into a new directory")
         check_synthetic_compatible(phase_manifest, cfg, text_dim, path)
         phases.append(student_phase(cfg, syn, path))
     return phases

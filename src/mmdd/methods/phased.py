@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from mmdd.methods.base import DistillResult, check_budget, save_synthetic
 from mmdd.methods.trajectory_matching import MatchingSettings, TrajectoryMatching
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import distill_identity
-from mmdd.utils.io import stable_hash
+from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.seed import phase_seed
+from mmdd.utils.trainer import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,14 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
         super().__init__(name, **settings)
         # Where the earlier phases are saved, relative to the set (read by `mmdd evaluate`).
         self.earlier_dirs = [f"phase_{i}" for i in range(len(self.config.phase_list) - 1)]
+        self.earlier_identities: list[str] = []  # set by synthesize: what each earlier phase was distilled by
 
     def manifest_fields(self) -> dict:
         fields = super().manifest_fields()
         if self.earlier_dirs:
             fields["earlier_phases"] = list(self.earlier_dirs)
+            if self.earlier_identities:
+                fields["earlier_phase_identities"] = list(self.earlier_identities)
         return fields
 
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
@@ -89,47 +94,88 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
         if not phases:
             return super().synthesize(cfg, data, out_dir, loggers)
         budget = check_budget(cfg.budget, data["train"])
-        extra = 1 if self.config.similarity else 0  # a phase of B pairs with S is distilled as budget B + 1
         if sum(p.pairs for p in phases) > budget:
             raise MmddError(f"method.phases distil {sum(p.pairs for p in phases)} pairs, more than budget={budget}")
+        resume = PhaseResume(cfg.resume, len(phases))
+        configs = [self.phase_config(cfg, i) for i in range(len(phases))]
+        # Recorded in the set's manifest: evaluation refuses an earlier phase that another configuration wrote.
+        self.earlier_identities = [phase_identity(c) for c in configs[:-1]]
         earlier: list[SyntheticSet] = []
         history: list[dict] = []
         resumes: list[dict] = []
         seconds = 0.0  # spent by earlier processes (complete phases skipped, iterations before a resume)
-        for i, phase in enumerate(phases):
+        for i, (phase, phase_cfg) in enumerate(zip(phases, configs)):
             last = i == len(phases) - 1
-            phase_cfg = copy.deepcopy(cfg)
-            with open_dict(phase_cfg):
-                phase_cfg.budget = phase.pairs + extra
-                phase_cfg.seed = phase_seed(int(cfg.seed), i)
+            settings = self.config.for_phase(i)
             where = Path(out_dir) if last else Path(out_dir) / f"phase_{i}"
-            done = None if last else finished_phase(where, phase_cfg)
+            done = None if last or resume.fresh else finished_phase(where, phase_cfg, settings.iterations)
             if done is not None:
-                syn, manifest = done
+                syn, manifest, phase_history = done
                 log.info("phase %d of %d: complete in %s, skipped", i + 1, len(phases), where)
                 earlier.append(syn)
+                history += [{**h, "phase": float(i)} for h in phase_history]
+                resumes += [{**r, "phase": i} for r in manifest.get("resumed", [])]
                 seconds += float(manifest.get("phase_seconds", 0.0))
                 continue
+            if not last:
+                for folder in (where, where / "checkpoint"):  # temp files of a process killed while writing
+                    remove_stale_temp_files(folder)
             log.info("phase %d of %d: %d pairs, starts [%d, %d)", i + 1, len(phases), phase.pairs,
                      phase.min_start_epoch, phase.max_start_epoch)
             sub = copy.copy(self)
-            sub.config = self.config.for_phase(i)
+            sub.config = settings
             sub.earlier_dirs = self.earlier_dirs if last else []  # a phase's own saves list no phases of their own
+            sub.earlier_identities = self.earlier_identities if last else []
+            with open_dict(phase_cfg):
+                phase_cfg.resume = resume.of_phase(i, where)
             started = time.perf_counter()
             result = TrajectoryMatching.synthesize(sub, phase_cfg, data, where, loggers)
             history += [{**h, "phase": float(i)} for h in result.history]
             resumes += [{**r, "phase": i} for r in result.resumes]
             seconds += result.earlier_seconds
             if not last:
-                took = time.perf_counter() - started + result.earlier_seconds
-                save_synthetic(phase_cfg, result.synthetic, data["train"], where, sub.manifest_fields(),
-                               {"complete": True, "phase": i, "iteration": len(result.history), "phase_seconds": took,
-                                "phase_identity": phase_identity(phase_cfg),
-                                "backbone_fingerprint": result.backbone_fingerprint})
                 earlier.append(result.synthetic)
+                if is_rank_zero():  # rank 0 writes, as for the set itself
+                    took = time.perf_counter() - started + result.earlier_seconds
+                    save_synthetic(phase_cfg, result.synthetic, data["train"], where, sub.manifest_fields(),
+                                   {"complete": True, "phase": i, "iteration": len(result.history),
+                                    "phase_seconds": took, "phase_identity": self.earlier_identities[i],
+                                    "backbone_fingerprint": result.backbone_fingerprint,
+                                    **({"resumed": result.resumes} if result.resumes else {})})
+                    atomic_write_json(where / "history.json", result.history)  # a rerun that skips it keeps it
         # The distill stage adds this process's wall time (every phase run here) to what earlier processes spent.
         return dataclasses.replace(result, history=history, resumes=resumes, earlier_phases=earlier,
                                    earlier_seconds=seconds)
+
+    def phase_config(self, cfg, i: int):
+        """The run's config as phase i distils it: its pairs (+1 when S takes a pair's storage) and its seed."""
+        phase_cfg = copy.deepcopy(cfg)
+        with open_dict(phase_cfg):
+            phase_cfg.budget = self.config.phase_list[i].pairs + (1 if self.config.similarity else 0)
+            phase_cfg.seed = phase_seed(int(cfg.seed), i)
+        return phase_cfg
+
+
+class PhaseResume:
+    """`resume` for each phase: auto resumes every phase from its own checkpoint (phase_<i>/checkpoint/, and the set's
+    for the last); false starts every phase over, complete ones too; a set directory resumes each phase from the
+    same place in that directory. One .ckpt file cannot hold several phases and is refused."""
+
+    def __init__(self, resume, n_phases: int):
+        self.resume = str(resume)  # YAML reads resume: false as a bool
+        self.fresh = self.resume.lower() in ("none", "false")
+        self.auto = self.resume.lower() in ("auto", "true")
+        self.n_phases = n_phases
+        if not (self.fresh or self.auto) and not Path(self.resume).is_dir():
+            raise MmddError(f"resume={self.resume}: a phased set ({n_phases} phases) resumes from a set directory written "
+                            "by mmdd distill (each phase from its own checkpoint in it), not from one checkpoint file; "
+                            "or use resume=auto / resume=false")
+
+    def of_phase(self, i: int, where: Path) -> str:
+        if self.fresh or self.auto:
+            return self.resume
+        source = Path(self.resume)
+        return str(source if i == self.n_phases - 1 else source / f"phase_{i}")
 
 
 def phase_identity(phase_cfg) -> str:
@@ -137,11 +183,17 @@ def phase_identity(phase_cfg) -> str:
     return stable_hash(distill_identity(phase_cfg))
 
 
-def finished_phase(where: Path, phase_cfg) -> tuple[SyntheticSet, dict] | None:
-    """(set, manifest) of a phase saved complete by this same configuration (a rerun skips it), else None."""
+def finished_phase(where: Path, phase_cfg, iterations: int) -> tuple[SyntheticSet, dict, list[dict]] | None:
+    """(set, manifest, history) of a phase saved complete by this same configuration with at least `iterations`
+    (a rerun skips it; one asked for more iterations resumes it), else None."""
     if not (where / "manifest.json").exists():
         return None
     syn, manifest = SyntheticSet.load(where)
-    if manifest.get("complete") and manifest.get("phase_identity") == phase_identity(phase_cfg):
-        return syn, manifest
-    return None
+    if not manifest.get("complete") or manifest.get("phase_identity") != phase_identity(phase_cfg):
+        return None
+    if int(manifest.get("iteration", 0)) < iterations:
+        log.info("phase in %s is complete at %s iterations; method.iterations asks for %d: resuming it", where,
+                 manifest.get("iteration"), iterations)
+        return None
+    history_file = where / "history.json"
+    return syn, manifest, json.loads(history_file.read_text()) if history_file.exists() else []
