@@ -115,8 +115,18 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
     syn = toy_set()
     x0 = syn.images.detach().clone()
     settings = MeanMatchingSettings(**{**SETTINGS, "lr_lr": 0.0}, ema_decay=0.9)
+
+    class MeanProbe:  # the collapse diagnostics' interface: what they are computed on is what they see
+        reference: dict = {}
+
+        def to(self, device):
+            return self
+
+        def __call__(self, images, texts):
+            return {"image_mean": float(images.mean())}
+
     loop = OuterLoop(MeanMatchingObjective(torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)), syn, settings,
-                     seed=0)
+                     seed=0, probe=MeanProbe(), diagnostics_every=1)
     assert loop.saved_set() is loop.ema and torch.equal(loop.ema.images, x0)
     # the EMA by its definition, from the raw sets after each step
     raws = []
@@ -136,6 +146,8 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
         want = 0.9 * want + 0.1 * x
     assert torch.allclose(loop.ema.images, want, atol=1e-6) and not torch.allclose(loop.ema.images, syn.images)
     assert loop.ema.lr_values() == syn.lr_values()
+    # the diagnostics describe the saved (EMA) set, not the raw iterate
+    assert loop.diagnostics["final"]["image_mean"] == pytest.approx(float(loop.ema.images.mean()))
     with pytest.raises(MmddError, match="ema_decay"):
         MeanMatchingSettings(**SETTINGS, ema_decay=1.0)
 

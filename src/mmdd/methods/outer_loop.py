@@ -340,7 +340,8 @@ class OuterLoop(L.LightningModule):
         if self.probe is not None and self.diagnostics_every and (
             step % self.diagnostics_every == 0 or step == self.settings.iterations
         ):
-            self.diagnostics["final"] = self.probe(self.syn.images, self.syn.texts)
+            saved = self.saved_set()  # the set the run saves (its EMA under ema_decay), not the raw iterate
+            self.diagnostics["final"] = self.probe(saved.images, saved.texts)
             stats.update({f"distill/diag_{k}": v for k, v in self.diagnostics["final"].items()})
         self.history.append({"iteration": float(step), **stats})
         self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
