@@ -113,8 +113,8 @@ class EncoderSampler:
         s = self.settings
         if s.kind == "random":
             seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is built on the CPU, and
+                torch.default_generator.manual_seed(seed)  # the CUDA generators (dropout) keep their own streams
                 fresh = self.build_model()
             named = dict(fresh.named_parameters())
             for group in self.layout.names.values():

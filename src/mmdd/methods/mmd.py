@@ -32,8 +32,8 @@ def _within_mean(k: torch.Tensor, estimator: str) -> torch.Tensor:
     if estimator == "biased":
         return k.mean()
     if n < 2:
-        raise MmddError("the unbiased MMD estimator needs at least 2 samples per side; use a larger batch or "
-                        "estimator=biased")
+        raise MmddError("the unbiased MMD estimator needs at least 2 samples per side (a synthetic batch of one "
+                        "pair: budget 1); use a larger budget or batch, or method.estimator=biased")
     return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
 
 
