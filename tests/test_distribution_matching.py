@@ -267,9 +267,22 @@ def test_dm_and_pds_distill_and_save_a_set(tiny_store):
     assert {"distill/loss_image", "distill/loss_text", "distill/loss_agr", "distill/loss_dis"} <= set(history[0])
     run_in_process(["distill", "method=pds", *SMALL, "method.restarts=2", "hydra.run.dir=outputs/pds"], tiny_store,
                    check=True)
-    manifest = json.loads((tiny_store / "outputs" / "pds" / "synthetic" / "manifest.json").read_text())
+    manifest_file = tiny_store / "outputs" / "pds" / "synthetic" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
     assert manifest["method"] == "pds" and manifest["budget"] == 8
     assert manifest["distill_stats"]["cost"]["teachers"]["experts"] == 1  # one teacher embeds
+    # a rerun reuses the complete selection (no second k-means); another setting or resume=false selects again
+    stamp = manifest_file.stat().st_mtime_ns
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=2", "hydra.run.dir=outputs/pds"], tiny_store,
+                   check=True)
+    assert manifest_file.stat().st_mtime_ns == stamp
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=2", "resume=false", "hydra.run.dir=outputs/pds"],
+                   tiny_store, check=True)
+    assert manifest_file.stat().st_mtime_ns != stamp
+    stamp = manifest_file.stat().st_mtime_ns
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=1", "hydra.run.dir=outputs/pds"], tiny_store,
+                   check=True)
+    assert manifest_file.stat().st_mtime_ns != stamp
 
 
 def test_grad_clip_bounds_the_joint_norm_of_the_step():

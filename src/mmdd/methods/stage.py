@@ -54,6 +54,26 @@ def distill_cost(cfg, result, wall_seconds: float) -> dict:
             "iterations": len(result.history), "teachers": teachers, "storage": storage}
 
 
+def complete_selection(method, cfg, out_dir: Path) -> bool:
+    """Whether out_dir holds a learning-free method's set saved complete by this same configuration (a rerun of a
+    sweep: PDS's k-means or forgetting's training need not run again). Learned methods resume from their checkpoint
+    instead; resume=false recomputes."""
+    from mmdd.errors import ArtifactError
+    from mmdd.methods.learned import LearnedMethod
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+    from mmdd.utils.config import config_hash
+
+    if isinstance(method, LearnedMethod) or str(cfg.resume).lower() in ("false", "none"):
+        return False
+    if not (out_dir / "manifest.json").exists():
+        return False
+    try:
+        _, manifest = SyntheticSet.load(out_dir)
+    except ArtifactError:  # unreadable: made again
+        return False
+    return bool(manifest.get("complete")) and manifest.get("config_hash") == config_hash(cfg)
+
+
 def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     """Synthesize the set with `cfg.method`; returns the directory it was saved to."""
     seed_everything(cfg.seed)
@@ -65,6 +85,10 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     for folder in (out_dir, out_dir / "checkpoint"):  # temp files of a run killed while writing (a rerun resumes)
         remove_stale_temp_files(folder)
     method = instantiate(cfg.method)
+    if complete_selection(method, cfg, out_dir):
+        log.info("%s: the set in %s is complete and was made by this same configuration; reused (resume=false "
+                 "selects again)", cfg.method.name, out_dir)
+        return out_dir
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")
     try:
         t0 = time.perf_counter()
