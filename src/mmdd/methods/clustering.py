@@ -78,8 +78,8 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, metric: str = "e
            tol: float = 1e-4, restarts: int = 1) -> KMeansResult:
     """Lloyd's k-means with k-means++ seeding; the best of `restarts` runs (lowest inertia). Cosine k-means
     (spherical) clusters unit rows and keeps unit centres (the normalised mean of the members). A cluster left empty
-    is re-seeded with the row farthest from its centre, so every one of the k clusters ends non-empty when there are
-    at least k distinct rows. Stops when no centre moves more than `tol` (relative to the data's scale)."""
+    is re-seeded with the row farthest from its centre; with repeated rows one can still end empty (the last
+    iteration's re-seed may land on a duplicate), which callers handle (prototypes.cluster_mean). Stops when no centre moves more than `tol` (relative to the data's scale)."""
     x = _prepare(x, metric)
     n = x.shape[0]
     if not 1 <= k <= n:

@@ -127,7 +127,7 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
             sub.earlier_dirs = self.earlier_dirs if last else []  # a phase's own saves list no phases of their own
             sub.earlier_identities = self.earlier_identities if last else []
             with open_dict(phase_cfg):
-                phase_cfg.resume = resume.of_phase(i, where)
+                phase_cfg.resume = resume.of_phase(i)
             started = time.perf_counter()
             result = TrajectoryMatching.synthesize(sub, phase_cfg, data, where, loggers)
             history += [{**h, "phase": float(i)} for h in result.history]
@@ -171,7 +171,7 @@ class PhaseResume:
                             "by mmdd distill (each phase from its own checkpoint in it), not from one checkpoint file; "
                             "or use resume=auto / resume=false")
 
-    def of_phase(self, i: int, where: Path) -> str:
+    def of_phase(self, i: int) -> str:
         if self.fresh or self.auto:
             return self.resume
         source = Path(self.resume)
