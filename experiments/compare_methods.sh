@@ -27,19 +27,25 @@ seeds=${SEEDS:-0,1,2}
 read -r -a learned <<< "${LEARNED:-}"
 coresets=random,herding,kcenter,forgetting
 
-# Stores (each skips the experts it already has).
+# Groups run cheapest-comparison first (the newer methods and LoRS, their reference, before MTT-VL and TESLA-VL), so
+# a run stopped part-way has the most comparisons; each group is its own sweep folder, so none renumbers another.
+learned_sweep() {  # one trajectory-matching method of the default model: learned_sweep <method> <overrides...>
+  local method=$1
+  shift
+  "$mmdd" distill -m method="$method" budget=$budgets seed=$seeds "$@" "${learned[@]}" \
+      hydra.sweep.dir="$out/learned/$method"
+}
+
+# Stores of the default model (each skips the experts it already has).
 "$mmdd" buffer "$@" hydra.run.dir="$out/stages/buffer"
 "$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"
-"$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
-"$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
 
 # The default model.
 "$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
-"$mmdd" distill -m method=mtt_vl,tesla_vl,lors budget=$budgets seed=$seeds "$@" "${learned[@]}" \
-    hydra.sweep.dir="$out/learned"
 "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" hydra.sweep.dir="$out/dm"
 "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" \
     hydra.sweep.dir="$out/mdm"
+learned_sweep lors "$@"
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
 for b in ${budgets//,/ }; do
@@ -52,12 +58,18 @@ for b in ${budgets//,/ }; do
       hydra.sweep.dir="$out/ptm_st/b$b"
 done
 
-# The frozen, pre-trained ConvNet (heads train).
+# The frozen, pre-trained ConvNet (heads train), with its stores.
+"$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
+"$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
 "$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
     hydra.sweep.dir="$out/coresets_heads"
 "$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
     "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
 "$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
+
+# The first trajectory-matching methods.
+learned_sweep mtt_vl "$@"
+learned_sweep tesla_vl "$@"
 
 groups=("$out"/coresets "$out"/learned "$out"/dm "$out"/mdm "$out"/ptm_st "$out"/coresets_heads "$out"/repblend_heads
         "$out"/full_train_heads)
