@@ -18,6 +18,10 @@
 #   - cross_arch.md: the default model's sets of seed 0 at the first budget, students with other image encoders at
 #     the same resolution (timm ResNet-18 and ViT-Tiny, random init).
 # A run killed part-way is resumed by running the same command (every job resumes or skips what is complete).
+# ONLY="<groups>" runs some groups (default all, in this order): coresets dm mdm lors ptm_st heads mtt_vl tesla_vl
+# tables cross_arch. The stores are always built (or found). cross_arch uses every default-model set of seed 0 at
+# the first budget that OUT holds, e.g. ONLY="coresets dm mdm lors ptm_st mtt_vl tesla_vl cross_arch" SEEDS=0
+# BUDGETS=100 for a cross-architecture table on its own.
 set -euo pipefail
 out=${1:-outputs/compare}
 shift || true
@@ -26,6 +30,8 @@ budgets=${BUDGETS:-100,200}
 seeds=${SEEDS:-0,1,2}
 read -r -a learned <<< "${LEARNED:-}"
 coresets=random,herding,kcenter,forgetting
+only=" ${ONLY:-all} "
+want() { [[ $only == *" all "* || $only == *" $1 "* ]]; }
 
 # Groups run cheapest-comparison first (the newer methods and LoRS, their reference, before MTT-VL and TESLA-VL), so
 # a run stopped part-way has the most comparisons; each group is its own sweep folder, so none renumbers another.
@@ -36,19 +42,19 @@ learned_sweep() {  # one trajectory-matching method of the default model: learne
       hydra.sweep.dir="$out/learned/$method"
 }
 
-# Stores of the default model (each skips the experts it already has).
+# Stores of the default model (each skips the experts it already has); MDM's (shared initialisation) only for MDM.
 "$mmdd" buffer "$@" hydra.run.dir="$out/stages/buffer"
-"$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"
+want mdm && "$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"
 
 # The default model.
-"$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
-"$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" hydra.sweep.dir="$out/dm"
-"$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" \
+want coresets && "$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
+want dm && "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" hydra.sweep.dir="$out/dm"
+want mdm && "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" \
     hydra.sweep.dir="$out/mdm"
-learned_sweep lors "$@"
+want lors && learned_sweep lors "$@"
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
-for b in ${budgets//,/ }; do
+want ptm_st && for b in ${budgets//,/ }; do
   phases=null
   if [ "$b" -gt "${PHASES_ABOVE:-100}" ]; then
     half=$(( (b - 1) / 2 ))
@@ -59,23 +65,30 @@ for b in ${budgets//,/ }; do
 done
 
 # The frozen, pre-trained ConvNet (heads train), with its stores.
-"$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
-"$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
-"$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
-    hydra.sweep.dir="$out/coresets_heads"
-"$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
-    "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
-"$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
+if want heads; then
+  "$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
+  "$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
+  "$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
+      hydra.sweep.dir="$out/coresets_heads"
+  "$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
+      "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
+  "$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
+fi
 
 # The first trajectory-matching methods.
-learned_sweep mtt_vl "$@"
-learned_sweep tesla_vl "$@"
+want mtt_vl && learned_sweep mtt_vl "$@"
+want tesla_vl && learned_sweep tesla_vl "$@"
 
-groups=("$out"/coresets "$out"/learned "$out"/dm "$out"/mdm "$out"/ptm_st "$out"/coresets_heads "$out"/repblend_heads
-        "$out"/full_train_heads)
-"$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
-# The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
-"$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
+if want tables; then
+  groups=()
+  for g in coresets learned dm mdm ptm_st coresets_heads repblend_heads full_train_heads; do
+    [ -d "$out/$g" ] && groups+=("$out/$g")
+  done
+  "$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
+  # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
+  "$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
+fi
+want cross_arch || exit 0
 
 # Cross-architecture: seed 0, the first budget, every default-model set, taught to timm students at the same 32 px
 # (random init): ResNet-18 and ViT-Tiny (4 px patches), each by the protocol's students (VIT_STUDENTS=<n> sets the
