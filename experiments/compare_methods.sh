@@ -87,6 +87,14 @@ if want tables; then
   "$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
   # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
   "$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
+  # The same plot per model, so the frozen backbone's rows (r_mean 10-30) do not flatten the default model's (1-6).
+  defaults=() heads=()
+  for g in coresets learned dm mdm ptm_st; do [ -d "$out/$g" ] && defaults+=("$out/$g"); done
+  for g in coresets_heads repblend_heads; do [ -d "$out/$g" ] && heads+=("$out/$g"); done
+  [ ${#defaults[@]} -gt 0 ] && "$mmdd" table "${defaults[@]}" --spread sets -o "$out/table_sets_default.md" \
+      --plot "$out/cost_sets_default.png" --plot-x time
+  [ ${#heads[@]} -gt 0 ] && "$mmdd" table "${heads[@]}" --spread sets -o "$out/table_sets_heads.md" \
+      --plot "$out/cost_sets_heads.png" --plot-x time
 fi
 want cross_arch || exit 0
 
