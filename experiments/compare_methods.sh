@@ -79,22 +79,21 @@ fi
 want mtt_vl && learned_sweep mtt_vl "$@"
 want tesla_vl && learned_sweep tesla_vl "$@"
 
+existing() { local g; for g; do [ -d "$out/$g" ] && echo "$out/$g"; done; return 0; }  # the groups OUT holds
 if want tables; then
-  groups=()
-  for g in coresets learned dm mdm ptm_st coresets_heads repblend_heads full_train_heads; do
-    [ -d "$out/$g" ] && groups+=("$out/$g")
-  done
+  mapfile -t groups < <(existing coresets learned dm mdm ptm_st coresets_heads repblend_heads full_train_heads)
   "$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
   # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
   "$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
   # The same plot per model, so the frozen backbone's rows (r_mean 10-30) do not flatten the default model's (1-6).
-  defaults=() heads=()
-  for g in coresets learned dm mdm ptm_st; do [ -d "$out/$g" ] && defaults+=("$out/$g"); done
-  for g in coresets_heads repblend_heads; do [ -d "$out/$g" ] && heads+=("$out/$g"); done
-  [ ${#defaults[@]} -gt 0 ] && "$mmdd" table "${defaults[@]}" --spread sets -o "$out/table_sets_default.md" \
-      --plot "$out/cost_sets_default.png" --plot-x time
-  [ ${#heads[@]} -gt 0 ] && "$mmdd" table "${heads[@]}" --spread sets -o "$out/table_sets_heads.md" \
-      --plot "$out/cost_sets_heads.png" --plot-x time
+  for model in default heads; do
+    if [ $model = default ]; then mapfile -t dirs < <(existing coresets learned dm mdm ptm_st)
+    else mapfile -t dirs < <(existing coresets_heads repblend_heads); fi
+    if [ ${#dirs[@]} -gt 0 ]; then
+      "$mmdd" table "${dirs[@]}" --spread sets -o "$out/table_sets_$model.md" --plot "$out/cost_sets_$model.png" \
+          --plot-x time
+    fi
+  done
 fi
 want cross_arch || exit 0
 
