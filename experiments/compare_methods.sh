@@ -80,15 +80,17 @@ want mtt_vl && learned_sweep mtt_vl "$@"
 want tesla_vl && learned_sweep tesla_vl "$@"
 
 existing() { local g; for g; do [ -d "$out/$g" ] && echo "$out/$g"; done; return 0; }  # the groups OUT holds
+default_groups=(coresets learned dm mdm ptm_st)  # the default model's groups (the tables' and cross_arch's)
+heads_groups=(coresets_heads repblend_heads)
 if want tables; then
-  mapfile -t groups < <(existing coresets learned dm mdm ptm_st coresets_heads repblend_heads full_train_heads)
+  mapfile -t groups < <(existing "${default_groups[@]}" "${heads_groups[@]}" full_train_heads)
   "$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
   # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
   "$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
   # The same plot per model, so the frozen backbone's rows (r_mean 10-30) do not flatten the default model's (1-6).
   for model in default heads; do
-    if [ $model = default ]; then mapfile -t dirs < <(existing coresets learned dm mdm ptm_st)
-    else mapfile -t dirs < <(existing coresets_heads repblend_heads); fi
+    if [ $model = default ]; then mapfile -t dirs < <(existing "${default_groups[@]}")
+    else mapfile -t dirs < <(existing "${heads_groups[@]}"); fi
     if [ ${#dirs[@]} -gt 0 ]; then
       "$mmdd" table "${dirs[@]}" --spread sets -o "$out/table_sets_$model.md" --plot "$out/cost_sets_$model.png" \
           --plot-x time
@@ -102,13 +104,13 @@ want cross_arch || exit 0
 # ViT's count: ~3 min per student on the 2-core box, ~20 s for ResNet-18). cross_arch.md puts the same sets'
 # ConvNet students (their distill jobs) beside them.
 first=${budgets%%,*}
-mapfile -t found < <(python3 - "$out" "$first" <<'EOF'
+mapfile -t found < <(python3 - "$first" $(existing "${default_groups[@]}") <<'EOF'
 import json, sys
 from pathlib import Path
-out, budget = Path(sys.argv[1]), int(sys.argv[2])
+budget, groups = int(sys.argv[1]), [Path(g) for g in sys.argv[2:]]
 sets, jobs = [], []
-for group in ("coresets", "learned", "dm", "mdm", "ptm_st"):
-    for m in sorted((out / group).rglob("synthetic/manifest.json")):
+for group in groups:
+    for m in sorted(group.rglob("synthetic/manifest.json")):
         man = json.loads(m.read_text())
         if man.get("budget") == budget and man.get("seed") == 0 and man.get("complete", True):
             sets.append(str(m.parent.resolve()))
