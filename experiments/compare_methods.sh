@@ -101,8 +101,8 @@ want cross_arch || exit 0
 
 # Cross-architecture: seed 0, the first budget, every default-model set, taught to timm students at the same 32 px
 # (random init): ResNet-18 and ViT-Tiny (4 px patches), each by the protocol's students (VIT_STUDENTS=<n> sets the
-# ViT's count: 3-12 min per student on the 2-core box, 0.5-1.7 min for ResNet-18, by the machine). cross_arch.md puts the same sets'
-# ConvNet students (their distill jobs) beside them.
+# ViT's count). Measured on the 2-core box on 2026-12-02: ~1.7 min per ResNet-18 student, 20 min for one ViT-Tiny
+# student beside the test suite. cross_arch.md puts the same sets' ConvNet students (their distill jobs) beside them.
 first=${budgets%%,*}
 mapfile -t found < <(python3 - "$first" $(existing "${default_groups[@]}") <<'EOF'
 import json, sys
