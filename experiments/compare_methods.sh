@@ -100,9 +100,10 @@ fi
 want cross_arch || exit 0
 
 # Cross-architecture: seed 0, the first budget, every default-model set, taught to timm students at the same 32 px
-# (random init): ResNet-18 and ViT-Tiny (4 px patches), each by the protocol's students (VIT_STUDENTS=<n> sets the
-# ViT's count). Measured on the 2-core box on 2026-12-02: ~1.7 min per ResNet-18 student, 20 min for one ViT-Tiny
-# student beside the test suite. cross_arch.md puts the same sets' ConvNet students (their distill jobs) beside them.
+# (random init): ResNet-18 and ViT-Tiny (4 px patches), each by the protocol's students (RESNET_STUDENTS=<n> and
+# VIT_STUDENTS=<n> set their counts; CROSS_MODELS="vit_tiny" runs one of them). Measured on the 2-core box on
+# 2026-12-02: ~1.7 min per ResNet-18 student, 20 min for one ViT-Tiny student beside the test suite. cross_arch.md
+# puts the same sets' ConvNet students (their distill jobs) beside them.
 first=${budgets%%,*}
 mapfile -t found < <(python3 - "$first" $(existing "${default_groups[@]}") <<'EOF'
 import json, sys
@@ -120,7 +121,13 @@ print("\n".join(jobs))
 EOF
 )
 sets=${found[0]}
-"$mmdd" evaluate -m "synthetic=$sets" model=resnet18_minilm "$@" hydra.sweep.dir="$out/cross_arch/resnet18"
-"$mmdd" evaluate -m "synthetic=$sets" model=vit_tiny_minilm ${VIT_STUDENTS:+protocol.num_seeds=$VIT_STUDENTS} "$@" \
-    hydra.sweep.dir="$out/cross_arch/vit_tiny"
+for student in ${CROSS_MODELS:-resnet18 vit_tiny}; do
+  case $student in
+    resnet18) n=${RESNET_STUDENTS:-} ;;
+    vit_tiny) n=${VIT_STUDENTS:-} ;;
+    *) echo "CROSS_MODELS: unknown student '$student' (resnet18, vit_tiny)" >&2; exit 2 ;;
+  esac
+  "$mmdd" evaluate -m "synthetic=$sets" model="${student}_minilm" ${n:+protocol.num_seeds=$n} "$@" \
+      hydra.sweep.dir="$out/cross_arch/$student"
+done
 "$mmdd" table "$out/cross_arch" "${found[@]:1}" -o "$out/cross_arch.md"
