@@ -103,7 +103,7 @@ want cross_arch || exit 0
 # (random init): ResNet-18 and ViT-Tiny (4 px patches), each by the protocol's students (RESNET_STUDENTS=<n> and
 # VIT_STUDENTS=<n> set their counts; CROSS_MODELS="vit_tiny" runs one of them). Measured on the 2-core box on
 # 2026-12-02: ~1.7 min per ResNet-18 student, 20 min for one ViT-Tiny student beside the test suite. cross_arch.md
-# puts the same sets' ConvNet students (their distill jobs) beside them.
+# puts the same sets' ConvNet students (their distill jobs) beside them; cross_arch_by_student.md: one row per set.
 first=${budgets%%,*}
 mapfile -t found < <(python3 - "$first" $(existing "${default_groups[@]}") <<'EOF'
 import json, sys
@@ -131,3 +131,4 @@ for student in ${CROSS_MODELS:-resnet18 vit_tiny}; do
       hydra.sweep.dir="$out/cross_arch/$student"
 done
 "$mmdd" table "$out/cross_arch" "${found[@]:1}" -o "$out/cross_arch.md"
+"$mmdd" table "$out/cross_arch" "${found[@]:1}" --by-student -o "$out/cross_arch_by_student.md"

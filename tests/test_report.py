@@ -162,3 +162,49 @@ def test_cost_column_and_time_plot(tmp_path):
     assert rows_csv["mdm"]["storage_floats"] == str(99 * 3456 + 99 * 99 + 2)
     png = tmp_path / "time.png"
     assert table_command([str(tmp_path), "--plot", str(png), "--plot-x", "time"]) == 0 and png.stat().st_size > 0
+
+
+def write_student_results(path, set_dir, model, students, distill_job, method="lors", seed=0, threshold=0.99,
+                          overrides=()):
+    """A results.json of one set's students: its distill job (hashes agree) or an `mmdd evaluate` of another model."""
+    path.mkdir(parents=True, exist_ok=True)
+    res = {"label": method, "method": method, "budget": 100, "dataset": "synscenes", "seed": seed,
+           "protocol": {"name": "mmdd"}, "complete": True, "expected_seeds": len(students), "num_seeds": len(students),
+           "seeds": [{"seed": i, "test": metrics(v)} for i, v in enumerate(students)],
+           "synthetic": str(set_dir), "synthetic_config_hash": f"set{seed}{method}",
+           "config_hash": f"set{seed}{method}" if distill_job else f"eval{model}",
+           "chance": {"r_mean": 0.53, "threshold": threshold}, "overrides": list(overrides),
+           "config": {"model": {"name": model}}}
+    (path / "results.json").write_text(json.dumps(res))
+
+
+def test_by_student_pivot_pools_sets_per_model_and_names_rows_by_their_distill_job(tmp_path, capsys):
+    from mmdd.report.students import pivot_by_student, render_by_student
+
+    for seed, (own, other) in enumerate([([4.0, 2.0], [1.0]), ([6.0, 4.0], [2.0])]):
+        set_dir = tmp_path / "lors" / str(seed) / "synthetic"
+        write_student_results(tmp_path / "lors" / str(seed), set_dir, "convnet", own, True, seed=seed,
+                              overrides=["method=lors", "method.phases=null"])
+        write_student_results(tmp_path / "cross" / f"lors{seed}", set_dir, "resnet18", other, False, seed=seed,
+                              overrides=["model=resnet18", "protocol.num_seeds=1"])
+    # a set evaluated only by another model (no distill job collected): named by its label, no ratio
+    write_student_results(tmp_path / "cross" / "random", tmp_path / "random" / "synthetic", "vit", [0.5, 0.4], False,
+                          method="random")
+    rows, models = pivot_by_student(collect([tmp_path]).cells)
+    assert models == ["convnet", "resnet18", "vit"]  # the distilling model first
+    lors, random_row = rows
+    assert lors["set"] == "lors (method.phases=null)" and lors["home"] == "convnet"
+    assert lors["values"]["convnet"]["r_mean"] == pytest.approx(4.0)  # (4 + 2 + 6 + 4) / 4
+    assert lors["values"]["resnet18"]["r_mean"] == pytest.approx(1.5)
+    assert (lors["values"]["resnet18"]["sets"], lors["values"]["resnet18"]["students"]) == (2, [1])
+    assert random_row["set"] == "random" and random_row["home"] is None
+    assert random_row["values"]["vit"]["at_chance"] and not lors["values"]["resnet18"]["at_chance"]
+    text = render_by_student(rows, models)
+    assert "| synscenes | 100 | lors (method.phases=null) | 4.00 (2×2) | 1.50 (2×1) | – | 0.38 | – |" in text
+    assert "| synscenes | 100 | random | – | – | 0.45 † (1×2) | – | – |" in text
+    assert table_command([str(tmp_path), "--by-student", "-f", "csv"]) == 0
+    lines = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    resnet = next(r for r in lines if r["student_model"] == "resnet18")
+    assert resnet["ratio_to_distilling_model"] == "0.3750" and resnet["distilled_with"] == "convnet"
+    with pytest.raises(SystemExit):
+        table_command([str(tmp_path), "--by-student", "--plot", str(tmp_path / "p.png")])

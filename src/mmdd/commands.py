@@ -37,7 +37,12 @@ def table(argv: list[str]) -> int:
                          "(default), or the sets' means, i.e. across distillation seeds")
     ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
+    ap.add_argument("--by-student", action="store_true",
+                    help="cross-architecture view: one row per set (named by its distill job), one column per student "
+                         "model (test r_mean), and each model's fraction of the distilling model's score (md or csv)")
     args = ap.parse_args(argv)
+    if args.by_student and (args.plot or args.anchors is not None or args.format == "latex"):
+        ap.error("--by-student writes md or csv, without --plot or --anchors")
 
     from_wandb = [(res, f"wandb:{source}") for source in args.wandb for res in collect_wandb(source)]
     dirs = args.dirs or ([] if args.wandb else ["outputs"])
@@ -53,8 +58,13 @@ def table(argv: list[str]) -> int:
         anchors = load_anchors(anchor_file)
         if not anchors:
             print(f"mmdd table: note: no paper numbers in {anchor_file}", file=sys.stderr)
-    rows = rows_from_cells(collection.cells, args.spread)
-    text = render(rows, args.format, anchors, args.anchors or None)
+    if args.by_student:
+        from mmdd.report.students import pivot_by_student, render_by_student
+
+        text = render_by_student(*pivot_by_student(collection.cells), args.format)
+    else:
+        rows = rows_from_cells(collection.cells, args.spread)
+        text = render(rows, args.format, anchors, args.anchors or None)
     print(text)
     if args.plot:
         from mmdd.report.plots import recall_vs_budget, recall_vs_time
