@@ -1,0 +1,53 @@
+"""Copy the records of a compare_methods.sh run into experiments/methods_comparison_runs/ (what git keeps):
+
+    python experiments/snapshot_records.py OUT/<group> experiments/methods_comparison_runs/<dest>
+
+Keeps every job's results.json, .hydra/{config,overrides}.yaml, synthetic/manifest.json, the sweep's multirun.yaml,
+summary.json and *.log; leaves out the synthetic sets' tensors, checkpoints, stores, W&B and CSV logs (too large for
+git; the same command rebuilds them). `mmdd table` reads the copy as it reads the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+KEEP_NAMES = {"results.json", "multirun.yaml", "summary.json"}
+KEEP_IN_PARENT = {".hydra": {"config.yaml", "overrides.yaml"}, "synthetic": {"manifest.json"}}
+SKIP_DIRS = {"checkpoints", "wandb", "csv", "lightning_logs"}
+
+
+def kept(rel: Path) -> bool:
+    if SKIP_DIRS & set(rel.parts[:-1]):
+        return False
+    name, parent = rel.name, rel.parent.name
+    return name in KEEP_NAMES or name.endswith(".log") or name in KEEP_IN_PARENT.get(parent, ())
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copy2(src, tmp)
+    tmp.replace(dst)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", type=Path, help="a group folder of a compare_methods.sh OUT (e.g. outputs/compare/dm)")
+    ap.add_argument("dst", type=Path, help="where its records go")
+    args = ap.parse_args(argv)
+    if not args.src.is_dir():
+        print(f"snapshot_records: {args.src} is not a directory", file=sys.stderr)
+        return 2
+    files = [p for p in sorted(args.src.rglob("*")) if p.is_file() and kept(p.relative_to(args.src))]
+    for p in files:
+        copy_atomic(p, args.dst / p.relative_to(args.src))
+    print(f"{len(files)} files from {args.src} -> {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
