@@ -38,15 +38,17 @@ for manifest in sorted(out.glob("r*/*/b*/synthetic/manifest.json")):
     stats = m["distill_stats"]
     cells.setdefault((m["budget"], m["method"]), []).append(
         (stats["sec_per_iter_median"], stats["total_seconds"] - stats["sec_per_iter_median"] * stats["iterations"],
-         stats["cost"]["device"]))
-lines = ["| budget | method | s/iter (median over repeats) | vs LoRS | setup s (outside iterations) | repeats | device |",
-         "|---|---|---|---|---|---|---|"]
+         stats["cost"]["device"], stats.get("peak_mem_mb")))
+# Peak memory: the accelerator's allocator peak, or on CPU the job's peak RSS (its own process: one job per run).
+lines = ["| budget | method | s/iter (median over repeats) | vs LoRS | setup s (outside iterations) | repeats "
+         "| peak memory per repeat | device |", "|---|---|---|---|---|---|---|---|"]
 for (budget, method), runs in sorted(cells.items()):
     s = statistics.median(r[0] for r in runs)
     lors = cells.get((budget, "lors"))
     ratio = f"{s / statistics.median(r[0] for r in lors):.3f}" if lors else "–"
     setup = statistics.median(r[1] for r in runs)
-    lines.append(f"| {budget} | {method} | {s:.3f} | {ratio} | {setup:.1f} | {len(runs)} | {runs[0][2]} |")
+    peaks = " / ".join("?" if r[3] is None else f"{r[3]:.0f}" for r in runs) + " MB"
+    lines.append(f"| {budget} | {method} | {s:.3f} | {ratio} | {setup:.1f} | {len(runs)} | {peaks} | {runs[0][2]} |")
 table = "\n".join(lines)
 (out / "table.md").write_text(table + "\n")
 print(table)
