@@ -208,3 +208,32 @@ def test_distillation_learns(tiny_run):
     before, after = matching_loss(initial), matching_loss(distilled)
     print(f"matching loss over every segment: initial pairs {before:.4f}, distilled {after:.4f}")
     assert after < before
+
+
+def test_cross_architecture_students_stay_apart_and_pivot_by_student(tiny_run, capsys):
+    """A set taught to another image encoder (timm ResNet-18) is its own row when read back from W&B (whose runs
+    carry no overrides: the model tells the rows apart), and `--by-student` puts the two models' students of the set
+    side by side, from results.json (rows named by the distill job, the ResNet's fraction of the ConvNet's score)."""
+    from mmdd.commands import table
+
+    root, _ = tiny_run
+    out = root / "outputs" / "run_tiny"
+    cross_dir = root / "outputs" / "cross_resnet"
+    run_in_process(["evaluate", *TINY, f"synthetic={out / 'synthetic' / 'mtt_vl'}", "model=resnet18_minilm",
+                    "model.image.width=null", "hydra.run.dir=outputs/cross_resnet"], root, check=True)
+    cross = json.loads((cross_dir / "results.json").read_text())
+    expected = _table_cells((out / "table.md").read_text())
+    capsys.readouterr()
+    assert table(["--wandb", str(out / "wandb"), "--wandb", str(cross_dir / "wandb")]) == 0
+    rows = _table_cells(capsys.readouterr().out)
+    assert rows["mtt_vl (model=convnet_minilm)"] == expected["mtt_vl"]
+    assert rows["random (model=convnet_minilm)"] == expected["random"]
+    resnet = rows["mtt_vl (model=resnet18_minilm)"]
+    assert resnet[1] == cross["num_seeds"] == 2
+    assert resnet[2][-1] == f"{cross['mean']['r_mean']:.2f} ± {cross['std']['r_mean']:.2f}"
+    assert table([str(out), str(cross_dir), "--by-student"]) == 0
+    pivot = capsys.readouterr().out
+    row = next(line.strip("| ").split(" | ") for line in pivot.splitlines() if "| mtt_vl" in line)
+    own = json.loads((out / "evaluate" / "mtt_vl" / "results.json").read_text())["mean"]["r_mean"]
+    other = cross["mean"]["r_mean"]
+    assert [cell.replace(" †", "") for cell in row[3:]] == [f"{own:.2f} (1×2)", f"{other:.2f} (1×2)", f"{other / own:.2f}"]

@@ -237,6 +237,12 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
     for r, _ in found:
         if r.get("kind") == "teachers":
             r["variant"] = Path(r["synthetic"]).name if len(stores) > 1 else ""
+    # W&B runs carry no overrides: where they hold students of several models (a set taught to other image encoders),
+    # the model tells their rows apart, as a `model=` override does for results.json.
+    from_wandb = [r for r, where in found if where.startswith("wandb:") and r.get("kind") != "teachers"]
+    if len({str(r["config"]["model"]["name"]) for r in from_wandb}) > 1:
+        for r in from_wandb:
+            r["variant"] = f"model={r['config']['model']['name']}"
     for results, where in found:
         add_run(cells, results, where, problems, common)
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))
@@ -285,10 +291,13 @@ def collect_wandb(path_or_project: str) -> list[dict]:
         method = syn.get("method") or (recorded.get("method") or {}).get("name", "?")
         label = syn.get("label") or method
         budget, seed = syn.get("budget", recorded.get("budget")), syn.get("seed", recorded.get("seed"))
-        key = (recorded.get("data", {}).get("name"), label, budget, seed, (recorded.get("protocol") or {}).get("name"), syn.get("path"))
+        # The student's model too: a set taught to other image encoders (cross-architecture) is a row per encoder.
+        model = (recorded.get("model") or {}).get("name")
+        key = (recorded.get("data", {}).get("name"), label, budget, seed, (recorded.get("protocol") or {}).get("name"),
+               syn.get("path"), model)
         res = grouped.setdefault(key, {"dataset": key[0], "label": label, "method": method, "budget": budget,
                                        "seed": seed, "protocol": recorded.get("protocol") or {}, "seeds": [],
-                                       "synthetic": syn.get("path")})
+                                       "synthetic": syn.get("path"), "config": {"model": {"name": model}}})
         # With its seed, a student evaluated again (another job on the same set) counts once (Cell.students_by_set).
         student = recorded.get("student_seed")
         res["seeds"].append({"test": test} if student is None else {"seed": int(student), "test": test})
