@@ -192,6 +192,14 @@ def test_by_student_pivot_pools_sets_per_model_and_names_rows_by_their_distill_j
                           method="random")
     rows, models = pivot_by_student(collect([tmp_path]).cells)
     assert models == ["convnet", "resnet18", "vit"]  # the distilling model first
+    # students trained otherwise (here a fixed step size) are a column of their own, not pooled with the others
+    write_student_results(tmp_path / "cross" / "lors0_lr", tmp_path / "lors" / "0" / "synthetic", "resnet18", [3.0],
+                          False, overrides=["model=resnet18", "protocol.num_seeds=1", "protocol.lr=0.01"])
+    other_rows, other_models = pivot_by_student(collect([tmp_path]).cells)
+    assert other_models == ["convnet", "resnet18", "resnet18 (protocol.lr=0.01)", "vit"]
+    assert other_rows[0]["values"]["resnet18"] == rows[0]["values"]["resnet18"]
+    assert other_rows[0]["values"]["resnet18 (protocol.lr=0.01)"]["r_mean"] == pytest.approx(3.0)
+    (tmp_path / "cross" / "lors0_lr" / "results.json").unlink()
     lors, random_row = rows
     assert lors["set"] == "lors (method.phases=null)" and lors["home"] == "convnet"
     assert lors["values"]["convnet"]["r_mean"] == pytest.approx(4.0)  # (4 + 2 + 6 + 4) / 4

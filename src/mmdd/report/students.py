@@ -27,10 +27,26 @@ def is_distill_job(results: dict) -> bool:
     return own is not None and own == results.get("config_hash")
 
 
+# Overrides of a student's evaluation that its column already says (the model) or that only count its students.
+NOT_COLUMN_KEYS = ("model", "protocol.num_seeds")
+
+
+def column_of(cell: Cell, results: dict) -> str:
+    """A run's column: its student model, and for an `mmdd evaluate` of a set, what else its overrides changed about
+    the students (e.g. 'vit_tiny_minilm (protocol.lr=0.01 protocol.lr_source=fixed)'), so that students trained
+    differently are not pooled. A distill job's variant is how the set was made: it names the row, not the column."""
+    model = student_model(results)
+    if is_distill_job(results):
+        return model
+    extra = [t for t in cell.variant.split() if t.lstrip("+~").split("=", 1)[0] not in NOT_COLUMN_KEYS]
+    return f"{model} ({' '.join(extra)})" if extra else model
+
+
 def pivot_by_student(cells: list[Cell]) -> tuple[list[dict], list[str]]:
-    """(rows, models). rows: {"dataset", "budget", "set", "home", "values": {model: {"r_mean", "sets", "students",
+    """(rows, columns). rows: {"dataset", "budget", "set", "home", "values": {column: {"r_mean", "sets", "students",
     "at_chance"}}}; a row is the sets that share a label (its distill job's row label: method and variant), so the
-    seeds of one method pool as in `mmdd table`. models: the distilling models first, then the others, by name."""
+    seeds of one method pool as in `mmdd table`; a column is a student model as column_of names it. columns: the
+    distilling models first, then the others, by name."""
     home_label: dict[str, str] = {}  # set path -> the label of its distill job's cell
     home_model: dict[str, str] = {}
     for cell in cells:
@@ -48,7 +64,7 @@ def pivot_by_student(cells: list[Cell]) -> tuple[list[dict], list[str]]:
         for i, r in enumerate(cell.runs):
             where = str(r.get("synthetic") or f"run{i}")
             key = (cell.dataset, cell.budget, home_label.get(where, str(r.get("label") or cell.method)))
-            model = student_model(r)
+            model = column_of(cell, r)
             students = grid.setdefault(key, {}).setdefault(model, {}).setdefault(where, {})
             for s in r.get("seeds", []):
                 students.setdefault(int(s.get("seed", len(students))), s["test"])
