@@ -123,11 +123,13 @@ EOF
 sets=${found[0]}
 for student in ${CROSS_MODELS:-resnet18 vit_tiny}; do
   case $student in
-    resnet18) n=${RESNET_STUDENTS:-} ;;
-    vit_tiny) n=${VIT_STUDENTS:-} ;;
+    resnet18) n=${RESNET_STUDENTS:-}; step=() ;;
+    # ViT-Tiny with SGD at the sets' learned step size (0.1) collapses (loss pinned at ln(pairs), chance on val);
+    # a fixed 0.01 was chosen on val over it with random pairs (methods_comparison.md, "Cross-architecture").
+    vit_tiny) n=${VIT_STUDENTS:-}; step=(protocol.lr_source=fixed "protocol.lr=${VIT_LR:-0.01}") ;;
     *) echo "CROSS_MODELS: unknown student '$student' (resnet18, vit_tiny)" >&2; exit 2 ;;
   esac
-  "$mmdd" evaluate -m "synthetic=$sets" model="${student}_minilm" ${n:+protocol.num_seeds=$n} "$@" \
+  "$mmdd" evaluate -m "synthetic=$sets" model="${student}_minilm" ${n:+protocol.num_seeds=$n} "${step[@]}" "$@" \
       hydra.sweep.dir="$out/cross_arch/$student"
 done
 "$mmdd" table "$out/cross_arch" "${found[@]:1}" -o "$out/cross_arch.md"
