@@ -10,10 +10,11 @@ git; the same command rebuilds them). `mmdd table` reads the copy as it reads th
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
+
+from mmdd.utils.io import atomic_write
 
 KEEP_NAMES = {"results.json", "multirun.yaml", "summary.json"}
 KEEP_IN_PARENT = {".hydra": {"config.yaml", "overrides.yaml"}, "synthetic": {"manifest.json"}}
@@ -27,13 +28,6 @@ def kept(rel: Path) -> bool:
     return name in KEEP_NAMES or name.endswith(".log") or name in KEEP_IN_PARENT.get(parent, ())
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copy2(src, tmp)
-    tmp.replace(dst)
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path, help="a group folder of a compare_methods.sh OUT (e.g. outputs/compare/dm)")
@@ -44,7 +38,7 @@ def main(argv: list[str]) -> int:
         return 2
     files = [p for p in sorted(args.src.rglob("*")) if p.is_file() and kept(p.relative_to(args.src))]
     for p in files:
-        copy_atomic(p, args.dst / p.relative_to(args.src))
+        atomic_write(args.dst / p.relative_to(args.src), lambda tmp, src=p: shutil.copy2(src, tmp))
     print(f"{len(files)} files from {args.src} -> {args.dst}")
     return 0
 

@@ -28,6 +28,16 @@ TEACHERS_LABEL = "full train (teachers)"
 TEACHERS_PROTOCOL = "teacher"
 
 
+def set_key(results: dict, index: int) -> str:
+    """Which set a run's students trained on (its path; the run's index within its cell when it has none)."""
+    return str(results.get("synthetic") or f"run{index}")
+
+
+def student_model(results: dict) -> str:
+    """The model a run's students trained (its config's model name; '?' for results without one)."""
+    return str(((results.get("config") or {}).get("model") or {}).get("name", "?"))
+
+
 SPREADS = ("evaluations", "sets")  # what a table's ± is the std over (Cell.stats)
 
 @dataclass
@@ -49,14 +59,14 @@ class Cell:
 
     def runs_of(self, where: str) -> list[dict]:
         """The runs (results) of one set, as students_by_set names it."""
-        return [r for i, r in enumerate(self.runs) if str(r.get("synthetic") or f"run{i}") == where]
+        return [r for i, r in enumerate(self.runs) if set_key(r, i) == where]
 
     def students_by_set(self) -> dict[str, dict[int, dict]]:
         """{synthetic set: {student seed: test metrics}}: the students of one set may come from several jobs
         (`students=` spreads them), and a student evaluated twice counts once."""
         out: dict[str, dict[int, dict]] = {}
         for i, r in enumerate(self.runs):
-            per_set = out.setdefault(str(r.get("synthetic") or f"run{i}"), {})
+            per_set = out.setdefault(set_key(r, i), {})
             for s in r.get("seeds", []):
                 per_set.setdefault(int(s.get("seed", len(per_set))), s["test"])
         return out
@@ -115,7 +125,7 @@ class Cell:
         for i, r in enumerate(self.runs):
             cost = (r.get("distill_stats") or {}).get("cost")
             if cost:
-                per_set.setdefault(str(r.get("synthetic") or f"run{i}"), cost)
+                per_set.setdefault(set_key(r, i), cost)
         if not per_set:
             return None
         costs = list(per_set.values())
@@ -240,9 +250,9 @@ def collect(roots: list[Path], extra: list[tuple[dict, str]] = ()) -> Collection
     # W&B runs carry no overrides: where they hold students of several models (a set taught to other image encoders),
     # the model tells their rows apart, as a `model=` override does for results.json.
     from_wandb = [r for r, where in found if where.startswith("wandb:") and r.get("kind") != "teachers"]
-    if len({str(r["config"]["model"]["name"]) for r in from_wandb}) > 1:
+    if len({student_model(r) for r in from_wandb}) > 1:
         for r in from_wandb:
-            r["variant"] = f"model={r['config']['model']['name']}"
+            r["variant"] = f"model={student_model(r)}"
     for results, where in found:
         add_run(cells, results, where, problems, common)
     ordered = sorted(cells.values(), key=lambda c: (c.dataset, c.budget, c.protocol, c.method, c.variant))

@@ -13,12 +13,8 @@ import csv
 import io
 import statistics
 
-from mmdd.report.collect import Cell
-
-
-def student_model(results: dict) -> str:
-    """The model a results.json's students trained (its config's model name; '?' for results without one)."""
-    return str(((results.get("config") or {}).get("model") or {}).get("name", "?"))
+from mmdd.report.collect import Cell, set_key, student_model
+from mmdd.report.table import markdown_grid
 
 
 def is_distill_job(results: dict) -> bool:
@@ -52,7 +48,7 @@ def pivot_by_student(cells: list[Cell]) -> tuple[list[dict], list[str]]:
     for cell in cells:
         for i, r in enumerate(cell.runs):
             if is_distill_job(r):
-                where = str(r.get("synthetic") or f"run{i}")
+                where = set_key(r, i)
                 home_label[where], home_model[where] = cell.label, student_model(r)
     # (dataset, budget, row label) -> model -> set -> {student seed: test metrics}, and the chance threshold seen
     grid: dict[tuple, dict[str, dict[str, dict[int, dict]]]] = {}
@@ -62,7 +58,7 @@ def pivot_by_student(cells: list[Cell]) -> tuple[list[dict], list[str]]:
         if cell.is_teachers:
             continue
         for i, r in enumerate(cell.runs):
-            where = str(r.get("synthetic") or f"run{i}")
+            where = set_key(r, i)
             key = (cell.dataset, cell.budget, home_label.get(where, str(r.get("label") or cell.method)))
             model = column_of(cell, r)
             students = grid.setdefault(key, {}).setdefault(model, {}).setdefault(where, {})
@@ -136,9 +132,7 @@ def render_by_student(rows: list[dict], models: list[str], fmt: str = "md") -> s
             ratio = _ratio(r, m)
             cells.append("–" if ratio is None else f"{ratio:.2f}")
         body.append(cells)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    text = "\n".join(lines)
+    text = markdown_grid(head, body)
     text += ("\n\nTest r_mean of the val-selected checkpoint, mean over every student of the row's sets (sets × students "
              "per set); a set's row is named by its distill job. † every student at or below the chance threshold "
              "its evaluation recorded. `<model> / distilling model`: that column's r_mean over the r_mean of the "

@@ -46,7 +46,7 @@ def format_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def _md(head: list[str], body: list[list[str]]) -> str:
+def markdown_grid(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
@@ -54,7 +54,7 @@ def _md(head: list[str], body: list[list[str]]) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """rows: {"method", "budget", "n", "mean": {...}, "std": {...}} -> a Markdown table."""
     head = ["method", "budget", "seeds"] + [HEADERS[k] for k in METRIC_KEYS]
-    return _md(head, [[str(r["method"]), str(r.get("budget", "")), str(r.get("n", ""))]
+    return markdown_grid(head, [[str(r["method"]), str(r.get("budget", "")), str(r.get("n", ""))]
                       + [format_cell(r["mean"][k], r.get("std", {}).get(k)) for k in METRIC_KEYS] for r in rows])
 
 
@@ -154,7 +154,7 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
         for a in anchors_for(r, anchors, anchor_dataset):
             body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS]
                         + ["", ""])
-    text = _md(head, body)
+    text = markdown_grid(head, body)
     spreads = sorted({r["spread"] for r in rows if "spread" in r})
     if spreads:
         text += "\n\n" + "; ".join(SPREAD_NOTES[s] for s in spreads)
