@@ -17,7 +17,7 @@ from mmdd.methods.checkpointing import CHECKPOINT, DistillCheckpoint, resume_che
 from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy
 from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
-from mmdd.synthetic.similarity import build_similarity
+from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import distill_identity
 from mmdd.utils.trainer import accelerate_model, build_trainer
@@ -59,6 +59,8 @@ class LearnedMethod(Method):
         """`budget` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
         shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init.
         `resuming`: a checkpoint will replace the set, so an expensive initialisation may be skipped."""
+        if cfg.get("init_from"):
+            return self.set_from(cfg.init_from, cfg, train, budget)
         gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
         if self.config.init == "noise":
@@ -69,6 +71,28 @@ class LearnedMethod(Method):
         if self.config.similarity:
             similarity = build_similarity(dict(self.config.similarity), images.shape[0], gen)
         return SyntheticSet(images, texts, {"image": lr, "text": lr}, similarity)
+
+    def set_from(self, folder, cfg, train, n: int) -> SyntheticSet:
+        """`init_from=<set dir>`: start from a saved set (its images, texts, step sizes and S) instead of the method's
+        own initialisation, e.g. the official code's initial pairs in experiments/parity. It must be what this run
+        would have made: `n` pairs of this data's image size and text width, with S of the method's kind."""
+        syn, _ = SyntheticSet.load(folder)
+        want_image = [3, int(cfg.data.image_size), int(cfg.data.image_size)]
+        problems = []
+        if len(syn) != n:
+            problems.append(f"{len(syn)} pairs, this run distils {n} (budget={cfg.budget}"
+                            + (", S takes one pair" if self.config.similarity else "") + ")")
+        if list(syn.images.shape[1:]) != want_image:
+            problems.append(f"images of shape {list(syn.images.shape[1:])}, this data's are {want_image}")
+        if syn.texts.shape[1] != train.text_emb.shape[1]:
+            problems.append(f"{syn.texts.shape[1]}-d texts, this run's captions are {train.text_emb.shape[1]}-d")
+        spec = None if syn.similarity is None else syn.similarity.spec()
+        want = similarity_spec(dict(self.config.similarity)) if self.config.similarity else None
+        if spec != want:
+            problems.append(f"similarity {spec}, method.similarity is {want}")
+        if problems:
+            raise MmddError(f"init_from={folder}: the set has {'; '.join(problems)}; pass a set made for these settings")
+        return syn
 
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
         train = data["train"]
@@ -85,6 +109,10 @@ class LearnedMethod(Method):
         accelerate_model(model, cfg.hardware, second_order=self.second_order)
         objective = self.make_objective(cfg, model, train, fingerprint)
         ckpt = resume_checkpoint(cfg.resume, out_dir)
+        draws = cfg.get("draws") or {}
+        if ckpt is not None and (draws.get("record") or draws.get("replay")):
+            raise MmddError(f"draws.record / draws.replay runs start fresh, but {out_dir} holds a checkpoint to resume "
+                            "from: rerun with resume=false (or another output directory)")
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
         syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget, resuming=ckpt is not None)
         every = cfg.diagnostics_every

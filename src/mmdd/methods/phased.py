@@ -128,6 +128,9 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
             sub.earlier_identities = self.earlier_identities if last else []
             with open_dict(phase_cfg):
                 phase_cfg.resume = resume.of_phase(i)
+                for hook in ("record", "replay"):  # each phase's draws in a folder of its own: <dir>/phase_<i>
+                    if phase_cfg.get("draws") and phase_cfg.draws.get(hook):
+                        phase_cfg.draws[hook] = str(Path(phase_cfg.draws[hook]) / f"phase_{i}")
             started = time.perf_counter()
             result = TrajectoryMatching.synthesize(sub, phase_cfg, data, where, loggers)
             history += [{**h, "phase": float(i)} for h in result.history]

@@ -15,8 +15,8 @@ import torch
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
+from mmdd.methods.draws import RunDraws, draw_segment_start, draws_source  # noqa: F401 (draw_segment_start: re-exported)
 from mmdd.methods.learned import LearnedMethod
-from mmdd.methods.matching import BatchSchedule, Blend
 from mmdd.methods.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
 from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
@@ -76,19 +76,12 @@ class MatchingSettings(OuterSettings):
             self.convexify_settings = ConvexifySettings(**dict(self.convexify))
 
 
-def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int, min_start_epoch: int = 0
-                       ) -> tuple[int, int]:
-    """The expert and start epoch of one iteration: uniform over experts and [min_start_epoch, max_start_epoch)
-    (MTT: min 0; PTM-ST: a window per phase)."""
-    expert = int(torch.randint(n_experts, (1,), generator=generator))
-    start = min_start_epoch + int(torch.randint(max_start_epoch - min_start_epoch, (1,), generator=generator))
-    return expert, start
-
-
 def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: MatchingSettings, start, target,
-                  generator: torch.Generator, device=None) -> Segment:
+                  generator: torch.Generator, device=None, draws: RunDraws | None = None) -> Segment:
     """One iteration's segment: the synthetic set's data, step sizes and S, batches and blends drawn from
-    `generator` (so two runs with equally seeded generators draw the same)."""
+    `generator` (so two runs with equally seeded generators draw the same), or from `draws` (mmdd.methods.draws:
+    recorded or replayed)."""
+    draws = draws or RunDraws()
 
     def inner_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature)
@@ -101,13 +94,13 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
         lrs={"image": syn.lrs["image"], "text": syn.lrs["text"]},
         images=syn.images,
         texts=syn.texts,
-        schedule=BatchSchedule(len(syn), config.batch_syn, generator, device=device),
+        schedule=draws.schedule(generator, len(syn), config.batch_syn, device),
         syn_steps=config.syn_steps,
         inner_loss=inner_loss,
         merged=config.loss_merge == "merged",
         lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
         extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
-        blend=Blend(float(config.blend["alpha"]), generator) if config.blend else None,
+        blend=draws.blend(generator, float(config.blend["alpha"])) if config.blend else None,
     )
 
 
@@ -127,7 +120,7 @@ class TrajectoryMatchingObjective:
     """One outer iteration's matching loss: draw an expert and a start epoch, read the two snapshots, unroll a
     student on the set and leave the meta-gradient in the set's .grad (the configured full unroll or TESLA)."""
 
-    def __init__(self, model, trajectories: ExpertSnapshots, settings: MatchingSettings):
+    def __init__(self, model, trajectories: ExpertSnapshots, settings: MatchingSettings, draws: RunDraws | None = None):
         # starts are drawn from [min, max): the furthest target is snapshot max_start_epoch - 1 + expert_epochs
         if settings.max_start_epoch - 1 + settings.expert_epochs > trajectories.epochs:
             more = ("keep more snapshots (method.convexify.end) or record more epochs (teacher.epochs)"
@@ -143,15 +136,20 @@ class TrajectoryMatchingObjective:
         self.settings = settings
         self._meta_gradient = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
         self.teacher_experts = list(trajectories.experts)
+        self.draws = draws or RunDraws()  # where the iteration's random draws come from (mmdd.methods.draws)
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
-        expert, start = draw_segment_start(generator, self.trajectories.n_experts, s.max_start_epoch, s.min_start_epoch)
+        draws = self.draws
+        draws.begin(self.teacher_experts)
+        expert, start = draws.segment_start(generator, self.trajectories.n_experts, s.max_start_epoch, s.min_start_epoch)
         starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device)
-        seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device)
+        seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device, draws)
         if self._meta_gradient is None:  # decided once, in training mode (batch-norm statistics decide caching)
             self._meta_gradient = meta_gradient_for(s, self.model)
-        loss, terms = self._meta_gradient(seg, backward)
+        with draws.dropout(self.model):
+            loss, terms = self._meta_gradient(seg, backward)
+        draws.end()
         return ObjectiveStep(loss, terms, {"distill/start_epoch": float(start)})
 
 
@@ -165,7 +163,7 @@ class TrajectoryMatching(LearnedMethod):
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
         if self.config.convexify is not None:
             trajectories = ConvexifiedSnapshots(trajectories, self.config.convexify_settings)
-        return TrajectoryMatchingObjective(model, trajectories, self.config)
+        return TrajectoryMatchingObjective(model, trajectories, self.config, draws_source(cfg.get("draws")))
 
     def manifest_fields(self) -> dict:
         return {"inner_loss": self.config.inner_loss, "label_temperature": self.config.label_temperature}

@@ -46,6 +46,16 @@ class FullSimilarity(nn.Module):
         return {"kind": self.kind}
 
 
+def similarity_spec(spec: dict) -> dict:
+    """What `build_similarity(spec, n).spec()` records, without building (or drawing) anything."""
+    kind = spec.get("kind")
+    if kind == "lowrank":
+        return {"kind": kind, "rank": int(spec["rank"]), "alpha": float(spec["alpha"])}
+    if kind == "full":
+        return {"kind": kind}
+    raise ValueError(f"similarity kind must be one of {KINDS}, got {kind!r}")
+
+
 def build_similarity(spec: dict, n: int, generator: torch.Generator | None = None) -> nn.Module:
     kind = spec.get("kind")
     if kind == "lowrank":

@@ -125,8 +125,15 @@ def distill_identity(cfg) -> dict:
     """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings
     (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
     method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS}
-    return {"data": data_identity(cfg.data), "model": model_identity(cfg.model), "teacher": teacher_identity(cfg.teacher),
-            "method": method, "seed": cfg.seed, "budget": cfg.budget}
+    identity = {"data": data_identity(cfg.data), "model": model_identity(cfg.model),
+                "teacher": teacher_identity(cfg.teacher), "method": method, "seed": cfg.seed, "budget": cfg.budget}
+    # The parity hooks change what is distilled; named only when used, so every other identity stays as it was.
+    draws = to_plain(cfg.get("draws") or {})
+    if draws.get("replay"):
+        identity["draws_replay"] = str(draws["replay"])
+    if cfg.get("init_from"):
+        identity["init_from"] = str(cfg.init_from)
+    return identity
 
 
 def flat_items(tree, prefix: str = "") -> dict:
