@@ -46,6 +46,8 @@ class MatchingSettings(OuterSettings):
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
     inner_loss: str = DEFAULT_INNER_LOSS  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
     label_temperature: float = DEFAULT_LABEL_TEMPERATURE  # soft_ce/kl targets: softmax(S / label_temperature)
+    # wbce only: None = exact (logsigmoid); 1e-6 = LoRS's/RepBlend's code, log(p + 1e-6) (models.losses.weighted_bce)
+    wbce_log_eps: float | None = None
     temperature: float | None = None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
     blend: dict | None = None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
     cache_features: bool = True  # frozen backbone: its features once per iteration (exact; see meta_gradient)
@@ -63,6 +65,8 @@ class MatchingSettings(OuterSettings):
             raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
         if self.temperature is not None and self.temperature <= 0:
             raise MmddError(f"method.temperature must be a number > 0 or null, got {self.temperature!r}")
+        if self.wbce_log_eps is not None and not 0 < self.wbce_log_eps < 1:
+            raise MmddError(f"method.wbce_log_eps must be in (0, 1) or null, got {self.wbce_log_eps!r}")
         if self.label_temperature <= 0:
             raise MmddError(f"method.label_temperature must be > 0, got {self.label_temperature}")
         if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1:
@@ -84,7 +88,8 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
     draws = draws or RunDraws()
 
     def inner_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature)
+        return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature,
+                         config.wbce_log_eps)
 
     return Segment(
         model=model,

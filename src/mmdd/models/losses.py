@@ -18,17 +18,27 @@ def symmetric_infonce(logits: torch.Tensor) -> torch.Tensor:
 
 
 # --- soft-label losses against a target similarity matrix S [B, B] (LoRS) -------------------
-def weighted_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def weighted_bce(logits: torch.Tensor, target: torch.Tensor, log_eps: float | None = None) -> torch.Tensor:
     """BCE of sigmoid(logits) vs S, averaged over positives (S > 0.5) and negatives separately, then halved.
 
-    Written with logsigmoid, so saturated logits (|x| = 1/T ~ 14) stay finite.
+    Written with logsigmoid, so saturated logits (|x| = 1/T ~ 14) stay finite and exact. `log_eps`: the reference
+    code's form instead (LoRS src/similarity_mining.py, RepBlend the same): log(sigmoid(x) + eps) and
+    log(1 - sigmoid(x) + eps) with eps = 1e-6, and eps added to the positives' and negatives' counts. Where a pair
+    saturates (1 - p or p below about eps) that eps shrinks the loss's gradient, so the two differ in what they
+    compute, not only in rounding (experiments/parity.md).
     """
-    loss = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits))
     pos = (target > 0.5).detach()
     neg = ~pos
-    zero = loss.new_zeros(())
-    loss_pos = torch.where(pos, loss, zero).sum() / pos.sum().clamp_min(1)
-    loss_neg = torch.where(neg, loss, zero).sum() / neg.sum().clamp_min(1)
+    zero = logits.new_zeros(())
+    if log_eps is None:
+        loss = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits))
+        n_pos, n_neg = pos.sum().clamp_min(1), neg.sum().clamp_min(1)
+    else:
+        p = torch.sigmoid(logits)
+        loss = -target * torch.log(p + log_eps) - (1 - target) * torch.log(1 - p + log_eps)
+        n_pos, n_neg = pos.sum() + log_eps, neg.sum() + log_eps
+    loss_pos = torch.where(pos, loss, zero).sum() / n_pos
+    loss_neg = torch.where(neg, loss, zero).sum() / n_neg
     return 0.5 * (loss_pos + loss_neg)
 
 
@@ -81,10 +91,12 @@ LABEL_TEMPERATURE_LOSSES = ("soft_ce", "kl")  # the losses whose targets are sof
 INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
 
 
-def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = DEFAULT_LABEL_TEMPERATURE) -> torch.Tensor:
+def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
+              log_eps: float | None = None) -> torch.Tensor:
     """The inner loss `name` on logits; `target` is the batch's S (None: hard pairs, S = I).
 
     `label_temperature` is the tau of `soft_ce` and `kl` (softmax(S / tau) targets); the other losses ignore it.
+    `log_eps`: wbce in the reference code's form (see weighted_bce); the other losses ignore it.
     """
     if target is None:
         if name == "infonce":
@@ -94,4 +106,6 @@ def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, labe
         raise ValueError(f"unknown inner loss {name!r}; choose from {sorted(SOFT_LOSSES)}")
     if name in LABEL_TEMPERATURE_LOSSES:
         return SOFT_LOSSES[name](logits, target, label_temperature)
+    if name == "wbce":
+        return weighted_bce(logits, target, log_eps)
     return SOFT_LOSSES[name](logits, target)

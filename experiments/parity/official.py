@@ -1,0 +1,287 @@
+"""Run an official distillation script on CPU, unchanged, and record what it drew and what it computed.
+
+    python experiments/parity/official.py --official <checkout> --script distill_tesla_lors.py --out <dir> \
+        --standin <bert folder> -- <the script's own arguments>
+
+Runs in its own process (run.py starts it), with the working directory `<out>/cwd` (the script's relative paths:
+./distill_utils/checkpoints/bert-base-uncased, the caption-embedding .npz caches, ./logged_files). Nothing of the
+checkout is edited; what this file changes is at import time and listed in PATCHES (each: what and why). None of
+them changes what an iteration computes.
+
+Recorded into <out>:
+- initial/      the synthetic set the script starts from (images, texts, step sizes, S), as an mmdd synthetic set
+- draws/        every iteration's draws in mmdd's format (mmdd.methods.draws): the expert (the replay-buffer file the
+                script loaded), the start epoch, the inner mini-batches, the dropout masks
+- states.safetensors   the set after every outer step ("<iteration>.<tensor>")
+- losses.json   the script's logged losses per iteration (Loss/grand, Loss/img_grand, Loss/txt_grand)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import types
+from pathlib import Path
+
+# What is changed in the official process, and why (README.md repeats it).
+PATCHES = {
+    "device": "torch.Tensor.to / nn.Module.to map 'cuda' to 'cpu' (the scripts hard-code .to('cuda'))",
+    "wandb": "a recorder replaces wandb (init/log/finish/Image/Histogram/Html): logged values are kept, nothing is sent",
+    "tokenizer": "transformers 5 removed batch_encode_plus; it calls the tokenizer itself, which is what it did",
+    "bert": "./distill_utils/checkpoints/bert-base-uncased is a link to the random 2-layer 768-d stand-in BERT",
+    "stubs": "modules the run imports but never calls, when not installed (clip, kornia; sklearn's cosine_similarity "
+             "is used by --draw only): stand-ins that raise if called",
+    "recorders": "numpy.random.randint, torch.randperm, torch.nn.functional.dropout, torch.load and torch.optim.SGD "
+                 "are wrapped: each calls the original and records its result (who called, what came back)",
+}
+
+
+def _cpu(arg):
+    import torch
+
+    if isinstance(arg, str) and arg.startswith("cuda"):
+        return "cpu"
+    if isinstance(arg, torch.device) and arg.type == "cuda":
+        return torch.device("cpu")
+    return arg
+
+
+def patch_devices() -> None:
+    import torch
+
+    tensor_to, module_to = torch.Tensor.to, torch.nn.Module.to
+
+    def t_to(self, *args, **kwargs):
+        return tensor_to(self, *[_cpu(a) for a in args], **{k: _cpu(v) for k, v in kwargs.items()})
+
+    def m_to(self, *args, **kwargs):
+        return module_to(self, *[_cpu(a) for a in args], **{k: _cpu(v) for k, v in kwargs.items()})
+
+    torch.Tensor.to = t_to
+    torch.nn.Module.to = m_to
+
+
+class _Stub(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"parity harness: {self.__name__}.{name} is a stand-in (module not installed) and the "
+                               "official script called it; install the module")
+        return refuse
+
+
+def stub_missing(names) -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                sys.modules.setdefault(".".join(parts[:i]), _Stub(".".join(parts[:i])))
+
+
+def patch_tokenizer() -> None:
+    from transformers import PreTrainedTokenizerBase
+
+    if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
+        PreTrainedTokenizerBase.batch_encode_plus = lambda self, texts, **kwargs: self(texts, **kwargs)
+
+
+class Recorder:
+    """Everything the official loop drew and computed, by iteration (an iteration starts at wandb.log({"Progress"}))."""
+
+    def __init__(self, script: Path):
+        self.script = str(script)
+        self.iteration = -1
+        self.iterations: list[dict] = []
+        self.loaded: list[str] = []  # torch.load paths in order
+        self.initial: dict | None = None
+        self.states: dict = {}
+        self.losses: list[dict] = []
+
+    def from_script(self, depth: int = 2) -> bool:
+        return sys._getframe(depth).f_code.co_filename == self.script
+
+    def now(self) -> dict:
+        return self.iterations[self.iteration]
+
+    def start_iteration(self, it: int) -> None:
+        self.iteration = len(self.iterations)
+        self.iterations.append({"it": it, "randint": [], "randperm": [], "masks": [], "loads_before": len(self.loaded)})
+
+    def install(self) -> None:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        rec = self
+        randint, randperm, dropout, load = np.random.randint, torch.randperm, F.dropout, torch.load
+
+        def rec_randint(*args, **kwargs):
+            value = randint(*args, **kwargs)
+            if rec.iteration >= 0 and rec.from_script():
+                rec.now()["randint"].append(int(value))
+            return value
+
+        def rec_randperm(*args, **kwargs):
+            value = randperm(*args, **kwargs)
+            if rec.iteration >= 0 and rec.from_script():
+                rec.now()["randperm"].append(value.tolist())
+            return value
+
+        def rec_dropout(input, p=0.5, training=True, inplace=False):
+            out = dropout(input, p, training, inplace)
+            if training and p > 0 and rec.iteration >= 0:
+                rec.now()["masks"].append((out != 0).to(torch.uint8).cpu())
+            return out
+
+        def rec_load(f, *args, **kwargs):
+            rec.loaded.append(str(f))
+            return load(f, *args, **kwargs)
+
+        class RecordingSGD(torch.optim.SGD):
+            def __init__(self, params, *args, **kwargs):
+                super().__init__(params, *args, **kwargs)
+                rec.initial = rec.snapshot(self)
+
+            def step(self, closure=None):
+                out = super().step(closure)
+                rec.states[rec.iteration] = rec.snapshot(self)
+                return out
+
+        np.random.randint = rec_randint
+        torch.randperm = rec_randperm
+        F.dropout = rec_dropout
+        torch.load = rec_load
+        torch.optim.SGD = RecordingSGD
+
+    @staticmethod
+    def snapshot(opt) -> dict:
+        """The outer optimizer's parameters by role: LoRS's and MTT's scripts build their groups in this order."""
+        groups = [[p.detach().clone().cpu() for p in g["params"]] for g in opt.param_groups]
+        out = {"images": groups[0][0], "texts": groups[1][0], "lr_image": groups[2][0].reshape(1),
+               "lr_text": groups[2][1].reshape(1)}
+        if len(groups) > 3:
+            for name, t in zip(("diag", "left", "right"), groups[3]):
+                out[f"sim_{name}"] = t
+        return out
+
+    def wandb(self) -> types.ModuleType:
+        rec = self
+        mod = types.ModuleType("wandb")
+
+        class Run:
+            name = "parity"
+
+        def log(values, step=None, **kwargs):
+            if "Progress" in values:
+                rec.start_iteration(int(values["Progress"]))
+            losses = {k: float(v) for k, v in values.items() if k.startswith("Loss/")}
+            if losses:
+                rec.losses.append({"iteration": rec.iteration, **losses})
+
+        mod.init = lambda *a, **k: Run()
+        mod.log = log
+        mod.finish = lambda *a, **k: None
+        mod.run = Run()
+        for name in ("Image", "Histogram", "Html", "Table"):
+            setattr(mod, name, lambda *a, **k: None)
+        return mod
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", required=True, type=Path)
+    parser.add_argument("--script", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--standin", required=True, type=Path)
+    parser.add_argument("--mini-batch", type=int, required=True, help="the script's --mini_batch_size (to cut batches)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    official, out = args.official.resolve(), args.out.resolve()
+    script = official / args.script
+    cwd = out / "cwd"
+    link = cwd / "distill_utils" / "checkpoints" / "bert-base-uncased"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(args.standin.resolve(), target_is_directory=True)
+    os.chdir(cwd)
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("PARITY_THREADS", torch.get_num_threads())))
+    patch_devices()
+    stub_missing(["clip", "kornia", "sklearn.metrics.pairwise"])
+    patch_tokenizer()
+    rec = Recorder(script)
+    sys.modules["wandb"] = rec.wandb()
+    rec.install()
+    sys.path.insert(0, str(official))
+    sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
+    runpy.run_path(str(script), run_name="__main__")
+    save(rec, out, args.mini_batch)
+    return 0
+
+
+def batches_of(perms: list[list[int]], steps: int, size: int) -> list[list[int]]:
+    """The scripts' inner mini-batches: consecutive chunks of a permutation, a new permutation when the next chunk
+    would run past its end (distill_tesla_lors.py 339-348; the same rule as mmdd's BatchSchedule). The permutations
+    are the recorded ones, in the order the script drew them."""
+    out, perms = [], list(perms)
+    perm, pos = perms.pop(0), 0
+    for _ in range(steps):
+        if pos + size > len(perm):
+            perm, pos = perms.pop(0), 0
+        out.append(perm[pos:pos + size])
+        pos += size
+    if perms:
+        raise RuntimeError(f"{len(perms)} recorded permutations left unused: the script drew differently than expected")
+    return out
+
+
+def save(rec: Recorder, out: Path, mini_batch: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mmdd.methods.draws import write_draws
+    from mmdd.synthetic.similarity import LowRankSimilarity
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+    from mmdd.utils.io import atomic_write, atomic_write_json
+
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    init = rec.initial
+    similarity = None
+    if "sim_left" in init:
+        similarity = LowRankSimilarity(len(init["images"]), run["sim_rank"], run["alpha"])
+        similarity.load_state_dict({"diag": init["sim_diag"], "left": init["sim_left"], "right": init["sim_right"]})
+    syn = SyntheticSet(init["images"], init["texts"], {"image": init["lr_image"][0], "text": init["lr_text"][0]},
+                       similarity)
+    syn.save(out / "initial", {"source": "official", "script": rec.script})
+    iterations, masks = [], {}
+    for k, it in enumerate(rec.iterations):
+        loaded = rec.loaded[it["loads_before"] - 1]  # the file the iteration's expert came from (one expert per file)
+        expert = int(Path(loaded).stem.rsplit("_", 1)[1])
+        if len(it["randint"]) != 1:
+            raise RuntimeError(f"iteration {k}: {len(it['randint'])} start-epoch draws recorded, expected 1")
+        for j, m in enumerate(it["masks"]):
+            masks[f"{k}.{j}"] = m.contiguous()
+        iterations.append({"expert": expert, "start": it["randint"][0],
+                           "batches": batches_of(it["randperm"], run["syn_steps"], mini_batch),
+                           "blends": None, "dropout_calls": len(it["masks"])})
+    write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
+    states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}
+    atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))
+    atomic_write_json(out / "losses.json", rec.losses)
+    atomic_write_json(out / "patches.json", PATCHES)
+    print(f"official run recorded: {len(iterations)} iterations -> {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

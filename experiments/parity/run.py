@@ -1,0 +1,241 @@
+"""mmdd against the official code, on identical inputs: `python experiments/parity/run.py lors --official <checkout>`.
+
+One command per method. It builds the shared inputs (the embedded dataset in the BLIP Flickr30K layout, a random
+nfnet_l0, the random 768-d stand-in BERT, a trajectory store made by `mmdd buffer` and the same experts as the
+official replay-buffer files), runs the official script on CPU from the outside (official.py: nothing of the
+checkout is edited) while recording its draws and states, replays the same draws in `mmdd distill` from the same
+initial set (`draws.replay`, `init_from`), and compares: the set after every recorded iteration's end (images,
+texts, step sizes, S) and the per-iteration matching losses. Prints a Markdown row and writes <work>/parity.json.
+
+The official checkout is never copied into this repository; its commit is recorded. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OFFICIAL_SCRIPTS = {"lors": "distill_tesla_lors.py"}
+
+# The shared problem: small enough for a 2-core CPU, every shape of the papers' stack (nfnet_l0 2304-d features,
+# 768-d texts, a 768 -> 2304 text head). Sizes of the embedded dataset's splits:
+DATA = {"num_train": 200, "num_val": 50, "num_test": 100}
+# LoRS's Flickr30K-100 settings (sh/distill_flickr_lors_100.sh), but for the iterations: the official flags and mmdd's.
+LORS = {"syn_steps": 8, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 100, "lr_txt": 100, "lr_lr": 0.01,
+        "lr_teacher": 0.1, "lr_sim": 10.0, "sim_rank": 10, "alpha": 3.0, "num_queries": 99, "mini_batch_size": 20,
+        "loss_type": "WBCE"}
+
+
+def sh(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> float:
+    """Run `cmd`, its output into `log`; returns the wall seconds, raises with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
+    if proc.returncode:
+        tail = log.read_text()[-4000:]
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n--- {log} ---\n{tail}")
+    return time.perf_counter() - t0
+
+
+def git_commit(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown (not a git checkout)"
+
+
+def mmdd_common(work: Path, image_size: int) -> list[str]:
+    """The overrides every mmdd stage of the parity run shares (what defines its data, model and teachers)."""
+    return [
+        f"paths.root_dir={work / 'mmdd'}",
+        f"data.image_size={image_size}",
+        *[f"data.generate.{k}={v}" for k, v in DATA.items()],
+        "model=nfnet_bert", "model.image.pretrained=false", f"model.text.name_or_path={work / 'standin'}",
+        "model.text.device=cpu",
+        "teacher.num_experts=2", "teacher.epochs=2", "teacher.batch_size=64",
+        "logger=none", "hardware=cpu",
+    ]
+
+
+def prepare(work: Path, image_size: int) -> dict:
+    """The stand-in BERT, the data, the teachers (mmdd buffer) and the same experts as replay-buffer files."""
+    sys.path.insert(0, str(REPO / "src"))
+    from mmdd.bench.standin import write_bert_standin
+    from mmdd.teachers.replay_buffer import export_replay_buffers
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "standin" / "config.json").exists():
+        write_bert_standin(work / "standin")
+    store_dir = work / "mmdd" / "store"
+    if not (store_dir / "expert_001.safetensors").exists():
+        sh([sys.executable, "-m", "mmdd.cli", "buffer", *mmdd_common(work, image_size), f"buffer_dir={store_dir}",
+            "hydra.run.dir=" + str(work / "mmdd" / "buffer_run")], work / "buffer.log")
+    store = TrajectoryStore.open(store_dir)
+    experts = store.completed_experts()
+    buffers = work / "buffers"
+    if not (buffers / "txt_replay_buffer_0.pt").exists():
+        export_replay_buffers(store, buffers, experts, per_file=1)  # file n holds expert experts[n]
+    check_parameter_order(store)
+    # The official loaders read <ann_root>/flickr30k_{split}.json with image paths relative to image_root: the
+    # embedded dataset is written in that (BLIP) format already, under other file names.
+    data_root = find_data_root(work)
+    ann = work / "flickr_ann"
+    ann.mkdir(exist_ok=True)
+    for split in ("train", "val", "test"):
+        shutil.copyfile(data_root / "annotations" / f"synscenes_{split}.json", ann / f"flickr30k_{split}.json")
+    return {"store": store_dir, "experts": experts, "buffers": buffers, "image_root": data_root, "ann_root": ann}
+
+
+def find_data_root(work: Path) -> Path:
+    found = sorted((work / "mmdd" / "data").glob("synscenes_*"))
+    found = [p for p in found if (p / "annotations" / "synscenes_train.json").exists()]
+    if len(found) != 1:
+        raise SystemExit(f"expected one generated dataset under {work / 'mmdd' / 'data'}, found {found}")
+    return found[0]
+
+
+def check_parameter_order(store) -> None:
+    """The official scripts flatten parameters in `module.parameters()` order (ReparamModule); the buffer files hold
+    them in the store's order. Both must be timm's nfnet_l0 order, or the experts would be read into other tensors."""
+    import timm
+
+    names = [n.removeprefix("backbone.") for n in store.param_names["image"]]
+    timm_names = [n for n, _ in timm.create_model("nfnet_l0", pretrained=False, num_classes=0,
+                                                  global_pool="avg").named_parameters()]
+    if names != timm_names:
+        raise SystemExit("the store's image parameters are not in timm nfnet_l0's parameters() order")
+    text = [n.removeprefix("text_head.") for n in store.param_names["text"]]
+    want = ["projection.weight", "projection.bias", "fc.weight", "fc.bias", "layer_norm.weight", "layer_norm.bias"]
+    if text != want:
+        raise SystemExit(f"the store's text-head parameters {text} are not the official ProjectionHead's order {want}")
+
+
+def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int, image_size: int) -> float:
+    out = work / "official"
+    out.mkdir(parents=True, exist_ok=True)
+    s = LORS
+    (out / "run.json").write_text(json.dumps({"syn_steps": s["syn_steps"], "sim_rank": s["sim_rank"],
+                                              "alpha": s["alpha"]}))
+    args = [
+        "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
+        f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
+        "--image_pretrained=",  # argparse type=bool: only the empty string is False (a random nfnet_l0)
+        f"--image_size={image_size}", f"--Iteration={iterations - 1}", "--eval_it=0", "--disabled_wandb=True",
+        f"--syn_steps={s['syn_steps']}", f"--expert_epochs={s['expert_epochs']}",
+        f"--max_start_epoch={s['max_start_epoch']}", f"--lr_img={s['lr_img']}", f"--lr_txt={s['lr_txt']}",
+        f"--lr_lr={s['lr_lr']}", f"--lr_teacher_img={s['lr_teacher']}", f"--lr_teacher_txt={s['lr_teacher']}",
+        f"--lr_sim={s['lr_sim']}", "--sim_type=lowrank", f"--sim_rank={s['sim_rank']}", f"--alpha={s['alpha']}",
+        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}",
+        f"--loss_type={s['loss_type']}", "--name=parity",
+    ]
+    cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
+           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"),
+           "--mini-batch", str(s["mini_batch_size"]), "--", *args]
+    return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
+
+
+def run_mmdd_lors(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str]) -> float:
+    s = LORS
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size), "method=lors",
+           f"budget={s['num_queries'] + 1}",  # LoRS: S takes one pair's storage
+           f"buffer_dir={inputs['store']}", f"init_from={work / 'official' / 'initial'}",
+           f"draws.replay={work / 'official' / 'draws'}", f"method.iterations={iterations}",
+           f"method.syn_steps={s['syn_steps']}", f"method.expert_epochs={s['expert_epochs']}",
+           f"method.max_start_epoch={s['max_start_epoch']}", f"method.lr_img={s['lr_img']}",
+           f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.lr_sim={s['lr_sim']}",
+           "method.momentum=0.5", "method.sim_momentum=0.5", "method.lr_min=null", "method.loss_merge=separate",
+           "method.inner_loss=wbce", "method.meta_gradient=tesla", f"method.batch_syn={s['mini_batch_size']}",
+           "method.similarity.kind=lowrank", f"method.similarity.rank={s['sim_rank']}",
+           f"method.similarity.alpha={s['alpha']}", "evaluate=false", "diagnostics_every=0", "save_every=0",
+           "resume=false", f"hydra.run.dir={work / 'mmdd' / name}", *overrides]
+    return sh(cmd, work / f"{name}.log")
+
+
+def relative(a, b) -> float:
+    """max |a - b| / max |b|: the largest difference against the official tensor's scale."""
+    scale = float(b.abs().max())
+    return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def compare(work: Path, iterations: int, name: str) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+
+    states = load_file(str(work / "official" / "states.safetensors"))
+    last = iterations - 1
+    official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
+    syn, _ = SyntheticSet.load(work / "mmdd" / name / "synthetic")
+    mine = {"images": syn.images, "texts": syn.texts, "lr_image": syn.lrs["image"].reshape(1),
+            "lr_text": syn.lrs["text"].reshape(1)}
+    if syn.similarity is not None:
+        mine.update({f"sim_{n}": p for n, p in syn.similarity.named_parameters()})
+    initial, _ = SyntheticSet.load(work / "official" / "initial")
+    tensors = {}
+    for key, b in official.items():
+        a = mine[key].detach()
+        moved = {"images": initial.images.detach(), "texts": initial.texts.detach()}.get(key)
+        tensors[key] = {"relative": relative(a, b), "max_abs": float((a - b).abs().max()),
+                         # how far the set moved in K iterations: a difference is small only against this
+                         "moved": None if moved is None else float((b - moved).abs().max())}
+    off_losses = json.loads((work / "official" / "losses.json").read_text())
+    history = json.loads((work / "mmdd" / name / "synthetic" / "history.json").read_text())
+    losses = []
+    for o, h in zip(off_losses, history):
+        a, b = h["distill/matching_loss"], o["Loss/grand"]
+        losses.append({"iteration": o["iteration"], "official": b, "mmdd": a, "relative": abs(a - b) / abs(b)})
+    return {"tensors": tensors, "losses": losses,
+            "largest": max([t["relative"] for t in tensors.values()] + [l["relative"] for l in losses])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=sorted(OFFICIAL_SCRIPTS))
+    parser.add_argument("--official", required=True, type=Path, help="a checkout of the method's official repository")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/<method>)")
+    parser.add_argument("--iterations", type=int, default=5, help="outer iterations K (default 5)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--reuse-official", action="store_true", help="keep the official run recorded in --work")
+    parser.add_argument("--name", default="mmdd", help="name of this mmdd run (several variants side by side)")
+    parser.add_argument("overrides", nargs="*", help="further mmdd overrides, e.g. +method.wbce_log_eps=1e-6")
+    args = parser.parse_intermixed_args()
+    official = args.official.resolve()
+    script = official / OFFICIAL_SCRIPTS[args.method]
+    if not script.is_file():
+        raise SystemExit(f"{script} not found: --official must be a checkout of the method's repository (README.md)")
+    work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px").resolve()
+    inputs = prepare(work, args.image_size)
+    if inputs["experts"] != list(range(len(inputs["experts"]))):
+        raise SystemExit(f"store experts {inputs['experts']}: expected 0..n-1 (replay-buffer file n = expert n)")
+    if args.reuse_official and (work / "official" / "states.safetensors").exists():
+        seconds_official = None
+    else:
+        seconds_official = run_official_lors(official, work, inputs, args.iterations, args.image_size)
+    seconds_mmdd = run_mmdd_lors(work, inputs, args.iterations, args.image_size, args.name, args.overrides)
+    result = compare(work, args.iterations, args.name)
+    result.update({"method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
+                   "image_size": args.image_size, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
+                   "command": " ".join(["python", "experiments/parity/run.py", *sys.argv[1:]])})
+    result["overrides"] = args.overrides
+    (work / f"parity_{args.name}.json").write_text(json.dumps(result, indent=2))
+    print(f"| {args.method} | distillation ({args.iterations} it, {args.image_size} px) | {result['largest']:.2e} | "
+          f"{result['official_commit'][:7]} |")
+    for name, t in result["tensors"].items():
+        print(f"  {name}: relative {t['relative']:.2e} (max abs {t['max_abs']:.2e}, moved {t['moved']})")
+    for l in result["losses"]:
+        print(f"  loss it {l['iteration']}: official {l['official']:.6f} mmdd {l['mmdd']:.6f} rel {l['relative']:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
