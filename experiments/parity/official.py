@@ -137,6 +137,8 @@ class Recorder:
             return value
 
         def rec_dropout(input, p=0.5, training=True, inplace=False):
+            if rec.iteration >= 0:  # the input's sum: where a forward first differs from mmdd's (debugging)
+                rec.now().setdefault("dropout_inputs", []).append([float(p), float(input.detach().double().sum())])
             out = dropout(input, p, training, inplace)
             if training and p > 0 and rec.iteration >= 0:
                 rec.now()["masks"].append((out != 0).to(torch.uint8).cpu())
@@ -279,6 +281,7 @@ def save(rec: Recorder, out: Path, mini_batch: int) -> None:
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}
     atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))
     atomic_write_json(out / "losses.json", rec.losses)
+    atomic_write_json(out / "dropout_inputs.json", [it.get("dropout_inputs", []) for it in rec.iterations])
     atomic_write_json(out / "patches.json", PATCHES)
     print(f"official run recorded: {len(iterations)} iterations -> {out}")
 
