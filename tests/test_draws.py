@@ -122,3 +122,12 @@ def test_blends_and_dropout_masks_replay_exactly(tmp_path):
     write_draws(tmp_path / "empty", [], {}, source="test")
     with pytest.raises(Exception, match="holds 0 iterations"):
         ReplayedDraws(tmp_path / "empty").begin([0])
+
+
+def test_draws_on_a_method_that_takes_none_are_refused(root):
+    data = [o for o in TINY if o.startswith(("data.", "model.", "budget"))]
+    proc = run_in_process(["distill", *data, *QUIET, "method=random", f"draws.record={root / 'unused'}",
+                           "hydra.run.dir=outputs/random_draws"], root)
+    assert proc.returncode == 2
+    assert "method=random takes no draws" in proc.stderr
+    assert not (root / "unused").exists()

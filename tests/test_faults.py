@@ -208,7 +208,8 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
 
     from mmdd.data.datamodule import load_data
     from mmdd.methods.outer_loop import outer_optimizer
-    from mmdd.methods.trajectory_matching import build_segment, draw_segment_start, meta_gradient_for
+    from mmdd.methods.draws import draw_segment_start
+    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
     from mmdd.utils.seed import rank_seed
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories

@@ -11,7 +11,8 @@ import torch
 from conftest import TINY, run_in_process
 from mmdd.errors import MmddError
 from mmdd.methods.outer_loop import OuterLoop
-from mmdd.methods.trajectory_matching import MatchingSettings, draw_segment_start
+from mmdd.methods.draws import draw_segment_start
+from mmdd.methods.trajectory_matching import MatchingSettings
 from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings, shortcut_betas
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 

@@ -24,8 +24,8 @@ from mmdd.data.datamodule import load_data
 from mmdd.errors import MmddError
 from mmdd.methods.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
-from mmdd.methods.trajectory_matching import (TrajectoryMatching, build_segment, caches_features,
-                                              draw_segment_start, meta_gradient_for)
+from mmdd.methods.draws import draw_segment_start
+from mmdd.methods.trajectory_matching import TrajectoryMatching, build_segment, caches_features, meta_gradient_for
 from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmdd.errors import ArtifactError, MmddError
-from mmdd.methods.matching import BatchSchedule, Blend
+from mmdd.methods.matching import BatchSchedule, Blend, inner_batch_size
 from mmdd.utils.io import atomic_write, atomic_write_json
 
 FORMAT = "mmdd-draws"
@@ -175,7 +175,7 @@ def read_draws(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 class _ReplayedSchedule:
     def __init__(self, owner: "ReplayedDraws", n: int, batch_size: int | None, device):
         self.owner, self.n, self.device = owner, n, device
-        self.batch_size = n if not batch_size or batch_size >= n else int(batch_size)
+        self.batch_size = inner_batch_size(n, batch_size)
         self.step = 0
 
     def next(self):
@@ -276,6 +276,12 @@ class ReplayedDraws(RunDraws):
         recorded = self.now.get("dropout_calls")
         if recorded is not None and recorded != self._call:
             self.refuse(f"it made {self._call} dropout calls, {recorded} were recorded")
+
+
+def draws_hooked(cfg) -> bool:
+    """Whether the run records or replays its draws (conf/distill.yaml `draws`)."""
+    draws = cfg.get("draws") or {}
+    return bool(draws.get("record") or draws.get("replay"))
 
 
 def draws_source(draws_cfg) -> RunDraws:

@@ -15,6 +15,7 @@ from mmdd.errors import MmddError, Stopped
 from mmdd.methods.base import DistillResult, Method, check_budget, sample_real_pairs, save_synthetic
 from mmdd.methods.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
 from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy
+from mmdd.methods.draws import draws_hooked
 from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
@@ -109,8 +110,7 @@ class LearnedMethod(Method):
         accelerate_model(model, cfg.hardware, second_order=self.second_order)
         objective = self.make_objective(cfg, model, train, fingerprint)
         ckpt = resume_checkpoint(cfg.resume, out_dir)
-        draws = cfg.get("draws") or {}
-        if ckpt is not None and (draws.get("record") or draws.get("replay")):
+        if ckpt is not None and draws_hooked(cfg):
             raise MmddError(f"draws.record / draws.replay runs start fresh, but {out_dir} holds a checkpoint to resume "
                             "from: rerun with resume=false (or another output directory)")
         # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.

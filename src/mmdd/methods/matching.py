@@ -21,12 +21,17 @@ import torch
 from mmdd.models.functional import ParamLayout, functional_logits
 
 
+def inner_batch_size(n: int, batch_size: int | None) -> int:
+    """The inner mini-batch of a set of n pairs: method.batch_syn, or all pairs (None, or more than there are)."""
+    return n if not batch_size or batch_size >= n else int(batch_size)
+
+
 class BatchSchedule:
     """Inner mini-batches: consecutive chunks of a random permutation, redrawn when exhausted."""
 
     def __init__(self, n: int, batch_size: int | None, generator: torch.Generator | None = None, device=None):
         self.n = n
-        self.batch_size = n if not batch_size or batch_size >= n else int(batch_size)
+        self.batch_size = inner_batch_size(n, batch_size)
         self.generator = generator
         self.device = device
         self._perm: torch.Tensor | None = None

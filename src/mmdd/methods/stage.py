@@ -10,7 +10,9 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from mmdd.data.datamodule import load_annotations, load_data
+from mmdd.errors import MmddError
 from mmdd.methods.base import check_budget, save_synthetic
+from mmdd.methods.draws import draws_hooked
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files
 from mmdd.data.transforms import denormalize
 from mmdd.synthetic.synthetic_set import load_captions
@@ -85,6 +87,9 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     for folder in (out_dir, out_dir / "checkpoint"):  # temp files of a run killed while writing (a rerun resumes)
         remove_stale_temp_files(folder)
     method = instantiate(cfg.method)
+    if draws_hooked(cfg) and not method.takes_draws:
+        raise MmddError(f"draws.record / draws.replay apply to trajectory-matching methods; method={cfg.method.name} "
+                        "takes no draws from them: unset draws")
     if complete_selection(method, cfg, out_dir):
         log.info("%s: the set in %s is complete and was made by this same configuration; reused (resume=false "
                  "selects again)", cfg.method.name, out_dir)

@@ -15,7 +15,7 @@ import torch
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
-from mmdd.methods.draws import RunDraws, draw_segment_start, draws_source  # noqa: F401 (draw_segment_start: re-exported)
+from mmdd.methods.draws import RunDraws, draws_source
 from mmdd.methods.learned import LearnedMethod
 from mmdd.methods.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
 from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
@@ -162,6 +162,7 @@ class TrajectoryMatching(LearnedMethod):
     """Distils by matching expert trajectories; all settings live in a `MatchingSettings`."""
 
     settings_cls = MatchingSettings
+    takes_draws = True  # expert, start epoch, mini-batches, blends, dropout masks: mmdd.methods.draws
     second_order = True  # the student's inner steps are differentiated: its backbone stays uncompiled
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:

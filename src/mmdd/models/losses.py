@@ -87,7 +87,8 @@ def soft_mse(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 SOFT_LOSSES = {"wbce": weighted_bce, "bce": soft_bce, "infonce": multilabel_infonce, "soft_ce": soft_ce, "kl": lors_kl,
                "mse": soft_mse}
-LABEL_TEMPERATURE_LOSSES = ("soft_ce", "kl")  # the losses whose targets are softmax(S / label_temperature)
+# The options each soft loss takes (pair_loss's keyword arguments).
+LOSS_OPTIONS = {"soft_ce": ("label_temperature",), "kl": ("label_temperature",), "wbce": ("log_eps",)}
 INNER_LOSSES = ("infonce", *(k for k in SOFT_LOSSES if k != "infonce"))
 
 
@@ -104,8 +105,5 @@ def pair_loss(name: str, logits: torch.Tensor, target: torch.Tensor | None, labe
         target = torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)
     if name not in SOFT_LOSSES:
         raise ValueError(f"unknown inner loss {name!r}; choose from {sorted(SOFT_LOSSES)}")
-    if name in LABEL_TEMPERATURE_LOSSES:
-        return SOFT_LOSSES[name](logits, target, label_temperature)
-    if name == "wbce":
-        return weighted_bce(logits, target, log_eps)
-    return SOFT_LOSSES[name](logits, target)
+    options = {"label_temperature": label_temperature, "log_eps": log_eps}
+    return SOFT_LOSSES[name](logits, target, **{k: options[k] for k in LOSS_OPTIONS.get(name, ())})

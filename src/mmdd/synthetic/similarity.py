@@ -57,9 +57,7 @@ def similarity_spec(spec: dict) -> dict:
 
 
 def build_similarity(spec: dict, n: int, generator: torch.Generator | None = None) -> nn.Module:
-    kind = spec.get("kind")
-    if kind == "lowrank":
-        return LowRankSimilarity(n, int(spec["rank"]), float(spec["alpha"]), generator)
-    if kind == "full":
-        return FullSimilarity(n)
-    raise ValueError(f"similarity kind must be one of {KINDS}, got {kind!r}")
+    spec = similarity_spec(spec)
+    if spec["kind"] == "lowrank":
+        return LowRankSimilarity(n, spec["rank"], spec["alpha"], generator)
+    return FullSimilarity(n)
