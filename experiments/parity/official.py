@@ -204,7 +204,6 @@ def main() -> int:
     parser.add_argument("--script", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--standin", required=True, type=Path)
-    parser.add_argument("--mini-batch", type=int, required=True, help="the script's --mini_batch_size (to cut batches)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     official, out = args.official.resolve(), args.out.resolve()
@@ -228,7 +227,7 @@ def main() -> int:
     sys.path.insert(0, str(official))
     sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
     runpy.run_path(str(script), run_name="__main__")
-    save(rec, out, args.mini_batch)
+    save(rec, out)
     return 0
 
 
@@ -248,7 +247,9 @@ def batches_of(perms: list[list[int]], steps: int, size: int) -> list[list[int]]
     return out
 
 
-def save(rec: Recorder, out: Path, mini_batch: int) -> None:
+def save(rec: Recorder, out: Path) -> None:
+    """Writes what `rec` recorded; <out>/run.json (written by run.py) names the settings it needs to read the draws:
+    syn_steps, mini_batch_size, sim_rank, alpha."""
     import torch
     from safetensors.torch import save_file
 
@@ -257,7 +258,7 @@ def save(rec: Recorder, out: Path, mini_batch: int) -> None:
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.io import atomic_write, atomic_write_json
 
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    run = json.loads((out / "run.json").read_text())
     init = rec.initial
     similarity = None
     if "sim_left" in init:
@@ -275,7 +276,7 @@ def save(rec: Recorder, out: Path, mini_batch: int) -> None:
         for j, m in enumerate(it["masks"]):
             masks[f"{k}.{j}"] = m.contiguous()
         iterations.append({"expert": expert, "start": it["randint"][0],
-                           "batches": batches_of(it["randperm"], run["syn_steps"], mini_batch),
+                           "batches": batches_of(it["randperm"], run["syn_steps"], run["mini_batch_size"]),
                            "blends": None, "dropout_calls": len(it["masks"])})
     write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}

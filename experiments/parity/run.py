@@ -67,7 +67,6 @@ def mmdd_common(work: Path, image_size: int) -> list[str]:
 
 def prepare(work: Path, image_size: int) -> dict:
     """The stand-in BERT, the data, the teachers (mmdd buffer) and the same experts as replay-buffer files."""
-    sys.path.insert(0, str(REPO / "src"))
     from mmdd.bench.standin import write_bert_standin
     from mmdd.teachers.replay_buffer import export_replay_buffers
     from mmdd.teachers.trajectory_store import TrajectoryStore
@@ -123,8 +122,8 @@ def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int,
     out = work / "official"
     out.mkdir(parents=True, exist_ok=True)
     s = LORS
-    (out / "run.json").write_text(json.dumps({"syn_steps": s["syn_steps"], "sim_rank": s["sim_rank"],
-                                              "alpha": s["alpha"]}))
+    # What official.py needs to read the recorded draws (the script's own flags below say the same).
+    (out / "run.json").write_text(json.dumps({k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}))
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
         f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
@@ -138,8 +137,7 @@ def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int,
         f"--loss_type={s['loss_type']}", "--name=parity",
     ]
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
-           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"),
-           "--mini-batch", str(s["mini_batch_size"]), "--", *args]
+           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
 
