@@ -37,6 +37,15 @@ PATCHES = {
     "recorders": "numpy.random.randint, torch.randperm, torch.nn.functional.dropout, torch.load and torch.optim.SGD "
                  "are wrapped: each calls the original and records its result (who called, what came back)",
 }
+# Only with --float64 (both sides in double precision, to tell a different computation from different rounding):
+PATCHES_FLOAT64 = {
+    "default dtype": "torch.set_default_dtype(torch.float64): new parameters, torch.tensor/randn and ToTensor are float64",
+    "loaded tensors": "floating tensors from torch.load (the replay buffers) and torch.from_numpy (the caption-embedding "
+                      "caches) are cast to float64",
+    "float()": "Tensor.float() casts to the default dtype (float64) instead of float32 (distill_tesla_lors.py 370, 406 "
+               "cast the logits' operands)",
+    "bert": "the stand-in BERT is loaded in float64",
+}
 
 
 def _cpu(arg):
@@ -198,12 +207,46 @@ class Recorder:
         return mod
 
 
+def _to_default_dtype(value):
+    """Floating tensors inside (nested lists/tuples/dicts of) `value` cast to the default dtype."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.get_default_dtype()) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_default_dtype(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_default_dtype(v) for k, v in value.items()}
+    return value
+
+
+def patch_float64() -> None:
+    """PATCHES_FLOAT64: run the official script in double precision. Installed after the recorders (torch.load)."""
+    import torch
+    import transformers
+
+    torch.set_default_dtype(torch.float64)
+    load, from_numpy = torch.load, torch.from_numpy
+    torch.load = lambda *a, **k: _to_default_dtype(load(*a, **k))
+    torch.from_numpy = lambda array: _to_default_dtype(from_numpy(array))
+    torch.Tensor.float = lambda self, memory_format=torch.preserve_format: self.to(
+        torch.get_default_dtype(), memory_format=memory_format)
+    from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+    @classmethod
+    def double_from_pretrained(cls, *args, **kwargs):
+        return from_pretrained(cls, *args, **kwargs).double()
+
+    transformers.PreTrainedModel.from_pretrained = double_from_pretrained
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path)
     parser.add_argument("--script", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--standin", required=True, type=Path)
+    parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     official, out = args.official.resolve(), args.out.resolve()
@@ -224,6 +267,8 @@ def main() -> int:
     rec = Recorder(script)
     sys.modules["wandb"] = rec.wandb()
     rec.install()
+    if args.float64:
+        patch_float64()
     sys.path.insert(0, str(official))
     sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
     runpy.run_path(str(script), run_name="__main__")
@@ -265,7 +310,7 @@ def save(rec: Recorder, out: Path) -> None:
         similarity = LowRankSimilarity(len(init["images"]), run["sim_rank"], run["alpha"])
         similarity.load_state_dict({"diag": init["sim_diag"], "left": init["sim_left"], "right": init["sim_right"]})
     syn = SyntheticSet(init["images"], init["texts"], {"image": init["lr_image"][0], "text": init["lr_text"][0]},
-                       similarity)
+                       similarity, dtype=init["images"].dtype)
     syn.save(out / "initial", {"source": "official", "script": rec.script})
     iterations, masks = [], {}
     for k, it in enumerate(rec.iterations):
@@ -283,7 +328,7 @@ def save(rec: Recorder, out: Path) -> None:
     atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))
     atomic_write_json(out / "losses.json", rec.losses)
     atomic_write_json(out / "dropout_inputs.json", [it.get("dropout_inputs", []) for it in rec.iterations])
-    atomic_write_json(out / "patches.json", PATCHES)
+    atomic_write_json(out / "patches.json", {**PATCHES, **(PATCHES_FLOAT64 if run.get("float64") else {})})
     print(f"official run recorded: {len(iterations)} iterations -> {out}")
 
 

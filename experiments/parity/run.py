@@ -118,12 +118,19 @@ def check_parameter_order(store) -> None:
         raise SystemExit(f"the store's text-head parameters {text} are not the official ProjectionHead's order {want}")
 
 
-def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int, image_size: int) -> float:
-    out = work / "official"
+def official_dir(work: Path, float64: bool) -> Path:
+    """Where the official run is recorded: float32 and float64 runs side by side."""
+    return work / ("official_float64" if float64 else "official")
+
+
+def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int, image_size: int,
+                      float64: bool) -> float:
+    out = official_dir(work, float64)
     out.mkdir(parents=True, exist_ok=True)
     s = LORS
     # What official.py needs to read the recorded draws (the script's own flags below say the same).
-    (out / "run.json").write_text(json.dumps({k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}))
+    run = {k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}
+    (out / "run.json").write_text(json.dumps({**run, "float64": float64}))
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
         f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
@@ -137,16 +144,19 @@ def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int,
         f"--loss_type={s['loss_type']}", "--name=parity",
     ]
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
-           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"), "--", *args]
+           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"),
+           *(["--float64"] if float64 else []), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
 
-def run_mmdd_lors(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str]) -> float:
+def run_mmdd_lors(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str],
+                  float64: bool) -> float:
     s = LORS
+    recorded = official_dir(work, float64)
     cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size), "method=lors",
            f"budget={s['num_queries'] + 1}",  # LoRS: S takes one pair's storage
-           f"buffer_dir={inputs['store']}", f"init_from={work / 'official' / 'initial'}",
-           f"draws.replay={work / 'official' / 'draws'}", f"method.iterations={iterations}",
+           f"buffer_dir={inputs['store']}", f"init_from={recorded / 'initial'}",
+           f"draws.replay={recorded / 'draws'}", f"hardware.precision={'64-true' if float64 else '32-true'}", f"method.iterations={iterations}",
            f"method.syn_steps={s['syn_steps']}", f"method.expert_epochs={s['expert_epochs']}",
            f"method.max_start_epoch={s['max_start_epoch']}", f"method.lr_img={s['lr_img']}",
            f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.lr_sim={s['lr_sim']}",
@@ -164,29 +174,31 @@ def relative(a, b) -> float:
     return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-def compare(work: Path, iterations: int, name: str) -> dict:
+def compare(work: Path, iterations: int, name: str, float64: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
-    states = load_file(str(work / "official" / "states.safetensors"))
+    recorded = official_dir(work, float64)
+    states = load_file(str(recorded / "states.safetensors"))
     last = iterations - 1
     official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
-    syn, _ = SyntheticSet.load(work / "mmdd" / name / "synthetic")
+    dtype = torch.float64 if float64 else torch.float32
+    syn, _ = SyntheticSet.load(work / "mmdd" / name / "synthetic", dtype=dtype)
     mine = {"images": syn.images, "texts": syn.texts, "lr_image": syn.lrs["image"].reshape(1),
             "lr_text": syn.lrs["text"].reshape(1)}
     if syn.similarity is not None:
         mine.update({f"sim_{n}": p for n, p in syn.similarity.named_parameters()})
-    initial, _ = SyntheticSet.load(work / "official" / "initial")
+    initial, _ = SyntheticSet.load(recorded / "initial", dtype=dtype)
     tensors = {}
     for key, b in official.items():
-        a = mine[key].detach()
+        a = mine[key].detach().to(b.dtype)
         moved = {"images": initial.images.detach(), "texts": initial.texts.detach()}.get(key)
         tensors[key] = {"relative": relative(a, b), "max_abs": float((a - b).abs().max()),
                          # how far the set moved in K iterations: a difference is small only against this
                          "moved": None if moved is None else float((b - moved).abs().max())}
-    off_losses = json.loads((work / "official" / "losses.json").read_text())
+    off_losses = json.loads((recorded / "losses.json").read_text())
     history = json.loads((work / "mmdd" / name / "synthetic" / "history.json").read_text())
     losses = []
     for o, h in zip(off_losses, history):
@@ -204,7 +216,9 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=5, help="outer iterations K (default 5)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--reuse-official", action="store_true", help="keep the official run recorded in --work")
-    parser.add_argument("--name", default="mmdd", help="name of this mmdd run (several variants side by side)")
+    parser.add_argument("--float64", action="store_true",
+                        help="both sides in double precision (tells a different computation from different rounding)")
+    parser.add_argument("--name", default=None, help="name of this mmdd run (several variants side by side)")
     parser.add_argument("overrides", nargs="*", help="further mmdd overrides, e.g. +method.wbce_log_eps=1e-6")
     args = parser.parse_intermixed_args()
     official = args.official.resolve()
@@ -215,18 +229,20 @@ def main() -> int:
     inputs = prepare(work, args.image_size)
     if inputs["experts"] != list(range(len(inputs["experts"]))):
         raise SystemExit(f"store experts {inputs['experts']}: expected 0..n-1 (replay-buffer file n = expert n)")
-    if args.reuse_official and (work / "official" / "states.safetensors").exists():
+    name = args.name or ("mmdd_float64" if args.float64 else "mmdd")
+    if args.reuse_official and (official_dir(work, args.float64) / "states.safetensors").exists():
         seconds_official = None
     else:
-        seconds_official = run_official_lors(official, work, inputs, args.iterations, args.image_size)
-    seconds_mmdd = run_mmdd_lors(work, inputs, args.iterations, args.image_size, args.name, args.overrides)
-    result = compare(work, args.iterations, args.name)
+        seconds_official = run_official_lors(official, work, inputs, args.iterations, args.image_size, args.float64)
+    seconds_mmdd = run_mmdd_lors(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64)
+    result = compare(work, args.iterations, name, args.float64)
     result.update({"method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
-                   "image_size": args.image_size, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
+                   "image_size": args.image_size, "float64": args.float64, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
                    "command": " ".join(["python", "experiments/parity/run.py", *sys.argv[1:]])})
     result["overrides"] = args.overrides
-    (work / f"parity_{args.name}.json").write_text(json.dumps(result, indent=2))
-    print(f"| {args.method} | distillation ({args.iterations} it, {args.image_size} px) | {result['largest']:.2e} | "
+    (work / f"parity_{name}.json").write_text(json.dumps(result, indent=2))
+    precision = "float64" if args.float64 else "float32"
+    print(f"| {args.method} | distillation ({args.iterations} it, {args.image_size} px, {precision}) | {result['largest']:.2e} | "
           f"{result['official_commit'][:7]} |")
     for name, t in result["tensors"].items():
         print(f"  {name}: relative {t['relative']:.2e} (max abs {t['max_abs']:.2e}, moved {t['moved']})")

@@ -21,7 +21,7 @@ class HardwareConfig:
     devices: Any = MISSING  # an int, a list of device ids, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | 64-true (double: numerical checks, parity)
     num_threads: Optional[int] = None
     deterministic: bool = False
     channels_last: bool = False

@@ -21,7 +21,7 @@ from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerp
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import distill_identity
-from mmdd.utils.trainer import accelerate_model, build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer, precision_dtype
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LearnedMethod(Method):
         """`init_from=<set dir>`: start from a saved set (its images, texts, step sizes and S) instead of the method's
         own initialisation, e.g. the official code's initial pairs in experiments/parity. It must be what this run
         would have made: `n` pairs of this data's image size and text width, with S of the method's kind."""
-        syn, _ = SyntheticSet.load(folder)
+        syn, _ = SyntheticSet.load(folder, dtype=precision_dtype(cfg.hardware))
         want_image = [3, int(cfg.data.image_size), int(cfg.data.image_size)]
         problems = []
         if len(syn) != n:

@@ -44,6 +44,9 @@ class Segment:
     # TESLA's step-size gradient: of the merged loss too (True), or of the per-modality normalised loss whatever
     # `merged` says (False: what LoRS's and RepBlend's code do; see tesla_lr_gradient)
     lr_merged: bool = False
+    # TESLA's pass 2 dropout: replay pass 1's masks (exact) or draw new ones at pass 1's parameters (the reference
+    # code; see tesla)
+    pass2_dropout: str = "replay"
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
     blend: Blend | None = None  # RepBlend: representation blending per inner step
     from_features: bool = False  # `images` hold cached backbone features (see with_cached_features)
@@ -112,7 +115,13 @@ def tesla_lr_gradient(seg: Segment, grad_sum: dict[str, torch.Tensor], backward:
 
 
 def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
+    """`seg.pass2_dropout`: "replay" (exact TESLA) recomputes each step of pass 2 with the dropout masks pass 1 drew,
+    so step i's gradient is the one the student took and the parameters are re-derived step by step (constant memory).
+    "redraw" is what LoRS's and RepBlend's code do (distill_tesla_lors.py 402-405): pass 2 draws new masks, at the
+    parameters pass 1 reached, which it keeps (syn_steps parameter vectors); its g_i is then not the step taken."""
     mods = list(seg.start)
+    redraw = seg.pass2_dropout == "redraw"
+    reached = []  # redraw: theta_i of pass 1
     # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
     params = {m: seg.start[m].detach().clone() for m in mods}
     grad_sum = {m: torch.zeros_like(params[m]) for m in mods}
@@ -127,6 +136,8 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         idx = seg.schedule.next()
         mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
         batches.append((idx, mix, rng.get()))  # pass 2 replays the same batches, blends and dropout masks
+        if redraw:
+            reached.append({m: params[m].detach() for m in mods})
         with torch.enable_grad():
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
@@ -142,14 +153,19 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
     after_pass1 = rng.get()
-    for idx, mix, state in batches:
-        rng.set(state)
+    for i, (idx, mix, state) in enumerate(batches):
+        if redraw:
+            params = reached[i]
+        else:
+            rng.set(state)
         leaf = {m: params[m].requires_grad_(True) for m in mods}
         grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
         backward(sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods), seg.data)  # dot: no temporary
-        with torch.no_grad():
-            params = {m: torch.addcmul(params[m].detach(), grads[m].detach(), step[m]) for m in mods}
-    rng.set(after_pass1)
+        if not redraw:
+            with torch.no_grad():
+                params = {m: torch.addcmul(params[m].detach(), grads[m].detach(), step[m]) for m in mods}
+    if not redraw:  # the generator continues from where pass 1 left it (redraw: after pass 2's draws)
+        rng.set(after_pass1)
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 

@@ -7,7 +7,6 @@ loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,9 @@ class MatchingSettings(OuterSettings):
     batch_syn: int | None = None  # inner mini-batch; None = all pairs
     loss_merge: str = "separate"
     tesla_lr_loss: str = "separate"  # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
+    # TESLA's pass 2 dropout: replay (exact: pass 1's masks) | redraw (LoRS's/RepBlend's code: new masks at pass 1's
+    # parameters, distill_tesla_lors.py 402-405; keeps syn_steps parameter vectors). No effect without dropout.
+    tesla_pass2_dropout: str = "replay"
     max_experts: int | None = None
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
     inner_loss: str = DEFAULT_INNER_LOSS  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
@@ -63,6 +65,8 @@ class MatchingSettings(OuterSettings):
             raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
         if self.tesla_lr_loss not in ("separate", "as_loss"):
             raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
+        if self.tesla_pass2_dropout not in ("replay", "redraw"):
+            raise MmddError(f"method.tesla_pass2_dropout must be 'replay' or 'redraw', got {self.tesla_pass2_dropout!r}")
         if self.temperature is not None and self.temperature <= 0:
             raise MmddError(f"method.temperature must be a number > 0 or null, got {self.temperature!r}")
         if self.wbce_log_eps is not None and not 0 < self.wbce_log_eps < 1:
@@ -104,6 +108,7 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
         inner_loss=inner_loss,
         merged=config.loss_merge == "merged",
         lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
+        pass2_dropout=config.tesla_pass2_dropout,
         extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
         blend=draws.blend(generator, float(config.blend["alpha"])) if config.blend else None,
     )
@@ -148,7 +153,7 @@ class TrajectoryMatchingObjective:
         draws = self.draws
         draws.begin(self.teacher_experts)
         expert, start = draws.segment_start(generator, self.trajectories.n_experts, s.max_start_epoch, s.min_start_epoch)
-        starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device)
+        starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device, syn.images.dtype)
         seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device, draws)
         if self._meta_gradient is None:  # decided once, in training mode (batch-norm statistics decide caching)
             self._meta_gradient = meta_gradient_for(s, self.model)
@@ -179,7 +184,7 @@ class TrajectoryMatching(LearnedMethod):
         loop's only: LoRS's COCO-500 script passes --temperature 0.1 to its distillation, while its teachers and
         students keep 0.07)."""
         if self.config.temperature is not None:
-            model.logit_scale.fill_(math.log(1.0 / self.config.temperature))
+            model.set_temperature(self.config.temperature)
         # Blending (RepBlend) mixes frozen backbone features before trainable heads; refuse other models.
         if self.config.blend and model.trainable != "heads":
             raise MmddError(

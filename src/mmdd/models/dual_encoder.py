@@ -48,6 +48,7 @@ class DualEncoder(nn.Module):
         self.image_head = ProjectionHead(backbone_dim, embed_dim, dropout) if image_head else nn.Identity()
         self.text_head = ProjectionHead(text_dim, embed_dim, dropout)
         self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / temperature)), persistent=False)
+        self.temperature = temperature
         self.trainable = trainable
         self.text_dim = text_dim
         self.embed_dim = embed_dim
@@ -56,6 +57,19 @@ class DualEncoder(nn.Module):
         if trainable == "heads":
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+
+    def set_temperature(self, temperature: float) -> None:
+        """The logits' temperature from now on (`method.temperature` changes the inner loop's)."""
+        self.temperature = temperature
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1.0 / temperature))
+
+    def _apply(self, fn, recurse=True):
+        # A dtype change (64-true's .double()) recomputes the scale in the new dtype instead of casting a rounded one.
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1.0 / self.temperature))
+        return self
 
     def backbone_is_cacheable(self) -> bool:
         """Whether the backbone's features of an image are a fixed function of that image alone: frozen

@@ -32,14 +32,17 @@ class SyntheticSet(nn.Module):
         texts: torch.Tensor,
         lrs: dict[str, float | torch.Tensor],
         similarity: nn.Module | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
+        """`dtype`: of every learned tensor; float64 only for hardware.precision=64-true (numerical checks: a float64
+        set must not pass through float32 on its way in)."""
         super().__init__()
         if images.shape[0] != texts.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {texts.shape[0]} texts")
-        self.images = nn.Parameter(images.detach().clone().float())
-        self.texts = nn.Parameter(texts.detach().clone().float())
+        self.images = nn.Parameter(images.detach().clone().to(dtype))
+        self.texts = nn.Parameter(texts.detach().clone().to(dtype))
         self.lrs = nn.ParameterDict(
-            {m: nn.Parameter(torch.tensor(float(v))) for m, v in lrs.items()}
+            {m: nn.Parameter(torch.tensor(float(v), dtype=dtype)) for m, v in lrs.items()}
         )
         # Learned image-text similarity (LoRS); None means the pairs are the only positives (S = I).
         self.similarity = similarity
@@ -89,7 +92,7 @@ class SyntheticSet(nn.Module):
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> tuple["SyntheticSet", dict]:
+    def load(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple["SyntheticSet", dict]:
         d = Path(directory)
         again = "distill the set again (`mmdd distill`), or pass synthetic=<another set directory>"
         manifest = read_manifest(d, FORMAT, "synthetic set", "pass synthetic=<dir written by mmdd distill>")
@@ -108,12 +111,12 @@ class SyntheticSet(nn.Module):
         if manifest.get("similarity"):
             from mmdd.synthetic.similarity import build_similarity
 
-            similarity = build_similarity(manifest["similarity"], t["images"].shape[0])
+            similarity = build_similarity(manifest["similarity"], t["images"].shape[0]).to(dtype)
             try:
                 similarity.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sim_")})
             except RuntimeError as exc:
                 raise ArtifactError(f"{d}: similarity parameters do not match the manifest: {exc}") from exc
-        syn = cls(t["images"], t["texts"], lrs, similarity)
+        syn = cls(t["images"], t["texts"], lrs, similarity, dtype=dtype)
         return syn, manifest
 
 

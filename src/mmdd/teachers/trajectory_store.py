@@ -309,12 +309,12 @@ class ExpertSnapshots:
                     offset += row.numel()
         return out
 
-    def segment(self, expert: int, start: int, span: int, device=None):
-        """(start, target) flat parameters of one matching segment, moved to `device`."""
+    def segment(self, expert: int, start: int, span: int, device=None, dtype: torch.dtype | None = None):
+        """(start, target) flat parameters of one matching segment, moved to `device` and cast to `dtype` (a float64
+        run, hardware.precision=64-true, matches float32 snapshots in double precision)."""
         first, last = self.snapshots(expert, [start, start + span])
-        if device is not None:
-            first = {m: t.to(device) for m, t in first.items()}
-            last = {m: t.to(device) for m, t in last.items()}
+        first = {m: t.to(device=device, dtype=dtype) for m, t in first.items()}
+        last = {m: t.to(device=device, dtype=dtype) for m, t in last.items()}
         return first, last
 
     def check_intact(self) -> None:

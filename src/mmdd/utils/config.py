@@ -119,12 +119,17 @@ def resolved_config(cfg) -> dict:
 # meta-gradient is computed, which changes memory and speed but not the gradient (e.g. resume on a smaller GPU).
 OUTER_SETTINGS = ("lr_img", "lr_txt", "lr_lr", "lr_sim", "momentum", "sim_momentum")  # the outer SGD's
 RESUMABLE_METHOD_KEYS = ("iterations", *OUTER_SETTINGS, "meta_gradient", "cache_features", "feature_chunk")
+# Method options added after stores and checkpoints existed, with the value that computes what every run before them
+# computed: at that value an option is left out of the identity (so existing checkpoints still resume and the pinned
+# identities hold); at any other value it is part of it.
+NEUTRAL_METHOD_OPTIONS = {"wbce_log_eps": None, "tesla_pass2_dropout": "replay"}
 
 
 def distill_identity(cfg) -> dict:
     """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings
     (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
-    method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS}
+    method = {k: v for k, v in to_plain(cfg.method).items() if k not in RESUMABLE_METHOD_KEYS
+              and not (k in NEUTRAL_METHOD_OPTIONS and v == NEUTRAL_METHOD_OPTIONS[k])}
     identity = {"data": data_identity(cfg.data), "model": model_identity(cfg.model),
                 "teacher": teacher_identity(cfg.teacher), "method": method, "seed": cfg.seed, "budget": cfg.budget}
     # The parity hooks change what is distilled; named only when used, so every other identity stays as it was.

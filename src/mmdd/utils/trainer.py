@@ -25,6 +25,12 @@ def accelerate_model(model, hw, second_order: bool = False):
     return model.accelerate(channels_last=bool(hw.get("channels_last", False)), compile=compile)
 
 
+def precision_dtype(hw) -> torch.dtype:
+    """The dtype of the learned tensors under `hardware.precision`: float64 for 64-true (Lightning's double
+    precision, for numerical checks), else float32 (mixed precisions autocast around float32 tensors)."""
+    return torch.float64 if str(hw.precision).startswith("64") else torch.float32
+
+
 def num_processes(accelerator, devices, num_nodes=1) -> int:
     """How many processes Lightning will run for these settings (strategy `auto` becomes DDP when > 1)."""
     from omegaconf import ListConfig
