@@ -123,3 +123,61 @@ def test_tesla_step_size_gradient_is_per_modality_under_the_merged_loss_as_in_th
         assert gl[m].item() == pytest.approx(want.item(), rel=1e-9)
         merged_want = want * dens[m] / sum(dens.values())  # what mmdd took before: the merged loss's
         assert gl_a[m].item() == pytest.approx(merged_want.item(), rel=1e-9)
+
+
+def test_tesla_pass2_redraw_is_the_reference_codes_second_pass():
+    """pass2_dropout=redraw (LoRS's/RepBlend's code): pass 2 draws new dropout masks and evaluates each step's gradient
+    at the parameters pass 1 reached. Against a plain implementation drawing from the same torch RNG stream."""
+    from dataclasses import replace
+
+    from mmdd.models.dual_encoder import DualEncoder
+    from mmdd.models.functional import ParamLayout
+    from mmdd.models.convnet import ConvNet
+
+    steps = 3
+
+    def dropout_segment():
+        seg = segment(steps, 2)
+        torch.manual_seed(0)
+        bb = ConvNet(image_size=8, width=3, depth=1)
+        model = DualEncoder(bb, bb.num_features, text_dim=5, dropout=0.5).double().train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return replace(seg, model=model, layout=ParamLayout.from_model(model), pass2_dropout="redraw")
+
+    seg, ref, exact = dropout_segment(), dropout_segment(), replace(dropout_segment(), pass2_dropout="replay")
+    torch.manual_seed(123)  # the masks' stream (after building: the models are built with seeds of their own)
+    loss, gi, gt, gl = run(tesla, seg)
+
+    mods, lr = list(ref.start), {m: ref.lrs[m].detach() for m in ref.start}
+
+    def grads(params, idx, images, texts, create_graph=False):
+        p = {m: params[m].detach().requires_grad_(True) for m in mods}
+        logits = functional_logits(ref.model, ref.layout, p, images[idx], texts[idx])
+        return dict(zip(mods, torch.autograd.grad(symmetric_infonce(logits), [p[m] for m in mods],
+                                                  create_graph=create_graph)))
+
+    torch.manual_seed(123)
+    params, reached, batches = {m: ref.start[m].clone() for m in mods}, [], []
+    G = {m: torch.zeros_like(ref.start[m]) for m in mods}
+    for _ in range(steps):  # pass 1: masks drawn in order, parameters kept
+        idx = ref.schedule.next()
+        batches.append(idx)
+        reached.append(params)
+        g = grads(params, idx, ref.images.detach(), ref.texts.detach())
+        G = {m: G[m] + g[m] for m in mods}
+        params = {m: params[m] - lr[m] * g[m] for m in mods}
+    D = {m: (ref.start[m] - ref.target[m]).pow(2).sum() for m in mods}
+    gi_ref, gt_ref = torch.zeros_like(ref.images), torch.zeros_like(ref.texts)
+    for idx, theta in zip(batches, reached):  # pass 2: the RNG goes on (new masks), at pass 1's parameters
+        g = grads(theta, idx, ref.images, ref.texts, create_graph=True)
+        s = sum(2 * ((lr[m] * (ref.target[m] - ref.start[m]) + lr[m] ** 2 * G[m]) * g[m]).sum() / D[m] for m in mods)
+        a, b = torch.autograd.grad(s, [ref.images, ref.texts])
+        gi_ref, gt_ref = gi_ref + a, gt_ref + b
+    assert torch.allclose(gi, gi_ref, rtol=1e-10, atol=1e-15)
+    assert torch.allclose(gt, gt_ref, rtol=1e-10, atol=1e-15)
+    # The exact TESLA (replay) differs here: its pass 2 reuses pass 1's masks.
+    torch.manual_seed(123)
+    _, gi_replay, _, gl_replay = run(tesla, exact)
+    assert not torch.allclose(gi_replay, gi, rtol=1e-3)
+    assert all(torch.equal(gl_replay[m], gl[m]) for m in mods)  # the step sizes' gradient is pass 1's alone

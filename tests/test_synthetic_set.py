@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,29 @@ def test_save_load_round_trip(tmp_path):
     assert back.lr_values() == pytest.approx({"image": 0.05, "text": 0.02})
     assert manifest["num_pairs"] == 4 and manifest["image_shape"] == [3, 8, 8] and manifest["text_dim"] == 6
     assert json.loads((tmp_path / "s" / "captions.json").read_text()) == ["a", "b", "c", "d"]
+
+
+def test_a_float64_set_loads_exactly_in_double_precision(tmp_path):
+    """hardware.precision=64-true (parity checks): a float64 set, S included, never passes through float32."""
+    from mmdd.models.dual_encoder import DualEncoder
+    from mmdd.models.convnet import ConvNet
+    from mmdd.synthetic.similarity import LowRankSimilarity
+
+    d = torch.float64
+    g = torch.Generator().manual_seed(0)
+    sim = LowRankSimilarity(4, 2, 3.0, g).to(d)
+    syn = SyntheticSet(torch.randn(4, 3, 8, 8, dtype=d), torch.randn(4, 6, dtype=d),
+                       {"image": torch.tensor(0.1, dtype=d), "text": 0.3}, sim, dtype=d)
+    syn.save(tmp_path / "s", {})
+    back, _ = SyntheticSet.load(tmp_path / "s", dtype=d)
+    for k, v in syn.state_dict().items():
+        assert back.state_dict()[k].dtype == d and torch.equal(back.state_dict()[k], v), k
+    assert float(back.lrs["image"]) == 0.1  # not float32's 0.10000000149
+    assert SyntheticSet.load(tmp_path / "s")[0].images.dtype == torch.float32  # the default stays float32
+    # The logits' scale is recomputed in the new dtype, not cast from float32's rounded log(1/0.07).
+    backbone = ConvNet(image_size=8, width=3, depth=1)
+    model = DualEncoder(backbone, backbone.num_features, text_dim=6, temperature=0.07).double()
+    assert model.logit_scale.item() == math.log(1 / 0.07)
 
 
 def test_missing_or_corrupted_set_is_detected(tmp_path):
