@@ -34,8 +34,12 @@ PATCHES = {
     "bert": "./distill_utils/checkpoints/bert-base-uncased is a link to the random 2-layer 768-d stand-in BERT",
     "stubs": "modules the run imports but never calls, when not installed (clip, kornia; sklearn's cosine_similarity "
              "is used by --draw only): stand-ins that raise if called",
-    "recorders": "numpy.random.randint, torch.randperm, torch.nn.functional.dropout, torch.load and torch.optim.SGD "
-                 "are wrapped: each calls the original and records its result (who called, what came back)",
+    "recorders": "numpy.random.randint, torch.randperm, torch.distributions.Beta.sample (RepBlend's blend lambda), "
+                 "torch.nn.functional.dropout, torch.load and torch.optim.SGD are wrapped: each calls the original and "
+                 "records its result (who called, what came back)",
+    "backbone weights": "RepBlend's frozen nfnet_l0 'pretrained' file (./distill_utils/checkpoints/"
+                        "nfnet_l0_ra2-45c6688d.pth, its src/networks.py:694-695) is a link to the random nfnet_l0 "
+                        "that mmdd's run loads as model.image.checkpoint",
 }
 # Only with --float64 (both sides in double precision, to tell a different computation from different rounding):
 PATCHES_FLOAT64 = {
@@ -123,7 +127,8 @@ class Recorder:
 
     def start_iteration(self, it: int) -> None:
         self.iteration = len(self.iterations)
-        self.iterations.append({"it": it, "randint": [], "randperm": [], "masks": [], "loads_before": len(self.loaded)})
+        self.iterations.append({"it": it, "randint": [], "randperm": [], "blend_perms": [], "lams": [], "masks": [],
+                                "loads_before": len(self.loaded)})
 
     def install(self) -> None:
         import numpy as np
@@ -132,6 +137,7 @@ class Recorder:
 
         rec = self
         randint, randperm, dropout, load = np.random.randint, torch.randperm, F.dropout, torch.load
+        beta_sample = torch.distributions.Beta.sample
 
         def rec_randint(*args, **kwargs):
             value = randint(*args, **kwargs)
@@ -142,7 +148,15 @@ class Recorder:
         def rec_randperm(*args, **kwargs):
             value = randperm(*args, **kwargs)
             if rec.iteration >= 0 and rec.from_script():
-                rec.now()["randperm"].append(value.tolist())
+                # RepBlend draws the blend's permutation in mix_embedding_up, the mini-batches' in the loop
+                blend = sys._getframe(1).f_code.co_name == "mix_embedding_up"
+                rec.now()["blend_perms" if blend else "randperm"].append(value.tolist())
+            return value
+
+        def rec_beta_sample(self, *args, **kwargs):
+            value = beta_sample(self, *args, **kwargs)
+            if rec.iteration >= 0 and rec.from_script():
+                rec.now()["lams"].append(float(value))
             return value
 
         def rec_dropout(input, p=0.5, training=True, inplace=False):
@@ -169,6 +183,7 @@ class Recorder:
 
         np.random.randint = rec_randint
         torch.randperm = rec_randperm
+        torch.distributions.Beta.sample = rec_beta_sample
         F.dropout = rec_dropout
         torch.load = rec_load
         torch.optim.SGD = RecordingSGD
@@ -246,6 +261,8 @@ def main() -> int:
     parser.add_argument("--script", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--standin", required=True, type=Path)
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help="the nfnet_l0 weights RepBlend's script loads as 'pretrained' (a .pth state dict)")
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -256,6 +273,11 @@ def main() -> int:
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(args.standin.resolve(), target_is_directory=True)
+    if args.backbone is not None:
+        weights = link.parent / "nfnet_l0_ra2-45c6688d.pth"
+        if weights.is_symlink() or weights.exists():
+            weights.unlink()
+        weights.symlink_to(args.backbone.resolve())
     os.chdir(cwd)
 
     import torch
@@ -313,16 +335,24 @@ def save(rec: Recorder, out: Path) -> None:
                        similarity, dtype=init["images"].dtype)
     syn.save(out / "initial", {"source": "official", "script": rec.script})
     iterations, masks = [], {}
+    buffers = [(n, path) for n, path in enumerate(rec.loaded) if "img_replay_buffer_" in Path(path).name]
     for k, it in enumerate(rec.iterations):
-        loaded = rec.loaded[it["loads_before"] - 1]  # the file the iteration's expert came from (one expert per file)
+        # the file the iteration's expert came from (one expert per file): the last buffer loaded before it began
+        loaded = [path for n, path in buffers if n < it["loads_before"]][-1]
         expert = int(Path(loaded).stem.rsplit("_", 1)[1])
         if len(it["randint"]) != 1:
             raise RuntimeError(f"iteration {k}: {len(it['randint'])} start-epoch draws recorded, expected 1")
         for j, m in enumerate(it["masks"]):
             masks[f"{k}.{j}"] = m.contiguous()
+        blends = None
+        if it["lams"] or it["blend_perms"]:  # RepBlend: one (lambda, permutation) per inner step of pass 1
+            if not len(it["lams"]) == len(it["blend_perms"]) == run["syn_steps"]:
+                raise RuntimeError(f"iteration {k}: {len(it['lams'])} blend lambdas and {len(it['blend_perms'])} "
+                                   f"blend permutations recorded, expected {run['syn_steps']} of each")
+            blends = [[lam, perm] for lam, perm in zip(it["lams"], it["blend_perms"])]
         iterations.append({"expert": expert, "start": it["randint"][0],
                            "batches": batches_of(it["randperm"], run["syn_steps"], run["mini_batch_size"]),
-                           "blends": None, "dropout_calls": len(it["masks"])})
+                           "blends": blends, "dropout_calls": len(it["masks"])})
     write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}
     atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))

@@ -1,4 +1,4 @@
-"""mmdd against the official code, on identical inputs: `python experiments/parity/run.py lors --official <checkout>`.
+"""mmdd against the official code, on identical inputs: `python experiments/parity/run.py <method> --official <dir>`.
 
 One command per method. It builds the shared inputs (the embedded dataset in the BLIP Flickr30K layout, a random
 nfnet_l0, the random 768-d stand-in BERT, a trajectory store made by `mmdd buffer` and the same experts as the
@@ -22,15 +22,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OFFICIAL_SCRIPTS = {"lors": "distill_tesla_lors.py"}
 
 # The shared problem: small enough for a 2-core CPU, every shape of the papers' stack (nfnet_l0 2304-d features,
 # 768-d texts, a 768 -> 2304 text head). Sizes of the embedded dataset's splits:
 DATA = {"num_train": 200, "num_val": 50, "num_test": 100}
-# LoRS's Flickr30K-100 settings (sh/distill_flickr_lors_100.sh), but for the iterations: the official flags and mmdd's.
+# LoRS's Flickr30K-100 settings (sh/distill_flickr_lors_100.sh; RepBlend's scripts/distill_flickr_repblend.sh has the
+# same), but for the iterations: the official flags and mmdd's.
 LORS = {"syn_steps": 8, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 100, "lr_txt": 100, "lr_lr": 0.01,
         "lr_teacher": 0.1, "lr_sim": 10.0, "sim_rank": 10, "alpha": 3.0, "num_queries": 99, "mini_batch_size": 20,
         "loss_type": "WBCE"}
+
+
+# Per method: the official script, mmdd's model and method, the official script's own further flags.
+METHODS = {
+    "lors": {"script": "distill_tesla_lors.py", "model": "nfnet_bert", "method": "lors", "flags": [],
+             # trainable nfnet_l0 (its weights come from the experts' snapshots): a random one on both sides
+             "backbone": None},
+    "repblend": {"script": "distill_repblend.py", "model": "nfnet_bert_heads", "method": "repblend",
+                 "flags": ["--alpha_2=1"],
+                 # a frozen nfnet_l0, the same random weights on both sides (the official script loads them as its
+                 # 'pretrained' file, mmdd as model.image.checkpoint)
+                 "backbone": "nfnet_l0_random.pth"},
+}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> float:
@@ -52,20 +65,34 @@ def git_commit(checkout: Path) -> str:
         return "unknown (not a git checkout)"
 
 
-def mmdd_common(work: Path, image_size: int) -> list[str]:
+def mmdd_common(work: Path, image_size: int, spec: dict) -> list[str]:
     """The overrides every mmdd stage of the parity run shares (what defines its data, model and teachers)."""
+    backbone = [f"model.image.checkpoint={work / spec['backbone']}"] if spec["backbone"] else []
     return [
         f"paths.root_dir={work / 'mmdd'}",
         f"data.image_size={image_size}",
         *[f"data.generate.{k}={v}" for k, v in DATA.items()],
-        "model=nfnet_bert", "model.image.pretrained=false", f"model.text.name_or_path={work / 'standin'}",
+        f"model={spec['model']}", "model.image.pretrained=false", *backbone,
+        f"model.text.name_or_path={work / 'standin'}",
         "model.text.device=cpu",
         "teacher.num_experts=2", "teacher.epochs=2", "teacher.batch_size=64",
         "logger=none", "hardware=cpu",
     ]
 
 
-def prepare(work: Path, image_size: int) -> dict:
+def write_random_backbone(path: Path) -> None:
+    """A random nfnet_l0 (seed 0) as a state-dict file both sides load: the frozen backbone of RepBlend."""
+    import timm
+    import torch
+
+    from mmdd.utils.io import atomic_write
+
+    torch.manual_seed(0)
+    net = timm.create_model("nfnet_l0", pretrained=False, num_classes=0, global_pool="avg")
+    atomic_write(path, lambda p: torch.save(net.state_dict(), p))
+
+
+def prepare(work: Path, image_size: int, spec: dict) -> dict:
     """The stand-in BERT, the data, the teachers (mmdd buffer) and the same experts as replay-buffer files."""
     from mmdd.bench.standin import write_bert_standin
     from mmdd.teachers.replay_buffer import export_replay_buffers
@@ -74,16 +101,18 @@ def prepare(work: Path, image_size: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "standin" / "config.json").exists():
         write_bert_standin(work / "standin")
+    if spec["backbone"] and not (work / spec["backbone"]).exists():
+        write_random_backbone(work / spec["backbone"])
     store_dir = work / "mmdd" / "store"
     if not (store_dir / "expert_001.safetensors").exists():
-        sh([sys.executable, "-m", "mmdd.cli", "buffer", *mmdd_common(work, image_size), f"buffer_dir={store_dir}",
+        sh([sys.executable, "-m", "mmdd.cli", "buffer", *mmdd_common(work, image_size, spec), f"buffer_dir={store_dir}",
             "hydra.run.dir=" + str(work / "mmdd" / "buffer_run")], work / "buffer.log")
     store = TrajectoryStore.open(store_dir)
     experts = store.completed_experts()
     buffers = work / "buffers"
     if not (buffers / "txt_replay_buffer_0.pt").exists():
         export_replay_buffers(store, buffers, experts, per_file=1)  # file n holds expert experts[n]
-    check_parameter_order(store)
+    check_parameter_order(store, spec)
     # The official loaders read <ann_root>/flickr30k_{split}.json with image paths relative to image_root: the
     # embedded dataset is written in that (BLIP) format already, under other file names.
     data_root = find_data_root(work)
@@ -102,20 +131,25 @@ def find_data_root(work: Path) -> Path:
     return found[0]
 
 
-def check_parameter_order(store) -> None:
+def check_parameter_order(store, spec: dict) -> None:
     """The official scripts flatten parameters in `module.parameters()` order (ReparamModule); the buffer files hold
-    them in the store's order. Both must be timm's nfnet_l0 order, or the experts would be read into other tensors."""
+    them in the store's order. Both must be the official modules' order (timm's nfnet_l0, or the image head, and the
+    text head: the official ProjectionHead), or the experts would be read into other tensors."""
     import timm
 
-    names = [n.removeprefix("backbone.") for n in store.param_names["image"]]
-    timm_names = [n for n, _ in timm.create_model("nfnet_l0", pretrained=False, num_classes=0,
-                                                  global_pool="avg").named_parameters()]
-    if names != timm_names:
-        raise SystemExit("the store's image parameters are not in timm nfnet_l0's parameters() order")
+    head = ["projection.weight", "projection.bias", "fc.weight", "fc.bias", "layer_norm.weight", "layer_norm.bias"]
+    if spec["backbone"]:  # frozen backbone: the image modality is the image head
+        names = [n.removeprefix("image_head.") for n in store.param_names["image"]]
+        want = head
+    else:
+        names = [n.removeprefix("backbone.") for n in store.param_names["image"]]
+        want = [n for n, _ in timm.create_model("nfnet_l0", pretrained=False, num_classes=0,
+                                                global_pool="avg").named_parameters()]
+    if names != want:
+        raise SystemExit(f"the store's image parameters are not in the official module's parameters() order")
     text = [n.removeprefix("text_head.") for n in store.param_names["text"]]
-    want = ["projection.weight", "projection.bias", "fc.weight", "fc.bias", "layer_norm.weight", "layer_norm.bias"]
-    if text != want:
-        raise SystemExit(f"the store's text-head parameters {text} are not the official ProjectionHead's order {want}")
+    if text != head:
+        raise SystemExit(f"the store's text-head parameters {text} are not the official ProjectionHead's order {head}")
 
 
 def official_dir(work: Path, float64: bool) -> Path:
@@ -123,8 +157,8 @@ def official_dir(work: Path, float64: bool) -> Path:
     return work / ("official_float64" if float64 else "official")
 
 
-def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int, image_size: int,
-                      float64: bool) -> float:
+def run_official(official: Path, work: Path, inputs: dict, iterations: int, image_size: int, float64: bool,
+                 spec: dict) -> float:
     out = official_dir(work, float64)
     out.mkdir(parents=True, exist_ok=True)
     s = LORS
@@ -134,26 +168,28 @@ def run_official_lors(official: Path, work: Path, inputs: dict, iterations: int,
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
         f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
-        "--image_pretrained=",  # argparse type=bool: only the empty string is False (a random nfnet_l0)
+        # argparse type=bool: only the empty string is False (a random nfnet_l0); RepBlend: True, from the file
+        "--image_pretrained=True" if spec["backbone"] else "--image_pretrained=",
         f"--image_size={image_size}", f"--Iteration={iterations - 1}", "--eval_it=0", "--disabled_wandb=True",
         f"--syn_steps={s['syn_steps']}", f"--expert_epochs={s['expert_epochs']}",
         f"--max_start_epoch={s['max_start_epoch']}", f"--lr_img={s['lr_img']}", f"--lr_txt={s['lr_txt']}",
         f"--lr_lr={s['lr_lr']}", f"--lr_teacher_img={s['lr_teacher']}", f"--lr_teacher_txt={s['lr_teacher']}",
         f"--lr_sim={s['lr_sim']}", "--sim_type=lowrank", f"--sim_rank={s['sim_rank']}", f"--alpha={s['alpha']}",
         f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}",
-        f"--loss_type={s['loss_type']}", "--name=parity",
+        f"--loss_type={s['loss_type']}", "--name=parity", *spec["flags"],
     ]
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
-           "--script", OFFICIAL_SCRIPTS["lors"], "--out", str(out), "--standin", str(work / "standin"),
+           "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
+           *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
            *(["--float64"] if float64 else []), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
 
-def run_mmdd_lors(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str],
-                  float64: bool) -> float:
+def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str],
+             float64: bool, spec: dict) -> float:
     s = LORS
     recorded = official_dir(work, float64)
-    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size), "method=lors",
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size, spec), f"method={spec['method']}",
            f"budget={s['num_queries'] + 1}",  # LoRS: S takes one pair's storage
            f"buffer_dir={inputs['store']}", f"init_from={recorded / 'initial'}",
            f"draws.replay={recorded / 'draws'}", f"hardware.precision={'64-true' if float64 else '32-true'}", f"method.iterations={iterations}",
@@ -161,7 +197,9 @@ def run_mmdd_lors(work: Path, inputs: dict, iterations: int, image_size: int, na
            f"method.max_start_epoch={s['max_start_epoch']}", f"method.lr_img={s['lr_img']}",
            f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.lr_sim={s['lr_sim']}",
            "method.momentum=0.5", "method.sim_momentum=0.5", "method.lr_min=null", "method.loss_merge=separate",
-           "method.inner_loss=wbce", "method.meta_gradient=tesla", f"method.batch_syn={s['mini_batch_size']}",
+           "method.inner_loss=wbce", "method.meta_gradient=tesla",
+           # the official code's WBCE and TESLA pass 2, as the paper configs set them (experiments/paper_settings.md)
+           "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw", f"method.batch_syn={s['mini_batch_size']}",
            "method.similarity.kind=lowrank", f"method.similarity.rank={s['sim_rank']}",
            f"method.similarity.alpha={s['alpha']}", "evaluate=false", "diagnostics_every=0", "save_every=0",
            "resume=false", f"hydra.run.dir={work / 'mmdd' / name}", *overrides]
@@ -210,7 +248,7 @@ def compare(work: Path, iterations: int, name: str, float64: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", choices=sorted(OFFICIAL_SCRIPTS))
+    parser.add_argument("method", choices=sorted(METHODS))
     parser.add_argument("--official", required=True, type=Path, help="a checkout of the method's official repository")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/<method>)")
     parser.add_argument("--iterations", type=int, default=5, help="outer iterations K (default 5)")
@@ -222,19 +260,20 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="further mmdd overrides, e.g. +method.wbce_log_eps=1e-6")
     args = parser.parse_intermixed_args()
     official = args.official.resolve()
-    script = official / OFFICIAL_SCRIPTS[args.method]
+    spec = METHODS[args.method]
+    script = official / spec["script"]
     if not script.is_file():
         raise SystemExit(f"{script} not found: --official must be a checkout of the method's repository (README.md)")
     work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px").resolve()
-    inputs = prepare(work, args.image_size)
+    inputs = prepare(work, args.image_size, spec)
     if inputs["experts"] != list(range(len(inputs["experts"]))):
         raise SystemExit(f"store experts {inputs['experts']}: expected 0..n-1 (replay-buffer file n = expert n)")
     name = args.name or ("mmdd_float64" if args.float64 else "mmdd")
     if args.reuse_official and (official_dir(work, args.float64) / "states.safetensors").exists():
         seconds_official = None
     else:
-        seconds_official = run_official_lors(official, work, inputs, args.iterations, args.image_size, args.float64)
-    seconds_mmdd = run_mmdd_lors(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64)
+        seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec)
+    seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec)
     result = compare(work, args.iterations, name, args.float64)
     result.update({"method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
                    "image_size": args.image_size, "float64": args.float64, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
