@@ -10,7 +10,7 @@ import torch
 
 from mmdd.data.annotations import Split
 from mmdd.data.datamodule import SplitData
-from mmdd.data.transforms import normalize
+from mmdd.data.transforms import normalize, per_image_augment, random_resized_crop
 from mmdd.config_schema import whole_budget
 from mmdd.errors import MmddError
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE
@@ -82,6 +82,24 @@ def sample_real_pairs(train: SplitData, n: int, generator: torch.Generator, mean
     """`n` distinct random training images, each with one random caption of its own."""
     img_idx = torch.randperm(train.num_images, generator=generator)[:n].tolist()
     return real_pairs(train, img_idx, generator, mean, std)
+
+
+def reference_pairs(train: SplitData, n: int, generator: torch.Generator, mean, std, augment):
+    """`init: reference`, the initial pairs as the reference scripts draw them (LoRS and PTM-ST
+    src/vl_distill_utils.py get_images_texts, RepBlend's get_random_images_texts, MTT-VL distill.py:65-84): `n` random
+    caption entries of the train split (the first n of a permutation of all captions, so an image can come twice),
+    each image through the teachers' training transform (`augment`, an AugmentConfig of data.augment), with its
+    caption's embedding."""
+    cap_idx = torch.randperm(len(train.split.captions), generator=generator)[:n]
+    img_idx = train.txt2img[cap_idx].tolist()
+    per_image = per_image_augment(augment, train)
+    if per_image is not None:  # data.augment.style=blip: crop, flip, RandAugment per image (uint8)
+        images = normalize(torch.stack([per_image(train, i, generator) for i in img_idx]), mean, std)
+    else:
+        images = normalize(train.image_batch(img_idx), mean, std)
+        if augment.enabled:  # data.augment.style=mmdd: the teachers' batch crop on normalised images
+            images = random_resized_crop(images, augment, generator)
+    return images, train.text_emb[cap_idx].clone()
 
 
 SANE_RANGE = 100.0  # a set's values beyond this many of the real data's standard deviations are not data any more

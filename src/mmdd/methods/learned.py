@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmdd.errors import MmddError, Stopped
-from mmdd.methods.base import DistillResult, Method, check_budget, sample_real_pairs, save_synthetic
+from mmdd.data.transforms import augment_config
+from mmdd.methods.base import DistillResult, Method, check_budget, reference_pairs, sample_real_pairs, save_synthetic
 from mmdd.methods.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
 from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy
 from mmdd.methods.draws import draws_hooked
@@ -63,7 +64,11 @@ class LearnedMethod(Method):
         if cfg.get("init_from"):
             return self.set_from(cfg.init_from, cfg, train, budget)
         gen = torch.Generator().manual_seed(cfg.seed)
-        images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
+        if self.config.init == "reference":
+            images, texts = reference_pairs(train, budget, gen, cfg.data.mean, cfg.data.std,
+                                            augment_config(cfg.data.get("augment")))
+        else:
+            images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
         if self.config.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)

@@ -59,7 +59,9 @@ class OuterSettings:
     lr_lr: float  # outer lr of the learned step sizes
     lr_init: float  # initial learned step size
     momentum: float = 0.5
-    init: str = "real"  # real: distinct train images with one of their captions; noise: Gaussian
+    # real: distinct train images with one of their captions; noise: Gaussian; reference: random caption entries with
+    # their images through the teachers' augmentation, as the reference scripts (methods.base.reference_pairs)
+    init: str = "real"
     iterations: int = 1000
     lr_min: float | None = 0.0  # learned step sizes clamped here after each outer step; None = no clamp (the papers')
     similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
@@ -70,7 +72,7 @@ class OuterSettings:
     # evaluated; the step sizes stay the learned ones (PTM's evaluated sets carry the raw step sizes). None = off.
     ema_decay: float | None = None
 
-    INITS = ("real", "noise")  # what `init` may name; a method with its own initialisation extends this
+    INITS = ("real", "noise", "reference")  # what `init` may name; a method with its own initialisation extends this
 
     def __post_init__(self):
         from mmdd.synthetic.similarity import KINDS as SIMILARITY_KINDS
