@@ -199,7 +199,9 @@ def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: s
            "method.momentum=0.5", "method.sim_momentum=0.5", "method.lr_min=null", "method.loss_merge=separate",
            "method.inner_loss=wbce", "method.meta_gradient=tesla",
            # the official code's WBCE and TESLA pass 2, as the paper configs set them (experiments/paper_settings.md)
-           "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw", f"method.batch_syn={s['mini_batch_size']}",
+           "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw",
+           # and its float32 rounding of pass 1 (create_graph=True; the maths is the same)
+           "method.tesla_pass1_graph=true", f"method.batch_syn={s['mini_batch_size']}",
            "method.similarity.kind=lowrank", f"method.similarity.rank={s['sim_rank']}",
            f"method.similarity.alpha={s['alpha']}", "evaluate=false", "diagnostics_every=0", "save_every=0",
            "resume=false", f"hydra.run.dir={work / 'mmdd' / name}", *overrides]

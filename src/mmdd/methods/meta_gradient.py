@@ -47,6 +47,8 @@ class Segment:
     # TESLA's pass 2 dropout: replay pass 1's masks (exact) or draw new ones at pass 1's parameters (the reference
     # code; see tesla)
     pass2_dropout: str = "replay"
+    # TESLA's pass 1 with create_graph=True, as the reference code: the same gradients in another float32 rounding
+    pass1_graph: bool = False
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
     blend: Blend | None = None  # RepBlend: representation blending per inner step
     from_features: bool = False  # `images` hold cached backbone features (see with_cached_features)
@@ -142,7 +144,8 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
             logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix, seg.from_features)
-            grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods])
+            grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods],
+                                        create_graph=seg.pass1_graph)
         with torch.no_grad():
             for m, g in zip(mods, grads):
                 grad_sum[m] += g

@@ -44,6 +44,9 @@ class MatchingSettings(OuterSettings):
     # TESLA's pass 2 dropout: replay (exact: pass 1's masks) | redraw (LoRS's/RepBlend's code: new masks at pass 1's
     # parameters, distill_tesla_lors.py 402-405; keeps syn_steps parameter vectors). No effect without dropout.
     tesla_pass2_dropout: str = "replay"
+    # TESLA's pass 1 gradients taken with create_graph=True, as the LoRS/RepBlend code (distill_tesla_lors.py:377-378):
+    # the same gradients, rounded as the reference's float32 kernels round them (parity checks; slower). See mtt_vl.yaml.
+    tesla_pass1_graph: bool = False
     max_experts: int | None = None
     meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
     inner_loss: str = DEFAULT_INNER_LOSS  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
@@ -109,6 +112,7 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
         merged=config.loss_merge == "merged",
         lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
         pass2_dropout=config.tesla_pass2_dropout,
+        pass1_graph=config.tesla_pass1_graph,
         extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
         blend=draws.blend(generator, float(config.blend["alpha"])) if config.blend else None,
     )
