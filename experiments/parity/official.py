@@ -37,6 +37,9 @@ PATCHES = {
     "recorders": "numpy.random.randint, torch.randperm, torch.distributions.Beta.sample (RepBlend's blend lambda), "
                  "torch.nn.functional.dropout, torch.load and torch.optim.SGD are wrapped: each calls the original and "
                  "records its result (who called, what came back)",
+    "data paths": "RepBlend's script replaces --image_root/--ann_root by the placeholders 'path to flickr30k images' / "
+                  "'path to flickr30k annotations' after parsing (distill_repblend.py:673-680): relative paths, so "
+                  "links of those names in the run's working directory lead to the data (--link)",
     "backbone weights": "RepBlend's frozen nfnet_l0 'pretrained' file (./distill_utils/checkpoints/"
                         "nfnet_l0_ra2-45c6688d.pth, its src/networks.py:694-695) is a link to the random nfnet_l0 "
                         "that mmdd's run loads as model.image.checkpoint",
@@ -264,6 +267,8 @@ def main() -> int:
     parser.add_argument("--backbone", type=Path, default=None,
                         help="the nfnet_l0 weights RepBlend's script loads as 'pretrained' (a .pth state dict)")
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
+    parser.add_argument("--link", action="append", default=[], metavar="NAME=TARGET",
+                        help="a link NAME in the run's working directory to TARGET (paths a script hard-codes)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     official, out = args.official.resolve(), args.out.resolve()
@@ -273,6 +278,12 @@ def main() -> int:
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(args.standin.resolve(), target_is_directory=True)
+    for spec in args.link:
+        name, target = spec.split("=", 1)
+        path = cwd / name
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        path.symlink_to(Path(target).resolve(), target_is_directory=True)
     if args.backbone is not None:
         weights = link.parent / "nfnet_l0_ra2-45c6688d.pth"
         if weights.is_symlink() or weights.exists():

@@ -40,6 +40,8 @@ METHODS = {
              "backbone": None},
     "repblend": {"script": "distill_repblend.py", "model": "nfnet_bert_heads", "method": "repblend",
                  "flags": ["--alpha_2=1"],
+                 # its data paths after parsing (distill_repblend.py:673-680): links of these names in the cwd
+                 "links": {"image_root": "path to flickr30k images", "ann_root": "path to flickr30k annotations"},
                  # a frozen nfnet_l0, the same random weights on both sides (the official script loads them as its
                  # 'pretrained' file, mmdd as model.image.checkpoint)
                  "backbone": "nfnet_l0_random.pth"},
@@ -181,6 +183,7 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
            "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
+           *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
            *(["--float64"] if float64 else []), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
