@@ -258,6 +258,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/<method>)")
     parser.add_argument("--iterations", type=int, default=5, help="outer iterations K (default 5)")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"change a shared setting on both sides (keys: {', '.join(LORS)}), e.g. lr_img=10")
     parser.add_argument("--reuse-official", action="store_true", help="keep the official run recorded in --work")
     parser.add_argument("--float64", action="store_true",
                         help="both sides in double precision (tells a different computation from different rounding)")
@@ -269,7 +271,15 @@ def main() -> int:
     script = official / spec["script"]
     if not script.is_file():
         raise SystemExit(f"{script} not found: --official must be a checkout of the method's repository (README.md)")
-    work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px").resolve()
+    changed = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in LORS:
+            raise SystemExit(f"--set {item}: unknown setting {key!r}; one of {', '.join(LORS)}")
+        changed[key] = type(LORS[key])(value)
+    LORS.update(changed)  # read by run_official and run_mmdd
+    suffix = "".join(f"_{k}{v}" for k, v in changed.items())
+    work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px{suffix}").resolve()
     inputs = prepare(work, args.image_size, spec)
     if inputs["experts"] != list(range(len(inputs["experts"]))):
         raise SystemExit(f"store experts {inputs['experts']}: expected 0..n-1 (replay-buffer file n = expert n)")
@@ -280,7 +290,7 @@ def main() -> int:
         seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec)
     seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec)
     result = compare(work, args.iterations, name, args.float64)
-    result.update({"method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
+    result.update({"settings": dict(LORS), "method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
                    "image_size": args.image_size, "float64": args.float64, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
                    "command": " ".join(["python", "experiments/parity/run.py", *sys.argv[1:]])})
     result["overrides"] = args.overrides
