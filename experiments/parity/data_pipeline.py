@@ -1,4 +1,4 @@
-"""The data pipeline against the official loaders: `python experiments/parity/data.py --official <LoRS_Distill>`.
+"""The data pipeline against the official loaders: `python experiments/parity/data_pipeline.py --official <LoRS_Distill>`.
 
 The official dataset classes and transforms (LoRS `data/__init__.py` create_dataset, `data/flickr30k_dataset.py`,
 `data/randaugment.py`; MTT-VL's and RepBlend's are the same files) are imported from the checkout and run on the
@@ -48,7 +48,8 @@ def mmdd_data(work: Path, inputs: dict, image_size: int):
 
     overrides = [f"paths.root_dir={work / 'mmdd'}", "data=flickr30k", f"data.root={work / 'mmdd'}",
                  f"data.ann_dir={inputs['ann_root']}", f"data.image_root={inputs['image_root']}",
-                 f"data.image_size={image_size}", "model=nfnet_bert", f"model.text.name_or_path={work / 'standin'}",
+                 f"data.image_size={image_size}", "model=nfnet_bert", "model.image.pretrained=false",
+                 f"model.text.name_or_path={work / 'standin'}",
                  "model.text.device=cpu", "hardware=cpu", "logger=none"]
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("distill", overrides=overrides)
@@ -187,7 +188,7 @@ def main() -> int:
         "images": compare_images(official_data, inputs, data, cfg, size),
         "crop_boxes": compare_crop_boxes(),
         "randaugment": compare_randaugment(randaugment, data),
-        "command": " ".join(["python", "experiments/parity/data.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "experiments/parity/data_pipeline.py", *sys.argv[1:]]),
     }
     (work / f"parity_data_{size}px.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "command"}, indent=1))
