@@ -31,9 +31,10 @@ PATCHES = {
     "device": "torch.Tensor.to / nn.Module.to map 'cuda' to 'cpu' (the scripts hard-code .to('cuda'))",
     "wandb": "a recorder replaces wandb (init/log/finish/Image/Histogram/Html): logged values are kept, nothing is sent",
     "tokenizer": "transformers 5 removed batch_encode_plus; it calls the tokenizer itself, which is what it did",
-    "bert": "./distill_utils/checkpoints/bert-base-uncased is a link to the random 2-layer 768-d stand-in BERT",
-    "stubs": "modules the run imports but never calls, when not installed (clip, kornia; sklearn's cosine_similarity "
-             "is used by --draw only): stand-ins that raise if called",
+    "bert": "./distill_utils/checkpoints/bert-base-uncased is a link to the random 2-layer 768-d stand-in BERT; "
+            "MTT-VL loads 'bert-base-uncased' from the hub (networks.py:13-14): --hub maps that name to the stand-in",
+    "stubs": "modules the run imports but never calls, when not installed (clip, kornia, pandas, scipy.ndimage."
+             "interpolation; sklearn's cosine_similarity is used by --draw only): stand-ins that raise if called",
     "recorders": "numpy.random.randint, torch.randperm, torch.distributions.Beta.sample (RepBlend's blend lambda), "
                  "torch.nn.functional.dropout, torch.load and torch.optim.SGD are wrapped: each calls the original and "
                  "records its result (who called, what came back)",
@@ -85,14 +86,19 @@ class _Stub(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
 
+        message = (f"parity harness: {self.__name__}.{name} is a stand-in (module not installed) and the official "
+                   "script called it; install the module")
+
         def refuse(*args, **kwargs):
-            raise RuntimeError(f"parity harness: {self.__name__}.{name} is a stand-in (module not installed) and the "
-                               "official script called it; install the module")
+            raise RuntimeError(message)
+        if name[:1].isupper():  # a class: other libraries may test isinstance(x, pandas.DataFrame) against it
+            return type(name, (), {"__init__": refuse})
         return refuse
 
 
 def stub_missing(names) -> None:
     import importlib
+    import importlib.machinery
 
     for name in names:
         try:
@@ -100,7 +106,10 @@ def stub_missing(names) -> None:
         except ImportError:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):
-                sys.modules.setdefault(".".join(parts[:i]), _Stub(".".join(parts[:i])))
+                stub = _Stub(".".join(parts[:i]))
+                # a spec, as a real module has (torch's dynamo looks modules up with importlib.util.find_spec)
+                stub.__spec__ = importlib.machinery.ModuleSpec(stub.__name__, None)
+                sys.modules.setdefault(stub.__name__, stub)
 
 
 def patch_tokenizer() -> None:
@@ -108,6 +117,19 @@ def patch_tokenizer() -> None:
 
     if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
         PreTrainedTokenizerBase.batch_encode_plus = lambda self, texts, **kwargs: self(texts, **kwargs)
+
+
+def patch_hub(names: dict[str, str]) -> None:
+    """from_pretrained(name) of a model or tokenizer reads `names[name]` (a local folder) instead of the hub."""
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    for cls in (PreTrainedModel, PreTrainedTokenizerBase):
+        original = cls.from_pretrained.__func__
+
+        def local(klass, name, *args, _original=original, **kwargs):
+            return _original(klass, names.get(str(name), name), *args, **kwargs)
+
+        cls.from_pretrained = classmethod(local)
 
 
 class Recorder:
@@ -120,6 +142,8 @@ class Recorder:
         self.loaded: list[str] = []  # torch.load paths in order
         self.initial: dict | None = None
         self.states: dict = {}
+        self.optimizers: list = []  # the outer SGDs, in the order the script made them
+        self.layout: list[list[str]] = []  # per (optimizer, group): the role of each parameter (run.json)
         self.losses: list[dict] = []
 
     def from_script(self, depth: int = 2) -> bool:
@@ -177,11 +201,13 @@ class Recorder:
         class RecordingSGD(torch.optim.SGD):
             def __init__(self, params, *args, **kwargs):
                 super().__init__(params, *args, **kwargs)
-                rec.initial = rec.snapshot(self)
+                rec.optimizers.append(self)
 
             def step(self, closure=None):
+                if rec.initial is None:  # before the first outer step: every outer optimizer exists by now
+                    rec.initial = rec.snapshot()
                 out = super().step(closure)
-                rec.states[rec.iteration] = rec.snapshot(self)
+                rec.states[rec.iteration] = rec.snapshot()  # the iteration's last step leaves its final state
                 return out
 
         np.random.randint = rec_randint
@@ -191,15 +217,17 @@ class Recorder:
         torch.load = rec_load
         torch.optim.SGD = RecordingSGD
 
-    @staticmethod
-    def snapshot(opt) -> dict:
-        """The outer optimizer's parameters by role: LoRS's and MTT's scripts build their groups in this order."""
-        groups = [[p.detach().clone().cpu() for p in g["params"]] for g in opt.param_groups]
-        out = {"images": groups[0][0], "texts": groups[1][0], "lr_image": groups[2][0].reshape(1),
-               "lr_text": groups[2][1].reshape(1)}
-        if len(groups) > 3:
-            for name, t in zip(("diag", "left", "right"), groups[3]):
-                out[f"sim_{name}"] = t
+    def snapshot(self) -> dict:
+        """The outer optimizers' parameters by role (`layout`: one list of roles per optimizer group, in order)."""
+        groups = [g["params"] for opt in self.optimizers for g in opt.param_groups]
+        if len(groups) != len(self.layout):
+            raise RuntimeError(f"the script made {len(groups)} outer parameter groups, run.json's layout names "
+                               f"{len(self.layout)}: {self.layout}")
+        out = {}
+        for roles, params in zip(self.layout, groups):
+            for role, p in zip(roles, params):
+                t = p.detach().clone().cpu()
+                out[role] = t.reshape(1) if role.startswith("lr_") else t
         return out
 
     def wandb(self) -> types.ModuleType:
@@ -212,7 +240,8 @@ class Recorder:
         def log(values, step=None, **kwargs):
             if "Progress" in values:
                 rec.start_iteration(int(values["Progress"]))
-            losses = {k: float(v) for k, v in values.items() if k.startswith("Loss/")}
+            losses = {k: float(v) for k, v in values.items()
+                      if k.startswith("Loss/") or k == "Grand_Loss"}  # LoRS/RepBlend; MTT-VL
             if losses:
                 rec.losses.append({"iteration": rec.iteration, **losses})
 
@@ -269,6 +298,8 @@ def main() -> int:
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
     parser.add_argument("--link", action="append", default=[], metavar="NAME=TARGET",
                         help="a link NAME in the run's working directory to TARGET (paths a script hard-codes)")
+    parser.add_argument("--hub", action="append", default=[], metavar="NAME=FOLDER",
+                        help="from_pretrained(NAME) reads FOLDER (a script that loads a hub model by name)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     official, out = args.official.resolve(), args.out.resolve()
@@ -295,9 +326,12 @@ def main() -> int:
 
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", torch.get_num_threads())))
     patch_devices()
-    stub_missing(["clip", "kornia", "sklearn.metrics.pairwise"])
+    stub_missing(["clip", "kornia", "sklearn.metrics.pairwise", "pandas", "scipy.ndimage.interpolation"])
     patch_tokenizer()
+    if args.hub:
+        patch_hub(dict(item.split("=", 1) for item in args.hub))
     rec = Recorder(script)
+    rec.layout = json.loads((out / "run.json").read_text())["layout"]
     sys.modules["wandb"] = rec.wandb()
     rec.install()
     if args.float64:
@@ -361,8 +395,11 @@ def save(rec: Recorder, out: Path) -> None:
                 raise RuntimeError(f"iteration {k}: {len(it['lams'])} blend lambdas and {len(it['blend_perms'])} "
                                    f"blend permutations recorded, expected {run['syn_steps']} of each")
             blends = [[lam, perm] for lam, perm in zip(it["lams"], it["blend_perms"])]
-        iterations.append({"expert": expert, "start": it["randint"][0],
-                           "batches": batches_of(it["randperm"], run["syn_steps"], run["mini_batch_size"]),
+        if run["batches"] == "prefix":  # MTT-VL: each step, the first mini_batch_size of a new permutation
+            batches = [perm[:run["mini_batch_size"]] for perm in it["randperm"]]
+        else:
+            batches = batches_of(it["randperm"], run["syn_steps"], run["mini_batch_size"])
+        iterations.append({"expert": expert, "start": it["randint"][0], "batches": batches,
                            "blends": blends, "dropout_calls": len(it["masks"])})
     write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,18 +34,46 @@ LORS = {"syn_steps": 8, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 100,
         "loss_type": "WBCE"}
 
 
-# Per method: the official script, mmdd's model and method, the official script's own further flags.
+# Per method: the official script, mmdd's model and method, how the script's draws and states are read (run.json),
+# its loss key, and the flags / overrides each side needs beyond the shared settings (LORS).
+TESLA_LORS_FLAGS = lambda s: [  # noqa: E731 - LoRS's and RepBlend's own flags
+    "--eval_it=0", "--disabled_wandb=True", f"--lr_sim={s['lr_sim']}", "--sim_type=lowrank",
+    f"--sim_rank={s['sim_rank']}", f"--alpha={s['alpha']}", f"--loss_type={s['loss_type']}"]
+TESLA_LORS_MMDD = lambda s: [  # noqa: E731
+    f"budget={s['num_queries'] + 1}",  # S takes one pair's storage
+    f"method.lr_sim={s['lr_sim']}", "method.sim_momentum=0.5", "method.inner_loss=wbce", "method.meta_gradient=tesla",
+    # the official code's WBCE and TESLA pass 2, as the paper configs set them (experiments/paper_settings.md)
+    "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw",
+    # and its float32 rounding of pass 1 (create_graph=True; the maths is the same)
+    "method.tesla_pass1_graph=true",
+    "method.similarity.kind=lowrank", f"method.similarity.rank={s['sim_rank']}", f"method.similarity.alpha={s['alpha']}"]
+# LoRS and RepBlend: one outer SGD with groups [images], [texts], [both step sizes], [S's diag, left, right]
+TESLA_LORS_LAYOUT = [["images"], ["texts"], ["lr_image", "lr_text"], ["sim_diag", "sim_left", "sim_right"]]
 METHODS = {
-    "lors": {"script": "distill_tesla_lors.py", "model": "nfnet_bert", "method": "lors", "flags": [],
+    "lors": {"script": "distill_tesla_lors.py", "model": "nfnet_bert", "method": "lors",
+             "flags": TESLA_LORS_FLAGS, "mmdd": TESLA_LORS_MMDD, "layout": TESLA_LORS_LAYOUT, "batches": "chunks",
+             "loss_key": "Loss/grand",
              # trainable nfnet_l0 (its weights come from the experts' snapshots): a random one on both sides
              "backbone": None},
     "repblend": {"script": "distill_repblend.py", "model": "nfnet_bert_heads", "method": "repblend",
-                 "flags": ["--alpha_2=1"],
+                 "flags": lambda s: [*TESLA_LORS_FLAGS(s), "--alpha_2=1"], "mmdd": TESLA_LORS_MMDD,
+                 "layout": TESLA_LORS_LAYOUT, "batches": "chunks", "loss_key": "Loss/grand",
                  # its data paths after parsing (distill_repblend.py:673-680): links of these names in the cwd
                  "links": {"image_root": "path to flickr30k images", "ann_root": "path to flickr30k annotations"},
                  # a frozen nfnet_l0, the same random weights on both sides (the official script loads them as its
                  # 'pretrained' file, mmdd as model.image.checkpoint)
                  "backbone": "nfnet_l0_random.pth"},
+    # MTT-VL (princetonvisualai distill.py): full unroll, InfoNCE at logits log(1/0.07) * cos (no exp: T = 0.376),
+    # no S; each step's batch is the first mini_batch_size of a new permutation; three SGDs (images, step sizes, texts).
+    "mtt_vl": {"script": "distill.py", "model": "nfnet_bert", "method": "mtt_vl",
+               # no evaluation (its eval_it_pool always holds iteration 0: num_eval 0 trains no student), no drawing
+               "flags": lambda s: ["--eval_it=100000", "--num_eval=0", "--draw="],
+               "mmdd": lambda s: [f"budget={s['num_queries']}", "method.meta_gradient=full",
+                                  "method.inner_loss=infonce", f"method.temperature={1 / math.log(1 / 0.07)!r}"],
+               "layout": [["images"], ["lr_image", "lr_text"], ["texts"]], "batches": "prefix",
+               "loss_key": "Grand_Loss", "backbone": None,
+               # its networks.py loads bert-base-uncased from the hub at import
+               "hub": {"bert-base-uncased": "standin"}},
 }
 
 
@@ -164,26 +193,27 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     out = official_dir(work, float64)
     out.mkdir(parents=True, exist_ok=True)
     s = LORS
-    # What official.py needs to read the recorded draws (the script's own flags below say the same).
+    # What official.py needs to read the recorded draws and states (the script's own flags below say the same).
     run = {k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}
-    (out / "run.json").write_text(json.dumps({**run, "float64": float64}))
+    (out / "run.json").write_text(json.dumps({**run, "float64": float64, "layout": spec["layout"],
+                                              "batches": spec["batches"]}))
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
         f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
         # argparse type=bool: only the empty string is False (a random nfnet_l0); RepBlend: True, from the file
         "--image_pretrained=True" if spec["backbone"] else "--image_pretrained=",
-        f"--image_size={image_size}", f"--Iteration={iterations - 1}", "--eval_it=0", "--disabled_wandb=True",
+        f"--image_size={image_size}", f"--Iteration={iterations - 1}",
         f"--syn_steps={s['syn_steps']}", f"--expert_epochs={s['expert_epochs']}",
         f"--max_start_epoch={s['max_start_epoch']}", f"--lr_img={s['lr_img']}", f"--lr_txt={s['lr_txt']}",
         f"--lr_lr={s['lr_lr']}", f"--lr_teacher_img={s['lr_teacher']}", f"--lr_teacher_txt={s['lr_teacher']}",
-        f"--lr_sim={s['lr_sim']}", "--sim_type=lowrank", f"--sim_rank={s['sim_rank']}", f"--alpha={s['alpha']}",
-        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}",
-        f"--loss_type={s['loss_type']}", "--name=parity", *spec["flags"],
+        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}", "--name=parity",
+        *spec["flags"](s),
     ]
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
            "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
            *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
+           *[f"--hub={name}={work / folder}" for name, folder in spec.get("hub", {}).items()],
            *(["--float64"] if float64 else []), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
@@ -193,20 +223,14 @@ def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: s
     s = LORS
     recorded = official_dir(work, float64)
     cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size, spec), f"method={spec['method']}",
-           f"budget={s['num_queries'] + 1}",  # LoRS: S takes one pair's storage
            f"buffer_dir={inputs['store']}", f"init_from={recorded / 'initial'}",
-           f"draws.replay={recorded / 'draws'}", f"hardware.precision={'64-true' if float64 else '32-true'}", f"method.iterations={iterations}",
+           f"draws.replay={recorded / 'draws'}", f"hardware.precision={'64-true' if float64 else '32-true'}",
+           f"method.iterations={iterations}",
            f"method.syn_steps={s['syn_steps']}", f"method.expert_epochs={s['expert_epochs']}",
            f"method.max_start_epoch={s['max_start_epoch']}", f"method.lr_img={s['lr_img']}",
-           f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.lr_sim={s['lr_sim']}",
-           "method.momentum=0.5", "method.sim_momentum=0.5", "method.lr_min=null", "method.loss_merge=separate",
-           "method.inner_loss=wbce", "method.meta_gradient=tesla",
-           # the official code's WBCE and TESLA pass 2, as the paper configs set them (experiments/paper_settings.md)
-           "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw",
-           # and its float32 rounding of pass 1 (create_graph=True; the maths is the same)
-           "method.tesla_pass1_graph=true", f"method.batch_syn={s['mini_batch_size']}",
-           "method.similarity.kind=lowrank", f"method.similarity.rank={s['sim_rank']}",
-           f"method.similarity.alpha={s['alpha']}", "evaluate=false", "diagnostics_every=0", "save_every=0",
+           f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.batch_syn={s['mini_batch_size']}",
+           "method.momentum=0.5", "method.lr_min=null", "method.loss_merge=separate", *spec["mmdd"](s),
+           "evaluate=false", "diagnostics_every=0", "save_every=0",
            "resume=false", f"hydra.run.dir={work / 'mmdd' / name}", *overrides]
     return sh(cmd, work / f"{name}.log")
 
@@ -217,7 +241,7 @@ def relative(a, b) -> float:
     return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-def compare(work: Path, iterations: int, name: str, float64: bool) -> dict:
+def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
@@ -245,7 +269,7 @@ def compare(work: Path, iterations: int, name: str, float64: bool) -> dict:
     history = json.loads((work / "mmdd" / name / "synthetic" / "history.json").read_text())
     losses = []
     for o, h in zip(off_losses, history):
-        a, b = h["distill/matching_loss"], o["Loss/grand"]
+        a, b = h["distill/matching_loss"], o[loss_key]
         losses.append({"iteration": o["iteration"], "official": b, "mmdd": a, "relative": abs(a - b) / abs(b)})
     return {"tensors": tensors, "losses": losses,
             "largest": max([t["relative"] for t in tensors.values()] + [l["relative"] for l in losses])}
@@ -289,7 +313,7 @@ def main() -> int:
     else:
         seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec)
     seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec)
-    result = compare(work, args.iterations, name, args.float64)
+    result = compare(work, args.iterations, name, args.float64, spec["loss_key"])
     result.update({"settings": dict(LORS), "method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
                    "image_size": args.image_size, "float64": args.float64, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
                    "command": " ".join(["python", "experiments/parity/run.py", *sys.argv[1:]])})
