@@ -144,6 +144,7 @@ class Recorder:
         self.states: dict = {}
         self.optimizers: list = []  # the outer SGDs, in the order the script made them
         self.layout: list[list[str]] = []  # per (optimizer, group): the role of each parameter (run.json)
+        self.ema: dict = {}  # PTM-ST: its ModelEmaV2's tensors after each update, by iteration
         self.losses: list[dict] = []
 
     def from_script(self, depth: int = 2) -> bool:
@@ -216,6 +217,20 @@ class Recorder:
         F.dropout = rec_dropout
         torch.load = rec_load
         torch.optim.SGD = RecordingSGD
+
+    def record_ema(self) -> None:
+        """PTM-ST: wrap its model_ema.ModelEmaV2.update (the checkout's module) to keep the EMA after each update,
+        by the same roles as the optimizer's (its list: images, texts, S's parameters, then the two step sizes)."""
+        import model_ema
+
+        rec, update = self, model_ema.ModelEmaV2.update
+
+        def recording_update(ema, params):
+            update(ema, params)
+            roles = [r for group in rec.layout for r in group if not r.startswith("lr_")]
+            rec.ema[rec.iteration] = {role: t.detach().clone().cpu() for role, t in zip(roles, ema.module)}
+
+        model_ema.ModelEmaV2.update = recording_update
 
     def snapshot(self) -> dict:
         """The outer optimizers' parameters by role (`layout`: one list of roles per optimizer group, in order)."""
@@ -314,6 +329,7 @@ def main() -> int:
         path = cwd / name
         if path.is_symlink() or path.exists():
             path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.symlink_to(Path(target).resolve(), target_is_directory=True)
     if args.backbone is not None:
         weights = link.parent / "nfnet_l0_ra2-45c6688d.pth"
@@ -337,6 +353,8 @@ def main() -> int:
     if args.float64:
         patch_float64()
     sys.path.insert(0, str(official))
+    if json.loads((out / "run.json").read_text()).get("ema"):
+        rec.record_ema()
     sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
     runpy.run_path(str(script), run_name="__main__")
     save(rec, out)
@@ -366,13 +384,16 @@ def save(rec: Recorder, out: Path) -> None:
     from safetensors.torch import save_file
 
     from mmdd.methods.draws import write_draws
-    from mmdd.synthetic.similarity import LowRankSimilarity
+    from mmdd.synthetic.similarity import FullSimilarity, LowRankSimilarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.io import atomic_write, atomic_write_json
 
     run = json.loads((out / "run.json").read_text())
     init = rec.initial
     similarity = None
+    if "sim_full" in init:
+        similarity = FullSimilarity(len(init["images"]))
+        similarity.load_state_dict({"full": init["sim_full"]})
     if "sim_left" in init:
         similarity = LowRankSimilarity(len(init["images"]), run["sim_rank"], run["alpha"])
         similarity.load_state_dict({"diag": init["sim_diag"], "left": init["sim_left"], "right": init["sim_right"]})
@@ -404,6 +425,9 @@ def save(rec: Recorder, out: Path) -> None:
     write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}
     atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))
+    if rec.ema:
+        ema = {f"{k}.{name}": t.contiguous() for k, state in rec.ema.items() for name, t in state.items()}
+        atomic_write(out / "ema.safetensors", lambda p: save_file(ema, str(p)))
     atomic_write_json(out / "losses.json", rec.losses)
     atomic_write_json(out / "dropout_inputs.json", [it.get("dropout_inputs", []) for it in rec.iterations])
     atomic_write_json(out / "patches.json", {**PATCHES, **(PATCHES_FLOAT64 if run.get("float64") else {})})

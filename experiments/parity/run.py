@@ -63,6 +63,24 @@ METHODS = {
                  # a frozen nfnet_l0, the same random weights on both sides (the official script loads them as its
                  # 'pretrained' file, mmdd as model.image.checkpoint)
                  "backbone": "nfnet_l0_random.pth"},
+    # PTM-ST (distill_ptm-st.py, one phase as its Flickr-100 script): LoRS's TESLA with a full S on the official
+    # convexify.py's shortcut trajectories (mmdd: method.convexify on the store, compared by convexify.py), starts in
+    # [min, max), the EMA (decay 0.99) of images, texts and S compared; image_root is fixed by the script
+    # (./distill_utils/data/Flickr30k, a link in the cwd).
+    "ptm_st": {"script": "distill_ptm-st.py", "model": "nfnet_bert", "method": "ptm_st",
+               "flags": lambda s: ["--eval_it=100000", "--disabled_wandb=True", "--subset_num=1", "--sim_type=full",
+                                   f"--lr_sim={s['lr_sim']}", f"--loss_type={s['loss_type']}", "--ema_decay=0.99",
+                                   "--image_trainable", "--min_start_epoch=0"],
+               "mmdd": lambda s: [f"budget={s['num_queries'] + 1}", f"method.lr_sim={s['lr_sim']}",
+                                  "method.sim_momentum=0.5", "method.inner_loss=wbce", "method.meta_gradient=tesla",
+                                  "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw",
+                                  "method.tesla_pass1_graph=true", "method.similarity.kind=full",
+                                  "method.min_start_epoch=0", "method.convexify.start=0",
+                                  f"method.convexify.end={s['max_start_epoch'] + 1}", "method.ema_decay=0.99"],
+               "layout": [["images"], ["texts"], ["lr_image", "lr_text"], ["sim_full"]], "batches": "chunks",
+               "loss_key": "Loss/grand", "backbone": None, "ema": True,
+               "convexified": True,  # its buffer_path: the official convexify.py's output (snapshots 0..max_start)
+               "links": {"image_root": "distill_utils/data/Flickr30k"}},
     # MTT-VL (princetonvisualai distill.py): full unroll, InfoNCE at logits log(1/0.07) * cos (no exp: T = 0.376),
     # no S; each step's batch is the first mini_batch_size of a new permutation; three SGDs (images, step sizes, texts).
     "mtt_vl": {"script": "distill.py", "model": "nfnet_bert", "method": "mtt_vl",
@@ -188,6 +206,22 @@ def official_dir(work: Path, float64: bool) -> Path:
     return work / ("official_float64" if float64 else "official")
 
 
+def convexified(official: Path, work: Path, inputs: dict, s: dict) -> Path:
+    """PTM-ST's buffers: the official convexify.py (run unedited) over the exported replay buffers, snapshots
+    0..max_start_epoch (the window's last target), in <work>/convexify/convexified_0_<end>."""
+    end = s["max_start_epoch"] + 1
+    scratch = work / "convexify"
+    out = scratch / f"convexified_0_{end}"
+    if not (out / "txt_replay_buffer_0.pt").exists():
+        normal = scratch / "normal"
+        normal.mkdir(parents=True, exist_ok=True)
+        for f in Path(inputs["buffers"]).glob("*_replay_buffer_*.pt"):
+            shutil.copyfile(f, normal / f.name)
+        subprocess.run([sys.executable, str(official / "convexify.py"), "--normal_dir", str(normal), "--start", "0",
+                        "--end", str(end)], check=True, cwd=scratch, stdout=subprocess.DEVNULL)
+    return out
+
+
 def run_official(official: Path, work: Path, inputs: dict, iterations: int, image_size: int, float64: bool,
                  spec: dict) -> float:
     out = official_dir(work, float64)
@@ -196,10 +230,11 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     # What official.py needs to read the recorded draws and states (the script's own flags below say the same).
     run = {k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}
     (out / "run.json").write_text(json.dumps({**run, "float64": float64, "layout": spec["layout"],
-                                              "batches": spec["batches"]}))
+                                              "batches": spec["batches"], "ema": bool(spec.get("ema"))}))
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
-        f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
+        f"--buffer_path={convexified(official, work, inputs, s) if spec.get('convexified') else inputs['buffers']}",
+        "--image_encoder=nfnet", "--text_encoder=bert",
         # argparse type=bool: only the empty string is False (a random nfnet_l0); RepBlend: True, from the file
         "--image_pretrained=True" if spec["backbone"] else "--image_pretrained=",
         f"--image_size={image_size}", f"--Iteration={iterations - 1}",
@@ -251,6 +286,9 @@ def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str
     states = load_file(str(recorded / "states.safetensors"))
     last = iterations - 1
     official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
+    if (recorded / "ema.safetensors").exists():  # PTM-ST: the saved set is the EMA (its step sizes the raw ones)
+        ema = load_file(str(recorded / "ema.safetensors"))
+        official.update({k.split(".", 1)[1]: v for k, v in ema.items() if k.startswith(f"{last}.")})
     dtype = torch.float64 if float64 else torch.float32
     syn, _ = SyntheticSet.load(work / "mmdd" / name / "synthetic", dtype=dtype)
     mine = {"images": syn.images, "texts": syn.texts, "lr_image": syn.lrs["image"].reshape(1),
