@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import METHODS, REPO, git_commit, prepare  # noqa: E402
+from run import METHODS, REPO, convexified, git_commit, prepare  # noqa: E402
 
 
 def main() -> int:
@@ -40,15 +38,7 @@ def main() -> int:
 
     store = TrajectoryStore.open(inputs["store"])
     end = args.end or store.epochs + 1
-    scratch = work / "convexify"
-    normal = scratch / "normal"
-    normal.mkdir(parents=True, exist_ok=True)
-    for f in Path(inputs["buffers"]).glob("*_replay_buffer_*.pt"):
-        shutil.copyfile(f, normal / f.name)
-    subprocess.run([sys.executable, str(official / "convexify.py"), "--normal_dir", str(normal),
-                    "--start", str(args.start), "--end", str(end)], check=True, cwd=scratch,
-                   stdout=subprocess.DEVNULL)
-    theirs = read_replay_buffers(scratch / f"convexified_{args.start}_{end}")
+    theirs = read_replay_buffers(convexified(official, work, inputs, args.start, end))
 
     reader = ConvexifiedSnapshots(ExpertSnapshots(store, store.param_names, store.completed_experts()),
                                   ConvexifySettings(start=args.start, end=end))

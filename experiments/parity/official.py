@@ -315,6 +315,8 @@ def main() -> int:
                         help="a link NAME in the run's working directory to TARGET (paths a script hard-codes)")
     parser.add_argument("--hub", action="append", default=[], metavar="NAME=FOLDER",
                         help="from_pretrained(NAME) reads FOLDER (a script that loads a hub model by name)")
+    parser.add_argument("--mkdir", action="append", default=[], metavar="NAME",
+                        help="a folder the script writes into but does not make (in the run's working directory)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     official, out = args.official.resolve(), args.out.resolve()
@@ -324,6 +326,8 @@ def main() -> int:
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(args.standin.resolve(), target_is_directory=True)
+    for name in args.mkdir:
+        (cwd / name).mkdir(parents=True, exist_ok=True)
     for spec in args.link:
         name, target = spec.split("=", 1)
         path = cwd / name

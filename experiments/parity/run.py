@@ -75,12 +75,13 @@ METHODS = {
                                   "method.sim_momentum=0.5", "method.inner_loss=wbce", "method.meta_gradient=tesla",
                                   "method.wbce_log_eps=1e-6", "method.tesla_pass2_dropout=redraw",
                                   "method.tesla_pass1_graph=true", "method.similarity.kind=full",
-                                  "method.min_start_epoch=0", "method.convexify.start=0",
-                                  f"method.convexify.end={s['max_start_epoch'] + 1}", "method.ema_decay=0.99"],
+                                  "method.min_start_epoch=0", "method.convexify=null", "method.ema_decay=0.99"],
                "layout": [["images"], ["texts"], ["lr_image", "lr_text"], ["sim_full"]], "batches": "chunks",
                "loss_key": "Loss/grand", "backbone": None, "ema": True,
                "convexified": True,  # its buffer_path: the official convexify.py's output (snapshots 0..max_start)
-               "links": {"image_root": "distill_utils/data/Flickr30k"}},
+               "links": {"image_root": "distill_utils/data/Flickr30k"},
+               "hub": {"bert-base-uncased": "standin"},  # its src/networks.py:23-25 loads BERT by hub name
+               "dirs": ["npz"]},  # it caches caption embeddings in ./npz/ and does not make the folder
     # MTT-VL (princetonvisualai distill.py): full unroll, InfoNCE at logits log(1/0.07) * cos (no exp: T = 0.376),
     # no S; each step's batch is the first mini_batch_size of a new permutation; three SGDs (images, step sizes, texts).
     "mtt_vl": {"script": "distill.py", "model": "nfnet_bert", "method": "mtt_vl",
@@ -206,20 +207,34 @@ def official_dir(work: Path, float64: bool) -> Path:
     return work / ("official_float64" if float64 else "official")
 
 
-def convexified(official: Path, work: Path, inputs: dict, s: dict) -> Path:
+def convexified(official: Path, work: Path, inputs: dict, start: int, end: int) -> Path:
     """PTM-ST's buffers: the official convexify.py (run unedited) over the exported replay buffers, snapshots
-    0..max_start_epoch (the window's last target), in <work>/convexify/convexified_0_<end>."""
-    end = s["max_start_epoch"] + 1
+    start..end-1, in <work>/convexify/convexified_<start>_<end>."""
     scratch = work / "convexify"
-    out = scratch / f"convexified_0_{end}"
+    out = scratch / f"convexified_{start}_{end}"
     if not (out / "txt_replay_buffer_0.pt").exists():
         normal = scratch / "normal"
         normal.mkdir(parents=True, exist_ok=True)
         for f in Path(inputs["buffers"]).glob("*_replay_buffer_*.pt"):
             shutil.copyfile(f, normal / f.name)
-        subprocess.run([sys.executable, str(official / "convexify.py"), "--normal_dir", str(normal), "--start", "0",
-                        "--end", str(end)], check=True, cwd=scratch, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, str(official / "convexify.py"), "--normal_dir", str(normal), "--start",
+                        str(start), "--end", str(end)], check=True, cwd=scratch, stdout=subprocess.DEVNULL)
     return out
+
+
+def convexified_store(official: Path, work: Path, inputs: dict, start: int, end: int) -> Path:
+    """The official convexify.py's trajectories as an mmdd store (the run's store manifest, the experts imported
+    from the convexified replay buffers): mmdd's PTM-ST run then matches the very same shortcut snapshots as the
+    official one (mmdd's own shortcut, method.convexify, is compared with the official one by convexify.py)."""
+    from mmdd.teachers.replay_buffer import import_replay_buffers
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    root = work / "mmdd" / f"store_convexified_{start}_{end}"
+    if not (root / "expert_001.safetensors").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(inputs["store"]) / "manifest.json", root / "manifest.json")
+        import_replay_buffers(convexified(official, work, inputs, start, end), TrajectoryStore.open(root))
+    return root
 
 
 def run_official(official: Path, work: Path, inputs: dict, iterations: int, image_size: int, float64: bool,
@@ -231,9 +246,12 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     run = {k: s[k] for k in ("syn_steps", "mini_batch_size", "sim_rank", "alpha")}
     (out / "run.json").write_text(json.dumps({**run, "float64": float64, "layout": spec["layout"],
                                               "batches": spec["batches"], "ema": bool(spec.get("ema"))}))
+    buffers = inputs["buffers"]
+    if spec.get("convexified"):  # PTM-ST: its snapshots 0..max_start_epoch (the window's last target) convexified
+        buffers = convexified(official, work, inputs, 0, s["max_start_epoch"] + 1)
     args = [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
-        f"--buffer_path={convexified(official, work, inputs, s) if spec.get('convexified') else inputs['buffers']}",
+        f"--buffer_path={buffers}",
         "--image_encoder=nfnet", "--text_encoder=bert",
         # argparse type=bool: only the empty string is False (a random nfnet_l0); RepBlend: True, from the file
         "--image_pretrained=True" if spec["backbone"] else "--image_pretrained=",
@@ -249,6 +267,7 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
            *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
            *[f"--hub={name}={work / folder}" for name, folder in spec.get("hub", {}).items()],
+           *[f"--mkdir={name}" for name in spec.get("dirs", [])],
            *(["--float64"] if float64 else []), "--", *args]
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
@@ -257,8 +276,11 @@ def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: s
              float64: bool, spec: dict) -> float:
     s = LORS
     recorded = official_dir(work, float64)
+    store = inputs["store"]
+    if spec.get("convexified"):  # PTM-ST: the official shortcut snapshots, imported (see convexified_store)
+        store = convexified_store(inputs["official"], work, inputs, 0, s["max_start_epoch"] + 1)
     cmd = [sys.executable, "-m", "mmdd.cli", "distill", *mmdd_common(work, image_size, spec), f"method={spec['method']}",
-           f"buffer_dir={inputs['store']}", f"init_from={recorded / 'initial'}",
+           f"buffer_dir={store}", f"init_from={recorded / 'initial'}",
            f"draws.replay={recorded / 'draws'}", f"hardware.precision={'64-true' if float64 else '32-true'}",
            f"method.iterations={iterations}",
            f"method.syn_steps={s['syn_steps']}", f"method.expert_epochs={s['expert_epochs']}",
@@ -343,6 +365,7 @@ def main() -> int:
     suffix = "".join(f"_{k}{v}" for k, v in changed.items())
     work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px{suffix}").resolve()
     inputs = prepare(work, args.image_size, spec)
+    inputs["official"] = official
     if inputs["experts"] != list(range(len(inputs["experts"]))):
         raise SystemExit(f"store experts {inputs['experts']}: expected 0..n-1 (replay-buffer file n = expert n)")
     name = args.name or ("mmdd_float64" if args.float64 else "mmdd")
