@@ -298,7 +298,9 @@ def relative(a, b) -> float:
     return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
 
 
-def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str) -> dict:
+def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str, raw: bool = False) -> dict:
+    """The mmdd set against the official state after `iterations` (PTM-ST: the EMA, which is what both save; `raw`:
+    the optimised set itself, for an mmdd run with method.ema_decay=null)."""
     import torch
     from safetensors.torch import load_file
 
@@ -308,7 +310,7 @@ def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str
     states = load_file(str(recorded / "states.safetensors"))
     last = iterations - 1
     official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
-    if (recorded / "ema.safetensors").exists():  # PTM-ST: the saved set is the EMA (its step sizes the raw ones)
+    if (recorded / "ema.safetensors").exists() and not raw:  # PTM-ST: the saved set is the EMA (step sizes raw)
         ema = load_file(str(recorded / "ema.safetensors"))
         official.update({k.split(".", 1)[1]: v for k, v in ema.items() if k.startswith(f"{last}.")})
     dtype = torch.float64 if float64 else torch.float32
@@ -374,7 +376,8 @@ def main() -> int:
     else:
         seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec)
     seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec)
-    result = compare(work, args.iterations, name, args.float64, spec["loss_key"])
+    result = compare(work, args.iterations, name, args.float64, spec["loss_key"],
+                     raw="method.ema_decay=null" in args.overrides)
     result.update({"settings": dict(LORS), "method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
                    "image_size": args.image_size, "float64": args.float64, "seconds": {"official": seconds_official, "mmdd": seconds_mmdd},
                    "command": " ".join(["python", "experiments/parity/run.py", *sys.argv[1:]])})
