@@ -19,7 +19,7 @@ from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report
 from mmdd.evaluate.student import StudentPhase, train_student
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.models.losses import DEFAULT_INNER_LOSS
-from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
 from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
                                to_plain)
 from mmdd.utils.io import atomic_write_json, stable_hash
@@ -54,28 +54,6 @@ def check_frozen_backbone(manifest: dict, model, where: Path) -> None:
     """Students that train heads on a frozen backbone must stand on the one the set was distilled on."""
     check_same_frozen_backbone(f"synthetic set {where}", manifest.get("backbone_fingerprint"),
                                frozen_backbone_fingerprint(model))
-
-
-def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where: Path) -> None:
-    if manifest.get("complete") is False:
-        log.warning("synthetic set %s is an intermediate checkpoint (iteration %s)", where, manifest.get("iteration"))
-    if int(manifest["text_dim"]) != text_dim:
-        raise ArtifactError(
-            f"synthetic set {where} holds {manifest['text_dim']}-d text embeddings "
-            f"({manifest.get('text_encoder')}), but model.text={cfg.model.text.name_or_path} gives {text_dim}-d; "
-            "evaluate with the text encoder the set was distilled with"
-            + (f" (model.text.name_or_path={manifest['text_encoder']})" if manifest.get("text_encoder") else "")
-        )
-    if manifest.get("text_encoder") not in (None, str(cfg.model.text.name_or_path)):
-        raise ArtifactError(
-            f"synthetic set {where} was distilled with text encoder {manifest['text_encoder']!r}, "
-            f"not {cfg.model.text.name_or_path!r}; set model.text.name_or_path accordingly"
-        )
-    if list(manifest["image_shape"])[1:] != [cfg.data.image_size] * 2:
-        raise ArtifactError(
-            f"synthetic set {where} has images of shape {manifest['image_shape']} but data.image_size="
-            f"{cfg.data.image_size}; evaluate at the resolution it was distilled at"
-        )
 
 
 def summarize(per_seed: list[dict], key: str = "test") -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ from mmdd.methods.draws import draws_hooked
 from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
-from mmdd.synthetic.synthetic_set import SyntheticSet
+from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
 from mmdd.utils.config import distill_identity
 from mmdd.utils.trainer import accelerate_model, build_trainer, precision_dtype
 
@@ -82,16 +82,12 @@ class LearnedMethod(Method):
         """`init_from=<set dir>`: start from a saved set (its images, texts, step sizes and S) instead of the method's
         own initialisation, e.g. the official code's initial pairs in experiments/parity. It must be what this run
         would have made: `n` pairs of this data's image size and text width, with S of the method's kind."""
-        syn, _ = SyntheticSet.load(folder, dtype=precision_dtype(cfg.hardware))
-        want_image = [3, int(cfg.data.image_size), int(cfg.data.image_size)]
+        syn, manifest = SyntheticSet.load(folder, dtype=precision_dtype(cfg.hardware))
+        check_synthetic_compatible(manifest, cfg, train.text_emb.shape[1], f"init_from={folder}")
         problems = []
         if len(syn) != n:
             problems.append(f"{len(syn)} pairs, this run distils {n} (budget={cfg.budget}"
                             + (", S takes one pair" if self.config.similarity else "") + ")")
-        if list(syn.images.shape[1:]) != want_image:
-            problems.append(f"images of shape {list(syn.images.shape[1:])}, this data's are {want_image}")
-        if syn.texts.shape[1] != train.text_emb.shape[1]:
-            problems.append(f"{syn.texts.shape[1]}-d texts, this run's captions are {train.text_emb.shape[1]}-d")
         spec = None if syn.similarity is None else syn.similarity.spec()
         want = similarity_spec(dict(self.config.similarity)) if self.config.similarity else None
         if spec != want:

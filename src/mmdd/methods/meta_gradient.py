@@ -137,9 +137,11 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     for _ in range(seg.syn_steps):
         idx = seg.schedule.next()
         mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
-        batches.append((idx, mix, rng.get()))  # pass 2 replays the same batches, blends and dropout masks
-        if redraw:
+        if redraw:  # pass 2 takes the same batches and blends at these parameters, and draws its own masks
+            batches.append((idx, mix, None))
             reached.append({m: params[m].detach() for m in mods})
+        else:  # pass 2 replays the same batches, blends and dropout masks
+            batches.append((idx, mix, rng.get()))
         with torch.enable_grad():
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()

@@ -11,6 +11,7 @@ Files are written atomically; the manifest last, so a directory with a manifest 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 
 from mmdd.errors import ArtifactError
 from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mmdd-synthetic-set"
 VERSION = 1
@@ -118,6 +121,29 @@ class SyntheticSet(nn.Module):
                 raise ArtifactError(f"{d}: similarity parameters do not match the manifest: {exc}") from exc
         syn = cls(t["images"], t["texts"], lrs, similarity, dtype=dtype)
         return syn, manifest
+
+
+def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where) -> None:
+    """A saved set (its manifest) fits this run's text encoder and image size (evaluation, init_from)."""
+    if manifest.get("complete") is False:
+        log.warning("synthetic set %s is an intermediate checkpoint (iteration %s)", where, manifest.get("iteration"))
+    if int(manifest["text_dim"]) != text_dim:
+        raise ArtifactError(
+            f"synthetic set {where} holds {manifest['text_dim']}-d text embeddings "
+            f"({manifest.get('text_encoder')}), but model.text={cfg.model.text.name_or_path} gives {text_dim}-d; "
+            "evaluate with the text encoder the set was distilled with"
+            + (f" (model.text.name_or_path={manifest['text_encoder']})" if manifest.get("text_encoder") else "")
+        )
+    if manifest.get("text_encoder") not in (None, str(cfg.model.text.name_or_path)):
+        raise ArtifactError(
+            f"synthetic set {where} was distilled with text encoder {manifest['text_encoder']!r}, "
+            f"not {cfg.model.text.name_or_path!r}; set model.text.name_or_path accordingly"
+        )
+    if list(manifest["image_shape"])[1:] != [cfg.data.image_size] * 2:
+        raise ArtifactError(
+            f"synthetic set {where} has images of shape {manifest['image_shape']} but data.image_size="
+            f"{cfg.data.image_size}; evaluate at the resolution it was distilled at"
+        )
 
 
 def check_tensors(t: dict[str, torch.Tensor], manifest: dict, path: Path, fix: str) -> dict:
