@@ -9,7 +9,6 @@ expert is compared, per modality (max |a - b| / max |b|). Writes <work>/parity_c
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,20 +16,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import METHODS, REPO, convexified, git_commit, prepare  # noqa: E402
+from run import convexified, git_commit, on_lors_run, relative  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", required=True, type=Path, help="a PTM-ST checkout")
-    parser.add_argument("--work", type=Path, default=None, help="the LoRS parity run's folder (default "
-                        "outputs/parity/lors_32px)")
-    parser.add_argument("--start", type=int, default=0)
-    parser.add_argument("--end", type=int, default=None, help="default: every recorded snapshot")
-    args = parser.parse_args()
-    official = args.official.resolve()
-    work = (args.work or REPO / "outputs" / "parity" / "lors_32px").resolve()
-    inputs = prepare(work, 32, METHODS["lors"])
+    def add_arguments(parser):
+        parser.add_argument("--start", type=int, default=0)
+        parser.add_argument("--end", type=int, default=None, help="default: every recorded snapshot")
+
+    args, official, work, inputs = on_lors_run(__doc__, "PTM-ST", add_arguments)
 
     from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings
     from mmdd.teachers.replay_buffer import read_replay_buffers
@@ -50,7 +44,7 @@ def main() -> int:
             for modality in ("image", "text"):
                 b = torch.cat([p.reshape(-1).float() for p in official_expert[modality][t]])
                 a = ours[t][modality]
-                rel = float((a - b).abs().max() / b.abs().max())
+                rel = relative(a, b)
                 largest = max(largest, rel)
                 per.append({"expert": expert, "snapshot": t, "modality": modality, "relative": rel})
     result = {"official_commit": git_commit(official), "start": args.start, "end": end, "largest": largest,

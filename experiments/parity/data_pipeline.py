@@ -21,7 +21,6 @@ Prints the table rows and writes <work>/parity_data.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,12 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import METHODS, REPO, git_commit, prepare  # noqa: E402  (the harness's own shared inputs)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = float(b.abs().max())
-    return float((a - b).abs().max()) / (scale if scale > 0 else 1.0)
+from run import git_commit, on_lors_run, relative  # noqa: E402  (the harness's own shared inputs)
 
 
 def mmdd_data(work: Path, inputs: dict, image_size: int):
@@ -167,17 +161,9 @@ def _each_operation(randaugment, ours, level, images, out) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", required=True, type=Path, help="a LoRS_Distill checkout")
-    parser.add_argument("--work", type=Path, default=None, help="the LoRS parity run's folder (default "
-                        "outputs/parity/lors_32px, written by `run.py lors`)")
-    parser.add_argument("--image-size", type=int, default=32, help="the parity run's image size (its files' size)")
-    parser.add_argument("--resize-to", type=int, default=None,
-                        help="both sides resize the images to this size (default: the files' size, no resampling)")
-    args = parser.parse_args()
-    official = args.official.resolve()
-    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px").resolve()
-    inputs = prepare(work, args.image_size, METHODS["lors"])
+    args, official, work, inputs = on_lors_run(__doc__, "LoRS_Distill", lambda parser: parser.add_argument(
+        "--resize-to", type=int, default=None,
+        help="both sides resize the images to this size (default: the files' size, no resampling)"))
     size = args.resize_to or args.image_size
     cfg, data = mmdd_data(work, inputs, size)
     official_data, flickr, randaugment = official_modules(official)

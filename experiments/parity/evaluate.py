@@ -17,7 +17,6 @@ against `protocol=lors`); see ../parity.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import mmdd_data, official_modules  # noqa: E402
-from run import METHODS, REPO, git_commit, prepare  # noqa: E402
+from run import git_commit, on_lors_run, relative  # noqa: E402
 
 
 class OfficialView(torch.nn.Module):
@@ -101,7 +100,7 @@ def compare(model, test, cfg, embed: torch.Tensor, test_set, epoch) -> dict:
     # 1. the score matrices, where the official one keeps a score (each row's top 128; -100 elsewhere)
     scores = torch.from_numpy(i2t)
     kept = scores > -100
-    rel = float((our_scores - scores)[kept].abs().max() / scores[kept].abs().max())
+    rel = relative(our_scores[kept], scores[kept])
     # 2. the two metric functions on the same (mmdd's) scores: they differ only where scores tie exactly, which the
     # official argsort breaks by index order and mmdd counts against the query (pessimistic)
     official_on_ours = epoch.itm_eval(our_scores.numpy(), our_scores.t().numpy(), test_set.txt2img, test_set.img2txt)
@@ -119,15 +118,7 @@ def capped_topk(original):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", required=True, type=Path, help="a LoRS_Distill checkout")
-    parser.add_argument("--work", type=Path, default=None, help="the LoRS parity run's folder (default "
-                        "outputs/parity/lors_32px, written by `run.py lors`)")
-    parser.add_argument("--image-size", type=int, default=32)
-    args = parser.parse_args()
-    official = args.official.resolve()
-    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px").resolve()
-    inputs = prepare(work, args.image_size, METHODS["lors"])
+    args, official, work, inputs = on_lors_run(__doc__, "LoRS_Distill")
     cfg, data = mmdd_data(work, inputs, args.image_size)
     test = data["test"]
     model = expert_model(cfg, inputs["store"], test.text_emb.shape[1])
