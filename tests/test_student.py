@@ -179,3 +179,19 @@ def test_earlier_phases_train_first_and_selection_spans_every_phase(data):
     assert [h["r_mean"] for h in alone.history] != [h["r_mean"] for h in res.history[3:]]
     last = train_student(cfg("last"), build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, earlier=[first])
     assert last.best_epoch == 11
+
+
+def test_a_double_precision_student_trains_and_scores_in_float64(data):
+    """hardware.precision=64-true (the parity checks): the student is double before any weights are loaded into it,
+    and its evaluations cast the split's float32 images and captions to it instead of failing."""
+    c = cfg("val", epochs=2)
+    c.hardware.precision = "64-true"
+    built = []
+
+    def make():
+        built.append(build())
+        return built[-1]
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    res = train_student(c, make, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0)
+    assert all(p.dtype == torch.float64 for p in built[0].parameters())
+    assert [h["epoch"] for h in res.history] == [1] and 0 <= res.test["r_mean"] <= 100

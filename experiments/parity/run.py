@@ -292,19 +292,20 @@ def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: s
     return sh(cmd, work / f"{name}.log")
 
 
-def on_lors_run(doc: str, checkout: str, add_arguments=None):
+def on_lors_run(doc: str, checkout: str, add_arguments=None, suffix: str = ""):
     """The command line of the checks that work on the LoRS parity run's inputs (data_pipeline.py, evaluate.py,
-    convexify.py): --official, --work, --image-size and `add_arguments(parser)`'s own. Returns (args, the official
-    checkout, the run's folder, its inputs: prepare's, built when missing)."""
+    convexify.py, students.py): --official, --work, --image-size and `add_arguments(parser)`'s own. Returns (args, the
+    official checkout, the run's folder, its inputs: prepare's, built when missing). `suffix`: the default run's
+    folder is outputs/parity/lors_<image size>px<suffix> (a run with --set options)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help=f"a {checkout} checkout")
     parser.add_argument("--work", type=Path, default=None, help="the LoRS parity run's folder (default "
-                        "outputs/parity/lors_<image size>px, written by `run.py lors`)")
+                        f"outputs/parity/lors_<image size>px{suffix}, written by `run.py lors`)")
     parser.add_argument("--image-size", type=int, default=32, help="the parity run's image size (its files' size)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
-    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px").resolve()
+    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px{suffix}").resolve()
     return args, args.official.resolve(), work, prepare(work, args.image_size, METHODS["lors"])
 
 

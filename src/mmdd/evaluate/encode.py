@@ -22,13 +22,23 @@ from mmdd.utils.io import atomic_write, stable_hash
 log = logging.getLogger(__name__)
 
 
+def model_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its parameters': float64 under hardware.precision=64-true): inputs are cast
+    to it; embeddings come back in float32, or float64 from a float64 model (numerical checks keep their precision)."""
+    return next(model.parameters()).dtype
+
+
+def embedding_dtype(model) -> torch.dtype:
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
+
+
 def chunks(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def backbone_features(model, data: SplitData, rows: range, mean, std, device):
     """The backbone's features of a split's images `rows` (no grad and eval mode are the caller's)."""
-    return model.features(normalize(data.image_batch(rows).to(device), mean, std))
+    return model.features(normalize(data.image_batch(rows).to(device), mean, std).to(model_dtype(model)))
 
 
 def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device):
@@ -116,12 +126,12 @@ def encode_images(model, data: SplitData, rows: range, mean, std, device, featur
         backbone = features.split(model, data)[rows.start : rows.stop]
     else:
         backbone = backbone_features(model, data, rows, mean, std, device)
-    return F.normalize(model.image_head(backbone.to(device)), dim=-1).float()
+    return F.normalize(model.image_head(backbone.to(device, model_dtype(model))), dim=-1).to(embedding_dtype(model))
 
 
 def encode_texts(model, data: SplitData, rows: range, device):
     """Joint-space embeddings of a split's captions `rows`."""
-    return model.encode_text(data.text_emb[rows.start : rows.stop].to(device)).float()
+    return model.encode_text(data.text_emb[rows.start : rows.stop].to(device, model_dtype(model))).to(embedding_dtype(model))
 
 
 @torch.no_grad()

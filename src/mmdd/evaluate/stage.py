@@ -17,6 +17,7 @@ from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report
 from mmdd.evaluate.student import StudentPhase, train_student
+from mmdd.evaluate.student_draws import student_draws
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.models.losses import DEFAULT_INNER_LOSS
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
@@ -136,6 +137,18 @@ def student_phase(cfg, syn: SyntheticSet, where: Path) -> StudentPhase:
     return StudentPhase(syn.images, syn.texts, student_lrs(cfg, syn, where), similarity)
 
 
+def student_loss(protocol, manifest: dict) -> tuple[str, float, float | None]:
+    """The students' loss, its label temperature and its wbce log_eps. protocol.loss=set trains as the set was
+    distilled: its inner loss with the options it was distilled with (the LoRS/RepBlend/PTM-ST paper sets: wbce in
+    the reference code's form, as their official evaluation trains), against its S if it has one."""
+    if protocol.loss != "set":
+        return str(protocol.loss), float(protocol.label_temperature), None
+    log_eps = manifest.get("wbce_log_eps")
+    return (str(manifest.get("inner_loss", DEFAULT_INNER_LOSS)),  # sets written before manifests said: infonce
+            float(manifest.get("label_temperature", protocol.label_temperature)),
+            None if log_eps is None else float(log_eps))
+
+
 def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: str | Path | None = None, label=None) -> dict:
     synthetic = Path(str(synthetic or cfg.synthetic or ""))
     if not str(synthetic) or str(synthetic) == ".":
@@ -169,12 +182,9 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     data_differences = other_dataset(manifest, cfg, synthetic)
 
     label = label or manifest.get("method", "synthetic")
-    loss = cfg.protocol.loss
-    label_temperature = cfg.protocol.label_temperature
-    if loss == "set":  # train as the set was distilled: its inner loss, against its S if it has one
-        loss = str(manifest.get("inner_loss", DEFAULT_INNER_LOSS))  # sets written before manifests said
-        label_temperature = float(manifest.get("label_temperature", label_temperature))
-    seeds = [student_seed(cfg.seed, k) for k in student_indices(cfg)]
+    loss, label_temperature, log_eps = student_loss(cfg.protocol, manifest)
+    indices = student_indices(cfg)
+    seeds = [student_seed(cfg.seed, k) for k in indices]
     results_path = out_dir / "results.json"
     this_hash = config_hash(cfg)
     per_seed = finished_seeds(results_path, this_hash, manifest.get("config_hash"), seeds)
@@ -213,7 +223,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "config": resolved_config(cfg),
         }
 
-    for s in seeds:
+    for index, s in zip(indices, seeds):
         if s in done:
             continue
         loggers = build_loggers(cfg, job_type="evaluate", name=f"{label}_b{manifest.get('budget')}_student{s}",
@@ -224,7 +234,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
         try:
             res = train_student(cfg, build_model, final.images, final.texts, final.lrs, data, seed=s, loggers=loggers,
                                 loss=loss, similarity=final.similarity, label_temperature=label_temperature,
-                                features=features, inputs_are_features=bool(manifest.get("features")), earlier=earlier)
+                                features=features, inputs_are_features=bool(manifest.get("features")), earlier=earlier,
+                                log_eps=log_eps, draws=student_draws(cfg, index))
             log_metrics(loggers, {f"test/{k}": v for k, v in res.test.items()})
         finally:
             finish_loggers(loggers)

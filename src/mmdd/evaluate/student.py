@@ -15,6 +15,7 @@ from mmdd.data.datamodule import SplitData
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import chunks, encode_images, encode_texts, evaluate_retrieval
 from mmdd.evaluate.retrieval import retrieval_metrics
+from mmdd.evaluate.student_draws import StudentDraws
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, pair_loss
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class StudentModule(L.LightningModule):
         label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
         features=None,
         eval_schedule: str = "every",
+        log_eps: float | None = None,
+        draws: StudentDraws | None = None,
     ):
         super().__init__()
         if eval_schedule not in EVAL_SCHEDULES:
@@ -118,14 +121,17 @@ class StudentModule(L.LightningModule):
         self._encoded: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
         self.loss_name = loss
         self.label_temperature = label_temperature
+        self.log_eps = log_eps  # wbce in the reference code's form (the set's method.wbce_log_eps)
+        self.draws = draws or StudentDraws()  # parity hooks: replayed or recorded batches and dropout masks
         # The set's learned similarity (LoRS): students train against S[idx][:, idx].
         self.register_buffer("similarity", similarity.detach().clone() if similarity is not None else None)
 
     def training_step(self, batch, batch_idx):
         images, texts, idx = batch
         target = None if self.similarity is None else self.similarity[idx][:, idx]
-        logits = self.model(images, texts, from_features=self.features is not None)
-        loss = pair_loss(self.loss_name, logits, target, self.label_temperature)
+        with self.draws.step(self.model, idx):
+            logits = self.model(images, texts, from_features=self.features is not None)
+        loss = pair_loss(self.loss_name, logits, target, self.label_temperature, self.log_eps)
         self.log("student/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
         return loss
 
@@ -250,16 +256,24 @@ def train_student(
     features=None,
     inputs_are_features: bool = False,
     earlier: list[StudentPhase] = (),
+    log_eps: float | None = None,
+    draws: StudentDraws | None = None,
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`).
     `inputs_are_features`: `images` are already the frozen backbone's features (the full_train set).
     `earlier`: sets trained on first, in order (a curriculum): each phase runs the protocol's epochs with a fresh
-    optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases."""
-    from mmdd.utils.trainer import build_trainer
+    optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases.
+    `log_eps`: wbce in the reference code's form (mmdd.models.losses.weighted_bce). `draws`: where the initial weights,
+    mini-batches and dropout masks come from (mmdd.evaluate.student_draws; default: the student's own)."""
+    from mmdd.utils.trainer import build_trainer, precision_dtype
 
     p = cfg.protocol
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model()
+    # 64-true: double before any weights are loaded into it (Lightning would cast it at fit, rounding nothing)
+    model.to(precision_dtype(cfg.hardware))
+    draws = draws or StudentDraws()
+    draws.initial_weights(model)
     if features is not None and not model.backbone_is_cacheable():
         features = None  # the backbone trains: nothing to reuse
     if inputs_are_features and features is None:
@@ -297,12 +311,17 @@ def train_student(
             label_temperature=label_temperature,
             features=features,
             eval_schedule=p.eval_schedule,
+            log_eps=log_eps,
+            draws=draws,
         )
         pairs = TensorDataset(inputs, phase.texts.detach().cpu(), torch.arange(inputs.shape[0]))
         if draw == "independent_if_similarity" and phase.similarity is not None:
             loader = DataLoader(pairs, batch_sampler=IndependentBatches(len(pairs), p.batch_size, gen))
         else:
             loader = DataLoader(pairs, batch_size=p.batch_size, shuffle=True, generator=gen)
+        batches = draws.sampler(len(pairs), p.batch_size, loader.batch_sampler)
+        if batches is not loader.batch_sampler:  # replayed batches (the loader above stays as is: its RNG use is pinned)
+            loader = DataLoader(pairs, batch_sampler=batches)
         best.offset = k * p.epochs  # epochs are counted over all phases
         # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
         trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
@@ -312,6 +331,7 @@ def train_student(
         trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
         seconds += time.perf_counter() - t0
         history += [{**h, "phase": k, "epoch": h["epoch"] + best.offset} for h in module.history] if earlier else module.history
+    draws.finish()
     model.load_state_dict(best.state)
     model.to("cpu")
     test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)

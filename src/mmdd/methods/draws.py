@@ -101,10 +101,12 @@ class _RecordingBlend:
 
 class RecordingDraws(RunDraws):
     """Draws as the default does and writes them to `folder` after every iteration (each file rewritten atomically:
-    meant for short runs, e.g. the parity checks; the masks grow with the iterations)."""
+    meant for short runs, e.g. the parity checks; the masks grow with the iterations). `write_each=False`: only when
+    `write()` is called (a student's hundreds of training steps)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, write_each: bool = True):
         self.folder = Path(folder)
+        self.write_each = write_each
         self.iterations: list[dict] = []
         self.masks: dict[str, torch.Tensor] = {}
         self._now: dict = {}
@@ -144,7 +146,11 @@ class RecordingDraws(RunDraws):
             self.masks[f"{k}.{j}"] = mask.to(torch.uint8).contiguous()
         self._now["dropout_calls"] = len(self._masks)
         self.iterations.append(self._now)
-        write_draws(self.folder, self.iterations, self.masks, source="mmdd")
+        if self.write_each:
+            self.write()
+
+    def write(self) -> Path:
+        return write_draws(self.folder, self.iterations, self.masks, source="mmdd")
 
 
 def write_draws(folder: str | Path, iterations: list[dict], masks: dict[str, torch.Tensor], source: str) -> Path:
@@ -156,12 +162,12 @@ def write_draws(folder: str | Path, iterations: list[dict], masks: dict[str, tor
     return folder
 
 
-def read_draws(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_draws(folder: str | Path, hook: str = "draws.replay") -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     path = folder / DRAWS_FILE
     if not path.is_file():
-        raise ArtifactError(f"draws.replay={folder}: no {DRAWS_FILE} there; record one with draws.record=<dir> or "
-                            "with experiments/parity")
+        raise ArtifactError(f"{hook}={folder}: no {DRAWS_FILE} there; record one with "
+                            f"{hook.removesuffix('.replay')}.record=<dir> or with experiments/parity")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -205,25 +211,27 @@ class _ReplayedBlend:
 
 
 class ReplayedDraws(RunDraws):
-    """Takes every draw from a draws folder, iteration by iteration; draws nothing itself."""
+    """Takes every draw from a draws folder, iteration by iteration; draws nothing itself. `hook` and `unit` name
+    the config key and what an "iteration" is in its error sentences (a student's draws: its training steps)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, hook: str = "draws.replay", unit: str = "iteration"):
         self.folder = Path(folder)
-        self.doc, self.masks = read_draws(folder)
+        self.hook, self.unit = hook, unit
+        self.doc, self.masks = read_draws(folder, hook)
         self.iterations = self.doc["iterations"]
         self.k = -1
         self.now: dict = {}
         self._call = 0
 
     def refuse(self, why: str):
-        raise MmddError(f"draws.replay={self.folder}: iteration {self.k + 1} cannot be replayed: {why}. Replay draws "
-                        "recorded with the same method settings, budget and model")
+        raise MmddError(f"{self.hook}={self.folder}: {self.unit} {self.k + 1} cannot be replayed: {why}. Replay draws "
+                        "recorded with the same settings, set size and model")
 
     def begin(self, experts):
         self.k += 1
         if self.k >= len(self.iterations):
-            raise MmddError(f"draws.replay={self.folder} holds {len(self.iterations)} iterations, the run asks for "
-                            f"iteration {self.k + 1}: set method.iterations <= {len(self.iterations)}")
+            raise MmddError(f"{self.hook}={self.folder} holds {len(self.iterations)} {self.unit}s, the run asks for "
+                            f"{self.unit} {self.k + 1}: run at most as many as were recorded")
         self.now = self.iterations[self.k]
         self._experts = list(experts)
         self._call = 0

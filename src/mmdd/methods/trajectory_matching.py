@@ -181,7 +181,8 @@ class TrajectoryMatching(LearnedMethod):
         return TrajectoryMatchingObjective(model, trajectories, self.config, draws_source(cfg.get("draws")))
 
     def manifest_fields(self) -> dict:
-        return {"inner_loss": self.config.inner_loss, "label_temperature": self.config.label_temperature}
+        return {"inner_loss": self.config.inner_loss, "label_temperature": self.config.label_temperature,
+                "wbce_log_eps": self.config.wbce_log_eps}
 
     def prepare_model(self, model) -> None:
         """The distillation loop's model: refuse what the method cannot use, and apply `method.temperature` (the inner

@@ -100,6 +100,7 @@ def write_export(synthetic: Path, syn: SyntheticSet, manifest: dict, target: Pat
         "lrs": syn.lr_values(),
         "inner_loss": manifest.get("inner_loss"),
         "label_temperature": manifest.get("label_temperature"),
+        "wbce_log_eps": manifest.get("wbce_log_eps"),
         "config_hash": manifest.get("config_hash"),
         "files": {"captions": "captions.jsonl", "images": "images/", "tensors": "tensors.safetensors"},
         "note": "captions are the nearest real training captions to the learned text embeddings; "
