@@ -13,6 +13,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.outer_loop import OuterLoop
 from mmdd.methods.draws import draw_segment_start
 from mmdd.methods.trajectory_matching import MatchingSettings
+from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings, shortcut_betas
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 
@@ -212,3 +213,12 @@ def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(t
     run_in_process([*more, "resume=false"], tmp_path, check=True)
     first = json.loads((out / "phase_0" / "manifest.json").read_text())
     assert first["phase_identity"] != "another" and "resumed" not in first
+
+    # init_from=<a phased set>: each phase starts from that set's own phase (the parity harness's official initial
+    # pairs); with every outer step size 0 and no EMA the saved phases are exactly those starts
+    frozen = ["method.lr_img=0", "method.lr_txt=0", "method.lr_lr=0", "method.lr_sim=0", "method.ema_decay=null"]
+    run_in_process([*[a.replace("hydra.run.dir=outputs/ptm", "hydra.run.dir=outputs/from") for a in more],
+                    f"init_from={out}", "method.iterations=1", *frozen], tmp_path, check=True)
+    copy = tmp_path / "outputs" / "from" / "synthetic"
+    for here, source in ((copy / "phase_0", out / "phase_0"), (copy, out)):
+        assert torch.equal(SyntheticSet.load(here)[0].images, SyntheticSet.load(source)[0].images)

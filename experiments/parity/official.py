@@ -141,6 +141,10 @@ class Recorder:
         self.iterations: list[dict] = []
         self.loaded: list[str] = []  # torch.load paths in order
         self.initial: dict | None = None
+        # PTM-ST with several subsets (its main() runs once per subset, each with new outer optimizers): the earlier
+        # subsets' initial sets, and the recorder's iteration index where each subset begins
+        self.initials: list[dict] = []
+        self.subset_starts: list[int] = [0]
         self.states: dict = {}
         self.optimizers: list = []  # the outer SGDs, in the order the script made them
         self.layout: list[list[str]] = []  # per (optimizer, group): the role of each parameter (run.json)
@@ -202,6 +206,10 @@ class Recorder:
         class RecordingSGD(torch.optim.SGD):
             def __init__(self, params, *args, **kwargs):
                 super().__init__(params, *args, **kwargs)
+                if rec.initial is not None:  # after a step: a new subset (PTM-ST), with outer optimizers of its own
+                    rec.initials.append(rec.initial)
+                    rec.initial, rec.optimizers = None, []
+                    rec.subset_starts.append(len(rec.iterations))
                 rec.optimizers.append(self)
 
             def step(self, closure=None):
@@ -381,19 +389,11 @@ def batches_of(perms: list[list[int]], steps: int, size: int) -> list[list[int]]
     return out
 
 
-def save(rec: Recorder, out: Path) -> None:
-    """Writes what `rec` recorded; <out>/run.json (written by run.py) names the settings it needs to read the draws:
-    syn_steps, mini_batch_size, sim_rank, alpha."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mmdd.methods.draws import write_draws
+def initial_set(init: dict, run: dict):
+    """A subset's initial outer parameters (by role) as an mmdd synthetic set."""
     from mmdd.synthetic.similarity import FullSimilarity, LowRankSimilarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
-    from mmdd.utils.io import atomic_write, atomic_write_json
 
-    run = json.loads((out / "run.json").read_text())
-    init = rec.initial
     similarity = None
     if "sim_full" in init:
         similarity = FullSimilarity(len(init["images"]))
@@ -401,24 +401,27 @@ def save(rec: Recorder, out: Path) -> None:
     if "sim_left" in init:
         similarity = LowRankSimilarity(len(init["images"]), run["sim_rank"], run["alpha"])
         similarity.load_state_dict({"diag": init["sim_diag"], "left": init["sim_left"], "right": init["sim_right"]})
-    syn = SyntheticSet(init["images"], init["texts"], {"image": init["lr_image"][0], "text": init["lr_text"][0]},
-                       similarity, dtype=init["images"].dtype)
-    syn.save(out / "initial", {"source": "official", "script": rec.script})
+    return SyntheticSet(init["images"], init["texts"], {"image": init["lr_image"][0], "text": init["lr_text"][0]},
+                        similarity, dtype=init["images"].dtype)
+
+
+def draws_of(rec: Recorder, run: dict, first: int, end: int) -> tuple[list[dict], dict]:
+    """The draws of recorded iterations first..end-1 in mmdd's format (mmdd.methods.draws), numbered from 0."""
     iterations, masks = [], {}
     buffers = [(n, path) for n, path in enumerate(rec.loaded) if "img_replay_buffer_" in Path(path).name]
-    for k, it in enumerate(rec.iterations):
+    for k, it in enumerate(rec.iterations[first:end]):
         # the file the iteration's expert came from (one expert per file): the last buffer loaded before it began
         loaded = [path for n, path in buffers if n < it["loads_before"]][-1]
         expert = int(Path(loaded).stem.rsplit("_", 1)[1])
         if len(it["randint"]) != 1:
-            raise RuntimeError(f"iteration {k}: {len(it['randint'])} start-epoch draws recorded, expected 1")
+            raise RuntimeError(f"iteration {first + k}: {len(it['randint'])} start-epoch draws recorded, expected 1")
         for j, m in enumerate(it["masks"]):
             masks[f"{k}.{j}"] = m.contiguous()
         blends = None
         if it["lams"] or it["blend_perms"]:  # RepBlend: one (lambda, permutation) per inner step of pass 1
             if not len(it["lams"]) == len(it["blend_perms"]) == run["syn_steps"]:
-                raise RuntimeError(f"iteration {k}: {len(it['lams'])} blend lambdas and {len(it['blend_perms'])} "
-                                   f"blend permutations recorded, expected {run['syn_steps']} of each")
+                raise RuntimeError(f"iteration {first + k}: {len(it['lams'])} blend lambdas and "
+                                   f"{len(it['blend_perms'])} blend permutations recorded, expected {run['syn_steps']}")
             blends = [[lam, perm] for lam, perm in zip(it["lams"], it["blend_perms"])]
         if run["batches"] == "prefix":  # MTT-VL: each step, the first mini_batch_size of a new permutation
             batches = [perm[:run["mini_batch_size"]] for perm in it["randperm"]]
@@ -426,7 +429,29 @@ def save(rec: Recorder, out: Path) -> None:
             batches = batches_of(it["randperm"], run["syn_steps"], run["mini_batch_size"])
         iterations.append({"expert": expert, "start": it["randint"][0], "batches": batches,
                            "blends": blends, "dropout_calls": len(it["masks"])})
-    write_draws(out / "draws", iterations, masks, source=f"official:{rec.script}")
+    return iterations, masks
+
+
+def save(rec: Recorder, out: Path) -> None:
+    """Writes what `rec` recorded; <out>/run.json (written by run.py) names the settings it needs to read the draws:
+    syn_steps, mini_batch_size, sim_rank, alpha."""
+    from safetensors.torch import save_file
+
+    from mmdd.methods.draws import write_draws
+    from mmdd.utils.io import atomic_write, atomic_write_json
+
+    run = json.loads((out / "run.json").read_text())
+    initials = [*rec.initials, rec.initial]
+    starts = [*rec.subset_starts, len(rec.iterations)]
+    for i, init in enumerate(initials):
+        # one subset: initial/ and draws/; several (PTM-ST): the last in initial/, earlier ones in initial/phase_<i>/
+        # (a phased set's layout, which mmdd's init_from reads phase by phase), draws in draws/phase_<i>/
+        phase = "" if len(initials) == 1 else f"phase_{i}"
+        where = out / "initial" if i == len(initials) - 1 else out / "initial" / phase
+        initial_set(init, run).save(where, {"source": "official", "script": rec.script, "subset": i})
+        iterations, masks = draws_of(rec, run, starts[i], starts[i + 1])
+        write_draws(out / "draws" / phase, iterations, masks, source=f"official:{rec.script}")
+    atomic_write_json(out / "subsets.json", {"starts": starts})
     states = {f"{k}.{name}": t.contiguous() for k, state in rec.states.items() for name, t in state.items()}
     atomic_write(out / "states.safetensors", lambda p: save_file(states, str(p)))
     if rec.ema:
@@ -435,7 +460,7 @@ def save(rec: Recorder, out: Path) -> None:
     atomic_write_json(out / "losses.json", rec.losses)
     atomic_write_json(out / "dropout_inputs.json", [it.get("dropout_inputs", []) for it in rec.iterations])
     atomic_write_json(out / "patches.json", {**PATCHES, **(PATCHES_FLOAT64 if run.get("float64") else {})})
-    print(f"official run recorded: {len(iterations)} iterations -> {out}")
+    print(f"official run recorded: {len(rec.iterations)} iterations in {len(initials)} subset(s) -> {out}")
 
 
 if __name__ == "__main__":

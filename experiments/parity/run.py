@@ -238,7 +238,7 @@ def convexified_store(official: Path, work: Path, inputs: dict, start: int, end:
 
 
 def run_official(official: Path, work: Path, inputs: dict, iterations: int, image_size: int, float64: bool,
-                 spec: dict) -> float:
+                 spec: dict, phases: int = 1) -> float:
     out = official_dir(work, float64)
     out.mkdir(parents=True, exist_ok=True)
     s = LORS
@@ -262,6 +262,11 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
         f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}", "--name=parity",
         *spec["flags"](s),
     ]
+    if phases > 1:  # PTM-ST's subsets (its list-valued flags; argparse keeps the last occurrence)
+        windows = phase_windows(phases)
+        args += ["--subset_num", str(phases), "--num_queries", *[str(s["num_queries"])] * phases,
+                 "--Iteration", *[str(iterations - 1)] * phases, "--buffer_path", *[str(buffers)] * phases,
+                 "--min_start_epoch", *[str(lo) for lo, _ in windows], "--max_start_epoch", *[str(hi) for _, hi in windows]]
     cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
            "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
@@ -272,8 +277,14 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
 
 
+def phase_windows(phases: int) -> list[tuple[int, int]]:
+    """PTM-ST's start windows per subset here: [0, max_start_epoch), then [1, max_start_epoch) (the scripts' second
+    subset starts one epoch later: [1, 3) after [0, 2); the parity teachers have only max_start_epoch + 1 snapshots)."""
+    return [(min(i, LORS["max_start_epoch"] - 1), LORS["max_start_epoch"]) for i in range(phases)]
+
+
 def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: str, overrides: list[str],
-             float64: bool, spec: dict) -> float:
+             float64: bool, spec: dict, phases: int = 1) -> float:
     s = LORS
     recorded = official_dir(work, float64)
     store = inputs["store"]
@@ -286,26 +297,38 @@ def run_mmdd(work: Path, inputs: dict, iterations: int, image_size: int, name: s
            f"method.syn_steps={s['syn_steps']}", f"method.expert_epochs={s['expert_epochs']}",
            f"method.max_start_epoch={s['max_start_epoch']}", f"method.lr_img={s['lr_img']}",
            f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}", f"method.batch_syn={s['mini_batch_size']}",
-           "method.momentum=0.5", "method.lr_min=null", "method.loss_merge=separate", *spec["mmdd"](s),
+           "method.momentum=0.5", "method.lr_min=null", "method.loss_merge=separate", *method_overrides(spec, s, phases),
            "evaluate=false", "diagnostics_every=0", "save_every=0",
            "resume=false", f"hydra.run.dir={work / 'mmdd' / name}", *overrides]
     return sh(cmd, work / f"{name}.log")
 
 
-def on_lors_run(doc: str, checkout: str, add_arguments=None, suffix: str = ""):
+def method_overrides(spec: dict, s: dict, phases: int) -> list[str]:
+    """The method's own mmdd overrides; with PTM-ST phases, method.phases (each phase its pairs and window; budget
+    for all of them, plus S's pair) and each phase started from its official subset's initial set (init_from reads
+    a phased set phase by phase; draws.replay likewise)."""
+    overrides = spec["mmdd"](s)
+    if phases == 1:
+        return overrides
+    listed = ", ".join(f"{{pairs: {s['num_queries']}, min_start_epoch: {lo}, max_start_epoch: {hi}}}"
+                       for lo, hi in phase_windows(phases))
+    return [*[o for o in overrides if not o.startswith("budget=")], f"budget={phases * s['num_queries'] + 1}",
+            f"method.phases=[{listed}]"]
+
+
+def on_lors_run(doc: str, checkout: str, add_arguments=None):
     """The command line of the checks that work on the LoRS parity run's inputs (data_pipeline.py, evaluate.py,
-    convexify.py, students.py): --official, --work, --image-size and `add_arguments(parser)`'s own. Returns (args, the
-    official checkout, the run's folder, its inputs: prepare's, built when missing). `suffix`: the default run's
-    folder is outputs/parity/lors_<image size>px<suffix> (a run with --set options)."""
+    convexify.py): --official, --work, --image-size and `add_arguments(parser)`'s own. Returns (args, the official
+    checkout, the run's folder, its inputs: prepare's, built when missing)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help=f"a {checkout} checkout")
     parser.add_argument("--work", type=Path, default=None, help="the LoRS parity run's folder (default "
-                        f"outputs/parity/lors_<image size>px{suffix}, written by `run.py lors`)")
+                        "outputs/parity/lors_<image size>px, written by `run.py lors`)")
     parser.add_argument("--image-size", type=int, default=32, help="the parity run's image size (its files' size)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
-    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px{suffix}").resolve()
+    work = (args.work or REPO / "outputs" / "parity" / f"lors_{args.image_size}px").resolve()
     return args, args.official.resolve(), work, prepare(work, args.image_size, METHODS["lors"])
 
 
@@ -317,41 +340,60 @@ def relative(a, b) -> float:
 
 def compare(work: Path, iterations: int, name: str, float64: bool, loss_key: str, raw: bool = False) -> dict:
     """The mmdd set against the official state after `iterations` (PTM-ST: the EMA, which is what both save; `raw`:
-    the optimised set itself, for an mmdd run with method.ema_decay=null)."""
-    import torch
+    the optimised set itself, for an mmdd run with method.ema_decay=null). Phased (PTM-ST subsets): every phase
+    (mmdd's phase_<i>/ beside the set) against the official state at the end of its subset."""
     from safetensors.torch import load_file
-
-    from mmdd.synthetic.synthetic_set import SyntheticSet
 
     recorded = official_dir(work, float64)
     states = load_file(str(recorded / "states.safetensors"))
-    last = iterations - 1
-    official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
-    if (recorded / "ema.safetensors").exists() and not raw:  # PTM-ST: the saved set is the EMA (step sizes raw)
-        ema = load_file(str(recorded / "ema.safetensors"))
+    ema = load_file(str(recorded / "ema.safetensors")) if (recorded / "ema.safetensors").exists() and not raw else {}
+    starts = json.loads((recorded / "subsets.json").read_text())["starts"] if (recorded / "subsets.json").exists() \
+        else [0, iterations]
+    phases = len(starts) - 1
+    synthetic = work / "mmdd" / name / "synthetic"
+    per_phase = []
+    for i in range(phases):
+        last = starts[i + 1] - 1  # the subset's last iteration
+        official = {k.split(".", 1)[1]: v for k, v in states.items() if k.startswith(f"{last}.")}
+        # PTM-ST: the saved set is the EMA (step sizes raw)
         official.update({k.split(".", 1)[1]: v for k, v in ema.items() if k.startswith(f"{last}.")})
-    dtype = torch.float64 if float64 else torch.float32
-    syn, _ = SyntheticSet.load(work / "mmdd" / name / "synthetic", dtype=dtype)
-    mine = {"images": syn.images, "texts": syn.texts, "lr_image": syn.lrs["image"].reshape(1),
-            "lr_text": syn.lrs["text"].reshape(1)}
-    if syn.similarity is not None:
-        mine.update({f"sim_{n}": p for n, p in syn.similarity.named_parameters()})
-    initial, _ = SyntheticSet.load(recorded / "initial", dtype=dtype)
-    tensors = {}
-    for key, b in official.items():
-        a = mine[key].detach().to(b.dtype)
-        moved = {"images": initial.images.detach(), "texts": initial.texts.detach()}.get(key)
-        tensors[key] = {"relative": relative(a, b), "max_abs": float((a - b).abs().max()),
-                         # how far the set moved in K iterations: a difference is small only against this
-                         "moved": None if moved is None else float((b - moved).abs().max())}
+        phase = "" if i == phases - 1 else f"phase_{i}"
+        per_phase.append(compare_tensors(synthetic / phase, recorded / "initial" / phase, official, float64))
     off_losses = json.loads((recorded / "losses.json").read_text())
-    history = json.loads((work / "mmdd" / name / "synthetic" / "history.json").read_text())
+    history = json.loads((synthetic / "history.json").read_text())  # every phase's, in order
     losses = []
     for o, h in zip(off_losses, history):
         a, b = h["distill/matching_loss"], o[loss_key]
         losses.append({"iteration": o["iteration"], "official": b, "mmdd": a, "relative": abs(a - b) / abs(b)})
-    return {"tensors": tensors, "losses": losses,
-            "largest": max([t["relative"] for t in tensors.values()] + [l["relative"] for l in losses])}
+    tensors = per_phase[-1]
+    result = {"tensors": tensors, "losses": losses,
+              "largest": max([t["relative"] for p in per_phase for t in p.values()] + [l["relative"] for l in losses])}
+    if phases > 1:
+        result["phases"] = per_phase
+    return result
+
+
+def compare_tensors(mmdd_set: Path, initial: Path, official: dict, float64: bool) -> dict:
+    """Each tensor of an mmdd set against the official one: relative and absolute difference, and how far the
+    official tensor moved from the initial set (a difference is small only against that)."""
+    import torch
+
+    from mmdd.synthetic.synthetic_set import SyntheticSet
+
+    dtype = torch.float64 if float64 else torch.float32
+    syn, _ = SyntheticSet.load(mmdd_set, dtype=dtype)
+    mine = {"images": syn.images, "texts": syn.texts, "lr_image": syn.lrs["image"].reshape(1),
+            "lr_text": syn.lrs["text"].reshape(1)}
+    if syn.similarity is not None:
+        mine.update({f"sim_{n}": p for n, p in syn.similarity.named_parameters()})
+    start, _ = SyntheticSet.load(initial, dtype=dtype)
+    tensors = {}
+    for key, b in official.items():
+        a = mine[key].detach().to(b.dtype)
+        moved = {"images": start.images.detach(), "texts": start.texts.detach()}.get(key)
+        tensors[key] = {"relative": relative(a, b), "max_abs": float((a - b).abs().max()),
+                        "moved": None if moved is None else float((b - moved).abs().max())}
+    return tensors
 
 
 def main() -> int:
@@ -366,6 +408,8 @@ def main() -> int:
     parser.add_argument("--reuse-official", action="store_true", help="keep the official run recorded in --work")
     parser.add_argument("--float64", action="store_true",
                         help="both sides in double precision (tells a different computation from different rounding)")
+    parser.add_argument("--phases", type=int, default=1, help="PTM-ST: distil this many subsets in turn (its "
+                        "200/500-pair scripts: 2), each phase compared")
     parser.add_argument("--name", default=None, help="name of this mmdd run (several variants side by side)")
     parser.add_argument("overrides", nargs="*", help="further mmdd overrides, e.g. +method.wbce_log_eps=1e-6")
     args = parser.parse_intermixed_args()
@@ -381,7 +425,9 @@ def main() -> int:
             raise SystemExit(f"--set {item}: unknown setting {key!r}; one of {', '.join(LORS)}")
         changed[key] = type(LORS[key])(value)
     LORS.update(changed)  # read by run_official and run_mmdd
-    suffix = "".join(f"_{k}{v}" for k, v in changed.items())
+    if args.phases > 1 and args.method != "ptm_st":
+        raise SystemExit("--phases: only PTM-ST distils in phases")
+    suffix = "".join(f"_{k}{v}" for k, v in changed.items()) + (f"_{args.phases}phases" if args.phases > 1 else "")
     work = (args.work or REPO / "outputs" / "parity" / f"{args.method}_{args.image_size}px{suffix}").resolve()
     inputs = prepare(work, args.image_size, spec)
     inputs["official"] = official
@@ -391,8 +437,10 @@ def main() -> int:
     if args.reuse_official and (official_dir(work, args.float64) / "states.safetensors").exists():
         seconds_official = None
     else:
-        seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec)
-    seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec)
+        seconds_official = run_official(official, work, inputs, args.iterations, args.image_size, args.float64, spec,
+                                        args.phases)
+    seconds_mmdd = run_mmdd(work, inputs, args.iterations, args.image_size, name, args.overrides, args.float64, spec,
+                            args.phases)
     result = compare(work, args.iterations, name, args.float64, spec["loss_key"],
                      raw="method.ema_decay=null" in args.overrides)
     result.update({"settings": dict(LORS), "method": args.method, "official_commit": git_commit(official), "iterations": args.iterations,
@@ -403,8 +451,10 @@ def main() -> int:
     precision = "float64" if args.float64 else "float32"
     print(f"| {args.method} | distillation ({args.iterations} it, {args.image_size} px, {precision}) | {result['largest']:.2e} | "
           f"{result['official_commit'][:7]} |")
-    for name, t in result["tensors"].items():
-        print(f"  {name}: relative {t['relative']:.2e} (max abs {t['max_abs']:.2e}, moved {t['moved']})")
+    for i, tensors in enumerate(result.get("phases", [result["tensors"]])):
+        for name, t in tensors.items():
+            where = f"phase {i}: " if "phases" in result else ""
+            print(f"  {where}{name}: relative {t['relative']:.2e} (max abs {t['max_abs']:.2e}, moved {t['moved']})")
     for l in result["losses"]:
         print(f"  loss it {l['iteration']}: official {l['official']:.6f} mmdd {l['mmdd']:.6f} rel {l['relative']:.1e}")
     return 0

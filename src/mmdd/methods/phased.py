@@ -5,7 +5,10 @@ phases' losses; students train on the phases in order (mmdd.evaluate.student.tra
 
 On disk, the set's directory holds the last phase as an ordinary set; the earlier ones are sets in phase_<i>/
 beside it, listed in its manifest (`earlier_phases`). Each phase resumes from its own checkpoint, and a rerun skips
-complete phases. Budget: the phases' pairs must fit in `budget`; each phase's S (full in PTM-ST's scripts,
+complete phases. `init_from=<a phased set>` starts each phase from
+that set's own phase (phase_<i>/, the last from the set itself; the parity harness records the official run's
+initial pairs that way); `draws.record/replay=<dir>` keeps each phase's draws in <dir>/phase_<i>. Budget: the phases'
+pairs must fit in `budget`; each phase's S (full in PTM-ST's scripts,
 N_i x N_i floats) is counted in the set's storage (the floats column), not hidden in "one pair".
 """
 
@@ -131,6 +134,8 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
                 for hook in ("record", "replay"):  # each phase's draws in a folder of its own: <dir>/phase_<i>
                     if phase_cfg.get("draws") and phase_cfg.draws.get(hook):
                         phase_cfg.draws[hook] = str(Path(phase_cfg.draws[hook]) / f"phase_{i}")
+                if phase_cfg.get("init_from") and not last:  # a phased set: phase i starts from its phase_<i>/
+                    phase_cfg.init_from = str(Path(phase_cfg.init_from) / f"phase_{i}")
             started = time.perf_counter()
             result = TrajectoryMatching.synthesize(sub, phase_cfg, data, where, loggers)
             history += [{**h, "phase": float(i)} for h in result.history]
