@@ -123,3 +123,17 @@ def test_students_at_chance_are_told_apart_from_weak_ones():
     assert at["all_at_chance"] and at["r_mean"] == pytest.approx(0.53, abs=0.01)
     weak = chance_report(test, 1000, [1.4, 1.7, 1.4])  # the quick start's random coreset
     assert not weak["all_at_chance"] and weak["at_chance"] == 0
+
+
+def test_recalls_are_the_reference_codes_exact_percentages():
+    """100.0 * hits / queries in double precision and r_mean = (text mean + image mean) / 2, as LoRS's itm_eval: a
+    float32 mean made 1 of 3 33.333334 and let rounding order two evaluations whose recalls are the same."""
+    sims = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.5, 0.1], [0.3, 0.7, 0.4]])  # image 2 ranks its caption 2nd
+    m = retrieval_metrics(sims, torch.tensor([0, 1, 2]))
+    assert m["tr1"] == 100.0 * 2 / 3 and m["ir1"] == 100.0 * 1 / 3  # caption 2 prefers image 0
+    tr = (m["tr1"] + m["tr5"] + m["tr10"]) / 3
+    ir = (m["ir1"] + m["ir5"] + m["ir10"]) / 3
+    assert m["r_mean"] == (tr + ir) / 2
+    # the same hits in another arrangement give the very same r_mean (no rounding ties broken by float32)
+    shuffled = retrieval_metrics(sims.flip(0).flip(1), torch.tensor([0, 1, 2]))
+    assert shuffled["r_mean"] == m["r_mean"]

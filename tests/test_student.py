@@ -195,3 +195,12 @@ def test_a_double_precision_student_trains_and_scores_in_float64(data):
     res = train_student(c, make, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0)
     assert all(p.dtype == torch.float64 for p in built[0].parameters())
     assert [h["epoch"] for h in res.history] == [1] and 0 <= res.test["r_mean"] <= 100
+    # heads on a frozen backbone's cached features (RepBlend's students): the features are float64 too
+    from mmdd.evaluate.encode import BackboneFeatures
+
+    def heads():
+        bb = ConvNet(image_size=8, width=4, depth=1)
+        return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
+    res = train_student(c, heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, features=cache)
+    assert {f.dtype for f in cache._cache.values()} == {torch.float64} and 0 <= res.test["r_mean"] <= 100

@@ -1,8 +1,9 @@
-"""The students' training against the official evaluations: `python experiments/parity/students.py {lors,mtt_vl} --official <checkout>`.
+"""The students' training against the official evaluations: `python experiments/parity/students.py {lors,mtt_vl,repblend} --official <checkout>`.
 
 One fixed synthetic set (the parity run's own: `run.py lors --set lr_img=10 --set lr_txt=10 --set lr_sim=1`, 99
-pairs with learned step sizes and a low-rank S; `run.py mtt_vl`, 99 pairs) trains one student twice, for the
-official number of epochs, and every recall and the student's weights at every evaluation are compared:
+pairs with learned step sizes and a low-rank S; `run.py mtt_vl`, 99 pairs; RepBlend: `--synthetic`, a set with
+positive learned step sizes) trains one student twice, for the official number of epochs, and every recall and the
+student's weights at every evaluation are compared:
 
 - by the official code, called as its distillation script calls it on a fresh `CLIPModel_full(args,
   eval_stage=args.transfer)`, the set's images, texts, step sizes (and S), the official test loader and the cached
@@ -12,7 +13,10 @@ official number of epochs, and every recall and the student's weights at every e
   WBCE, epoch_test + itm_eval after epochs 0, 10, ..., 100, the best r_mean reported;
   MTT-VL `epoch.py` evaluate_synset (distill.py:231): a shuffled DataLoader, two SGDs at the learned image step
   size, InfoNCE at 1/0.07, the test split once, after epoch 50;
-- by mmdd: `mmdd.evaluate.stage.run_evaluate` (what `mmdd evaluate` runs) with `protocol=lors` / `protocol=mtt_vl` on
+  RepBlend `src/epoch.py` evaluate_synset_with_similarity (distill_repblend.py:227): LoRS's loop training an image
+  projection and the text projection on its frozen nfnet_l0 (the parity run's random backbone file), the test
+  split after epochs 0, 20, ..., 100;
+- by mmdd: `mmdd.evaluate.stage.run_evaluate` (what `mmdd evaluate` runs) with `protocol=<method>` on
   the same set, data and model as the parity run, replaying the official student's draws through
   `student_draws.replay` (mmdd.evaluate.student_draws): its initial weights, each step's mini-batch and each dropout
   mask of its text projection.
@@ -55,6 +59,9 @@ def add_arguments(parser) -> None:
                         "own, <work>/mmdd/mmdd/synthetic)")
     parser.add_argument("--epochs", type=int, default=None, help="the official --epoch_eval_train (it trains one "
                         "more; default: the script's, LoRS 100, MTT-VL 50)")
+    parser.add_argument("--lr", type=float, default=None, help="train both towers at this step size on both sides "
+                        "(mmdd: protocol.lr_source=fixed) instead of the set's learned ones (e.g. a set whose learned "
+                        "step sizes went negative, which the official code trains with and mmdd refuses)")
     parser.add_argument("--float64", action="store_true", help="both sides in double precision (the official one "
                         "under default dtype float64 with Tensor.float() kept double, mmdd under hardware.precision="
                         "64-true): tells a different computation from float32 rounding")
@@ -72,9 +79,10 @@ def patched(obj, name: str, value):
         setattr(obj, name, old)
 
 
-def official_weights(net) -> dict[str, torch.Tensor]:
-    """The official student's trainable weights, keyed as mmdd's init file (image encoder, then text projection)."""
-    return {f"{m}.{i}": p.detach().clone() for m, module in (("image", net.image_encoder), ("text", net.text_projection))
+def official_weights(net, image_module: str = "image_encoder") -> dict[str, torch.Tensor]:
+    """The official student's trained weights, keyed as mmdd's init file (the image side, then the text projection)."""
+    return {f"{m}.{i}": p.detach().clone() for m, module in (("image", getattr(net, image_module)),
+                                                              ("text", net.text_projection))
             for i, p in enumerate(module.parameters())}
 
 
@@ -92,6 +100,7 @@ class Spec:
     epochs: int  # the official --epoch_eval_train default
     schedule: Callable[[int], list[str]]  # mmdd's protocol overrides for E
     eval_epochs: Callable[[int], list[int]]  # the epochs after which the official code evaluates
+    image_module: str = "image_encoder"  # the official student's trained image side (RepBlend: its image projection)
 
 
 SPECS = {
@@ -107,6 +116,12 @@ SPECS = {
                    lambda e: [f"protocol.epochs={e + 1}", f"protocol.lr_decay_epoch={e + 1}",
                               f"protocol.eval_every={e + 1}"],
                    lambda e: [e]),
+    # RepBlend src/epoch.py:265-310: LoRS's loop on a frozen nfnet_l0 (its 'pretrained' file: the parity run's random
+    # backbone) with an image projection; the test split after epochs 0, E//5, ..., E
+    "repblend": Spec("RepBlend", "repblend", LR10, 100,
+                     lambda e: [f"protocol.epochs={e + 1}", f"protocol.lr_decay_epoch={e // 2 + 1}",
+                                f"protocol.eval_every={max(1, e // 5)}"],
+                     lambda e: sorted(set(range(0, e + 1, max(1, e // 5))) | {e}), image_module="image_projection"),
 }
 
 
@@ -129,7 +144,7 @@ class OfficialStudent:
         stub_missing(["clip", "kornia", "sklearn.metrics.pairwise"])
         patch_tokenizer()
         sys.path.insert(0, str(self.official))
-        if self.method == "lors":
+        if self.method in ("lors", "repblend"):
             import src.epoch as epoch
             import src.networks as networks
         else:  # MTT-VL's networks.py loads 'bert-base-uncased' at import: the stand-in
@@ -139,17 +154,20 @@ class OfficialStudent:
         return epoch, networks
 
     def args(self, epochs: int, batch_train: int, lr_image: float) -> SimpleNamespace:
+        heads = self.method == "repblend"  # a frozen backbone read from its 'pretrained' file, an image projection
         return SimpleNamespace(
-            image_encoder="nfnet", text_encoder="bert", image_pretrained=False, image_trainable=True,
-            text_pretrained=True, text_trainable=False, only_has_image_projection=False, distill=True,
+            image_encoder="nfnet", text_encoder="bert", image_pretrained=heads, image_trainable=not heads,
+            text_pretrained=True, text_trainable=False, only_has_image_projection=heads, distill=True,
             loss_type=LORS["loss_type"], transfer=False, device="cpu", epoch_eval_train=epochs, batch_train=batch_train,
             lr_net=lr_image)  # MTT-VL: distill.py:229 sets args.lr_net = syn_lr_img before evaluate_synset
 
-    def run(self, syn, test_set, embed: torch.Tensor, epochs: int, batch_train: int, float64: bool = False) -> dict:
+    def run(self, syn, test_set, embed: torch.Tensor, epochs: int, batch_train: int, float64: bool = False,
+            lr: float | None = None) -> dict:
         import torch.nn.functional as F
 
         epoch, networks = self.modules()
-        lrs = syn.lr_values()
+        image_module = SPECS[self.method].image_module
+        lrs = syn.lr_values() if lr is None else {"image": lr, "text": lr}
         args = self.args(epochs, batch_train, lrs["image"])
         tensor_to, module_to, topk = torch.Tensor.to, torch.nn.Module.to, torch.Tensor.topk
         batch_iter = torch.utils.data.BatchSampler.__iter__
@@ -178,9 +196,9 @@ class OfficialStudent:
                 rec.steps[-1]["masks"].append((out != 0).to(torch.uint8).cpu())
             return out
 
-        def rec_epoch_test(loader, model, device, bert_test_embed):
-            rec.weights_at_eval.append(official_weights(model))
-            return epoch_test(loader, model, device, bert_test_embed)
+        def rec_epoch_test(loader, model, *a):  # RepBlend's takes use_image_projection before the embeddings
+            rec.weights_at_eval.append(official_weights(model, image_module))
+            return epoch_test(loader, model, *a)
 
         def rec_itm_eval(*a, **k):
             result = itm_eval(*a, **k)
@@ -211,11 +229,11 @@ class OfficialStudent:
                 np.random.seed(0)
                 torch.manual_seed(0)
                 net = networks.CLIPModel_full(args, eval_stage=args.transfer)
-                self.initial = official_weights(net)
+                self.initial = official_weights(net, image_module)
                 loader = torch.utils.data.DataLoader(test_set, batch_size=64, shuffle=False)
                 images, texts = syn.images.detach().to(dtype), syn.texts.detach().to(dtype)
                 t0 = time.perf_counter()
-                if self.method == "lors":
+                if self.method in ("lors", "repblend"):
                     with torch.no_grad():
                         similarity = syn.similarity_matrix().detach().to(dtype)
                     _, _, best = epoch.evaluate_synset_with_similarity(
@@ -276,7 +294,7 @@ def recording_mmdd_weights(weights: list):
 
 
 def mmdd_config(method: str, work: Path, image_size: int, synthetic: Path, draws: Path, out: Path, epochs: int,
-                float64: bool):
+                float64: bool, lr: float | None = None):
     """`mmdd evaluate protocol=<method>` on the parity run's data and model, the official schedule for `epochs`."""
     from hydra import compose, initialize_config_dir
 
@@ -285,7 +303,8 @@ def mmdd_config(method: str, work: Path, image_size: int, synthetic: Path, draws
     spec = SPECS[method]
     overrides = [*mmdd_common(work, image_size, METHODS[method]), f"protocol={spec.protocol}", f"synthetic={synthetic}",
                  "protocol.num_seeds=1", *spec.schedule(epochs), f"student_draws.replay={draws}",
-                 f"paths.output_dir={out}", f"hardware.precision={'64-true' if float64 else '32-true'}"]
+                 f"paths.output_dir={out}", f"hardware.precision={'64-true' if float64 else '32-true'}",
+                 *([] if lr is None else ["protocol.lr_source=fixed", f"protocol.lr={lr}"])]
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         return compose("evaluate", overrides=overrides)
 
@@ -335,7 +354,7 @@ def main() -> int:
     out = work / ("students_float64" if args.float64 else "students")
     syn, manifest = SyntheticSet.load(synthetic)
     cfg = mmdd_config(args.method, work, args.image_size, synthetic, out / "official_draws", out / "mmdd", epochs,
-                      args.float64)
+                      args.float64, args.lr)
     data = load_data(cfg, splits=("train", "val", "test"))
     test = data["test"]
 
@@ -355,7 +374,7 @@ def main() -> int:
     inputs_check = {"test_images": relative(ours_images, theirs_images),
                     "test_caption_embeddings_mmdd_vs_official_cache": relative(test.text_emb, cached)}
 
-    ran = student.run(syn, test_set, embed, epochs, int(cfg.protocol.batch_size), args.float64)
+    ran = student.run(syn, test_set, embed, epochs, int(cfg.protocol.batch_size), args.float64, args.lr)
     student.write_draws(out / "official_draws" / "student_0")
 
     at_eval, final = [], []
@@ -383,7 +402,7 @@ def main() -> int:
                      "weights_relative_by_tensor": by_tensor})
     result = {
         "method": args.method, "official_commit": git_commit(official), "synthetic": str(synthetic), "pairs": len(syn),
-        "lrs": syn.lr_values(), "loss": manifest.get("inner_loss"), "wbce_log_eps": manifest.get("wbce_log_eps"),
+        "lrs": syn.lr_values() if args.lr is None else {"image": args.lr, "text": args.lr}, "loss": manifest.get("inner_loss"), "wbce_log_eps": manifest.get("wbce_log_eps"),
         "epochs": epochs + 1, "float64": args.float64, "steps": len(student.steps), "jitter": args.jitter,
         "inputs": inputs_check, "evaluations": rows,
         "largest_recall_difference": max(r["largest_difference"] for r in rows),

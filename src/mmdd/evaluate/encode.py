@@ -86,6 +86,9 @@ class BackboneFeatures:
         if id(data) not in self._contents:  # the splits outlive this cache (one evaluation)
             self._contents[id(data)] = split_content(data)
         key = (self._fingerprints[model], data.split.name, self._contents[id(data)], tuple(self.mean), tuple(self.std))
+        dtype = embedding_dtype(model)
+        if dtype != torch.float32:  # a float64 student (hardware.precision=64-true) keeps float64 features
+            key += (str(dtype),)
         if key not in self._cache:
             self._cache[key] = self._from_disk(key, data.num_images)
         if self._cache[key] is None:
@@ -93,7 +96,7 @@ class BackboneFeatures:
             model.eval()
             device = next(model.parameters()).device
             batches = backbone_batches(model, data, self.mean, self.std, self.batch_size, device)
-            self._cache[key] = torch.cat([f.float().cpu() for f in batches])
+            self._cache[key] = torch.cat([f.to(dtype).cpu() for f in batches])
             model.train(was_training)
             self._to_disk(key, self._cache[key])
         return self._cache[key]

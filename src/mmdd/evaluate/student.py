@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mmdd.data.datamodule import SplitData
 from mmdd.errors import MmddError
-from mmdd.evaluate.encode import chunks, encode_images, encode_texts, evaluate_retrieval
+from mmdd.evaluate.encode import chunks, encode_images, encode_texts, evaluate_retrieval, model_dtype
 from mmdd.evaluate.retrieval import retrieval_metrics
 from mmdd.evaluate.student_draws import StudentDraws
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, pair_loss
@@ -293,7 +293,8 @@ def train_student(
         inputs = phase.images.detach().cpu()
         if features is not None and not inputs_are_features:
             with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
-                inputs = torch.cat([model.features(inputs[i : i + 256]) for i in range(0, len(inputs), 256)])
+                inputs = torch.cat([model.features(inputs[i : i + 256].to(model_dtype(model)))
+                                    for i in range(0, len(inputs), 256)])
         module = StudentModule(
             model,
             lrs=phase.lrs,
