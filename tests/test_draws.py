@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, run_in_process, run_mmdd
-from mmdd.methods.draws import RecordingDraws, ReplayedDraws, replayed_dropout
+from mmdd.methods.draws import RecordingDraws, ReplayedDraws
+from mmdd.utils.draws import replayed_dropout
 from mmdd.synthetic.similarity import LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
@@ -80,7 +81,7 @@ def test_init_from_refuses_a_set_of_another_size(root, tmp_path):
 def test_blends_and_dropout_masks_replay_exactly(tmp_path):
     """Blend draws and dropout masks through the record/replay objects themselves (RepBlend's blends need a run on a
     frozen backbone; the end-to-end test above covers the rest)."""
-    from mmdd.methods.draws import write_draws
+    from mmdd.utils.draws import write_draws
 
     rec = RecordingDraws(tmp_path)
     rec.begin([4, 7])

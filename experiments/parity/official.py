@@ -10,7 +10,7 @@ them changes what an iteration computes.
 
 Recorded into <out>:
 - initial/      the synthetic set the script starts from (images, texts, step sizes, S), as an mmdd synthetic set
-- draws/        every iteration's draws in mmdd's format (mmdd.methods.draws): the expert (the replay-buffer file the
+- draws/        every iteration's draws in mmdd's format (mmdd.utils.draws): the expert (the replay-buffer file the
                 script loaded), the start epoch, the inner mini-batches, the dropout masks
 - states.safetensors   the set after every outer step ("<iteration>.<tensor>")
 - losses.json   the script's logged losses per iteration (Loss/grand, Loss/img_grand, Loss/txt_grand)
@@ -406,7 +406,7 @@ def initial_set(init: dict, run: dict):
 
 
 def draws_of(rec: Recorder, run: dict, first: int, end: int) -> tuple[list[dict], dict]:
-    """The draws of recorded iterations first..end-1 in mmdd's format (mmdd.methods.draws), numbered from 0."""
+    """The draws of recorded iterations first..end-1 in mmdd's format (mmdd.utils.draws), numbered from 0."""
     iterations, masks = [], {}
     buffers = [(n, path) for n, path in enumerate(rec.loaded) if "img_replay_buffer_" in Path(path).name]
     for k, it in enumerate(rec.iterations[first:end]):
@@ -437,7 +437,7 @@ def save(rec: Recorder, out: Path) -> None:
     syn_steps, mini_batch_size, sim_rank, alpha."""
     from safetensors.torch import save_file
 
-    from mmdd.methods.draws import write_draws
+    from mmdd.utils.draws import write_draws
     from mmdd.utils.io import atomic_write, atomic_write_json
 
     run = json.loads((out / "run.json").read_text())

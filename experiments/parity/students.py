@@ -252,7 +252,7 @@ class OfficialStudent:
         from safetensors.torch import save_file
 
         from mmdd.evaluate.student_draws import INIT_FILE
-        from mmdd.methods.draws import write_draws
+        from mmdd.utils.draws import write_draws
         from mmdd.utils.io import atomic_write
 
         iterations, masks = [], {}

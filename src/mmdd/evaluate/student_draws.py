@@ -1,7 +1,8 @@
 """What a student draws at random, from one replaceable source: its initial weights, its mini-batches, its dropout masks.
 
 By default a student draws them itself (its seed, the protocol's batch draw, torch's dropout). Two hooks make them
-explicit (conf/evaluate.yaml `student_draws`), as `draws` does for a distillation (mmdd.methods.draws):
+explicit (conf/evaluate.yaml `student_draws`), as `draws` does for a distillation (mmdd.methods.draws), in the same
+folder format (mmdd.utils.draws):
 
 - `student_draws.record=<dir>`: each student k writes its draws to `<dir>/student_<k>/`;
 - `student_draws.replay=<dir>`: each student k takes them from `<dir>/student_<k>/` instead: a folder written by
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmdd.errors import ArtifactError, MmddError
-from mmdd.methods.draws import RecordingDraws, ReplayedDraws
+from mmdd.utils.draws import RecordedSteps, ReplayedSteps
 from mmdd.utils.io import atomic_write
 
 INIT_FILE = "init.safetensors"
@@ -68,7 +69,7 @@ class RecordingStudentDraws(StudentDraws):
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.draws = RecordingDraws(self.folder, write_each=False)
+        self.draws = RecordedSteps(self.folder, write_each=False)
 
     def initial_weights(self, model):
         tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_tensors(model).items()}
@@ -76,7 +77,7 @@ class RecordingStudentDraws(StudentDraws):
 
     @contextlib.contextmanager
     def step(self, model, idx):
-        self.draws.begin([])
+        self.draws.begin()
         self.draws._now["batches"].append(idx.tolist())
         with self.draws.dropout(model):
             yield
@@ -105,7 +106,7 @@ class ReplayedStudentDraws(StudentDraws):
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.draws = ReplayedDraws(self.folder, hook=f"{HOOK}.replay", unit="training step")
+        self.draws = ReplayedSteps(self.folder, hook=f"{HOOK}.replay", unit="training step")
         self._served = 0  # batches handed to the loader (it may fetch one ahead of the step that trains on it)
 
     def refuse(self, why: str):
@@ -145,7 +146,7 @@ class ReplayedStudentDraws(StudentDraws):
 
     @contextlib.contextmanager
     def step(self, model, idx):
-        self.draws.begin([])
+        self.draws.begin()
         if idx.tolist() != self.draws.now["batches"][0]:
             self.refuse(f"training step {self.draws.k + 1} trains on other rows than were recorded")
         with self.draws.dropout(model):

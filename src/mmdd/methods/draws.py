@@ -10,7 +10,7 @@ they come from the run's generator and torch's global RNG (`RunDraws`). Two hook
   the parity harness (experiments/parity) from the official code's run, so mmdd and the official script compute on
   the same random draws and their results can be compared number by number.
 
-A draws folder is plain data: `draws.json` (per iteration: the store's expert number, the start epoch, the mini-batch
+A draws folder (mmdd.utils.draws, shared with the students' hooks) is plain data: `draws.json` (per iteration: the store's expert number, the start epoch, the mini-batch
 indices per inner step, the blends) and `dropout.safetensors` (per iteration, the masks of every dropout call in
 call order: for TESLA, the first pass's steps then the second pass's). A replayed run draws nothing itself, so its
 seed no longer matters to the set; it starts fresh (no resume) and refuses draws that do not fit (other expert,
@@ -20,21 +20,13 @@ batch size, step count or mask shape) with a sentence naming the iteration.
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmdd.errors import ArtifactError, MmddError
+from mmdd.errors import MmddError
 from mmdd.methods.matching import BatchSchedule, Blend, inner_batch_size
-from mmdd.utils.io import atomic_write, atomic_write_json
-
-FORMAT = "mmdd-draws"
-VERSION = 1
-DRAWS_FILE = "draws.json"
-MASKS_FILE = "dropout.safetensors"
+from mmdd.utils.draws import RecordedSteps, ReplayedSteps
 
 
 def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epoch: int, min_start_epoch: int = 0
@@ -44,17 +36,6 @@ def draw_segment_start(generator: torch.Generator, n_experts: int, max_start_epo
     expert = int(torch.randint(n_experts, (1,), generator=generator))
     start = min_start_epoch + int(torch.randint(max_start_epoch - min_start_epoch, (1,), generator=generator))
     return expert, start
-
-
-def active_dropouts(model: nn.Module) -> list[nn.Dropout]:
-    return [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0 and m.training]
-
-
-def replayed_dropout(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
-    """What torch's dropout computes on a CPU tensor for a given keep-mask: x * (mask / (1 - p)), the same operations
-    in the same order (ATen's _dropout_impl: noise.bernoulli_(1 - p); noise.div_(1 - p); input * noise), so the
-    result and its gradient are bit for bit those of the run that drew the mask."""
-    return x * mask.to(dtype=x.dtype, device=x.device).div_(1 - p)
 
 
 class RunDraws:
@@ -99,23 +80,15 @@ class _RecordingBlend:
         return lam, perm
 
 
-class RecordingDraws(RunDraws):
-    """Draws as the default does and writes them to `folder` after every iteration (each file rewritten atomically:
-    meant for short runs, e.g. the parity checks; the masks grow with the iterations). `write_each=False`: only when
-    `write()` is called (a student's hundreds of training steps)."""
+class RecordingDraws(RecordedSteps, RunDraws):
+    """Draws as the default does and writes them to `folder` after every iteration (mmdd.utils.draws.RecordedSteps)."""
 
-    def __init__(self, folder: str | Path, write_each: bool = True):
-        self.folder = Path(folder)
-        self.write_each = write_each
-        self.iterations: list[dict] = []
-        self.masks: dict[str, torch.Tensor] = {}
-        self._now: dict = {}
-        self._masks: list[torch.Tensor] = []
+    def new_record(self) -> dict:
+        return {"expert": None, "start": None, "batches": [], "blends": None}
 
     def begin(self, experts):
         self._experts = list(experts)
-        self._now = {"expert": None, "start": None, "batches": [], "blends": None}
-        self._masks = []
+        RecordedSteps.begin(self)
 
     def segment_start(self, generator, n_experts, max_start, min_start):
         expert, start = super().segment_start(generator, n_experts, max_start, min_start)
@@ -128,54 +101,6 @@ class RecordingDraws(RunDraws):
     def blend(self, generator, alpha):
         self._now["blends"] = []
         return _RecordingBlend(super().blend(generator, alpha), self._now["blends"])
-
-    @contextlib.contextmanager
-    def dropout(self, model):
-        # Where torch's dropout zeroed an output, its mask was 0 (an input exactly 0 has no gradient either way).
-        hooks = [m.register_forward_hook(lambda mod, args, out: self._masks.append((out != 0).cpu()))
-                 for m in active_dropouts(model)]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def end(self):
-        k = len(self.iterations)
-        for j, mask in enumerate(self._masks):
-            self.masks[f"{k}.{j}"] = mask.to(torch.uint8).contiguous()
-        self._now["dropout_calls"] = len(self._masks)
-        self.iterations.append(self._now)
-        if self.write_each:
-            self.write()
-
-    def write(self) -> Path:
-        return write_draws(self.folder, self.iterations, self.masks, source="mmdd")
-
-
-def write_draws(folder: str | Path, iterations: list[dict], masks: dict[str, torch.Tensor], source: str) -> Path:
-    """A draws folder: draws.json and dropout.safetensors (masks keyed "<iteration>.<call>", uint8 0/1)."""
-    folder = Path(folder)
-    atomic_write(folder / MASKS_FILE, lambda p: save_file(dict(masks), str(p)))
-    atomic_write_json(folder / DRAWS_FILE, {"format": FORMAT, "version": VERSION, "source": source,
-                                           "iterations": iterations})
-    return folder
-
-
-def read_draws(folder: str | Path, hook: str = "draws.replay") -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
-    path = folder / DRAWS_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{hook}={folder}: no {DRAWS_FILE} there; record one with "
-                            f"{hook.removesuffix('.replay')}.record=<dir> or with experiments/parity")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not readable JSON ({exc}); record the draws again") from exc
-    if doc.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a draws file of mmdd (format {doc.get('format')!r}, want {FORMAT!r})")
-    masks = load_file(str(folder / MASKS_FILE)) if (folder / MASKS_FILE).is_file() else {}
-    return doc, masks
 
 
 class _ReplayedSchedule:
@@ -210,31 +135,12 @@ class _ReplayedBlend:
         return torch.tensor(float(lam), device=device), torch.tensor(perm, dtype=torch.long, device=device)
 
 
-class ReplayedDraws(RunDraws):
-    """Takes every draw from a draws folder, iteration by iteration; draws nothing itself. `hook` and `unit` name
-    the config key and what an "iteration" is in its error sentences (a student's draws: its training steps)."""
-
-    def __init__(self, folder: str | Path, hook: str = "draws.replay", unit: str = "iteration"):
-        self.folder = Path(folder)
-        self.hook, self.unit = hook, unit
-        self.doc, self.masks = read_draws(folder, hook)
-        self.iterations = self.doc["iterations"]
-        self.k = -1
-        self.now: dict = {}
-        self._call = 0
-
-    def refuse(self, why: str):
-        raise MmddError(f"{self.hook}={self.folder}: {self.unit} {self.k + 1} cannot be replayed: {why}. Replay draws "
-                        "recorded with the same settings, set size and model")
+class ReplayedDraws(ReplayedSteps, RunDraws):
+    """Takes every draw from a draws folder, iteration by iteration; draws nothing itself."""
 
     def begin(self, experts):
-        self.k += 1
-        if self.k >= len(self.iterations):
-            raise MmddError(f"{self.hook}={self.folder} holds {len(self.iterations)} {self.unit}s, the run asks for "
-                            f"{self.unit} {self.k + 1}: run at most as many as were recorded")
-        self.now = self.iterations[self.k]
+        ReplayedSteps.begin(self)
         self._experts = list(experts)
-        self._call = 0
 
     def segment_start(self, generator, n_experts, max_start, min_start):
         expert, start = int(self.now["expert"]), int(self.now["start"])
@@ -249,41 +155,6 @@ class ReplayedDraws(RunDraws):
 
     def blend(self, generator, alpha):
         return _ReplayedBlend(self)
-
-    @contextlib.contextmanager
-    def dropout(self, model):
-        modules = active_dropouts(model)
-        saved = [m.__dict__.get("forward") for m in modules]
-
-        def replay(module):
-            def forward(x):
-                key = f"{self.k}.{self._call}"
-                if key not in self.masks:
-                    self.refuse(f"dropout call {self._call + 1} has no recorded mask (model.dropout differs, or "
-                                "the draws were recorded without masks)")
-                mask = self.masks[key]
-                if tuple(mask.shape) != tuple(x.shape):
-                    self.refuse(f"dropout call {self._call + 1}'s mask has shape {tuple(mask.shape)}, the input "
-                                f"{tuple(x.shape)}")
-                self._call += 1
-                return replayed_dropout(x, mask, module.p)
-            return forward
-
-        for m in modules:
-            m.forward = replay(m)
-        try:
-            yield
-        finally:
-            for m, f in zip(modules, saved):
-                if f is None:
-                    del m.forward
-                else:
-                    m.forward = f
-
-    def end(self):
-        recorded = self.now.get("dropout_calls")
-        if recorded is not None and recorded != self._call:
-            self.refuse(f"it made {self._call} dropout calls, {recorded} were recorded")
 
 
 def draws_hooked(cfg) -> bool:
