@@ -105,7 +105,9 @@ def test_lors_distill_and_evaluate_against_S(tiny_run):
     assert "| lors | 8 | 1 |" in proc.stdout
 
 
-@pytest.mark.parametrize("method", ["herding", "kcenter", "forgetting"])
+# one coreset through the whole stage by default (the selections themselves: tests/test_coresets.py); the others slow
+@pytest.mark.parametrize("method", ["herding", pytest.param("kcenter", marks=pytest.mark.slow),
+                                    pytest.param("forgetting", marks=pytest.mark.slow)])
 def test_coreset_baselines_select_real_pairs(tiny_run, method):
     root, _ = tiny_run
     store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())

@@ -533,7 +533,8 @@ def test_the_launcher_watch_names_a_dead_process_and_exits_2(tmp_path):
     assert "mmdd buffer: error: process 3 of 4 (killed by SIGKILL) died" in proc.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM (mmdd.utils.signal_stop): slow, to keep the default suite under 8 minutes
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_teachers_stopped_by_a_signal_say_so_and_exit_with_its_code(root, sig):
     """Lightning turns SIGTERM during training into a SystemExit without a code (exit 0, as if the teachers were
     done) and Ctrl-C into exit 1; both are a sentence and 128 + the signal's number, the finished experts kept."""

@@ -154,6 +154,7 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
         MeanMatchingSettings(**SETTINGS, ema_decay=1.0)
 
 
+@pytest.mark.slow  # the phases test below checks each phase's window through the same stage
 def test_ptm_st_phase_distills_on_shortcuts_with_its_window(tmp_path):
     run_in_process(["buffer", *TINY, "hydra.run.dir=outputs/buffer"], tmp_path, check=True)
     run_in_process(["distill", "method=ptm_st", *TINY, "method.convexify.end=4", "method.min_start_epoch=1",
