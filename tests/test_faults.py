@@ -201,6 +201,7 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_the_last_good_set(root):
     assert state["global_step"] == m["iteration"] and state["mmdd"]["skipped_iterations"] == 3
 
 
+@pytest.mark.slow  # 43 s; the default suite keeps DDP's written-once teachers and the gloo refusals (8-minute budget)
 def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root):
     """gloo, 2 CPU processes: each rank matches its own expert/start/batches; the set's update is the one a
     single process makes with both samples' gradients averaged."""
