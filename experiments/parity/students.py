@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import capped_topk  # noqa: E402  (epoch_test's topk(k=128) capped at the row length)
+from official import _cpu as on_cpu  # noqa: E402  ('cuda' -> 'cpu', as official.py's device patch)
 from run import LORS, METHODS, REPO, git_commit, mmdd_common, prepare, relative  # noqa: E402
 
 LR10 = "_lr_img10_lr_txt10_lr_sim1.0"  # the folder suffix of `run.py lors --set lr_img=10 --set lr_txt=10 --set lr_sim=1`
@@ -84,10 +86,6 @@ def official_weights(net, image_module: str = "image_encoder") -> dict[str, torc
     return {f"{m}.{i}": p.detach().clone() for m, module in (("image", getattr(net, image_module)),
                                                               ("text", net.text_projection))
             for i, p in enumerate(module.parameters())}
-
-
-def on_cpu(arg):
-    return "cpu" if isinstance(arg, str) and arg.startswith("cuda") else arg
 
 
 @dataclass(frozen=True)
@@ -205,10 +203,6 @@ class OfficialStudent:
             rec.evaluations.append({k: float(v) for k, v in result.items()})
             return result
 
-        def capped_topk(self, k, *a, **kw):
-            dim = kw.get("dim", a[0] if a else -1)
-            return topk(self, min(k, self.shape[dim]), *a, **kw)
-
         here = Path.cwd()
         os.chdir(self.cwd)  # LoRS's get_bert_stuff reads ./distill_utils/checkpoints/bert-base-uncased (the stand-in)
         try:
@@ -216,7 +210,7 @@ class OfficialStudent:
                 for obj, name, value in [
                     (torch.Tensor, "to", lambda s, *a, **k: tensor_to(s, *map(on_cpu, a), **{n: on_cpu(v) for n, v in k.items()})),
                     (torch.nn.Module, "to", lambda s, *a, **k: module_to(s, *map(on_cpu, a), **{n: on_cpu(v) for n, v in k.items()})),
-                    (torch.Tensor, "topk", capped_topk), (np.random, "shuffle", rec_shuffle), (F, "dropout", rec_dropout),
+                    (torch.Tensor, "topk", capped_topk(topk)), (np.random, "shuffle", rec_shuffle), (F, "dropout", rec_dropout),
                     (torch.utils.data.BatchSampler, "__iter__", rec_batches), (networks.CLIPModel_full, "forward", rec_forward),
                     (epoch, "epoch_test", rec_epoch_test), (epoch, "itm_eval", rec_itm_eval)]:
                     stack.enter_context(patched(obj, name, value))
