@@ -27,18 +27,29 @@ def _task(stage: str):
         from mmdd.errors import MmddError, Stopped
 
         quiet_third_party()
+        # A submitit job calls this task without main(): the stage and the signal handlers are set here too
+        os.environ[STAGE_ENV] = stage
+        from mmdd.utils.stopping import adopt_job_signals
 
+        adopt_job_signals()
         try:
             from mmdd.utils.preflight import preflight
+            from mmdd.utils.trainer import setup_process
 
             preflight(cfg, stage)
-            return STAGES[stage].run(cfg)
+            setup_process(cfg.hardware)  # the launch checked; "cuda" is this rank's GPU from here on
+            objective = STAGES[stage].run(cfg)
+            from mmdd.utils.ddp import wait_for_started
+
+            wait_for_started()
+            return objective
         except (KeyboardInterrupt, SystemExit):
-            from mmdd.utils.stopping import explain
+            from mmdd.utils.stopping import explain, requeue
 
             code = explain(stage)
             if code is None:
                 raise
+            requeue(stage)
             sys.exit(code)
         except RuntimeError as exc:  # a collective of a multi-process run failing because a process is gone
             from mmdd.utils.ddp import STOP_EXPLAINED, lost_process
@@ -55,9 +66,10 @@ def _task(stage: str):
             if not isinstance(error, MmddError):
                 raise
             if isinstance(error, Stopped):
-                from mmdd.utils.stopping import say
+                from mmdd.utils.stopping import requeue, say
 
                 say(stage, str(error))
+                requeue(stage)
                 sys.exit(error.exit_code)
             print(f"mmdd {stage}: error: {error}", file=sys.stderr)
             sys.exit(2)
@@ -118,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     from mmdd.utils.stopping import explain, install
 
     install()
+    from mmdd.utils.ddp import watch_launcher
+
+    watch_launcher()  # a rank > 0 started by mmdd ends when local rank 0 is gone, even inside an NCCL collective
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     try:
         app()

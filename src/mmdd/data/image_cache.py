@@ -26,7 +26,7 @@ import numpy as np
 
 from mmdd.data.images import decode_all, load_image, resize_image
 from mmdd.errors import DataError
-from mmdd.utils.io import atomic_write, stable_hash
+from mmdd.utils.io import atomic_write, building, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,11 @@ def verify_images(paths, cache_root: str | Path, sources=None, name: str = "imag
     marker = root / f"verified-{cache_key(paths, 0, 'verify')[:16]}"
     if marker.exists():
         return
-    decode_all(lambda i: load_image(paths[i]), paths, sources, name, num_workers)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, lambda p: p.write_text(f"{len(paths)} images of {name} decode\n"))
+    with building(root / f".{marker.name}.lock", f"the check of {name}'s images"):
+        if marker.exists():
+            return  # another process checked them while this one waited
+        decode_all(lambda i: load_image(paths[i]), paths, sources, name, num_workers)
+        atomic_write(marker, lambda p: p.write_text(f"{len(paths)} images of {name} decode\n"))
 
 
 def decoded_images(paths, size: int, resize: str, cache_root: str | Path, sources=None, name: str = "images",
@@ -102,7 +104,15 @@ def decoded_images(paths, size: int, resize: str, cache_root: str | Path, source
     folder = root / f"{size}px-{resize}-{cache_key(paths, size, resize)[:16]}"
     if (folder / PIXELS).is_file():
         return _open(folder)
-    root.mkdir(parents=True, exist_ok=True)
+    with building(root / f".{folder.name}.lock", f"the decode cache of {name}"):
+        if not (folder / PIXELS).is_file():  # else another process built it while this one waited
+            _build(folder, paths, size, resize, sources, name, num_workers)
+    return _open(folder)
+
+
+def _build(folder: Path, paths: list[Path], size: int, resize: str, sources, name: str,
+           num_workers: int | None) -> None:
+    root = folder.parent
     _remove_stale_builds(root)
     n = len(paths)
     need = n * 3 * size * size
@@ -137,4 +147,3 @@ def decoded_images(paths, size: int, resize: str, cache_root: str | Path, source
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _open(folder)

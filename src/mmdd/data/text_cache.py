@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmdd.utils.io import atomic_write, stable_hash
+from mmdd.utils.io import atomic_write, building, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -28,29 +28,43 @@ def text_cache_key(text_cfg, captions: list[str]) -> str:
 
 
 def embed_captions(text_cfg, captions: list[str], cache_dir: str | Path, encoder=None) -> torch.Tensor:
-    """Return [len(captions), D] embeddings, computing and caching them on first use.
+    """Return [len(captions), D] embeddings, computing and caching them on first use (once per cache: the other
+    processes of a run started together wait for the one embedding them).
 
     `encoder` may be passed to reuse a loaded FrozenTextEncoder across splits.
     """
     cache_dir = Path(cache_dir)
     key = text_cache_key(text_cfg, captions)
     path = cache_dir / f"{key}.safetensors"
-    if path.exists():
-        try:
-            emb = load_file(str(path))["embeddings"]
-            if emb.shape[0] == len(captions):
-                return emb
-            log.warning("text cache %s has %d rows for %d captions; recomputing", path, emb.shape[0], len(captions))
-        except (SafetensorError, KeyError, OSError) as exc:
-            log.warning("text cache %s is unreadable (%s); recomputing", path, exc)
-    if encoder is None:
-        encoder = build_text_encoder(text_cfg)
-    log.info("embedding %d captions with %s", len(captions), text_cfg.name_or_path)
-    emb = encoder.encode(captions).contiguous()
-    meta = {"name_or_path": str(text_cfg.name_or_path), "pooling": str(text_cfg.pooling), "count": str(len(captions))}
-    atomic_write(path, lambda p: save_file({"embeddings": emb}, str(p), metadata=meta))
-    (cache_dir / f"{key}.json").write_text(json.dumps(meta) + "\n")
+    emb = _cached(path, len(captions))
+    if emb is not None:
+        return emb
+    with building(cache_dir / f".{key}.lock", f"the embeddings of {len(captions)} captions"):
+        emb = _cached(path, len(captions))
+        if emb is not None:
+            return emb  # another process embedded them while this one waited
+        if encoder is None:
+            encoder = build_text_encoder(text_cfg)
+        log.info("embedding %d captions with %s", len(captions), text_cfg.name_or_path)
+        emb = encoder.encode(captions).contiguous()
+        meta = {"name_or_path": str(text_cfg.name_or_path), "pooling": str(text_cfg.pooling),
+                "count": str(len(captions))}
+        atomic_write(path, lambda p: save_file({"embeddings": emb}, str(p), metadata=meta))
+        atomic_write(cache_dir / f"{key}.json", lambda p: p.write_text(json.dumps(meta) + "\n"))
     return emb
+
+
+def _cached(path: Path, count: int) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    try:
+        emb = load_file(str(path))["embeddings"]
+        if emb.shape[0] == count:
+            return emb
+        log.warning("text cache %s has %d rows for %d captions; recomputing", path, emb.shape[0], count)
+    except (SafetensorError, KeyError, OSError) as exc:
+        log.warning("text cache %s is unreadable (%s); recomputing", path, exc)
+    return None
 
 
 class LazyTextEncoder:

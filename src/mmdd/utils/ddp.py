@@ -36,6 +36,9 @@ STOP_EXPLAINED = threading.Event()
 # What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 
+# How many processes each node runs, for the ranks mmdd starts (mmdd.utils.launch reads it)
+PER_NODE_ENV = "MMDD_PROCESSES_PER_NODE"
+
 _started: list[subprocess.Popen] = []  # the processes this one started (ranks first_rank + 1, ...)
 # This process's run, recorded when its first multi-process trainer is built (Lightning's teardown removes WORLD_SIZE
 # from the environment before a failed collective reaches the CLI)
@@ -78,18 +81,27 @@ def _command(local_rank: int) -> tuple[list[str], str | None]:
 
 def start_processes(num_processes: int, num_nodes: int = 1) -> None:
     """Set up this node's `num_processes` processes of a run (this one is local rank 0), unless they are set up
-    already: this is a rank > 0, a later trainer of the same run, or SLURM/torchrun started every rank."""
-    node_rank = int(os.environ.get("NODE_RANK", 0))
-    _run.update(world=num_processes * num_nodes, first_rank=node_rank * num_processes)
-    if "LOCAL_RANK" in os.environ:
+    already: this is a rank > 0, a later trainer of the same run, or SLURM/torchrun started every rank (then they
+    must be exactly the processes the config runs: mmdd.utils.launch.check)."""
+    launch = check_launch(num_processes, num_nodes)
+    _run.update(world=num_processes * num_nodes, first_rank=launch.node_rank * num_processes)
+    if launch.external or "LOCAL_RANK" in os.environ:
         return
     if os.environ.get(STAGE_ENV) is None:
         raise MmddError("several processes (hardware.devices x num_nodes > 1) re-run the `mmdd <stage>` command line; "
                         "start this run with the mmdd command (or under SLURM/torchrun, which start every rank)")
+    if num_nodes > 1 and not ("MASTER_ADDR" in os.environ and "NODE_RANK" in os.environ):
+        raise MmddError(f"hardware.num_nodes={num_nodes}, but no launcher started this run's processes on the other "
+                        "nodes, and mmdd starts processes on this node only: launch it with SLURM (hydra/launcher="
+                        f"slurm hydra.launcher.nodes={num_nodes} hydra.launcher.tasks_per_node={num_processes}, or "
+                        f"srun --nodes={num_nodes} --ntasks-per-node={num_processes} mmdd ...) or torchrun "
+                        f"(--nnodes={num_nodes} --nproc-per-node={num_processes}), or run the same mmdd command on "
+                        "every node with MASTER_ADDR=<node 0's address>, MASTER_PORT and NODE_RANK=<node> set")
+    node_rank = int(os.environ.get("NODE_RANK", 0))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.update({"NODE_RANK": str(node_rank), "LOCAL_RANK": "0",
-                       "WORLD_SIZE": str(num_processes * num_nodes)})
+    os.environ.update({"NODE_RANK": str(node_rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(num_processes * num_nodes),
+                       PER_NODE_ENV: str(num_processes)})
     if "OMP_NUM_THREADS" not in os.environ:  # before the others start: they read it when torch loads
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cpus() // num_processes))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -97,6 +109,24 @@ def start_processes(num_processes: int, num_nodes: int = 1) -> None:
         command, cwd = _command(local_rank)
         _started.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
     ProcessWatch(_started, world_size=_run["world"], first_rank=_run["first_rank"]).start()
+
+
+def check_launch(num_processes: int, num_nodes: int):
+    """The launch (mmdd.utils.launch), checked against the config's processes."""
+    from mmdd.utils.launch import check
+
+    return check(num_processes, num_nodes)
+
+
+def wait_for_started(timeout: float = 120.0) -> None:
+    """After a stage ends well, rank 0 ends after the processes it started (they end after the last collective,
+    while rank 0 may still evaluate): a rank > 0 whose launcher is gone takes that for rank 0's death (ParentWatch)."""
+    deadline = time.monotonic() + timeout
+    for p in _started:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 class ProcessWatch(threading.Thread):
@@ -132,6 +162,58 @@ class ProcessWatch(threading.Thread):
         os._exit(2)  # the main thread may hang in a collective that will never complete
 
 
+def launcher_pid() -> int | None:
+    """The pid of local rank 0 where mmdd started this process as a rank > 0, else None."""
+    from mmdd.utils.launch import current
+
+    pid = os.environ.get(LAUNCHER_PID_ENV)
+    if current().launcher != "mmdd" or not pid or int(pid) == os.getpid():
+        return None
+    return int(pid)
+
+
+def launcher_gone() -> bool:
+    pid = launcher_pid()
+    return pid is not None and os.getppid() != pid
+
+
+class ParentWatch(threading.Thread):
+    """A rank > 0 started by mmdd watches local rank 0, its parent: when that is gone (killed, out of memory) this
+    rank says so and exits 2. On gloo a collective fails soon after; on NCCL it would wait for the collective timeout
+    (30 minutes) holding its GPU. A daemon thread: the main thread may be blocked in the collective."""
+
+    def __init__(self, period: float = 2.0):
+        super().__init__(daemon=True, name="mmdd-parent-watch")
+        self.period = period
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        per_node = int(os.environ.get(PER_NODE_ENV, world))
+        self.world_size, self.rank_zero = world, int(os.environ.get("NODE_RANK", 0)) * per_node
+
+    def run(self) -> None:
+        while not self.check():
+            time.sleep(self.period)
+
+    def check(self) -> bool:
+        """Looks once; True when there is nothing left to watch."""
+        if not launcher_gone():
+            return False
+        if STOP_EXPLAINED.is_set():
+            return True  # this rank is stopping with its own sentence
+        STOP_EXPLAINED.set()
+        stage = os.environ.get(STAGE_ENV, "")
+        sys.stderr.write(f"\nmmdd {stage}: error: process {self.rank_zero} of {self.world_size} died (killed, out of "
+                         f"memory, or it crashed: its own output above says which), so this one stopped too; "
+                         f"{kept(stage, 'what was saved is kept')}. Rerun the same command to resume\n")
+        sys.stderr.flush()
+        os._exit(2)  # the main thread may wait in a collective that never completes (NCCL)
+
+
+def watch_launcher() -> None:
+    """Start the ParentWatch where mmdd started this process as a rank > 0."""
+    if launcher_pid() is not None:
+        ParentWatch().start()
+
+
 def lost_process(exc: BaseException) -> str | None:
     """The sentence for `exc` when it is a collective failing because a process of this run is gone, else None.
     Rank 0 knows which of the processes it started ended; a rank > 0 whose parent changed knows rank 0 died."""
@@ -140,8 +222,7 @@ def lost_process(exc: BaseException) -> str | None:
     if world <= 1 or not (isinstance(exc, backend_error) or any(p in str(exc) for p in PEER_LOST)):
         return None
     dead = [first_rank + i + 1 for i, p in enumerate(_started) if p.poll() is not None]
-    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
-    if launcher != os.getpid() and os.getppid() != launcher:  # started by rank 0 (not by SLURM), now orphaned
+    if launcher_gone():  # started by local rank 0 (not by SLURM or torchrun), now orphaned
         dead = [first_rank]
     who = f"process {', '.join(map(str, dead))} of {world}" if dead else \
         f"a process of {world} (on another node, or not started by this one)"

@@ -11,7 +11,9 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,43 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+@contextmanager
+def building(lock: str | os.PathLike, what: str, period: float = 30.0) -> Iterator[None]:
+    """Hold `lock` (a file, created beside a cache) while building `what`: the processes of a run started at once
+    (SLURM, torchrun) build a cold cache once, one of them, while the others wait and then find it built. The caller
+    looks for the cache again inside. An OS lock (flock): it ends with its process, so a killed builder blocks no
+    one; on a file system without locks it says so and goes on (the cache's own write is atomic: both may build)."""
+    import fcntl
+
+    path = Path(lock)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        locked = True
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process building %s (%s)", what, path)
+                start = time.monotonic()
+                while True:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.5)
+                        waited = time.monotonic() - start
+                        if waited // period != (waited - 0.5) // period:
+                            log.info("still waiting for another process building %s: %.0f s", what, waited)
+        except OSError as exc:  # e.g. ENOLCK on an NFS mount without lockd
+            locked = False
+            log.warning("cannot lock %s (%s): building %s without waiting for other processes", path, exc, what)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

@@ -8,7 +8,7 @@ import threading
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mmdd.utils.stopping import agree
+from mmdd.utils.stopping import agree, stop_signals
 
 
 class SignalStop(L.Callback):
@@ -36,7 +36,7 @@ class SignalStop(L.Callback):
                 signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
         self._handler = on_signal
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, on_signal)
 

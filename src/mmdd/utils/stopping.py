@@ -46,6 +46,52 @@ def install() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
 
 
+# A scheduler's requeue signal and its own handler: submitit, in whose jobs the CLI never runs (its job calls the
+# stage's Hydra task), binds USR2 (SUBMITIT_PREEMPT_SIGNAL) to a handler that requeues the job and exits at once,
+# 90-120 s before the time limit. mmdd takes the signal over: the stage first stops at its current step (a
+# distillation saves that iteration), then submitit's handler requeues, and the requeued job resumes from there.
+_requeue: list[tuple[int, object]] = []
+
+
+def adopt_job_signals() -> None:
+    """Install the handlers in a stage the CLI did not start (a submitit job), taking over submitit's requeue
+    signal. Nothing to do where the CLI installed them."""
+    import os
+    import threading
+
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm or threading.current_thread() is not threading.main_thread():
+        return
+    if "SUBMITIT_FOLDER" in os.environ:
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        sig = getattr(signal, f"SIG{name}", getattr(signal, name, None))
+        handler = signal.getsignal(sig) if sig is not None else None
+        if callable(handler):
+            _requeue[:] = [(int(sig), handler)]
+            signal.signal(sig, _on_sigterm)
+    install()
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a stage: SIGTERM, SIGINT and the job's requeue signal where there is one."""
+    return (signal.SIGTERM, signal.SIGINT, *(sig for sig, _ in _requeue))
+
+
+def requeue(stage: str) -> None:
+    """After a stage stopped on the job's requeue signal and said so: hand over to the scheduler's handler
+    (submitit's rank 0 requeues the job and exits; the other ranks return here and exit with the signal's code)."""
+    import sys
+
+    signum = received()
+    for sig, handler in _requeue:
+        if sig == signum:
+            print(f"mmdd {stage}: {signal.Signals(signum).name} is the job's requeue signal (its time limit is near, "
+                  "or it is preempted): the job is requeued and resumes from what was saved", file=sys.stderr)
+            try:
+                handler(signum, None)
+            except Exception as exc:  # submitit says why it does not requeue (e.g. timed out too many times)
+                print(f"mmdd {stage}: not requeued: {exc}", file=sys.stderr)
+
+
 def received() -> int | None:
     """The first stopping signal this process received, or None."""
     return _received[0] if _received else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -63,17 +62,47 @@ def device_label(hw) -> str:
 
 
 def process_device(hw) -> torch.device:
-    """Where this process runs work outside a Lightning trainer (a k-means initialisation, a selection's teacher
-    embeddings): its own GPU when the hardware uses GPUs (LOCAL_RANK's entry of hardware.devices under DDP, as
-    Lightning assigns them), else the CPU."""
+    """Where this process runs work outside a Lightning trainer (caption embeddings, a k-means initialisation, a
+    selection's teacher embeddings): its own GPU when the hardware uses GPUs (its local rank's entry of
+    hardware.devices, as Lightning assigns them; the local rank from whichever launcher started it, SLURM's
+    SLURM_LOCALID included), else the CPU."""
     if str(hw.accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
         return torch.device("cpu")
-    rank = int(os.environ.get("LOCAL_RANK", 0))
+    from mmdd.utils.launch import local_rank
+
+    rank = local_rank()
     devices = hw.devices
     if isinstance(devices, str) and "," in devices:
         devices = [int(d) for d in devices.split(",") if d.strip()]
     ids = list(devices) if not isinstance(devices, (int, str)) else None
     return torch.device("cuda", int(ids[rank]) if ids else rank)
+
+
+def setup_process(hw) -> None:
+    """At a stage's start, before any work: the launch matches the hardware config (a cluster launcher started one
+    process per device: mmdd.utils.launch.check), a multi-process run that would fall back to CPU processes says so
+    (refused under a cluster launcher), and CUDA's current device is this rank's, so that "cuda" (caption embedding,
+    cached features) never lands on another rank's GPU."""
+    from mmdd.utils.launch import check
+
+    processes = hardware_processes(hw)
+    nodes = int(hw.get("num_nodes", 1))
+    launch = check(processes // nodes, nodes)
+    check_accelerator(str(hw.accelerator))
+    if processes > 1 and str(hw.accelerator) == "auto" and not torch.cuda.is_available():
+        what = (f"hardware.accelerator=auto with {processes} processes, but no CUDA GPU is visible here "
+                "(torch.cuda.is_available() is False)")
+        if launch.external:
+            from mmdd.errors import MmddError
+
+            raise MmddError(f"{what}: {launch.launcher} started this run on a node without usable GPUs. Check the "
+                            "job's GPU request (hydra.launcher.gpus_per_node) and CUDA_VISIBLE_DEVICES, or set "
+                            "hardware.accelerator=cpu if CPU processes (gloo) are what you want")
+        log.warning("%s: running %d CPU processes with gloo, far slower than GPUs. Set hardware.accelerator=cpu to "
+                    "say this is meant, or hardware.accelerator=gpu to insist on GPUs", what, processes)
+    device = process_device(hw)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def hardware_processes(hw) -> int:
@@ -96,6 +125,17 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
         kwargs["callbacks"] = [*kwargs["callbacks"], SignalStop()]  # every rank stops at the same step on a signal
     check_accelerator(kwargs["accelerator"])
     processes = num_processes(kwargs["accelerator"], kwargs["devices"], kwargs["num_nodes"])
+    from mmdd.utils.launch import current, lightning_environment
+
+    # Lightning is told the launch mmdd found (it would take SLURM's ranks for torchrun's workers, and refuse a
+    # one-process trainer, rank 0's students, inside an N-task SLURM or torchrun job)
+    environment = lightning_environment() if processes > 1 else None
+    if environment is None and current().launcher != "none":
+        from lightning.pytorch.plugins.environments import LightningEnvironment
+
+        environment = LightningEnvironment()
+    if environment is not None:
+        kwargs["plugins"] = [*(kwargs.get("plugins") or []), environment]
     if processes > 1:
         refuse_ddp_in_local_multirun()
         from mmdd.utils.ddp import start_processes
@@ -120,14 +160,14 @@ def check_accelerator(accelerator: str) -> None:
 def refuse_ddp_in_local_multirun() -> None:
     """Lightning starts DDP ranks > 0 by re-running the command line; inside a Hydra multirun that command is the
     whole sweep. SLURM jobs (submitit, one task per device) start their ranks themselves and are fine."""
-    import os
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    if "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ:
+    from mmdd.utils.launch import current
+
+    if current().launcher != "none":
         return
     from mmdd.errors import MmddError
 

@@ -1,0 +1,270 @@
+"""Launching a run's processes: SLURM (srun and submitit), torchrun, mmdd's own launch and a single process. Every
+launcher's environment is made here for real (fake SLURM variables, torchrun itself); the processes run Lightning's
+DDP on gloo."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmdd.errors import MmddError
+from mmdd.utils import launch
+from mmdd.utils.trainer import process_device, setup_process
+
+LAUNCH_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MMDD_PROCESSES_PER_NODE", "MMDD_LAUNCHER_PID")
+
+
+def slurm_env(ntasks: int, procid: int, nodes: int = 1, job_name: str = "mmdd-test") -> dict[str, str]:
+    """What srun sets for task `procid` of `ntasks` on `nodes` nodes (the variables Lightning and submitit read)."""
+    per_node = ntasks // nodes
+    return {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": job_name, "SLURM_NTASKS": str(ntasks),
+            "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_NNODES": str(nodes), "SLURM_JOB_NUM_NODES": str(nodes),
+            "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % per_node), "SLURM_NODEID": str(procid // per_node),
+            "SLURM_NODELIST": "localhost", "SLURM_JOB_NODELIST": "localhost"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in [*LAUNCH_VARIABLES, *[k for k in os.environ if k.startswith("SLURM_")]]:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def hw(accelerator="cpu", devices=1, num_nodes=1):
+    return OmegaConf.create({"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes})
+
+
+def test_each_launcher_is_recognised_with_this_process_s_ranks(clean_env):
+    assert launch.current() == launch.Launch("none", 0, 0, 0, 1, 1, 1)
+    for key, value in slurm_env(16, 11, nodes=2).items():
+        clean_env.setenv(key, value)
+    assert launch.current() == launch.Launch("slurm", 11, 3, 1, 16, 8, 2)
+    clean_env.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")  # SLURM's compressed form
+    assert launch.current().tasks_per_node == 8
+    clean_env.setenv("SLURM_JOB_NAME", "interactive")  # a shell in an allocation: not a launcher (Lightning's rule)
+    assert launch.current().launcher == "none"
+    clean_env.setenv("SLURM_JOB_NAME", "mmdd-test")
+    # torchrun inside an srun: torchrun's workers are the ranks
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8",
+                       "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}.items():
+        clean_env.setenv(key, value)
+    assert launch.current() == launch.Launch("torchrun", 5, 1, 1, 8, 4, 2)
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k in LAUNCH_VARIABLES]:
+        clean_env.delenv(key)
+    for key, value in {"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2", "MMDD_PROCESSES_PER_NODE": "2"}.items():
+        clean_env.setenv(key, value)
+    assert launch.current() == launch.Launch("mmdd", 1, 1, 0, 2, 2, 1)
+
+
+def test_a_cluster_launch_that_does_not_match_the_devices_is_refused_with_the_setting_to_change(clean_env):
+    for key, value in slurm_env(1, 0).items():  # sbatch without srun tasks per GPU
+        clean_env.setenv(key, value)
+    with pytest.raises(MmddError, match=r"slurm started 1 process\(es\) per node on 1 node\(s\) \(1 in all\), but "
+                                        r"hardware.devices=4 x hardware.num_nodes=1 runs 4.*tasks_per_node=4"):
+        launch.check(4, 1)
+    for key, value in slurm_env(4, 2).items():  # 4 tasks, each of which would run the whole job alone
+        clean_env.setenv(key, value)
+    with pytest.raises(MmddError, match="hardware.devices=1 x hardware.num_nodes=1 runs 1.*hardware.devices=4"):
+        setup_process(hw("cpu", 1))
+    assert launch.check(4, 1).global_rank == 2
+
+
+def test_work_outside_the_trainer_runs_on_the_rank_s_own_gpu_under_every_launcher(clean_env):
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device(hw("gpu", 1)) == torch.device("cuda", 0)
+    for key, value in slurm_env(4, 3).items():
+        clean_env.setenv(key, value)
+    assert process_device(hw("gpu", 4)) == torch.device("cuda", 3)  # SLURM_LOCALID, no LOCAL_RANK
+    assert process_device(hw("gpu", [4, 5, 6, 7])) == torch.device("cuda", 7)
+    assert process_device(hw("cpu", 4)) == torch.device("cpu")
+
+
+def test_ddp_without_a_visible_gpu_is_refused_under_a_cluster_launcher_and_said_loudly_elsewhere(clean_env, caplog):
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        setup_process(hw("auto", 2))
+    assert "no CUDA GPU is visible here" in caplog.text and "running 2 CPU processes with gloo" in caplog.text
+    caplog.clear()
+    setup_process(hw("cpu", 2))  # said explicitly: meant
+    assert "CPU processes" not in caplog.text
+    for key, value in slurm_env(2, 0).items():
+        clean_env.setenv(key, value)
+    with pytest.raises(MmddError, match="slurm started this run on a node without usable GPUs.*gpus_per_node"):
+        setup_process(hw("auto", 2))
+
+
+def test_several_nodes_without_a_launcher_are_refused_instead_of_meeting_on_localhost(clean_env):
+    from mmdd.utils.ddp import start_processes
+
+    clean_env.setenv("MMDD_STAGE", "distill")
+    with pytest.raises(MmddError, match="hardware.num_nodes=2, but no launcher started.*srun --nodes=2 "
+                                        "--ntasks-per-node=4.*torchrun.*MASTER_ADDR"):
+        start_processes(4, 2)
+    assert "MASTER_ADDR" not in os.environ and "LOCAL_RANK" not in os.environ
+
+
+def test_a_rank_started_by_mmdd_exits_when_rank_0_is_killed_even_while_blocked(tmp_path):
+    """NCCL's collectives wait for a dead peer up to their timeout (30 minutes), holding the GPU: the ranks mmdd
+    starts watch their parent, local rank 0, and stop with a sentence when it is gone. Here rank 1 blocks in a
+    sleep standing for the collective; rank 0 is SIGKILLed."""
+    rank0 = tmp_path / "rank0.py"
+    rank0.write_text(textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        env = {{**os.environ, "MMDD_STAGE": "distill", "MMDD_LAUNCHER_PID": str(os.getpid()), "LOCAL_RANK": "1",
+               "NODE_RANK": "0", "WORLD_SIZE": "2", "MMDD_PROCESSES_PER_NODE": "2"}}
+        child = subprocess.Popen([sys.executable, {str(tmp_path / 'rank1.py')!r}], env=env)
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """))
+    (tmp_path / "rank1.py").write_text(textwrap.dedent("""
+        import time
+        from mmdd.utils.ddp import ParentWatch
+        ParentWatch(period=0.2).start()
+        print("waiting", flush=True)
+        time.sleep(600)  # a collective that never completes
+    """))
+    parent = subprocess.Popen([sys.executable, str(rank0)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    time.sleep(0.5)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the child is no longer ours to wait for: it was re-parented
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("rank 1 kept running after rank 0 was killed")
+
+
+def test_the_parent_watch_says_which_process_died(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from mmdd.utils.ddp import ParentWatch
+        watch = ParentWatch()
+        print("watching" if not watch.check() else "nothing to watch", flush=True)
+        os.environ["MMDD_LAUNCHER_PID"] = "1"  # not the parent: the launcher is gone
+        watch.check()
+        print("not stopped")
+    """))
+    env = {**os.environ, "MMDD_STAGE": "distill", "MMDD_LAUNCHER_PID": str(os.getpid()), "LOCAL_RANK": "3",
+           "NODE_RANK": "1", "WORLD_SIZE": "8", "MMDD_PROCESSES_PER_NODE": "4"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and proc.stdout.split() == ["watching"], (proc.stdout, proc.stderr)
+    assert "mmdd distill: error: process 4 of 8 died (killed, out of memory, or it crashed" in proc.stderr
+    assert "Rerun the same command to resume" in proc.stderr
+
+
+def test_processes_started_together_embed_a_cold_caption_cache_once(tmp_path):
+    """Every rank of an srun/torchrun job starts at once: one embeds the captions, the others wait and read them."""
+    script = tmp_path / "embed.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        import torch
+        from omegaconf import OmegaConf
+        from mmdd.data.text_cache import embed_captions
+
+        class SlowEncoder:
+            def encode(self, captions):
+                with open({str(tmp_path / 'calls')!r}, "a") as f:
+                    f.write("call\\n")
+                time.sleep(2.0)
+                return torch.arange(len(captions) * 3, dtype=torch.float32).reshape(len(captions), 3)
+
+        cfg = OmegaConf.create({{"name_or_path": "slow", "pooling": "mean", "max_length": 8, "normalize": False}})
+        emb = embed_captions(cfg, ["a cat", "a dog"], {str(tmp_path / 'cache')!r}, SlowEncoder())
+        print(emb.sum().item())
+    """))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == [["15.0"]] * 3
+    assert (tmp_path / "calls").read_text() == "call\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+PROBE = """
+import json, os, sys
+import torch
+import lightning as L
+from omegaconf import OmegaConf
+from mmdd.utils.trainer import build_trainer, process_device, setup_process
+
+class Probe(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+    def training_step(self, batch, i):
+        return (self.w * batch[0]).sum()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+hw = OmegaConf.create({"accelerator": "cpu", "devices": int(sys.argv[2]), "num_nodes": 1, "strategy": "ddp",
+                       "num_threads": 1})
+cfg = OmegaConf.create({"hardware": hw, "trainer": {"_target_": "lightning.pytorch.Trainer", "_partial_": True,
+    "accelerator": "cpu", "devices": hw.devices, "num_nodes": 1, "strategy": "ddp", "max_steps": 1,
+    "enable_progress_bar": False, "enable_checkpointing": False, "enable_model_summary": False}})
+setup_process(hw)
+trainer = build_trainer(cfg)
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=2)
+trainer.fit(Probe(), data)
+from mmdd.utils.ddp import _started
+out = {"pid": os.getpid(), "global_rank": trainer.global_rank, "local_rank": trainer.local_rank,
+       "world_size": trainer.world_size, "device": str(process_device(hw)), "started": len(_started),
+       "environment": type(trainer.strategy.cluster_environment).__name__}
+with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def run_probe(tmp_path: Path, processes: list[list[str]], envs: list[dict]) -> list[dict]:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    procs = [subprocess.Popen(cmd, env={**os.environ, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd, env in zip(processes, envs)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+
+
+def test_srun_tasks_are_the_ranks_and_start_no_processes(tmp_path):
+    """`hardware=ddp hardware.devices=2` under 2 SLURM tasks: 2 processes in all, ranks 0 and 1 from SLURM_PROCID
+    (not the task's rank twice, as when mmdd also started processes of its own)."""
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    envs = [{**base, **slurm_env(2, i), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for i in range(2)]
+    cmd = [sys.executable, str(tmp_path / "probe.py"), str(tmp_path), "2"]
+    ranks = run_probe(tmp_path, [cmd, cmd], envs)
+    assert [(r["global_rank"], r["local_rank"], r["world_size"], r["started"]) for r in ranks] == [(0, 0, 2, 0),
+                                                                                                  (1, 1, 2, 0)]
+    assert {r["environment"] for r in ranks} == {"SLURMEnvironment"} and len({r["pid"] for r in ranks}) == 2
+
+
+@pytest.mark.slow  # torchrun's agent adds ~10 s; the SLURM probe above covers the same mmdd path
+def test_torchrun_workers_are_the_ranks_and_start_no_processes(tmp_path):
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           str(tmp_path / "probe.py"), str(tmp_path), "2"]
+    ranks = run_probe(tmp_path, [cmd], [base])
+    assert [(r["global_rank"], r["local_rank"], r["world_size"], r["started"]) for r in ranks] == [(0, 0, 2, 0),
+                                                                                                  (1, 1, 2, 0)]
+    assert {r["environment"] for r in ranks} == {"TorchElasticEnvironment"}
