@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import TINY, run_mmdd
 from mmdd.errors import MmddError
 from mmdd.utils import launch
 from mmdd.utils.trainer import process_device, setup_process
@@ -268,3 +269,107 @@ def test_torchrun_workers_are_the_ranks_and_start_no_processes(tmp_path):
     assert [(r["global_rank"], r["local_rank"], r["world_size"], r["started"]) for r in ranks] == [(0, 0, 2, 0),
                                                                                                   (1, 1, 2, 0)]
     assert {r["environment"] for r in ranks} == {"TorchElasticEnvironment"}
+
+
+# --- submitit jobs (hydra/launcher=slurm) on a SLURM stand-in: tests/fake_slurm.py -----------------------------------
+
+TINY_DISTILL = [o for o in TINY if not o.startswith("method.iterations")] + ["logger=none", "evaluate=false"]
+GRID = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.max_num_timeout=3", "hydra.launcher.timeout_min=30", "hardware=ddp", "hardware.devices=2",
+        "hardware.accelerator=cpu", "hardware.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def slurm_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    return root
+
+
+def submit(root: Path, name: str, overrides: list[str], hold: bool) -> tuple[subprocess.Popen, dict]:
+    """`mmdd distill -m` with hydra/launcher=slurm (the README's grid command) on the SLURM stand-in."""
+    import fake_slurm
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    env.update(fake_slurm.install(root / f"{name}_bin", root / f"{name}_slurm"), MMDD_ROOT=str(root),
+               WANDB_MODE="offline", WANDB_SILENT="true", **({"FAKE_SLURM_HOLD": "1"} if hold else {}))
+    cmd = [sys.executable, "-m", "mmdd.cli", "distill", "-m", *GRID, *TINY_DISTILL, *overrides,
+           f"hydra.sweep.dir=outputs/{name}"]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), env
+
+
+def task_logs(root: Path, name: str, job: str) -> list[str]:
+    logs = sorted((root / f"outputs/{name}/.submitit/{job}").glob(f"{job}_*_log.out"))
+    errs = sorted((root / f"outputs/{name}/.submitit/{job}").glob(f"{job}_*_log.err"))
+    return [o.read_text() + e.read_text() for o, e in zip(logs, errs)]
+
+
+@pytest.mark.slow  # two 2-process submitit jobs of a distillation: ~1 min
+def test_the_readme_slurm_grid_runs_one_rank_per_task_in_each_job(slurm_root):
+    """README's grid command, 2 GPUs per job (here 2 CPU tasks per job): each job runs exactly its 2 SLURM tasks as
+    ranks 0 and 1 (none starts processes of its own), writes its set once, and the submitter collects both."""
+    proc, env = submit(slurm_root, "grid", ["method.iterations=3", "seed=0,1"], hold=False)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-5000:]
+    job = json.loads((Path(env["FAKE_SLURM_DIR"]) / "sbatch.jsonl").read_text())["job"]
+    for index in ("0", "1"):
+        logs = task_logs(slurm_root, "grid", f"{job}_{index}")
+        assert len(logs) == 2, logs
+        for rank, log in enumerate(logs):
+            assert f"slurm: process {rank} of 2 (local rank {rank} on node 0 of 1), device cpu" in log, log[-3000:]
+            assert "mmdd_rank_" not in log  # the name of ranks mmdd starts itself
+        manifest = json.loads((slurm_root / f"outputs/grid/{index}/synthetic/manifest.json").read_text())
+        assert manifest["complete"] and manifest["seed"] == int(index)
+        assert not (slurm_root / f"outputs/grid/{index}/synthetic_rank1").exists()
+
+
+@pytest.mark.slow  # a 2-process submitit job stopped by its requeue signal, then requeued: ~1 min
+def test_submitit_s_requeue_signal_saves_the_current_iteration_requeues_and_the_job_resumes(slurm_root):
+    """submitit's USR2 (before the time limit) requeues the job from inside its handler; under mmdd the stage first
+    stops at the current iteration on every rank with a checkpoint of it, then submitit requeues, and the requeued
+    job continues from that iteration (save_every is larger than the run: no periodic checkpoint exists)."""
+    import fake_slurm
+
+    n = 400
+    proc, env = submit(slurm_root, "requeue", [f"method.iterations={n}", "save_every=100000", "seed=0"], hold=True)
+    state = Path(env["FAKE_SLURM_DIR"])
+    deadline = time.monotonic() + 120
+    while not (state / "sbatch.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    submitted = json.loads((state / "sbatch.jsonl").read_text())
+    script, index = submitted["script"], submitted["indices"][0]
+    job = submitted["job"] if index is None else f"{submitted['job']}_{index}"  # one job: not an array
+    while not (slurm_root / f"outputs/requeue/.submitit/{job}/{job}_submitted.pkl").exists() \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()  # the submitter would wait for the result; the job runs without it, as on a cluster
+    proc.wait()
+
+    def run_task() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, fake_slurm.__file__, "run-task", script, submitted["job"],
+                                 str(index)], cwd=slurm_root,
+                                env={**env, "FAKE_SLURM_HOLD": ""})
+
+    task = run_task()
+    while time.monotonic() < deadline + 120:
+        logs = task_logs(slurm_root, "requeue", job)
+        if len(logs) == 2 and "process 1 of 2" in logs[1] and (state / "srun.jsonl").exists():
+            break
+        time.sleep(0.5)
+    time.sleep(8)  # into the iterations
+    os.kill(json.loads((state / "srun.jsonl").read_text().splitlines()[-1])["srun"], signal.SIGUSR2)
+    assert task.wait(timeout=300) != 0
+    logs = task_logs(slurm_root, "requeue", job)
+    assert (state / "scontrol.log").read_text().split() == ["requeue", job], logs[0][-3000:]
+    manifest = json.loads((slurm_root / "outputs/requeue/0/synthetic/manifest.json").read_text())
+    stopped_at = manifest["iteration"]
+    assert not manifest["complete"] and 0 < stopped_at < n
+    for log in logs:
+        assert f"mmdd distill: stopped by SIGUSR2 at iteration {stopped_at} of {n}" in log, log[-3000:]
+    assert "the job is requeued and resumes from what was saved" in logs[0]
+
+    task = run_task()  # the requeued job: same script, same pickle (submitit's checkpoint rewrote it)
+    assert task.wait(timeout=600) == 0, task_logs(slurm_root, "requeue", job)[0][-3000:]
+    manifest = json.loads((slurm_root / "outputs/requeue/0/synthetic/manifest.json").read_text())
+    assert manifest["complete"] and manifest["iteration"] == n
+    assert manifest["resumed"][0]["iteration"] == stopped_at

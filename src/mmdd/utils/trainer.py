@@ -103,6 +103,8 @@ def setup_process(hw) -> None:
     device = process_device(hw)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if launch.launcher != "none":
+        log.info("%s, device %s", launch.describe(), device)
 
 
 def hardware_processes(hw) -> int:
