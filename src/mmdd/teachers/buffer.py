@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
@@ -19,8 +19,10 @@ from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerp
 from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
+from mmdd.teachers.global_batch import RankSlices, per_rank_batch
 from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
+from mmdd.utils import launch
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything
@@ -40,6 +42,7 @@ def run_buffer(cfg, data=None) -> Path:
     augment = augment_config(cfg.data.augment if tcfg.augment else None)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
     check_full_batches(dataset, tcfg.batch_size, "teacher.batch_size")
+    per_rank_batch(tcfg.batch_size, hardware_processes(cfg.hardware))  # before any training
     probe = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size)
     names = probe.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in probe.named_parameters()}
@@ -95,20 +98,14 @@ def run_buffer(cfg, data=None) -> Path:
             augment=augment,
         )
         recorder = TrajectoryRecorder(module.trainable_names(), heartbeat=(lambda e=e: claims.refresh(e)) if claims else None)
-        loader = DataLoader(
-            dataset,
-            batch_size=tcfg.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=loader_workers(cfg.data.num_workers),
-            generator=torch.Generator().manual_seed(expert_seed(tcfg.seed, e)),
-        )
         # What the full-data row of a W&B table needs: which store and expert, and how many images it trained on.
         loggers = build_loggers(cfg, job_type="buffer", name=f"expert_{e:03d}",
                                 extra_config={"teacher_run": {"store": str(store.root), "expert": e,
                                                               "train_images": train.num_images}})
         try:
-            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=tcfg.epochs)
+            # The expert's own sample order (its seed) on every rank, each rank its slice of the papers' batch
+            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=tcfg.epochs, use_distributed_sampler=False)
+            loader = expert_loader(dataset, tcfg.batch_size, expert_seed(tcfg.seed, e), cfg.data.num_workers)
             started = time.perf_counter()
             trainer.fit(module, loader)
             seconds = time.perf_counter() - started
@@ -122,6 +119,7 @@ def run_buffer(cfg, data=None) -> Path:
                     metrics[split] = m
             # What this expert cost (read into the cost of every set distilled from it: mmdd table's cost column).
             metrics["cost"] = {"seconds": seconds, "device": device_label(cfg.hardware), "epochs": tcfg.epochs}
+            metrics["training"] = training_record(tcfg.batch_size, hardware_processes(cfg.hardware))
             # Metrics first: the weights' file is what marks an expert complete, so a crash between the two leaves
             # an incomplete expert (trained again on rerun), never a complete one without metrics.
             atomic_write_json(store.root / f"expert_{e:03d}.metrics.json", metrics)
@@ -141,6 +139,27 @@ def run_buffer(cfg, data=None) -> Path:
         log.warning("experts %s were being trained by other processes; rerun `mmdd buffer` (or wait for them) before "
                     "distilling with all %d", busy, tcfg.num_experts)
     return store.root
+
+
+def expert_loader(dataset, batch_size: int, seed: int, num_workers) -> DataLoader:
+    """An expert's batches in this process: the single-process loader's order (shuffled by the expert's seed, full
+    batches of `batch_size`), and under DDP this rank's slice of each (mmdd.teachers.global_batch)."""
+    world = launch.current().world_size if launch.current().launcher != "none" else 1
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
+    if world > 1:
+        per_rank_batch(batch_size, world)
+        batches = RankSlices(batches, launch.current().global_rank, world)
+    # The loader draws its workers' seed from the same generator, before each epoch's order, as
+    # DataLoader(shuffle=True, generator=...) does: one process's order is the one it always was.
+    return DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(num_workers), generator=generator)
+
+
+def training_record(batch_size: int, processes: int) -> dict:
+    """How an expert was trained, in its metrics: the global batch (the papers'), each process's share, and the
+    loss's negatives (the whole batch's, gathered over the processes)."""
+    return {"processes": processes, "global_batch": batch_size, "batch_per_process": batch_size // processes,
+            "loss": "infonce over the global batch", "sample_order": "the expert's seed (teacher.seed, expert)"}
 
 
 def expert_metrics(store_dir: str | Path) -> dict[int, dict]:

@@ -8,10 +8,12 @@ import torch
 from mmdd.data.transforms import AugmentConfig, normalize, random_resized_crop
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import symmetric_infonce
+from mmdd.teachers.global_batch import global_logits, scaled_for_ddp
 
 
 class ExpertModule(L.LightningModule):
-    """Trains a dual encoder on real pairs with symmetric InfoNCE (the papers' teachers)."""
+    """Trains a dual encoder on real pairs with symmetric InfoNCE (the papers' teachers); over several processes, on
+    the global batch (mmdd.teachers.global_batch)."""
 
     def __init__(
         self,
@@ -35,9 +37,9 @@ class ExpertModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, text_emb, _ = batch
         x = random_resized_crop(normalize(images, self.mean, self.std), self.augment)
-        loss = symmetric_infonce(self.model(x, text_emb))
+        loss = symmetric_infonce(global_logits(self.model, x, text_emb))  # the global batch's under DDP
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        return scaled_for_ddp(loss)
 
     def trainable_names(self) -> list[str]:
         groups = self.model.modality_parameter_names()
