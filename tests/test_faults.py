@@ -358,29 +358,30 @@ def test_students_spread_over_jobs_pool_into_the_same_cell(root):
 
 def test_one_expert_trained_with_ddp_on_two_processes_is_written_once_and_equals_the_one_process_expert(root):
     """The papers' batch split over the ranks, InfoNCE over all of it, the expert's own sample order: the 2-process
-    expert's trajectory is the 1-process one's up to float sums (without the draws made in each process's own
-    loader: the per-image augmentation, and train_unit=image's caption per image)."""
+    expert's trajectory is the 1-process one's up to the order of float sums: in float64, 1e-11 after 3 epochs (float32's
+    5e-7 after one epoch grows to 5e-2 by the third at this tiny model's lr 0.1). Without the draws made in each
+    process's own loader: the per-image augmentation, and train_unit=image's caption per image."""
     stores = {n: root / f"outputs/artifacts/ddp_buffer_{n}" for n in (1, 2)}
     for n, store in stores.items():
         proc = run_mmdd(["buffer", *TINY, "logger=none", f"hardware.devices={n}", "hardware.strategy=ddp",
-                         "teacher.augment=false", "data.train_unit=caption", f"buffer_dir={store}",
+                         "teacher.num_experts=1", "teacher.augment=false", "data.train_unit=caption",
+                         "hardware.precision=64-true",
+                         f"buffer_dir={store}",
                          f"hydra.run.dir=outputs/ddp_buffer_{n}"],
                         root)
         assert proc.stdout.count("trajectory store:") == 1  # rank 0 reports; rank 1 only trains
-        assert trained_experts(proc.stdout + proc.stderr) == {0, 1}
+        assert trained_experts(proc.stdout + proc.stderr) == {0}
     from mmdd.teachers.buffer import expert_metrics
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
     one, two = (TrajectoryStore.open(stores[n]) for n in (1, 2))
-    assert two.completed_experts() == [0, 1]
-    for e in (0, 1):
-        a, b = one.load_expert(e), two.load_expert(e)
-        assert b["text_head.projection.weight"].shape[0] == 4  # epochs + 1 snapshots
-        for name in a:
-            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), (e, name, (a[name] - b[name]).abs().max())
-    assert (one.load_expert(0)["text_head.projection.weight"][-1]
-            - one.load_expert(1)["text_head.projection.weight"][-1]).abs().max() > 1e-3  # experts differ
-    assert expert_metrics(stores[2])[1]["training"] == {
+    assert two.completed_experts() == [0]
+    a, b = one.load_expert(0), two.load_expert(0)
+    assert b["text_head.projection.weight"].shape[0] == 4  # epochs + 1 snapshots
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-9), (name, (a[name] - b[name]).abs().max())
+        assert (a[name][-1] - a[name][0]).abs().max() > 1e-3 or name.endswith("bias")  # it trained
+    assert expert_metrics(stores[2])[0]["training"] == {
         "processes": 2, "global_batch": 16, "batch_per_process": 8, "loss": "infonce over the global batch",
         "sample_order": "the expert's seed (teacher.seed, expert)"}
 

@@ -37,6 +37,7 @@ class ExpertModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, text_emb, _ = batch
         x = random_resized_crop(normalize(images, self.mean, self.std), self.augment)
+        x, text_emb = x.to(self.dtype), text_emb.to(self.dtype)  # float64 under hardware.precision=64-true
         loss = symmetric_infonce(global_logits(self.model, x, text_emb))  # the global batch's under DDP
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return scaled_for_ddp(loss)
