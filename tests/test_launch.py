@@ -311,7 +311,9 @@ def test_the_readme_slurm_grid_runs_one_rank_per_task_in_each_job(slurm_root):
     proc, env = submit(slurm_root, "grid", ["method.iterations=3", "seed=0,1"], hold=False)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-5000:]
-    job = json.loads((Path(env["FAKE_SLURM_DIR"]) / "sbatch.jsonl").read_text())["job"]
+    submitted = json.loads((Path(env["FAKE_SLURM_DIR"]) / "sbatch.jsonl").read_text())
+    job = submitted["job"]
+    assert "export SLURM_KILL_BAD_EXIT=1" in Path(submitted["script"]).read_text()  # a dead task ends the others
     for index in ("0", "1"):
         logs = task_logs(slurm_root, "grid", f"{job}_{index}")
         assert len(logs) == 2, logs
