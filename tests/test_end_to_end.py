@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import TINY, run_in_process, run_mmdd
 
@@ -32,6 +33,11 @@ def test_run_prints_table_and_writes_outputs(tiny_run):
         assert 0 <= s["test"]["r_mean"] <= 100
     stats = res["distill_stats"]
     assert stats["iterations"] == 3 and stats["sec_per_iter_median"] > 0 and stats["peak_mem_mb"] > 0
+    assert stats["peak_reserved_mb"] is None  # the GPU's caching allocator: none on CPU
+    # how the numbers were made, for the students and for the set
+    for hw in (res["hardware"], res["synthetic_hardware"]):
+        assert hw["precision"] == "32-true" and hw["deterministic"] is False and hw["processes"] == 1
+        assert hw["torch"] == torch.__version__ and hw["device"].startswith("cpu")
 
 
 def test_run_artifacts(tiny_run):

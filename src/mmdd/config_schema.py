@@ -24,6 +24,7 @@ class HardwareConfig:
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | 64-true (double: numerical checks, parity)
     num_threads: Optional[int] = None
     deterministic: bool = False
+    tf32: bool = False  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs); off: full fp32
     channels_last: bool = False
     compile: bool = False
 

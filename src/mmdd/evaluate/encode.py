@@ -89,12 +89,14 @@ class BackboneFeatures:
         dtype = embedding_dtype(model)
         if dtype != torch.float32:  # a float64 student (hardware.precision=64-true) keeps float64 features
             key += (str(dtype),)
+        device = next(model.parameters()).device
+        if torch.is_autocast_enabled(device.type):  # features computed under bf16/fp16 autocast are not fp32 ones
+            key += (f"autocast {torch.get_autocast_dtype(device.type)}",)
         if key not in self._cache:
             self._cache[key] = self._from_disk(key, data.num_images)
         if self._cache[key] is None:
             was_training = model.training
             model.eval()
-            device = next(model.parameters()).device
             batches = backbone_batches(model, data, self.mean, self.std, self.batch_size, device)
             self._cache[key] = torch.cat([f.to(dtype).cpu() for f in batches])
             model.train(was_training)

@@ -26,7 +26,7 @@ from mmdd.utils.config import (config_differences, config_hash, data_identity, r
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.seed import student_seed
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
-from mmdd.utils.trainer import accelerate_model
+from mmdd.utils.trainer import accelerate_model, hardware_record
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
             "objective": statistics.fmean(val) if val else None,
             "chance": chance_report(data["test"].txt2img, data["test"].num_images, [r["test"]["r_mean"] for r in per_seed]),
             "timings": {"evaluate_seconds": time.perf_counter() - t0},
+            "hardware": hardware_record(cfg.hardware),  # the students'
+            "synthetic_hardware": manifest.get("hardware"),  # the distillation's (None: a set made before 2026-12-06)
             "distill_stats": manifest.get("distill_stats"),
             "overrides": task_overrides(),
             "config": resolved_config(cfg),

@@ -99,9 +99,7 @@ class LearnedMethod(Method):
     def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
         train = data["train"]
         budget = check_budget(cfg.budget, train)
-        if self.config.grad_clip is not None and str(cfg.hardware.precision).startswith("16"):
-            raise MmddError("method.grad_clip clips the set's gradients as they are, which fp16 loss scaling inflates: "
-                            "use hardware.precision=bf16-mixed (hardware=gpu_bf16) or 32-true with it")
+        check_distill_precision(str(cfg.hardware.precision))
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(cfg.seed)
@@ -154,3 +152,21 @@ class LearnedMethod(Method):
         return DistillResult(loop.saved_set(), history=loop.history, diagnostics=loop.diagnostics, resumes=loop.resumes,
                              backbone_fingerprint=fingerprint,
                              teacher_experts=list(getattr(objective, "teacher_experts", [])), earlier_seconds=earlier)
+
+
+def check_distill_precision(precision: str) -> None:
+    """The precisions a learned distillation runs in: 32-true, 64-true and bf16-mixed (autocast around fp32 tensors).
+    fp16 needs loss scaling, which the distillation cannot honour: its guard skips every step whose loss or gradient
+    is not finite (so the scaler would never back off, and the run stops after method.max_nonfinite skips), the inner
+    steps' gradients would stay scaled, and grad_clip would clip scaled gradients. A half-precision `-true` run would
+    hold the set, its step sizes and S in 16 bits, rounding away most outer updates."""
+    if precision in ("16-mixed", "16"):
+        raise MmddError(f"hardware.precision={precision} (fp16 with loss scaling) cannot distil: a step whose gradient "
+                        "overflows is skipped by the NaN guard, so the loss scale would never back off and the run "
+                        "would stop after method.max_nonfinite skips. Use hardware.precision=bf16-mixed "
+                        "(hardware=gpu_bf16: same range as fp32, no scaling) or 32-true")
+    if precision in ("bf16-true", "16-true"):
+        raise MmddError(f"hardware.precision={precision} would hold the synthetic set, its step sizes and S in 16 bits, "
+                        "rounding away most outer updates: use hardware.precision=bf16-mixed (autocast around fp32 "
+                        "tensors; hardware=gpu_bf16) or 32-true")
+

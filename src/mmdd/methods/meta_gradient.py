@@ -225,9 +225,10 @@ def with_cached_features(compute, chunk: int | None = None):
                 feats = torch.cat([backbone(images[touched[i : i + chunk]]) for i in range(0, len(touched), chunk)])
         else:
             feats = backbone(images[touched])
-        # Untouched rows stay zero: no step reads them, so they get no gradient.
-        leaf = feats.new_zeros((len(images), *feats.shape[1:]))
-        leaf[touched] = feats.detach()
+        # Untouched rows stay zero: no step reads them, so they get no gradient. In float32 at least: under bf16
+        # autocast the features come in bf16, and their gradient sums every inner step's (8 bits would lose them).
+        leaf = feats.new_zeros((len(images), *feats.shape[1:]), dtype=torch.promote_types(feats.dtype, torch.float32))
+        leaf[touched] = feats.detach().to(leaf.dtype)
         leaf.requires_grad_(True)
         blend = plan if seg.blend is not None else None
         loss, terms = compute(replace(seg, images=leaf, from_features=True, schedule=plan, blend=blend), backward)
@@ -237,9 +238,10 @@ def with_cached_features(compute, chunk: int | None = None):
             if chunk:
                 for i in range(0, len(touched), chunk):
                     rows = touched[i : i + chunk]
-                    torch.autograd.backward(backbone(images[rows]), grad_tensors=grad[i : i + chunk])
+                    out = backbone(images[rows])
+                    torch.autograd.backward(out, grad_tensors=grad[i : i + chunk].to(out.dtype))
             else:
-                torch.autograd.backward(feats, grad_tensors=grad)
+                torch.autograd.backward(feats, grad_tensors=grad.to(feats.dtype))
         return loss, terms
 
     return run

@@ -22,7 +22,7 @@ from mmdd.config_schema import check_fields
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.utils.config import OUTER_SETTINGS, config_differences
-from mmdd.utils.seed import rank_seed
+from mmdd.utils.seed import rank_seed, seed_rank_streams
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ class OuterLoop(L.LightningModule):
     def setup(self, stage: str) -> None:
         # Every rank draws its own samples; rank 0 draws what a single process does.
         self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
+        seed_rank_streams(self.seed, self.global_rank)
 
     # -- checkpoints: everything an uninterrupted run would still have in memory --------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -336,6 +337,9 @@ class OuterLoop(L.LightningModule):
             **{f"distill/lr_{m}": v for m, v in self.syn.lr_values().items()},
             "distill/sec_per_iter": seconds,
             "distill/peak_mem_mb": peak_memory_mb(self.device),
+            # what the caching allocator holds (allocated + its cache): what the GPU must have free
+            **({"distill/peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 2**20}
+               if self.device.type == "cuda" else {}),
             **result.stats,
         }
         step = self.global_step

@@ -19,7 +19,7 @@ from mmdd.synthetic.synthetic_set import load_captions
 from mmdd.report.plots import distillation_curves, pairs_grid
 from mmdd.utils.logging import build_loggers, finish_loggers, log_images, log_pairs_table
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import is_rank_zero
+from mmdd.utils.trainer import hardware_record, is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def distill_stats(history: list[dict], warmup: int = 2) -> dict:
         "iterations": len(history),
         "sec_per_iter_median": statistics.median(steady),
         "peak_mem_mb": max(h["distill/peak_mem_mb"] for h in history),
+        "peak_reserved_mb": max((h["distill/peak_reserved_mb"] for h in history if "distill/peak_reserved_mb" in h),
+                                default=None),  # GPU only
         "final_matching_loss": history[-1]["distill/matching_loss"],
     }
 
@@ -104,7 +106,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
         wall = time.perf_counter() - t0
         stats = {**distill_stats(history), "total_seconds": wall, "cost": distill_cost(cfg, result, wall)}
         extra = {"complete": True, "iteration": len(history), "distill_stats": stats,
-                 "backbone_fingerprint": result.backbone_fingerprint}
+                 "backbone_fingerprint": result.backbone_fingerprint, "hardware": hardware_record(cfg.hardware)}
         if result.diagnostics:
             extra["diagnostics"] = result.diagnostics  # modality collapse: real / initial / final
         if result.resumes:

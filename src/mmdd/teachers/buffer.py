@@ -26,7 +26,7 @@ from mmdd.utils import launch
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, device_label, hardware_processes
+from mmdd.utils.trainer import accelerate_model, build_trainer, device_label, hardware_processes, hardware_record
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,12 @@ def run_buffer(cfg, data=None) -> Path:
             # What this expert cost (read into the cost of every set distilled from it: mmdd table's cost column).
             metrics["cost"] = {"seconds": seconds, "device": device_label(cfg.hardware), "epochs": tcfg.epochs}
             metrics["training"] = training_record(tcfg.batch_size, hardware_processes(cfg.hardware))
+            metrics["hardware"] = hardware_record(cfg.hardware)
             # Metrics first: the weights' file is what marks an expert complete, so a crash between the two leaves
             # an incomplete expert (trained again on rerun), never a complete one without metrics.
             atomic_write_json(store.root / f"expert_{e:03d}.metrics.json", metrics)
             store.save_expert(e, recorder.trajectory())
-            log_metrics(loggers, {**{f"{s}/{k}": v for s, m in metrics.items() if s != "cost" for k, v in m.items()},
+            log_metrics(loggers, {**{f"{s}/{k}": v for s, m in metrics.items() if s in ("val", "test") for k, v in m.items()},
                                   "cost/train_seconds": seconds})
             log.info("expert %d: test r_mean %.2f", e, metrics.get("test", {}).get("r_mean", float("nan")))
             if "test" in metrics and chance_report(data["test"].txt2img, data["test"].num_images,

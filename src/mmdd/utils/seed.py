@@ -26,6 +26,14 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Seed torch's global generators (CPU and every CUDA device: the dropout masks of the matched model's inner
+    steps) from the rank, so the N trajectory samples of an N-process step are independent; rank 0 keeps the stream
+    a single process has (its runs are unchanged)."""
+    if rank > 0:
+        torch.manual_seed(rank_seed(seed, rank))
+
+
 def student_seed(seed: int, student: int) -> int:
     return seed * 100 + student
 

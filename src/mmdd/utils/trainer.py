@@ -100,11 +100,36 @@ def setup_process(hw) -> None:
                             "hardware.accelerator=cpu if CPU processes (gloo) are what you want")
         log.warning("%s: running %d CPU processes with gloo, far slower than GPUs. Set hardware.accelerator=cpu to "
                     "say this is meant, or hardware.accelerator=gpu to insist on GPUs", what, processes)
+    apply_tf32(bool(hw.get("tf32", False)))
     device = process_device(hw)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.launcher != "none":
         log.info("%s, device %s", launch.describe(), device)
+
+
+def apply_tf32(on: bool) -> None:
+    """`hardware.tf32`: TF32 tensor cores for fp32 matmuls and cuDNN convolutions, both at once (torch's own
+    defaults differ: convolutions on, matmuls off), so a run is either full fp32 or TF32 throughout."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def hardware_record(hw) -> dict:
+    """How a stage's numbers were computed, for manifests and results.json: the device, the processes, the
+    precision, TF32 as it was in effect, deterministic algorithms, and the library versions."""
+    gpu = str(hw.accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return {
+        "device": device_label(hw),
+        "processes": hardware_processes(hw),
+        "precision": str(hw.precision),
+        "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+        if gpu else None,
+        "deterministic": bool(hw.get("deterministic", False)),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if gpu else None,
+        "cudnn": torch.backends.cudnn.version() if gpu else None,
+    }
 
 
 def hardware_processes(hw) -> int:
