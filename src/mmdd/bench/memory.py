@@ -69,6 +69,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.interval = interval
         self.peak_mb = 0.0
+        self.reserved_mb = None  # CUDA: the caching allocator's peak (what the GPU must have free)
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss_above_start"
 
     def __enter__(self):
@@ -98,6 +99,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
         elif self._hwm:
             self.peak_mb = (max(peak_rss_bytes(), self._start) - self._start) / 2**20
         else:

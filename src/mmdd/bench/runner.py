@@ -32,7 +32,7 @@ from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model
+from mmdd.utils.trainer import accelerate_model, hardware_record
 
 log = logging.getLogger(__name__)
 PATHS = ("reference", "ours")
@@ -187,6 +187,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         syn, opt = fresh()
         state[name] = (syn, opt, torch.Generator().manual_seed(cfg.seed))
     timings, memory = {n: [] for n in PATHS}, {n: 0.0 for n in PATHS}
+    reserved = {n: None for n in PATHS}
     for i in range(int(b.warmup) + int(b.iterations)):
         for name in PATHS:
             syn, opt, gen = state[name]
@@ -200,6 +201,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
             memory[name] = max(memory[name], pm.peak_mb)
+            if pm.reserved_mb is not None:
+                reserved[name] = max(reserved[name] or 0.0, pm.reserved_mb)
             if i >= int(b.warmup):
                 timings[name].append(seconds)
     for name in PATHS:
@@ -219,7 +222,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "compiled_backbone": fast.compiled,
         "iterations": int(b.iterations), "warmup": int(b.warmup),
         "sec_per_iter": med, "seconds": timings, "speedup": med["reference"] / med["ours"],
-        "peak_mem_mb": memory, "memory_kind": PeakMemory(device).kind,
+        "peak_mem_mb": memory, "memory_kind": PeakMemory(device).kind, "peak_reserved_mb": reserved,
+        "hardware": hardware_record(cfg.hardware),
         "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
     }
     out = Path(out_dir or cfg.paths.output_dir)

@@ -265,7 +265,7 @@ def train_student(
     optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases.
     `log_eps`: wbce in the reference code's form (mmdd.models.losses.weighted_bce). `draws`: where the initial weights,
     mini-batches and dropout masks come from (mmdd.evaluate.student_draws; default: the student's own)."""
-    from mmdd.utils.trainer import build_trainer, precision_dtype
+    from mmdd.utils.trainer import build_trainer, precision_dtype, process_device
 
     p = cfg.protocol
     L.seed_everything(seed, workers=True, verbose=False)
@@ -334,7 +334,7 @@ def train_student(
         history += [{**h, "phase": k, "epoch": h["epoch"] + best.offset} for h in module.history] if earlier else module.history
     draws.finish()
     model.load_state_dict(best.state)
-    model.to("cpu")
+    model.to(process_device(cfg.hardware))  # the final test on the stage's device, as training ran
     test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)
     return StudentResult(
         seed=seed,

@@ -26,7 +26,8 @@ from mmdd.utils import launch
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, device_label, hardware_processes, hardware_record
+from mmdd.utils.trainer import (accelerate_model, build_trainer, device_label, hardware_processes, hardware_record,
+                                 process_device)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def run_buffer(cfg, data=None) -> Path:
             seconds = time.perf_counter() - started
             if not trainer.is_global_zero:
                 continue
-            model.to("cpu")
+            model.to(process_device(cfg.hardware))  # the trainer leaves it on the CPU; val/test on the stage's device
             metrics = {}
             for split in ("val", "test"):
                 if split in data:

@@ -26,7 +26,7 @@ from mmdd.utils.config import data_identity, to_plain
 from mmdd.utils.io import atomic_write, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer
+from mmdd.utils.trainer import accelerate_model, build_trainer, process_device
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run_pretrain(cfg, data=None) -> Path:
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:
         build_trainer(cfg, loggers, max_epochs=p.epochs).fit(module, loader)
-        model.to("cpu")
+        model.to(process_device(cfg.hardware))
         val = evaluate_retrieval(model, data["val"], cfg.data.mean, cfg.data.std) if "val" in data else {}
         log_metrics(loggers, {f"val/{k}": v for k, v in val.items()})
     finally:

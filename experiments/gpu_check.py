@@ -1,0 +1,218 @@
+"""One GPU, one call: does mmdd run there, how fast, how much memory, and does a resumed run end where a straight one
+does? Made for a lent machine with the packages installed and no network (under 8 minutes on one H100):
+
+    python experiments/gpu_check.py --out outputs/gpu_check            # 224 px, budget 100, 3 iterations
+    python experiments/gpu_check.py --out /tmp/gpu_check --cpu --image-size 32 --iterations 1 --syn-steps 2
+                                                                       # the CPU smoke test (tests/, slow suite)
+
+What it runs, on the papers' model (nfnet_l0 with random weights, model.image.pretrained=false, and a random 768-d
+BERT stand-in, so nothing is downloaded) and the generated dataset at --image-size:
+1. the device and library versions;
+2. `mmdd buffer` for RepBlend's model (frozen nfnet_l0, heads train) and LoRS's (all of nfnet_l0 trains): 2 experts;
+3. `mmdd distill` end to end for RepBlend and LoRS at --budget, --iterations iterations, in three numerics:
+   fp32 (hardware.tf32=false: full fp32), fp32+TF32 (hardware.tf32=true) and bf16 (hardware.precision=bf16-mixed with
+   channels-last); s/iter (median), peak allocated and reserved memory, from each set's manifest;
+4. `mmdd bench` for the same cells: mmdd's path against the port of the reference loop, interleaved, with the
+   largest relative gradient difference between the two paths (what TF32 and bf16 do to gradient agreement);
+5. resume: LoRS fp32 for 2 iterations, extended to 4 in the same run directory, against a straight 4 (bit for bit,
+   or the largest difference; cuDNN picks algorithms per run unless hardware.deterministic=true).
+Writes gpu_check.md (the tables) and gpu_check.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = {"repblend": "nfnet_bert_heads", "lors": "nfnet_bert"}
+# name -> hardware overrides: full fp32, fp32 with TF32 tensor cores, bf16 autocast (fp32 set, step sizes, S)
+NUMERICS = {
+    "fp32": ["hardware.precision=32-true", "hardware.tf32=false"],
+    "fp32+tf32": ["hardware.precision=32-true", "hardware.tf32=true"],
+    "bf16": ["hardware.precision=bf16-mixed", "hardware.tf32=false", "hardware.channels_last=true"],
+}
+
+
+def versions() -> dict:
+    import lightning
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=f"{props.major}.{props.minor}", devices=torch.cuda.device_count())
+    else:
+        info.update(device=f"cpu ({os.cpu_count()} cores)")
+    return info
+
+
+class Runner:
+    """`mmdd <stage>` in a subprocess under --out, with the common overrides."""
+
+    def __init__(self, args, out: Path, text: Path):
+        self.out, self.log = out, out / "commands.log"
+        self.common = [
+            f"data.image_size={args.image_size}", f"data.generate.num_train={args.num_train}",
+            "data.generate.num_val=20", "data.generate.num_test=20", "model.image.pretrained=false",
+            f"model.text.name_or_path={text}", "teacher.num_experts=2", f"teacher.epochs={args.teacher_epochs}",
+            "teacher.batch_size=20", f"method.syn_steps={args.syn_steps}", "method.batch_syn=20",
+            "method.expert_epochs=1", "method.max_start_epoch=1", f"budget={args.budget}", "logger=none",
+            f"hardware={'cpu' if args.cpu else 'gpu'}",
+        ]
+
+    def __call__(self, stage: str, name: str, *overrides: str, timeout: int = 900) -> tuple[Path, float]:
+        run_dir = self.out / "runs" / name
+        cmd = [sys.executable, "-m", "mmdd.cli", stage, *self.common, *overrides, f"hydra.run.dir={run_dir}"]
+        env = {**os.environ, "MMDD_ROOT": str(self.out), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=self.out, env=env, capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - t0
+        with open(self.log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n# exit {proc.returncode} after {seconds:.1f} s\n")
+        if proc.returncode != 0:
+            raise SystemExit(f"gpu_check: `mmdd {stage}` ({name}) failed with exit {proc.returncode}:\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return run_dir, seconds
+
+
+def method_args(method: str) -> list[str]:
+    return [f"method={method}", f"model={MODELS[method]}"]
+
+
+def distill_cell(run: Runner, method: str, numerics: str, iterations: int) -> dict:
+    run_dir, seconds = run("distill", f"distill_{method}_{numerics}", *method_args(method), *NUMERICS[numerics],
+                           f"method.iterations={iterations}", "evaluate=false", "save_every=0")
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    stats = manifest["distill_stats"]
+    return {"method": method, "numerics": numerics, "iterations": stats["iterations"],
+            "sec_per_iter": stats["sec_per_iter_median"], "peak_allocated_mb": stats["peak_mem_mb"],
+            "peak_reserved_mb": stats.get("peak_reserved_mb"), "process_seconds": seconds,
+            "hardware": manifest.get("hardware")}
+
+
+def bench_cell(run: Runner, method: str, numerics: str, iterations: int) -> dict:
+    run_dir, _ = run("bench", f"bench_{method}_{numerics}", *method_args(method), *NUMERICS[numerics],
+                     f"bench.iterations={iterations}", "bench.warmup=1")
+    b = json.loads((run_dir / "bench.json").read_text())
+    return {"method": method, "numerics": numerics, "sec_per_iter_mmdd": b["sec_per_iter"]["ours"],
+            "sec_per_iter_reference": b["sec_per_iter"]["reference"], "speedup": b["speedup"],
+            "peak_mb_mmdd": b["peak_mem_mb"]["ours"], "peak_mb_reference": b["peak_mem_mb"]["reference"],
+            "reserved_mb_mmdd": (b.get("peak_reserved_mb") or {}).get("ours"),
+            "grad_max_rel_diff": b["grad_max_rel_diff"]}
+
+
+def resume_check(run: Runner) -> dict:
+    """LoRS fp32: 2 iterations then extended to 4 in the same directory, against 4 straight."""
+    from safetensors.torch import load_file
+
+    args = [*method_args("lors"), *NUMERICS["fp32"], "evaluate=false", "save_every=0"]
+    straight, _ = run("distill", "resume_straight", *args, "method.iterations=4")
+    run("distill", "resume_split", *args, "method.iterations=2")
+    split, _ = run("distill", "resume_split", *args, "method.iterations=4")
+    a, b = (load_file(str(d / "synthetic" / "synthetic.safetensors")) for d in (straight, split))
+    diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a}
+    return {"bit_identical": all(v == 0.0 for v in diffs.values()), "max_abs_diff": max(diffs.values()),
+            "tensors": sorted(a)}
+
+
+def fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-2 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def report(info: dict, args, teachers: dict, distill: list[dict], bench: list[dict], resume: dict | None,
+           seconds: float) -> str:
+    lines = [f"## GPU check: {info.get('device')} ({time.strftime('%Y-%m-%d')})", "",
+             "```bash", f"python experiments/gpu_check.py {' '.join(sys.argv[1:])}", "```", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device") + ".",
+             f"Cells: nfnet_l0 (random weights) + 768-d BERT stand-in, {args.image_size} px, budget {args.budget}, "
+             f"syn_steps {args.syn_steps}, mini-batches of 20, {args.iterations} iterations (s/iter: median). "
+             f"Teachers: {', '.join(f'{m} {s:.0f} s' for m, s in teachers.items())} (2 experts x "
+             f"{args.teacher_epochs} epochs, process time). Whole check: {seconds:.0f} s.", "",
+             "### `mmdd distill` end to end", "",
+             "| method | numerics | s/iter | peak allocated MB (CPU: RSS) | peak reserved MB | process s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['numerics']} | {fmt(r['sec_per_iter'])} | {fmt(r['peak_allocated_mb'], 0)} | "
+              f"{fmt(r['peak_reserved_mb'], 0)} | {fmt(r['process_seconds'], 0)} |" for r in distill]
+    lines += ["", "### `mmdd bench` (mmdd's path vs the port of the reference loop, interleaved)", "",
+              "| method | numerics | s/iter mmdd | s/iter reference | speedup | peak MB mmdd | peak MB reference | "
+              "reserved MB mmdd | max rel. grad diff |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['numerics']} | {fmt(r['sec_per_iter_mmdd'])} | {fmt(r['sec_per_iter_reference'])} | "
+              f"{r['speedup']:.2f}x | {fmt(r['peak_mb_mmdd'], 0)} | {fmt(r['peak_mb_reference'], 0)} | "
+              f"{fmt(r['reserved_mb_mmdd'], 0)} | {r['grad_max_rel_diff']:.1e} |" for r in bench]
+    if resume is not None:
+        lines += ["", "### Resume (LoRS fp32, one process): 2 iterations extended to 4 vs 4 straight", "",
+                  ("bit-identical" if resume["bit_identical"] else
+                   f"not bit-identical: largest difference {resume['max_abs_diff']:.2e}") +
+                  f" over {', '.join(resume['tensors'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--syn-steps", type=int, default=8)
+    ap.add_argument("--num-train", type=int, default=200)
+    ap.add_argument("--teacher-epochs", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--numerics", nargs="+", default=list(NUMERICS), choices=list(NUMERICS))
+    ap.add_argument("--no-bench", action="store_true", help="skip the `mmdd bench` cells")
+    ap.add_argument("--no-resume", action="store_true", help="skip the resume check")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (the smoke test of this script)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False); --cpu runs the "
+                         "script's smoke test on the CPU")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    info = versions()
+    print(json.dumps(info), flush=True)
+    from mmdd.bench.standin import write_bert_standin
+
+    text = out / "bert768"
+    if not (text / "config.json").exists():
+        write_bert_standin(text)
+    run = Runner(args, out, text)
+    teachers = {}
+    for method in args.methods:
+        _, teachers[method] = run("buffer", f"buffer_{method}", f"model={MODELS[method]}")
+        print(f"teachers for {method}: {teachers[method]:.0f} s", flush=True)
+    distill, bench = [], []
+    for method in args.methods:
+        for numerics in args.numerics:
+            distill.append(distill_cell(run, method, numerics, args.iterations))
+            print(json.dumps(distill[-1]), flush=True)
+            if not args.no_bench:
+                bench.append(bench_cell(run, method, numerics, args.iterations))
+                print(json.dumps(bench[-1]), flush=True)
+    resume = None if args.no_resume or "lors" not in args.methods else resume_check(run)
+    seconds = time.perf_counter() - started
+    text_report = report(info, args, teachers, distill, bench, resume, seconds)
+    results = {"versions": info, "args": vars(args), "teachers_seconds": teachers, "distill": distill,
+               "bench": bench, "resume": resume, "seconds": seconds}
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(text_report)
+    print(text_report)
+
+
+if __name__ == "__main__":
+    main()
