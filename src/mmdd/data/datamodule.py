@@ -96,6 +96,19 @@ class PairDataset(Dataset):
         return image, self.data.text_emb[cap], img
 
 
+def loader_options(data_cfg, on_gpu: bool) -> dict:
+    """DataLoader keywords from the data config (conf/data/_loader.yaml): workers, pinned memory (auto: when the
+    batches go to a GPU), workers kept between epochs, and how many batches each prepares ahead."""
+    workers = loader_workers(data_cfg.get("num_workers", 0))
+    pin = data_cfg.get("pin_memory", "auto")
+    options = {"num_workers": workers, "pin_memory": on_gpu if str(pin) == "auto" else bool(pin)}
+    if workers > 0:  # torch refuses both without workers
+        options["persistent_workers"] = bool(data_cfg.get("persistent_workers", False))
+        if data_cfg.get("prefetch_factor") is not None:
+            options["prefetch_factor"] = int(data_cfg.prefetch_factor)
+    return options
+
+
 def loader_workers(setting) -> int:
     """`data.num_workers`: a count, or `auto` = the CPU cores this process may use, at most 8 (so a 2-core box gets
     2 and no warning about more workers than cores)."""

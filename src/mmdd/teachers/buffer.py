@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
+from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval
@@ -20,6 +20,7 @@ from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.global_batch import RankSlices, per_rank_batch
+from mmdd.teachers.loader_watch import LoaderWatch
 from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
 from mmdd.utils import launch
@@ -71,6 +72,7 @@ def run_buffer(cfg, data=None) -> Path:
     if claims is not None:
         claims.release_complete(store.completed_experts())
     busy = []
+    check_loader = bool(cfg.data.get("loader_check", True))
     for e in range(tcfg.num_experts):
         if e in store.completed_experts():  # re-listed: another process may have finished it meanwhile
             log.info("expert %d already complete in %s; skipping", e, store.root)
@@ -105,8 +107,13 @@ def run_buffer(cfg, data=None) -> Path:
                                                               "train_images": train.num_images}})
         try:
             # The expert's own sample order (its seed) on every rank, each rank its slice of the papers' batch
-            trainer = build_trainer(cfg, loggers, [recorder], max_epochs=tcfg.epochs, use_distributed_sampler=False)
-            loader = expert_loader(dataset, tcfg.batch_size, expert_seed(tcfg.seed, e), cfg.data.num_workers)
+            # The first expert this process trains says whether the loader bounds the epochs (the others are alike)
+            watch = [LoaderWatch(loader_workers(cfg.data.num_workers))] if check_loader else []
+            check_loader = False
+            trainer = build_trainer(cfg, loggers, [recorder, *watch], max_epochs=tcfg.epochs,
+                                    use_distributed_sampler=False)
+            loader = expert_loader(dataset, tcfg.batch_size, expert_seed(tcfg.seed, e),
+                                   loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
             started = time.perf_counter()
             trainer.fit(module, loader)
             seconds = time.perf_counter() - started
@@ -143,7 +150,7 @@ def run_buffer(cfg, data=None) -> Path:
     return store.root
 
 
-def expert_loader(dataset, batch_size: int, seed: int, num_workers) -> DataLoader:
+def expert_loader(dataset, batch_size: int, seed: int, options: dict) -> DataLoader:
     """An expert's batches in this process: the single-process loader's order (shuffled by the expert's seed, full
     batches of `batch_size`), and under DDP this rank's slice of each (mmdd.teachers.global_batch)."""
     world = launch.current().world_size if launch.current().launcher != "none" else 1
@@ -154,7 +161,7 @@ def expert_loader(dataset, batch_size: int, seed: int, num_workers) -> DataLoade
         batches = RankSlices(batches, launch.current().global_rank, world)
     # The loader draws its workers' seed from the same generator, before each epoch's order, as
     # DataLoader(shuffle=True, generator=...) does: one process's order is the one it always was.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(num_workers), generator=generator)
+    return DataLoader(dataset, batch_sampler=batches, generator=generator, **options)
 
 
 def training_record(batch_size: int, processes: int) -> dict:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_workers
+from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
@@ -61,9 +61,9 @@ def run_pretrain(cfg, data=None) -> Path:
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
     check_full_batches(dataset, p.batch_size, "pretrain.batch_size")
-    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True,
-                        drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
-                        generator=torch.Generator().manual_seed(cfg.pretrain.seed))
+    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.pretrain.seed),
+                        **loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:
         build_trainer(cfg, loggers, max_epochs=p.epochs).fit(module, loader)
