@@ -27,11 +27,9 @@ def _task(stage: str):
         from mmdd.errors import MmddError, Stopped
 
         quiet_third_party()
-        # A submitit job calls this task without main(): the stage and the signal handlers are set here too
-        os.environ[STAGE_ENV] = stage
-        from mmdd.utils.stopping import adopt_job_signals
+        from mmdd.utils.stopping import adopt_submitit_job
 
-        adopt_job_signals()
+        adopt_submitit_job(stage)  # a submitit job calls this task without main(): stage name and signal handlers
         try:
             from mmdd.utils.preflight import preflight
             from mmdd.utils.trainer import setup_process

@@ -28,8 +28,11 @@ class LowRankSimilarity(nn.Module):
         a, l, r = (self.diag, self.left, self.right) if idx is None else (self.diag[idx], self.left[idx], self.right[idx])
         # In the parameters' own precision (fp32) under bf16 autocast too: the product is S itself, the target the
         # inner loss matches, and its gradient is the outer update of L and R
-        with torch.autocast(device_type=l.device.type, enabled=False):
-            return torch.diag(a) + (self.alpha / self.rank) * (l @ r.t())
+        device = l.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            with torch.autocast(device_type=device, enabled=False):
+                return torch.diag(a) + (self.alpha / self.rank) * (l @ r.t())
+        return torch.diag(a) + (self.alpha / self.rank) * (l @ r.t())
 
     def spec(self) -> dict:
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha}

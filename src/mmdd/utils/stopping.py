@@ -53,21 +53,24 @@ def install() -> None:
 _requeue: list[tuple[int, object]] = []
 
 
-def adopt_job_signals() -> None:
-    """Install the handlers in a stage the CLI did not start (a submitit job), taking over submitit's requeue
-    signal. Nothing to do where the CLI installed them."""
+def adopt_submitit_job(stage: str) -> None:
+    """In a submitit job, whose task the CLI did not start: name the stage for the processes' sentences and install
+    the handlers, taking over submitit's requeue signal. Nothing to do elsewhere (the CLI did it, or a stage runs
+    in-process in a test or a script, whose process keeps its own handlers and environment)."""
     import os
     import threading
 
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return
+    os.environ[STAGE_ENV] = stage
     if signal.getsignal(signal.SIGTERM) is _on_sigterm or threading.current_thread() is not threading.main_thread():
         return
-    if "SUBMITIT_FOLDER" in os.environ:
-        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-        sig = getattr(signal, f"SIG{name}", getattr(signal, name, None))
-        handler = signal.getsignal(sig) if sig is not None else None
-        if callable(handler):
-            _requeue[:] = [(int(sig), handler)]
-            signal.signal(sig, _on_sigterm)
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    sig = getattr(signal, f"SIG{name}", getattr(signal, name, None))
+    handler = signal.getsignal(sig) if sig is not None else None
+    if callable(handler):
+        _requeue[:] = [(int(sig), handler)]
+        signal.signal(sig, _on_sigterm)
     install()
 
 
