@@ -99,7 +99,8 @@ def building(lock: str | os.PathLike, what: str, period: float = 30.0) -> Iterat
     """Hold `lock` (a file, created beside a cache) while building `what`: the processes of a run started at once
     (SLURM, torchrun) build a cold cache once, one of them, while the others wait and then find it built. The caller
     looks for the cache again inside. An OS lock (flock): it ends with its process, so a killed builder blocks no
-    one; on a file system without locks it says so and goes on (the cache's own write is atomic: both may build)."""
+    one; on a file system without locks it says so and goes on (the cache's own write is atomic: both may build, as
+    in the rare case of a process arriving just as the lock file is removed)."""
     import fcntl
 
     path = Path(lock)
@@ -128,6 +129,9 @@ def building(lock: str | os.PathLike, what: str, period: float = 30.0) -> Iterat
             yield
         finally:
             if locked:
+                # Leave nothing beside the cache. A process already waiting on this file gets its lock next and finds
+                # the cache built; one arriving later finds the cache before it looks for a lock.
+                path.unlink(missing_ok=True)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
