@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mmdd import commands
@@ -64,3 +65,27 @@ def test_plan_of_distribution_matching_grows_with_its_batches(capsys):
 
     small, more_real, all_syn = mb([]), mb(["method.real_batch=1024"]), mb(["method.syn_batch=null", "budget=500"])
     assert more_real > 3 * small and all_syn > 3 * small  # real batches are embedded, the synthetic one backpropagated
+
+
+def test_a_gpu_distillation_that_cannot_fit_stops_before_training_naming_departures_that_fit():
+    """The MTT-VL paper cell (full unroll over all 100 pairs at 224 px) needs ~243 GB; here the same check on a tiny
+    cell against a GPU of a few MB."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mmdd.errors import MmddError
+    from mmdd.paths import conf_dir
+    from mmdd.plan import check_distill_fits, distill_estimate, meta_model
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("distill", overrides=["method=mtt_vl", "budget=40", "method.batch_syn=null",
+                                            "method.syn_steps=4", "model.image.width=16"])
+    method = instantiate(cfg.method)
+    need = distill_estimate(cfg, meta_model(cfg, 384), 384, method).total
+    check_distill_fits(cfg, method, 384, available=int(need / 0.8))  # fits
+    with pytest.raises(MmddError, match=r"mtt_vl at budget 40, 32 px \(full meta-gradient, 4 inner steps of batch 40\) "
+                                        r"needs about .* Choose a departure .*method.meta_gradient=tesla.*"
+                                        r"method.batch_syn=20 .*: about .*hardware.memory_check=false"):
+        check_distill_fits(cfg, method, 384, available=int(need / 0.9))
+    cfg.hardware.memory_check = False
+    check_distill_fits(cfg, method, 384, available=1)

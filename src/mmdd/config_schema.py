@@ -25,6 +25,7 @@ class HardwareConfig:
     num_threads: Optional[int] = None
     deterministic: bool = False
     tf32: bool = False  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs); off: full fp32
+    memory_check: bool = True  # refuse a GPU distillation whose estimated peak (mmdd plan) exceeds the GPU's memory
     channels_last: bool = False
     compile: bool = False
 

@@ -308,3 +308,59 @@ def check_store_fits(cfg, model) -> None:
                         f"{_mb(per_expert)}) but only {_mb(free)} is free on the disk of {root} (buffer_dir): free space, "
                         "point buffer_dir at a larger disk, or record fewer experts/epochs (teacher.num_experts, "
                         "teacher.epochs)")
+
+
+# The share of a GPU's memory a run's live tensors may take: the CUDA context, cuDNN workspaces and the caching
+# allocator's slack take the rest (peak reserved runs 10-25 % above peak allocated).
+USABLE_SHARE = 0.85
+
+
+def check_distill_fits(cfg, method, dim: int, available: int | None = None) -> None:
+    """Before a trajectory-matching distillation trains anything: refuse it when its estimated peak (`mmdd plan`'s,
+    live fp32 tensors) exceeds USABLE_SHARE of the GPU's memory (`available` bytes; default: this process's GPU, and
+    nothing is checked on the CPU), naming the departures that fit with their estimates. hardware.memory_check=false
+    skips the check (e.g. to try a cell the estimate is wrong about); under bf16 the fp32 estimate is an upper bound,
+    so it is not checked."""
+    from mmdd.methods.trajectory_matching import TrajectoryMatching
+
+    if not bool(cfg.hardware.get("memory_check", True)) or not isinstance(method, TrajectoryMatching):
+        return
+    if str(cfg.hardware.precision) != "32-true":
+        return
+    if available is None:
+        from mmdd.utils.trainer import process_device
+
+        device = process_device(cfg.hardware)
+        if device.type != "cuda":
+            return
+        available = torch.cuda.get_device_properties(device).total_memory
+    model = meta_model(cfg, dim)
+    need = distill_estimate(cfg, model, dim, method).total
+    usable = USABLE_SHARE * available
+    if need <= usable:
+        return
+    mc = method.config
+    budget = cfg.budget - (1 if mc.similarity else 0)
+    batch = min(mc.batch_syn or budget, budget)
+    options = []
+    if mc.meta_gradient == "full":
+        options.append(("method.meta_gradient=tesla (TESLA's pass: one inner step's activations at a time; its "
+                        "gradient is an approximation of the full unroll's)", {"meta_gradient": "tesla"}))
+    options += [(f"method.batch_syn={b} (inner mini-batches of {b} instead of {batch})", {"batch_syn": b})
+                for b in (50, 20) if b < batch]
+    fitting = []
+    for text, change in options:
+        variant = copy.deepcopy(method)
+        for key, value in change.items():
+            setattr(variant.config, key, value)
+        total = distill_estimate(cfg, model, dim, variant).total
+        if total <= usable:
+            fitting.append(f"{text}: about {_mb(total)}")
+    choices = "; ".join(fitting) if fitting else "none of meta_gradient=tesla or smaller batch_syn fits alone"
+    raise MmddError(f"{cfg.method.name} at budget {cfg.budget}, {cfg.data.image_size} px ({mc.meta_gradient} "
+                    f"meta-gradient, {mc.syn_steps} inner steps of batch {batch}) needs about {_mb(need)} of GPU "
+                    f"memory by mmdd plan's estimate, and {USABLE_SHARE:.0%} of this GPU's {_mb(available)} is "
+                    f"{_mb(usable)}. Choose a departure (the set's manifest records it): {choices}; or "
+                    "hardware=gpu_bf16 (bf16 autocast: roughly half the activations, not estimated here); or "
+                    "hardware.memory_check=false to try anyway")
+
