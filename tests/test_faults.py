@@ -626,3 +626,10 @@ def test_a_signal_to_every_process_of_a_ddp_teacher_run_never_hangs(root):
                                         store / f"expert_{experts_done:03d}.safetensors", sig, f"kill {k}: ")
         assert code == 128 + sig, (k, code, err[-3000:])
         assert f"stopped by {sig.name}; every complete expert is kept" in err and "died" not in err
+
+
+def test_snapshots_kept_on_the_device_between_draws_give_the_same_set(root):
+    """hardware.snapshot_cache_mb (auto on a GPU): the matching only reads the cached snapshots."""
+    distill_here(root, "snapshot_cache", "method.iterations=6", "hardware.snapshot_cache_mb=64", check=True)
+    distill_here(root, "no_snapshot_cache", "method.iterations=6", "hardware.snapshot_cache_mb=0", check=True)
+    assert_same_set(the_set(root, "snapshot_cache"), the_set(root, "no_snapshot_cache"))

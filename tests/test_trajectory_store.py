@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mmdd.errors import ArtifactError
+from mmdd.errors import ArtifactError, MmddError
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 
 NAMES = {"image": ["backbone.w"], "text": ["text_head.w", "text_head.b"]}
@@ -167,3 +167,51 @@ def test_a_store_that_will_not_fit_on_the_disk_is_refused_before_training(tmp_pa
         check_store_fits(cfg, model)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, store_bytes(cfg, model)))
     check_store_fits(cfg, model)  # just fits
+
+
+def test_the_snapshot_cache_serves_repeated_draws_without_reading_and_evicts_the_least_recent(tmp_path):
+    from mmdd.teachers.trajectory_store import ExpertSnapshots
+
+    store = make(tmp_path / "s", epochs=3)
+    trajectories = [traj(epochs=3, seed=s) for s in range(2)]
+    for e, t in enumerate(trajectories):
+        store.save_expert(e, t)
+    reader = ExpertSnapshots(store, NAMES, store.completed_experts())
+    reader.cache_bytes = 3 * reader.snapshot_bytes()  # three snapshots
+    for expert, start in [(0, 0), (0, 0), (1, 1), (0, 1)]:
+        first, last = reader.segment(expert, start, 1)
+        for m in NAMES:
+            assert torch.equal(first[m], flatten_trajectory(trajectories[expert], NAMES[m])[start])
+            assert torch.equal(last[m], flatten_trajectory(trajectories[expert], NAMES[m])[start + 1])
+    # (0,0) (0,1) read; (0,0) (0,1) hit; (1,1) (1,2) read, (1,2) evicts (0,0); (0,1) hits, (0,2) read evicts (1,1)
+    assert (reader.reads, reader.hits) == (5, 3)
+    assert [k[:2] for k in reader._cache] == [(1, 2), (0, 1), (0, 2)]
+    assert reader._cached == 3 * reader.snapshot_bytes()
+
+
+def test_the_snapshot_cache_setting(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from mmdd.methods.trajectory_matching import MatchingSettings, snapshot_cache_bytes
+
+    class Reader:
+        n_experts = 20
+
+        def snapshot_bytes(self):
+            return 150 * 2**20  # LoRS's nfnet_l0 + text head, about 152 MiB
+
+    settings = MatchingSettings(lr_img=1.0, lr_txt=1.0, lr_lr=0.01, lr_init=0.1, syn_steps=2, max_start_epoch=2,
+                                expert_epochs=1)
+    hw = lambda **kw: OmegaConf.create({"accelerator": "gpu", "devices": 1, **kw})  # noqa: E731
+    assert snapshot_cache_bytes(hw(snapshot_cache_mb=64), Reader(), settings) == 64 * 2**20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert snapshot_cache_bytes(hw(snapshot_cache_mb="auto"), Reader(), settings) == 0  # the CPU: none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    memory = {"total_memory": 141 * 2**30}  # an H200
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), memory))
+    # 20 experts x (start epochs 0, 1 and targets up to 2) = 60 snapshots = 8.8 GiB: within a tenth of 141 GiB
+    assert snapshot_cache_bytes(hw(snapshot_cache_mb="auto"), Reader(), settings) == 60 * 150 * 2**20
+    memory["total_memory"] = 80 * 2**30  # an H100: a tenth, 8 GiB
+    assert snapshot_cache_bytes(hw(snapshot_cache_mb="auto"), Reader(), settings) == 8 * 2**30
+    with pytest.raises(MmddError, match="hardware.snapshot_cache_mb must be a number of MB or auto"):
+        snapshot_cache_bytes(hw(snapshot_cache_mb="lots"), Reader(), settings)

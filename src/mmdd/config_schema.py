@@ -26,6 +26,7 @@ class HardwareConfig:
     deterministic: bool = False
     tf32: bool = False  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs); off: full fp32
     memory_check: bool = True  # refuse a GPU distillation whose estimated peak (mmdd plan) exceeds the GPU's memory
+    snapshot_cache_mb: Any = "auto"  # expert snapshots kept on the device between draws: MB, or auto
     channels_last: bool = False
     compile: bool = False
 

@@ -263,6 +263,12 @@ def make_plan(cfg) -> dict:
             variant.config.meta_gradient = strategy
             plan["estimates"].append(distill_estimate(cfg, model, dim, variant))
         plan["method_meta_gradient"] = method.config.meta_gradient
+        mc = method.config
+        experts = min(cfg.teacher.num_experts, mc.max_experts or cfg.teacher.num_experts)
+        each = store_bytes(cfg, model) // max(cfg.teacher.num_experts * (cfg.teacher.epochs + 1), 1)
+        drawn = experts * (mc.max_start_epoch - mc.min_start_epoch + mc.expert_epochs)
+        plan["snapshot_cache"] = {"snapshots": drawn, "bytes_each": each, "setting": str(cfg.hardware.get(
+            "snapshot_cache_mb", "auto"))}
     elif isinstance(method, DistributionMatching):
         plan["estimates"].append(distribution_estimate(cfg, model, dim, method))
     plan["estimates"].append(student_estimate(cfg, model, dim))
@@ -281,6 +287,12 @@ def format_plan(cfg, plan: dict) -> str:
              f"trajectory store: {cfg.teacher.num_experts} experts x {cfg.teacher.epochs + 1} snapshots = "
              f"{_mb(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
              "peak device memory, estimated (live tensors; allocator slack and CUDA context come on top: see mmdd.plan):"]
+    cache = plan.get("snapshot_cache")
+    if cache:
+        lines.insert(-1, f"expert snapshots the draws can ask for: {cache['snapshots']} x {_mb(cache['bytes_each'])} = "
+                         f"{_mb(cache['snapshots'] * cache['bytes_each'])}; hardware.snapshot_cache_mb={cache['setting']} "
+                         "keeps them on the GPU between draws (auto: all of them, up to a tenth of its memory), on top "
+                         "of the distillation's peak below")
     for est in plan["estimates"]:
         mark = " <- this run" if plan.get("method_meta_gradient") and est.stage.startswith("distill") and (
             ("TESLA" in est.stage) == (plan["method_meta_gradient"] == "tesla")) else ""

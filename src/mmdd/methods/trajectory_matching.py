@@ -24,6 +24,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.convexify import ConvexifiedSnapshots
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 from mmdd.utils.seed import probe_seed
+from mmdd.utils.trainer import process_device
 
 
 
@@ -167,6 +168,29 @@ class TrajectoryMatchingObjective:
         return ObjectiveStep(loss, terms, {"distill/start_epoch": float(start)})
 
 
+def snapshots_drawn(trajectories: ExpertSnapshots, settings: MatchingSettings) -> int:
+    """How many distinct snapshots the draws can ask for: every expert's start epochs and their targets."""
+    epochs = settings.max_start_epoch - settings.min_start_epoch + settings.expert_epochs
+    return trajectories.n_experts * epochs
+
+
+def snapshot_cache_bytes(hw, trajectories: ExpertSnapshots, settings: MatchingSettings) -> int:
+    """`hardware.snapshot_cache_mb`: a number of MB, or auto = on a GPU every snapshot the draws can ask for, up to
+    a tenth of its memory (`mmdd plan` prints the figure); on the CPU none (the OS page cache keeps the files warm and
+    there is no transfer to save)."""
+    setting = hw.get("snapshot_cache_mb", "auto")
+    if str(setting) != "auto":
+        try:
+            return int(float(setting) * 2**20)
+        except ValueError:
+            raise MmddError(f"hardware.snapshot_cache_mb must be a number of MB or auto, got {setting!r}") from None
+    device = process_device(hw)
+    if device.type != "cuda":
+        return 0
+    wanted = snapshots_drawn(trajectories, settings) * trajectories.snapshot_bytes()
+    return int(min(wanted, 0.1 * torch.cuda.get_device_properties(device).total_memory))
+
+
 class TrajectoryMatching(LearnedMethod):
     """Distils by matching expert trajectories; all settings live in a `MatchingSettings`."""
 
@@ -178,6 +202,7 @@ class TrajectoryMatching(LearnedMethod):
         trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
         if self.config.convexify is not None:
             trajectories = ConvexifiedSnapshots(trajectories, self.config.convexify_settings)
+        trajectories.cache_bytes = snapshot_cache_bytes(cfg.hardware, trajectories, self.config)
         return TrajectoryMatchingObjective(model, trajectories, self.config, draws_source(cfg.get("draws")))
 
     def manifest_fields(self) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -268,6 +269,13 @@ class ExpertSnapshots:
         self.store, self.names, self.experts, self.dtype = store, names, list(experts), dtype
         shapes = store.manifest["param_shapes"]
         self.numel = {m: sum(_numel(shapes[n]) for n in group) for m, group in names.items()}
+        # Snapshots kept where they were sent (a GPU) for the next draws of the same expert and epoch, least recently
+        # used first out, up to `cache_bytes` (hardware.snapshot_cache_mb): a hit skips the read, the two host copies
+        # and the host-to-device transfer, which a GPU waits for. 0: every segment is read anew.
+        self.cache_bytes = 0
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._cached = 0
+        self.hits = self.reads = 0
 
     @property
     def n_experts(self) -> int:
@@ -312,10 +320,32 @@ class ExpertSnapshots:
     def segment(self, expert: int, start: int, span: int, device=None, dtype: torch.dtype | None = None):
         """(start, target) flat parameters of one matching segment, moved to `device` and cast to `dtype` (a float64
         run, hardware.precision=64-true, matches float32 snapshots in double precision)."""
-        first, last = self.snapshots(expert, [start, start + span])
-        first = {m: t.to(device=device, dtype=dtype) for m, t in first.items()}
-        last = {m: t.to(device=device, dtype=dtype) for m, t in last.items()}
-        return first, last
+        if self.cache_bytes <= 0:
+            first, last = self.snapshots(expert, [start, start + span])
+            self.reads += 2
+            first = {m: t.to(device=device, dtype=dtype) for m, t in first.items()}
+            last = {m: t.to(device=device, dtype=dtype) for m, t in last.items()}
+            return first, last
+        return tuple(self._cached_snapshot(expert, epoch, device, dtype) for epoch in (start, start + span))
+
+    def _cached_snapshot(self, expert: int, epoch: int, device, dtype) -> dict[str, torch.Tensor]:
+        """One snapshot on `device`, from the cache or read and cached (the matching only reads it: the student
+        starts from a clone)."""
+        key = (expert, epoch, str(torch.device(device)) if device is not None else "cpu", dtype)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return self._cache[key]
+        self.reads += 1
+        flat = {m: t.to(device=device, dtype=dtype) for m, t in self.snapshots(expert, [epoch])[0].items()}
+        size = sum(t.numel() * t.element_size() for t in flat.values())
+        if size <= self.cache_bytes:
+            while self._cache and self._cached + size > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= sum(t.numel() * t.element_size() for t in old.values())
+            self._cache[key] = flat
+            self._cached += size
+        return flat
 
     def check_intact(self) -> None:
         """Refuse damaged expert files up front (headers only), naming the file and the fix."""
