@@ -155,7 +155,8 @@ class StudentModule(L.LightningModule):
                          "protocol.lr_source=fixed protocol.lr=<value>, or check the synthetic set")
 
     def check_finite_weights(self) -> None:
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        # one device-side reduction and one host sync for all the weights
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             raise self.diverged(self.current_epoch, "non-finite weights")
 
     # -- selection: Lightning's validation loop on the selection split ------------------------------------
