@@ -10,6 +10,7 @@ from omegaconf import OmegaConf, open_dict
 from mmdd.data.datamodule import load_data
 from mmdd.evaluate.stage import run_evaluate, summarize
 from mmdd.methods.stage import run_distill
+from mmdd.plan import check_distill_fits
 from mmdd.report.collect import teacher_results
 from mmdd.report.table import markdown_table, result_row
 from mmdd.teachers.buffer import expert_metrics, run_buffer
@@ -29,6 +30,7 @@ def with_method(cfg, method_cfg):
 
 def run_all(cfg) -> dict:
     out = Path(str(cfg.paths.output_dir))
+    check_distill_fits(cfg)  # on a GPU: a distillation that cannot fit stops here, before any data
     data = load_data(cfg)
     ckpt = cfg.model.image.get("checkpoint")
     if ckpt and str(ckpt) == str(cfg.pretrain.output):

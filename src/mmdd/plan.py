@@ -327,7 +327,7 @@ def check_store_fits(cfg, model) -> None:
 USABLE_SHARE = 0.85
 
 
-def check_distill_fits(cfg, method, dim: int, available: int | None = None) -> None:
+def check_distill_fits(cfg, method=None, dim: int | None = None, available: int | None = None) -> None:
     """Before a trajectory-matching distillation trains anything: refuse it when its estimated peak (`mmdd plan`'s,
     live fp32 tensors) exceeds USABLE_SHARE of the GPU's memory (`available` bytes; default: this process's GPU, and
     nothing is checked on the CPU), naming the departures that fit with their estimates. hardware.memory_check=false
@@ -335,9 +335,7 @@ def check_distill_fits(cfg, method, dim: int, available: int | None = None) -> N
     so it is not checked."""
     from mmdd.methods.trajectory_matching import TrajectoryMatching
 
-    if not bool(cfg.hardware.get("memory_check", True)) or not isinstance(method, TrajectoryMatching):
-        return
-    if str(cfg.hardware.precision) != "32-true":
+    if not bool(cfg.hardware.get("memory_check", True)) or str(cfg.hardware.precision) != "32-true":
         return
     if available is None:
         from mmdd.utils.trainer import process_device
@@ -346,6 +344,13 @@ def check_distill_fits(cfg, method, dim: int, available: int | None = None) -> N
         if device.type != "cuda":
             return
         available = torch.cuda.get_device_properties(device).total_memory
+    if method is None:
+        from hydra.utils import instantiate
+
+        method = instantiate(cfg.method)
+    if not isinstance(method, TrajectoryMatching):
+        return
+    dim = dim or text_dim(cfg)
     model = meta_model(cfg, dim)
     need = distill_estimate(cfg, model, dim, method).total
     usable = USABLE_SHARE * available

@@ -103,9 +103,6 @@ class LearnedMethod(Method):
         if self.config.similarity and budget < 2:
             raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
         torch.manual_seed(cfg.seed)
-        from mmdd.plan import check_distill_fits
-
-        check_distill_fits(cfg, self, train.text_emb.shape[1])  # a GPU run that cannot fit stops here, saying why
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
         self.prepare_model(model)
         fingerprint = frozen_backbone_fingerprint(model)

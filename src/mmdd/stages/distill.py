@@ -5,6 +5,9 @@ def run(cfg) -> float | None:
     from mmdd.methods.stage import run_distill
     from mmdd.utils.trainer import is_rank_zero
 
+    from mmdd.plan import check_distill_fits
+
+    check_distill_fits(cfg)  # on a GPU: a cell that cannot fit stops here, before any data, naming what fits
     data = None
     if cfg.evaluate:
         from mmdd.data.datamodule import load_data
