@@ -633,3 +633,26 @@ def test_snapshots_kept_on_the_device_between_draws_give_the_same_set(root):
     distill_here(root, "snapshot_cache", "method.iterations=6", "hardware.snapshot_cache_mb=64", check=True)
     distill_here(root, "no_snapshot_cache", "method.iterations=6", "hardware.snapshot_cache_mb=0", check=True)
     assert_same_set(the_set(root, "snapshot_cache"), the_set(root, "no_snapshot_cache"))
+
+
+@pytest.mark.slow  # a 2-process distillation with its students, and the same set evaluated by one process: ~1 min
+def test_the_students_of_a_ddp_distillation_are_spread_over_its_processes(root):
+    """Each process trains its share of the students on its own device (here: students 0 and 2 on process 0,
+    student 1 on process 1); process 0 gathers them into the run's results.json, equal to one process training
+    all three on the same set."""
+    import json
+
+    run = ["protocol.num_seeds=3", "evaluate=true", "method.iterations=4"]
+    distill(root, "ddp_students", *run, *DDP)
+    out = root / "outputs/ddp_students"
+    parts = {r: json.loads((out / f"students_by_rank/rank_{r}/results.json").read_text()) for r in (0, 1)}
+    assert [s["seed"] for s in parts[0]["seeds"]] == [0, 2] and [s["seed"] for s in parts[1]["seeds"]] == [1]
+    spread = json.loads((out / "results.json").read_text())
+    assert spread["complete"] and sorted(s["seed"] for s in spread["seeds"]) == [0, 1, 2]
+    evaluate = [o for o in TINY_DISTILL if not o.startswith("evaluate=")]
+    proc = run_mmdd(["evaluate", *evaluate, "protocol.num_seeds=3", f"synthetic={out / 'synthetic'}",
+                     "hydra.run.dir=outputs/ddp_students_one_process"], root)
+    one = json.loads((root / "outputs/ddp_students_one_process/results.json").read_text())
+    by_seed = {s["seed"]: s["test"] for s in one["seeds"]}
+    assert all(s["test"] == by_seed[s["seed"]] for s in spread["seeds"]), proc.stdout[-2000:]
+    assert spread["mean"] == one["mean"]

@@ -22,7 +22,8 @@ from mmdd.utils import launch
 from mmdd.utils.trainer import process_device, setup_process
 
 LAUNCH_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MMDD_PROCESSES_PER_NODE", "MMDD_LAUNCHER_PID")
+                    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MMDD_PROCESSES_PER_NODE", "MMDD_WORLD_SIZE",
+                    "MMDD_LAUNCHER_PID")
 
 
 def slurm_env(ntasks: int, procid: int, nodes: int = 1, job_name: str = "mmdd-test") -> dict[str, str]:

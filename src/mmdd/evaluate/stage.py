@@ -256,6 +256,57 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     return final
 
 
+def wait_for_the_set(synthetic, since: float, poll: float = 1.0) -> None:
+    """A process > 0 of a distillation returns before process 0 has written the set: wait for a complete manifest
+    written after `since` (this stage's start; a finished set of an earlier run in the same directory is older)."""
+    path = Path(str(synthetic)) / "manifest.json"
+    while True:
+        try:
+            if path.stat().st_mtime >= since and json.loads(path.read_text()).get("complete"):
+                return
+        except (OSError, json.JSONDecodeError):
+            pass  # not there yet, or being replaced
+        time.sleep(poll)
+
+
+def evaluate_over_ranks(cfg, synthetic, data, rank: int, world: int, since: float, poll: float = 2.0) -> dict | None:
+    """The students of a set distilled by `world` processes, spread over them: process r trains students r, r + world,
+    ... on its own device into `<run>/students_by_rank/rank_<r>/results.json`; process 0 then waits for the others'
+    (a process that dies ends the run: mmdd.utils.ddp / SLURM_KILL_BAD_EXIT), gathers every student into the run's
+    results.json and returns its results, as one process training them all would (the same seeds). Others: None."""
+    indices = student_indices(cfg)
+    parts = Path(str(cfg.paths.output_dir)) / "students_by_rank"
+    mine = indices[rank::world]
+    if rank != 0:
+        wait_for_the_set(synthetic, since)
+    if mine:
+        own = OmegaConf.merge(cfg, {"students": mine})
+        run_evaluate(own, synthetic, data, out_dir=parts / f"rank_{rank}")
+    if rank != 0:
+        return None
+    others = [r for r in range(1, world) if indices[r::world]]
+    said = False
+    while True:
+        done = {r: json.loads((parts / f"rank_{r}" / "results.json").read_text())
+                for r in others if (parts / f"rank_{r}" / "results.json").exists()}
+        if all(r in done and done[r].get("complete") for r in others):
+            break
+        if not said:
+            log.info("waiting for the students of processes %s", [r for r in others if not done.get(r, {}).get("complete")])
+            said = True
+        time.sleep(poll)
+    seeds = []
+    for r in [0, *others]:
+        seeds += json.loads((parts / f"rank_{r}" / "results.json").read_text())["seeds"]
+    _, manifest = SyntheticSet.load(Path(str(synthetic)))
+    out_dir = Path(str(cfg.paths.output_dir))
+    # In the form of an interrupted evaluation of this config: run_evaluate finds every student done and writes the
+    # run's results.json (its mean, std and selection) without training any again.
+    atomic_write_json(out_dir / "results.json", {"config_hash": config_hash(cfg), "complete": False,
+                                                 "synthetic_config_hash": manifest.get("config_hash"), "seeds": seeds})
+    return run_evaluate(cfg, synthetic, data)
+
+
 def student_indices(cfg) -> list[int]:
     """Which of the protocol's `num_seeds` students this job trains: all of them, or `students=<k>` / `[k, ...]`,
     so that a multirun (`students=0,1,2`) spreads one set's students over jobs; `mmdd table` pools them."""

@@ -266,7 +266,7 @@ def train_student(
     optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases.
     `log_eps`: wbce in the reference code's form (mmdd.models.losses.weighted_bce). `draws`: where the initial weights,
     mini-batches and dropout masks come from (mmdd.evaluate.student_draws; default: the student's own)."""
-    from mmdd.utils.trainer import build_trainer, precision_dtype, process_device
+    from mmdd.utils.trainer import build_trainer, one_device, precision_dtype, process_device
 
     p = cfg.protocol
     L.seed_everything(seed, workers=True, verbose=False)
@@ -326,7 +326,8 @@ def train_student(
             loader = DataLoader(pairs, batch_sampler=batches)
         best.offset = k * p.epochs  # epochs are counted over all phases
         # One process per student (students are small; several seeds spread over jobs, see README "Scaling out").
-        trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1, devices=1, num_nodes=1,
+        trainer = build_trainer(cfg, loggers, [best], max_epochs=p.epochs, log_every_n_steps=1,
+                                devices=one_device(cfg.hardware), num_nodes=1,  # this rank's own GPU
                                 strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
                                 **({} if select_split else {"limit_val_batches": 0}))  # selection=last: nothing to select on
         t0 = time.perf_counter()

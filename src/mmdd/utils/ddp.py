@@ -36,8 +36,10 @@ STOP_EXPLAINED = threading.Event()
 # What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 
-# How many processes each node runs, for the ranks mmdd starts (mmdd.utils.launch reads it)
+# How many processes each node runs, and in all, for the ranks mmdd starts (mmdd.utils.launch reads them; Lightning's
+# teardown removes WORLD_SIZE)
 PER_NODE_ENV = "MMDD_PROCESSES_PER_NODE"
+WORLD_ENV = "MMDD_WORLD_SIZE"
 
 _started: list[subprocess.Popen] = []  # the processes this one started (ranks first_rank + 1, ...)
 # This process's run, recorded when its first multi-process trainer is built (Lightning's teardown removes WORLD_SIZE
@@ -101,7 +103,7 @@ def start_processes(num_processes: int, num_nodes: int = 1) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.update({"NODE_RANK": str(node_rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(num_processes * num_nodes),
-                       PER_NODE_ENV: str(num_processes)})
+                       PER_NODE_ENV: str(num_processes), WORLD_ENV: str(num_processes * num_nodes)})
     if "OMP_NUM_THREADS" not in os.environ:  # before the others start: they read it when torch loads
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cpus() // num_processes))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -69,7 +69,8 @@ def current() -> Launch:
         return Launch("slurm", _int(env.get("SLURM_PROCID"), 0), _int(env.get("SLURM_LOCALID"), 0),
                       _int(env.get("SLURM_NODEID"), 0), world, per_node, nodes)
     if "LOCAL_RANK" in env:
-        world, node = _int(env.get("WORLD_SIZE"), 1), _int(env.get("NODE_RANK"), 0)
+        world = _int(env.get("WORLD_SIZE", env.get("MMDD_WORLD_SIZE")), 1)  # Lightning's teardown drops WORLD_SIZE
+        node = _int(env.get("NODE_RANK"), 0)
         per_node = _int(env.get("MMDD_PROCESSES_PER_NODE"), world)
         local = _int(env.get("LOCAL_RANK"), 0)
         return Launch("mmdd", node * per_node + local, local, node, world, per_node, max(1, world // per_node))

@@ -78,6 +78,13 @@ def process_device(hw) -> torch.device:
     return torch.device("cuda", int(ids[rank]) if ids else rank)
 
 
+def one_device(hw):
+    """A one-process trainer's `devices` on this process's own device: [its GPU's index] (Lightning's `devices=1` is
+    GPU 0, whichever rank asks), else 1."""
+    device = process_device(hw)
+    return [device.index] if device.type == "cuda" else 1
+
+
 def setup_process(hw) -> None:
     """At a stage's start, before any work: the launch matches the hardware config (a cluster launcher started one
     process per device: mmdd.utils.launch.check), a multi-process run that would fall back to CPU processes says so
