@@ -7,8 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
@@ -19,11 +17,10 @@ from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerp
 from mmdd.plan import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
-from mmdd.teachers.global_batch import RankSlices, per_rank_batch
+from mmdd.teachers.global_batch import global_batch_loader, per_rank_batch
 from mmdd.teachers.loader_watch import LoaderWatch
 from mmdd.teachers.trajectory_store import TrajectoryStore
 from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
-from mmdd.utils import launch
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything
@@ -112,7 +109,7 @@ def run_buffer(cfg, data=None) -> Path:
             check_loader = False
             trainer = build_trainer(cfg, loggers, [recorder, *watch], max_epochs=tcfg.epochs,
                                     use_distributed_sampler=False)
-            loader = expert_loader(dataset, tcfg.batch_size, expert_seed(tcfg.seed, e),
+            loader = global_batch_loader(dataset, tcfg.batch_size, expert_seed(tcfg.seed, e),
                                    loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
             started = time.perf_counter()
             trainer.fit(module, loader)
@@ -148,20 +145,6 @@ def run_buffer(cfg, data=None) -> Path:
         log.warning("experts %s were being trained by other processes; rerun `mmdd buffer` (or wait for them) before "
                     "distilling with all %d", busy, tcfg.num_experts)
     return store.root
-
-
-def expert_loader(dataset, batch_size: int, seed: int, options: dict) -> DataLoader:
-    """An expert's batches in this process: the single-process loader's order (shuffled by the expert's seed, full
-    batches of `batch_size`), and under DDP this rank's slice of each (mmdd.teachers.global_batch)."""
-    world = launch.current().world_size if launch.current().launcher != "none" else 1
-    generator = torch.Generator().manual_seed(seed)
-    batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
-    if world > 1:
-        per_rank_batch(batch_size, world)
-        batches = RankSlices(batches, launch.current().global_rank, world)
-    # The loader draws its workers' seed from the same generator, before each epoch's order, as
-    # DataLoader(shuffle=True, generator=...) does: one process's order is the one it always was.
-    return DataLoader(dataset, batch_sampler=batches, generator=generator, **options)
 
 
 def training_record(batch_size: int, processes: int) -> dict:

@@ -12,7 +12,7 @@ in each rank's own loader workers.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 
 class RankSlices(Sampler[list[int]]):
@@ -30,12 +30,30 @@ class RankSlices(Sampler[list[int]]):
         return len(self.batches)
 
 
+def global_batch_loader(dataset, batch_size: int, seed: int, options: dict) -> DataLoader:
+    """A teacher's (or pre-training's) batches in this process: the single-process loader's order (shuffled by
+    `seed`, full batches of `batch_size`), and under DDP this rank's slice of each. Build it after the trainer: the
+    processes mmdd starts exist from then on. `options`: DataLoader keywords (mmdd.data.datamodule.loader_options)."""
+    from mmdd.utils import launch
+
+    run = launch.current()
+    world = run.world_size if run.launcher != "none" else 1
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=True)
+    if world > 1:
+        per_rank_batch(batch_size, world)
+        batches = RankSlices(batches, run.global_rank, world)
+    # The loader draws its workers' seed from the same generator, before each epoch's order, as
+    # DataLoader(shuffle=True, generator=...) does: one process's order is the one it always was.
+    return DataLoader(dataset, batch_sampler=batches, generator=generator, **options)
+
+
 def per_rank_batch(batch_size: int, world: int) -> int:
     """The rows of teacher.batch_size each of `world` processes trains on."""
     if batch_size % world:
         from mmdd.errors import MmddError
 
-        raise MmddError(f"teacher.batch_size={batch_size} does not split evenly over {world} processes: each trains "
+        raise MmddError(f"the batch size {batch_size} (teacher.batch_size / pretrain.batch_size) does not split evenly over {world} processes: each trains "
                         f"on an equal share of the papers' batch; use a batch size divisible by {world}, or train one "
                         "expert per GPU (README, Teachers)")
     return batch_size // world

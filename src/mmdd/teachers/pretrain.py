@@ -11,22 +11,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
 from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.expert_module import ExpertModule
+from mmdd.teachers.global_batch import global_batch_loader, per_rank_batch
 from mmdd.utils.config import data_identity, to_plain
 from mmdd.utils.io import atomic_write, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
-from mmdd.utils.trainer import accelerate_model, build_trainer, process_device
+from mmdd.utils.trainer import accelerate_model, build_trainer, hardware_processes, process_device
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,14 @@ def run_pretrain(cfg, data=None) -> Path:
                           mean=cfg.data.mean, std=cfg.data.std, augment=augment)
     dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
     check_full_batches(dataset, p.batch_size, "pretrain.batch_size")
-    loader = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.pretrain.seed),
-                        **loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
+    per_rank_batch(p.batch_size, hardware_processes(cfg.hardware))
     loggers = build_loggers(cfg, job_type="pretrain", name="pretrain")
     try:
-        build_trainer(cfg, loggers, max_epochs=p.epochs).fit(module, loader)
+        # As the teachers: the batch split over the processes, the loss over all of it, one sample order
+        trainer = build_trainer(cfg, loggers, max_epochs=p.epochs, use_distributed_sampler=False)
+        loader = global_batch_loader(dataset, p.batch_size, cfg.pretrain.seed,
+                                     loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
+        trainer.fit(module, loader)
         model.to(process_device(cfg.hardware))
         val = evaluate_retrieval(model, data["val"], cfg.data.mean, cfg.data.std) if "val" in data else {}
         log_metrics(loggers, {f"val/{k}": v for k, v in val.items()})
