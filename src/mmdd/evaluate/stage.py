@@ -284,20 +284,21 @@ def evaluate_over_ranks(cfg, synthetic, data, rank: int, world: int, since: floa
         run_evaluate(own, synthetic, data, out_dir=parts / f"rank_{rank}")
     if rank != 0:
         return None
-    others = [r for r in range(1, world) if indices[r::world]]
-    said = False
-    while True:
-        done = {r: json.loads((parts / f"rank_{r}" / "results.json").read_text())
-                for r in others if (parts / f"rank_{r}" / "results.json").exists()}
-        if all(r in done and done[r].get("complete") for r in others):
-            break
-        if not said:
-            log.info("waiting for the students of processes %s", [r for r in others if not done.get(r, {}).get("complete")])
-            said = True
-        time.sleep(poll)
-    seeds = []
-    for r in [0, *others]:
-        seeds += json.loads((parts / f"rank_{r}" / "results.json").read_text())["seeds"]
+    waiting = [r for r in range(world) if indices[r::world]]  # process 0's own part is written by now
+    parts_done, said = {}, False
+    while waiting:
+        for r in list(waiting):
+            path = parts / f"rank_{r}" / "results.json"
+            part = json.loads(path.read_text()) if path.exists() else {}
+            if part.get("complete"):
+                parts_done[r] = part
+                waiting.remove(r)
+        if waiting:
+            if not said:
+                log.info("waiting for the students of processes %s", waiting)
+                said = True
+            time.sleep(poll)
+    seeds = [s for r in sorted(parts_done) for s in parts_done[r]["seeds"]]
     _, manifest = SyntheticSet.load(Path(str(synthetic)))
     out_dir = Path(str(cfg.paths.output_dir))
     # In the form of an interrupted evaluation of this config: run_evaluate finds every student done and writes the

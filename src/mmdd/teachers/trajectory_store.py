@@ -320,17 +320,11 @@ class ExpertSnapshots:
     def segment(self, expert: int, start: int, span: int, device=None, dtype: torch.dtype | None = None):
         """(start, target) flat parameters of one matching segment, moved to `device` and cast to `dtype` (a float64
         run, hardware.precision=64-true, matches float32 snapshots in double precision)."""
-        if self.cache_bytes <= 0:
-            first, last = self.snapshots(expert, [start, start + span])
-            self.reads += 2
-            first = {m: t.to(device=device, dtype=dtype) for m, t in first.items()}
-            last = {m: t.to(device=device, dtype=dtype) for m, t in last.items()}
-            return first, last
-        return tuple(self._cached_snapshot(expert, epoch, device, dtype) for epoch in (start, start + span))
+        return tuple(self._snapshot_on(expert, epoch, device, dtype) for epoch in (start, start + span))
 
-    def _cached_snapshot(self, expert: int, epoch: int, device, dtype) -> dict[str, torch.Tensor]:
-        """One snapshot on `device`, from the cache or read and cached (the matching only reads it: the student
-        starts from a clone)."""
+    def _snapshot_on(self, expert: int, epoch: int, device, dtype) -> dict[str, torch.Tensor]:
+        """One snapshot on `device`, from the cache, or read (and cached when it fits: the matching only reads it,
+        the student starts from a clone)."""
         key = (expert, epoch, str(torch.device(device)) if device is not None else "cpu", dtype)
         if key in self._cache:
             self._cache.move_to_end(key)

@@ -28,6 +28,7 @@ import time
 import torch
 
 from mmdd.errors import MmddError
+from mmdd.utils.launch import check, current
 from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV, kept
 
 # Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
@@ -85,7 +86,7 @@ def start_processes(num_processes: int, num_nodes: int = 1) -> None:
     """Set up this node's `num_processes` processes of a run (this one is local rank 0), unless they are set up
     already: this is a rank > 0, a later trainer of the same run, or SLURM/torchrun started every rank (then they
     must be exactly the processes the config runs: mmdd.utils.launch.check)."""
-    launch = check_launch(num_processes, num_nodes)
+    launch = check(num_processes, num_nodes)
     _run.update(world=num_processes * num_nodes, first_rank=launch.node_rank * num_processes)
     if launch.external or "LOCAL_RANK" in os.environ:
         return
@@ -111,13 +112,6 @@ def start_processes(num_processes: int, num_nodes: int = 1) -> None:
         command, cwd = _command(local_rank)
         _started.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
     ProcessWatch(_started, world_size=_run["world"], first_rank=_run["first_rank"]).start()
-
-
-def check_launch(num_processes: int, num_nodes: int):
-    """The launch (mmdd.utils.launch), checked against the config's processes."""
-    from mmdd.utils.launch import check
-
-    return check(num_processes, num_nodes)
 
 
 def wait_for_started(timeout: float = 120.0) -> None:
@@ -166,8 +160,6 @@ class ProcessWatch(threading.Thread):
 
 def launcher_pid() -> int | None:
     """The pid of local rank 0 where mmdd started this process as a rank > 0, else None."""
-    from mmdd.utils.launch import current
-
     pid = os.environ.get(LAUNCHER_PID_ENV)
     if current().launcher != "mmdd" or not pid or int(pid) == os.getpid():
         return None
@@ -187,9 +179,8 @@ class ParentWatch(threading.Thread):
     def __init__(self, period: float = 2.0):
         super().__init__(daemon=True, name="mmdd-parent-watch")
         self.period = period
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        per_node = int(os.environ.get(PER_NODE_ENV, world))
-        self.world_size, self.rank_zero = world, int(os.environ.get("NODE_RANK", 0)) * per_node
+        launch = current()
+        self.world_size, self.rank_zero = launch.world_size, launch.node_rank * launch.tasks_per_node
 
     def run(self) -> None:
         while not self.check():
