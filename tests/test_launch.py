@@ -376,3 +376,39 @@ def test_submitit_s_requeue_signal_saves_the_current_iteration_requeues_and_the_
     manifest = json.loads((slurm_root / "outputs/requeue/0/synthetic/manifest.json").read_text())
     assert manifest["complete"] and manifest["iteration"] == n
     assert manifest["resumed"][0]["iteration"] == stopped_at
+
+
+def test_a_one_process_trainer_inside_a_launch_leaves_the_launch_as_it_was(clean_env):
+    """Rank 0's students in a torchrun job train in one-process trainers (LightningEnvironment). Were WORLD_SIZE gone
+    after one (LightningEnvironment.teardown deletes it when a DDP strategy ends), this process would take itself for
+    a 1-process torchrun job and the next stage would refuse the launch."""
+    import lightning as L
+
+    from mmdd.utils.trainer import build_trainer
+
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    for key, value in torchrun.items():
+        clean_env.setenv(key, value)
+    before = launch.current()
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch, i):
+            return (self.w * batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = OmegaConf.create({"hardware": {"num_threads": 0}, "trainer": {
+        "_target_": "lightning.pytorch.Trainer", "_partial_": True, "accelerator": "cpu", "devices": 1,
+        "num_nodes": 1, "strategy": "auto", "max_steps": 1, "enable_progress_bar": False,
+        "enable_checkpointing": False, "enable_model_summary": False}})
+    trainer = build_trainer(cfg)
+    trainer.fit(Probe(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2))
+    assert (trainer.world_size, trainer.global_rank) == (1, 0)
+    assert {k: os.environ.get(k) for k in torchrun} == torchrun
+    assert launch.current() == before == launch.Launch("torchrun", 0, 0, 0, 2, 2, 1)
