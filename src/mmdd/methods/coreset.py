@@ -163,11 +163,11 @@ class ForgettingCoreset(RandomCoreset):
         self.epochs = epochs
 
     def select(self, cfg, train, budget):
-        from mmdd.data.datamodule import PairDataset, check_full_batches
+        from mmdd.data.datamodule import PairDataset, check_full_batches, loader_options
         from mmdd.data.transforms import augment_config, per_image_augment
         from mmdd.models.dual_encoder import build_dual_encoder
         from mmdd.teachers.expert_module import ExpertModule
-        from mmdd.utils.trainer import accelerate_model, build_trainer
+        from mmdd.utils.trainer import accelerate_model, build_trainer, process_device
 
         torch.manual_seed(cfg.seed)
         model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size),
@@ -179,8 +179,10 @@ class ForgettingCoreset(RandomCoreset):
         tracker = ForgettingTracker(train.num_images)
         dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
         check_full_batches(dataset, t.batch_size, "teacher.batch_size")
-        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
-                            drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+        # the teachers' loader settings: this is a teacher's training, over every real image
+        loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.seed),
+                            **loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
         build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.
         score = tracker.scores()
