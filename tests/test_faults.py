@@ -386,6 +386,24 @@ def test_one_expert_trained_with_ddp_on_two_processes_is_written_once_and_equals
         "sample_order": "the expert's seed (teacher.seed, expert)"}
 
 
+@pytest.mark.slow  # two pre-trainings, one of them on 2 processes: ~40 s
+def test_pretraining_on_two_processes_saves_once_the_one_process_backbone(root):
+    """Pre-training shares the teachers' DDP: the batch split over the ranks, the loss over all of it, one sample
+    order; process 0 alone evaluates and writes the backbone. float64, no augmentation (drawn in each loader)."""
+    outs = {n: root / f"outputs/artifacts/ddp_pretrain_{n}.safetensors" for n in (1, 2)}
+    for n, out in outs.items():
+        proc = run_mmdd(["pretrain", *TINY, "logger=none", f"hardware.devices={n}", "hardware.strategy=ddp",
+                         "hardware.precision=64-true", "data.augment=null", "data.train_unit=caption",
+                         "pretrain.epochs=2", "pretrain.batch_size=16", f"pretrain.output={out}",
+                         f"hydra.run.dir=outputs/ddp_pretrain_{n}"], root)
+        assert (proc.stdout + proc.stderr).count("pretrained backbone saved to") == 1
+    one, two = load_file(str(outs[1])), load_file(str(outs[2]))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-9), (name, (one[name] - two[name]).abs().max())
+    assert not list(outs[2].parent.glob(".*.tmp"))
+
+
 def test_a_corrupted_checkpoint_is_refused_not_loaded(root):
     distill_here(root, "corrupt", "method.iterations=4", "save_every=2")
     ckpt = root / "outputs/corrupt/synthetic/checkpoint/last.ckpt"
