@@ -657,14 +657,17 @@ def test_snapshots_kept_on_the_device_between_draws_give_the_same_set(root):
 def test_the_students_of_a_ddp_distillation_are_spread_over_its_processes(root):
     """Each process trains its share of the students on its own device (here: students 0 and 2 on process 0,
     student 1 on process 1); process 0 gathers them into the run's results.json, equal to one process training
-    all three on the same set."""
+    all three on the same set; every student logs its run (W&B offline, CSV), process 1's too."""
     import json
 
-    run = ["protocol.num_seeds=3", "evaluate=true", "method.iterations=4"]
-    distill(root, "ddp_students", *run, *DDP)
+    run = ["protocol.num_seeds=3", "evaluate=true", "method.iterations=4", "logger=wandb"]
+    run_mmdd(["distill", *[o for o in TINY_DISTILL if o != "logger=none"], *run, *DDP,
+              "hydra.run.dir=outputs/ddp_students"], root)
     out = root / "outputs/ddp_students"
     parts = {r: json.loads((out / f"students_by_rank/rank_{r}/results.json").read_text()) for r in (0, 1)}
     assert [s["seed"] for s in parts[0]["seeds"]] == [0, 2] and [s["seed"] for s in parts[1]["seeds"]] == [1]
+    assert len(list(out.glob("wandb/offline-run-*"))) == 1 + 3  # the distillation's and each student's
+    assert {p.name for p in out.glob("students_by_rank/rank_*/csv/*")} == {f"mtt_vl_b8_student{k}" for k in range(3)}
     spread = json.loads((out / "results.json").read_text())
     assert spread["complete"] and sorted(s["seed"] for s in spread["seeds"]) == [0, 1, 2]
     evaluate = [o for o in TINY_DISTILL if not o.startswith("evaluate=")]

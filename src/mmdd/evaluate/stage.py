@@ -26,7 +26,7 @@ from mmdd.utils.config import (config_differences, config_hash, data_identity, r
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.seed import student_seed
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
-from mmdd.utils.trainer import accelerate_model, hardware_record
+from mmdd.utils.trainer import accelerate_model, alone_in_its_trainers, hardware_record
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,8 @@ def evaluate_over_ranks(cfg, synthetic, data, rank: int, world: int, since: floa
         wait_for_the_set(synthetic, since)
     if mine:
         own = OmegaConf.merge(cfg, {"students": mine})
-        run_evaluate(own, synthetic, data, out_dir=parts / f"rank_{rank}")
+        with alone_in_its_trainers():  # each process's students log their runs (W&B, CSV) as process 0's do
+            run_evaluate(own, synthetic, data, out_dir=parts / f"rank_{rank}")
     if rank != 0:
         return None
     waiting = [r for r in range(world) if indices[r::world]]  # process 0's own part is written by now

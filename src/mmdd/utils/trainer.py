@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -51,6 +52,24 @@ def is_rank_zero() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@contextlib.contextmanager
+def alone_in_its_trainers():
+    """Inside: this process runs one-process trainers of its own (process r's students after an N-process
+    distillation), so it logs as their rank 0; Lightning's loggers (W&B, CSV) stay silent on a rank > 0."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as utilities_rank_zero
+
+    flags = {id(f): f for f in (fabric_rank_zero.rank_zero_only, utilities_rank_zero.rank_zero_only)}.values()
+    before = [getattr(f, "rank", 0) for f in flags]
+    for flag in flags:
+        flag.rank = 0
+    try:
+        yield
+    finally:
+        for flag, rank in zip(flags, before):
+            flag.rank = rank
 
 
 def device_label(hw) -> str:
