@@ -2,8 +2,8 @@
 
 Runs one tiny distillation of every method config (conf/method/*.yaml, RepBlend through its experiment), each with
 one student, and a tiny `mmdd run` (the quick start's stages: teachers, distillation, students, table), all on the
-generated dataset, and records for each row the SHA-256 of the set's tensors and captions, its identities (store id,
-distillation identity, manifest config hash) and the student's test metrics. `--against` compares with an earlier
+generated dataset, and records for each row the SHA-256 of the set's tensors and captions, its identities (the
+manifest's data and model identity, the run's config hash) and the student's test metrics. `--against` compares with an earlier
 record and exits 1 on any difference:
 
     python experiments/golden.py --root /tmp/golden_before --out /tmp/golden_before.json
@@ -29,7 +29,9 @@ from pathlib import Path
 DATA = ["data.generate.num_train=64", "data.generate.num_val=16", "data.generate.num_test=24", "model.image.width=8"]
 TEACHERS = ["teacher.num_experts=2", "teacher.epochs=3", "teacher.batch_size=16"]
 STUDENTS = ["protocol.epochs=4", "protocol.lr_decay_epoch=2", "protocol.eval_every=2", "protocol.num_seeds=1"]
-COMMON = [*DATA, *TEACHERS, *STUDENTS, "budget=8", "logger=none", "log_every_n_steps=1", "hardware.num_threads=1"]
+PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=16"]  # RepBlend's frozen backbone (its path names the epochs)
+COMMON = [*DATA, *TEACHERS, *STUDENTS, *PRETRAIN, "budget=8", "logger=none", "log_every_n_steps=1",
+          "hardware.num_threads=1"]
 MATCHING = ["method.iterations=3", "method.syn_steps=2"]
 
 # row -> the distillation's own overrides (the store each row reads is chosen by its model)
@@ -70,7 +72,8 @@ def record_set(run: Path) -> dict:
     manifest = json.loads((syn / "manifest.json").read_text())
     results = json.loads((run / "results.json").read_text())
     return {"tensors": sha256(syn / "synthetic.safetensors"), "captions": sha256(syn / "captions.json"),
-            "config_hash": manifest.get("config_hash"), "store": Path(str(manifest.get("buffer_dir", ""))).name,
+            "config_hash": manifest.get("config_hash"),
+            "identity": hashlib.sha256(json.dumps(manifest.get("identity"), sort_keys=True).encode()).hexdigest(),
             "num_pairs": manifest.get("num_pairs"),
             "students": [{"seed": s["seed"], "test": s["test"]} for s in results["seeds"]]}
 
@@ -81,8 +84,7 @@ def run_all(root: Path, rows: list[str]) -> dict:
     t0 = time.perf_counter()
     for model in ("convnet_minilm", "convnet_heads"):
         if model == "convnet_heads":  # RepBlend's frozen backbone, pre-trained on the same data
-            mmdd(["pretrain", *COMMON, "pretrain.epochs=2", "pretrain.batch_size=16",
-                  "hydra.run.dir=outputs/pretrain"], root)
+            mmdd(["pretrain", *COMMON, "hydra.run.dir=outputs/pretrain"], root)
         mmdd(["buffer", *COMMON, f"model={model}", f"hydra.run.dir=outputs/buffer_{model}"], root)
     for row in rows:
         mmdd(["distill", *COMMON, *ROWS[row], "evaluate=true", f"hydra.run.dir=outputs/{row}"], root)

@@ -8,7 +8,7 @@ from mmdd.errors import ArtifactError, MmddError
 from mmdd.models.dual_encoder import backbone_fingerprint, build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.paths import conf_dir
 from mmdd.teachers.trajectory_store import TrajectoryStore
-from mmdd.utils.config import data_location, teachers_identity
+from mmdd.identity import data_location, teachers_identity
 
 
 def cfg_for(stage, *overrides):
@@ -68,7 +68,7 @@ def test_a_store_on_another_frozen_backbone_is_refused(tmp_path):
 
 def test_a_set_is_evaluated_on_its_own_data_unless_asked_and_recorded(tmp_path):
     from mmdd.evaluate.stage import check_frozen_backbone, other_dataset
-    from mmdd.utils.config import data_identity
+    from mmdd.identity import data_identity
 
     made = cfg_for("distill", "data.generate.num_train=64")
     manifest = {"dataset": "synscenes", "identity": {"data": data_identity(made.data)},

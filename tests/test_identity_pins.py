@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mmdd.paths import conf_dir
-from mmdd.utils.config import distill_identity, teacher_hash
+from mmdd.identity import distill_identity, teacher_hash
 from mmdd.utils.io import stable_hash
 
 # overrides -> (store directory name, store config hash, distillation identity hash)
@@ -22,6 +22,15 @@ PINNED = {
     'default': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', 'b56a2b1abcbf'),
     'method=tesla_vl': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '781ba00c54d4'),
     'method=lors': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '7d2b7990666d'),
+    'method=dm': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', 'c8500082fafc'),
+    'method=mdm': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '61c8f0b58bbc'),
+    'method=pds': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '6da3a900d64b'),
+    'method=ptm_st': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '33e8bc1a40b1'),
+    'method=repblend': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', 'a892eafc4283'),
+    'method=random': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '52d02fa31d69'),
+    'method=herding': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '645137a22884'),
+    'method=kcenter': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '8153e69de70b'),
+    'method=forgetting': ('convnet_minilm_5x4_s0_966eac3d', 'c697f458a581', '4870efa74b76'),
     'model=convnet_heads': ('convnet_heads_5x4_s0_5a9dd7dc', '72d92eb0ba3b', '73ce4849deba'),
     'teacher=paper': ('convnet_minilm_20x10_s0_5032f1dc', 'a2fa30c3950f', '332dbeb02645'),
     'data=flickr30k model=nfnet_bert': ('nfnet_bert_5x4_s0_321cd902', '9e017a9e6e34', '107cea263ecb'),
@@ -66,3 +75,8 @@ def test_every_experiment_is_pinned():
     experiments = sorted(p.relative_to(conf_dir() / "experiment").with_suffix("").as_posix()
                          for p in (conf_dir() / "experiment").rglob("*.yaml"))
     assert [e for e in experiments if f"experiment={e}" not in PINNED] == []
+
+
+def test_every_method_is_pinned():
+    methods = sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
+    assert [m for m in methods if m != "mtt_vl" and f"method={m}" not in PINNED] == []  # mtt_vl: 'default'

@@ -199,7 +199,7 @@ def test_distilling_from_a_store_without_a_complete_expert_says_what_to_run(tmp_
     from mmdd.teachers.trajectory_store import open_checked_trajectories
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.teachers.trajectory_store import TrajectoryStore
-    from mmdd.utils.config import data_identity, teacher_hash, teachers_identity
+    from mmdd.identity import data_identity, teacher_hash, teachers_identity
     from mmdd.utils.io import atomic_write_json, stable_hash
 
     root = user_data(tmp_path / "mine")

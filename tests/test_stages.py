@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from mmdd.cli import usage
-from mmdd.stages import STAGES
+from mmdd.stage_list import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 

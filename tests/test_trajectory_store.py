@@ -153,7 +153,7 @@ def test_a_store_that_will_not_fit_on_the_disk_is_refused_before_training(tmp_pa
     from mmdd.errors import MmddError
     from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.paths import conf_dir
-    from mmdd.plan import check_store_fits, store_bytes
+    from mmdd.teachers.store_size import check_store_fits, store_bytes
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("buffer", overrides=[f"buffer_dir={tmp_path / 'store'}", "teacher.num_experts=3",

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from mmdd.stages import STAGES  # light modules: no torch before the signal handlers
+from mmdd.stage_list import STAGES  # light modules: no torch before the signal handlers
 from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV
 
 # Commands that read finished artifacts: plain argparse, no Hydra composition (`mmdd <command> --help`).
@@ -50,7 +50,8 @@ def _task(stage: str):
             requeue(stage)
             sys.exit(code)
         except RuntimeError as exc:  # a collective of a multi-process run failing because a process is gone
-            from mmdd.utils.ddp import STOP_EXPLAINED, lost_process
+            from mmdd.utils.ddp import lost_process
+            from mmdd.utils.stopping import STOP_EXPLAINED
 
             who = lost_process(exc)
             if who is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmdd.errors import MmddError
 from mmdd.paths import repo_root
-from mmdd.stages import STAGES
+from mmdd.stage_list import STAGES
 
 DEFAULT_ANCHORS = "experiments/paper_anchors.json"
 

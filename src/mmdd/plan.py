@@ -14,10 +14,8 @@ set measured on CPU.
 from __future__ import annotations
 
 import copy
-import shutil
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -25,6 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from mmdd.errors import MmddError
+from mmdd.teachers.store_size import store_bytes
+from mmdd.utils.io import human_bytes
 
 FLOAT_BYTES = 4  # snapshots, sets and weights are float32 (bf16 autocast changes activations, not these)
 
@@ -86,12 +86,6 @@ def counts(model) -> dict[str, int]:
         "matched image": sum(named[n].numel() for n in names["image"]),
         "matched text": sum(named[n].numel() for n in names["text"]),
     }
-
-
-def store_bytes(cfg, model) -> int:
-    """The trajectory store on disk: every expert's matched parameters at epochs 0..E (safetensors headers aside)."""
-    c = counts(model)
-    return cfg.teacher.num_experts * (cfg.teacher.epochs + 1) * _bytes(c["matched image"] + c["matched text"])
 
 
 class LiveBytes(TorchDispatchMode):
@@ -275,51 +269,26 @@ def make_plan(cfg) -> dict:
     return plan
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
-
-
 def format_plan(cfg, plan: dict) -> str:
     c = plan["counts"]
     lines = [f"model {cfg.model.name} at {cfg.data.image_size} px, text {cfg.model.text.name_or_path}; "
              f"method {cfg.method.name}, budget {cfg.budget}",
              "parameters: " + ", ".join(f"{k} {v:,}" for k, v in c.items()),
              f"trajectory store: {cfg.teacher.num_experts} experts x {cfg.teacher.epochs + 1} snapshots = "
-             f"{_mb(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
+             f"{human_bytes(plan['store_bytes'])} on disk ({plan['buffer_dir']})",
              "peak device memory, estimated (live tensors; allocator slack and CUDA context come on top: see mmdd.plan):"]
     cache = plan.get("snapshot_cache")
     if cache:
-        lines.insert(-1, f"expert snapshots the draws can ask for: {cache['snapshots']} x {_mb(cache['bytes_each'])} = "
-                         f"{_mb(cache['snapshots'] * cache['bytes_each'])}; hardware.snapshot_cache_mb={cache['setting']} "
+        lines.insert(-1, f"expert snapshots the draws can ask for: {cache['snapshots']} x {human_bytes(cache['bytes_each'])} = "
+                         f"{human_bytes(cache['snapshots'] * cache['bytes_each'])}; hardware.snapshot_cache_mb={cache['setting']} "
                          "keeps them on the GPU between draws (auto: all of them, up to a tenth of its memory), on top "
                          "of the distillation's peak below")
     for est in plan["estimates"]:
         mark = " <- this run" if plan.get("method_meta_gradient") and est.stage.startswith("distill") and (
             ("TESLA" in est.stage) == (plan["method_meta_gradient"] == "tesla")) else ""
-        lines.append(f"  {est.stage}: {_mb(est.total)}{mark}")
-        lines += [f"      {k}: {_mb(v)}" for k, v in est.parts.items() if v]
+        lines.append(f"  {est.stage}: {human_bytes(est.total)}{mark}")
+        lines += [f"      {k}: {human_bytes(v)}" for k, v in est.parts.items() if v]
     return "\n".join(lines)
-
-
-def check_store_fits(cfg, model) -> None:
-    """Refuse `mmdd buffer` when the experts still to train will not fit on the store's disk."""
-    from mmdd.teachers.trajectory_store import TrajectoryStore
-
-    root = Path(str(cfg.buffer_dir))
-    per_expert = store_bytes(cfg, model) // max(cfg.teacher.num_experts, 1)
-    done = 0
-    if (root / "manifest.json").exists():
-        done = len([e for e in TrajectoryStore.open(root).completed_experts() if e < cfg.teacher.num_experts])
-    need = per_expert * (cfg.teacher.num_experts - done)
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if need > free:
-        raise MmddError(f"the trajectory store needs {_mb(need)} more ({cfg.teacher.num_experts - done} experts x "
-                        f"{_mb(per_expert)}) but only {_mb(free)} is free on the disk of {root} (buffer_dir): free space, "
-                        "point buffer_dir at a larger disk, or record fewer experts/epochs (teacher.num_experts, "
-                        "teacher.epochs)")
 
 
 # The share of a GPU's memory a run's live tensors may take: the CUDA context, cuDNN workspaces and the caching
@@ -372,12 +341,12 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
             setattr(variant.config, key, value)
         total = distill_estimate(cfg, model, dim, variant).total
         if total <= usable:
-            fitting.append(f"{text}: about {_mb(total)}")
+            fitting.append(f"{text}: about {human_bytes(total)}")
     choices = "; ".join(fitting) if fitting else "none of meta_gradient=tesla or smaller batch_syn fits alone"
     raise MmddError(f"{cfg.method.name} at budget {cfg.budget}, {cfg.data.image_size} px ({mc.meta_gradient} "
-                    f"meta-gradient, {mc.syn_steps} inner steps of batch {batch}) needs about {_mb(need)} of GPU "
-                    f"memory by mmdd plan's estimate, and {USABLE_SHARE:.0%} of this GPU's {_mb(available)} is "
-                    f"{_mb(usable)}. Choose a departure (the set's manifest records it): {choices}; or "
+                    f"meta-gradient, {mc.syn_steps} inner steps of batch {batch}) needs about {human_bytes(need)} of GPU "
+                    f"memory by mmdd plan's estimate, and {USABLE_SHARE:.0%} of this GPU's {human_bytes(available)} is "
+                    f"{human_bytes(usable)}. Choose a departure (the set's manifest records it): {choices}; or "
                     "hardware=gpu_bf16 (bf16 autocast: roughly half the activations, not estimated here); or "
                     "hardware.memory_check=false to try anyway")
 

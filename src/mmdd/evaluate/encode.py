@@ -68,7 +68,7 @@ class BackboneFeatures:
     backbone (`DualEncoder.backbone_is_cacheable`), and students do not augment, so reuse is exact.
     With `cache_dir`, splits are also kept on disk (`<cache_dir>/backbone_features/`), so later evaluations
     (other sets, sweep trials, reruns) on the same backbone and data skip the backbone entirely; `data_key`
-    says which data (mmdd.utils.config.data_identity's hash).
+    says which data (mmdd.identity.data_identity's hash).
     """
 
     def __init__(self, mean, std, batch_size: int = 256, cache_dir: str | Path | None = None, data_key: str = ""):

@@ -21,8 +21,8 @@ from mmdd.evaluate.student_draws import student_draws
 from mmdd.models.dual_encoder import build_dual_encoder, check_same_frozen_backbone, frozen_backbone_fingerprint
 from mmdd.models.losses import DEFAULT_INNER_LOSS
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
-from mmdd.utils.config import (config_differences, config_hash, data_identity, resolved_config, task_overrides,
-                               to_plain)
+from mmdd.utils.config import config_differences, config_hash, resolved_config, task_overrides, to_plain
+from mmdd.identity import data_identity
 from mmdd.utils.io import atomic_write_json, stable_hash
 from mmdd.utils.seed import student_seed
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics

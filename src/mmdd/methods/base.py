@@ -15,7 +15,8 @@ from mmdd.config_schema import whole_budget
 from mmdd.errors import MmddError
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
-from mmdd.utils.config import config_hash, data_identity, model_identity
+from mmdd.utils.config import config_hash
+from mmdd.identity import data_identity, model_identity
 
 log = logging.getLogger(__name__)
 

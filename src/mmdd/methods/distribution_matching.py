@@ -35,7 +35,7 @@ from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import open_checked_trajectories
-from mmdd.utils.config import data_identity
+from mmdd.identity import data_identity
 from mmdd.utils.io import stable_hash
 from mmdd.utils.trainer import process_device
 

@@ -21,7 +21,7 @@ from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, Outer
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
-from mmdd.utils.config import distill_identity
+from mmdd.identity import distill_identity
 from mmdd.utils.trainer import accelerate_model, build_trainer, precision_dtype
 
 log = logging.getLogger(__name__)

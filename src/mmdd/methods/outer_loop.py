@@ -21,7 +21,8 @@ import torch
 from mmdd.config_schema import check_fields
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.utils.config import OUTER_SETTINGS, config_differences
+from mmdd.utils.config import config_differences
+from mmdd.identity import OUTER_SETTINGS
 from mmdd.utils.seed import rank_seed, seed_rank_streams
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class OuterLoop(L.LightningModule):
     def __init__(self, objective: Objective, syn: SyntheticSet, settings: OuterSettings, seed: int, probe=None,
                  diagnostics_every: int = 0, identity: dict | None = None, max_nonfinite: int = 10):
         super().__init__()
-        # What this run distils (mmdd.utils.config.distill_identity): a checkpoint resumes only into the same.
+        # What this run distils (mmdd.identity.distill_identity): a checkpoint resumes only into the same.
         self.identity = identity
         # Iterations with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
         self.max_nonfinite = max_nonfinite

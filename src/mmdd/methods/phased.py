@@ -29,7 +29,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.base import DistillResult, check_budget, save_synthetic
 from mmdd.methods.trajectory_matching import MatchingSettings, TrajectoryMatching
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.utils.config import distill_identity
+from mmdd.identity import distill_identity
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.seed import phase_seed
 from mmdd.utils.trainer import is_rank_zero

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdd.evaluate.retrieval import METRIC_KEYS
-from mmdd.stages import STAGES
+from mmdd.stage_list import STAGES
 
 log = logging.getLogger(__name__)
 

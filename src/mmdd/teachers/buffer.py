@@ -14,13 +14,14 @@ from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.evaluate.retrieval import chance_report
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
-from mmdd.plan import check_store_fits
+from mmdd.teachers.store_size import check_store_fits
 from mmdd.teachers.claims import ExpertClaims
 from mmdd.teachers.expert_module import ExpertModule, TrajectoryRecorder
 from mmdd.teachers.global_batch import global_batch_loader, per_rank_batch
 from mmdd.teachers.loader_watch import LoaderWatch
 from mmdd.teachers.trajectory_store import TrajectoryStore
-from mmdd.utils.config import data_identity, data_location, teacher_hash, teachers_identity, to_plain
+from mmdd.utils.config import to_plain
+from mmdd.identity import data_identity, data_location, teacher_hash, teachers_identity
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import expert_seed, seed_everything

@@ -21,7 +21,8 @@ from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.expert_module import ExpertModule
 from mmdd.teachers.global_batch import global_batch_loader, per_rank_batch
-from mmdd.utils.config import data_identity, to_plain
+from mmdd.utils.config import to_plain
+from mmdd.identity import data_identity
 from mmdd.utils.io import atomic_write, stable_hash
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from mmdd.errors import ArtifactError
 from mmdd.models.dual_encoder import frozen_backbone_fingerprint
-from mmdd.utils.config import data_identity, data_location, teachers_identity
+from mmdd.identity import data_identity, data_location, teachers_identity
 from mmdd.utils.io import atomic_write, atomic_write_json, read_manifest, stable_hash
 
 FORMAT = "mmdd-trajectory-store"
@@ -70,8 +70,8 @@ class TrajectoryStore:
             "param_names": param_names,
             "param_shapes": {k: list(v) for k, v in param_shapes.items()},
             "teacher": teacher,
-            "data_hash": data_hash,  # what the data is (not where): mmdd.utils.config.data_identity
-            # everything that defines the teachers (mmdd.utils.config.teachers_identity): readers must share it
+            "data_hash": data_hash,  # what the data is (not where): mmdd.identity.data_identity
+            # everything that defines the teachers (mmdd.identity.teachers_identity): readers must share it
             "identity": identity,
             "data_location": data_location,  # where the data was read from (recorded, not enforced)
             # a frozen backbone's weights (mmdd.models.dual_encoder.backbone_fingerprint); None when it trains

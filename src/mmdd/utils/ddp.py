@@ -29,11 +29,8 @@ import torch
 
 from mmdd.errors import MmddError
 from mmdd.utils.launch import check, current
-from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV, kept
+from mmdd.utils.stopping import LAUNCHER_PID_ENV, STAGE_ENV, STOP_EXPLAINED, kept
 
-# Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
-# watch then ends the other processes quietly instead of reporting a death and exiting.
-STOP_EXPLAINED = threading.Event()
 # What a collective says when another process of the group is gone (gloo on CPU; NCCL raises DistBackendError).
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 

@@ -183,3 +183,8 @@ def read_manifest(directory: str | os.PathLike, fmt: str, what: str, fix: str) -
     if found != fmt:
         raise ArtifactError(f"{path} is not a {what} manifest (format={found!r}); {fix}")
     return manifest
+
+
+def human_bytes(n: int) -> str:
+    """A size for a sentence: MB below a GiB, GB with two decimals above."""
+    return f"{n / 2**20:,.0f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from mmdd.errors import MmddError
-from mmdd.stages import STAGES
+from mmdd.stage_list import STAGES
 
 def check_writable(path: str | Path, key: str, min_free_mb: float) -> None:
     """`path` (a directory, created if missing) can be written, and its disk has `min_free_mb` free."""

@@ -11,6 +11,7 @@ here only remember the signal and stop the way Python would; the CLI then says w
 from __future__ import annotations
 
 import signal
+import threading
 
 _received: list[int] = []
 _explained: list[bool] = []
@@ -18,9 +19,13 @@ _explained: list[bool] = []
 
 def kept(stage: str, otherwise: str) -> str:
     """What a stopped `stage` leaves behind, for its sentence (mmdd.stages)."""
-    from mmdd.stages import STAGES
+    from mmdd.stage_list import STAGES
 
     return STAGES[stage].kept if stage in STAGES else otherwise
+
+# Set once this process stops with its own sentence (another process lost, or every rank stopping on a signal): the
+# launcher's watch (mmdd.utils.ddp) then ends the other processes quietly instead of reporting a death and exiting.
+STOP_EXPLAINED = threading.Event()
 
 # The environment a stage's processes share: the stage (Lightning re-starts ranks > 0 without it on the command line)
 # and the pid of the process that started it (a rank > 0 whose parent is no longer that one knows rank 0 died).
@@ -58,7 +63,6 @@ def adopt_submitit_job(stage: str) -> None:
     the handlers, taking over submitit's requeue signal. Nothing to do elsewhere (the CLI did it, or a stage runs
     in-process in a test or a script, whose process keeps its own handlers and environment)."""
     import os
-    import threading
 
     if "SUBMITIT_FOLDER" not in os.environ:
         return
@@ -136,7 +140,5 @@ def agree(signum: int, trainer, device) -> int:
         signum = int(t.item())
     if signum:
         note(signum)
-        from mmdd.utils.ddp import STOP_EXPLAINED
-
         STOP_EXPLAINED.set()  # every rank stops on its own; the launcher's watch must not take that for a death
     return signum
