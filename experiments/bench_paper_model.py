@@ -23,7 +23,7 @@ from mmdd.bench.runner import bench_table, run_bench
 from mmdd.bench.standin import write_bert_standin
 from mmdd.data.datamodule import load_data
 from mmdd.paths import conf_dir
-from mmdd.teachers.buffer import run_buffer
+from mmdd.stages.buffer import run_buffer
 
 MODELS = {"repblend": "nfnet_bert_heads", "lors": "nfnet_bert"}
 

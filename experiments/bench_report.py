@@ -19,8 +19,8 @@ from hydra import compose, initialize_config_dir
 from mmdd.bench.runner import bench_table, run_bench
 from mmdd.data.datamodule import load_data
 from mmdd.paths import conf_dir
-from mmdd.teachers.buffer import run_buffer
-from mmdd.teachers.pretrain import run_pretrain
+from mmdd.stages.buffer import run_buffer
+from mmdd.stages.pretrain import run_pretrain
 
 METHODS = ["mtt_vl", "tesla_vl", "lors", "repblend"]
 

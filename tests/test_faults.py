@@ -371,7 +371,7 @@ def test_one_expert_trained_with_ddp_on_two_processes_is_written_once_and_equals
                         root)
         assert proc.stdout.count("trajectory store:") == 1  # rank 0 reports; rank 1 only trains
         assert trained_experts(proc.stdout + proc.stderr) == {0}
-    from mmdd.teachers.buffer import expert_metrics
+    from mmdd.teachers.expert_records import expert_metrics
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
     one, two = (TrajectoryStore.open(stores[n]) for n in (1, 2))

@@ -67,7 +67,7 @@ def test_a_store_on_another_frozen_backbone_is_refused(tmp_path):
 
 
 def test_a_set_is_evaluated_on_its_own_data_unless_asked_and_recorded(tmp_path):
-    from mmdd.evaluate.stage import check_frozen_backbone, other_dataset
+    from mmdd.stages.evaluate import check_frozen_backbone, other_dataset
     from mmdd.identity import data_identity
 
     made = cfg_for("distill", "data.generate.num_train=64")

@@ -23,7 +23,6 @@ LAYERS = [
     {"report"},
     {"methods"},
     {"bench", "plan"},
-    {"pipeline"},
     {"stages"},  # each stage's orchestration
     {"commands"},
     {"cli"},

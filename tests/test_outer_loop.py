@@ -132,7 +132,7 @@ def test_a_new_method_is_one_module_and_one_config(tmp_path):
     through hydra.searchpath, and the shared loop saves, checkpoints and resumes it."""
     from hydra import compose, initialize_config_dir
 
-    from mmdd.methods.stage import run_distill
+    from mmdd.stages.distill import run_distill
     from mmdd.paths import conf_dir
 
     extra = tmp_path / "conf" / "method"

@@ -140,7 +140,7 @@ def test_rows_of_a_pairs_table_may_share_an_image(tmp_path, caplog):
 
 # ------------------------------------------------------------------ checks before training, before anything slow
 def test_train_split_smaller_than_the_batch_is_refused_before_training(tmp_path):
-    from mmdd.teachers.buffer import run_buffer
+    from mmdd.stages.buffer import run_buffer
 
     root = user_data(tmp_path / "mine", n_train=6)
     store = tmp_path / "store"
@@ -153,7 +153,7 @@ def test_train_split_smaller_than_the_batch_is_refused_before_training(tmp_path)
 
 def test_budget_is_checked_before_captions_are_embedded(tmp_path, monkeypatch):
     from mmdd.data import datamodule
-    from mmdd.methods.stage import run_distill
+    from mmdd.stages.distill import run_distill
 
     root = user_data(tmp_path / "mine", n_train=6)
     monkeypatch.setattr(datamodule, "embed_captions", lambda *a, **k: pytest.fail("captions embedded"))

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmdd.errors import MmddError
-from mmdd.evaluate.stage import student_loss
+from mmdd.stages.evaluate import student_loss
 from mmdd.evaluate.student import StudentPhase, train_student
 from mmdd.evaluate.student_draws import (INIT_FILE, RecordingStudentDraws, ReplayedStudentDraws, StudentDraws,
                                          student_draws)

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmdd.errors import ArtifactError
-from mmdd.evaluate.stage import check_synthetic_compatible, summarize
+from mmdd.stages.evaluate import check_synthetic_compatible, summarize
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions, save_grid
 
 

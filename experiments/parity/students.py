@@ -16,7 +16,7 @@ student's weights at every evaluation are compared:
   RepBlend `src/epoch.py` evaluate_synset_with_similarity (distill_repblend.py:227): LoRS's loop training an image
   projection and the text projection on its frozen nfnet_l0 (the parity run's random backbone file), the test
   split after epochs 0, 20, ..., 100;
-- by mmdd: `mmdd.evaluate.stage.run_evaluate` (what `mmdd evaluate` runs) with `protocol=<method>` on
+- by mmdd: `mmdd.stages.evaluate.run_evaluate` (what `mmdd evaluate` runs) with `protocol=<method>` on
   the same set, data and model as the parity run, replaying the official student's draws through
   `student_draws.replay` (mmdd.evaluate.student_draws): its initial weights, each step's mini-batch and each dropout
   mask of its text projection.
@@ -333,7 +333,7 @@ def main() -> int:
     args = parse_args()
     from mmdd.data.datamodule import load_data
     from mmdd.data.transforms import normalize
-    from mmdd.evaluate.stage import run_evaluate
+    from mmdd.stages.evaluate import run_evaluate
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
     spec = SPECS[args.method]
