@@ -219,7 +219,7 @@ def test_distilling_from_a_store_without_a_complete_expert_says_what_to_run(tmp_
 
 
 def test_an_expert_whose_evaluation_fails_is_not_complete(tmp_path, monkeypatch):
-    from mmdd.teachers import buffer
+    from mmdd.stages import buffer
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
     root = user_data(tmp_path / "mine", n_train=4)
