@@ -6,9 +6,11 @@ generated dataset, and records for each row the SHA-256 of the set's tensors and
 manifest's data and model identity, the run's config hash) and the student's test metrics. `--against` compares with an earlier
 record and exits 1 on any difference:
 
-    python experiments/golden.py --root /tmp/golden_before --out /tmp/golden_before.json
+    python experiments/golden.py --root /tmp/golden --out /tmp/golden_before.json
     ... change the code ...
-    python experiments/golden.py --root /tmp/golden_after --out /tmp/golden_after.json --against /tmp/golden_before.json
+    python experiments/golden.py --root /tmp/golden --out /tmp/golden_after.json --against /tmp/golden_before.json
+
+The root is emptied first; give records you compare the same root (configs and identities hold absolute paths).
 
 CPU float arithmetic is reproducible on one machine with one torch build and thread count (the harness pins one
 thread), not across machines: compare records made on the same box. About 6 minutes on the 2-core CPU box.
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -79,7 +82,8 @@ def record_set(run: Path) -> dict:
 
 
 def run_all(root: Path, rows: list[str]) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     out: dict = {}
     t0 = time.perf_counter()
     for model in ("convnet_minilm", "convnet_heads"):
@@ -113,7 +117,7 @@ def differences(now: dict, before: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="an empty working folder for the runs")
+    parser.add_argument("--root", type=Path, required=True, help="the working folder for the runs (emptied first)")
     parser.add_argument("--out", type=Path, required=True, help="the record (JSON) to write")
     parser.add_argument("--against", type=Path, help="an earlier record: exit 1 where this one differs")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
