@@ -98,9 +98,9 @@ def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4,
     0.05 away from the start), the same draws every call: for comparing meta-gradient paths exactly."""
     import torch
 
-    from mmdd.methods.matching import BatchSchedule
+    from mmdd.methods.trajectory.unrolling import BatchSchedule
     from mmdd.models.functional import ParamLayout
-    from mmdd.methods.meta_gradient import Segment
+    from mmdd.methods.trajectory.meta_gradient import Segment
 
     for p in model.parameters():
         p.requires_grad_(False)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import toy_segment
 from mmdd.models.functional import ParamLayout
-from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
+from mmdd.methods.trajectory.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import symmetric_infonce

@@ -45,8 +45,8 @@ def test_the_independent_reference_port_gives_mmdds_gradients(name, merged):
 
     from conftest import toy_segment
     from mmdd.bench.reference import REFERENCE
-    from mmdd.methods.matching import Blend
-    from mmdd.methods.meta_gradient import meta_gradient
+    from mmdd.methods.trajectory.unrolling import Blend
+    from mmdd.methods.trajectory.meta_gradient import meta_gradient
     from mmdd.models.convnet import ConvNet
     from mmdd.models.dual_encoder import DualEncoder
     from mmdd.models.losses import weighted_bce

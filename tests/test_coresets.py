@@ -1,6 +1,6 @@
 import torch
 
-from mmdd.methods.coreset import ForgettingTracker, herding_select, kcenter_select
+from mmdd.methods.selection.coresets import ForgettingTracker, herding_select, kcenter_select
 
 
 def test_kcenter_picks_the_farthest_points():

@@ -11,11 +11,11 @@ import torch
 
 from conftest import TINY, run_in_process
 from mmdd.errors import MmddError
-from mmdd.methods.clustering import cooccurrence, kmeans, match_clusters, nearest_members
-from mmdd.methods.encoders import EncoderSampler, EncoderSettings, merge_weights, model_stock_ratio
-from mmdd.methods.mmd import agreement_and_disparity, geodesic_kernel, gke, mean_distance, mmd2
-from mmdd.methods.outer_loop import OuterLoop
-from mmdd.methods.prototypes import match_prototypes, nearest_distinct, prune_pairs
+from mmdd.methods.selection.clustering import cooccurrence, kmeans, match_clusters, nearest_members
+from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings, merge_weights, model_stock_ratio
+from mmdd.methods.distribution.mmd import agreement_and_disparity, geodesic_kernel, gke, mean_distance, mmd2
+from mmdd.methods.engine.outer_loop import OuterLoop
+from mmdd.methods.selection.prototypes import match_prototypes, nearest_distinct, prune_pairs
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 
@@ -204,7 +204,7 @@ def test_prototypes_are_the_means_of_matched_cells():
 
 
 def test_loss_weights_must_leave_a_loss():
-    from mmdd.methods.distribution_matching import DMLoss, DMSettings, MDMLoss, MDMSettings
+    from mmdd.methods.distribution.objective import DMLoss, DMSettings, MDMLoss, MDMSettings
 
     lrs = dict(lr_img=1.0, lr_txt=1.0, lr_lr=0.0, lr_init=0.1)
     with pytest.raises(MmddError, match="lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0"):
@@ -395,7 +395,7 @@ def test_mdm_resumed_equals_uninterrupted(tiny_store):
 
 
 def test_pds_settings_are_typed_like_every_method_s():
-    from mmdd.methods.prototypes import PrototypeSettings
+    from mmdd.methods.selection.prototypes import PrototypeSettings
 
     with pytest.raises(MmddError, match=r"method.prune_ratio must be a finite number, got 'abc'"):
         PrototypeSettings(prune_ratio="abc")
@@ -410,7 +410,7 @@ def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
     from mmdd.data.annotations import Split
     from mmdd.data.datamodule import SplitData
     from mmdd.evaluate.encode import BackboneFeatures
-    from mmdd.methods.distribution_matching import RealPairs
+    from mmdd.methods.distribution.objective import RealPairs
     from mmdd.models.convnet import ConvNet
     from mmdd.models.dual_encoder import DualEncoder
 

@@ -1,4 +1,4 @@
-"""The parity hooks: a run's random draws recorded and replayed (draws.record / draws.replay, mmdd.methods.draws), and
+"""The parity hooks: a run's random draws recorded and replayed (draws.record / draws.replay, mmdd.methods.trajectory.draws), and
 a run started from a given set (init_from)."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_in_process, run_mmdd
-from mmdd.methods.draws import RecordingDraws, ReplayedDraws
+from mmdd.methods.trajectory.draws import RecordingDraws, ReplayedDraws
 from mmdd.utils.draws import replayed_dropout
 from mmdd.synthetic.similarity import LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet

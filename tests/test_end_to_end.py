@@ -185,7 +185,7 @@ def test_distillation_learns(tiny_run):
     from hydra.utils import instantiate
 
     from mmdd.data.datamodule import load_data
-    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
+    from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.paths import conf_dir
     from mmdd.synthetic.synthetic_set import SyntheticSet

@@ -208,9 +208,9 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from hydra import compose, initialize_config_dir
 
     from mmdd.data.datamodule import load_data
-    from mmdd.methods.outer_loop import outer_optimizer
-    from mmdd.methods.draws import draw_segment_start
-    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
+    from mmdd.methods.engine.outer_loop import outer_optimizer
+    from mmdd.methods.trajectory.draws import draw_segment_start
+    from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.utils.seed import rank_seed
     from mmdd.models.functional import ParamLayout
     from mmdd.teachers.trajectory_store import open_checked_trajectories
@@ -453,7 +453,7 @@ class _RunsCode:
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_unpickling_it(tmp_path):
     from mmdd.errors import ArtifactError
-    from mmdd.methods.checkpointing import resume_checkpoint
+    from mmdd.methods.engine.checkpointing import resume_checkpoint
 
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "handed_over.ckpt"
@@ -466,7 +466,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_unpickling_it(tmp_p
 
 
 def test_a_checkpoint_is_written_beside_itself_and_renamed_so_a_failed_write_keeps_the_last_one(tmp_path, monkeypatch):
-    from mmdd.methods import distributed
+    from mmdd.methods.engine import distributed
 
     io = distributed.GuardedCheckpointIO()
     path = tmp_path / "checkpoint" / "last.ckpt"

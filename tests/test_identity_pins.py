@@ -80,3 +80,14 @@ def test_every_experiment_is_pinned():
 def test_every_method_is_pinned():
     methods = sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
     assert [m for m in methods if m != "mtt_vl" and f"method={m}" not in PINNED] == []  # mtt_vl: 'default'
+
+
+def test_every_moved_class_exists_where_it_now_lives():
+    """FIRST_CLASS_PATHS names moved classes by their first path; its keys must be where the classes are today (a
+    typo there would hash a config under a path nothing can instantiate)."""
+    from hydra.utils import get_class
+
+    from mmdd.utils.config import FIRST_CLASS_PATHS
+
+    for now, first in FIRST_CLASS_PATHS.items():
+        assert get_class(now).__name__ == first.rsplit(".", 1)[1]

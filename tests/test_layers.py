@@ -75,6 +75,30 @@ def test_a_unit_imports_no_higher_layer(unit):
     assert not offending, sorted(offending)
 
 
+# Inside mmdd.methods, lowest first: the contract, the engine every learned method runs on, then the paradigms (which
+# may share each other's pieces: MDM starts from the selection's k-means medoids)
+METHOD_LAYERS = [{"base"}, {"engine"}, {"trajectory", "distribution", "selection"}]
+METHOD_LAYER = {part: i for i, parts in enumerate(METHOD_LAYERS) for part in parts}
+
+
+def test_the_method_engine_imports_no_paradigm_and_the_contract_no_engine():
+    def part(module: str) -> str | None:
+        bits = module.split(".")
+        return bits[2] if len(bits) > 2 and bits[1] == "methods" else None
+
+    offending = set()
+    for path in sorted((SRC / "methods").rglob("*.py")):
+        here = part(module_of(path))
+        if here is None:  # the package face re-exports the contract
+            continue
+        assert here in METHOD_LAYER, f"{path.relative_to(SRC)}: put it in a METHOD_LAYERS part"
+        for module in imported_modules(path):
+            there = part(module)
+            if there in METHOD_LAYER and METHOD_LAYER[there] > METHOD_LAYER[here]:
+                offending.add(f"{path.relative_to(SRC)} imports {module}")
+    assert not offending, sorted(offending)
+
+
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected groups of more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []

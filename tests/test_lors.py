@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mmdd.methods.matching import BatchSchedule
-from mmdd.methods.meta_gradient import Segment, full_unroll, tesla
+from mmdd.methods.trajectory.unrolling import BatchSchedule
+from mmdd.methods.trajectory.meta_gradient import Segment, full_unroll, tesla
 from mmdd.models.losses import multilabel_infonce, pair_loss, soft_bce, soft_ce, soft_mse, lors_kl, symmetric_infonce, weighted_bce
 from mmdd.synthetic.similarity import FullSimilarity, LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -150,7 +150,7 @@ def test_S_gradient_matches_finite_differences():
         s2, sim2 = lors_segment(2)
         with torch.no_grad():
             sim2.right[1, 0] += delta
-        from mmdd.methods.matching import matching_loss, unroll_full
+        from mmdd.methods.trajectory.unrolling import matching_loss, unroll_full
 
         final = unroll_full(s2.model, s2.layout, s2.start, {k: v.detach() for k, v in s2.lrs.items()}, s2.images.detach(),
                             s2.texts.detach(), s2.schedule, 2, s2.inner_loss)

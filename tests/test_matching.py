@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmdd.methods.matching import BatchSchedule, matching_loss, unroll_full
+from mmdd.methods.trajectory.unrolling import BatchSchedule, matching_loss, unroll_full
 from mmdd.models.functional import ParamLayout
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder

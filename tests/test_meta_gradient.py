@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mmdd.methods.matching import BatchSchedule, matching_loss
+from mmdd.methods.trajectory.unrolling import BatchSchedule, matching_loss
 from mmdd.models.functional import functional_logits
-from mmdd.methods.meta_gradient import Segment, full_unroll, tesla
+from mmdd.methods.trajectory.meta_gradient import Segment, full_unroll, tesla
 from mmdd.models.losses import symmetric_infonce
 from test_matching import setup
 

@@ -15,8 +15,8 @@ import torch
 
 from conftest import TINY
 from mmdd.errors import MmddError
-from mmdd.methods.learned import LearnedMethod
-from mmdd.methods.outer_loop import (NonFiniteLoss, ObjectiveStep, OuterIterations, OuterLoop, OuterSettings,
+from mmdd.methods.engine.learned import LearnedMethod
+from mmdd.methods.engine.outer_loop import (NonFiniteLoss, ObjectiveStep, OuterIterations, OuterLoop, OuterSettings,
                                      outer_optimizer)
 from mmdd.synthetic.similarity import LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet

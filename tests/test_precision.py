@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from conftest import toy_segment
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import BackboneFeatures
-from mmdd.methods.learned import check_distill_precision
-from mmdd.methods.meta_gradient import tesla, with_cached_features
+from mmdd.methods.engine.learned import check_distill_precision
+from mmdd.methods.trajectory.meta_gradient import tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import symmetric_infonce

@@ -10,11 +10,11 @@ import torch
 
 from conftest import TINY, run_in_process
 from mmdd.errors import MmddError
-from mmdd.methods.outer_loop import OuterLoop
-from mmdd.methods.draws import draw_segment_start
-from mmdd.methods.trajectory_matching import MatchingSettings
+from mmdd.methods.engine.outer_loop import OuterLoop
+from mmdd.methods.trajectory.draws import draw_segment_start
+from mmdd.methods.trajectory.objective import MatchingSettings
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings, shortcut_betas
+from mmdd.methods.trajectory.shortcut import ConvexifiedSnapshots, ConvexifySettings, shortcut_betas
 from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 
 NAMES = {"image": ["w", "still"], "text": ["t"]}
@@ -81,7 +81,7 @@ class TinyModel(torch.nn.Module):
 def test_convexify_handles_scalar_parameters_and_windows_reach_the_last_snapshot(tmp_path):
     """A 0-d tensor (timm NFNets' skipinit gains) is convexified like any other; a window whose last start plus
     expert_epochs lands on the last kept snapshot is accepted, one further is refused, naming convexify.end."""
-    from mmdd.methods.trajectory_matching import TrajectoryMatchingObjective
+    from mmdd.methods.trajectory.objective import TrajectoryMatchingObjective
 
     names, shapes = {"image": ["gain"], "text": ["t"]}, {"gain": [], "t": [2]}
     store = TrajectoryStore.create_or_open(tmp_path / "s", dataset="d", model="m", config_hash="h", param_names=names,

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import toy_segment
-from mmdd.methods.matching import Blend
+from mmdd.methods.trajectory.unrolling import Blend
 from mmdd.models.functional import ParamLayout
-from mmdd.methods.meta_gradient import full_unroll, tesla, with_cached_features
+from mmdd.methods.trajectory.meta_gradient import full_unroll, tesla, with_cached_features
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder
 from mmdd.models.losses import weighted_bce
@@ -132,7 +132,7 @@ def test_method_temperature_sets_the_distillation_models_logit_scale_only():
     from omegaconf import OmegaConf
 
     from mmdd.errors import MmddError
-    from mmdd.methods.trajectory_matching import TrajectoryMatching
+    from mmdd.methods.trajectory.objective import TrajectoryMatching
     from mmdd.paths import conf_dir
 
     settings = OmegaConf.to_container(OmegaConf.load(conf_dir() / "method" / "mtt_vl.yaml"))

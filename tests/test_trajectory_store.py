@@ -192,7 +192,7 @@ def test_the_snapshot_cache_serves_repeated_draws_without_reading_and_evicts_the
 def test_the_snapshot_cache_setting(monkeypatch):
     from omegaconf import OmegaConf
 
-    from mmdd.methods.trajectory_matching import MatchingSettings, snapshot_cache_bytes
+    from mmdd.methods.trajectory.objective import MatchingSettings, snapshot_cache_bytes
 
     class Reader:
         n_experts = 20

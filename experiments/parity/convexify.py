@@ -3,7 +3,7 @@
 
 The official convexify.py (run unedited, in its own process) rewrites the LoRS parity run's replay buffers (the
 experts of `mmdd buffer`, exported by run.py) into `convexified_<start>_<end>/`; mmdd computes the same shortcut on
-the fly (`mmdd.teachers.convexify.ConvexifiedSnapshots`, `method.convexify: {start, end}`). Every snapshot of every
+the fly (`mmdd.methods.trajectory.shortcut.ConvexifiedSnapshots`, `method.convexify: {start, end}`). Every snapshot of every
 expert is compared, per modality (max |a - b| / max |b|). Writes <work>/parity_convexify.json.
 """
 
@@ -26,7 +26,7 @@ def main() -> int:
 
     args, official, work, inputs = on_lors_run(__doc__, "PTM-ST", add_arguments)
 
-    from mmdd.teachers.convexify import ConvexifiedSnapshots, ConvexifySettings
+    from mmdd.methods.trajectory.shortcut import ConvexifiedSnapshots, ConvexifySettings
     from mmdd.teachers.replay_buffer import read_replay_buffers
     from mmdd.teachers.trajectory_store import ExpertSnapshots, TrajectoryStore
 

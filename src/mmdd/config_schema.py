@@ -3,7 +3,7 @@
 Each YAML file of these groups lists its schema first in its defaults, so Hydra checks at composition time,
 before anything runs, that no key is misspelt or missing and that every value has the right type, e.g.
 `mmdd distill protocol.epochs=abc` stops with "Value 'abc' of type 'str' could not be converted to Integer".
-Methods are validated by their own settings dataclasses (`mmdd.methods.outer_loop.OuterSettings` and its subclasses,
+Methods are validated by their own settings dataclasses (`mmdd.methods.engine.outer_loop.OuterSettings` and its subclasses,
 through `check_fields`) when they are built, since learned methods and coresets differ.
 """
 

@@ -4,7 +4,7 @@ For the composed config: parameter counts, the trajectory store's size on disk, 
 memory per stage (teachers, distillation with the full unroll or TESLA, students). Nothing is computed for real:
 the model, the synthetic set and the expert snapshots are built on PyTorch's `meta` device (shapes only, no
 weights, no network) and one step of the stage's own code runs there (a teacher's training step; one outer
-iteration of the configured meta-gradient, mmdd.methods.meta_gradient, with its outer SGD step) under PyTorch's
+iteration of the configured meta-gradient, mmdd.methods.trajectory.meta_gradient, with its outer SGD step) under PyTorch's
 dispatch-mode tracker (`LiveBytes`) that follows every tensor storage from the op that made it until its last
 reference dies, and keeps the peak. Left out: the allocator's slack and fragmentation, CUDA's context and
 cuDNN/cuBLAS workspaces (a few hundred MB on a GPU). experiments/bench.md compares the estimate with the resident
@@ -157,8 +157,8 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     """One outer iteration of trajectory matching as the outer loop takes it: the configured meta-gradient (on cached
     frozen-backbone features where the run would cache them) and the outer SGD step over the set, with the two
     expert snapshots on the device."""
-    from mmdd.methods.outer_loop import outer_optimizer
-    from mmdd.methods.trajectory_matching import build_segment, meta_gradient_for
+    from mmdd.methods.engine.outer_loop import outer_optimizer
+    from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.models.functional import ParamLayout
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -207,9 +207,9 @@ def distribution_estimate(cfg, model, dim: int, method) -> Estimate:
 
 
 def distribution_step(cfg, model, dim: int, method, device="meta"):
-    """One outer iteration of a distribution-matching method (mmdd.methods.distribution_matching): the set, a real
+    """One outer iteration of a distribution-matching method (mmdd.methods.distribution.objective): the set, a real
     batch embedded without grad, a synthetic batch embedded with it, the loss, its backward to the set, the step."""
-    from mmdd.methods.outer_loop import outer_optimizer
+    from mmdd.methods.engine.outer_loop import outer_optimizer
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
     mc = method.config
@@ -242,8 +242,8 @@ def make_plan(cfg) -> dict:
     """Everything `mmdd plan` prints, as data."""
     from hydra.utils import instantiate
 
-    from mmdd.methods.distribution_matching import DistributionMatching
-    from mmdd.methods.trajectory_matching import TrajectoryMatching
+    from mmdd.methods.distribution.objective import DistributionMatching
+    from mmdd.methods.trajectory.objective import TrajectoryMatching
 
     dim = text_dim(cfg)
     model = meta_model(cfg, dim)
@@ -302,7 +302,7 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
     nothing is checked on the CPU), naming the departures that fit with their estimates. hardware.memory_check=false
     skips the check (e.g. to try a cell the estimate is wrong about); under bf16 the fp32 estimate is an upper bound,
     so it is not checked."""
-    from mmdd.methods.trajectory_matching import TrajectoryMatching
+    from mmdd.methods.trajectory.objective import TrajectoryMatching
 
     if not bool(cfg.hardware.get("memory_check", True)) or str(cfg.hardware.precision) != "32-true":
         return

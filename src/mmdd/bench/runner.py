@@ -22,10 +22,10 @@ from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.datamodule import load_data
 from mmdd.errors import MmddError
-from mmdd.methods.outer_loop import outer_optimizer
+from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
-from mmdd.methods.draws import draw_segment_start
-from mmdd.methods.trajectory_matching import TrajectoryMatching, build_segment, caches_features, meta_gradient_for
+from mmdd.methods.trajectory.draws import draw_segment_start
+from mmdd.methods.trajectory.objective import TrajectoryMatching, build_segment, caches_features, meta_gradient_for
 from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
@@ -40,7 +40,7 @@ PATHS = ("reference", "ours")
 
 class GradientPath:
     """One way of computing an iteration's gradients: a trajectory source and a meta-gradient strategy.
-    The draws and the segment's data are the distillation's own (mmdd.methods.trajectory_matching). `rebuild`: build the
+    The draws and the segment's data are the distillation's own (mmdd.methods.trajectory.objective). `rebuild`: build the
     model anew every iteration (the reference loops construct their student networks per iteration)."""
 
     def __init__(self, model, layout, config, strategy, source, autocast: torch.dtype | None = None, rebuild=None):

@@ -1,7 +1,7 @@
 """What a student draws at random, from one replaceable source: its initial weights, its mini-batches, its dropout masks.
 
 By default a student draws them itself (its seed, the protocol's batch draw, torch's dropout). Two hooks make them
-explicit (conf/evaluate.yaml `student_draws`), as `draws` does for a distillation (mmdd.methods.draws), in the same
+explicit (conf/evaluate.yaml `student_draws`), as `draws` does for a distillation (mmdd.methods.trajectory.draws), in the same
 folder format (mmdd.utils.draws):
 
 - `student_draws.record=<dir>`: each student k writes its draws to `<dir>/student_<k>/`;

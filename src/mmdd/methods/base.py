@@ -48,7 +48,7 @@ class Method:
     """
 
     name: str = "method"
-    takes_draws = False  # whether draws.record / draws.replay (mmdd.methods.draws) apply to its random draws
+    takes_draws = False  # whether draws.record / draws.replay (mmdd.methods.trajectory.draws) apply to its random draws
 
     def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> DistillResult:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from mmdd.data.datamodule import load_annotations, load_data
 from mmdd.errors import MmddError
 from mmdd.methods.base import check_budget, save_synthetic
-from mmdd.methods.draws import draws_hooked
+from mmdd.utils.draws import draws_hooked
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files
 from mmdd.data.transforms import denormalize
 from mmdd.synthetic.synthetic_set import load_captions
@@ -70,7 +70,7 @@ def complete_selection(method, cfg, out_dir: Path) -> bool:
     sweep: PDS's k-means or forgetting's training need not run again). Learned methods resume from their checkpoint
     instead; resume=false recomputes."""
     from mmdd.errors import ArtifactError
-    from mmdd.methods.learned import LearnedMethod
+    from mmdd.methods.engine.learned import LearnedMethod
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.config import config_hash
 

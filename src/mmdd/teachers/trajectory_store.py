@@ -301,7 +301,7 @@ class ExpertSnapshots:
                                 "`mmdd buffer` with the settings that made the store: it trains that expert again") from exc
 
     def _rows(self, f, expert: int, name: str, epochs: Sequence[int]) -> list[torch.Tensor]:
-        """Parameter `name`'s value at each of `epochs` (a subclass may derive them: teachers.convexify)."""
+        """Parameter `name`'s value at each of `epochs` (a subclass may derive them: methods.trajectory.shortcut)."""
         return [f.get_slice(name)[epoch] for epoch in epochs]
 
     def snapshots(self, expert: int, epochs: Sequence[int]) -> list[dict[str, torch.Tensor]]:

@@ -17,7 +17,18 @@ def to_plain(cfg) -> dict:
 # Classes moved since identities were first made (a config's `_target_`): current path -> the path identities name
 # it by. A hash names a class by its first path, so moving code never orphans a store, a checkpoint or an interrupted
 # evaluation. Add a line when a configured class moves.
-FIRST_CLASS_PATHS: dict[str, str] = {}
+FIRST_CLASS_PATHS: dict[str, str] = {
+    # 2026-12-07: methods grouped by paradigm (mmdd.methods.trajectory / distribution / selection)
+    "mmdd.methods.trajectory.objective.TrajectoryMatching": "mmdd.methods.trajectory_matching.TrajectoryMatching",
+    "mmdd.methods.trajectory.phases.PhasedTrajectoryMatching": "mmdd.methods.phased.PhasedTrajectoryMatching",
+    "mmdd.methods.distribution.objective.DistributionMatching":
+        "mmdd.methods.distribution_matching.DistributionMatching",
+    "mmdd.methods.distribution.objective.MultimodalDistributionMatching":
+        "mmdd.methods.distribution_matching.MultimodalDistributionMatching",
+    "mmdd.methods.selection.prototypes.PrototypeSelection": "mmdd.methods.prototypes.PrototypeSelection",
+    **{f"mmdd.methods.selection.coresets.{c}": f"mmdd.methods.coreset.{c}"
+       for c in ("RandomCoreset", "HerdingCoreset", "KCenterCoreset", "ForgettingCoreset")},
+}
 
 
 def first_class_paths(tree):

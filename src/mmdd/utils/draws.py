@@ -1,6 +1,6 @@
 """A folder of recorded random draws, read and written step by step, with dropout masks recorded or replayed.
 
-The format of `draws.record` / `draws.replay` (mmdd.methods.draws: a distillation's iterations) and of
+The format of `draws.record` / `draws.replay` (mmdd.methods.trajectory.draws: a distillation's iterations) and of
 `student_draws` (mmdd.evaluate.student_draws: a student's training steps): `draws.json` holds one record per
 iteration (what was drawn, and how many dropout calls it made) and `dropout.safetensors` the masks of every dropout
 call, keyed "<iteration>.<call>" (uint8 0/1). `RecordedSteps` records the masks of a step's active dropout modules;
@@ -166,3 +166,9 @@ class ReplayedSteps:
         recorded = self.now.get("dropout_calls")
         if recorded is not None and recorded != self._call:
             self.refuse(f"it made {self._call} dropout calls, {recorded} were recorded")
+
+
+def draws_hooked(cfg) -> bool:
+    """Whether the run records or replays its draws (conf/distill.yaml `draws`)."""
+    draws = cfg.get("draws") or {}
+    return bool(draws.get("record") or draws.get("replay"))

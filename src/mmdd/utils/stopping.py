@@ -5,7 +5,7 @@ Without this, a SIGTERM (SLURM's time limit or preemption) during teacher or stu
 becomes Lightning's `sys.exit(1)`; and either signal outside training ends the process with no word. The handlers
 here only remember the signal and stop the way Python would; the CLI then says what was stopped and exits with
 128 + the signal's number (143 SIGTERM, 130 SIGINT). Distillation saves a checkpoint at the current iteration first
-(methods.checkpointing.DistillCheckpoint).
+(methods.engine.checkpointing.DistillCheckpoint).
 """
 
 from __future__ import annotations

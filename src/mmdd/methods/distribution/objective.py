@@ -1,5 +1,5 @@
 """Distribution matching: the set is learned so that its embeddings are distributed as the real data's, under an
-encoder drawn anew each iteration (mmdd.methods.encoders). Single-level: no trajectories are unrolled, so an
+encoder drawn anew each iteration (mmdd.methods.distribution.encoders). Single-level: no trajectories are unrolled, so an
 iteration costs two forward passes and one backward.
 
 dm   DM for image-text (after Zhao & Bilen, WACV 2023): squared distance of the mean embeddings of a real and a
@@ -7,7 +7,7 @@ dm   DM for image-text (after Zhao & Bilen, WACV 2023): squared distance of the 
      initialised encoders. The simplest member of the family: MDM's parts are ablated against it.
 mdm  MDM-style (Multimodal Distribution Matching, CVPR 2026; code andyj1/mdm, distill_mdm.py):
          L = lambda_nce InfoNCE(synthetic pairs) + lambda_agr GKE(u_syn, u_real) + lambda_dis GKE(g_syn, g_real)
-     with GKE the geodesic-kernel MMD (mmdd.methods.mmd), a mixed teacher as the encoder, and a k-means
+     with GKE the geodesic-kernel MMD (mmdd.methods.distribution.mmd), a mixed teacher as the encoder, and a k-means
      initialisation in the teacher's joint image-text space. "-style" because MDM's release cannot run as published
      (no data package; its teacher merge and default k-means path are broken; the loop saves nothing): its data
      order, transforms and evaluation cannot be read. What could be read is followed; differences are named in
@@ -26,11 +26,11 @@ from mmdd.config_schema import check_fields
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import BackboneFeatures, encode_split
-from mmdd.methods.clustering import kmeans, nearest_members
-from mmdd.methods.encoders import EncoderSampler, EncoderSettings
-from mmdd.methods.learned import LearnedMethod
-from mmdd.methods.mmd import ESTIMATORS, agreement_and_disparity, gke, mean_distance
-from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
+from mmdd.methods.selection.clustering import kmeans, nearest_members
+from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings
+from mmdd.methods.engine.learned import LearnedMethod
+from mmdd.methods.distribution.mmd import ESTIMATORS, agreement_and_disparity, gke, mean_distance
+from mmdd.methods.engine.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -48,7 +48,7 @@ class DistributionSettings(OuterSettings):
 
     real_batch: int = 256  # real (image, caption) pairs per iteration, drawn uniformly without replacement
     syn_batch: int | None = 64  # synthetic pairs per iteration (MDM: at most 64); None = all
-    encoder: dict = field(default_factory=dict)  # mmdd.methods.encoders.EncoderSettings
+    encoder: dict = field(default_factory=dict)  # mmdd.methods.distribution.encoders.EncoderSettings
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,6 +1,6 @@
 """A distillation's checkpoints: where they live, when they are written, which one a run resumes from.
 
-Not specific to any method: every learned method's outer loop (mmdd.methods.outer_loop) is saved and resumed
+Not specific to any method: every learned method's outer loop (mmdd.methods.engine.outer_loop) is saved and resumed
 through these."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmdd.errors import ArtifactError, MmddError
-from mmdd.methods.distributed import GuardedCheckpointIO, raise_together
+from mmdd.methods.engine.distributed import GuardedCheckpointIO, raise_together
 from mmdd.utils.signal_stop import SignalStop
 
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory

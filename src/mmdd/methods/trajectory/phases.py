@@ -27,7 +27,7 @@ from omegaconf import open_dict
 from mmdd.config_schema import check_fields
 from mmdd.errors import MmddError
 from mmdd.methods.base import DistillResult, check_budget, save_synthetic
-from mmdd.methods.trajectory_matching import MatchingSettings, TrajectoryMatching
+from mmdd.methods.trajectory.objective import MatchingSettings, TrajectoryMatching
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.identity import distill_identity
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash

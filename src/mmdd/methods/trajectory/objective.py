@@ -3,7 +3,7 @@ on it from an expert's snapshot at epoch s lands, after `syn_steps` steps, where
 
 One objective for the whole family; the papers differ in settings only (conf/method/*.yaml): the meta-gradient
 (full unroll or TESLA), the inner loss, a learned similarity S (LoRS) and feature blending (RepBlend). The outer
-loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method's (mmdd.methods.outer_loop)."""
+loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method's (mmdd.methods.engine.outer_loop)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import torch
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
-from mmdd.methods.draws import RunDraws, draws_source
-from mmdd.methods.learned import LearnedMethod
-from mmdd.methods.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
-from mmdd.methods.outer_loop import Backward, ObjectiveStep, OuterSettings
+from mmdd.methods.trajectory.draws import RunDraws, draws_source
+from mmdd.methods.engine.learned import LearnedMethod
+from mmdd.methods.trajectory.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
+from mmdd.methods.engine.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
 from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.convexify import ConvexifiedSnapshots
+from mmdd.methods.trajectory.shortcut import ConvexifiedSnapshots
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 from mmdd.utils.seed import probe_seed
 from mmdd.utils.trainer import process_device
@@ -37,7 +37,7 @@ class MatchingSettings(OuterSettings):
     max_start_epoch: int
     min_start_epoch: int = 0  # start epochs drawn from [min_start_epoch, max_start_epoch) (PTM-ST's phase windows)
     # PTM-ST's shortcut trajectories: {start, end} matches snapshots start..end-1 convexified per tensor
-    # (mmdd.teachers.convexify); None = the recorded trajectories
+    # (mmdd.methods.trajectory.shortcut); None = the recorded trajectories
     convexify: dict | None = None
     batch_syn: int | None = None  # inner mini-batch; None = all pairs
     loss_merge: str = "separate"
@@ -83,7 +83,7 @@ class MatchingSettings(OuterSettings):
             raise MmddError(f"method.min_start_epoch ({self.min_start_epoch}) must be >= 0 and below max_start_epoch "
                             f"({self.max_start_epoch}): starts are drawn from [min, max)")
         if self.convexify is not None:
-            from mmdd.teachers.convexify import ConvexifySettings
+            from mmdd.methods.trajectory.shortcut import ConvexifySettings
 
             self.convexify_settings = ConvexifySettings(**dict(self.convexify))
 
@@ -91,7 +91,7 @@ class MatchingSettings(OuterSettings):
 def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: MatchingSettings, start, target,
                   generator: torch.Generator, device=None, draws: RunDraws | None = None) -> Segment:
     """One iteration's segment: the synthetic set's data, step sizes and S, batches and blends drawn from
-    `generator` (so two runs with equally seeded generators draw the same), or from `draws` (mmdd.methods.draws:
+    `generator` (so two runs with equally seeded generators draw the same), or from `draws` (mmdd.methods.trajectory.draws:
     recorded or replayed)."""
     draws = draws or RunDraws()
 
@@ -151,7 +151,7 @@ class TrajectoryMatchingObjective:
         self.settings = settings
         self._meta_gradient = None  # the meta-gradient (on cached features when allowed), chosen at the first iteration
         self.teacher_experts = list(trajectories.experts)
-        self.draws = draws or RunDraws()  # where the iteration's random draws come from (mmdd.methods.draws)
+        self.draws = draws or RunDraws()  # where the iteration's random draws come from (mmdd.methods.trajectory.draws)
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
@@ -195,7 +195,7 @@ class TrajectoryMatching(LearnedMethod):
     """Distils by matching expert trajectories; all settings live in a `MatchingSettings`."""
 
     settings_cls = MatchingSettings
-    takes_draws = True  # expert, start epoch, mini-batches, blends, dropout masks: mmdd.methods.draws
+    takes_draws = True  # expert, start epoch, mini-batches, blends, dropout masks: mmdd.methods.trajectory.draws
     second_order = True  # the student's inner steps are differentiated: its backbone stays uncompiled
 
     def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:

@@ -197,7 +197,7 @@ class OuterLoop(L.LightningModule):
 
     # -- checkpoints: everything an uninterrupted run would still have in memory --------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from mmdd.methods.distributed import gather_states
+        from mmdd.methods.engine.distributed import gather_states
 
         checkpoint["mmdd"] = {
             "identity": self.identity,

@@ -14,10 +14,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mmdd.errors import MmddError, Stopped
 from mmdd.data.transforms import augment_config
 from mmdd.methods.base import DistillResult, Method, check_budget, reference_pairs, sample_real_pairs, save_synthetic
-from mmdd.methods.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
-from mmdd.methods.distributed import GuardedCheckpointIO, distill_strategy
-from mmdd.methods.draws import draws_hooked
-from mmdd.methods.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
+from mmdd.methods.engine.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
+from mmdd.methods.engine.distributed import GuardedCheckpointIO, distill_strategy
+from mmdd.utils.draws import draws_hooked
+from mmdd.methods.engine.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible

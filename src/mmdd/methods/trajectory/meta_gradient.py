@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from mmdd.methods.matching import Blend, BatchSchedule, matching_loss, unroll_full
+from mmdd.methods.trajectory.unrolling import Blend, BatchSchedule, matching_loss, unroll_full
 from mmdd.models.functional import ParamLayout, functional_logits
 
 @dataclass

@@ -36,7 +36,7 @@ from mmdd.errors import MmddError
 from mmdd.evaluate.encode import encode_split
 from mmdd.methods.base import DistillResult, Method, check_budget
 from mmdd.config_schema import check_fields
-from mmdd.methods.clustering import METRICS, cooccurrence, kmeans, match_clusters
+from mmdd.methods.selection.clustering import METRICS, cooccurrence, kmeans, match_clusters
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
 from mmdd.utils.trainer import process_device
 
@@ -148,7 +148,7 @@ class PrototypeSelection(Method):
 
     def prototypes(self, cfg, train, budget: int) -> tuple[Prototypes, torch.Tensor]:
         """The matched prototypes, and the teacher's embedding of every train image."""
-        from mmdd.methods.coreset import final_teacher
+        from mmdd.methods.selection.coresets import final_teacher
 
         model, expert = final_teacher(cfg, train)
         self.teacher_experts = [expert]

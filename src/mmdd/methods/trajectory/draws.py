@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mmdd.errors import MmddError
-from mmdd.methods.matching import BatchSchedule, Blend, inner_batch_size
+from mmdd.methods.trajectory.unrolling import BatchSchedule, Blend, inner_batch_size
 from mmdd.utils.draws import RecordedSteps, ReplayedSteps
 
 
@@ -155,12 +155,6 @@ class ReplayedDraws(ReplayedSteps, RunDraws):
 
     def blend(self, generator, alpha):
         return _ReplayedBlend(self)
-
-
-def draws_hooked(cfg) -> bool:
-    """Whether the run records or replays its draws (conf/distill.yaml `draws`)."""
-    draws = cfg.get("draws") or {}
-    return bool(draws.get("record") or draws.get("replay"))
 
 
 def draws_source(draws_cfg) -> RunDraws:
