@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, run_in_process, run_mmdd
+from helpers import method_values
 from mmdd.data.annotations import Split, load_blip_split, load_pairs_table
 from mmdd.data.datamodule import SplitData, load_annotations
 from mmdd.errors import ArtifactError, DataError, MmddError
@@ -121,7 +122,10 @@ def test_non_number_for_a_method_setting_names_the_field(env):
     assert "'<' not supported" not in err
 
 
-MATCHING = dict(syn_steps=2, expert_epochs=1, max_start_epoch=1, lr_img=100, lr_txt=1, lr_lr=0.001, lr_init=0.01)
+def matching(**changes) -> dict:
+    """conf/method/mtt_vl.yaml's settings with a few of them small, and `changes`."""
+    return {**method_values("mtt_vl"), "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 1, "lr_img": 100,
+            "lr_txt": 1, "lr_lr": 0.001, "lr_init": 0.01, **changes}
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -134,17 +138,18 @@ MATCHING = dict(syn_steps=2, expert_epochs=1, max_start_epoch=1, lr_img=100, lr_
     ("lr_lr", float("nan"), r"method.lr_lr must be a finite number, got nan"),
     ("batch_syn", "all", r"method.batch_syn must be an integer or null, got 'all'"),
     ("max_experts", "abc", r"method.max_experts must be an integer or null"),
-    ("inner_loss", 3, r"method.inner_loss must be a string, got 3"),
+    ("inner_loss", 3, r"method.inner_loss must be one of \('infonce', .*\), got 3"),
+    ("meta_gradient", "fast", r"method.meta_gradient must be one of \('full', 'tesla'\), got 'fast'"),
     ("similarity", "lowrank", r"method.similarity must be a mapping of settings or null, got 'lowrank'"),
     ("cache_features", "yes", r"method.cache_features must be true or false, got 'yes'"),
 ])
 def test_matching_config_refuses_wrong_types(field, value, match):
     with pytest.raises(MmddError, match=match):
-        MatchingSettings(**{**MATCHING, field: value})
+        MatchingSettings(**matching(**{field: value}))
 
 
 def test_matching_config_takes_whole_floats_and_int_learning_rates():
-    cfg = MatchingSettings(**{**MATCHING, "syn_steps": 3.0, "max_experts": 2.0})
+    cfg = MatchingSettings(**matching(syn_steps=3.0, max_experts=2.0))
     assert cfg.syn_steps == 3 and isinstance(cfg.syn_steps, int) and isinstance(cfg.max_experts, int)
     assert cfg.lr_img == 100.0 and isinstance(cfg.lr_img, float)
     assert list(range(cfg.syn_steps)) == [0, 1, 2]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_in_process
+from helpers import method_settings, method_values
 from mmdd.errors import MmddError
 from mmdd.methods.selection.clustering import cooccurrence, kmeans, match_clusters, nearest_members
 from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings, merge_weights, model_stock_ratio
@@ -110,17 +111,24 @@ class _Tiny(torch.nn.Module):
         return {"image": ["a"], "text": ["b"]}
 
 
+def encoder(**changes) -> EncoderSettings:
+    """conf/method/mdm.yaml's encoder settings with `changes`."""
+    from mmdd.config_schema import build_settings
+
+    return build_settings(EncoderSettings, {**method_values("mdm")["encoder"], **changes}, "method.encoder", "test")
+
+
 def test_encoder_sampler_loads_an_expert_snapshot_and_a_merged_teacher(caplog):
     model = _Tiny()
     store = _Store(shared_init=True)
     gen = torch.Generator().manual_seed(3)
-    sampler = EncoderSampler(EncoderSettings(kind="expert", min_epoch=1), model, store)
+    sampler = EncoderSampler(encoder(kind="expert", min_epoch=1), model, store)
     stats = sampler.draw(gen)
     want = store.snapshots(int(stats["distill/encoder_expert"]), [int(stats["distill/encoder_epoch"])])[0]
     assert torch.equal(model.a.detach(), want["image"]) and torch.equal(model.b.detach(), want["text"])
     assert 1 <= stats["distill/encoder_epoch"] <= 3
 
-    mixed = EncoderSampler(EncoderSettings(kind="mixed", alpha=0.5), model, store)
+    mixed = EncoderSampler(encoder(kind="mixed", alpha=0.5), model, store)
     gen, replay = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     mixed.draw(gen)
     experts = torch.randperm(3, generator=replay)[:2].tolist()
@@ -131,10 +139,10 @@ def test_encoder_sampler_loads_an_expert_snapshot_and_a_merged_teacher(caplog):
         want = merge_weights({name: w0}, [{name: w1}, {name: w2}], 0.5)[name]
         assert torch.allclose(model.get_parameter(name).detach(), want)
     assert "different initialisations" not in caplog.text
-    EncoderSampler(EncoderSettings(kind="mixed"), model, _Store(shared_init=False)).draw(gen)
+    EncoderSampler(encoder(kind="mixed"), model, _Store(shared_init=False)).draw(gen)
     assert "different initialisations" in caplog.text  # merging experts of different inits is said, not hidden
     with pytest.raises(MmddError, match="recorded epochs"):
-        EncoderSampler(EncoderSettings(kind="expert", max_epoch=5), model, store)
+        EncoderSampler(encoder(kind="expert", max_epoch=5), model, store)
 
 
 # ------------------------------------------------------------------ k-means and matching
@@ -206,12 +214,11 @@ def test_prototypes_are_the_means_of_matched_cells():
 def test_loss_weights_must_leave_a_loss():
     from mmdd.methods.distribution.objective import DMLoss, DMSettings, MDMLoss, MDMSettings
 
-    lrs = dict(lr_img=1.0, lr_txt=1.0, lr_lr=0.0, lr_init=0.1)
     with pytest.raises(MmddError, match="lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0"):
-        DMLoss(DMSettings(**lrs, lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0))
+        DMLoss(method_settings(DMSettings, "dm", lambda_image=0.0, lambda_text=0.0, lambda_agr=0.0, lambda_dis=0.0))
     with pytest.raises(MmddError, match="must be >= 0"):
-        MDMLoss(MDMSettings(**lrs, lambda_agr=-1.0))
-    MDMLoss(MDMSettings(**lrs, lambda_agr=0.0, lambda_dis=0.0))  # InfoNCE alone is a loss
+        MDMLoss(method_settings(MDMSettings, "mdm", lambda_agr=-1.0))
+    MDMLoss(method_settings(MDMSettings, "mdm", lambda_agr=0.0, lambda_dis=0.0))  # InfoNCE alone is a loss
 
 
 def test_prototypes_of_empty_clusters_are_finite():
@@ -290,7 +297,7 @@ def test_grad_clip_bounds_the_joint_norm_of_the_step():
 
     syn = toy_set()
     before = [p.detach().clone() for p in (syn.images, syn.texts)]
-    settings = MeanMatchingSettings(**{**SETTINGS, "momentum": 0.0, "lr_img": 1.0, "lr_txt": 1.0}, grad_clip=0.01)
+    settings = MeanMatchingSettings(**{**SETTINGS, "momentum": 0.0, "lr_img": 1.0, "lr_txt": 1.0, "grad_clip": 0.01})
     fit(OuterLoop(MeanMatchingObjective(torch.full((1, 3, 4, 4), 50.0), torch.full((1, 5), 50.0)), syn, settings,
                   seed=0), 1)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip((syn.images, syn.texts), before)])
@@ -398,10 +405,10 @@ def test_pds_settings_are_typed_like_every_method_s():
     from mmdd.methods.selection.prototypes import PrototypeSettings
 
     with pytest.raises(MmddError, match=r"method.prune_ratio must be a finite number, got 'abc'"):
-        PrototypeSettings(prune_ratio="abc")
+        method_settings(PrototypeSettings, "pds", prune_ratio="abc")
     with pytest.raises(MmddError, match="method.metric must be one of"):
-        PrototypeSettings(metric="manhattan")
-    assert PrototypeSettings(restarts=3.0).restarts == 3  # a whole float from the command line is an int
+        method_settings(PrototypeSettings, "pds", metric="manhattan")
+    assert method_settings(PrototypeSettings, "pds", restarts=3.0).restarts == 3  # a whole float from the command line
 
 
 def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():

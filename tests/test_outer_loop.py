@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY
+from helpers import outer_values
 from mmdd.errors import MmddError
 from mmdd.methods.engine.learned import LearnedMethod
 from mmdd.methods.engine.outer_loop import (NonFiniteLoss, ObjectiveStep, OuterIterations, OuterLoop, OuterSettings,
@@ -25,7 +26,7 @@ from mmdd.synthetic.synthetic_set import SyntheticSet
 # ------------------------------------------------------------------ a new method: the whole of it
 @dataclass(kw_only=True)
 class MeanMatchingSettings(OuterSettings):
-    noise: float = 0.0  # std of Gaussian noise on the real means each iteration (draws from the run's generator)
+    noise: float  # std of Gaussian noise on the real means each iteration (draws from the run's generator)
 
 
 class MeanMatchingObjective:
@@ -59,7 +60,7 @@ class MeanMatching(LearnedMethod):
 
 
 # ------------------------------------------------------------------ the loop itself
-SETTINGS = dict(lr_img=0.24, lr_txt=0.24, lr_lr=0.0, lr_init=0.01, momentum=0.5, iterations=20)
+SETTINGS = outer_values(lr_img=0.24, lr_txt=0.24, lr_lr=0.0, lr_init=0.01, momentum=0.5, iterations=20, noise=0.0)
 
 
 def toy_set(n: int = 6, similarity=None) -> SyntheticSet:
@@ -77,8 +78,8 @@ def fit(loop: OuterLoop, steps: int) -> L.Trainer:
 
 def test_outer_optimizer_groups_give_each_part_of_the_set_its_own_rate():
     syn = toy_set(similarity=LowRankSimilarity(6, 2, 1.0, torch.Generator().manual_seed(0)))
-    settings = OuterSettings(lr_img=100.0, lr_txt=2.0, lr_lr=1e-3, lr_init=0.01, momentum=0.5, lr_sim=10.0,
-                             sim_momentum=0.9)
+    settings = OuterSettings(**outer_values(lr_img=100.0, lr_txt=2.0, lr_lr=1e-3, lr_init=0.01, momentum=0.5,
+                                            lr_sim=10.0, sim_momentum=0.9, iterations=1))
     groups = outer_optimizer(syn, settings).param_groups
     assert [g["params"] for g in groups[:2]] == [[syn.images], [syn.texts]]
     assert groups[2]["params"] == list(syn.lrs.parameters())
@@ -138,8 +139,8 @@ def test_a_new_method_is_one_module_and_one_config(tmp_path):
     extra = tmp_path / "conf" / "method"
     extra.mkdir(parents=True)
     (extra / "mean_matching.yaml").write_text(
-        "_target_: test_outer_loop.MeanMatching\nname: mean_matching\nlr_img: 0.5\nlr_txt: 0.5\nlr_lr: 0.0\n"
-        "lr_init: 0.01\niterations: 4\nnoise: 0.1\n")
+        "defaults: [_outer, _self_]\n_target_: test_outer_loop.MeanMatching\nname: mean_matching\nlr_img: 0.5\n"
+        "lr_txt: 0.5\nlr_lr: 0.0\nlr_init: 0.01\niterations: 4\nnoise: 0.1\n")
     tiny = [o for o in TINY if not o.startswith("method.")]
 
     def distill(iterations: int):

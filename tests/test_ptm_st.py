@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_in_process
+from helpers import method_settings
 from mmdd.errors import MmddError
 from mmdd.methods.engine.outer_loop import OuterLoop
 from mmdd.methods.trajectory.draws import draw_segment_start
@@ -90,11 +91,13 @@ def test_convexify_handles_scalar_parameters_and_windows_reach_the_last_snapshot
     short = ConvexifiedSnapshots(ExpertSnapshots(store, names, [0]), ConvexifySettings(start=0, end=4))
     got = short.snapshots(0, [1, 2])  # step norms 1, 2, 1: beta = 1/4 and 3/4 of the way from 0 to 4
     assert [float(g["image"][0]) for g in got] == [1.0, 3.0]
-    settings = dict(lr_img=1, lr_txt=1, lr_lr=0, lr_init=0.1, syn_steps=1)
+    settings = dict(lr_img=1, lr_txt=1, lr_lr=0, lr_init=0.1, syn_steps=1, min_start_epoch=0)
     model = TinyModel(names, shapes)
-    TrajectoryMatchingObjective(model, short, MatchingSettings(**settings, expert_epochs=1, max_start_epoch=3))
+    TrajectoryMatchingObjective(model, short, method_settings(MatchingSettings, "mtt_vl", **settings, expert_epochs=1,
+                                                              max_start_epoch=3))
     with pytest.raises(MmddError, match="convexify.end"):
-        TrajectoryMatchingObjective(model, short, MatchingSettings(**settings, expert_epochs=2, max_start_epoch=3))
+        TrajectoryMatchingObjective(model, short, method_settings(MatchingSettings, "mtt_vl", **settings,
+                                                                  expert_epochs=2, max_start_epoch=3))
 
 
 def test_start_windows_draw_within_min_and_max():
@@ -107,8 +110,8 @@ def test_start_windows_draw_within_min_and_max():
         expert, start = draw_segment_start(a, 4, 3)
         assert (expert, start) == (int(torch.randint(4, (1,), generator=b)), int(torch.randint(3, (1,), generator=b)))
     with pytest.raises(MmddError, match="min_start_epoch"):
-        MatchingSettings(lr_img=1, lr_txt=1, lr_lr=0, lr_init=0.1, syn_steps=1, expert_epochs=1, max_start_epoch=2,
-                         min_start_epoch=2)
+        method_settings(MatchingSettings, "mtt_vl", syn_steps=1, expert_epochs=1, max_start_epoch=2,
+                        min_start_epoch=2)
 
 
 def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
@@ -116,7 +119,7 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
 
     syn = toy_set()
     x0 = syn.images.detach().clone()
-    settings = MeanMatchingSettings(**{**SETTINGS, "lr_lr": 0.0}, ema_decay=0.9)
+    settings = MeanMatchingSettings(**{**SETTINGS, "lr_lr": 0.0, "ema_decay": 0.9})
 
     class MeanProbe:  # the collapse diagnostics' interface: what they are computed on is what they see
         reference: dict = {}
@@ -151,7 +154,7 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
     # the diagnostics describe the saved (EMA) set, not the raw iterate
     assert loop.diagnostics["final"]["image_mean"] == pytest.approx(float(loop.ema.images.mean()))
     with pytest.raises(MmddError, match="ema_decay"):
-        MeanMatchingSettings(**SETTINGS, ema_decay=1.0)
+        MeanMatchingSettings(**{**SETTINGS, "ema_decay": 1.0})
 
 
 @pytest.mark.slow  # the phases test below checks each phase's window through the same stage

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import toy_segment
+from helpers import method_values
 from mmdd.methods.trajectory.unrolling import Blend
 from mmdd.models.functional import ParamLayout
 from mmdd.methods.trajectory.meta_gradient import full_unroll, tesla, with_cached_features
@@ -129,14 +130,10 @@ def test_tesla_replays_dropout_masks():
 
 
 def test_method_temperature_sets_the_distillation_models_logit_scale_only():
-    from omegaconf import OmegaConf
-
     from mmdd.errors import MmddError
     from mmdd.methods.trajectory.objective import TrajectoryMatching
-    from mmdd.paths import conf_dir
 
-    settings = OmegaConf.to_container(OmegaConf.load(conf_dir() / "method" / "mtt_vl.yaml"))
-    settings = {k: v for k, v in settings.items() if k not in ("_target_", "name")}
+    settings = method_values("mtt_vl")
     model = heads_model()
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07)
     TrajectoryMatching("lors", **{**settings, "temperature": 0.1}).prepare_model(model)

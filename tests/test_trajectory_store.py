@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from helpers import method_settings
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 
@@ -200,8 +201,7 @@ def test_the_snapshot_cache_setting(monkeypatch):
         def snapshot_bytes(self):
             return 150 * 2**20  # LoRS's nfnet_l0 + text head, about 152 MiB
 
-    settings = MatchingSettings(lr_img=1.0, lr_txt=1.0, lr_lr=0.01, lr_init=0.1, syn_steps=2, max_start_epoch=2,
-                                expert_epochs=1)
+    settings = method_settings(MatchingSettings, "mtt_vl", syn_steps=2, max_start_epoch=2, expert_epochs=1)
     hw = lambda **kw: OmegaConf.create({"accelerator": "gpu", "devices": 1, **kw})  # noqa: E731
     assert snapshot_cache_bytes(hw(snapshot_cache_mb=64), Reader(), settings) == 64 * 2**20
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -183,11 +183,67 @@ def check_stage_settings(cfg) -> None:
         cfg.budget = whole_budget(cfg.budget)
 
 
+_WHAT = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+         dict: "a mapping of settings", list: "a list"}
+_NO_VALUE = object()
+
+
+def checked_value(value, hint):
+    """`value` as a value of the annotation `hint`, or _NO_VALUE when it is not one. Understood: int, float, str, bool,
+    dict, list, `X | None`, `list[X]`, `dict[str, X]` and `Literal[...]` (as_kind's rules for the plain kinds)."""
+    import types
+    import typing
+    from collections.abc import Mapping, Sequence
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            converted = checked_value(value, arg)
+            if converted is not _NO_VALUE:
+                return converted
+        return _NO_VALUE
+    if origin is typing.Literal:
+        return value if any(type(value) is type(a) and value == a for a in args) else _NO_VALUE  # True is not 1
+    if origin is list:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            return _NO_VALUE
+        items = [checked_value(v, args[0]) if args else v for v in value]
+        return _NO_VALUE if any(v is _NO_VALUE for v in items) else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            return _NO_VALUE
+        items = {k: checked_value(v, args[1]) if args else v for k, v in value.items()}
+        return _NO_VALUE if any(v is _NO_VALUE for v in items.values()) else items
+    if hint is Any:
+        return value
+    converted = as_kind(value, hint)
+    return _NO_VALUE if converted is None else converted
+
+
+def describe_hint(hint) -> str:
+    """What a value of `hint` is, for a sentence: 'an integer or null', 'one of ('full', 'tesla')', ..."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [describe_hint(a) for a in args if a is not type(None)]
+        return " or ".join(kinds) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return f"one of {args}"
+    if origin is list:
+        return f"a list of {describe_hint(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {describe_hint(args[1]).removeprefix('an ').removeprefix('a ')}s" if args else _WHAT[dict]
+    return _WHAT.get(hint, str(hint))
+
+
 def check_fields(settings, section: str, where: str) -> None:
-    """Check (and normalise, by `as_kind`) every field of a settings dataclass against its annotation, in place:
-    values from YAML or a command-line override are not typed by Hydra for groups without a schema. A value of the
-    wrong kind is an MmddError naming `section.<field>` and `where` to fix it. Annotations understood: int, float,
-    str, bool, dict, list, each optionally `| None`."""
+    """Check (and normalise) every field of a settings dataclass against its annotation, in place: values from YAML
+    or a command-line override are not typed by Hydra for groups without a schema. A value of the wrong kind is an
+    MmddError naming `section.<field>`, what it must be, and `where` to fix it (checked_value's annotations)."""
     import dataclasses
     import typing
 
@@ -195,20 +251,40 @@ def check_fields(settings, section: str, where: str) -> None:
 
     hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        kind = next((a for a in args if a is not type(None)), hint) if args else hint
         value = getattr(settings, f.name)
-        if value is None and optional:
-            continue
-        converted = as_kind(value, kind)
-        if converted is None:
-            what = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
-                    dict: "a mapping of settings", list: "a list"}[kind] + (" or null" if optional else "")
-            raise MmddError(f"{section}.{f.name} must be {what}, got {value!r} ({type(value).__name__}); {where} "
-                            f"({section}.{f.name}=...)")
+        converted = checked_value(value, hints[f.name])
+        if converted is _NO_VALUE:
+            raise MmddError(f"{section}.{f.name} must be {describe_hint(hints[f.name])}, got {value!r} "
+                            f"({type(value).__name__}); {where} ({section}.{f.name}=...)")
         setattr(settings, f.name, converted)
+
+
+def build_settings(cls, values, section: str, where: str):
+    """`cls(**values)` for a settings dataclass whose values come from a config: a key it does not have is a sentence
+    naming the close matches, a key it needs and the config lacks names the config (every setting a method reads is
+    in its YAML, the one source of its defaults)."""
+    import dataclasses
+    import difflib
+
+    from mmdd.errors import MmddError
+
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        said = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=3)
+            said.append(f"{section}.{key}" + (f" (did you mean {' or '.join(f'{section}.{c}' for c in close)}?)"
+                                              if close else ""))
+        raise MmddError(f"{', '.join(said)}: not a setting here ({where}); the settings are: {', '.join(names)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in values]
+    if missing:
+        raise MmddError(f"{where} does not set {', '.join(f'{section}.{m}' for m in missing)}: a config names every "
+                        "setting its method reads (the YAML is where their defaults live); add them")
+    return cls(**values)
 
 
 SCHEMAS = {"hardware": HardwareConfig, "protocol": ProtocolConfig, "teacher": TeacherConfig}

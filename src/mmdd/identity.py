@@ -8,7 +8,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from mmdd.config_schema import TeacherConfig
-from mmdd.utils.config import first_class_paths, to_plain
+from mmdd.utils.config import settled_method, to_plain
 from mmdd.utils.io import stable_hash
 
 
@@ -102,7 +102,7 @@ NEUTRAL_METHOD_OPTIONS = {"wbce_log_eps": None, "tesla_pass2_dropout": "replay"}
 def distill_identity(cfg) -> dict:
     """What a distillation checkpoint may be resumed into: the same data, model, teachers, method settings
     (but RESUMABLE_METHOD_KEYS), seed and budget; hardware, logging and evaluation settings may change too."""
-    method = {k: v for k, v in first_class_paths(to_plain(cfg.method)).items() if k not in RESUMABLE_METHOD_KEYS
+    method = {k: v for k, v in settled_method(to_plain(cfg.method)).items() if k not in RESUMABLE_METHOD_KEYS
               and not (k in NEUTRAL_METHOD_OPTIONS and v == NEUTRAL_METHOD_OPTIONS[k])}
     identity = {"data": data_identity(cfg.data), "model": model_identity(cfg.model),
                 "teacher": teacher_identity(cfg.teacher), "method": method, "seed": cfg.seed, "budget": cfg.budget}

@@ -85,8 +85,9 @@ def complete_selection(method, cfg, out_dir: Path) -> bool:
     return bool(manifest.get("complete")) and manifest.get("config_hash") == config_hash(cfg)
 
 
-def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
-    """Synthesize the set with `cfg.method`; returns the directory it was saved to."""
+def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) -> Path:
+    """Synthesize the set with `cfg.method` (or `method`, built from it); returns the directory it was saved to."""
+    method = method or instantiate(cfg.method)  # its settings checked before any data is read
     seed_everything(cfg.seed)
     if data is None:
         annotations = load_annotations(cfg.data)
@@ -95,7 +96,6 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
     out_dir = Path(out_dir or cfg.synthetic_dir)
     for folder in (out_dir, out_dir / "checkpoint"):  # temp files of a run killed while writing (a rerun resumes)
         remove_stale_temp_files(folder)
-    method = instantiate(cfg.method)
     if draws_hooked(cfg) and not method.takes_draws:
         raise MmddError(f"draws.record / draws.replay apply to trajectory-matching methods; method={cfg.method.name} "
                         "takes no draws from them: unset draws")
@@ -141,9 +141,10 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None) -> Path:
 
 def run(cfg) -> float | None:
     started = time.time()
+    method = instantiate(cfg.method)  # a wrong setting is a sentence in a second, before any data
     check_distill_fits(cfg)  # on a GPU: a cell that cannot fit stops here, before any data, naming what fits
     data = load_data(cfg) if cfg.evaluate else None  # train for distilling, val/test for the students after
-    syn_dir = run_distill(cfg, data)
+    syn_dir = run_distill(cfg, data, method=method)
     launch = current()
     if cfg.evaluate and launch.world_size > 1:
         # Every process trains its share of the students on its own device; process 0 gathers and prints them

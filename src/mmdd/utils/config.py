@@ -31,6 +31,27 @@ FIRST_CLASS_PATHS: dict[str, str] = {
 }
 
 
+# Method settings written into the YAMLs after identities were first made, at the value every run before computed
+# with (then a dataclass default): at that value a key is left out of identities and config hashes, so every store,
+# checkpoint and interrupted evaluation stays valid; at any other value it is part of them. Per class (first path).
+_TRAJECTORY_KEYS_2026_12 = {"grad_clip": None, "ema_decay": None, "min_start_epoch": 0, "convexify": None}
+_DISTRIBUTION_KEYS_2026_12 = {"lr_min": 0.0, "similarity": None, "lr_sim": 0.0, "sim_momentum": 0.5, "ema_decay": None}
+LATER_METHOD_SETTINGS: dict[str, dict] = {
+    "mmdd.methods.trajectory_matching.TrajectoryMatching": _TRAJECTORY_KEYS_2026_12,
+    "mmdd.methods.phased.PhasedTrajectoryMatching": {"grad_clip": None},
+    "mmdd.methods.distribution_matching.DistributionMatching": _DISTRIBUTION_KEYS_2026_12,
+    "mmdd.methods.distribution_matching.MultimodalDistributionMatching": _DISTRIBUTION_KEYS_2026_12,
+}
+
+
+def settled_method(method: dict) -> dict:
+    """A method's settings (plain) as identities name them: its class by its first path, and the settings added to
+    its YAML later left out where they hold the value that was computed with before (LATER_METHOD_SETTINGS)."""
+    method = first_class_paths(method)
+    later = LATER_METHOD_SETTINGS.get(method.get("_target_"), {})
+    return {k: v for k, v in method.items() if not (k in later and v == later[k])}
+
+
 def first_class_paths(tree):
     """`tree` (plain containers) with every `_target_` named by its class's first path (FIRST_CLASS_PATHS)."""
     if isinstance(tree, dict):
@@ -44,6 +65,8 @@ def first_class_paths(tree):
 def config_hash(cfg) -> str:
     """A whole run's config (but where it writes): what a finished selection or student result was made by."""
     plain = first_class_paths(to_plain(cfg))
+    if isinstance(plain.get("method"), dict):
+        plain["method"] = settled_method(plain["method"])
     plain.pop("paths", None)
     plain.pop("hydra", None)
     return stable_hash(plain)

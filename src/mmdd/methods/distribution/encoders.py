@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -37,16 +38,14 @@ KINDS = ("random", "expert", "mixed")
 class EncoderSettings:
     """method.encoder: which network embeds the data each iteration."""
 
-    kind: str = "mixed"
-    experts: int = 2  # mixed: how many experts are merged (MDM: 2)
-    min_epoch: int = 1  # expert/mixed: epochs drawn uniformly from min_epoch..max_epoch, both included (MDM: 1..10)
-    max_epoch: int | None = None  # None = the store's last recorded epoch
-    alpha: float = 0.5  # mixed: MDM's merge_alpha (its script: 0.5)
+    kind: Literal[KINDS]
+    experts: int  # mixed: how many experts are merged (MDM: 2)
+    min_epoch: int  # expert/mixed: epochs drawn uniformly from min_epoch..max_epoch, both included (MDM: 1..10)
+    max_epoch: int | None  # None = the store's last recorded epoch
+    alpha: float  # mixed: MDM's merge_alpha (its script: 0.5)
 
     def __post_init__(self):
         check_fields(self, "method.encoder", "fix it in conf/method/ or on the command line")
-        if self.kind not in KINDS:
-            raise MmddError(f"method.encoder.kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "mixed" and self.experts < 2:
             raise MmddError(f"method.encoder.experts={self.experts}: a mixed teacher merges at least 2 experts "
                             "(or use method.encoder.kind=expert)")

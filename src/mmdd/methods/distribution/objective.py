@@ -17,16 +17,17 @@ mdm  MDM-style (Multimodal Distribution Matching, CVPR 2026; code andyj1/mdm, di
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from mmdd.config_schema import check_fields
+from mmdd.config_schema import build_settings, check_fields
 from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import BackboneFeatures, encode_split
-from mmdd.methods.selection.clustering import kmeans, nearest_members
+from mmdd.methods.selection.clustering import METRICS, kmeans, nearest_members
 from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings
 from mmdd.methods.engine.learned import LearnedMethod
 from mmdd.methods.distribution.mmd import ESTIMATORS, agreement_and_disparity, gke, mean_distance
@@ -46,13 +47,14 @@ log = logging.getLogger(__name__)
 class DistributionSettings(OuterSettings):
     """What every distribution-matching method sets (conf/method/dm.yaml, mdm.yaml)."""
 
-    real_batch: int = 256  # real (image, caption) pairs per iteration, drawn uniformly without replacement
-    syn_batch: int | None = 64  # synthetic pairs per iteration (MDM: at most 64); None = all
-    encoder: dict = field(default_factory=dict)  # mmdd.methods.distribution.encoders.EncoderSettings
+    real_batch: int  # real (image, caption) pairs per iteration, drawn uniformly without replacement
+    syn_batch: int | None  # synthetic pairs per iteration (MDM: at most 64); None = all
+    encoder: dict  # mmdd.methods.distribution.encoders.EncoderSettings
 
     def __post_init__(self):
         super().__post_init__()
-        self.encoder_settings = EncoderSettings(**dict(self.encoder))
+        self.encoder_settings = build_settings(EncoderSettings, self.encoder, "method.encoder",
+                                               "conf/method/ or the command line")
         if self.real_batch < 2 or (self.syn_batch is not None and self.syn_batch < 2):
             raise MmddError("method.real_batch and method.syn_batch must be >= 2 (a distribution needs samples)")
 
@@ -130,10 +132,10 @@ class DistributionObjective:
 # ---------------------------------------------------------------------------------------------------- DM
 @dataclass(kw_only=True)
 class DMSettings(DistributionSettings):
-    lambda_image: float = 1.0  # |mean z_v(syn) - mean z_v(real)|^2
-    lambda_text: float = 1.0  # the same for z_t
-    lambda_agr: float = 1.0  # for u = norm(z_v + z_t)
-    lambda_dis: float = 1.0  # for g = norm(z_v - z_t)
+    lambda_image: float  # |mean z_v(syn) - mean z_v(real)|^2
+    lambda_text: float  # the same for z_t
+    lambda_agr: float  # for u = norm(z_v + z_t)
+    lambda_dis: float  # for g = norm(z_v - z_t)
 
 
 class DMLoss(DistributionLoss):
@@ -151,42 +153,38 @@ class DMLoss(DistributionLoss):
 # ---------------------------------------------------------------------------------------------------- MDM
 @dataclass(kw_only=True)
 class MDMSettings(DistributionSettings):
-    lambda_nce: float = 1.0  # InfoNCE of the synthetic pairs under the teacher (MDM's w_nce; its script 1.0)
-    lambda_agr: float = 0.8  # GKE of u (MDM's w_sph_u_mmd; its script 0.8)
-    lambda_dis: float = 0.8  # GKE of g (w_sph_g_mmd; 0.8)
-    sigma_agr: float = 0.5  # kernel bandwidths (radians)
-    sigma_dis: float = 0.5
-    estimator: str = "unbiased"  # unbiased (MDM's code) | biased (MDM's page)
-    sqrt: bool = True  # GKE = sqrt(MMD^2) (MDM's --sqrtmmd True)
-    diversity_weight: float = 1.0  # weight of the synthetic within-set kernel term
-    temperature: float = 0.07  # InfoNCE logits = cos / temperature
-    kmeans: dict = field(default_factory=dict)  # init=kmeans: KMeansInit
+    lambda_nce: float  # InfoNCE of the synthetic pairs under the teacher (MDM's w_nce; its script 1.0)
+    lambda_agr: float  # GKE of u (MDM's w_sph_u_mmd; its script 0.8)
+    lambda_dis: float  # GKE of g (w_sph_g_mmd; 0.8)
+    sigma_agr: float  # kernel bandwidths (radians)
+    sigma_dis: float
+    estimator: Literal[ESTIMATORS]  # unbiased (MDM's code) | biased (MDM's page)
+    sqrt: bool  # GKE = sqrt(MMD^2) (MDM's --sqrtmmd True)
+    diversity_weight: float  # weight of the synthetic within-set kernel term
+    temperature: float  # InfoNCE logits = cos / temperature
+    kmeans: dict  # init=kmeans: KMeansInit
 
     INITS = ("real", "noise", "kmeans")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.estimator not in ESTIMATORS:
-            raise MmddError(f"method.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if min(self.sigma_agr, self.sigma_dis, self.temperature) <= 0:
             raise MmddError("method.sigma_agr, sigma_dis and temperature must be > 0")
-        self.kmeans_settings = KMeansInit(**dict(self.kmeans))
+        self.kmeans_settings = build_settings(KMeansInit, self.kmeans, "method.kmeans", "conf/method/ or the command line")
 
 
 @dataclass(kw_only=True)
 class KMeansInit:
     """method.kmeans: MDM's initialisation, one real pair per cluster of the (image, caption) rows."""
 
-    space: str = "image_text"  # image_text: norm([z_v ; z_t]) | image | text
-    metric: str = "cosine"  # MDM: fast_pytorch_kmeans mode=cosine
-    iterations: int = 100
-    tol: float = 1e-4
-    restarts: int = 1
+    space: Literal["image_text", "image", "text"]  # image_text: norm([z_v ; z_t]) | image | text
+    metric: Literal[METRICS]  # MDM: fast_pytorch_kmeans mode=cosine
+    iterations: int
+    tol: float
+    restarts: int
 
     def __post_init__(self):
         check_fields(self, "method.kmeans", "fix it in conf/method/ or on the command line")
-        if self.space not in ("image_text", "image", "text"):
-            raise MmddError(f"method.kmeans.space must be image_text, image or text, got {self.space!r}")
 
 
 class MDMLoss(DistributionLoss):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mmdd.config_schema import build_settings
 from mmdd.errors import MmddError, Stopped
 from mmdd.data.transforms import augment_config
 from mmdd.methods.base import DistillResult, Method, check_budget, reference_pairs, sample_real_pairs, save_synthetic
@@ -40,7 +41,7 @@ class LearnedMethod(Method):
 
     def __init__(self, name: str, **settings):
         self.name = name
-        self.config = self.settings_cls(**settings)
+        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
 
     # -- hooks --------------------------------------------------------------------------------------------
     def prepare_model(self, model) -> None:

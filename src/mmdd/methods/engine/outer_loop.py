@@ -51,27 +51,28 @@ class Objective(Protocol):
 
 @dataclass(kw_only=True)
 class OuterSettings:
-    """How the synthetic set is learned, whatever the objective (conf/method/<name>.yaml). Subclasses add their
-    objective's settings; every field's type is checked when the method is built (`method.<field>=abc` is a
-    sentence naming the field, not a failure deep inside a comparison)."""
+    """How the synthetic set is learned, whatever the objective (conf/method/<name>.yaml, which sets every field:
+    the YAML is where the defaults live). Subclasses add their objective's settings; every field's type is checked
+    when the method is built (`method.<field>=abc` is a sentence naming the field, not a failure deep inside a
+    comparison)."""
 
     lr_img: float  # outer lr of the synthetic images
     lr_txt: float  # outer lr of the synthetic text embeddings
     lr_lr: float  # outer lr of the learned step sizes
     lr_init: float  # initial learned step size
-    momentum: float = 0.5
+    momentum: float
     # real: distinct train images with one of their captions; noise: Gaussian; reference: random caption entries with
     # their images through the teachers' augmentation, as the reference scripts (methods.base.reference_pairs)
-    init: str = "real"
-    iterations: int = 1000
-    lr_min: float | None = 0.0  # learned step sizes clamped here after each outer step; None = no clamp (the papers')
-    similarity: dict | None = None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
-    lr_sim: float = 0.0  # outer lr of S
-    sim_momentum: float = 0.5
-    grad_clip: float | None = None  # clip the joint norm of the images' and texts' gradients (MDM: 1.0); None = off
+    init: str
+    iterations: int
+    lr_min: float | None  # learned step sizes clamped here after each outer step; None = no clamp (the papers')
+    similarity: dict | None  # LoRS: {kind: lowrank, rank, alpha} or {kind: full}; None = no S
+    lr_sim: float  # outer lr of S
+    sim_momentum: float
+    grad_clip: float | None  # clip the joint norm of the images' and texts' gradients (MDM: 1.0); None = off
     # PTM-ST: an exponential moving average of the set (e = d e + (1 - d) x after every step) is what is saved and
     # evaluated; the step sizes stay the learned ones (PTM's evaluated sets carry the raw step sizes). None = off.
-    ema_decay: float | None = None
+    ema_decay: float | None
 
     INITS = ("real", "noise", "reference")  # what `init` may name; a method with its own initialisation extends this
 

@@ -14,11 +14,14 @@ Each image comes with one of its captions, drawn with the run's seed; the set tr
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mmdd.config_schema import build_settings, check_fields
 from mmdd.data.transforms import normalize
 from mmdd.methods.base import DistillResult, Method, check_budget, real_pairs
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -91,14 +94,29 @@ def teacher_embeddings(cfg, train) -> tuple[torch.Tensor, int]:
     return torch.cat([img, txt_mean], dim=1), expert
 
 
+@dataclass(kw_only=True)
+class CoresetSettings:
+    """conf/method/<coreset>.yaml, minus `_target_`/`name`."""
+
+    lr: float  # the students' step size (the set itself is not learned)
+
+    def __post_init__(self):
+        check_fields(self, "method", "fix it in conf/method/ or on the command line")
+
+
+@dataclass(kw_only=True)
+class ForgettingSettings(CoresetSettings):
+    epochs: int  # epochs of the model whose forgetting events are counted
+
+
 class RandomCoreset(Method):
     """`budget` random training images, each with one of its captions, trained at a fixed lr."""
 
-    name = "random"
+    settings_cls: type[CoresetSettings] = CoresetSettings
 
-    def __init__(self, name: str = "random", lr: float = 0.1):
+    def __init__(self, name: str, **settings):
         self.name = name
-        self.lr = lr
+        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
         self.teacher_experts: list[int] = []  # the store's experts a selection embeds with (set by `select`)
 
     def select(self, cfg, train, budget: int) -> list[int]:
@@ -111,7 +129,7 @@ class RandomCoreset(Method):
         chosen = self.select(cfg, train, budget)
         gen = torch.Generator().manual_seed(cfg.seed)
         images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
-        return DistillResult(SyntheticSet(images, texts, {"image": self.lr, "text": self.lr}),
+        return DistillResult(SyntheticSet(images, texts, {"image": self.config.lr, "text": self.config.lr}),
                              teacher_experts=list(self.teacher_experts))
 
 
@@ -158,9 +176,7 @@ class ForgettingTracker(L.Callback):
 
 
 class ForgettingCoreset(RandomCoreset):
-    def __init__(self, name: str = "forgetting", lr: float = 0.1, epochs: int = 4):
-        super().__init__(name, lr)
-        self.epochs = epochs
+    settings_cls = ForgettingSettings
 
     def select(self, cfg, train, budget):
         from mmdd.data.datamodule import PairDataset, check_full_batches, loader_options
@@ -183,7 +199,7 @@ class ForgettingCoreset(RandomCoreset):
         loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(cfg.seed),
                             **loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
-        build_trainer(cfg, None, [tracker], max_epochs=self.epochs).fit(module, loader)
+        build_trainer(cfg, None, [tracker], max_epochs=self.config.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.
         score = tracker.scores()
         order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(cfg.seed))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import encode_split
 from mmdd.methods.base import DistillResult, Method, check_budget
-from mmdd.config_schema import check_fields
+from mmdd.config_schema import build_settings, check_fields
 from mmdd.methods.selection.clustering import METRICS, cooccurrence, kmeans, match_clusters
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
 from mmdd.utils.trainer import process_device
@@ -118,33 +118,29 @@ def nearest_distinct(queries: torch.Tensor, candidates: torch.Tensor) -> list[in
 class PrototypeSettings:
     """conf/method/pds.yaml, minus `_target_`/`name`; each field's type is checked as every method's are."""
 
-    lr: float = 0.1  # the students' step size (nothing is learned)
-    prune_ratio: float = 0.2
-    metric: str = "euclidean"
-    iterations: int = 100
-    restarts: int = 20
-    caption_space: str = "input"
-    text: str = "prototype"
-    generator: dict | None = None  # {_target_: ...} of a PrototypeImageGenerator, built when the set is made
+    lr: float  # the students' step size (nothing is learned)
+    prune_ratio: float
+    metric: Literal[METRICS]
+    iterations: int
+    restarts: int
+    caption_space: Literal["input", "teacher"]
+    text: Literal["prototype", "nearest"]
+    generator: dict | None  # {_target_: ...} of a PrototypeImageGenerator, built when the set is made
 
     def __post_init__(self):
         check_fields(self, "method", "fix it in conf/method/pds.yaml or on the command line")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise MmddError(f"method.prune_ratio must be in [0, 1), got {self.prune_ratio}")
-        if self.metric not in METRICS:
-            raise MmddError(f"method.metric must be one of {METRICS}, got {self.metric!r}")
-        if self.caption_space not in ("input", "teacher"):
-            raise MmddError(f"method.caption_space must be 'input' or 'teacher', got {self.caption_space!r}")
-        if self.text not in ("prototype", "nearest"):
-            raise MmddError(f"method.text must be 'prototype' or 'nearest', got {self.text!r}")
 
 
 class PrototypeSelection(Method):
     """PDS-style selection (see the module doc); conf/method/pds.yaml."""
 
-    def __init__(self, name: str = "pds", **settings):
+    settings_cls = PrototypeSettings
+
+    def __init__(self, name: str, **settings):
         self.name = name
-        self.config = PrototypeSettings(**settings)
+        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
 
     def prototypes(self, cfg, train, budget: int) -> tuple[Prototypes, torch.Tensor]:
         """The matched prototypes, and the teacher's embedding of every train image."""

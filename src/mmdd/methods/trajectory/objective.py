@@ -8,9 +8,11 @@ loop around it (optimizer, checkpoints, DDP, NaN guards) is every learned method
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from mmdd.config_schema import build_settings
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
@@ -19,13 +21,12 @@ from mmdd.methods.engine.learned import LearnedMethod
 from mmdd.methods.trajectory.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
 from mmdd.methods.engine.outer_loop import Backward, ObjectiveStep, OuterSettings
 from mmdd.models.functional import ParamLayout
-from mmdd.models.losses import DEFAULT_INNER_LOSS, DEFAULT_LABEL_TEMPERATURE, INNER_LOSSES, pair_loss
+from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.methods.trajectory.shortcut import ConvexifiedSnapshots
 from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
 from mmdd.utils.seed import probe_seed
 from mmdd.utils.trainer import process_device
-
 
 
 @dataclass(kw_only=True)
@@ -35,42 +36,33 @@ class MatchingSettings(OuterSettings):
     syn_steps: int
     expert_epochs: int
     max_start_epoch: int
-    min_start_epoch: int = 0  # start epochs drawn from [min_start_epoch, max_start_epoch) (PTM-ST's phase windows)
+    min_start_epoch: int  # start epochs drawn from [min_start_epoch, max_start_epoch) (PTM-ST's phase windows)
     # PTM-ST's shortcut trajectories: {start, end} matches snapshots start..end-1 convexified per tensor
     # (mmdd.methods.trajectory.shortcut); None = the recorded trajectories
-    convexify: dict | None = None
-    batch_syn: int | None = None  # inner mini-batch; None = all pairs
-    loss_merge: str = "separate"
-    tesla_lr_loss: str = "separate"  # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
+    convexify: dict | None
+    batch_syn: int | None  # inner mini-batch; None = all pairs
+    loss_merge: Literal["separate", "merged"]
+    # TESLA's step-size gradient under loss_merge=merged: separate (reference) | as_loss
+    tesla_lr_loss: Literal["separate", "as_loss"]
     # TESLA's pass 2 dropout: replay (exact: pass 1's masks) | redraw (LoRS's/RepBlend's code: new masks at pass 1's
     # parameters, distill_tesla_lors.py 402-405; keeps syn_steps parameter vectors). No effect without dropout.
-    tesla_pass2_dropout: str = "replay"
+    tesla_pass2_dropout: Literal["replay", "redraw"]
     # TESLA's pass 1 gradients taken with create_graph=True, as the LoRS/RepBlend code (distill_tesla_lors.py:377-378):
     # the same gradients, rounded as the reference's float32 kernels round them (parity checks; slower). See mtt_vl.yaml.
-    tesla_pass1_graph: bool = False
-    max_experts: int | None = None
-    meta_gradient: str = "full"  # full (MTT-VL) | tesla (constant memory)
-    inner_loss: str = DEFAULT_INNER_LOSS  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
-    label_temperature: float = DEFAULT_LABEL_TEMPERATURE  # soft_ce/kl targets: softmax(S / label_temperature)
+    tesla_pass1_graph: bool
+    max_experts: int | None
+    meta_gradient: Literal[META_GRADIENT_NAMES]  # full (MTT-VL) | tesla (constant memory)
+    inner_loss: Literal[INNER_LOSSES]  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
+    label_temperature: float  # soft_ce/kl targets: softmax(S / label_temperature)
     # wbce only: None = exact (logsigmoid); 1e-6 = LoRS's/RepBlend's code, log(p + 1e-6) (models.losses.weighted_bce)
-    wbce_log_eps: float | None = None
-    temperature: float | None = None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
-    blend: dict | None = None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
-    cache_features: bool = True  # frozen backbone: its features once per iteration (exact; see meta_gradient)
-    feature_chunk: int | None = None  # None: keep the backbone graph; int: recompute in chunks (bounded memory)
+    wbce_log_eps: float | None
+    temperature: float | None  # the inner loop's logit temperature; None = model.temperature (LoRS COCO-500: 0.1)
+    blend: dict | None  # RepBlend: {alpha: 1.0} blends features/texts before the heads; None = off
+    cache_features: bool  # frozen backbone: its features once per iteration (exact; see meta_gradient)
+    feature_chunk: int | None  # None: keep the backbone graph; int: recompute in chunks (bounded memory)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.inner_loss not in INNER_LOSSES:
-            raise MmddError(f"method.inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
-        if self.meta_gradient not in META_GRADIENT_NAMES:
-            raise MmddError(f"method.meta_gradient must be one of {META_GRADIENT_NAMES}, got {self.meta_gradient!r}")
-        if self.loss_merge not in ("separate", "merged"):
-            raise MmddError(f"method.loss_merge must be 'separate' or 'merged', got {self.loss_merge!r}")
-        if self.tesla_lr_loss not in ("separate", "as_loss"):
-            raise MmddError(f"method.tesla_lr_loss must be 'separate' or 'as_loss', got {self.tesla_lr_loss!r}")
-        if self.tesla_pass2_dropout not in ("replay", "redraw"):
-            raise MmddError(f"method.tesla_pass2_dropout must be 'replay' or 'redraw', got {self.tesla_pass2_dropout!r}")
         if self.temperature is not None and self.temperature <= 0:
             raise MmddError(f"method.temperature must be a number > 0 or null, got {self.temperature!r}")
         if self.wbce_log_eps is not None and not 0 < self.wbce_log_eps < 1:
@@ -85,7 +77,8 @@ class MatchingSettings(OuterSettings):
         if self.convexify is not None:
             from mmdd.methods.trajectory.shortcut import ConvexifySettings
 
-            self.convexify_settings = ConvexifySettings(**dict(self.convexify))
+            self.convexify_settings = build_settings(ConvexifySettings, self.convexify, "method.convexify",
+                                                     "conf/method/ or the command line")
 
 
 def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: MatchingSettings, start, target,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
+from mmdd.config_schema import build_settings
 from mmdd.config_schema import check_fields
 from mmdd.errors import MmddError
 from mmdd.methods.base import DistillResult, check_budget, save_synthetic
@@ -56,11 +57,12 @@ class Phase:
 
 @dataclass(kw_only=True)
 class PhasedSettings(MatchingSettings):
-    phases: list | None = None  # [{pairs, min_start_epoch, max_start_epoch, iterations?, convexify?}]; None = one phase
+    phases: list[dict] | None  # [{pairs, min_start_epoch, max_start_epoch, iterations?, convexify?}]; None = one phase
 
     def __post_init__(self):
         super().__post_init__()
-        self.phase_list = [Phase(**dict(p)) for p in (self.phases or [])]
+        self.phase_list = [build_settings(Phase, p, "method.phases[]", "conf/method/ or the command line")
+                           for p in (self.phases or [])]
         for i, p in enumerate(self.phase_list):  # each phase's settings are checked as a whole method's would be
             self.for_phase(i)
 
@@ -69,8 +71,8 @@ class PhasedSettings(MatchingSettings):
         changes = {"min_start_epoch": p.min_start_epoch, "max_start_epoch": p.max_start_epoch}
         if p.iterations is not None:
             changes["iterations"] = p.iterations
-        if p.convexify is not None:
-            changes["convexify"] = p.convexify
+        if p.convexify is not None:  # the phase's keys over the method's span
+            changes["convexify"] = {**(self.convexify or {}), **p.convexify}
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(MatchingSettings)}
         return MatchingSettings(**{**fields, **changes})
 

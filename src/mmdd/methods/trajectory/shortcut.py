@@ -28,8 +28,8 @@ from mmdd.teachers.trajectory_store import ExpertSnapshots
 class ConvexifySettings:
     """method.convexify: which recorded snapshots the shortcut spans (PTM-ST's --start/--end, end excluded)."""
 
-    start: int = 0
-    end: int = 6
+    start: int
+    end: int
 
     def __post_init__(self):
         check_fields(self, "method.convexify", "fix it in conf/method/ or on the command line")
