@@ -17,18 +17,20 @@ from omegaconf import MISSING
 
 @dataclass
 class HardwareConfig:
-    accelerator: str = MISSING  # cpu | gpu
+    """The types of conf/hardware/*.yaml (their values, and what each means: conf/hardware/_base.yaml)."""
+
+    accelerator: str = MISSING  # cpu | gpu | auto
     devices: Any = MISSING  # an int, a list of device ids, or "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | 64-true (double: numerical checks, parity)
-    num_threads: Optional[int] = None
-    deterministic: bool = False
-    tf32: bool = False  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere+ GPUs); off: full fp32
-    memory_check: bool = True  # refuse a GPU distillation whose estimated peak (mmdd plan) exceeds the GPU's memory
-    snapshot_cache_mb: Any = "auto"  # expert snapshots kept on the device between draws: MB, or auto
-    channels_last: bool = False
-    compile: bool = False
+    num_nodes: int = MISSING
+    strategy: str = MISSING  # auto | ddp
+    precision: str = MISSING  # 32-true | bf16-mixed | 16-mixed | 64-true
+    num_threads: Optional[int] = MISSING
+    deterministic: bool = MISSING
+    tf32: bool = MISSING
+    memory_check: bool = MISSING
+    snapshot_cache_mb: Any = MISSING  # MB, or auto
+    channels_last: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -46,15 +48,15 @@ class ProtocolConfig:
     eval_every: int = MISSING
     # every: after epochs k, 2k, ... (1-based) and the last; reference: after the first epoch, then every k (0-based
     # 0, k, 2k, ...) and the last, as LoRS's and RepBlend's evaluate_synset
-    eval_schedule: str = "every"
+    eval_schedule: str = MISSING
     # permutation: one shuffled pass per epoch; independent_if_similarity: a set with a learned S draws each of an
     # epoch's ceil(N/B) batches independently (LoRS/RepBlend SimilarityDataloader), other sets a permutation
-    batch_draw: str = "permutation"
+    batch_draw: str = MISSING
     selection: str = MISSING  # val | test_best | last
     loss: str = MISSING  # set | infonce | wbce | bce | soft_ce | kl | mse
     label_temperature: float = MISSING
-    trainable: Optional[str] = None  # null | heads
-    cache_features: bool = True
+    trainable: Optional[str] = MISSING  # null | heads
+    cache_features: bool = MISSING
 
 
 @dataclass
