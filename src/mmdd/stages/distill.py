@@ -70,11 +70,12 @@ def complete_selection(method, cfg, out_dir: Path) -> bool:
     sweep: PDS's k-means or forgetting's training need not run again). Learned methods resume from their checkpoint
     instead; resume=false recomputes."""
     from mmdd.errors import ArtifactError
+    from mmdd.methods.engine.checkpointing import Resume
     from mmdd.methods.engine.learned import LearnedMethod
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.config import config_hash
 
-    if isinstance(method, LearnedMethod) or str(cfg.resume).lower() in ("false", "none"):
+    if isinstance(method, LearnedMethod) or Resume.of(cfg.resume).fresh:
         return False
     if not (out_dir / "manifest.json").exists():
         return False

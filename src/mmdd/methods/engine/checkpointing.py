@@ -6,6 +6,7 @@ through these."""
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,18 +71,40 @@ class DistillCheckpoint(SignalStop):
                        f"writing the checkpoint {self.path}")
 
 
+@dataclass(frozen=True)
+class Resume:
+    """`resume` (conf/distill.yaml), read in one place: `auto` (or true) continues this run's own checkpoint if there
+    is one (a rerun in the same directory, a requeued SLURM job); `false` (or none) starts over; anything else is a
+    checkpoint file or a synthetic-set directory to start from."""
+
+    setting: str
+
+    @classmethod
+    def of(cls, resume) -> "Resume":
+        return cls(str(resume))  # YAML reads `resume: false` as a bool
+
+    @property
+    def fresh(self) -> bool:
+        return self.setting.lower() in ("none", "false")
+
+    @property
+    def auto(self) -> bool:
+        return self.setting.lower() in ("auto", "true")
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.fresh or self.auto else Path(self.setting)
+
+
 def resume_checkpoint(resume, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `resume=auto` takes this run's own if one exists (a rerun in the same
-    directory, a requeued SLURM job); `resume=<path>` a checkpoint file or a synthetic-set directory; `resume=false`
-    starts over."""
-    resume = str(resume)  # YAML reads resume: false as a bool
-    if resume.lower() in ("none", "false"):
+    """The checkpoint to resume from (Resume's rules), checked readable; None to start over."""
+    resume = Resume.of(resume)
+    if resume.fresh:
         return None
-    if resume.lower() in ("auto", "true"):
+    if resume.auto:
         own = out_dir / CHECKPOINT
         return check_readable(own) if own.exists() else None
-    path = Path(str(resume))
-    path = path / CHECKPOINT if path.is_dir() else path
+    path = resume.path / CHECKPOINT if resume.path.is_dir() else resume.path
     if not path.is_file():
         raise MmddError(f"resume={resume}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
                         f"distill (it holds {CHECKPOINT}) or the .ckpt file, or resume=auto")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from mmdd.config_schema import build_settings
-from mmdd.config_schema import check_fields
+from mmdd.config_schema import build_settings, check_fields
 from mmdd.errors import MmddError
 from mmdd.methods.base import DistillResult, check_budget, save_synthetic
+from mmdd.methods.engine.checkpointing import Resume
 from mmdd.methods.trajectory.objective import MatchingSettings, TrajectoryMatching
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.identity import distill_identity
@@ -172,11 +172,10 @@ class PhaseResume:
     same place in that directory. One .ckpt file cannot hold several phases and is refused."""
 
     def __init__(self, resume, n_phases: int):
-        self.resume = str(resume)  # YAML reads resume: false as a bool
-        self.fresh = self.resume.lower() in ("none", "false")
-        self.auto = self.resume.lower() in ("auto", "true")
+        parsed = Resume.of(resume)
+        self.resume, self.fresh, self.auto = parsed.setting, parsed.fresh, parsed.auto
         self.n_phases = n_phases
-        if not (self.fresh or self.auto) and not Path(self.resume).is_dir():
+        if parsed.path is not None and not parsed.path.is_dir():
             raise MmddError(f"resume={self.resume}: a phased set ({n_phases} phases) resumes from a set directory written "
                             "by mmdd distill (each phase from its own checkpoint in it), not from one checkpoint file; "
                             "or use resume=auto / resume=false")
