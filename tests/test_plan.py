@@ -67,6 +67,17 @@ def test_plan_of_distribution_matching_grows_with_its_batches(capsys):
     assert more_real > 3 * small and all_syn > 3 * small  # real batches are embedded, the synthetic one backpropagated
 
 
+def test_plan_says_when_it_has_no_estimate_for_a_learned_method(capsys, monkeypatch):
+    """A new learned method whose class names no distillation kind gets a line saying so, not silence."""
+    from mmdd.methods.distribution.objective import DistributionMatching
+
+    monkeypatch.setattr(DistributionMatching, "distillation_kind", None)
+    assert commands.plan(["distill", "method=dm", "budget=20"]) == 0
+    out = capsys.readouterr().out
+    assert "distill: no estimate for method=dm (DistributionMatching sets no distillation_kind" in out
+    assert not any(ln.strip().startswith("distill, dm") for ln in out.splitlines())
+
+
 def test_a_gpu_distillation_that_cannot_fit_stops_before_training_naming_departures_that_fit():
     """The MTT-VL paper cell (full unroll over all 100 pairs at 224 px) needs ~243 GB; here the same check on a tiny
     cell against a GPU of a few MB."""

@@ -242,8 +242,7 @@ def make_plan(cfg) -> dict:
     """Everything `mmdd plan` prints, as data."""
     from hydra.utils import instantiate
 
-    from mmdd.methods.distribution.objective import DistributionMatching
-    from mmdd.methods.trajectory.objective import TrajectoryMatching
+    from mmdd.methods.engine.learned import LearnedMethod
 
     dim = text_dim(cfg)
     model = meta_model(cfg, dim)
@@ -251,7 +250,8 @@ def make_plan(cfg) -> dict:
             "estimates": [training_estimate(cfg, model, dim, "buffer, one teacher", cfg.teacher.batch_size,
                                             cfg.teacher.momentum, cfg.teacher.weight_decay)]}
     method = instantiate(cfg.method) if "method" in cfg else None
-    if isinstance(method, TrajectoryMatching):
+    kind = getattr(method, "distillation_kind", None)
+    if kind == "trajectory":
         for strategy in ("full", "tesla"):
             variant = copy.deepcopy(method)
             variant.config.meta_gradient = strategy
@@ -263,8 +263,11 @@ def make_plan(cfg) -> dict:
         drawn = experts * (mc.max_start_epoch - mc.min_start_epoch + mc.expert_epochs)
         plan["snapshot_cache"] = {"snapshots": drawn, "bytes_each": each, "setting": str(cfg.hardware.get(
             "snapshot_cache_mb", "auto"))}
-    elif isinstance(method, DistributionMatching):
+    elif kind == "distribution":
         plan["estimates"].append(distribution_estimate(cfg, model, dim, method))
+    elif isinstance(method, LearnedMethod):
+        plan["unestimated"] = (f"distill: no estimate for method={cfg.method.name} ({type(method).__name__} sets no "
+                               "distillation_kind that mmdd.plan models); its peak is not among the figures below")
     plan["estimates"].append(student_estimate(cfg, model, dim))
     return plan
 
@@ -283,6 +286,8 @@ def format_plan(cfg, plan: dict) -> str:
                          f"{human_bytes(cache['snapshots'] * cache['bytes_each'])}; hardware.snapshot_cache_mb={cache['setting']} "
                          "keeps them on the GPU between draws (auto: all of them, up to a tenth of its memory), on top "
                          "of the distillation's peak below")
+    if plan.get("unestimated"):
+        lines.append(f"  {plan['unestimated']}")
     for est in plan["estimates"]:
         mark = " <- this run" if plan.get("method_meta_gradient") and est.stage.startswith("distill") and (
             ("TESLA" in est.stage) == (plan["method_meta_gradient"] == "tesla")) else ""
@@ -302,7 +307,6 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
     nothing is checked on the CPU), naming the departures that fit with their estimates. hardware.memory_check=false
     skips the check (e.g. to try a cell the estimate is wrong about); under bf16 the fp32 estimate is an upper bound,
     so it is not checked."""
-    from mmdd.methods.trajectory.objective import TrajectoryMatching
 
     if not bool(cfg.hardware.get("memory_check", True)) or str(cfg.hardware.precision) != "32-true":
         return
@@ -317,7 +321,7 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
         from hydra.utils import instantiate
 
         method = instantiate(cfg.method)
-    if not isinstance(method, TrajectoryMatching):
+    if getattr(method, "distillation_kind", None) != "trajectory":
         return
     dim = dim or text_dim(cfg)
     model = meta_model(cfg, dim)

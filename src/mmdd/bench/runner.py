@@ -25,7 +25,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
 from mmdd.methods.trajectory.draws import draw_segment_start
-from mmdd.methods.trajectory.objective import TrajectoryMatching, build_segment, caches_features, meta_gradient_for
+from mmdd.methods.trajectory.objective import build_segment, caches_features, meta_gradient_for
 from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
@@ -130,7 +130,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     data = data or load_data(cfg, splits=("train",))
     train = data["train"]
     method = instantiate(cfg.method)
-    if not isinstance(method, TrajectoryMatching):
+    if method.distillation_kind != "trajectory":
         raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
     mc = method.config
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size).to(device)
@@ -140,7 +140,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     layout = ParamLayout.from_model(model)
     trajectories = open_checked_trajectories(cfg, model, mc.max_experts)
     budget = cfg.budget
-    syn0 = method.initial_set(cfg, train, budget - 1 if mc.similarity else budget).to(device)
+    syn0 = method.initial_set(cfg, train, mc.pairs(budget)).to(device)
 
     cached = caches_features(mc, model)
     fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)

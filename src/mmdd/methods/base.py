@@ -49,6 +49,10 @@ class Method:
 
     name: str = "method"
     takes_draws = False  # whether draws.record / draws.replay (mmdd.methods.trajectory.draws) apply to its random draws
+    # The shape of its distillation, for the tools that model one: `mmdd plan`'s memory estimate (and the GPU memory
+    # check before a run), `mmdd bench`'s reference loop. "trajectory" | "distribution" | None: none known, which
+    # `mmdd plan` says for a learned method rather than leaving it out silently.
+    distillation_kind: str | None = None
 
     def synthesize(self, cfg, data: dict[str, SplitData], out_dir: Path, loggers: list) -> DistillResult:
         raise NotImplementedError

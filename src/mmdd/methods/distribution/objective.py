@@ -219,6 +219,7 @@ class DistributionMatching(LearnedMethod):
 
     settings_cls = DMSettings
     loss_cls = DMLoss
+    distillation_kind = "distribution"  # mmdd plan's distribution-matching estimate
 
     def make_encoders(self, cfg, model, train, fingerprint: str) -> EncoderSampler:
         s = self.config.encoder_settings

@@ -101,8 +101,7 @@ class LearnedMethod(Method):
         train = data["train"]
         budget = check_budget(cfg.budget, train)
         check_distill_precision(str(cfg.hardware.precision))
-        if self.config.similarity and budget < 2:
-            raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
+        pairs = self.config.pairs(budget)
         torch.manual_seed(cfg.seed)
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
         self.prepare_model(model)
@@ -113,8 +112,7 @@ class LearnedMethod(Method):
         if ckpt is not None and draws_hooked(cfg):
             raise MmddError(f"draws.record / draws.replay runs start fresh, but {out_dir} holds a checkpoint to resume "
                             "from: rerun with resume=false (or another output directory)")
-        # LoRS: the similarity parameters take the storage of one pair, so B - 1 pairs are distilled.
-        syn = self.initial_set(cfg, train, budget - 1 if self.config.similarity else budget, resuming=ckpt is not None)
+        syn = self.initial_set(cfg, train, pairs, resuming=ckpt is not None)
         every = cfg.diagnostics_every
         probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
         loop = OuterLoop(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,

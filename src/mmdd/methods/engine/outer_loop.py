@@ -91,6 +91,17 @@ class OuterSettings:
         if self.iterations < 1:
             raise MmddError(f"method.iterations must be >= 1, got {self.iterations}")
 
+    # A learned similarity S is stored in the place of one pair (LoRS's accounting): a budget of B pairs distils B - 1.
+    def pairs(self, budget: int) -> int:
+        """How many pairs a set of `budget` holds (one fewer with S); an MmddError when none would be left."""
+        if self.similarity and budget < 2:
+            raise MmddError(f"budget={budget}: a learned similarity takes one pair's storage; use budget >= 2")
+        return budget - 1 if self.similarity else budget
+
+    def budget(self, pairs: int) -> int:
+        """The budget of a set of `pairs` pairs (S counted as one more)."""
+        return pairs + 1 if self.similarity else pairs
+
 
 def outer_optimizer(syn: SyntheticSet, settings: OuterSettings) -> torch.optim.SGD:
     """The outer SGD over the synthetic set: images, texts, step sizes (and S), one param group each. One optimizer

@@ -188,6 +188,7 @@ class TrajectoryMatching(LearnedMethod):
     """Distils by matching expert trajectories; all settings live in a `MatchingSettings`."""
 
     settings_cls = MatchingSettings
+    distillation_kind = "trajectory"  # mmdd plan's trajectory-matching estimate; mmdd bench's reference loop
     takes_draws = True  # expert, start epoch, mini-batches, blends, dropout masks: mmdd.methods.trajectory.draws
     second_order = True  # the student's inner steps are differentiated: its backbone stays uncompiled
 

@@ -161,7 +161,7 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
         """The run's config as phase i distils it: its pairs (+1 when S takes a pair's storage) and its seed."""
         phase_cfg = copy.deepcopy(cfg)
         with open_dict(phase_cfg):
-            phase_cfg.budget = self.config.phase_list[i].pairs + (1 if self.config.similarity else 0)
+            phase_cfg.budget = self.config.budget(self.config.phase_list[i].pairs)
             phase_cfg.seed = phase_seed(int(cfg.seed), i)
         return phase_cfg
 
