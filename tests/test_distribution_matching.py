@@ -429,7 +429,7 @@ def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
     backbone = ConvNet(image_size=8, width=4, depth=1)
     model = DualEncoder(backbone, backbone.num_features, text_dim=6, image_head=True, trainable="heads").eval()
     mean, std = [0.5] * 3, [0.25] * 3
-    cache = BackboneFeatures(mean, std)
+    cache = BackboneFeatures(mean, std, 256)
     cached = RealPairs(train, mean, std, cache).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
     plain = RealPairs(train, mean, std).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cached, plain))

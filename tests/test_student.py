@@ -86,7 +86,7 @@ def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):
 
     images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
     plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1)
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
     cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
     assert cached.best_epoch == plain.best_epoch
     assert cached.test == pytest.approx(plain.test, abs=1e-4)
@@ -108,7 +108,7 @@ def test_frozen_random_backbones_of_different_students_do_not_share_cached_featu
         return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
 
     images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
     for seed in (1, 2):
         plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed)
         cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed,
@@ -125,12 +125,12 @@ def test_backbone_features_persist_on_disk_for_later_evaluations(data, tmp_path)
     model = DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
     calls = []
     model.backbone.register_forward_hook(lambda *args: calls.append(1))
-    first = BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    first = BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
     assert calls and len(list((tmp_path / "backbone_features").glob("*.safetensors"))) == 1
     calls.clear()
-    again = BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    again = BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
     assert torch.equal(first, again) and not calls  # read back, the backbone never ran
-    BackboneFeatures([0.5] * 3, [0.25] * 3, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
+    BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
     assert calls  # another dataset: computed anew
 
 
@@ -201,6 +201,22 @@ def test_a_double_precision_student_trains_and_scores_in_float64(data):
     def heads():
         bb = ConvNet(image_size=8, width=4, depth=1)
         return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3)
+    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
     res = train_student(c, heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, features=cache)
     assert {f.dtype for f in cache._cache.values()} == {torch.float64} and 0 <= res.test["r_mean"] <= 100
+
+
+def test_the_inference_batch_changes_memory_not_the_student(data):
+    """hardware.inference_batch (evaluation, selection, feature caches) chunks the forward passes only: a student
+    selected and tested in chunks of 3 is the one of chunks of 256."""
+    from omegaconf import open_dict
+
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    results = []
+    for batch in (256, 3):
+        c = cfg("val")
+        with open_dict(c):
+            c.hardware.inference_batch = batch
+        results.append(train_student(c, build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0))
+    assert results[1].best_epoch == results[0].best_epoch
+    assert results[1].test == pytest.approx(results[0].test, abs=1e-9)

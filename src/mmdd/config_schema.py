@@ -29,6 +29,7 @@ class HardwareConfig:
     tf32: bool = MISSING
     memory_check: bool = MISSING
     snapshot_cache_mb: Any = MISSING  # MB, or auto
+    inference_batch: int = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
 

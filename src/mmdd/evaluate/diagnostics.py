@@ -51,7 +51,7 @@ class CollapseProbe:
     """Embeds the synthetic set with one fixed model (an expert's final parameters) so that values are
     comparable across iterations, and real pairs of the same size once as the reference."""
 
-    def __init__(self, model, layout: ParamLayout, flats: dict[str, torch.Tensor], real_images, real_texts, batch: int = 256):
+    def __init__(self, model, layout: ParamLayout, flats: dict[str, torch.Tensor], real_images, real_texts, batch: int):
         self.model = copy.deepcopy(model).eval()
         layout.load_into(self.model, flats)
         self.batch = batch

@@ -71,7 +71,7 @@ class BackboneFeatures:
     says which data (mmdd.identity.data_identity's hash).
     """
 
-    def __init__(self, mean, std, batch_size: int = 256, cache_dir: str | Path | None = None, data_key: str = ""):
+    def __init__(self, mean, std, batch_size: int, cache_dir: str | Path | None = None, data_key: str = ""):
         self.mean, self.std, self.batch_size = list(mean), list(std), batch_size
         self.cache_dir = Path(cache_dir) / "backbone_features" if cache_dir else None
         self.data_key = data_key
@@ -140,7 +140,8 @@ def encode_texts(model, data: SplitData, rows: range, device):
 
 
 @torch.no_grad()
-def encode_split(model, data: SplitData, mean, std, batch_size: int = 256, device=None, features: BackboneFeatures | None = None):
+def encode_split(model, data: SplitData, mean, std, batch_size: int, device=None,
+                 features: BackboneFeatures | None = None):
     """Return (image_features [n_img, D], text_features [n_cap, D]) L2-normalised.
 
     With `features` (a frozen backbone's cache) only the image head runs on the cached backbone features.
@@ -155,7 +156,7 @@ def encode_split(model, data: SplitData, mean, std, batch_size: int = 256, devic
     return img, txt
 
 
-def evaluate_retrieval(model, data: SplitData, mean, std, batch_size: int = 256,
+def evaluate_retrieval(model, data: SplitData, mean, std, batch_size: int,
                        features: BackboneFeatures | None = None) -> dict[str, float]:
     img, txt = encode_split(model, data, mean, std, batch_size, features=features)
     return retrieval_metrics((img @ txt.t()).cpu(), data.txt2img)

@@ -58,7 +58,7 @@ class SelectionSplit:
     rows that `validation_step` encodes (the tensors are in memory). Not a DataLoader: a DataLoader's iterator draws
     from torch's global RNG, which would move the dropout masks of every later training step."""
 
-    def __init__(self, data: SplitData | None, batch_size: int = 256):
+    def __init__(self, data: SplitData | None, batch_size: int):
         self.batches = []  # none under selection=last: nothing is selected
         if data is not None:  # (which, first row, end): plain values, which Lightning's batch transfer passes as they are
             self.batches += [("image", r.start, r.stop) for r in chunks(data.num_images, batch_size)]
@@ -294,8 +294,9 @@ def train_student(
         inputs = phase.images.detach().cpu()
         if features is not None and not inputs_are_features:
             with torch.no_grad():  # the synthetic images' backbone features, once for all epochs
-                inputs = torch.cat([model.features(inputs[i : i + 256].to(model_dtype(model)))
-                                    for i in range(0, len(inputs), 256)])
+                batch = cfg.hardware.inference_batch
+                inputs = torch.cat([model.features(inputs[i : i + batch].to(model_dtype(model)))
+                                    for i in range(0, len(inputs), batch)])
         module = StudentModule(
             model,
             lrs=phase.lrs,
@@ -331,13 +332,14 @@ def train_student(
                                 strategy="auto", enable_checkpointing=True,  # BestStudent is the checkpointing
                                 **({} if select_split else {"limit_val_batches": 0}))  # selection=last: nothing to select on
         t0 = time.perf_counter()
-        trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data))
+        trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data, cfg.hardware.inference_batch))
         seconds += time.perf_counter() - t0
         history += [{**h, "phase": k, "epoch": h["epoch"] + best.offset} for h in module.history] if earlier else module.history
     draws.finish()
     model.load_state_dict(best.state)
     model.to(process_device(cfg.hardware))  # the final test on the stage's device, as training ran
-    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, features=features)
+    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
+                              features=features)
     return StudentResult(
         seed=seed,
         test=test,

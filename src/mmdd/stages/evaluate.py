@@ -165,7 +165,8 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     text_dim = data["test"].text_emb.shape[1]
     # Frozen-backbone students share one cache of backbone features across seeds (train_student uses it only when
     # the student's backbone is frozen).
-    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
+                                cache_dir=cfg.paths.cache_dir,
                                 data_key=stable_hash(data_identity(cfg.data))) if cfg.protocol.cache_features else None
     if str(synthetic) == FULL_TRAIN:  # its "learned" step sizes are protocol.lr
         syn, manifest = full_train_set(cfg, model_cfg, data, text_dim, features)

@@ -44,6 +44,11 @@ LATER_METHOD_SETTINGS: dict[str, dict] = {
 }
 
 
+# Settings of other groups added after config hashes were first made, at the value every run before computed with:
+# left out of config hashes at that value (a finished selection or an interrupted evaluation stays valid).
+LATER_CONFIG_SETTINGS = {("hardware", "inference_batch"): 256}
+
+
 def settled_method(method: dict) -> dict:
     """A method's settings (plain) as identities name them: its class by its first path, and the settings added to
     its YAML later left out where they hold the value that was computed with before (LATER_METHOD_SETTINGS)."""
@@ -67,6 +72,9 @@ def config_hash(cfg) -> str:
     plain = first_class_paths(to_plain(cfg))
     if isinstance(plain.get("method"), dict):
         plain["method"] = settled_method(plain["method"])
+    for (group, key), value in LATER_CONFIG_SETTINGS.items():
+        if isinstance(plain.get(group), dict) and plain[group].get(key, value) == value:
+            plain[group] = {k: v for k, v in plain[group].items() if k != key}
     plain.pop("paths", None)
     plain.pop("hydra", None)
     return stable_hash(plain)

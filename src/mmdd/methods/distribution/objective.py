@@ -233,7 +233,8 @@ class DistributionMatching(LearnedMethod):
     def make_objective(self, cfg, model, train, fingerprint: str) -> DistributionObjective:
         self.encoders = self.make_encoders(cfg, model, train, fingerprint)
         # A frozen backbone (no encoder kind redraws it): its features of the train images, once for every iteration.
-        self.features = BackboneFeatures(cfg.data.mean, cfg.data.std, cache_dir=cfg.paths.cache_dir,
+        self.features = BackboneFeatures(cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
+                                         cache_dir=cfg.paths.cache_dir,
                                          data_key=stable_hash(data_identity(cfg.data))) \
             if model.backbone_is_cacheable() else None
         real = RealPairs(train, cfg.data.mean, cfg.data.std, self.features)
@@ -252,7 +253,7 @@ class MultimodalDistributionMatching(DistributionMatching):
         self.encoders.draw(torch.Generator().manual_seed(cfg.seed))
         model = self.encoders.model
         img, txt = encode_split(model.to(process_device(cfg.hardware)), train, cfg.data.mean, cfg.data.std,
-                                features=self.features)
+                                cfg.hardware.inference_batch, features=self.features)
         model.to("cpu")  # the trainer moves it where it runs
         rows = joint_rows(img, txt, train.txt2img.to(img.device), k.space)
         result = kmeans(rows, budget, torch.Generator().manual_seed(cfg.seed), k.metric, k.iterations, k.tol,

@@ -83,8 +83,9 @@ def teacher_embeddings(cfg, train) -> tuple[torch.Tensor, int]:
     device = process_device(cfg.hardware)  # every train image through the teacher: a GPU's job at 224 px
     model.to(device)
     img = []
-    for s in range(0, train.num_images, 256):
-        idx = list(range(s, min(s + 256, train.num_images)))
+    batch = cfg.hardware.inference_batch
+    for s in range(0, train.num_images, batch):
+        idx = list(range(s, min(s + batch, train.num_images)))
         img.append(model.encode_image(normalize(train.image_batch(idx), cfg.data.mean, cfg.data.std).to(device)).cpu())
     img = torch.cat(img)
     txt = model.encode_text(train.text_emb.to(device)).cpu()

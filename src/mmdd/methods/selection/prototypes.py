@@ -149,7 +149,8 @@ class PrototypeSelection(Method):
         model, expert = final_teacher(cfg, train)
         self.teacher_experts = [expert]
         device = process_device(cfg.hardware)  # the embeddings and the k-means: minutes at Flickr30K's size on a GPU
-        image_emb, caption_emb = encode_split(model.to(device), train, cfg.data.mean, cfg.data.std)
+        image_emb, caption_emb = encode_split(model.to(device), train, cfg.data.mean, cfg.data.std,
+                                              cfg.hardware.inference_batch)
         txt2img = train.txt2img.to(device)
         c = self.config
         kept = prune_pairs(image_emb[txt2img], caption_emb, c.prune_ratio)

@@ -223,4 +223,4 @@ class TrajectoryMatching(LearnedMethod):
         flats = trajectories.snapshots(0, [trajectories.epochs])[0]
         gen = torch.Generator().manual_seed(probe_seed(cfg.seed))
         images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
-        return CollapseProbe(model, objective.layout, flats, images, texts)
+        return CollapseProbe(model, objective.layout, flats, images, texts, cfg.hardware.inference_batch)
