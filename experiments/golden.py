@@ -28,13 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-# conftest.TINY's sizes: small data, a width-8 ConvNet, 2 teachers x 3 epochs, budget 8, 4-epoch students
-DATA = ["data.generate.num_train=64", "data.generate.num_val=16", "data.generate.num_test=24", "model.image.width=8"]
-TEACHERS = ["teacher.num_experts=2", "teacher.epochs=3", "teacher.batch_size=16"]
-STUDENTS = ["protocol.epochs=4", "protocol.lr_decay_epoch=2", "protocol.eval_every=2", "protocol.num_seeds=1"]
+# conf/debug/tiny.yaml (the tests' tiny run: 64/16/24 images, a width-8 ConvNet, 2 teachers x 3 epochs, budget 8,
+# 4-epoch students) with one student per set, no logger and one thread
 PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=16"]  # RepBlend's frozen backbone (its path names the epochs)
-COMMON = [*DATA, *TEACHERS, *STUDENTS, *PRETRAIN, "budget=8", "logger=none", "log_every_n_steps=1",
-          "hardware.num_threads=1"]
+COMMON = ["debug=tiny", "protocol.num_seeds=1", *PRETRAIN, "logger=none", "hardware.num_threads=1"]
 MATCHING = ["method.iterations=3", "method.syn_steps=2"]
 
 # row -> the distillation's own overrides (the store each row reads is chosen by its model)

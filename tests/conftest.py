@@ -7,24 +7,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny sizes for end-to-end runs: every stage for real, in seconds.
-TINY = [
-    "data.generate.num_train=64",
-    "data.generate.num_val=16",
-    "data.generate.num_test=24",
-    "model.image.width=8",
-    "teacher.num_experts=2",
-    "teacher.epochs=3",
-    "teacher.batch_size=16",
-    "method.iterations=3",
-    "method.syn_steps=2",
-    "budget=8",
-    "protocol.epochs=4",
-    "protocol.lr_decay_epoch=2",
-    "protocol.eval_every=2",
-    "protocol.num_seeds=2",
-    "log_every_n_steps=1",
-]
+
+
+def debug_overrides(name: str = "tiny") -> list[str]:
+    """conf/debug/<name>.yaml as command-line overrides (`key=value`, one per leaf), so a test can drop or replace
+    single keys of it."""
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={value}"
+
+    return list(leaves(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "debug" / f"{name}.yaml"))))
+
+
+# Tiny sizes for end-to-end runs, every stage for real in seconds: conf/debug/tiny.yaml (the one source), and the
+# matching methods' own settings small.
+TINY = [*debug_overrides("tiny"), "method.iterations=3", "method.syn_steps=2"]
 
 
 @pytest.fixture(autouse=True)

@@ -144,3 +144,16 @@ def test_default_store_names_tell_data_model_and_teacher_variants_apart():
     assert len({base, *variants}) == 1 + len(variants)
     # what does not define the teachers keeps the store: distillation seed, method, budget
     assert store("seed=3", "method=tesla_vl", "budget=50") == base
+
+
+@pytest.mark.parametrize("stage", ["buffer", "distill", "evaluate", "run"])
+def test_debug_tiny_is_the_tests_tiny_run(stage):
+    """`debug=tiny` (conf/debug/tiny.yaml) composes the config the tests' TINY overrides do: one source for both."""
+    from omegaconf import OmegaConf
+
+    from conftest import debug_overrides
+
+    by_group = cfg_for(stage, ["paths.output_dir=/tmp/x", "debug=tiny"])
+    by_overrides = cfg_for(stage, ["paths.output_dir=/tmp/x", *debug_overrides("tiny")])
+    assert OmegaConf.to_container(by_group) == OmegaConf.to_container(by_overrides)
+    assert by_group.teacher.num_experts == 2 and by_group.budget == 8
