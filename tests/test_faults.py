@@ -356,6 +356,7 @@ def test_students_spread_over_jobs_pool_into_the_same_cell(root):
     assert proc.returncode == 2 and "indices must lie in 0..1" in proc.stderr
 
 
+@pytest.mark.slow  # two teacher runs, one on 2 processes: ~30 s; the 2-process distillation tests keep DDP in the default suite
 def test_one_expert_trained_with_ddp_on_two_processes_is_written_once_and_equals_the_one_process_expert(root):
     """The papers' batch split over the ranks, InfoNCE over all of it, the expert's own sample order: the 2-process
     expert's trajectory is the 1-process one's up to the order of float sums: in float64, 1e-11 after 3 epochs (float32's
