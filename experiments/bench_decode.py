@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from mmdd.data.annotations import Split
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.data.image_cache import decoded_images
 from mmdd.data.images import load_images_tensor
 from mmdd.data.randaugment import BLIP_OPS, RandAugment

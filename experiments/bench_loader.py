@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import FLICKR_EXAMPLES, write_fixture  # noqa: E402
 
 from mmdd.data.annotations import Split  # noqa: E402
-from mmdd.data.datamodule import PairDataset, SplitData  # noqa: E402
+from mmdd.data.splits import PairDataset, SplitData  # noqa: E402
 from mmdd.data.image_cache import decoded_images  # noqa: E402
 from mmdd.data.randaugment import BLIP_OPS, RandAugment  # noqa: E402
 from mmdd.data.sample_augment import PerImageAugment  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from mmdd.bench.runner import bench_table, run_bench
-from mmdd.data.datamodule import load_data
+from mmdd.data.splits import load_data
 from mmdd.paths import conf_dir
 from mmdd.stages.buffer import run_buffer
 from mmdd.stages.pretrain import run_pretrain

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import TINY, run_in_process, run_mmdd
 from helpers import method_values
 from mmdd.data.annotations import Split, load_blip_split, load_pairs_table
-from mmdd.data.datamodule import SplitData, load_annotations
+from mmdd.data.splits import SplitData, load_annotations
 from mmdd.errors import ArtifactError, DataError, MmddError
 from mmdd.methods.base import check_budget
 from mmdd.methods.trajectory.objective import MatchingSettings
@@ -426,7 +426,7 @@ def test_empty_captions_in_every_format(tmp_path):
 def test_user_dataset_images_of_odd_modes_load_as_rgb(tmp_path, preload, decode_cache):
     from hydra import compose, initialize_config_dir
 
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
     from mmdd.paths import conf_dir
 
     data = user_dataset(tmp_path / "mine")

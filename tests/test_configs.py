@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from mmdd.data.datamodule import load_annotations, load_data
+from mmdd.data.splits import load_annotations, load_data
 from mmdd.errors import DataError
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.paths import conf_dir

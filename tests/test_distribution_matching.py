@@ -15,7 +15,7 @@ from mmdd.errors import MmddError
 from mmdd.methods.selection.clustering import cooccurrence, kmeans, match_clusters, nearest_members
 from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings, merge_weights, model_stock_ratio
 from mmdd.methods.distribution.mmd import agreement_and_disparity, geodesic_kernel, gke, mean_distance, mmd2
-from mmdd.methods.engine.outer_loop import OuterLoop
+from mmdd.methods.engine.outer_loop import OuterLoopModule
 from mmdd.methods.selection.prototypes import match_prototypes, nearest_distinct, prune_pairs
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -298,7 +298,7 @@ def test_grad_clip_bounds_the_joint_norm_of_the_step():
     syn = toy_set()
     before = [p.detach().clone() for p in (syn.images, syn.texts)]
     settings = MeanMatchingSettings(**{**SETTINGS, "momentum": 0.0, "lr_img": 1.0, "lr_txt": 1.0, "grad_clip": 0.01})
-    fit(OuterLoop(MeanMatchingObjective(torch.full((1, 3, 4, 4), 50.0), torch.full((1, 5), 50.0)), syn, settings,
+    fit(OuterLoopModule(MeanMatchingObjective(torch.full((1, 3, 4, 4), 50.0), torch.full((1, 5), 50.0)), syn, settings,
                   seed=0), 1)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip((syn.images, syn.texts), before)])
     assert float(step.norm()) == pytest.approx(0.01, rel=1e-4)
@@ -415,7 +415,7 @@ def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
     """The backbone's features of the train images are computed once; each batch then runs the heads only, and
     embeds as the whole model does."""
     from mmdd.data.annotations import Split
-    from mmdd.data.datamodule import SplitData
+    from mmdd.data.splits import SplitData
     from mmdd.evaluate.encode import BackboneFeatures
     from mmdd.methods.distribution.objective import RealPairs
     from mmdd.models.convnet import ConvNet

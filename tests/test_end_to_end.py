@@ -184,7 +184,7 @@ def test_distillation_learns(tiny_run):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
     from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.paths import conf_dir

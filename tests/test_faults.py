@@ -207,7 +207,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     single process makes with both samples' gradients averaged."""
     from hydra import compose, initialize_config_dir
 
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
     from mmdd.methods.engine.outer_loop import outer_optimizer
     from mmdd.methods.trajectory.draws import draw_segment_start
     from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for

@@ -3,7 +3,7 @@
 import torch
 
 from mmdd.data.annotations import Split
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.data.randaugment import RandAugment
 from mmdd.data.transforms import AugmentConfig, normalize
 from mmdd.methods.base import reference_pairs, sample_real_pairs

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from mmdd.data.datamodule import loader_options
+from mmdd.data.splits import loader_options
 from mmdd.teachers.loader_watch import LoaderWatch
 
 

@@ -17,7 +17,7 @@ from conftest import TINY
 from helpers import outer_values
 from mmdd.errors import MmddError
 from mmdd.methods.engine.learned import LearnedMethod
-from mmdd.methods.engine.outer_loop import (NonFiniteLoss, ObjectiveStep, OuterIterations, OuterLoop, OuterSettings,
+from mmdd.methods.engine.outer_loop import (NonFiniteLoss, ObjectiveStep, OuterIterations, OuterLoopModule, OuterSettings,
                                      outer_optimizer)
 from mmdd.synthetic.similarity import LowRankSimilarity
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -69,7 +69,7 @@ def toy_set(n: int = 6, similarity=None) -> SyntheticSet:
                         {"image": 0.01, "text": 0.02}, similarity)
 
 
-def fit(loop: OuterLoop, steps: int) -> L.Trainer:
+def fit(loop: OuterLoopModule, steps: int) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(loop, OuterIterations(steps))
@@ -93,7 +93,7 @@ def test_a_toy_objective_is_learned_by_the_outer_loop():
     syn = toy_set()
     target_images, target_texts = torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)
     objective = MeanMatchingObjective(target_images, target_texts)
-    loop = OuterLoop(objective, syn, MeanMatchingSettings(**SETTINGS), seed=0)
+    loop = OuterLoopModule(objective, syn, MeanMatchingSettings(**SETTINGS), seed=0)
     before = float(objective(syn, None, lambda t, inputs: None).loss)
     fit(loop, 20)
     losses = [h["distill/matching_loss"] for h in loop.history]
@@ -115,7 +115,7 @@ def test_an_objective_that_is_never_finite_stops_with_the_set_unchanged():
 
     syn = toy_set()
     before = syn.images.detach().clone()
-    loop = OuterLoop(NaNObjective(), syn, MeanMatchingSettings(**SETTINGS), seed=0, max_nonfinite=3)
+    loop = OuterLoopModule(NaNObjective(), syn, MeanMatchingSettings(**SETTINGS), seed=0, max_nonfinite=3)
     with pytest.raises(NonFiniteLoss, match="3 iterations in a row"):
         fit(loop, 10)
     assert torch.equal(syn.images.detach(), before) and loop.skipped_iterations == 3

@@ -81,7 +81,7 @@ def test_bf16_autocast_accumulates_the_cached_feature_gradient_in_float32():
 
 def test_features_cached_under_autocast_are_not_served_to_a_float32_run(tmp_path):
     from mmdd.data.annotations import Split
-    from mmdd.data.datamodule import SplitData
+    from mmdd.data.splits import SplitData
 
     torch.manual_seed(0)
     bb = ConvNet(image_size=8, width=4, depth=2)

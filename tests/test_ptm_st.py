@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, run_in_process
 from helpers import method_settings
 from mmdd.errors import MmddError
-from mmdd.methods.engine.outer_loop import OuterLoop
+from mmdd.methods.engine.outer_loop import OuterLoopModule
 from mmdd.methods.trajectory.draws import draw_segment_start
 from mmdd.methods.trajectory.objective import MatchingSettings
 from mmdd.synthetic.synthetic_set import SyntheticSet
@@ -130,7 +130,7 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
         def __call__(self, images, texts):
             return {"image_mean": float(images.mean())}
 
-    loop = OuterLoop(MeanMatchingObjective(torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)), syn, settings,
+    loop = OuterLoopModule(MeanMatchingObjective(torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)), syn, settings,
                      seed=0, probe=MeanProbe(), diagnostics_every=1)
     assert loop.saved_set() is loop.ema and torch.equal(loop.ema.images, x0)
     # the EMA by its definition, from the raw sets after each step

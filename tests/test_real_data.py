@@ -53,11 +53,11 @@ def compose_cfg(stage: str, tmp_path: Path, root: Path, *extra: str):
                                      ["data.decode_cache=false", "data.preload=true"],
                                      ["data.decode_cache=true", "data.preload=false"]])
 def test_every_damaged_image_is_reported_when_the_split_is_opened(tmp_path, storage, monkeypatch):
-    from mmdd.data import datamodule
-    from mmdd.data.datamodule import load_data
+    from mmdd.data import splits as data_splits
+    from mmdd.data.splits import load_data
 
     # before any caption is embedded (an hour for Flickr30K with BERT on a CPU)
-    monkeypatch.setattr(datamodule, "embed_captions", lambda *a, **k: pytest.fail("captions embedded first"))
+    monkeypatch.setattr(data_splits, "embed_captions", lambda *a, **k: pytest.fail("captions embedded first"))
 
     root = user_data(tmp_path / "mine")
     (root / "imgs" / "1.jpg").write_bytes(b"")  # 0 bytes
@@ -73,7 +73,7 @@ def test_every_damaged_image_is_reported_when_the_split_is_opened(tmp_path, stor
 
 def test_a_checked_split_is_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
     from mmdd.data import image_cache
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
 
     root = user_data(tmp_path / "mine")
     cfg = compose_cfg("buffer", tmp_path, root, "data.decode_cache=false", "data.preload=false")
@@ -112,7 +112,7 @@ def test_an_image_listed_twice_in_a_karpathy_file_names_both_entries(tmp_path):
 
 
 def test_duplicate_rows_and_images_shared_by_splits_are_warned_about_with_counts(tmp_path, caplog):
-    from mmdd.data.datamodule import load_annotations
+    from mmdd.data.splits import load_annotations
 
     root = user_data(tmp_path / "mine")
     rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
@@ -152,11 +152,11 @@ def test_train_split_smaller_than_the_batch_is_refused_before_training(tmp_path)
 
 
 def test_budget_is_checked_before_captions_are_embedded(tmp_path, monkeypatch):
-    from mmdd.data import datamodule
+    from mmdd.data import splits as data_splits
     from mmdd.stages.distill import run_distill
 
     root = user_data(tmp_path / "mine", n_train=6)
-    monkeypatch.setattr(datamodule, "embed_captions", lambda *a, **k: pytest.fail("captions embedded"))
+    monkeypatch.setattr(data_splits, "embed_captions", lambda *a, **k: pytest.fail("captions embedded"))
     out = tmp_path / "synthetic"
     cfg = compose_cfg("distill", tmp_path, root, "budget=50", "method=random")
     with pytest.raises(MmddError, match=r"budget=50 is larger than the train split \(6 images\)"):
@@ -167,7 +167,7 @@ def test_budget_is_checked_before_captions_are_embedded(tmp_path, monkeypatch):
 def test_num_workers_auto_follows_the_cores_this_process_may_use():
     import os
 
-    from mmdd.data.datamodule import loader_workers
+    from mmdd.data.splits import loader_workers
 
     assert loader_workers("auto") == min(8, len(os.sched_getaffinity(0)))
     assert loader_workers(3) == 3 and loader_workers("0") == 0
@@ -263,7 +263,7 @@ def flickr_cfg(tmp_path: Path, root: Path, *extra: str):
 
 
 def test_karpathy_flickr_file_finds_its_images_in_flickr30k_images(tmp_path):
-    from mmdd.data.datamodule import load_annotations
+    from mmdd.data.splits import load_annotations
 
     root = tmp_path / "flickr30k"
     karpathy_flickr(root, "flickr30k-images")
@@ -275,7 +275,7 @@ def test_karpathy_flickr_file_finds_its_images_in_flickr30k_images(tmp_path):
 
 
 def test_a_missing_image_names_the_usual_folder_that_holds_it(tmp_path):
-    from mmdd.data.datamodule import load_annotations
+    from mmdd.data.splits import load_annotations
 
     root = tmp_path / "flickr30k"
     karpathy_flickr(root, "flickr30k_images")  # the underscore spelling of some mirrors

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmdd.data.annotations import Split
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.evaluate.student import train_student
 from mmdd.models.convnet import ConvNet
 from mmdd.models.dual_encoder import DualEncoder

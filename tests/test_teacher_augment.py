@@ -248,7 +248,7 @@ def test_every_bad_image_is_reported_at_once_with_its_entry_and_nothing_is_left(
 def test_split_loaded_through_the_cache_feeds_the_per_image_teacher_transform(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from mmdd.data.datamodule import PairDataset, load_data
+    from mmdd.data.splits import PairDataset, load_data
     from mmdd.data.transforms import augment_config, per_image_augment
     from mmdd.paths import conf_dir
 

@@ -37,7 +37,7 @@ def mmdd_data(work: Path, inputs: dict, image_size: int):
     """mmdd's paper data path on the parity files: data=flickr30k with its root, annotations and images overridden."""
     from hydra import compose, initialize_config_dir
 
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
     from mmdd.paths import conf_dir
 
     overrides = [f"paths.root_dir={work / 'mmdd'}", "data=flickr30k", f"data.root={work / 'mmdd'}",

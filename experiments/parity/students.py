@@ -331,7 +331,7 @@ def parse_args():
 
 def main() -> int:
     args = parse_args()
-    from mmdd.data.datamodule import load_data
+    from mmdd.data.splits import load_data
     from mmdd.data.transforms import normalize
     from mmdd.stages.evaluate import run_evaluate
     from mmdd.synthetic.synthetic_set import SyntheticSet

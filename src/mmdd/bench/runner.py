@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
-from mmdd.data.datamodule import load_data
+from mmdd.data.splits import load_data
 from mmdd.errors import MmddError
 from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.data.transforms import normalize
 from mmdd.evaluate.retrieval import retrieval_metrics
 from mmdd.models.dual_encoder import backbone_fingerprint

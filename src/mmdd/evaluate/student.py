@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import chunks, encode_images, encode_texts, evaluate_retrieval, model_dtype
 from mmdd.evaluate.retrieval import retrieval_metrics

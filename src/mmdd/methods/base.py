@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mmdd.data.annotations import Split
-from mmdd.data.datamodule import SplitData
+from mmdd.data.splits import SplitData
 from mmdd.data.transforms import normalize, per_image_augment, random_resized_crop
 from mmdd.config_schema import whole_budget
 from mmdd.errors import MmddError

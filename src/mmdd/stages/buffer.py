@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options, loader_workers
+from mmdd.data.splits import PairDataset, check_full_batches, load_data, loader_options, loader_workers
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import evaluate_retrieval

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 
-from mmdd.data.datamodule import load_annotations, load_data
+from mmdd.data.splits import load_annotations, load_data
 from mmdd.errors import MmddError
 from mmdd.methods.base import check_budget, save_synthetic
 from mmdd.utils.draws import draws_hooked

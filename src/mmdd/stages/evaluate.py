@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mmdd.data.datamodule import load_data
+from mmdd.data.splits import load_data
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.evaluate.encode import BackboneFeatures
 from mmdd.evaluate.retrieval import METRIC_KEYS, chance_report

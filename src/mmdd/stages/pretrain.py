@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mmdd.data.datamodule import PairDataset, check_full_batches, load_data, loader_options
+from mmdd.data.splits import PairDataset, check_full_batches, load_data, loader_options
 from mmdd.data.transforms import augment_config, per_image_augment
 from mmdd.evaluate.encode import evaluate_retrieval
 from mmdd.models.dual_encoder import build_dual_encoder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from mmdd.data.datamodule import load_data
+from mmdd.data.splits import load_data
 from mmdd.plan import check_distill_fits
 from mmdd.report.collect import teacher_results
 from mmdd.report.table import markdown_table, result_row

@@ -33,7 +33,7 @@ class RankSlices(Sampler[list[int]]):
 def global_batch_loader(dataset, batch_size: int, seed: int, options: dict) -> DataLoader:
     """A teacher's (or pre-training's) batches in this process: the single-process loader's order (shuffled by
     `seed`, full batches of `batch_size`), and under DDP this rank's slice of each. Build it after the trainer: the
-    processes mmdd starts exist from then on. `options`: DataLoader keywords (mmdd.data.datamodule.loader_options)."""
+    processes mmdd starts exist from then on. `options`: DataLoader keywords (mmdd.data.splits.loader_options)."""
     from mmdd.utils import launch
 
     run = launch.current()

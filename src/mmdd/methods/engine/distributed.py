@@ -1,7 +1,7 @@
 """Distillation on several processes with Lightning's DDP machinery.
 
 Each rank draws its own samples (trajectory matching: expert, start epoch and mini-batches); the synthetic set's gradients are averaged
-across ranks before every outer step (OuterLoop.average_over_ranks: one all-reduce), so N processes give N trajectory
+across ranks before every outer step (OuterLoopModule.average_over_ranks: one all-reduce), so N processes give N trajectory
 samples per step. mmdd starts the processes (utils.ddp), Lightning sets up the process group and provides the collectives;
 the only thing left out is the DistributedDataParallel wrapper: an iteration calls backward many times
 (every inner step of TESLA, the backbone pass of cached features) while DDP's reducer expects one backward per

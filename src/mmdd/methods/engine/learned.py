@@ -18,7 +18,7 @@ from mmdd.methods.base import DistillResult, Method, check_budget, reference_pai
 from mmdd.methods.engine.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
 from mmdd.methods.engine.distributed import GuardedCheckpointIO, distill_strategy
 from mmdd.utils.draws import draws_hooked
-from mmdd.methods.engine.outer_loop import Objective, OuterIterations, OuterLoop, OuterSettings
+from mmdd.methods.engine.outer_loop import Objective, OuterIterations, OuterLoopModule, OuterSettings
 from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
@@ -115,7 +115,7 @@ class LearnedMethod(Method):
         syn = self.initial_set(cfg, train, pairs, resuming=ckpt is not None)
         every = cfg.diagnostics_every
         probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
-        loop = OuterLoop(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,
+        loop = OuterLoopModule(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,
                          identity=distill_identity(cfg), max_nonfinite=cfg.max_nonfinite)
 
         def save(step: int) -> None:

@@ -152,7 +152,7 @@ class NonFiniteLoss(MmddError):
     """Too many consecutive iterations with a NaN/inf loss or gradient, or an outer step that overflowed."""
 
 
-class OuterLoop(L.LightningModule):
+class OuterLoopModule(L.LightningModule):
     def __init__(self, objective: Objective, syn: SyntheticSet, settings: OuterSettings, seed: int, probe=None,
                  diagnostics_every: int = 0, identity: dict | None = None, max_nonfinite: int = 10):
         super().__init__()

@@ -180,7 +180,7 @@ class ForgettingCoreset(RandomCoreset):
     settings_cls = ForgettingSettings
 
     def select(self, cfg, train, budget):
-        from mmdd.data.datamodule import PairDataset, check_full_batches, loader_options
+        from mmdd.data.splits import PairDataset, check_full_batches, loader_options
         from mmdd.data.transforms import augment_config, per_image_augment
         from mmdd.models.dual_encoder import build_dual_encoder
         from mmdd.teachers.expert_module import ExpertModule
