@@ -116,3 +116,12 @@ def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4,
     lrs = {k: torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for k in start}
     return Segment(model, lay, start, target, lrs, images, texts, BatchSchedule(n, batch, torch.Generator().manual_seed(3)),
                    steps, inner_loss, extra=tuple(extra), blend=blend)
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    """A run root with the tiny trajectory store (conf/debug/tiny.yaml's teachers), shared by the tests of stages
+    that read it (checkpointing, DDP, buffer, io, evaluate); a test writes its runs under outputs/<its name>."""
+    root = tmp_path_factory.mktemp("faults")
+    run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    return root
