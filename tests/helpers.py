@@ -61,6 +61,10 @@ def outer_values(**changes) -> dict:
 # ---------------------------------------------------------------- runs of the stages on the shared tiny store (conftest.root)
 TINY_DISTILL = [o for o in TINY if not o.startswith("method.iterations")] + ["logger=none", "evaluate=false"]
 DDP = ["hardware.devices=2", "hardware.strategy=ddp"]  # two CPU processes (gloo)
+# learning-free and distribution-matching methods on the tiny store: their own few iterations, one student
+SMALL = [o for o in TINY if not o.startswith("method.")] + ["method.iterations=4", "evaluate=false"]
+TINY_DATA = [o for o in TINY if o.startswith("data.")]
+ONE_STUDENT = [o for o in TINY if o.startswith("protocol.") and "num_seeds" not in o] + ["protocol.num_seeds=1"]
 
 
 def distill(root: Path, run: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,6 +1,10 @@
 """`mmdd buffer` (mmdd.stages.buffer, mmdd.teachers.claims): processes sharing one store, claims of dead
 processes, teachers stopped by a signal, a store extended with more experts."""
 
+import json
+
+import torch
+
 import os
 import signal
 import subprocess
@@ -79,3 +83,25 @@ def test_a_store_is_extended_with_more_experts(root, tmp_path):
     assert proc.returncode == 0
     assert TrajectoryStore.open(store).completed_experts() == [0, 1, 2]
     assert {p: store.joinpath(p).stat().st_mtime_ns for p in before} == before  # experts 0 and 1 untouched
+
+
+def test_teachers_can_start_from_one_initialisation(tmp_path):
+    from safetensors.torch import load_file
+
+    from mmdd.teachers.trajectory_store import TrajectoryStore
+
+    run_in_process(["buffer", *TINY, "teacher.init=shared", "hydra.run.dir=outputs/shared"], tmp_path, check=True)
+    run_in_process(["buffer", *TINY, "hydra.run.dir=outputs/per_expert"], tmp_path, check=True)
+    stores = {json.loads(m.read_text())["teacher"].get("init", "per_expert"): m.parent
+              for m in (tmp_path / "outputs" / "artifacts" / "buffers").rglob("manifest.json")}
+    assert set(stores) == {"shared", "per_expert"}  # two stores: the setting is part of the store's identity
+
+    def experts(kind):
+        return [load_file(str(TrajectoryStore.open(stores[kind]).expert_path(e))) for e in (0, 1)]
+
+    shared, own = experts("shared"), experts("per_expert")
+    assert all(torch.equal(shared[0][n][0], shared[1][n][0]) for n in shared[0])  # one start ...
+    assert any(not torch.equal(shared[0][n][-1], shared[1][n][-1]) for n in shared[0])  # ... two fine-tunings
+    assert any(not torch.equal(own[0][n][0], own[1][n][0]) for n in own[0])  # the default: a start each
+    bad = run_in_process(["buffer", *TINY, "teacher.init=one", "hydra.run.dir=outputs/bad"], tmp_path)
+    assert bad.returncode == 2 and "teacher.init must be per_expert or shared" in bad.stderr

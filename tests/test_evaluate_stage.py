@@ -1,6 +1,11 @@
 """`mmdd evaluate` (mmdd.stages.evaluate): one set's students spread over jobs pool into one cell; a killed
 evaluation keeps its finished students (the fault-budget script)."""
 
+import json
+
+from conftest import run_in_process
+from helpers import ONE_STUDENT, SMALL, TINY_DATA
+
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +49,30 @@ def test_the_fault_budget_script_counts_a_killed_evaluation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in out.read_text().splitlines() if line.startswith("| evaluate (1 process)"))
     assert "| 1/1 | 1/1 |" in row
+
+
+def test_students_of_other_architectures_evaluate_a_convnet_set(root):
+    run_in_process(["distill", "method=pds", *SMALL, "method.restarts=1", "hydra.run.dir=outputs/pds_x"], root,
+                   check=True)
+    syn = root / "outputs" / "pds_x" / "synthetic"
+    data, protocol = TINY_DATA, ONE_STUDENT
+    for student, backbone in (("resnet18_minilm", "resnet18"), ("vit_tiny_minilm", "vit_tiny_patch16_224")):
+        run_in_process(["evaluate", f"synthetic={syn}", f"model={student}", *data, *protocol,
+                        f"hydra.run.dir=outputs/x_{student}"], root, check=True)
+        res = json.loads((root / "outputs" / f"x_{student}" / "results.json").read_text())
+        assert res["config"]["model"]["image"]["name"] == backbone and res["method"] == "pds"
+        assert 0 <= res["mean"]["r_mean"] <= 100
+
+
+def test_full_train_upper_bound_trains_heads_only_students_on_every_pair(tmp_path):
+    data, protocol = TINY_DATA, ONE_STUDENT
+    heads = ["model=convnet_heads", "model.image.checkpoint=null"]  # a random frozen backbone (model.image.init_seed)
+    run_in_process(["evaluate", "synthetic=full_train", *heads, *data, *protocol, "hydra.run.dir=outputs/full"],
+                   tmp_path, check=True)
+    res = json.loads((tmp_path / "outputs" / "full" / "results.json").read_text())
+    assert res["method"] == "full_train" and res["budget"] == 64 and res["synthetic"] == "full_train"
+    history = res["seeds"][0]["history"]
+    assert history and 0 <= res["mean"]["r_mean"] <= 100
+    refused = run_in_process(["evaluate", "synthetic=full_train", *data, *protocol, "hydra.run.dir=outputs/full2"],
+                             tmp_path)
+    assert refused.returncode == 2 and "heads-only students" in refused.stderr

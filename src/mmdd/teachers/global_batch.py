@@ -5,7 +5,7 @@ training on their own B pairs would be another training (a batch of N x B at the
 rank's B / N pairs alone would have fewer negatives. Here every rank draws the expert's own order (the
 single-process loader's, from the expert's seed), takes its slice of each global batch of B (`RankSlices`), and
 the loss is InfoNCE over the B x B logits of all the ranks' embeddings (`global_logits`): the expert's gradient is
-the single-process one, up to the order of float sums (tests/test_faults.py), and per-image augmentations that run
+the single-process one, up to the order of float sums (tests/test_ddp.py), and per-image augmentations that run
 in each rank's own loader workers.
 """
 
