@@ -75,3 +75,37 @@ def test_what_a_setting_must_be_is_said_in_words():
     assert describe_hint(list[int]) == "a list of integers"
     assert describe_hint(int | None) == "an integer or null"
     assert describe_hint(Literal["full", "tesla"]) == "one of ('full', 'tesla')"
+
+
+# every method config for 2 iterations on the tiny store, as timm tests every registered model (the golden harness,
+# experiments/golden.py, runs the same rows and compares their outputs byte for byte)
+RUN_ARGS = {
+    "mtt_vl": ["method.syn_steps=2"], "tesla_vl": ["method.syn_steps=2"], "lors": ["method.syn_steps=2"],
+    "repblend": ["method.syn_steps=2", "model=convnet_heads"], "ptm_st": ["method.syn_steps=2", "method.convexify.end=4"],
+    "dm": ["method.real_batch=16"], "mdm": ["method.real_batch=16", "method.syn_batch=4"], "pds": ["method.restarts=1"],
+}
+
+
+@pytest.mark.slow  # one distillation per method config: ~35 s in all (the default suite is near its 8 minutes)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_distils_on_tiny_data(root, method):
+    import json
+
+    from conftest import TINY
+    from helpers import TINY_DISTILL
+
+    if method == "repblend":  # a frozen, pre-trained backbone and its own store
+        run_in_process(["pretrain", *TINY, "logger=none", "pretrain.batch_size=16", "hydra.run.dir=outputs/pretrain_heads"],
+                       root, check=True)
+        run_in_process(["buffer", *TINY, "logger=none", "model=convnet_heads", "hydra.run.dir=outputs/buffer_heads"],
+                       root, check=True)
+    from mmdd.methods.engine.learned import LearnedMethod
+
+    learned = issubclass(get_class(method_config(method)["_target_"]), LearnedMethod)
+    args = [*(o for o in TINY_DISTILL if not o.startswith("method.")), *RUN_ARGS.get(method, [])]
+    run = f"every_method_{method}"
+    run_in_process(["distill", f"method={method}", *args, *(["method.iterations=2"] if learned else []),
+                    f"hydra.run.dir=outputs/{run}"], root, check=True)
+    manifest = json.loads((root / "outputs" / run / "synthetic" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["method"] == method and manifest["budget"] == 8
+    assert manifest["iteration"] == (2 if learned else 0)
