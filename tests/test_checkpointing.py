@@ -15,7 +15,7 @@ from helpers import TINY_DISTILL, assert_same_set, distill, distill_here, manife
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(root):
-    n = 300  # long enough that the kill lands mid-run (a tiny iteration is ~20 ms)
+    n = 150  # long enough that the kill lands mid-run: ~25 iterations in (a tiny iteration is ~20 ms)
     distill_here(root, "straight", f"method.iterations={n}", "save_every=5")
 
     env = {**os.environ, "WANDB_MODE": "offline", "MMDD_ROOT": str(root)}
