@@ -235,6 +235,9 @@ out = {"pid": os.getpid(), "global_rank": trainer.global_rank, "local_rank": tra
        "environment": type(trainer.strategy.cluster_environment).__name__}
 with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
     json.dump(out, f)
+if torch.distributed.is_initialized():  # leave together: gloo's threads torn down mid-exchange abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
