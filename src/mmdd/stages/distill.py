@@ -143,7 +143,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) 
 def run(cfg) -> float | None:
     started = time.time()
     method = instantiate(cfg.method)  # a wrong setting is a sentence in a second, before any data
-    check_distill_fits(cfg)  # on a GPU: a cell that cannot fit stops here, before any data, naming what fits
+    check_distill_fits(cfg, method)  # on a GPU: a cell that cannot fit stops here, before any data, naming what fits
     data = load_data(cfg) if cfg.evaluate else None  # train for distilling, val/test for the students after
     syn_dir = run_distill(cfg, data, method=method)
     launch = current()

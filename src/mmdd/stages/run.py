@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from mmdd.data.splits import load_data
@@ -31,7 +32,8 @@ def with_method(cfg, method_cfg):
 
 def run_all(cfg) -> dict:
     out = Path(str(cfg.paths.output_dir))
-    check_distill_fits(cfg)  # on a GPU: a distillation that cannot fit stops here, before any data
+    method = instantiate(cfg.method)  # a wrong setting is a sentence before any data
+    check_distill_fits(cfg, method)  # on a GPU: a distillation that cannot fit stops here, before any data
     data = load_data(cfg)
     ckpt = cfg.model.image.get("checkpoint")
     if ckpt and str(ckpt) == str(cfg.pretrain.output):
@@ -39,7 +41,7 @@ def run_all(cfg) -> dict:
     store = run_buffer(cfg, data)
     rows = []
 
-    syn_dir = run_distill(cfg, data, out / "synthetic" / str(cfg.method.name))
+    syn_dir = run_distill(cfg, data, out / "synthetic" / str(cfg.method.name), method=method)
     res = run_evaluate(cfg, syn_dir, data, out / "evaluate" / str(cfg.method.name))
     rows.append(result_row(res))
     for name, method_cfg in cfg.baselines.items():
