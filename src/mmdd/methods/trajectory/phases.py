@@ -172,18 +172,21 @@ class PhaseResume:
     same place in that directory. One .ckpt file cannot hold several phases and is refused."""
 
     def __init__(self, resume, n_phases: int):
-        parsed = Resume.of(resume)
-        self.resume, self.fresh, self.auto = parsed.setting, parsed.fresh, parsed.auto
+        self.resume = Resume.of(resume)
         self.n_phases = n_phases
-        if parsed.path is not None and not parsed.path.is_dir():
-            raise MmddError(f"resume={self.resume}: a phased set ({n_phases} phases) resumes from a set directory written "
+        if self.resume.path is not None and not self.resume.path.is_dir():
+            raise MmddError(f"resume={self.resume.setting}: a phased set ({n_phases} phases) resumes from a set directory written "
                             "by mmdd distill (each phase from its own checkpoint in it), not from one checkpoint file; "
                             "or use resume=auto / resume=false")
 
+    @property
+    def fresh(self) -> bool:
+        return self.resume.fresh
+
     def of_phase(self, i: int) -> str:
-        if self.fresh or self.auto:
-            return self.resume
-        source = Path(self.resume)
+        source = self.resume.path
+        if source is None:  # auto or fresh: the same for every phase
+            return self.resume.setting
         return str(source if i == self.n_phases - 1 else source / f"phase_{i}")
 
 
