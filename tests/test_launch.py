@@ -206,29 +206,16 @@ def free_port() -> int:
 
 PROBE = """
 import json, os, sys
+sys.path.insert(0, TESTS)
 import torch
-import lightning as L
-from omegaconf import OmegaConf
+from launch_probe import Probe, ones, probe_cfg
 from mmdd.utils.trainer import build_trainer, process_device, setup_process
 
-class Probe(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
-    def training_step(self, batch, i):
-        return (self.w * batch[0]).sum()
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-hw = OmegaConf.create({"accelerator": "cpu", "devices": int(sys.argv[2]), "num_nodes": 1, "strategy": "ddp",
-                       "num_threads": 1})
-cfg = OmegaConf.create({"hardware": hw, "trainer": {"_target_": "lightning.pytorch.Trainer", "_partial_": True,
-    "accelerator": "cpu", "devices": hw.devices, "num_nodes": 1, "strategy": "ddp", "max_steps": 1,
-    "enable_progress_bar": False, "enable_checkpointing": False, "enable_model_summary": False}})
+cfg = probe_cfg(int(sys.argv[2]), "ddp", num_threads=1)
+hw = cfg.hardware
 setup_process(hw)
 trainer = build_trainer(cfg)
-data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=2)
-trainer.fit(Probe(), data)
+trainer.fit(Probe(), ones())
 from mmdd.utils.ddp import _started
 out = {"pid": os.getpid(), "global_rank": trainer.global_rank, "local_rank": trainer.local_rank,
        "world_size": trainer.world_size, "device": str(process_device(hw)), "started": len(_started),
@@ -243,7 +230,7 @@ if torch.distributed.is_initialized():  # leave together: gloo's threads torn do
 
 def run_probe(tmp_path: Path, processes: list[list[str]], envs: list[dict]) -> list[dict]:
     script = tmp_path / "probe.py"
-    script.write_text(PROBE)
+    script.write_text(PROBE.replace("TESTS", repr(str(Path(__file__).parent))))
     procs = [subprocess.Popen(cmd, env={**os.environ, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for cmd, env in zip(processes, envs)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -385,8 +372,7 @@ def test_a_one_process_trainer_inside_a_launch_leaves_the_launch_as_it_was(clean
     """Rank 0's students in a torchrun job train in one-process trainers (LightningEnvironment). Were WORLD_SIZE gone
     after one (LightningEnvironment.teardown deletes it when a DDP strategy ends), this process would take itself for
     a 1-process torchrun job and the next stage would refuse the launch."""
-    import lightning as L
-
+    from launch_probe import Probe, ones, probe_cfg
     from mmdd.utils.trainer import build_trainer
 
     torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
@@ -395,23 +381,9 @@ def test_a_one_process_trainer_inside_a_launch_leaves_the_launch_as_it_was(clean
         clean_env.setenv(key, value)
     before = launch.current()
 
-    class Probe(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def training_step(self, batch, i):
-            return (self.w * batch[0]).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    cfg = OmegaConf.create({"hardware": {"num_threads": 0}, "trainer": {
-        "_target_": "lightning.pytorch.Trainer", "_partial_": True, "accelerator": "cpu", "devices": 1,
-        "num_nodes": 1, "strategy": "auto", "max_steps": 1, "enable_progress_bar": False,
-        "enable_checkpointing": False, "enable_model_summary": False}})
+    cfg = probe_cfg(1, "auto", num_threads=0)
     trainer = build_trainer(cfg)
-    trainer.fit(Probe(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2))
+    trainer.fit(Probe(), ones(4))
     assert (trainer.world_size, trainer.global_rank) == (1, 0)
     assert {k: os.environ.get(k) for k in torchrun} == torchrun
     assert launch.current() == before == launch.Launch("torchrun", 0, 0, 0, 2, 2, 1)
