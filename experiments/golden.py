@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 # conf/debug/tiny.yaml (the tests' tiny run: 64/16/24 images, a width-8 ConvNet, 2 teachers x 3 epochs, budget 8,
 # 4-epoch students) with one student per set, no logger and one thread
 PRETRAIN = ["pretrain.epochs=2", "pretrain.batch_size=16"]  # RepBlend's frozen backbone (its path names the epochs)
@@ -67,15 +69,33 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 def record_set(run: Path) -> dict:
     syn = run / "synthetic"
     manifest = json.loads((syn / "manifest.json").read_text())
     results = json.loads((run / "results.json").read_text())
-    return {"tensors": sha256(syn / "synthetic.safetensors"), "captions": sha256(syn / "captions.json"),
-            "config_hash": manifest.get("config_hash"),
-            "identity": hashlib.sha256(json.dumps(manifest.get("identity"), sort_keys=True).encode()).hexdigest(),
-            "num_pairs": manifest.get("num_pairs"),
-            "students": [{"seed": s["seed"], "test": s["test"]} for s in results["seeds"]]}
+    record = {"tensors": sha256(syn / "synthetic.safetensors"), "captions": sha256(syn / "captions.json"),
+              "config_hash": manifest.get("config_hash"), "identity": digest(manifest.get("identity")),
+              "num_pairs": manifest.get("num_pairs"),
+              "students": [{"seed": s["seed"], "test": s["test"]} for s in results["seeds"]]}
+    # what a checkpoint of the run may resume into (mmdd.identity.distill_identity, held in the checkpoint)
+    ckpt = syn / "checkpoint" / "last.ckpt"
+    if ckpt.exists():
+        record["checkpoint_identity"] = digest(torch.load(ckpt, map_location="cpu", weights_only=True)["mmdd"]["identity"])
+    # a phased set's earlier phases: their sets, identities and config hashes
+    if manifest.get("earlier_phases"):
+        record["earlier_phase_identities"] = manifest.get("earlier_phase_identities")
+        for name in manifest["earlier_phases"]:
+            phase = json.loads((syn / name / "manifest.json").read_text())
+            record[name] = {"tensors": sha256(syn / name / "synthetic.safetensors"),
+                            "config_hash": phase.get("config_hash"), "phase_identity": phase.get("phase_identity"),
+                            "checkpoint_identity": digest(torch.load(syn / name / "checkpoint" / "last.ckpt",
+                                                                     map_location="cpu", weights_only=True)
+                                                          ["mmdd"]["identity"])}
+    return record
 
 
 def run_all(root: Path, rows: list[str]) -> dict:

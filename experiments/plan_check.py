@@ -56,7 +56,7 @@ def main() -> None:
                                              float(cfg.teacher.weight_decay), d)}
         for strategy in ("full", "tesla"):
             variant = copy.deepcopy(method)
-            variant.config.meta_gradient = strategy
+            variant.settings.meta_gradient = strategy
             stages[f"distill iteration, {strategy}"] = lambda m, d, v=variant: distill_step(cfg, m, dim, v, d)
         for stage, make_step in stages.items():
             est, got = measure(cfg, dim, make_step)

@@ -19,7 +19,7 @@ from helpers import method_values
 from mmdd.data.annotations import Split, load_blip_split, load_pairs_table
 from mmdd.data.splits import SplitData, load_annotations
 from mmdd.errors import ArtifactError, DataError, MmddError
-from mmdd.methods.base import check_budget
+from mmdd.methods.context import check_budget
 from mmdd.methods.trajectory.objective import MatchingSettings
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.teachers.trajectory_store import TrajectoryStore

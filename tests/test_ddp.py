@@ -54,7 +54,7 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
     from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.utils.seed import rank_seed
     from mmdd.models.functional import ParamLayout
-    from mmdd.teachers.trajectory_store import open_checked_trajectories
+    from mmdd.methods.context import MethodContext
     from mmdd.models.dual_encoder import build_dual_encoder
     from mmdd.paths import conf_dir
     from hydra.utils import instantiate
@@ -74,11 +74,12 @@ def test_two_process_ddp_step_equals_the_average_of_two_trajectory_samples(root)
         model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
         for p in model.parameters():
             p.requires_grad_(False)
-        trajectories = open_checked_trajectories(cfg, model, method.config.max_experts)
+        context = MethodContext.of(cfg, train, root / "unused")
+        trajectories = context.store.open(model, method.settings.max_experts)
     finally:
         del os.environ["MMDD_ROOT"]
-    syn = method.initial_set(cfg, train, int(cfg.budget))
-    mc, layout = method.config, ParamLayout.from_model(model)
+    syn = method.initial_set(context, context.budget)
+    mc, layout = method.settings, ParamLayout.from_model(model)
     opt = outer_optimizer(syn, mc)
     gens = [torch.Generator().manual_seed(rank_seed(int(cfg.seed), r)) for r in range(2)]
     n_experts = trajectories.n_experts

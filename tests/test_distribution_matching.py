@@ -115,14 +115,14 @@ def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
     split = Split("train", image_paths=[f"{i}.png" for i in range(12)], captions=[f"c{i}" for i in range(24)],
                   txt2img=[i // 2 for i in range(24)])
     train = SplitData(split=split, text_emb=torch.randn(24, 6, generator=g), image_size=8,
-                      images=torch.randint(0, 256, (12, 3, 8, 8), generator=g, dtype=torch.uint8))
+                      images=torch.randint(0, 256, (12, 3, 8, 8), generator=g, dtype=torch.uint8),
+                      mean=[0.5] * 3, std=[0.25] * 3)
     backbone = ConvNet(image_size=8, width=4, depth=1)
     model = DualEncoder(backbone, backbone.num_features, text_dim=6, image_head=True, trainable="heads").eval()
-    mean, std = [0.5] * 3, [0.25] * 3
-    cache = BackboneFeatures(mean, std, 256)
-    cached = RealPairs(train, mean, std, cache).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
-    plain = RealPairs(train, mean, std).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
+    cache = BackboneFeatures(256)
+    cached = RealPairs(train, cache).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
+    plain = RealPairs(train).embed(model, 10, torch.Generator().manual_seed(1), "cpu")
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cached, plain))
     first = cache.split(model, train)
-    RealPairs(train, mean, std, cache).embed(model, 10, torch.Generator().manual_seed(2), "cpu")
+    RealPairs(train, cache).embed(model, 10, torch.Generator().manual_seed(2), "cpu")
     assert cache.split(model, train) is first  # not computed again

@@ -185,6 +185,7 @@ def test_distillation_learns(tiny_run):
     from hydra.utils import instantiate
 
     from mmdd.data.splits import load_data
+    from mmdd.methods.context import MethodContext
     from mmdd.methods.trajectory.objective import build_segment, meta_gradient_for
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.paths import conf_dir
@@ -197,8 +198,9 @@ def test_distillation_learns(tiny_run):
     method = instantiate(cfg.method)
     torch.manual_seed(0)
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], int(cfg.data.image_size))
-    objective = method.make_objective(cfg, model, train, frozen_backbone_fingerprint(model))
-    settings, store = method.config, objective.trajectories
+    context = MethodContext.of(cfg, train, root / "outputs" / "check")
+    objective = method.make_objective(context, model, frozen_backbone_fingerprint(model))
+    settings, store = method.settings, objective.trajectories
 
     def matching_loss(syn) -> float:
         total = 0.0
@@ -210,7 +212,7 @@ def test_distillation_learns(tiny_run):
                 total += float(loss)
         return total
 
-    initial = method.initial_set(cfg, train, int(cfg.budget))  # the run's own start: same seed
+    initial = method.initial_set(context, context.budget)  # the run's own start: same seed
     distilled, _ = SyntheticSet.load(root / "outputs" / "run_tiny" / "synthetic" / "mtt_vl")
     assert not torch.equal(initial.images, distilled.images)
     before, after = matching_loss(initial), matching_loss(distilled)

@@ -77,7 +77,7 @@ def test_a_unit_imports_no_higher_layer(unit):
 
 # Inside mmdd.methods, lowest first: the contract, the engine every learned method runs on, then the paradigms (which
 # may share each other's pieces: MDM starts from the selection's k-means medoids)
-METHOD_LAYERS = [{"base"}, {"engine"}, {"trajectory", "distribution", "selection"}]
+METHOD_LAYERS = [{"base", "context"}, {"engine"}, {"trajectory", "distribution", "selection"}]
 METHOD_LAYER = {part: i for i, parts in enumerate(METHOD_LAYERS) for part in parts}
 
 

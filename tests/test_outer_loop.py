@@ -52,11 +52,10 @@ class MeanMatchingObjective:
 class MeanMatching(LearnedMethod):
     settings_cls = MeanMatchingSettings
 
-    def make_objective(self, cfg, model, train, fingerprint):
-        from mmdd.data.transforms import normalize
-
-        images = normalize(train.image_batch(list(range(train.num_images))), cfg.data.mean, cfg.data.std)
-        return MeanMatchingObjective(images, train.text_emb, self.config.noise)
+    def make_objective(self, context, model, fingerprint):
+        train = context.train
+        images = train.normalised(range(train.num_images))
+        return MeanMatchingObjective(images, train.text_emb, self.settings.noise)
 
 
 # ------------------------------------------------------------------ the loop itself

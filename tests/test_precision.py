@@ -88,13 +88,14 @@ def test_features_cached_under_autocast_are_not_served_to_a_float32_run(tmp_path
     m = DualEncoder(bb, bb.num_features, text_dim=5, embed_dim=6, image_head=True, trainable="heads")
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     split = Split("test", [tmp_path / f"{i}.png" for i in range(6)], [f"c{i}" for i in range(6)], list(range(6)))
-    data = SplitData(split=split, text_emb=torch.randn(6, 5), image_size=8, images=images)
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path)
+    data = SplitData(split=split, text_emb=torch.randn(6, 5), image_size=8, images=images, mean=[0.5] * 3,
+                     std=[0.25] * 3)
+    cache = BackboneFeatures(256, cache_dir=tmp_path)
     plain = cache.split(m, data)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = cache.split(m, data)
     assert len(cache._cache) == 2 and not torch.equal(plain, rounded)
-    assert torch.equal(BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path).split(m, data), plain)
+    assert torch.equal(BackboneFeatures(256, cache_dir=tmp_path).split(m, data), plain)
 
 
 def test_each_rank_draws_its_own_dropout_masks_and_rank_0_those_of_one_process():

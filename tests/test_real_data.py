@@ -196,7 +196,7 @@ def test_a_store_gets_its_manifest_with_its_first_expert(tmp_path):
 
 
 def test_distilling_from_a_store_without_a_complete_expert_says_what_to_run(tmp_path):
-    from mmdd.teachers.trajectory_store import open_checked_trajectories
+    from mmdd.teachers.trajectory_store import ExpectedStore
     from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
     from mmdd.teachers.trajectory_store import TrajectoryStore
     from mmdd.identity import data_identity, teacher_hash, teachers_identity
@@ -215,7 +215,7 @@ def test_distilling_from_a_store_without_a_complete_expert_says_what_to_run(tmp_
         backbone_fingerprint=frozen_backbone_fingerprint(model))
     atomic_write_json(store_dir / "manifest.json", store.manifest)  # a store whose only expert was set aside
     with pytest.raises(ArtifactError, match=r"has no complete expert yet .* run `mmdd buffer` with the same data"):
-        open_checked_trajectories(cfg, model)
+        ExpectedStore.of(cfg).open(model)
 
 
 def test_an_expert_whose_evaluation_fails_is_not_complete(tmp_path, monkeypatch):

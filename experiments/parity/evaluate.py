@@ -82,8 +82,8 @@ def compare(model, test, cfg, embed: torch.Tensor, test_set, epoch) -> dict:
     captions' embeddings as the official run cached them) and its test loader."""
     from mmdd.evaluate.encode import encode_split, evaluate_retrieval
 
-    ours = evaluate_retrieval(model, test, cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch)
-    img, txt = encode_split(model, test, cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch)
+    ours = evaluate_retrieval(model, test, cfg.hardware.inference_batch)
+    img, txt = encode_split(model, test, cfg.hardware.inference_batch)
     our_scores = model.logit_scale.exp() * img @ txt.t()
     loader = torch.utils.data.DataLoader(test_set, batch_size=64, shuffle=False)
     topk, to = torch.Tensor.topk, torch.Tensor.to

@@ -163,7 +163,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
     from mmdd.synthetic.similarity import build_similarity
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
-    mc = method.config
+    mc = method.settings
     budget = cfg.budget - (1 if mc.similarity else 0)
     size = cfg.data.image_size
     layout = ParamLayout.from_model(model)
@@ -188,7 +188,7 @@ def distill_step(cfg, model, dim: int, method, device="meta"):
 
 
 def distill_estimate(cfg, model, dim: int, method) -> Estimate:
-    mc = method.config
+    mc = method.settings
     parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
              "one outer iteration (set, snapshots, meta-gradient, outer step)":
                  tracked_peak(distill_step(cfg, model, dim, method))}
@@ -198,7 +198,7 @@ def distill_estimate(cfg, model, dim: int, method) -> Estimate:
 
 
 def distribution_estimate(cfg, model, dim: int, method) -> Estimate:
-    mc = method.config
+    mc = method.settings
     parts = {"weights": _bytes(sum(p.numel() for p in model.parameters())),
              "one outer iteration (set, real and synthetic batches, loss, outer step)":
                  tracked_peak(distribution_step(cfg, model, dim, method))}
@@ -212,7 +212,7 @@ def distribution_step(cfg, model, dim: int, method, device="meta"):
     from mmdd.methods.engine.outer_loop import outer_optimizer
     from mmdd.synthetic.synthetic_set import SyntheticSet
 
-    mc = method.config
+    mc = method.settings
     size, budget = cfg.data.image_size, cfg.budget
     n = mc.syn_batch_size(budget)
 
@@ -254,10 +254,10 @@ def make_plan(cfg) -> dict:
     if kind == "trajectory":
         for strategy in ("full", "tesla"):
             variant = copy.deepcopy(method)
-            variant.config.meta_gradient = strategy
+            variant.settings.meta_gradient = strategy
             plan["estimates"].append(distill_estimate(cfg, model, dim, variant))
-        plan["method_meta_gradient"] = method.config.meta_gradient
-        mc = method.config
+        plan["method_meta_gradient"] = method.settings.meta_gradient
+        mc = method.settings
         experts = min(cfg.teacher.num_experts, mc.max_experts or cfg.teacher.num_experts)
         each = store_bytes(cfg, model) // max(cfg.teacher.num_experts * (cfg.teacher.epochs + 1), 1)
         drawn = experts * (mc.max_start_epoch - mc.min_start_epoch + mc.expert_epochs)
@@ -329,7 +329,7 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
     usable = USABLE_SHARE * available
     if need <= usable:
         return
-    mc = method.config
+    mc = method.settings
     budget = cfg.budget - (1 if mc.similarity else 0)
     batch = min(mc.batch_syn or budget, budget)
     options = []
@@ -342,7 +342,7 @@ def check_distill_fits(cfg, method=None, dim: int | None = None, available: int 
     for text, change in options:
         variant = copy.deepcopy(method)
         for key, value in change.items():
-            setattr(variant.config, key, value)
+            setattr(variant.settings, key, value)
         total = distill_estimate(cfg, model, dim, variant).total
         if total <= usable:
             fitting.append(f"{text}: about {human_bytes(total)}")

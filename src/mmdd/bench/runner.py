@@ -22,11 +22,11 @@ from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.splits import load_data
 from mmdd.errors import MmddError
+from mmdd.methods.context import MethodContext
 from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
 from mmdd.methods.trajectory.draws import draw_segment_start
 from mmdd.methods.trajectory.objective import build_segment, caches_features, meta_gradient_for
-from mmdd.teachers.trajectory_store import open_checked_trajectories
 from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
@@ -132,15 +132,16 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     method = instantiate(cfg.method)
     if method.distillation_kind != "trajectory":
         raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
-    mc = method.config
+    mc = method.settings
     model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size).to(device)
     method.prepare_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     layout = ParamLayout.from_model(model)
-    trajectories = open_checked_trajectories(cfg, model, mc.max_experts)
+    context = MethodContext.of(cfg, train, out_dir or cfg.paths.output_dir)
     budget = cfg.budget
-    syn0 = method.initial_set(cfg, train, mc.pairs(budget)).to(device)
+    trajectories = context.store.open(model, mc.max_experts)
+    syn0 = method.initial_set(context, mc.pairs(context.budget)).to(device)
 
     cached = caches_features(mc, model)
     fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)

@@ -20,6 +20,7 @@ from mmdd.data.image_cache import decoded_images, verify_images
 from mmdd.data.images import load_images_tensor
 from mmdd.data.sample_augment import PerImageAugment
 from mmdd.data.text_cache import LazyTextEncoder, embed_captions
+from mmdd.data.transforms import normalize
 from mmdd.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class SplitData:
-    """One split: its annotation, the caption embeddings and (optionally) its decoded images."""
+    """One split: its annotation, the caption embeddings and (optionally) its decoded images, with the normalisation
+    (`data.mean`/`data.std`) every model input of it goes through: `normalised(idx)` is a batch as the models see it."""
 
     split: Split
     text_emb: torch.Tensor  # [n_captions, D]
@@ -37,6 +39,14 @@ class SplitData:
     images: torch.Tensor | None = None  # uint8 [n_images, 3, S, S]: in memory (preload) or memory-mapped (cache)
     resize: str = "center_crop"  # how a decoded image becomes S x S (mmdd.data.images.resize_image)
     original_sizes: torch.Tensor | None = None  # [n_images, 2] (width, height) of the files; read on demand if None
+    mean: tuple[float, ...] | None = None  # per channel (data.mean); None: a split read for its images only
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.mean is not None:
+            self.mean = tuple(float(m) for m in self.mean)
+        if self.std is not None:
+            self.std = tuple(float(s) for s in self.std)
 
     @property
     def txt2img(self) -> torch.Tensor:
@@ -63,6 +73,18 @@ class SplitData:
         if self.images is not None:
             return self.images[idx]
         return load_images_tensor([self.split.image_paths[i] for i in idx], self.image_size, resize=self.resize)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images of this split (uint8, or [0, 1] floats, on any device) as the models see them: (x - mean) / std.
+        Loaders hand uint8 batches to the device and normalise there (a quarter of the bytes to move)."""
+        if self.mean is None or self.std is None:
+            raise DataError(f"split {self.split.name!r} was built without data.mean/data.std, so its images cannot be "
+                            "normalised: load it with mmdd.data.splits.load_data, or pass SplitData(mean=..., std=...)")
+        return normalize(images, self.mean, self.std)
+
+    def normalised(self, idx) -> torch.Tensor:
+        """Images `idx`, normalised (float32 [n, 3, S, S])."""
+        return self.normalise(self.image_batch(idx))
 
 
 class PairDataset(Dataset):
@@ -205,7 +227,8 @@ def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -
         emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
         pixels, sizes = images[s]
         out[s] = SplitData(split=split, text_emb=emb, image_size=cfg.data.image_size, images=pixels,
-                           resize=str(cfg.data.resize), original_sizes=sizes)
+                           resize=str(cfg.data.resize), original_sizes=sizes, mean=tuple(cfg.data.mean),
+                           std=tuple(cfg.data.std))
         log.info("%s/%s: %d images, %d captions", cfg.data.name, s, split.num_images, split.num_captions)
     return out
 

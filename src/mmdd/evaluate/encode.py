@@ -14,7 +14,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmdd.data.splits import SplitData
-from mmdd.data.transforms import normalize
 from mmdd.evaluate.retrieval import retrieval_metrics
 from mmdd.models.dual_encoder import backbone_fingerprint
 from mmdd.utils.io import atomic_write, stable_hash
@@ -36,15 +35,16 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def backbone_features(model, data: SplitData, rows: range, mean, std, device):
-    """The backbone's features of a split's images `rows` (no grad and eval mode are the caller's)."""
-    return model.features(normalize(data.image_batch(rows).to(device), mean, std).to(model_dtype(model)))
+def backbone_features(model, data: SplitData, rows: range, device):
+    """The backbone's features of a split's images `rows` (no grad and eval mode are the caller's); the uint8 images
+    move to the device and are normalised there."""
+    return model.features(data.normalise(data.image_batch(rows).to(device)).to(model_dtype(model)))
 
 
-def backbone_batches(model, data: SplitData, mean, std, batch_size: int, device):
+def backbone_batches(model, data: SplitData, batch_size: int, device):
     """The backbone's features of a split's images, batch by batch (no grad; caller sets eval mode)."""
     for rows in chunks(data.num_images, batch_size):
-        yield backbone_features(model, data, rows, mean, std, device)
+        yield backbone_features(model, data, rows, device)
 
 
 def split_content(data: SplitData) -> str:
@@ -64,15 +64,15 @@ class BackboneFeatures:
     """Features of a frozen backbone for whole splits, computed once and reused by every student that
     stands on the same backbone (the K seeds of an evaluation, every evaluation point of each).
 
-    Keyed by (backbone fingerprint, split, normalisation); only valid for a frozen, batch-independent
+    Keyed by (backbone fingerprint, split, the split's normalisation); only valid for a frozen, batch-independent
     backbone (`DualEncoder.backbone_is_cacheable`), and students do not augment, so reuse is exact.
     With `cache_dir`, splits are also kept on disk (`<cache_dir>/backbone_features/`), so later evaluations
     (other sets, sweep trials, reruns) on the same backbone and data skip the backbone entirely; `data_key`
     says which data (mmdd.identity.data_identity's hash).
     """
 
-    def __init__(self, mean, std, batch_size: int, cache_dir: str | Path | None = None, data_key: str = ""):
-        self.mean, self.std, self.batch_size = list(mean), list(std), batch_size
+    def __init__(self, batch_size: int, cache_dir: str | Path | None = None, data_key: str = ""):
+        self.batch_size = batch_size
         self.cache_dir = Path(cache_dir) / "backbone_features" if cache_dir else None
         self.data_key = data_key
         self._cache: dict[tuple, torch.Tensor] = {}
@@ -85,7 +85,7 @@ class BackboneFeatures:
             self._fingerprints[model] = backbone_fingerprint(model)
         if id(data) not in self._contents:  # the splits outlive this cache (one evaluation)
             self._contents[id(data)] = split_content(data)
-        key = (self._fingerprints[model], data.split.name, self._contents[id(data)], tuple(self.mean), tuple(self.std))
+        key = (self._fingerprints[model], data.split.name, self._contents[id(data)], data.mean, data.std)
         dtype = embedding_dtype(model)
         if dtype != torch.float32:  # a float64 student (hardware.precision=64-true) keeps float64 features
             key += (str(dtype),)
@@ -97,7 +97,7 @@ class BackboneFeatures:
         if self._cache[key] is None:
             was_training = model.training
             model.eval()
-            batches = backbone_batches(model, data, self.mean, self.std, self.batch_size, device)
+            batches = backbone_batches(model, data, self.batch_size, device)
             self._cache[key] = torch.cat([f.to(dtype).cpu() for f in batches])
             model.train(was_training)
             self._to_disk(key, self._cache[key])
@@ -124,13 +124,13 @@ class BackboneFeatures:
                                                    metadata={"split": str(key[1]), "backbone": str(key[0])}))
 
 
-def encode_images(model, data: SplitData, rows: range, mean, std, device, features: BackboneFeatures | None = None):
+def encode_images(model, data: SplitData, rows: range, device, features: BackboneFeatures | None = None):
     """L2-normalised joint-space embeddings of a split's images `rows` (eval mode and no grad are the caller's);
     with `features` (a frozen backbone's cache) only the image head runs."""
     if features is not None:
         backbone = features.split(model, data)[rows.start : rows.stop]
     else:
-        backbone = backbone_features(model, data, rows, mean, std, device)
+        backbone = backbone_features(model, data, rows, device)
     return F.normalize(model.image_head(backbone.to(device, model_dtype(model))), dim=-1).to(embedding_dtype(model))
 
 
@@ -140,7 +140,7 @@ def encode_texts(model, data: SplitData, rows: range, device):
 
 
 @torch.no_grad()
-def encode_split(model, data: SplitData, mean, std, batch_size: int, device=None,
+def encode_split(model, data: SplitData, batch_size: int, device=None,
                  features: BackboneFeatures | None = None):
     """Return (image_features [n_img, D], text_features [n_cap, D]) L2-normalised.
 
@@ -149,14 +149,14 @@ def encode_split(model, data: SplitData, mean, std, batch_size: int, device=None
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    img = torch.cat([encode_images(model, data, rows, mean, std, device, features)
+    img = torch.cat([encode_images(model, data, rows, device, features)
                      for rows in chunks(data.num_images, batch_size)])
     txt = torch.cat([encode_texts(model, data, rows, device) for rows in chunks(data.text_emb.shape[0], batch_size)])
     model.train(was_training)
     return img, txt
 
 
-def evaluate_retrieval(model, data: SplitData, mean, std, batch_size: int,
+def evaluate_retrieval(model, data: SplitData, batch_size: int,
                        features: BackboneFeatures | None = None) -> dict[str, float]:
-    img, txt = encode_split(model, data, mean, std, batch_size, features=features)
+    img, txt = encode_split(model, data, batch_size, features=features)
     return retrieval_metrics((img @ txt.t()).cpu(), data.txt2img)

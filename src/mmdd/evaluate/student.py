@@ -90,8 +90,6 @@ class StudentModule(L.LightningModule):
         lr_decay: float,
         eval_every: int,
         select_data: SplitData | None,
-        mean,
-        std,
         loss: str = DEFAULT_INNER_LOSS,
         similarity: torch.Tensor | None = None,
         label_temperature: float = DEFAULT_LABEL_TEMPERATURE,
@@ -116,7 +114,6 @@ class StudentModule(L.LightningModule):
         self.lr_decay = lr_decay
         self.eval_every = eval_every
         self.select_data = select_data
-        self.mean, self.std = list(mean), list(std)
         self.history: list[dict] = []  # the selection split's metrics after each evaluated epoch
         self._encoded: dict[str, list[torch.Tensor]] = {"image": [], "text": []}
         self.loss_name = loss
@@ -175,8 +172,8 @@ class StudentModule(L.LightningModule):
             return  # validation runs after every epoch; the schedule says which ones count
         device = next(self.model.parameters()).device
         if kind == "image":
-            self._encoded["image"].append(encode_images(self.model, self.select_data, rows, self.mean, self.std,
-                                                        device, self.features))
+            self._encoded["image"].append(encode_images(self.model, self.select_data, rows, device,
+                                                        self.features))
         else:
             self._encoded["text"].append(encode_texts(self.model, self.select_data, rows, device))
 
@@ -307,8 +304,6 @@ def train_student(
             lr_decay=p.lr_decay,
             eval_every=p.eval_every,
             select_data=data[select_split] if select_split else None,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
             loss=loss,
             similarity=phase.similarity,
             label_temperature=label_temperature,
@@ -338,8 +333,7 @@ def train_student(
     draws.finish()
     model.load_state_dict(best.state)
     model.to(process_device(cfg.hardware))  # the final test on the stage's device, as training ran
-    test = evaluate_retrieval(model, data["test"], cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
-                              features=features)
+    test = evaluate_retrieval(model, data["test"], cfg.hardware.inference_batch, features=features)
     return StudentResult(
         seed=seed,
         test=test,

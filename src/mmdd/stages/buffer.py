@@ -121,8 +121,7 @@ def run_buffer(cfg, data=None) -> Path:
             metrics = {}
             for split in ("val", "test"):
                 if split in data:
-                    m = evaluate_retrieval(model, data[split], cfg.data.mean, cfg.data.std,
-                                           cfg.hardware.inference_batch)
+                    m = evaluate_retrieval(model, data[split], cfg.hardware.inference_batch)
                     metrics[split] = m
             # What this expert cost (read into the cost of every set distilled from it: mmdd table's cost column).
             metrics["cost"] = {"seconds": seconds, "device": device_label(cfg.hardware), "epochs": tcfg.epochs}

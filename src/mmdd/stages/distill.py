@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from mmdd.data.splits import load_annotations, load_data
 from mmdd.errors import MmddError
-from mmdd.methods.base import check_budget, save_synthetic
+from mmdd.methods.context import MethodContext, check_budget
 from mmdd.utils.draws import draws_hooked
 from mmdd.utils.io import atomic_write_json, remove_stale_temp_files
 from mmdd.data.transforms import denormalize
@@ -70,7 +70,7 @@ def complete_selection(method, cfg, out_dir: Path) -> bool:
     sweep: PDS's k-means or forgetting's training need not run again). Learned methods resume from their checkpoint
     instead; resume=false recomputes."""
     from mmdd.errors import ArtifactError
-    from mmdd.methods.engine.checkpointing import Resume
+    from mmdd.methods.context import Resume
     from mmdd.methods.engine.learned import LearnedMethod
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.config import config_hash
@@ -107,7 +107,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) 
     loggers = build_loggers(cfg, job_type="distill", name=f"{cfg.method.name}_b{cfg.budget}_s{cfg.seed}")
     try:
         t0 = time.perf_counter()
-        result = method.synthesize(cfg, data, out_dir, loggers)
+        context = MethodContext.of(cfg, data["train"], out_dir, loggers)
+        result = method.synthesize(context)
         if not is_rank_zero():
             return out_dir  # rank 0 of a multi-process run writes the set
         syn, history = result.synthetic, result.history
@@ -119,7 +120,7 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) 
             extra["diagnostics"] = result.diagnostics  # modality collapse: real / initial / final
         if result.resumes:
             extra["resumed"] = result.resumes  # from which iterations, with which outer settings changed
-        save_synthetic(cfg, syn, data["train"], out_dir, method.manifest_fields(), extra)
+        context.save_set(syn, method.manifest_fields(), extra)
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []
         if history:

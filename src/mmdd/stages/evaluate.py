@@ -55,6 +55,11 @@ def other_dataset(manifest: dict, cfg, where: Path) -> list[str] | None:
     return diffs
 
 
+def distilled_with(cfg) -> tuple[str, int]:
+    """This run's text encoder and image size, which a set to evaluate must have been distilled with."""
+    return str(cfg.model.text.name_or_path), int(cfg.data.image_size)
+
+
 def check_frozen_backbone(manifest: dict, model, where: Path) -> None:
     """Students that train heads on a frozen backbone must stand on the one the set was distilled on."""
     check_same_frozen_backbone(f"synthetic set {where}", manifest.get("backbone_fingerprint"),
@@ -129,7 +134,7 @@ def earlier_phases(cfg, manifest: dict, where: Path, text_dim: int) -> list[Stud
             raise ArtifactError(f"synthetic set {where}: its earlier phase {name}/ was distilled by another "
                                 "configuration than the one the set continues (phase_identity differs from the "
                                 "set's earlier_phase_identities); distil the set again into a new directory")
-        check_synthetic_compatible(phase_manifest, cfg, text_dim, path)
+        check_synthetic_compatible(phase_manifest, *distilled_with(cfg), text_dim, path)
         phases.append(student_phase(cfg, syn, path))
     return phases
 
@@ -165,15 +170,14 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     text_dim = data["test"].text_emb.shape[1]
     # Frozen-backbone students share one cache of backbone features across seeds (train_student uses it only when
     # the student's backbone is frozen).
-    features = BackboneFeatures(cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
-                                cache_dir=cfg.paths.cache_dir,
+    features = BackboneFeatures(cfg.hardware.inference_batch, cache_dir=cfg.paths.cache_dir,
                                 data_key=stable_hash(data_identity(cfg.data))) if cfg.protocol.cache_features else None
     if str(synthetic) == FULL_TRAIN:  # its "learned" step sizes are protocol.lr
         syn, manifest = full_train_set(cfg, model_cfg, data, text_dim, features)
         recorded = FULL_TRAIN
     else:
         syn, manifest = SyntheticSet.load(synthetic)
-        check_synthetic_compatible(manifest, cfg, text_dim, synthetic)
+        check_synthetic_compatible(manifest, *distilled_with(cfg), text_dim, synthetic)
         recorded = str(synthetic.resolve())
     out_dir = Path(out_dir or cfg.paths.output_dir)
     final = student_phase(cfg, syn, synthetic)

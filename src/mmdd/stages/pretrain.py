@@ -72,8 +72,7 @@ def run_pretrain(cfg, data=None) -> Path:
         if not trainer.is_global_zero:  # every process holds the same weights: process 0 evaluates and saves them
             return out
         model.to(process_device(cfg.hardware))
-        val = evaluate_retrieval(model, data["val"], cfg.data.mean, cfg.data.std,
-                                 cfg.hardware.inference_batch) if "val" in data else {}
+        val = evaluate_retrieval(model, data["val"], cfg.hardware.inference_batch) if "val" in data else {}
         log_metrics(loggers, {f"val/{k}": v for k, v in val.items()})
     finally:
         finish_loggers(loggers)

@@ -123,26 +123,27 @@ class SyntheticSet(nn.Module):
         return syn, manifest
 
 
-def check_synthetic_compatible(manifest: dict, cfg, text_dim: int, where) -> None:
-    """A saved set (its manifest) fits this run's text encoder and image size (evaluation, init_from)."""
+def check_synthetic_compatible(manifest: dict, text_encoder: str, image_size: int, text_dim: int, where) -> None:
+    """A saved set (its manifest) fits this run's text encoder (model.text.name_or_path, giving `text_dim`-d
+    embeddings) and image size (data.image_size): evaluation, init_from."""
     if manifest.get("complete") is False:
         log.warning("synthetic set %s is an intermediate checkpoint (iteration %s)", where, manifest.get("iteration"))
     if int(manifest["text_dim"]) != text_dim:
         raise ArtifactError(
             f"synthetic set {where} holds {manifest['text_dim']}-d text embeddings "
-            f"({manifest.get('text_encoder')}), but model.text={cfg.model.text.name_or_path} gives {text_dim}-d; "
+            f"({manifest.get('text_encoder')}), but model.text={text_encoder} gives {text_dim}-d; "
             "evaluate with the text encoder the set was distilled with"
             + (f" (model.text.name_or_path={manifest['text_encoder']})" if manifest.get("text_encoder") else "")
         )
-    if manifest.get("text_encoder") not in (None, str(cfg.model.text.name_or_path)):
+    if manifest.get("text_encoder") not in (None, str(text_encoder)):
         raise ArtifactError(
             f"synthetic set {where} was distilled with text encoder {manifest['text_encoder']!r}, "
-            f"not {cfg.model.text.name_or_path!r}; set model.text.name_or_path accordingly"
+            f"not {str(text_encoder)!r}; set model.text.name_or_path accordingly"
         )
-    if list(manifest["image_shape"])[1:] != [cfg.data.image_size] * 2:
+    if list(manifest["image_shape"])[1:] != [int(image_size)] * 2:
         raise ArtifactError(
             f"synthetic set {where} has images of shape {manifest['image_shape']} but data.image_size="
-            f"{cfg.data.image_size}; evaluate at the resolution it was distilled at"
+            f"{image_size}; evaluate at the resolution it was distilled at"
         )
 
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -363,23 +364,46 @@ def flatten_trajectory(traj: dict[str, torch.Tensor], names: list[str], dtype=to
     return torch.cat([traj[n].reshape(traj[n].shape[0], -1).to(dtype) for n in names], dim=1)
 
 
-def open_checked_trajectories(cfg, model, max_experts: int | None = None, fingerprint: str | None = None
-                              ) -> ExpertSnapshots:
-    """The store at cfg.buffer_dir, checked against `model` (and its frozen backbone's `fingerprint`, computed when
-    not given) and the data, as a reader of single snapshots (the trajectories stay on disk: see ExpertSnapshots)."""
-    store = TrajectoryStore.open(Path(str(cfg.buffer_dir)))
+@dataclass(frozen=True, kw_only=True)
+class ExpectedStore:
+    """The trajectory store a run reads (cfg.buffer_dir) and what its teachers must share with the run, checked when
+    it is opened: the model's parameters, the data (its identity; where it lives is recorded beside it) and the
+    teacher settings; `num_experts` is teacher.num_experts, how many complete experts a run needs."""
+
+    path: Path
+    data_name: str
+    data_key: str  # stable_hash(data_identity(cfg.data))
+    teachers: dict  # mmdd.identity.teachers_identity(cfg)
+    data_location: dict
+    num_experts: int
+
+    @classmethod
+    def of(cls, cfg) -> "ExpectedStore":
+        return cls(path=Path(str(cfg.buffer_dir)), data_name=str(cfg.data.name),
+                   data_key=stable_hash(data_identity(cfg.data)), teachers=teachers_identity(cfg),
+                   data_location=data_location(cfg.data), num_experts=int(cfg.teacher.num_experts))
+
+    def open(self, model, max_experts: int | None = None, fingerprint: str | None = None) -> "ExpertSnapshots":
+        return open_checked_trajectories(self, model, max_experts, fingerprint)
+
+
+def open_checked_trajectories(expected: ExpectedStore, model, max_experts: int | None = None,
+                              fingerprint: str | None = None) -> ExpertSnapshots:
+    """The store `expected` names, checked against it, `model` (and its frozen backbone's `fingerprint`, computed
+    when not given), as a reader of single snapshots (the trajectories stay on disk: see ExpertSnapshots)."""
+    store = TrajectoryStore.open(expected.path)
     names = model.modality_parameter_names()
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, str(cfg.data.name),
-                      stable_hash(data_identity(cfg.data)))
+    store.check_model(names, {n: shapes[n] for g in names.values() for n in g}, expected.data_name,
+                      expected.data_key)
     fingerprint = fingerprint or frozen_backbone_fingerprint(model)
-    store.check_identity(teachers_identity(cfg), fingerprint, data_location(cfg.data))
+    store.check_identity(expected.teachers, fingerprint, expected.data_location)
     experts = store.completed_experts()
     if not experts:
         raise ArtifactError(f"trajectory store {store.root} has no complete expert yet (none of its "
                             "expert_NNN.safetensors is written): run `mmdd buffer` with the same data, model and "
                             "teacher settings to train them, then distill")
-    experts = check_enough_experts(store, experts, cfg.teacher.num_experts, max_experts)
+    experts = check_enough_experts(store, experts, expected.num_experts, max_experts)
     reader = ExpertSnapshots(store, names, experts)
     reader.check_intact()
     log.info("using %d experts x %d epochs from %s (%s params; per iteration 2 snapshots, %.1f MB, are read)",

@@ -24,21 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from mmdd.config_schema import build_settings, check_fields
-from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import BackboneFeatures, encode_split
 from mmdd.methods.selection.clustering import METRICS, kmeans, nearest_members
 from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings
+from mmdd.methods.context import MethodContext
 from mmdd.methods.engine.learned import LearnedMethod
 from mmdd.methods.distribution.mmd import ESTIMATORS, agreement_and_disparity, gke, mean_distance
 from mmdd.methods.engine.outer_loop import Backward, ObjectiveStep, OuterSettings
-from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.models.losses import symmetric_infonce
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.teachers.trajectory_store import open_checked_trajectories
-from mmdd.identity import data_identity
-from mmdd.utils.io import stable_hash
-from mmdd.utils.trainer import process_device
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +63,8 @@ class RealPairs:
     iteration's encoder: images read from the split's decoded images (never re-decoded), or, under a frozen backbone,
     its features of every train image computed once (`features`, the evaluation's cache), so only the heads run."""
 
-    def __init__(self, train, mean, std, features: BackboneFeatures | None = None):
-        self.train, self.mean, self.std, self.features = train, mean, std, features
+    def __init__(self, train, features: BackboneFeatures | None = None):
+        self.train, self.features = train, features
         self.txt2img = train.txt2img
 
     @torch.no_grad()
@@ -80,7 +75,7 @@ class RealPairs:
             feats = self.features.split(model, self.train)[rows].to(device)
             images = F.normalize(model.image_head(feats), dim=-1)
         else:
-            images = model.encode_image(normalize(self.train.image_batch(rows.tolist()), self.mean, self.std).to(device))
+            images = model.encode_image(self.train.normalised(rows.tolist()).to(device))
         return images, model.encode_text(self.train.text_emb[caps].to(device))
 
 
@@ -221,47 +216,42 @@ class DistributionMatching(LearnedMethod):
     loss_cls = DMLoss
     distillation_kind = "distribution"  # mmdd plan's distribution-matching estimate
 
-    def make_encoders(self, cfg, model, train, fingerprint: str) -> EncoderSampler:
-        s = self.config.encoder_settings
-        store = open_checked_trajectories(cfg, model, None, fingerprint) if s.needs_store else None
+    def make_encoders(self, context: MethodContext, model, fingerprint: str) -> EncoderSampler:
+        s = self.settings.encoder_settings
+        store = context.store.open(model, None, fingerprint) if s.needs_store else None
+        return EncoderSampler(s, model, store, context.model.build)
 
-        def build():
-            return build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
-
-        return EncoderSampler(s, model, store, build)
-
-    def make_objective(self, cfg, model, train, fingerprint: str) -> DistributionObjective:
-        self.encoders = self.make_encoders(cfg, model, train, fingerprint)
+    def make_objective(self, context: MethodContext, model, fingerprint: str) -> DistributionObjective:
+        self.encoders = self.make_encoders(context, model, fingerprint)
         # A frozen backbone (no encoder kind redraws it): its features of the train images, once for every iteration.
-        self.features = BackboneFeatures(cfg.data.mean, cfg.data.std, cfg.hardware.inference_batch,
-                                         cache_dir=cfg.paths.cache_dir,
-                                         data_key=stable_hash(data_identity(cfg.data))) \
-            if model.backbone_is_cacheable() else None
-        real = RealPairs(train, cfg.data.mean, cfg.data.std, self.features)
-        return DistributionObjective(model, self.encoders, real, self.config, self.loss_cls(self.config))
+        self.features = BackboneFeatures(context.hardware.inference_batch, cache_dir=context.cache_dir,
+                                         data_key=context.data_key) if model.backbone_is_cacheable() else None
+        real = RealPairs(context.train, self.features)
+        return DistributionObjective(model, self.encoders, real, self.settings, self.loss_cls(self.settings))
 
 
 class MultimodalDistributionMatching(DistributionMatching):
     settings_cls = MDMSettings
     loss_cls = MDMLoss
 
-    def initial_set(self, cfg, train, budget: int, resuming: bool = False) -> SyntheticSet:
-        if self.config.init != "kmeans" or resuming:  # a resumed run's set comes from its checkpoint: no k-means
-            return super().initial_set(cfg, train, budget)
-        k = self.config.kmeans_settings
+    def initial_set(self, context: MethodContext, pairs: int, resuming: bool = False) -> SyntheticSet:
+        if self.settings.init != "kmeans" or resuming:  # a resumed run's set comes from its checkpoint: no k-means
+            return super().initial_set(context, pairs)
+        train, budget = context.train, pairs
+        k = self.settings.kmeans_settings
         # The encoder of a first draw from the run's seed (MDM: its mixed teacher, built once for the init).
-        self.encoders.draw(torch.Generator().manual_seed(cfg.seed))
+        self.encoders.draw(torch.Generator().manual_seed(context.seed))
         model = self.encoders.model
-        img, txt = encode_split(model.to(process_device(cfg.hardware)), train, cfg.data.mean, cfg.data.std,
-                                cfg.hardware.inference_batch, features=self.features)
+        img, txt = encode_split(model.to(context.device), train, context.hardware.inference_batch,
+                                features=self.features)
         model.to("cpu")  # the trainer moves it where it runs
         rows = joint_rows(img, txt, train.txt2img.to(img.device), k.space)
-        result = kmeans(rows, budget, torch.Generator().manual_seed(cfg.seed), k.metric, k.iterations, k.tol,
+        result = kmeans(rows, budget, torch.Generator().manual_seed(context.seed), k.metric, k.iterations, k.tol,
                         k.restarts)
         captions = torch.tensor(nearest_members(rows, result, k.metric))
         log.info("k-means init: %d clusters of %d (image, caption) rows in %s space after %d iterations; %d distinct "
                  "images", budget, rows.shape[0], k.space, result.iterations,
                  len(set(train.txt2img[captions].tolist())))
-        images = normalize(train.image_batch(train.txt2img[captions].tolist()), cfg.data.mean, cfg.data.std)
-        lr = self.config.lr_init
+        images = train.normalised(train.txt2img[captions].tolist())
+        lr = self.settings.lr_init
         return SyntheticSet(images, train.text_emb[captions].clone(), {"image": lr, "text": lr}, None)

@@ -6,14 +6,15 @@ through these."""
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmdd.errors import ArtifactError, MmddError
+from mmdd.methods.context import Resume
 from mmdd.methods.engine.distributed import GuardedCheckpointIO, raise_together
+from mmdd.methods.engine.outer_loop import NonFiniteLoss
 from mmdd.utils.signal_stop import SignalStop
 
 CHECKPOINT = Path("checkpoint") / "last.ckpt"  # inside the synthetic set's directory
@@ -25,7 +26,10 @@ class DistillCheckpoint(SignalStop):
     the end, so a finished run can be extended with more iterations. Both are written atomically.
 
     A stopping signal (SignalStop: every rank agrees after the same iteration) saves that iteration's set and
-    checkpoint and ends the fit; `synthesize` then raises Stopped, so a stop is said and never taken for success."""
+    checkpoint and ends the fit; `synthesize` then raises Stopped, so a stop is said and never taken for success.
+    A stop on repeated NaN losses (NonFiniteLoss, raised on every rank at once) saves the set in memory, the last
+    good one, with a checkpoint of it, so a rerun with lower learning rates continues from there.
+    `save_set(step)` writes the set so far (rank 0)."""
 
     def __init__(self, every: int, path: Path, save_set):
         super().__init__()
@@ -39,6 +43,8 @@ class DistillCheckpoint(SignalStop):
             if trainer.global_step != self.last_saved:
                 self.last_saved = trainer.global_step
                 self.save(trainer, pl_module, with_set=True)
+        elif isinstance(exception, NonFiniteLoss):
+            self.save(trainer, pl_module, with_set=True)
         super().on_exception(trainer, pl_module, exception)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -71,31 +77,6 @@ class DistillCheckpoint(SignalStop):
                        f"writing the checkpoint {self.path}")
 
 
-@dataclass(frozen=True)
-class Resume:
-    """`resume` (conf/distill.yaml), read in one place: `auto` (or true) continues this run's own checkpoint if there
-    is one (a rerun in the same directory, a requeued SLURM job); `false` (or none) starts over; anything else is a
-    checkpoint file or a synthetic-set directory to start from."""
-
-    setting: str
-
-    @classmethod
-    def of(cls, resume) -> "Resume":
-        return cls(str(resume))  # YAML reads `resume: false` as a bool
-
-    @property
-    def fresh(self) -> bool:
-        return self.setting.lower() in ("none", "false")
-
-    @property
-    def auto(self) -> bool:
-        return self.setting.lower() in ("auto", "true")
-
-    @property
-    def path(self) -> Path | None:
-        return None if self.fresh or self.auto else Path(self.setting)
-
-
 def resume_checkpoint(resume, out_dir: Path) -> Path | None:
     """The checkpoint to resume from (Resume's rules), checked readable; None to start over."""
     resume = Resume.of(resume)
@@ -106,7 +87,7 @@ def resume_checkpoint(resume, out_dir: Path) -> Path | None:
         return check_readable(own) if own.exists() else None
     path = resume.path / CHECKPOINT if resume.path.is_dir() else resume.path
     if not path.is_file():
-        raise MmddError(f"resume={resume}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
+        raise MmddError(f"resume={resume.setting}: no checkpoint at {path}; pass a synthetic-set directory written by mmdd "
                         f"distill (it holds {CHECKPOINT}) or the .ckpt file, or resume=auto")
     return check_readable(path)
 

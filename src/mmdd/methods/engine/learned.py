@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmdd.config_schema import build_settings
 from mmdd.errors import MmddError, Stopped
-from mmdd.data.transforms import augment_config
-from mmdd.methods.base import DistillResult, Method, check_budget, reference_pairs, sample_real_pairs, save_synthetic
+from mmdd.methods.base import DistillResult, Method, reference_pairs, sample_real_pairs
+from mmdd.methods.context import MethodContext
 from mmdd.methods.engine.checkpointing import CHECKPOINT, DistillCheckpoint, resume_checkpoint
 from mmdd.methods.engine.distributed import GuardedCheckpointIO, distill_strategy
-from mmdd.utils.draws import draws_hooked
 from mmdd.methods.engine.outer_loop import Objective, OuterIterations, OuterLoopModule, OuterSettings
-from mmdd.models.dual_encoder import build_dual_encoder, frozen_backbone_fingerprint
+from mmdd.models.dual_encoder import frozen_backbone_fingerprint
 from mmdd.synthetic.similarity import build_similarity, similarity_spec
 from mmdd.synthetic.synthetic_set import SyntheticSet, check_synthetic_compatible
-from mmdd.identity import distill_identity
-from mmdd.utils.trainer import accelerate_model, build_trainer, precision_dtype
+from mmdd.utils.trainer import accelerate_model, precision_dtype
 
 log = logging.getLogger(__name__)
 
@@ -41,106 +38,105 @@ class LearnedMethod(Method):
 
     def __init__(self, name: str, **settings):
         self.name = name
-        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
+        self.settings = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
 
     # -- hooks --------------------------------------------------------------------------------------------
     def prepare_model(self, model) -> None:
         """Adjust or refuse the model this method distils with (before its backbone is fingerprinted)."""
 
-    def make_objective(self, cfg, model, train, fingerprint: str) -> Objective:
-        """The method's loss on the set, for `model` (built from cfg.model, frozen by the loop) and the train split;
-        `fingerprint` is the model's frozen backbone's, for checks against what the objective reads. An objective
-        that reads experts of the trajectory store lists them in `teacher_experts` (their training is its cost)."""
+    def make_objective(self, context: MethodContext, model, fingerprint: str) -> Objective:
+        """The method's loss on the set, for `model` (built by context.model, frozen by the loop) and the train split
+        (context.train); `fingerprint` is the model's frozen backbone's, for checks against what the objective reads.
+        An objective that reads experts of the trajectory store lists them in `teacher_experts` (their training is
+        its cost)."""
         raise NotImplementedError
 
-    def make_probe(self, cfg, model, objective: Objective, train, n: int):
+    def make_probe(self, context: MethodContext, model, objective: Objective, n: int):
         """A modality-collapse probe (mmdd.evaluate.diagnostics.CollapseProbe) for `n` pairs, or None."""
         return None
 
     # -- the run ------------------------------------------------------------------------------------------
-    def initial_set(self, cfg, train, budget: int, resuming: bool = False) -> SyntheticSet:
-        """`budget` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
+    def initial_set(self, context: MethodContext, pairs: int, resuming: bool = False) -> SyntheticSet:
+        """`pairs` distinct train images, each with one of its captions (init=real), or Gaussian data of the same
         shapes, the texts at the captions' per-dimension mean and std (init=noise); step sizes at lr_init.
         `resuming`: a checkpoint will replace the set, so an expensive initialisation may be skipped."""
-        if cfg.get("init_from"):
-            return self.set_from(cfg.init_from, cfg, train, budget)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        if self.config.init == "reference":
-            images, texts = reference_pairs(train, budget, gen, cfg.data.mean, cfg.data.std,
-                                            augment_config(cfg.data.get("augment")))
+        if context.init_from is not None:
+            return self.set_from(context, pairs)
+        train = context.train
+        gen = torch.Generator().manual_seed(context.seed)
+        if self.settings.init == "reference":
+            images, texts = reference_pairs(train, pairs, gen, context.augment)
         else:
-            images, texts = sample_real_pairs(train, budget, gen, cfg.data.mean, cfg.data.std)
-        if self.config.init == "noise":
+            images, texts = sample_real_pairs(train, pairs, gen)
+        if self.settings.init == "noise":
             images = torch.randn(images.shape, generator=gen)
             texts = torch.randn(texts.shape, generator=gen) * train.text_emb.std(0, keepdim=True) + train.text_emb.mean(0, keepdim=True)
-        lr = self.config.lr_init
+        lr = self.settings.lr_init
         similarity = None
-        if self.config.similarity:
-            similarity = build_similarity(dict(self.config.similarity), images.shape[0], gen)
+        if self.settings.similarity:
+            similarity = build_similarity(dict(self.settings.similarity), images.shape[0], gen)
         return SyntheticSet(images, texts, {"image": lr, "text": lr}, similarity)
 
-    def set_from(self, folder, cfg, train, n: int) -> SyntheticSet:
+    def set_from(self, context: MethodContext, n: int) -> SyntheticSet:
         """`init_from=<set dir>`: start from a saved set (its images, texts, step sizes and S) instead of the method's
         own initialisation, e.g. the official code's initial pairs in experiments/parity. It must be what this run
         would have made: `n` pairs of this data's image size and text width, with S of the method's kind."""
-        syn, manifest = SyntheticSet.load(folder, dtype=precision_dtype(cfg.hardware))
-        check_synthetic_compatible(manifest, cfg, train.text_emb.shape[1], f"init_from={folder}")
+        folder = context.init_from
+        syn, manifest = SyntheticSet.load(folder, dtype=precision_dtype(context.hardware))
+        check_synthetic_compatible(manifest, context.model.text_encoder, context.model.image_size,
+                                   context.model.text_dim, f"init_from={folder}")
         problems = []
         if len(syn) != n:
-            problems.append(f"{len(syn)} pairs, this run distils {n} (budget={cfg.budget}"
-                            + (", S takes one pair" if self.config.similarity else "") + ")")
+            problems.append(f"{len(syn)} pairs, this run distils {n} (budget={context.budget}"
+                            + (", S takes one pair" if self.settings.similarity else "") + ")")
         spec = None if syn.similarity is None else syn.similarity.spec()
-        want = similarity_spec(dict(self.config.similarity)) if self.config.similarity else None
+        want = similarity_spec(dict(self.settings.similarity)) if self.settings.similarity else None
         if spec != want:
             problems.append(f"similarity {spec}, method.similarity is {want}")
         if problems:
             raise MmddError(f"init_from={folder}: the set has {'; '.join(problems)}; pass a set made for these settings")
         return syn
 
-    def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
-        train = data["train"]
-        budget = check_budget(cfg.budget, train)
-        check_distill_precision(str(cfg.hardware.precision))
-        pairs = self.config.pairs(budget)
-        torch.manual_seed(cfg.seed)
-        model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
+    def synthesize(self, context: MethodContext) -> DistillResult:
+        out_dir = context.out_dir
+        check_distill_precision(str(context.hardware.precision))
+        pairs = self.settings.pairs(context.budget)
+        torch.manual_seed(context.seed)
+        model = context.model.build()
         self.prepare_model(model)
         fingerprint = frozen_backbone_fingerprint(model)
-        accelerate_model(model, cfg.hardware, second_order=self.second_order)
-        objective = self.make_objective(cfg, model, train, fingerprint)
-        ckpt = resume_checkpoint(cfg.resume, out_dir)
-        if ckpt is not None and draws_hooked(cfg):
+        accelerate_model(model, context.hardware, second_order=self.second_order)
+        objective = self.make_objective(context, model, fingerprint)
+        ckpt = resume_checkpoint(context.resume, out_dir)
+        if ckpt is not None and context.draws_hooked:
             raise MmddError(f"draws.record / draws.replay runs start fresh, but {out_dir} holds a checkpoint to resume "
                             "from: rerun with resume=false (or another output directory)")
-        syn = self.initial_set(cfg, train, pairs, resuming=ckpt is not None)
-        every = cfg.diagnostics_every
-        probe = self.make_probe(cfg, model, objective, train, len(syn)) if every else None
-        loop = OuterLoopModule(objective, syn, self.config, seed=cfg.seed, probe=probe, diagnostics_every=every,
-                         identity=distill_identity(cfg), max_nonfinite=cfg.max_nonfinite)
+        syn = self.initial_set(context, pairs, resuming=ckpt is not None)
+        every = context.diagnostics_every
+        probe = self.make_probe(context, model, objective, len(syn)) if every else None
+        loop = OuterLoopModule(objective, syn, self.settings, seed=context.seed, probe=probe, diagnostics_every=every,
+                               identity=context.records.identity, max_nonfinite=context.max_nonfinite)
 
-        def save(step: int) -> None:
-            save_synthetic(cfg, loop.saved_set(), train, out_dir, self.manifest_fields(),
-                           {"iteration": step, "complete": False, "backbone_fingerprint": fingerprint})
+        def save(step: int) -> None:  # an intermediate set, beside its checkpoint
+            context.save_set(loop.saved_set(), self.manifest_fields(),
+                             {"iteration": step, "complete": False, "backbone_fingerprint": fingerprint})
 
         if ckpt is not None:
             log.info("resuming from %s", ckpt)
-        checkpoints = DistillCheckpoint(cfg.save_every, out_dir / CHECKPOINT, save)
+        checkpoints = DistillCheckpoint(context.save_every, out_dir / CHECKPOINT, save)
         # One step per outer iteration; max_steps (not epochs) so that a resumed run stops at the same step.
-        trainer = build_trainer(cfg, loggers, [checkpoints], max_steps=self.config.iterations, max_epochs=-1,
-                                strategy=distill_strategy(cfg.hardware), use_distributed_sampler=False,
-                                plugins=[GuardedCheckpointIO()])
-        # Before a stop on repeated NaN losses (every rank at once): the set in memory is the last good one; keep it
-        # and a checkpoint of it, so a rerun with lower learning rates continues from there.
-        loop.save_before_stop = lambda: checkpoints.save(trainer, loop, with_set=True)
+        trainer = context.trainer(context.loggers, [checkpoints], max_steps=self.settings.iterations, max_epochs=-1,
+                                  strategy=distill_strategy(context.hardware), use_distributed_sampler=False,
+                                  plugins=[GuardedCheckpointIO()])
 
         def stopped() -> Stopped:
             stop = checkpoints.stopped_by or "SIGTERM"
-            return Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.config.iterations}, with the "
+            return Stopped(f"stopped by {stop} at iteration {trainer.global_step} of {self.settings.iterations}, with the "
                            f"set and a checkpoint saved in {out_dir}; rerun the same command to resume",
                            exit_code=128 + int(getattr(signal, stop)))
 
         try:
-            trainer.fit(loop, OuterIterations(self.config.iterations), ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+            trainer.fit(loop, OuterIterations(self.settings.iterations), ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         except SIGTERMException as exc:
             raise stopped() from exc
         if checkpoints.stopped_by:

@@ -164,7 +164,6 @@ class OuterLoopModule(L.LightningModule):
         self.skipped_iterations = 0
         self._resume_rng: torch.Tensor | None = None
         self.resumes: list[dict] = []  # provenance: at which iterations this run was resumed, and what changed
-        self.save_before_stop = None  # called on every rank before a stop on repeated NaN losses
         self.seed = seed
         # Modality-collapse diagnostics (mmdd.evaluate.diagnostics.CollapseProbe) every k iterations.
         self.probe = probe
@@ -312,9 +311,7 @@ class OuterLoopModule(L.LightningModule):
         log.warning("iteration %d: NaN/inf matching loss or gradient; step skipped (%d in a row)", step,
                     self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.max_nonfinite:
-            if self.save_before_stop is not None:
-                self.save_before_stop()
-            raise NonFiniteLoss(
+            raise NonFiniteLoss(  # on every rank at once: DistillCheckpoint saves the last good set
                 f"{self.nonfinite_in_a_row} iterations in a row had a NaN/inf matching loss or gradient (up to "
                 f"iteration {step}); stopped. The synthetic set is left as it was before them. Lower the outer "
                 "learning rates (method.lr_img, lr_txt, lr_lr) or method.lr_init, or raise max_nonfinite"

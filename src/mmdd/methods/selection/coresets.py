@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from mmdd.config_schema import build_settings, check_fields
 from mmdd.data.transforms import normalize
-from mmdd.methods.base import DistillResult, Method, check_budget, real_pairs
+from mmdd.methods.base import DistillResult, Method, real_pairs
+from mmdd.methods.context import MethodContext
 from mmdd.synthetic.synthetic_set import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -60,33 +61,30 @@ def kcenter_select(features: torch.Tensor, k: int, first: int = 0) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def final_teacher(cfg, train):
-    """(model, expert): the model of cfg.model with the store's first expert's last recorded parameters (the store at
-    cfg.buffer_dir), in eval mode, and that expert's index: the teacher the learning-free selections embed with."""
-    from mmdd.models.dual_encoder import build_dual_encoder
+def final_teacher(context: MethodContext):
+    """(model, expert): the run's model with the store's first expert's last recorded parameters, in eval mode, and
+    that expert's index: the teacher the learning-free selections embed with."""
     from mmdd.models.functional import ParamLayout
-    from mmdd.teachers.trajectory_store import open_checked_trajectories
 
-    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size)
-    traj = open_checked_trajectories(cfg, model, max_experts=1)
+    model = context.model.build()
+    traj = context.store.open(model, max_experts=1)
     ParamLayout.from_model(model).load_into(model, traj.snapshots(0, [traj.epochs])[0])
     return model.eval(), traj.experts[0]
 
 
 @torch.no_grad()
-def teacher_embeddings(cfg, train) -> tuple[torch.Tensor, int]:
+def teacher_embeddings(context: MethodContext) -> tuple[torch.Tensor, int]:
     """Joint-space [image ; mean caption] embeddings of every train image under a teacher's final weights, and
     which expert of the store that teacher is."""
-    from mmdd.utils.trainer import process_device
-
-    model, expert = final_teacher(cfg, train)
-    device = process_device(cfg.hardware)  # every train image through the teacher: a GPU's job at 224 px
+    train = context.train
+    model, expert = final_teacher(context)
+    device = context.device  # every train image through the teacher: a GPU's job at 224 px
     model.to(device)
     img = []
-    batch = cfg.hardware.inference_batch
+    batch = context.hardware.inference_batch
     for s in range(0, train.num_images, batch):
         idx = list(range(s, min(s + batch, train.num_images)))
-        img.append(model.encode_image(normalize(train.image_batch(idx), cfg.data.mean, cfg.data.std).to(device)).cpu())
+        img.append(model.encode_image(train.normalised(idx).to(device)).cpu())
     img = torch.cat(img)
     txt = model.encode_text(train.text_emb.to(device)).cpu()
     txt2img = torch.as_tensor(train.split.txt2img)
@@ -117,36 +115,35 @@ class RandomCoreset(Method):
 
     def __init__(self, name: str, **settings):
         self.name = name
-        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
+        self.settings = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
         self.teacher_experts: list[int] = []  # the store's experts a selection embeds with (set by `select`)
 
-    def select(self, cfg, train, budget: int) -> list[int]:
-        gen = torch.Generator().manual_seed(cfg.seed)
-        return torch.randperm(train.num_images, generator=gen)[:budget].tolist()
+    def select(self, context: MethodContext) -> list[int]:
+        """context.budget images of the train split, by this coreset's rule."""
+        gen = torch.Generator().manual_seed(context.seed)
+        return torch.randperm(context.train.num_images, generator=gen)[:context.budget].tolist()
 
-    def synthesize(self, cfg, data, out_dir, loggers) -> DistillResult:
-        train = data["train"]
-        budget = check_budget(cfg.budget, train)
-        chosen = self.select(cfg, train, budget)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        images, texts = real_pairs(train, chosen, gen, cfg.data.mean, cfg.data.std)
-        return DistillResult(SyntheticSet(images, texts, {"image": self.config.lr, "text": self.config.lr}),
+    def synthesize(self, context: MethodContext) -> DistillResult:
+        chosen = self.select(context)
+        gen = torch.Generator().manual_seed(context.seed)
+        images, texts = real_pairs(context.train, chosen, gen)
+        return DistillResult(SyntheticSet(images, texts, {"image": self.settings.lr, "text": self.settings.lr}),
                              teacher_experts=list(self.teacher_experts))
 
 
 class HerdingCoreset(RandomCoreset):
-    def select(self, cfg, train, budget):
-        feats, expert = teacher_embeddings(cfg, train)
+    def select(self, context):
+        feats, expert = teacher_embeddings(context)
         self.teacher_experts = [expert]
-        return herding_select(feats, budget)
+        return herding_select(feats, context.budget)
 
 
 class KCenterCoreset(RandomCoreset):
-    def select(self, cfg, train, budget):
-        feats, expert = teacher_embeddings(cfg, train)
+    def select(self, context):
+        feats, expert = teacher_embeddings(context)
         self.teacher_experts = [expert]
-        first = int(torch.randint(train.num_images, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
-        return kcenter_select(feats, budget, first)
+        first = int(torch.randint(context.train.num_images, (1,), generator=torch.Generator().manual_seed(context.seed)))
+        return kcenter_select(feats, context.budget, first)
 
 
 class ForgettingTracker(L.Callback):
@@ -179,31 +176,27 @@ class ForgettingTracker(L.Callback):
 class ForgettingCoreset(RandomCoreset):
     settings_cls = ForgettingSettings
 
-    def select(self, cfg, train, budget):
-        from mmdd.data.splits import PairDataset, check_full_batches, loader_options
-        from mmdd.data.transforms import augment_config, per_image_augment
-        from mmdd.models.dual_encoder import build_dual_encoder
+    def select(self, context):
+        from mmdd.data.splits import PairDataset, check_full_batches
+        from mmdd.data.transforms import per_image_augment
         from mmdd.teachers.expert_module import ExpertModule
-        from mmdd.utils.trainer import accelerate_model, build_trainer, process_device
+        from mmdd.utils.trainer import accelerate_model
 
-        torch.manual_seed(cfg.seed)
-        model = accelerate_model(build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size),
-                                 cfg.hardware)
-        t = cfg.teacher
-        augment = augment_config(cfg.data.augment if t.augment else None)
-        module = ExpertModule(model, t.lr, t.momentum, t.weight_decay, cfg.data.mean, cfg.data.std,
-                              augment)
+        train, teacher = context.train, context.teacher
+        torch.manual_seed(context.seed)
+        model = accelerate_model(context.model.build(), context.hardware)
+        t = teacher.settings
+        module = ExpertModule(model, t.lr, t.momentum, t.weight_decay, train.mean, train.std, teacher.augment)
         tracker = ForgettingTracker(train.num_images)
-        dataset = PairDataset(train, unit=str(cfg.data.train_unit), augment=per_image_augment(augment, train))
+        dataset = PairDataset(train, unit=teacher.unit, augment=per_image_augment(teacher.augment, train))
         check_full_batches(dataset, t.batch_size, "teacher.batch_size")
         # the teachers' loader settings: this is a teacher's training, over every real image
         loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.seed),
-                            **loader_options(cfg.data, process_device(cfg.hardware).type == "cuda"))
-        build_trainer(cfg, None, [tracker], max_epochs=self.config.epochs).fit(module, loader)
+                            generator=torch.Generator().manual_seed(context.seed), **teacher.loader)
+        context.trainer(None, [tracker], max_epochs=self.settings.epochs).fit(module, loader)
         # Most forgotten first, ties broken by a seeded shuffle.
         score = tracker.scores()
-        order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(cfg.seed))
+        order = torch.randperm(train.num_images, generator=torch.Generator().manual_seed(context.seed))
         ranked = order[torch.argsort(score[order], descending=True, stable=True)]
         log.info("forgetting: %d images forgotten at least once", int((tracker.forgotten > 0).sum()))
-        return ranked[:budget].tolist()
+        return ranked[:context.budget].tolist()

@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from mmdd.data.transforms import normalize
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import encode_split
-from mmdd.methods.base import DistillResult, Method, check_budget
+from mmdd.methods.base import DistillResult, Method
+from mmdd.methods.context import MethodContext
 from mmdd.config_schema import build_settings, check_fields
 from mmdd.methods.selection.clustering import METRICS, cooccurrence, kmeans, match_clusters
 from mmdd.synthetic.synthetic_set import SyntheticSet, nearest_captions
-from mmdd.utils.trainer import process_device
 
 log = logging.getLogger(__name__)
 
@@ -140,25 +139,25 @@ class PrototypeSelection(Method):
 
     def __init__(self, name: str, **settings):
         self.name = name
-        self.config = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
+        self.settings = build_settings(self.settings_cls, settings, "method", f"conf/method/{name}.yaml (method={name})")
 
-    def prototypes(self, cfg, train, budget: int) -> tuple[Prototypes, torch.Tensor]:
+    def prototypes(self, context: MethodContext) -> tuple[Prototypes, torch.Tensor]:
         """The matched prototypes, and the teacher's embedding of every train image."""
         from mmdd.methods.selection.coresets import final_teacher
 
-        model, expert = final_teacher(cfg, train)
+        train, budget = context.train, context.budget
+        model, expert = final_teacher(context)
         self.teacher_experts = [expert]
-        device = process_device(cfg.hardware)  # the embeddings and the k-means: minutes at Flickr30K's size on a GPU
-        image_emb, caption_emb = encode_split(model.to(device), train, cfg.data.mean, cfg.data.std,
-                                              cfg.hardware.inference_batch)
+        device = context.device  # the embeddings and the k-means: minutes at Flickr30K's size on a GPU
+        image_emb, caption_emb = encode_split(model.to(device), train, context.hardware.inference_batch)
         txt2img = train.txt2img.to(device)
-        c = self.config
+        c = self.settings
         kept = prune_pairs(image_emb[txt2img], caption_emb, c.prune_ratio)
         if kept.numel() < budget:
             raise MmddError(f"method.prune_ratio={c.prune_ratio} keeps {kept.numel()} pairs, fewer than budget={budget}")
         teacher_captions = caption_emb[kept] if c.caption_space == "teacher" else None
         protos = match_prototypes(image_emb[txt2img[kept]], train.text_emb.to(device)[kept], budget,
-                                  torch.Generator().manual_seed(cfg.seed), c.metric, c.iterations, c.restarts,
+                                  torch.Generator().manual_seed(context.seed), c.metric, c.iterations, c.restarts,
                                   teacher_captions)
         kept = kept.cpu()
         protos.image, protos.text, image_emb = protos.image.cpu(), protos.text.cpu(), image_emb.cpu()
@@ -168,24 +167,23 @@ class PrototypeSelection(Method):
                  kept.numel(), txt2img.numel(), budget, empty)
         return protos, image_emb
 
-    def synthesize(self, cfg, data, out_dir, loggers) -> DistillResult:
-        train = data["train"]
-        budget = check_budget(cfg.budget, train)
-        protos, image_emb = self.prototypes(cfg, train, budget)
+    def synthesize(self, context: MethodContext) -> DistillResult:
+        train, budget, size = context.train, context.budget, context.model.image_size
+        protos, image_emb = self.prototypes(context)
         prompts = nearest_captions(protos.text, train.text_emb, train.split.captions)
-        if self.config.generator:
-            images = instantiate(self.config.generator)(protos, prompts, cfg.data.image_size)
-            want = (budget, 3, cfg.data.image_size, cfg.data.image_size)
+        if self.settings.generator:
+            images = instantiate(self.settings.generator)(protos, prompts, size)
+            want = (budget, 3, size, size)
             if tuple(images.shape) != want or images.dtype != torch.uint8:
                 raise MmddError(f"method.generator returned {images.dtype} {tuple(images.shape)}, expected uint8 {want}")
         else:
             images = train.image_batch(nearest_distinct(protos.image, image_emb))
-        if self.config.text == "nearest":
+        if self.settings.text == "nearest":
             idx = nearest_distinct(protos.text, train.text_emb)
             texts = train.text_emb[idx].clone()
         else:
             texts = protos.text.clone()
-        images = normalize(images, cfg.data.mean, cfg.data.std)
-        lr = self.config.lr
+        images = train.normalise(images)
+        lr = self.settings.lr
         return DistillResult(SyntheticSet(images, texts, {"image": lr, "text": lr}),
                              teacher_experts=list(self.teacher_experts))

@@ -16,6 +16,7 @@ from mmdd.config_schema import build_settings
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
 from mmdd.methods.base import sample_real_pairs
+from mmdd.methods.context import MethodContext
 from mmdd.methods.trajectory.draws import RunDraws, draws_source
 from mmdd.methods.engine.learned import LearnedMethod
 from mmdd.methods.trajectory.meta_gradient import META_GRADIENT_NAMES, Segment, meta_gradient, with_cached_features
@@ -24,7 +25,7 @@ from mmdd.models.functional import ParamLayout
 from mmdd.models.losses import INNER_LOSSES, pair_loss
 from mmdd.synthetic.synthetic_set import SyntheticSet
 from mmdd.methods.trajectory.shortcut import ConvexifiedSnapshots
-from mmdd.teachers.trajectory_store import ExpertSnapshots, open_checked_trajectories
+from mmdd.teachers.trajectory_store import ExpertSnapshots
 from mmdd.utils.seed import probe_seed
 from mmdd.utils.trainer import process_device
 
@@ -192,35 +193,36 @@ class TrajectoryMatching(LearnedMethod):
     takes_draws = True  # expert, start epoch, mini-batches, blends, dropout masks: mmdd.methods.trajectory.draws
     second_order = True  # the student's inner steps are differentiated: its backbone stays uncompiled
 
-    def make_objective(self, cfg, model, train, fingerprint: str) -> TrajectoryMatchingObjective:
-        trajectories = open_checked_trajectories(cfg, model, self.config.max_experts, fingerprint)
-        if self.config.convexify is not None:
-            trajectories = ConvexifiedSnapshots(trajectories, self.config.convexify_settings)
-        trajectories.cache_bytes = snapshot_cache_bytes(cfg.hardware, trajectories, self.config)
-        return TrajectoryMatchingObjective(model, trajectories, self.config, draws_source(cfg.get("draws")))
+    def make_objective(self, context: MethodContext, model, fingerprint: str) -> TrajectoryMatchingObjective:
+        trajectories = context.store.open(model, self.settings.max_experts, fingerprint)
+        if self.settings.convexify is not None:
+            trajectories = ConvexifiedSnapshots(trajectories, self.settings.convexify_settings)
+        trajectories.cache_bytes = snapshot_cache_bytes(context.hardware, trajectories, self.settings)
+        return TrajectoryMatchingObjective(model, trajectories, self.settings, draws_source(context.draws))
 
     def manifest_fields(self) -> dict:
-        return {"inner_loss": self.config.inner_loss, "label_temperature": self.config.label_temperature,
-                "wbce_log_eps": self.config.wbce_log_eps}
+        return {"inner_loss": self.settings.inner_loss, "label_temperature": self.settings.label_temperature,
+                "wbce_log_eps": self.settings.wbce_log_eps}
 
     def prepare_model(self, model) -> None:
         """The distillation loop's model: refuse what the method cannot use, and apply `method.temperature` (the inner
         loop's only: LoRS's COCO-500 script passes --temperature 0.1 to its distillation, while its teachers and
         students keep 0.07)."""
-        if self.config.temperature is not None:
-            model.set_temperature(self.config.temperature)
+        if self.settings.temperature is not None:
+            model.set_temperature(self.settings.temperature)
         # Blending (RepBlend) mixes frozen backbone features before trainable heads; refuse other models.
-        if self.config.blend and model.trainable != "heads":
+        if self.settings.blend and model.trainable != "heads":
             raise MmddError(
                 f"method={self.name} blends the features of a frozen backbone and matches the heads only, but "
                 f"model.trainable={model.trainable}: use model=convnet_heads (CPU), model=nfnet_bert_heads (the papers), "
                 "or experiment=synscenes_repblend"
             )
 
-    def make_probe(self, cfg, model, objective: TrajectoryMatchingObjective, train, n: int) -> CollapseProbe:
+    def make_probe(self, context: MethodContext, model, objective: TrajectoryMatchingObjective, n: int
+                   ) -> CollapseProbe:
         """Embeds with expert 0's last recorded parameters; real reference: n real pairs (seeded)."""
         trajectories = objective.trajectories
         flats = trajectories.snapshots(0, [trajectories.epochs])[0]
-        gen = torch.Generator().manual_seed(probe_seed(cfg.seed))
-        images, texts = sample_real_pairs(train, n, gen, cfg.data.mean, cfg.data.std)
-        return CollapseProbe(model, objective.layout, flats, images, texts, cfg.hardware.inference_batch)
+        gen = torch.Generator().manual_seed(probe_seed(context.seed))
+        images, texts = sample_real_pairs(context.train, n, gen)
+        return CollapseProbe(model, objective.layout, flats, images, texts, context.hardware.inference_batch)

@@ -22,17 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import open_dict
-
 from mmdd.config_schema import build_settings, check_fields
 from mmdd.errors import MmddError
-from mmdd.methods.base import DistillResult, check_budget, save_synthetic
-from mmdd.methods.engine.checkpointing import Resume
+from mmdd.methods.base import DistillResult
+from mmdd.methods.context import MethodContext, Resume
 from mmdd.methods.trajectory.objective import MatchingSettings, TrajectoryMatching
 from mmdd.synthetic.synthetic_set import SyntheticSet
-from mmdd.identity import distill_identity
-from mmdd.utils.io import atomic_write_json, remove_stale_temp_files, stable_hash
-from mmdd.utils.seed import phase_seed
+from mmdd.utils.io import atomic_write_json, remove_stale_temp_files
 from mmdd.utils.trainer import is_rank_zero
 
 log = logging.getLogger(__name__)
@@ -83,7 +79,7 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
     def __init__(self, name: str, **settings):
         super().__init__(name, **settings)
         # Where the earlier phases are saved, relative to the set (read by `mmdd evaluate`).
-        self.earlier_dirs = [f"phase_{i}" for i in range(len(self.config.phase_list) - 1)]
+        self.earlier_dirs = [f"phase_{i}" for i in range(len(self.settings.phase_list) - 1)]
         self.earlier_identities: list[str] = []  # set by synthesize: what each earlier phase was distilled by
 
     def manifest_fields(self) -> dict:
@@ -94,26 +90,28 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
                 fields["earlier_phase_identities"] = list(self.earlier_identities)
         return fields
 
-    def synthesize(self, cfg, data, out_dir: Path, loggers: list) -> DistillResult:
-        phases = self.config.phase_list
+    def synthesize(self, context: MethodContext) -> DistillResult:
+        phases = self.settings.phase_list
         if not phases:
-            return super().synthesize(cfg, data, out_dir, loggers)
-        budget = check_budget(cfg.budget, data["train"])
-        if sum(p.pairs for p in phases) > budget:
-            raise MmddError(f"method.phases distil {sum(p.pairs for p in phases)} pairs, more than budget={budget}")
-        resume = PhaseResume(cfg.resume, len(phases))
-        configs = [self.phase_config(cfg, i) for i in range(len(phases))]
+            return super().synthesize(context)
+        if sum(p.pairs for p in phases) > context.budget:
+            raise MmddError(f"method.phases distil {sum(p.pairs for p in phases)} pairs, more than budget={context.budget}")
+        resume = PhaseResume(context.resume, len(phases))
+        # What each phase distils: its pairs (+1 when S takes a pair's storage) and its seed.
+        budgets = [self.settings.budget(p.pairs) for p in phases]
         # Recorded in the set's manifest: evaluation refuses an earlier phase that another configuration wrote.
-        self.earlier_identities = [phase_identity(c) for c in configs[:-1]]
+        self.earlier_identities = [context.phase_records(i, budgets[i]).phase_identity()
+                                   for i in range(len(phases) - 1)]
         earlier: list[SyntheticSet] = []
         history: list[dict] = []
         resumes: list[dict] = []
         seconds = 0.0  # spent by earlier processes (complete phases skipped, iterations before a resume)
-        for i, (phase, phase_cfg) in enumerate(zip(phases, configs)):
+        for i, phase in enumerate(phases):
             last = i == len(phases) - 1
-            settings = self.config.for_phase(i)
-            where = Path(out_dir) if last else Path(out_dir) / f"phase_{i}"
-            done = None if last or resume.fresh else finished_phase(where, phase_cfg, settings.iterations)
+            settings = self.settings.for_phase(i)
+            where = context.out_dir if last else context.out_dir / f"phase_{i}"
+            done = None if last or resume.fresh else finished_phase(where, self.earlier_identities[i],
+                                                                    settings.iterations)
             if done is not None:
                 syn, manifest, phase_history = done
                 log.info("phase %d of %d: complete in %s, skipped", i + 1, len(phases), where)
@@ -128,18 +126,12 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
             log.info("phase %d of %d: %d pairs, starts [%d, %d)", i + 1, len(phases), phase.pairs,
                      phase.min_start_epoch, phase.max_start_epoch)
             sub = copy.copy(self)
-            sub.config = settings
+            sub.settings = settings
             sub.earlier_dirs = self.earlier_dirs if last else []  # a phase's own saves list no phases of their own
             sub.earlier_identities = self.earlier_identities if last else []
-            with open_dict(phase_cfg):
-                phase_cfg.resume = resume.of_phase(i)
-                for hook in ("record", "replay"):  # each phase's draws in a folder of its own: <dir>/phase_<i>
-                    if phase_cfg.get("draws") and phase_cfg.draws.get(hook):
-                        phase_cfg.draws[hook] = str(Path(phase_cfg.draws[hook]) / f"phase_{i}")
-                if phase_cfg.get("init_from") and not last:  # a phased set: phase i starts from its phase_<i>/
-                    phase_cfg.init_from = str(Path(phase_cfg.init_from) / f"phase_{i}")
+            phase_context = context.for_phase(i, budgets[i], where, resume.of_phase(i), last)
             started = time.perf_counter()
-            result = TrajectoryMatching.synthesize(sub, phase_cfg, data, where, loggers)
+            result = TrajectoryMatching.synthesize(sub, phase_context)
             history += [{**h, "phase": float(i)} for h in result.history]
             resumes += [{**r, "phase": i} for r in result.resumes]
             seconds += result.earlier_seconds
@@ -147,23 +139,15 @@ class PhasedTrajectoryMatching(TrajectoryMatching):
                 earlier.append(result.synthetic)
                 if is_rank_zero():  # rank 0 writes, as for the set itself
                     took = time.perf_counter() - started + result.earlier_seconds
-                    save_synthetic(phase_cfg, result.synthetic, data["train"], where, sub.manifest_fields(),
-                                   {"complete": True, "phase": i, "iteration": len(result.history),
-                                    "phase_seconds": took, "phase_identity": self.earlier_identities[i],
-                                    "backbone_fingerprint": result.backbone_fingerprint,
-                                    **({"resumed": result.resumes} if result.resumes else {})})
+                    phase_context.save_set(result.synthetic, sub.manifest_fields(),
+                                           {"complete": True, "phase": i, "iteration": len(result.history),
+                                            "phase_seconds": took, "phase_identity": self.earlier_identities[i],
+                                            "backbone_fingerprint": result.backbone_fingerprint,
+                                            **({"resumed": result.resumes} if result.resumes else {})})
                     atomic_write_json(where / "history.json", result.history)  # a rerun that skips it keeps it
         # The distill stage adds this process's wall time (every phase run here) to what earlier processes spent.
         return dataclasses.replace(result, history=history, resumes=resumes, earlier_phases=earlier,
                                    earlier_seconds=seconds)
-
-    def phase_config(self, cfg, i: int):
-        """The run's config as phase i distils it: its pairs (+1 when S takes a pair's storage) and its seed."""
-        phase_cfg = copy.deepcopy(cfg)
-        with open_dict(phase_cfg):
-            phase_cfg.budget = self.config.budget(self.config.phase_list[i].pairs)
-            phase_cfg.seed = phase_seed(int(cfg.seed), i)
-        return phase_cfg
 
 
 class PhaseResume:
@@ -190,18 +174,14 @@ class PhaseResume:
         return str(source if i == self.n_phases - 1 else source / f"phase_{i}")
 
 
-def phase_identity(phase_cfg) -> str:
-    """What a phase distils (data, model, teachers, method, seed, budget): a complete phase of another is redone."""
-    return stable_hash(distill_identity(phase_cfg))
-
-
-def finished_phase(where: Path, phase_cfg, iterations: int) -> tuple[SyntheticSet, dict, list[dict]] | None:
-    """(set, manifest, history) of a phase saved complete by this same configuration with at least `iterations`
-    (a rerun skips it; one asked for more iterations resumes it), else None."""
+def finished_phase(where: Path, identity: str, iterations: int) -> tuple[SyntheticSet, dict, list[dict]] | None:
+    """(set, manifest, history) of a phase saved complete by this same configuration (its `identity`, what the
+    phase distils) with at least `iterations` (a rerun skips it; one asked for more iterations resumes it), else
+    None."""
     if not (where / "manifest.json").exists():
         return None
     syn, manifest = SyntheticSet.load(where)
-    if not manifest.get("complete") or manifest.get("phase_identity") != phase_identity(phase_cfg):
+    if not manifest.get("complete") or manifest.get("phase_identity") != identity:
         return None
     if int(manifest.get("iteration", 0)) < iterations:
         log.info("phase in %s is complete at %s iterations; method.iterations asks for %d: resuming it", where,
