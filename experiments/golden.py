@@ -3,8 +3,10 @@
 Runs one tiny distillation of every method config (conf/method/*.yaml, RepBlend through its experiment), each with
 one student, and a tiny `mmdd run` (the quick start's stages: teachers, distillation, students, table), all on the
 generated dataset, and records for each row the SHA-256 of the set's tensors and captions, its identities (the
-manifest's data and model identity, the run's config hash) and the student's test metrics. `--against` compares with an earlier
-record and exits 1 on any difference:
+manifest's data and model identity, the run's config hash, the identity its checkpoint holds; a phased set's earlier
+phases likewise) and the student's test metrics. `--against` compares with an earlier record and exits 1 on any
+difference. To record the code before a change, run this script with the old code first on the path (a git worktree:
+`PYTHONPATH=<worktree>/src python experiments/golden.py ...`):
 
     python experiments/golden.py --root /tmp/golden --out /tmp/golden_before.json
     ... change the code ...
@@ -13,7 +15,8 @@ record and exits 1 on any difference:
 The root is emptied first; give records you compare the same root (configs and identities hold absolute paths).
 
 CPU float arithmetic is reproducible on one machine with one torch build and thread count (the harness pins one
-thread), not across machines: compare records made on the same box. About 6 minutes on the 2-core CPU box.
+thread), not across machines: compare records made on the same box. About 2.5 minutes on the 2-core CPU box
+(2026-12-07).
 """
 
 from __future__ import annotations

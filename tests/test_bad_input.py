@@ -102,12 +102,28 @@ def test_an_unwritable_run_directory_is_a_sentence_before_hydra_writes(env, tmp_
     assert f"cannot write the run directory {blocker}/run (Not a directory)" in err and "hydra.run.dir=" in err
 
 
-def test_unknown_config_key_is_refused_by_hydra_naming_the_key(env):
+def test_unknown_config_key_is_refused_by_hydra_naming_the_key_and_its_close_matches(env):
     root, _ = env
-    proc = run_mmdd(["distill", *TINY, *QUIET, "method.syn_step=3", "hydra.run.dir=outputs/typo"], root, check=False)
+    proc = run_mmdd(["distill", *TINY, *QUIET, "method.syn_step=3", "data.imagesize=8", "hydra.run.dir=outputs/typo"],
+                    root, check=False)
     err = cli_error(proc, code=1)  # Hydra refuses it before the stage starts (its own message and exit code)
     assert "Could not override 'method.syn_step'" in err and "Key 'syn_step' is not in struct" in err
+    # then mmdd names what was meant, for every unknown key of the command line
+    assert "mmdd distill: error: method.syn_step (did you mean method.syn_steps?): method has no key 'syn_step'" in err
+    assert "data.imagesize (did you mean data.image_size" in err and "+method.syn_step=..." in err
     assert not (root / "outputs" / "typo" / "synthetic").exists()
+
+
+def test_close_matches_leave_known_keys_group_choices_and_additions_alone():
+    from mmdd.utils.overrides import plain_assignment, unknown_keys
+
+    assert [plain_assignment(o) for o in ("method=lors", "+method.x=1", "~method.x", "hydra.run.dir=d", "a.b=1")] \
+        == [None, None, None, None, "a.b"]
+    assert unknown_keys("distill", ["method=lors", "method.grad_clip=1.0", "+method.new=1", "budget=4"]) == []
+    said = unknown_keys("distill", ["method=lors", "method.lr_simm=0.1", "method.zzz=1"])
+    assert said[0].startswith("method.lr_simm (did you mean method.lr_sim or ")  # closest first
+    assert said[1].startswith("method.zzz: method has no key 'zzz'")  # nothing close: no guess
+    assert unknown_keys("distill", ["method=no_such_method", "method.lr=1"]) == []  # another error: Hydra's says it
 
 
 def test_non_number_for_a_method_setting_names_the_field(env):

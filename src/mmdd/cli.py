@@ -17,6 +17,7 @@ COMMANDS = {
 }
 
 log = logging.getLogger("mmdd")
+_started: list[str] = []  # the stage whose task Hydra called (a failure before it is Hydra's composition)
 
 
 def _task(stage: str):
@@ -26,6 +27,7 @@ def _task(stage: str):
 
         from mmdd.errors import MmddError, Stopped
 
+        _started.append(stage)
         quiet_third_party()
         from mmdd.utils.stopping import adopt_submitit_job
 
@@ -37,9 +39,10 @@ def _task(stage: str):
             preflight(cfg, stage)
             setup_process(cfg.hardware)  # the launch checked; "cuda" is this rank's GPU from here on
             objective = STAGES[stage].run(cfg)
-            from mmdd.utils.ddp import wait_for_started
+            from mmdd.utils.ddp import leave_process_group, wait_for_started
 
             wait_for_started()
+            leave_process_group()
             return objective
         except (KeyboardInterrupt, SystemExit):
             from mmdd.utils.stopping import explain, requeue
@@ -135,7 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     app = hydra.main(config_path=str(conf_dir()), config_name=stage, version_base="1.3")(_task(stage))
     try:
         app()
-    except (KeyboardInterrupt, SystemExit):  # stopped while Hydra composes or sets up, or on the way out
+    except (KeyboardInterrupt, SystemExit) as exc:  # stopped while Hydra composes or sets up, or on the way out
+        if isinstance(exc, SystemExit) and exc.code == 1 and not _started:  # Hydra refused the command line
+            from mmdd.utils.overrides import unknown_keys
+
+            for sentence in unknown_keys(stage, argv[1:]):
+                print(f"mmdd {stage}: error: {sentence}", file=sys.stderr)
         code = explain(stage)
         if code is None:
             raise

@@ -242,8 +242,6 @@ def make_plan(cfg) -> dict:
     """Everything `mmdd plan` prints, as data."""
     from hydra.utils import instantiate
 
-    from mmdd.methods.engine.learned import LearnedMethod
-
     dim = text_dim(cfg)
     model = meta_model(cfg, dim)
     plan = {"counts": counts(model), "store_bytes": store_bytes(cfg, model), "buffer_dir": str(cfg.buffer_dir),
@@ -265,7 +263,7 @@ def make_plan(cfg) -> dict:
             "snapshot_cache_mb", "auto"))}
     elif kind == "distribution":
         plan["estimates"].append(distribution_estimate(cfg, model, dim, method))
-    elif isinstance(method, LearnedMethod):
+    elif method is not None and method.learned:
         plan["unestimated"] = (f"distill: no estimate for method={cfg.method.name} ({type(method).__name__} sets no "
                                "distillation_kind that mmdd.plan models); its peak is not among the figures below")
     plan["estimates"].append(student_estimate(cfg, model, dim))

@@ -44,6 +44,9 @@ class Method:
     """
 
     name: str = "method"
+    # Whether the set is learned step by step (LearnedMethod): such a run resumes from its checkpoint, and `mmdd plan`
+    # says when it has no estimate for one. A learning-free selection instead reuses its complete set on a rerun.
+    learned = False
     takes_draws = False  # whether draws.record / draws.replay (mmdd.methods.trajectory.draws) apply to its random draws
     # The shape of its distillation, for the tools that model one: `mmdd plan`'s memory estimate (and the GPU memory
     # check before a run), `mmdd bench`'s reference loop. "trajectory" | "distribution" | None: none known, which

@@ -71,11 +71,10 @@ def complete_selection(method, cfg, out_dir: Path) -> bool:
     instead; resume=false recomputes."""
     from mmdd.errors import ArtifactError
     from mmdd.methods.context import Resume
-    from mmdd.methods.engine.learned import LearnedMethod
     from mmdd.synthetic.synthetic_set import SyntheticSet
     from mmdd.utils.config import config_hash
 
-    if isinstance(method, LearnedMethod) or Resume.of(cfg.resume).fresh:
+    if method.learned or Resume.of(cfg.resume).fresh:
         return False
     if not (out_dir / "manifest.json").exists():
         return False

@@ -122,6 +122,17 @@ def wait_for_started(timeout: float = 120.0) -> None:
             p.kill()
 
 
+def leave_process_group() -> None:
+    """A stage that ended well leaves its process group, each process on its own (no barrier: rank 0 may evaluate
+    for long after the others' last collective). Left to the interpreter's exit, gloo's threads are torn down in no
+    set order and a process can abort after its work is done ("terminate called without an active exception"),
+    which a cluster launcher records as a failed task."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class ProcessWatch(threading.Thread):
     """Rank 0's watch over the processes it started (a daemon thread: it ends with the run)."""
 

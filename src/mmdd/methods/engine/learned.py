@@ -32,6 +32,7 @@ class LearnedMethod(Method):
     and `name`) and implement `make_objective`; `prepare_model` and `make_probe` are optional hooks."""
 
     settings_cls: type[OuterSettings] = OuterSettings
+    learned = True
     # True when the objective differentiates through the model's own gradient (trajectory matching): the backbone is
     # then left uncompiled (torch.compile has no double backward)
     second_order = False
