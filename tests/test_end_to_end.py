@@ -67,14 +67,15 @@ def test_stages_separately_and_buffer_resume(tiny_run, tmp_path):
     root, _ = tiny_run
     store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
     # rerun of buffer skips complete experts
-    proc = run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer_again"], root)
+    proc = run_in_process(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer_again"], root, check=True)
     assert "trajectory store:" in proc.stdout
     # distill on its own, then evaluate its output
-    run_mmdd(["distill", *TINY, "logger=csv", f"buffer_dir={store}", "hydra.run.dir=outputs/distill_alone"], root)
+    run_in_process(["distill", *TINY, "logger=csv", "evaluate=false", f"buffer_dir={store}",
+                    "hydra.run.dir=outputs/distill_alone"], root, check=True)
     syn = root / "outputs" / "distill_alone" / "synthetic"
     assert (syn / "manifest.json").exists()
-    proc = run_mmdd(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
-                     "hydra.run.dir=outputs/eval_alone"], root)
+    proc = run_in_process(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
+                           "hydra.run.dir=outputs/eval_alone"], root, check=True)
     assert "| mtt_vl | 8 | 1 |" in proc.stdout
     assert (root / "outputs" / "eval_alone" / "results.json").exists()
 
@@ -100,14 +101,14 @@ def test_store_for_another_model_is_a_clear_error(tiny_run):
 def test_lors_distill_and_evaluate_against_S(tiny_run):
     root, _ = tiny_run
     store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
-    run_mmdd(["distill", *TINY, "method=lors", "method.similarity.rank=2", "logger=none", f"buffer_dir={store}",
-              "hydra.run.dir=outputs/lors"], root)
+    run_in_process(["distill", *TINY, "method=lors", "method.similarity.rank=2", "logger=none", "evaluate=false",
+                    f"buffer_dir={store}", "hydra.run.dir=outputs/lors"], root, check=True)
     syn = root / "outputs" / "lors" / "synthetic"
     manifest = json.loads((syn / "manifest.json").read_text())
     assert manifest["num_pairs"] == 7 and manifest["budget"] == 8  # S pays for one pair
     assert manifest["similarity"]["kind"] == "lowrank" and manifest["inner_loss"] == "wbce"
-    proc = run_mmdd(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
-                     "hydra.run.dir=outputs/lors_eval"], root)
+    proc = run_in_process(["evaluate", *TINY, "logger=none", f"synthetic={syn}", "protocol.num_seeds=1",
+                           "hydra.run.dir=outputs/lors_eval"], root, check=True)
     assert "| lors | 8 | 1 |" in proc.stdout
 
 
@@ -118,7 +119,8 @@ def test_coreset_baselines_select_real_pairs(tiny_run, method):
     root, _ = tiny_run
     store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
     tiny = [o for o in TINY if not o.startswith("method.")]  # matching settings do not apply to coresets
-    run_mmdd(["distill", *tiny, f"method={method}", "logger=none", f"buffer_dir={store}", f"hydra.run.dir=outputs/{method}"], root)
+    run_in_process(["distill", *tiny, f"method={method}", "logger=none", "evaluate=false", f"buffer_dir={store}",
+                    f"hydra.run.dir=outputs/{method}"], root, check=True)
     syn = root / "outputs" / method / "synthetic"
     manifest = json.loads((syn / "manifest.json").read_text())
     assert manifest["method"] == method and manifest["num_pairs"] == 8
