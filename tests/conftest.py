@@ -123,5 +123,5 @@ def root(tmp_path_factory):
     """A run root with the tiny trajectory store (conf/debug/tiny.yaml's teachers), shared by the tests of stages
     that read it (checkpointing, DDP, buffer, io, evaluate); a test writes its runs under outputs/<its name>."""
     root = tmp_path_factory.mktemp("faults")
-    run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    run_in_process(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root, check=True)
     return root

@@ -78,7 +78,7 @@ def user_data_overrides(root: Path) -> list[str]:
 def env(tmp_path_factory):
     """The tiny synscenes data and its trajectory store, built once by the real `mmdd buffer`."""
     root = tmp_path_factory.mktemp("bad_input")
-    run_mmdd(["buffer", *TINY, *QUIET, "hydra.run.dir=outputs/buffer"], root)
+    run_in_process(["buffer", *TINY, *QUIET, "hydra.run.dir=outputs/buffer"], root, check=True)
     (store,) = (root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir()
     return root, store
 
@@ -128,8 +128,8 @@ def test_close_matches_leave_known_keys_group_choices_and_additions_alone():
 
 def test_non_number_for_a_method_setting_names_the_field(env):
     root, _ = env
-    proc = run_mmdd(["distill", *TINY, *QUIET, "method.syn_steps=abc", "evaluate=false",
-                     "hydra.run.dir=outputs/bad_type"], root, check=False)
+    proc = run_in_process(["distill", *TINY, *QUIET, "method.syn_steps=abc", "evaluate=false",
+                           "hydra.run.dir=outputs/bad_type"], root)
     # Raised while Hydra instantiates the method; the CLI unwraps it and prints mmdd's own message.
     err = cli_error(proc)
     assert "mmdd distill: error: method.syn_steps must be an integer, got 'abc' (str)" in err

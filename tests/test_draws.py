@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, run_in_process, run_mmdd
+from conftest import TINY, run_in_process
 from mmdd.methods.trajectory.draws import RecordingDraws, ReplayedDraws
 from mmdd.utils.draws import replayed_dropout
 from mmdd.synthetic.similarity import LowRankSimilarity
@@ -21,7 +21,8 @@ PAIRS = 7  # budget 8: S takes one pair
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("draws")
-    run_mmdd(["buffer", *TINY, "model.dropout=0.1", "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    run_in_process(["buffer", *TINY, "model.dropout=0.1", "logger=none", "hydra.run.dir=outputs/buffer"], root,
+                   check=True)
     g = torch.Generator().manual_seed(11)
     initial = SyntheticSet(torch.randn(PAIRS, 3, 32, 32, generator=g), torch.randn(PAIRS, 384, generator=g),
                            {"image": 0.01, "text": 0.01}, LowRankSimilarity(PAIRS, 10, 3.0, g))

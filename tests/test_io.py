@@ -6,17 +6,17 @@ import subprocess
 import sys
 import time
 
-from helpers import TINY_DISTILL, distill, manifest
+from helpers import TINY_DISTILL, distill_here, manifest
 
 
 def test_unwritable_output_and_a_full_disk_fail_before_any_work(root):
     blocker = root / "a_file"
     blocker.write_text("not a directory")
-    proc = distill(root, "nowhere", "method.iterations=2", f"synthetic_dir={blocker}/synthetic", check=False)
+    proc = distill_here(root, "nowhere", "method.iterations=2", f"synthetic_dir={blocker}/synthetic", check=False)
     assert proc.returncode == 2
     assert f"cannot write to {blocker}/synthetic (synthetic_dir)" in proc.stderr
     assert "loaded" not in proc.stdout  # failed before reading data or trajectories
-    proc = distill(root, "full", "method.iterations=2", "paths.min_free_mb=1e12", check=False)
+    proc = distill_here(root, "full", "method.iterations=2", "paths.min_free_mb=1e12", check=False)
     assert proc.returncode == 2 and "MB free on the disk that holds" in proc.stderr and "paths.min_free_mb" in proc.stderr
 
 

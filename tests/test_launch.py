@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_mmdd
+from conftest import TINY, run_in_process
 from mmdd.errors import MmddError
 from mmdd.utils import launch
 from mmdd.utils.trainer import process_device, setup_process
@@ -273,7 +273,7 @@ GRID = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=2", "hydra.launche
 @pytest.fixture(scope="module")
 def slurm_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
-    run_mmdd(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root)
+    run_in_process(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer"], root, check=True)
     return root
 
 
