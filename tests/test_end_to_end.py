@@ -112,22 +112,6 @@ def test_lors_distill_and_evaluate_against_S(tiny_run):
     assert "| lors | 8 | 1 |" in proc.stdout
 
 
-# one coreset through the whole stage by default (the selections themselves: tests/test_coresets.py); the others slow
-@pytest.mark.parametrize("method", ["herding", pytest.param("kcenter", marks=pytest.mark.slow),
-                                    pytest.param("forgetting", marks=pytest.mark.slow)])
-def test_coreset_baselines_select_real_pairs(tiny_run, method):
-    root, _ = tiny_run
-    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
-    tiny = [o for o in TINY if not o.startswith("method.")]  # matching settings do not apply to coresets
-    run_in_process(["distill", *tiny, f"method={method}", "logger=none", "evaluate=false", f"buffer_dir={store}",
-                    f"hydra.run.dir=outputs/{method}"], root, check=True)
-    syn = root / "outputs" / method / "synthetic"
-    manifest = json.loads((syn / "manifest.json").read_text())
-    assert manifest["method"] == method and manifest["num_pairs"] == 8
-    captions = json.loads((syn / "captions.json").read_text())
-    assert len(set(captions)) > 1
-
-
 def _table_cells(markdown: str) -> dict[str, tuple]:
     """{method: (budget, evaluations, the seven metric cells)} of a Markdown table from table.md or `mmdd table`."""
     table = [line for line in markdown.strip().splitlines() if line.startswith("|")]  # not the notes below it

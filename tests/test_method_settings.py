@@ -86,7 +86,6 @@ RUN_ARGS = {
 }
 
 
-@pytest.mark.slow  # one distillation per method config: ~35 s in all (the default suite is near its 8 minutes)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_config_distils_on_tiny_data(root, method):
     import json
@@ -99,9 +98,7 @@ def test_every_method_config_distils_on_tiny_data(root, method):
                        root, check=True)
         run_in_process(["buffer", *TINY, "logger=none", "model=convnet_heads", "hydra.run.dir=outputs/buffer_heads"],
                        root, check=True)
-    from mmdd.methods.engine.learned import LearnedMethod
-
-    learned = issubclass(get_class(method_config(method)["_target_"]), LearnedMethod)
+    learned = get_class(method_config(method)["_target_"]).learned
     args = [*(o for o in TINY_DISTILL if not o.startswith("method.")), *RUN_ARGS.get(method, [])]
     run = f"every_method_{method}"
     run_in_process(["distill", f"method={method}", *args, *(["method.iterations=2"] if learned else []),
@@ -109,3 +106,6 @@ def test_every_method_config_distils_on_tiny_data(root, method):
     manifest = json.loads((root / "outputs" / run / "synthetic" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["method"] == method and manifest["budget"] == 8
     assert manifest["iteration"] == (2 if learned else 0)
+    if not learned:  # a selection: real pairs, each image with one of its own captions
+        captions = json.loads((root / "outputs" / run / "synthetic" / "captions.json").read_text())
+        assert len(set(captions)) > 1
