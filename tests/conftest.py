@@ -45,6 +45,14 @@ def run_mmdd(args: list[str], root: Path, check: bool = True, timeout: int = 600
     return proc
 
 
+def the_store(root: Path) -> Path:
+    """The one trajectory store a test root holds (the tiny teachers); more than one means a test wrote another
+    where the shared one was expected, said here rather than one picked at random."""
+    stores = sorted((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    assert len(stores) == 1, f"expected one trajectory store under {root}, found {[s.name for s in stores]}"
+    return stores[0]
+
+
 def run_in_process(args: list[str], root: Path, check: bool = False) -> subprocess.CompletedProcess:
     """`mmdd <stage> [overrides]` in this process: composed as the CLI composes it and run by the CLI's own task, so
     an MmddError ends it with code 2 and its message on stderr, as on the command line, without the seconds of a

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import TINY, run_in_process, run_mmdd
+from conftest import TINY, run_in_process, run_mmdd, the_store
 from helpers import buffer_cmd, signal_once_written, trained_experts
 
 
@@ -74,7 +74,7 @@ def test_a_store_is_extended_with_more_experts(root, tmp_path):
 
     from mmdd.teachers.trajectory_store import TrajectoryStore
 
-    made = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    made = the_store(root)
     store = tmp_path / "store"
     shutil.copytree(made, store)
     before = {p.name: p.stat().st_mtime_ns for p in store.glob("expert_*.safetensors")}

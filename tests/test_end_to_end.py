@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, run_in_process, run_mmdd
+from conftest import TINY, run_in_process, run_mmdd, the_store
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_run_artifacts(tiny_run):
 
 def test_stages_separately_and_buffer_resume(tiny_run, tmp_path):
     root, _ = tiny_run
-    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    store = the_store(root)
     # rerun of buffer skips complete experts
     proc = run_in_process(["buffer", *TINY, "logger=none", "hydra.run.dir=outputs/buffer_again"], root, check=True)
     assert "trajectory store:" in proc.stdout
@@ -90,7 +90,7 @@ def test_budget_larger_than_train_split_is_a_clear_error(tiny_run):
 
 def test_store_for_another_model_is_a_clear_error(tiny_run):
     root, _ = tiny_run
-    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    store = the_store(root)
     proc = run_in_process(["distill", *TINY, "logger=none", "model.image.width=16", f"buffer_dir={store}",
                      "hydra.run.dir=outputs/bad_store"], root, check=False)
     assert proc.returncode == 2
@@ -100,7 +100,7 @@ def test_store_for_another_model_is_a_clear_error(tiny_run):
 
 def test_lors_distill_and_evaluate_against_S(tiny_run):
     root, _ = tiny_run
-    store = next((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
+    store = the_store(root)
     run_in_process(["distill", *TINY, "method=lors", "method.similarity.rank=2", "logger=none", "evaluate=false",
                     f"buffer_dir={store}", "hydra.run.dir=outputs/lors"], root, check=True)
     syn = root / "outputs" / "lors" / "synthetic"
