@@ -91,8 +91,8 @@ def teacher_hash(cfg) -> str:
 # optimiser's learning rates and momenta (e.g. lower lr_img after a run stopped on NaN losses), and how the
 # meta-gradient is computed, which changes memory and speed but not the gradient (e.g. resume on a smaller GPU).
 OUTER_SETTINGS = ("lr_img", "lr_txt", "lr_lr", "lr_sim", "momentum", "sim_momentum")  # the outer SGD's
-RESUMABLE_METHOD_KEYS = ("iterations", *OUTER_SETTINGS, "meta_gradient", "tesla_pass1_graph", "cache_features",
-                         "feature_chunk")
+RESUMABLE_METHOD_KEYS = ("iterations", *OUTER_SETTINGS, "meta_gradient", "tesla_pass1_graph", "tesla_pass2",
+                         "cache_features", "feature_chunk")
 # Method options added after stores and checkpoints existed, with the value that computes what every run before them
 # computed: at that value an option is left out of the identity (so existing checkpoints still resume and the pinned
 # identities hold); at any other value it is part of it.

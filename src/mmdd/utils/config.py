@@ -34,11 +34,12 @@ FIRST_CLASS_PATHS: dict[str, str] = {
 # Method settings written into the YAMLs after identities were first made, at the value every run before computed
 # with (then a dataclass default): at that value a key is left out of identities and config hashes, so every store,
 # checkpoint and interrupted evaluation stays valid; at any other value it is part of them. Per class (first path).
-_TRAJECTORY_KEYS_2026_12 = {"grad_clip": None, "ema_decay": None, "min_start_epoch": 0, "convexify": None}
+_TRAJECTORY_KEYS_2026_12 = {"grad_clip": None, "ema_decay": None, "min_start_epoch": 0, "convexify": None,
+                            "tesla_pass2": "double_backward"}
 _DISTRIBUTION_KEYS_2026_12 = {"lr_min": 0.0, "similarity": None, "lr_sim": 0.0, "sim_momentum": 0.5, "ema_decay": None}
 LATER_METHOD_SETTINGS: dict[str, dict] = {
     "mmdd.methods.trajectory_matching.TrajectoryMatching": _TRAJECTORY_KEYS_2026_12,
-    "mmdd.methods.phased.PhasedTrajectoryMatching": {"grad_clip": None},
+    "mmdd.methods.phased.PhasedTrajectoryMatching": {"grad_clip": None, "tesla_pass2": "double_backward"},
     "mmdd.methods.distribution_matching.DistributionMatching": _DISTRIBUTION_KEYS_2026_12,
     "mmdd.methods.distribution_matching.MultimodalDistributionMatching": _DISTRIBUTION_KEYS_2026_12,
 }

@@ -49,6 +49,10 @@ class Segment:
     pass2_dropout: str = "replay"
     # TESLA's pass 1 with create_graph=True, as the reference code: the same gradients in another float32 rounding
     pass1_graph: bool = False
+    # TESLA's pass 2 product -lr <c, g_i>: "double_backward" builds g_i with a graph, contracts it with c and
+    # differentiates that; "forward" takes it as the inner loss's directional derivative along lr*c (forward mode),
+    # never materialising g_i's graph (see directional_step)
+    pass2: str = "double_backward"
     extra: tuple[torch.Tensor, ...] = ()  # further learned data the inner loss reads (LoRS's S)
     blend: Blend | None = None  # RepBlend: representation blending per inner step
     from_features: bool = False  # `images` hold cached backbone features (see with_cached_features)
@@ -163,15 +167,44 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
             params = reached[i]
         else:
             rng.set(state)
-        leaf = {m: params[m].requires_grad_(True) for m in mods}
-        grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
-        backward(sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods), seg.data)  # dot: no temporary
+        if seg.pass2 == "forward":
+            product, grads = directional_step(seg, params, idx, mix, {m: lrs[m] * c[m] for m in mods},
+                                              with_grads=not redraw)
+            backward(-product, seg.data)
+        else:
+            leaf = {m: params[m].requires_grad_(True) for m in mods}
+            grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
+            backward(sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods), seg.data)  # dot: no temporary
         if not redraw:
             with torch.no_grad():
                 params = {m: torch.addcmul(params[m].detach(), grads[m].detach(), step[m]) for m in mods}
     if not redraw:  # the generator continues from where pass 1 left it (redraw: after pass 2's draws)
         rng.set(after_pass1)
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
+
+
+def directional_step(seg: Segment, params: dict[str, torch.Tensor], idx, mix, direction: dict[str, torch.Tensor],
+                     with_grads: bool):
+    """TESLA's pass-2 product in forward mode: <direction, g_i> with g_i = dL_i/dtheta at `params`, as the directional
+    derivative of the inner loss along `direction` (one jvp: the forward pass carries a tangent), differentiable to
+    the data (reverse over forward: exact with mmdd.models.forward_mode's composed norms and softmaxes, wrong with
+    some of PyTorch's fused ones); g_i itself is never built with a graph. With `with_grads`, also g_i (detached;
+    the next step's parameters), from the same forward pass. Returns (product, g_i or None)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from mmdd.models.forward_mode import ComposedForForwardMode
+
+    mods = list(params)
+    # ComposedForForwardMode: norms and softmaxes from elementary ops, whose tangents PyTorch differentiates exactly
+    with fwAD.dual_level(), ComposedForForwardMode():
+        leaf = {m: params[m].detach().requires_grad_(with_grads) for m in mods}
+        dual = {m: fwAD.make_dual(leaf[m], direction[m].to(leaf[m].dtype)) for m in mods}
+        logits = functional_logits(seg.model, seg.layout, dual, seg.images[idx], seg.texts[idx], mix, seg.from_features)
+        loss, product = fwAD.unpack_dual(seg.inner_loss(logits, idx))
+    grads = None
+    if with_grads:  # outside the dual level: the backward carries no tangents (no forward mode through it)
+        grads = dict(zip(mods, torch.autograd.grad(loss, [leaf[m] for m in mods], retain_graph=True)))
+    return product, grads
 
 
 class PlannedDraws:

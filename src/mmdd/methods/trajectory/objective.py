@@ -51,6 +51,9 @@ class MatchingSettings(OuterSettings):
     # TESLA's pass 1 gradients taken with create_graph=True, as the LoRS/RepBlend code (distill_tesla_lors.py:377-378):
     # the same gradients, rounded as the reference's float32 kernels round them (parity checks; slower). See mtt_vl.yaml.
     tesla_pass1_graph: bool
+    # TESLA's pass 2 product -lr <c, g_i>: double_backward (g_i with a graph, as the reference code) | forward
+    # (the inner loss's directional derivative along lr*c: no graph of g_i). The same gradients; see mtt_vl.yaml.
+    tesla_pass2: Literal["double_backward", "forward"]
     max_experts: int | None
     meta_gradient: Literal[META_GRADIENT_NAMES]  # full (MTT-VL) | tesla (constant memory)
     inner_loss: Literal[INNER_LOSSES]  # infonce | wbce | bce | soft_ce | kl | mse (soft ones read S; S = I without)
@@ -108,6 +111,7 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
         lr_merged=config.loss_merge == "merged" and config.tesla_lr_loss == "as_loss",
         pass2_dropout=config.tesla_pass2_dropout,
         pass1_graph=config.tesla_pass1_graph,
+        pass2=config.tesla_pass2,
         extra=tuple(syn.similarity.parameters()) if syn.similarity is not None else (),
         blend=draws.blend(generator, float(config.blend["alpha"])) if config.blend else None,
     )
