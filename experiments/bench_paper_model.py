@@ -28,7 +28,8 @@ from mmdd.stages.buffer import run_buffer
 MODELS = {"repblend": "nfnet_bert_heads", "lors": "nfnet_bert"}
 
 
-def config(method, budget, precision, args, out: Path, text: Path, extra):
+def config(method, budget, precision, args, out: Path, text: Path, extra, stage: str = "bench"):
+    """The bench's config of one cell; stage="buffer": the teachers' stage with the same data, model and teachers."""
     overrides = [
         f"method={method}", f"model={MODELS[method]}", "model.image.pretrained=false",
         f"model.text.name_or_path={text}", f"data.image_size={args.image_size}",
@@ -38,8 +39,10 @@ def config(method, budget, precision, args, out: Path, text: Path, extra):
         f"bench.iterations={args.iterations}", f"bench.warmup={args.warmup}", f"bench.profile={args.profile}",
         f"hardware.precision={precision}", f"paths.output_dir={out}", "logger=none",
     ]
+    if stage != "bench":
+        overrides = [o for o in overrides if not o.startswith("bench.")]
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("bench", overrides=[*overrides, *extra])
+        return compose(stage, overrides=[*overrides, *extra])
 
 
 def main() -> None:
@@ -65,7 +68,7 @@ def main() -> None:
                 out = root / f"{method}_b{budget}_{precision}"
                 cfg = config(method, budget, precision, args, out, text, extra)
                 data = data or load_data(cfg)
-                run_buffer(cfg, data)  # reuses complete experts
+                run_buffer(config(method, budget, precision, args, out, text, extra, "buffer"), data)  # reuses experts
                 results.append({**run_bench(cfg, data, out), "image_size": args.image_size})
                 print(bench_table(results[-1:]), flush=True)
     root.mkdir(parents=True, exist_ok=True)

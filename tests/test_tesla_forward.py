@@ -133,3 +133,22 @@ def test_each_composed_op_is_the_fused_one_and_its_tangent_differentiates_exactl
     (got,) = torch.autograd.grad(tangent, X)
     assert float(value) == pytest.approx(float(f(W, X)), rel=1e-12)
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_a_distillation_records_its_product_and_resumes_across_products(root):
+    """`mmdd distill method=lors method.tesla_pass2=forward` on the tiny store: the manifest says how pass 2 was
+    computed, the set is the double-backward run's up to float32 rounding, and a checkpoint made with one product
+    resumes with the other (the product is not part of the distillation's identity)."""
+    from helpers import distill_here, manifest, the_set
+
+    lors = ["method=lors", "method.syn_steps=2", "method.iterations=2", "save_every=1"]
+    distill_here(root, "pass2_forward", *lors, "method.tesla_pass2=forward")
+    distill_here(root, "pass2_double", *lors)
+    assert manifest(root, "pass2_forward")["computed_with"] == {"meta_gradient": "tesla", "tesla_pass2": "forward"}
+    assert manifest(root, "pass2_double")["computed_with"]["tesla_pass2"] == "double_backward"
+    forward, double = the_set(root, "pass2_forward"), the_set(root, "pass2_double")
+    for k in double:
+        assert torch.allclose(forward[k], double[k], rtol=1e-4, atol=1e-6), k
+    distill_here(root, "pass2_double", *lors[:-2], "method.iterations=3", "method.tesla_pass2=forward")
+    m = manifest(root, "pass2_double")
+    assert m["iteration"] == 3 and m["resumed"][0]["iteration"] == 2

@@ -60,6 +60,11 @@ class Method:
         """How students of this method's sets train (saved in the set's manifest, read by `mmdd evaluate`)."""
         return {"inner_loss": DEFAULT_INNER_LOSS, "label_temperature": DEFAULT_LABEL_TEMPERATURE}
 
+    def computed_with(self) -> dict:
+        """How the set's gradients were computed, where a method offers equivalent ways (saved in the manifest as
+        `computed_with`; e.g. TESLA's second pass in forward mode or by double backward)."""
+        return {}
+
 
 def real_pairs(train: SplitData, img_idx: list[int], generator: torch.Generator):
     """The given training images (normalised), each with one of its captions drawn from `generator`."""

@@ -119,6 +119,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) 
             extra["diagnostics"] = result.diagnostics  # modality collapse: real / initial / final
         if result.resumes:
             extra["resumed"] = result.resumes  # from which iterations, with which outer settings changed
+        if method.computed_with():
+            extra["computed_with"] = method.computed_with()  # e.g. TESLA's pass 2: forward mode or double backward
         context.save_set(syn, method.manifest_fields(), extra)
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []

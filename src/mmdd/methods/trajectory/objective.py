@@ -208,6 +208,10 @@ class TrajectoryMatching(LearnedMethod):
         return {"inner_loss": self.settings.inner_loss, "label_temperature": self.settings.label_temperature,
                 "wbce_log_eps": self.settings.wbce_log_eps}
 
+    def computed_with(self) -> dict:
+        s = self.settings
+        return {"meta_gradient": s.meta_gradient, **({"tesla_pass2": s.tesla_pass2} if s.meta_gradient == "tesla" else {})}
+
     def prepare_model(self, model) -> None:
         """The distillation loop's model: refuse what the method cannot use, and apply `method.temperature` (the inner
         loop's only: LoRS's COCO-500 script passes --temperature 0.1 to its distillation, while its teachers and
