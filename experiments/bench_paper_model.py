@@ -45,8 +45,26 @@ def config(method, budget, precision, args, out: Path, text: Path, extra, stage:
         return compose(stage, overrides=[*overrides, *extra])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def cells(args, extra, precisions=("32-true",)):
+    """Every (method, budget, precision) cell of the command line: its bench config, the data (loaded once) and the
+    cell's output folder, after its teachers are trained (complete experts are reused)."""
+    root = Path(args.out)
+    text = root / "bert768"
+    if not (text / "config.json").exists():
+        write_bert_standin(text)
+    data = None
+    for method in args.methods:
+        for budget in args.budgets:
+            for precision in precisions:
+                out = root / f"{method}_b{budget}_{precision}"
+                cfg = config(method, budget, precision, args, out, text, extra)
+                data = data or load_data(cfg)
+                run_buffer(config(method, budget, precision, args, out, text, extra, "buffer"), data)
+                yield cfg, data, out
+
+
+def arguments(description: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--budgets", type=int, nargs="+", default=[100, 500])
     ap.add_argument("--methods", nargs="+", default=list(MODELS))
@@ -56,21 +74,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench_paper")
-    args, extra = ap.parse_known_args()
+    return ap
+
+
+def main() -> None:
+    args, extra = arguments().parse_known_args()
     root = Path(args.out)
-    text = root / "bert768"
-    if not (text / "config.json").exists():
-        write_bert_standin(text)
-    results, data = [], None
-    for method in args.methods:
-        for budget in args.budgets:
-            for precision in args.precision:
-                out = root / f"{method}_b{budget}_{precision}"
-                cfg = config(method, budget, precision, args, out, text, extra)
-                data = data or load_data(cfg)
-                run_buffer(config(method, budget, precision, args, out, text, extra, "buffer"), data)  # reuses experts
-                results.append({**run_bench(cfg, data, out), "image_size": args.image_size})
-                print(bench_table(results[-1:]), flush=True)
+    results = []
+    for cfg, data, out in cells(args, extra, args.precision):
+        results.append({**run_bench(cfg, data, out), "image_size": args.image_size})
+        print(bench_table(results[-1:]), flush=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.json").write_text(json.dumps(results, indent=1))
     (root / "bench.md").write_text(bench_table(results) + "\n")

@@ -11,27 +11,21 @@ the same global RNG). Writes tesla_pass2.md / .json under --out.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
-from bench_paper_model import MODELS, config
-from mmdd.bench.memory import PeakMemory
-from mmdd.bench.runner import GradientPath, Snapshots, dropout_off, grads_of, relative_difference
-from mmdd.bench.standin import write_bert_standin
-from mmdd.data.splits import load_data
+from bench_paper_model import arguments, cells
+from mmdd.bench.runner import GradientPath, Snapshots, gradient_agreement, interleaved_rounds
 from mmdd.methods.context import MethodContext
 from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.methods.trajectory.objective import meta_gradient_for
 from mmdd.models.functional import ParamLayout
-from mmdd.stages.buffer import run_buffer
 from mmdd.utils.seed import seed_everything
 
 PRODUCTS = ("double_backward", "forward")
@@ -40,9 +34,8 @@ PRODUCTS = ("double_backward", "forward")
 def bench(cfg, data, rounds: int, warmup: int) -> dict:
     seed_everything(cfg.seed)
     device = torch.device("cpu")
-    train = data["train"]
     method = instantiate(cfg.method)
-    context = MethodContext.of(cfg, train, cfg.paths.output_dir)
+    context = MethodContext.of(cfg, data["train"], cfg.paths.output_dir)
     model = context.model.build()
     method.prepare_model(model)
     for p in model.parameters():
@@ -59,31 +52,8 @@ def bench(cfg, data, rounds: int, warmup: int) -> dict:
         syn = copy.deepcopy(syn0)
         return syn, outer_optimizer(syn, method.settings)
 
-    grads = {}
-    with dropout_off(model):
-        for name, path in paths.items():
-            syn, _ = fresh()
-            torch.manual_seed(cfg.seed)
-            path.gradients(syn, torch.Generator().manual_seed(cfg.seed), device)
-            grads[name] = grads_of(syn)
-    agreement = {k: relative_difference(grads["forward"][k], grads["double_backward"][k]) for k in grads["forward"]}
-    state = {}
-    for name in PRODUCTS:
-        syn, opt = fresh()
-        state[name] = (syn, opt, torch.Generator().manual_seed(cfg.seed))
-    times, memory = {n: [] for n in PRODUCTS}, {n: 0.0 for n in PRODUCTS}
-    for i in range(warmup + rounds):
-        for name in PRODUCTS:
-            syn, opt, gen = state[name]
-            with PeakMemory(device) as pm:
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                paths[name].gradients(syn, gen, device)
-                opt.step()
-                seconds = time.perf_counter() - t0
-            memory[name] = max(memory[name], pm.peak_mb)
-            if i >= warmup:
-                times[name].append(seconds)
+    agreement = gradient_agreement(paths, fresh, cfg.seed, device, "forward", "double_backward", (model,))
+    times, memory, _ = interleaved_rounds(paths, fresh, cfg.seed, device, warmup, rounds, method.settings.lr_min)
     med = {n: statistics.median(t) for n, t in times.items()}
     return {"method": str(cfg.method.name), "budget": int(cfg.budget), "pairs": len(syn0),
             "image_size": int(cfg.data.image_size), "sec_per_iter": med, "seconds": times, "peak_mem_mb": memory,
@@ -104,29 +74,14 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[100])
-    ap.add_argument("--methods", nargs="+", default=list(MODELS))
-    ap.add_argument("--num-train", type=int, default=1000)
-    ap.add_argument("--iterations", type=int, default=5)  # timed rounds
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", default="outputs/bench_tesla_pass2")
+    ap = arguments()
+    ap.set_defaults(budgets=[100], out="outputs/bench_tesla_pass2")
     args, extra = ap.parse_known_args()
-    args.profile = 0
+    results = []
+    for cfg, data, _ in cells(args, extra):
+        results.append(bench(cfg, data, args.iterations, args.warmup))
+        print(table(results[-1:]), flush=True)
     root = Path(args.out)
-    text = root / "bert768"
-    if not (text / "config.json").exists():
-        write_bert_standin(text)
-    results, data = [], None
-    for method in args.methods:
-        for budget in args.budgets:
-            out = root / f"{method}_b{budget}"
-            cfg = config(method, budget, "32-true", args, out, text, extra)
-            data = data or load_data(cfg)
-            run_buffer(config(method, budget, "32-true", args, out, text, extra, "buffer"), data)  # reuses experts
-            results.append(bench(cfg, data, args.iterations, args.warmup))
-            print(table(results[-1:]), flush=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / "tesla_pass2.json").write_text(json.dumps(results, indent=1))
     (root / "tesla_pass2.md").write_text(table(results) + "\n")

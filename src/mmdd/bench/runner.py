@@ -123,6 +123,49 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
 
 
+def gradient_agreement(paths: dict, fresh, seed: int, device, path: str, against: str, models) -> dict[str, float]:
+    """The largest relative difference per gradient (images, texts, step sizes, S) of `path`'s first iteration from
+    `against`'s: the same draws and global RNG, every Dropout of `models` off."""
+    grads = {}
+    with dropout_off(*models):
+        for name in (path, against):
+            syn, _ = fresh()
+            torch.manual_seed(seed)
+            paths[name].gradients(syn, torch.Generator().manual_seed(seed), device)
+            grads[name] = grads_of(syn)
+    return {k: relative_difference(grads[path][k], grads[against][k]) for k in grads[against]}
+
+
+def interleaved_rounds(paths: dict, fresh, seed: int, device, warmup: int, iterations: int, lr_min: float):
+    """Time whole iterations (gradients and the outer step) of each path in interleaved rounds, one iteration of
+    each per round, so drifts of the machine hit all alike. Returns per path the timed seconds (after `warmup`
+    rounds), the peak memory in MB, and the peak reserved memory (GPU; else None)."""
+    state = {}
+    for name in paths:
+        syn, opt = fresh()
+        state[name] = (syn, opt, torch.Generator().manual_seed(seed))
+    timings, memory = {n: [] for n in paths}, {n: 0.0 for n in paths}
+    reserved = {n: None for n in paths}
+    for i in range(warmup + iterations):
+        for name in paths:
+            syn, opt, gen = state[name]
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                paths[name].gradients(syn, gen, device)
+                opt.step()
+                syn.clamp_lrs_(lr_min)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+            memory[name] = max(memory[name], pm.peak_mb)
+            if pm.reserved_mb is not None:
+                reserved[name] = max(reserved[name] or 0.0, pm.reserved_mb)
+            if i >= warmup:
+                timings[name].append(seconds)
+    return timings, memory, reserved
+
+
 def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     seed_everything(cfg.seed)
     b = cfg.bench
@@ -173,39 +216,9 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
 
     # Gradient agreement on the first iteration, like with like: the same draws (same generator seed), the same
     # global RNG, and the heads' dropout off (the reference's TESLA draws new masks in its second pass).
-    grads = {}
-    with dropout_off(model, fast):
-        for name, path in paths.items():
-            syn, _ = fresh()
-            torch.manual_seed(cfg.seed)
-            path.gradients(syn, torch.Generator().manual_seed(cfg.seed), device)
-            grads[name] = grads_of(syn)
-    agreement = {k: relative_difference(grads["ours"][k], grads["reference"][k]) for k in grads["reference"]}
-
-    # Timing in interleaved rounds (one iteration of each path per round), so drifts of the machine hit both.
-    state = {}
-    for name in PATHS:
-        syn, opt = fresh()
-        state[name] = (syn, opt, torch.Generator().manual_seed(cfg.seed))
-    timings, memory = {n: [] for n in PATHS}, {n: 0.0 for n in PATHS}
-    reserved = {n: None for n in PATHS}
-    for i in range(int(b.warmup) + int(b.iterations)):
-        for name in PATHS:
-            syn, opt, gen = state[name]
-            with PeakMemory(device) as pm:
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                paths[name].gradients(syn, gen, device)
-                opt.step()
-                syn.clamp_lrs_(mc.lr_min)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t0
-            memory[name] = max(memory[name], pm.peak_mb)
-            if pm.reserved_mb is not None:
-                reserved[name] = max(reserved[name] or 0.0, pm.reserved_mb)
-            if i >= int(b.warmup):
-                timings[name].append(seconds)
+    agreement = gradient_agreement(paths, fresh, cfg.seed, device, "ours", "reference", (model, fast))
+    timings, memory, reserved = interleaved_rounds(paths, fresh, cfg.seed, device, int(b.warmup), int(b.iterations),
+                                                   mc.lr_min)
     for name in PATHS:
         log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
                  statistics.median(timings[name]), len(timings[name]), memory[name], PeakMemory(device).kind)
