@@ -32,6 +32,22 @@ def test_bench_paths_agree(heads_root, method, model):
     assert len(res["seconds"]["ours"]) == 2
     assert res["cached_backbone_features"] is (method == "repblend")
     assert (root / out / "bench.md").read_text().startswith("| method |")
+    # the floor: FLOPs per iteration, the rate achieved and the machine's matmul peak
+    assert res["flops_per_iter"]["ours"] > 0 and res["flops_per_iter"]["reference"] > 0
+    assert res["achieved_flops"]["ours"] == pytest.approx(res["flops_per_iter"]["ours"] / res["sec_per_iter"]["ours"])
+    assert res["matmul_peak_flops"] > 0 and "of peak" in proc.stdout and "GFLOP/iter" in proc.stdout
+
+
+def test_flops_are_counted_from_the_matrix_products_forward_and_backward():
+    import torch
+
+    from mmdd.bench.flops import iteration_flops, matmul_peak
+
+    a = torch.randn(4, 5, requires_grad=True)
+    b = torch.randn(5, 6)
+    assert iteration_flops(lambda: a @ b) == 2 * 4 * 5 * 6
+    assert iteration_flops(lambda: (a @ b).sum().backward()) == 2 * (2 * 4 * 5 * 6)  # + the gradient to a
+    assert 0 < matmul_peak(torch.device("cpu"), size=256, repeats=2) < float("inf")
 
 
 @pytest.mark.parametrize("merged", [False, True])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from mmdd.bench.flops import iteration_flops, matmul_peak
 from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.splits import load_data
@@ -223,6 +224,10 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
                  statistics.median(timings[name]), len(timings[name]), memory[name], PeakMemory(device).kind)
 
+    # The floor: each path's FLOPs per iteration (one more iteration, counted), the rate its median achieves, and the
+    # machine's measured matmul peak in the precision the iteration computes in.
+    flops = {name: path_flops(path, fresh, cfg.seed, device, mc.lr_min) for name, path in paths.items()}
+    peak = matmul_peak(device, dtype=torch.bfloat16 if autocast_dtype(cfg.hardware.precision) else torch.float32)
     profiles = {}
     if int(b.get("profile", 0)):
         profiles = profile_paths(paths, fresh, int(b.profile), cfg.seed, device, mc.lr_min)
@@ -239,6 +244,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "peak_mem_mb": memory, "memory_kind": PeakMemory(device).kind, "peak_reserved_mb": reserved,
         "hardware": hardware_record(cfg.hardware),
         "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
+        "flops_per_iter": flops, "achieved_flops": {n: flops[n] / med[n] for n in flops}, "matmul_peak_flops": peak,
     }
     out = Path(out_dir or cfg.paths.output_dir)
     for name, table in profiles.items():
@@ -254,6 +260,20 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     finally:
         finish_loggers(loggers)
     return result
+
+
+def path_flops(path: GradientPath, fresh, seed: int, device, lr_min) -> int:
+    """FLOPs of one iteration of `path` (its gradients and the outer step) on a fresh set."""
+    syn, opt = fresh()
+    gen = torch.Generator().manual_seed(seed)
+
+    def iteration():
+        opt.zero_grad()
+        path.gradients(syn, gen, device)
+        opt.step()
+        syn.clamp_lrs_(lr_min)
+
+    return iteration_flops(iteration)
 
 
 def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min) -> dict[str, str]:
@@ -278,13 +298,24 @@ def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min
 
 
 def bench_table(results: list[dict]) -> str:
+    """One row per result; GFLOP per iteration, the rate achieved (GFLOP/s) and its share of the measured matmul
+    peak, per path, where the result has them (results before 2026-12-07 do not)."""
     head = ["method", "budget", "device", "precision", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
-            "peak MB mmdd", "max rel. grad diff"]
+            "peak MB mmdd", "max rel. grad diff", "GFLOP/iter reference / mmdd", "GFLOP/s reference / mmdd (of peak)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         lines.append("| " + " | ".join([
             r["method"], str(r["budget"]), r["device"], r.get("precision", "32-true"),
             f"{r['sec_per_iter']['reference']:.3f}",
             f"{r['sec_per_iter']['ours']:.3f}", f"{r['speedup']:.2f}×", f"{r['peak_mem_mb']['reference']:.0f}",
-            f"{r['peak_mem_mb']['ours']:.0f}", f"{r['grad_max_rel_diff']:.1e}"]) + " |")
+            f"{r['peak_mem_mb']['ours']:.0f}", f"{r['grad_max_rel_diff']:.1e}", *flop_cells(r)]) + " |")
     return "\n".join(lines)
+
+
+def flop_cells(r: dict) -> list[str]:
+    if "flops_per_iter" not in r:
+        return ["", ""]
+    f, a, peak = r["flops_per_iter"], r["achieved_flops"], r["matmul_peak_flops"]
+    return [f"{f['reference'] / 1e9:.1f} / {f['ours'] / 1e9:.1f}",
+            f"{a['reference'] / 1e9:.1f} / {a['ours'] / 1e9:.1f} ({a['reference'] / peak:.0%} / {a['ours'] / peak:.0%}"
+            f" of {peak / 1e9:.0f})"]
