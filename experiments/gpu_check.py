@@ -11,8 +11,9 @@ BERT stand-in, so nothing is downloaded) and the generated dataset at --image-si
 2. `mmdd buffer` for RepBlend's model (frozen nfnet_l0, heads train) and LoRS's (all of nfnet_l0 trains): 2 experts;
 3. `mmdd distill` end to end for RepBlend and LoRS at --budget, --iterations iterations, in three numerics:
    fp32 (hardware.tf32=false: full fp32), fp32+TF32 (hardware.tf32=true) and bf16 (hardware.precision=bf16-mixed with
-   channels-last); s/iter (median), peak allocated and reserved memory, from each set's manifest;
-4. `mmdd bench` for the same cells: mmdd's path against the port of the reference loop, interleaved, with the
+   channels-last), and fp32 with TESLA's second pass in forward mode (method.tesla_pass2=forward); s/iter (median),
+   peak allocated and reserved memory, from each set's manifest;
+4. `mmdd bench` for the same cells (but the forward-mode one): mmdd's path against the port of the reference loop, interleaved, with the
    largest relative gradient difference between the two paths (what TF32 and bf16 do to gradient agreement);
 5. resume: LoRS fp32 for 2 iterations, extended to 4 in the same run directory, against a straight 4 (bit for bit,
    or the largest difference; cuDNN picks algorithms per run unless hardware.deterministic=true).
@@ -36,7 +37,11 @@ NUMERICS = {
     "fp32": ["hardware.precision=32-true", "hardware.tf32=false"],
     "fp32+tf32": ["hardware.precision=32-true", "hardware.tf32=true"],
     "bf16": ["hardware.precision=bf16-mixed", "hardware.tf32=false", "hardware.channels_last=true"],
+    # TESLA's second pass in forward mode (method.tesla_pass2=forward): on the CPU it costs what double backward
+    # costs (experiments/bench.md); on a GPU unmeasured. A distill cell only, compared with the fp32 row.
+    "fp32-fwd": ["hardware.precision=32-true", "hardware.tf32=false", "method.tesla_pass2=forward"],
 }
+BENCHED = ("fp32", "fp32+tf32", "bf16")  # the numerics whose `mmdd bench` cells run (mmdd's path vs the port)
 
 
 def versions() -> dict:
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         for numerics in args.numerics:
             distill.append(distill_cell(run, method, numerics, args.iterations))
             print(json.dumps(distill[-1]), flush=True)
-            if not args.no_bench:
+            if not args.no_bench and numerics in BENCHED:
                 bench.append(bench_cell(run, method, numerics, args.iterations))
                 print(json.dumps(bench[-1]), flush=True)
     resume = None if args.no_resume or "lors" not in args.methods else resume_check(run)
