@@ -152,3 +152,13 @@ def test_a_distillation_records_its_product_and_resumes_across_products(root):
     distill_here(root, "pass2_double", *lors[:-2], "method.iterations=3", "method.tesla_pass2=forward")
     m = manifest(root, "pass2_double")
     assert m["iteration"] == 3 and m["resumed"][0]["iteration"] == 2
+
+
+def test_composed_ops_compute_half_precision_inputs_in_float32_as_autocast_does():
+    from mmdd.models.forward_mode import ComposedForForwardMode
+
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    with ComposedForForwardMode():
+        out = torch.nn.functional.log_softmax(x, 1), torch.nn.functional.layer_norm(x, (5,))
+    assert all(o.dtype == torch.float32 for o in out)
+    assert torch.allclose(out[0], torch.nn.functional.log_softmax(x.float(), 1), atol=1e-6)

@@ -21,7 +21,13 @@ from torch.overrides import TorchFunctionMode
 from mmdd.errors import MmddError
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs in float32, as autocast runs the fused norms and softmaxes (its float32 op list)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _normalise(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    x = _wide(x)
     mean = x.mean(dims, keepdim=True)
     centred = x - mean
     var = centred.pow(2).mean(dims, keepdim=True)  # biased, as the fused kernels normalise
@@ -78,13 +84,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def logsumexp(input, dim, keepdim=False):
+    input = _wide(input)
     shift = input.detach().amax(dim, keepdim=True)  # any constant shift is exact: the result does not depend on it
     out = shift + (input - shift).exp().sum(dim, keepdim=True).log()
     return out if keepdim else out.squeeze(dim)
 
 
 def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
-    x = input if dtype is None else input.to(dtype)
+    x = _wide(input if dtype is None else input.to(dtype))
     return x - logsumexp(x, dim, keepdim=True)
 
 
