@@ -205,7 +205,6 @@ class MethodContext:
     diagnostics_every: int  # iterations between modality-collapse probes (0: none)
     max_nonfinite: int | None  # non-finite steps in a row (each skipped) before a run stops
     cache_dir: Path  # for caches that outlive the run (frozen backbones' features)
-    data_key: str  # the data's identity hash (keys those caches)
     records: SetRecords
     trainer: Callable  # (loggers, callbacks, **trainer overrides) -> lightning Trainer: conf/trainer with the hardware
 
@@ -220,7 +219,7 @@ class MethodContext:
             loggers=list(loggers or []), hardware=hardware,
             model=ModelFactory(cfg.model, int(train.text_emb.shape[1]), int(cfg.data.image_size)),
             store=ExpectedStore.of(cfg),
-            teacher=TeacherTraining(teacher, augment_config(cfg.data.augment if teacher.augment else None),
+            teacher=TeacherTraining(teacher, augment if teacher.augment else augment_config(None),
                                     str(cfg.data.train_unit),
                                     loader_options(cfg.data, process_device(hardware).type == "cuda")),
             # `mmdd bench` has no resume, init_from, draws, save_every or max_nonfinite: a fresh run without them
@@ -228,7 +227,12 @@ class MethodContext:
             init_from=Path(str(cfg.init_from)) if cfg.get("init_from") else None,
             draws=cfg.get("draws"), save_every=cfg.get("save_every"), diagnostics_every=int(cfg.diagnostics_every),
             max_nonfinite=cfg.get("max_nonfinite"), cache_dir=Path(str(cfg.paths.cache_dir)),
-            data_key=stable_hash(data_identity(cfg.data)), records=SetRecords(cfg), trainer=partial(build_trainer, cfg))
+            records=SetRecords(cfg), trainer=partial(build_trainer, cfg))
+
+    @property
+    def data_key(self) -> str:
+        """The data's identity hash (keys the caches that outlive the run), as the store is checked against."""
+        return self.store.data_key
 
     @property
     def device(self):
@@ -240,10 +244,10 @@ class MethodContext:
         """Whether draws.record / draws.replay (the parity hooks) are set."""
         return draws_hooked(self.records.config)
 
-    def save_set(self, syn: SyntheticSet, training: dict, extra: dict, out_dir: Path | None = None) -> Path:
-        """Write `syn` with its manifest (training: how its students train, Method.manifest_fields; extra: what
-        this save adds) to out_dir (default: the run's)."""
-        return self.records.save(syn, self.train, Path(out_dir or self.out_dir), training, extra)
+    def save_set(self, syn: SyntheticSet, training: dict, extra: dict) -> Path:
+        """Write `syn` with its manifest to the run's out_dir (training: how its students train,
+        Method.manifest_fields; extra: what this save adds)."""
+        return self.records.save(syn, self.train, self.out_dir, training, extra)
 
     def phase_records(self, i: int, pairs_budget: int) -> SetRecords:
         """What phase i distils (phased methods): this run with the phase's budget and seed."""

@@ -22,8 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from mmdd.methods.trajectory.unrolling import Blend, BatchSchedule, matching_loss, unroll_full
+from mmdd.models.forward_mode import ComposedForForwardMode
 from mmdd.models.functional import ParamLayout, functional_logits
 
 @dataclass
@@ -162,14 +164,14 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
     after_pass1 = rng.get()
+    direction = {m: lrs[m] * c[m] for m in mods} if seg.pass2 == "forward" else None  # the same for every step
     for i, (idx, mix, state) in enumerate(batches):
         if redraw:
             params = reached[i]
         else:
             rng.set(state)
         if seg.pass2 == "forward":
-            product, grads = directional_step(seg, params, idx, mix, {m: lrs[m] * c[m] for m in mods},
-                                              with_grads=not redraw)
+            product, grads = directional_step(seg, params, idx, mix, direction, with_grads=not redraw)
             backward(-product, seg.data)
         else:
             leaf = {m: params[m].requires_grad_(True) for m in mods}
@@ -190,15 +192,11 @@ def directional_step(seg: Segment, params: dict[str, torch.Tensor], idx, mix, di
     the data (reverse over forward: exact with mmdd.models.forward_mode's composed norms and softmaxes, wrong with
     some of PyTorch's fused ones); g_i itself is never built with a graph. With `with_grads`, also g_i (detached;
     the next step's parameters), from the same forward pass. Returns (product, g_i or None)."""
-    import torch.autograd.forward_ad as fwAD
-
-    from mmdd.models.forward_mode import ComposedForForwardMode
-
     mods = list(params)
     # ComposedForForwardMode: norms and softmaxes from elementary ops, whose tangents PyTorch differentiates exactly
     with fwAD.dual_level(), ComposedForForwardMode():
         leaf = {m: params[m].detach().requires_grad_(with_grads) for m in mods}
-        dual = {m: fwAD.make_dual(leaf[m], direction[m].to(leaf[m].dtype)) for m in mods}
+        dual = {m: fwAD.make_dual(leaf[m], direction[m]) for m in mods}
         logits = functional_logits(seg.model, seg.layout, dual, seg.images[idx], seg.texts[idx], mix, seg.from_features)
         loss, product = fwAD.unpack_dual(seg.inner_loss(logits, idx))
     grads = None
