@@ -77,17 +77,25 @@ def arguments(description: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+def run_cells(args, extra, precisions, measure, table, name: str) -> list[dict]:
+    """`measure(cfg, data, out)` for every cell, each row printed as it comes; then every row in <out>/<name>.json
+    and the table in <out>/<name>.md."""
+    results = []
+    for cfg, data, out in cells(args, extra, precisions):
+        results.append(measure(cfg, data, out))
+        print(table(results[-1:]), flush=True)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (root / f"{name}.md").write_text(table(results) + "\n")
+    print(table(results))
+    return results
+
+
 def main() -> None:
     args, extra = arguments().parse_known_args()
-    root = Path(args.out)
-    results = []
-    for cfg, data, out in cells(args, extra, args.precision):
-        results.append({**run_bench(cfg, data, out), "image_size": args.image_size})
-        print(bench_table(results[-1:]), flush=True)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "bench.json").write_text(json.dumps(results, indent=1))
-    (root / "bench.md").write_text(bench_table(results) + "\n")
-    print(bench_table(results))
+    run_cells(args, extra, args.precision,
+              lambda cfg, data, out: {**run_bench(cfg, data, out), "image_size": args.image_size}, bench_table, "bench")
 
 
 if __name__ == "__main__":

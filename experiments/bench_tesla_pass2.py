@@ -11,51 +11,33 @@ the same global RNG). Writes tesla_pass2.md / .json under --out.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import statistics
-from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 
-from bench_paper_model import arguments, cells
-from mmdd.bench.runner import GradientPath, Snapshots, gradient_agreement, interleaved_rounds
-from mmdd.methods.context import MethodContext
-from mmdd.methods.engine.outer_loop import outer_optimizer
+from bench_paper_model import arguments, run_cells
+from mmdd.bench.runner import GradientPath, MatchingSetup, Snapshots, gradient_agreement, interleaved_rounds
 from mmdd.methods.trajectory.objective import meta_gradient_for
-from mmdd.models.functional import ParamLayout
 from mmdd.utils.seed import seed_everything
 
 PRODUCTS = ("double_backward", "forward")
 
 
-def bench(cfg, data, rounds: int, warmup: int) -> dict:
+def bench(cfg, data, out, rounds: int, warmup: int) -> dict:
     seed_everything(cfg.seed)
     device = torch.device("cpu")
-    method = instantiate(cfg.method)
-    context = MethodContext.of(cfg, data["train"], cfg.paths.output_dir)
-    model = context.model.build()
-    method.prepare_model(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layout = ParamLayout.from_model(model)
-    trajectories = context.store.open(model, method.settings.max_experts)
-    syn0 = method.initial_set(context, method.settings.pairs(context.budget))
+    setup = MatchingSetup(cfg, data["train"], device, out)
     paths = {}
     for product in PRODUCTS:
-        settings = dataclasses.replace(method.settings, tesla_pass2=product)
-        paths[product] = GradientPath(model, layout, settings, meta_gradient_for(settings, model), Snapshots(trajectories))
-
-    def fresh():
-        syn = copy.deepcopy(syn0)
-        return syn, outer_optimizer(syn, method.settings)
-
-    agreement = gradient_agreement(paths, fresh, cfg.seed, device, "forward", "double_backward", (model,))
-    times, memory, _ = interleaved_rounds(paths, fresh, cfg.seed, device, warmup, rounds, method.settings.lr_min)
+        settings = dataclasses.replace(setup.method.settings, tesla_pass2=product)
+        paths[product] = GradientPath(setup.model, setup.layout, settings, meta_gradient_for(settings, setup.model),
+                                      Snapshots(setup.trajectories))
+    agreement = gradient_agreement(paths, setup.fresh, cfg.seed, device, "forward", "double_backward", (setup.model,))
+    times, memory, _ = interleaved_rounds(paths, setup.fresh, cfg.seed, device, warmup, rounds,
+                                          setup.method.settings.lr_min)
     med = {n: statistics.median(t) for n, t in times.items()}
-    return {"method": str(cfg.method.name), "budget": int(cfg.budget), "pairs": len(syn0),
+    return {"method": str(cfg.method.name), "budget": int(cfg.budget), "pairs": len(setup.syn0),
             "image_size": int(cfg.data.image_size), "sec_per_iter": med, "seconds": times, "peak_mem_mb": memory,
             "ratio": med["double_backward"] / med["forward"], "grad_max_rel_diff": max(agreement.values()),
             "grad_rel_diff": agreement, "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -77,15 +59,8 @@ def main() -> None:
     ap = arguments()
     ap.set_defaults(budgets=[100], out="outputs/bench_tesla_pass2")
     args, extra = ap.parse_known_args()
-    results = []
-    for cfg, data, _ in cells(args, extra):
-        results.append(bench(cfg, data, args.iterations, args.warmup))
-        print(table(results[-1:]), flush=True)
-    root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "tesla_pass2.json").write_text(json.dumps(results, indent=1))
-    (root / "tesla_pass2.md").write_text(table(results) + "\n")
-    print(table(results))
+    run_cells(args, extra, ("32-true",), lambda cfg, data, out: bench(cfg, data, out, args.iterations, args.warmup),
+              table, "tesla_pass2")
 
 
 if __name__ == "__main__":

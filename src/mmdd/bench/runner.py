@@ -28,7 +28,6 @@ from mmdd.methods.engine.outer_loop import outer_optimizer
 from mmdd.models.functional import ParamLayout
 from mmdd.methods.trajectory.draws import draw_segment_start
 from mmdd.methods.trajectory.objective import build_segment, caches_features, meta_gradient_for
-from mmdd.models.dual_encoder import build_dual_encoder
 from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
@@ -167,35 +166,48 @@ def interleaved_rounds(paths: dict, fresh, seed: int, device, warmup: int, itera
     return timings, memory, reserved
 
 
+class MatchingSetup:
+    """What a timed comparison of trajectory-matching iterations starts from: the method, its context, the model
+    (frozen, prepared by the method), its layout, the store's trajectories and the initial set on `device`."""
+
+    def __init__(self, cfg, train, device, out_dir):
+        self.method = instantiate(cfg.method)
+        if self.method.distillation_kind != "trajectory":
+            raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
+        self.context = MethodContext.of(cfg, train, out_dir)
+        self.device = device
+        self.model = self.build_model()
+        self.layout = ParamLayout.from_model(self.model)
+        self.trajectories = self.context.store.open(self.model, self.method.settings.max_experts)
+        self.syn0 = self.method.initial_set(self.context, self.method.settings.pairs(self.context.budget)).to(device)
+
+    def build_model(self):
+        model = self.context.model.build().to(self.device)
+        self.method.prepare_model(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def fresh(self):
+        """A copy of the initial set and its outer optimizer (each path starts from the same)."""
+        syn = copy.deepcopy(self.syn0)
+        return syn, outer_optimizer(syn, self.method.settings)
+
+
 def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     seed_everything(cfg.seed)
     b = cfg.bench
     device = torch.device("cuda" if cfg.hardware.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
     data = data or load_data(cfg, splits=("train",))
-    train = data["train"]
-    method = instantiate(cfg.method)
-    if method.distillation_kind != "trajectory":
-        raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
-    mc = method.settings
-    model = build_dual_encoder(cfg.model, train.text_emb.shape[1], cfg.data.image_size).to(device)
-    method.prepare_model(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layout = ParamLayout.from_model(model)
-    context = MethodContext.of(cfg, train, out_dir or cfg.paths.output_dir)
-    budget = cfg.budget
-    trajectories = context.store.open(model, mc.max_experts)
-    syn0 = method.initial_set(context, mc.pairs(context.budget)).to(device)
+    setup = MatchingSetup(cfg, data["train"], device, out_dir or cfg.paths.output_dir)
+    method, model, layout, trajectories, syn0 = setup.method, setup.model, setup.layout, setup.trajectories, setup.syn0
+    mc, budget, fresh = method.settings, cfg.budget, setup.fresh
 
     cached = caches_features(mc, model)
     fast = accelerate_model(copy.deepcopy(model), cfg.hardware, second_order=True)
-    text_dim = train.text_emb.shape[1]
 
     def rebuild():
-        fresh_model = build_dual_encoder(cfg.model, text_dim, cfg.data.image_size).to(device)
-        method.prepare_model(fresh_model)
-        for p in fresh_model.parameters():
-            p.requires_grad_(False)
+        fresh_model = setup.build_model()
         for new, old in zip(fresh_model.modules(), model.modules()):  # dropout as the template's (see dropout_off)
             if isinstance(new, torch.nn.Dropout):
                 new.p = old.p
@@ -209,11 +221,6 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "ours": GradientPath(fast, layout, mc, meta_gradient_for(mc, fast), Snapshots(trajectories),
                              autocast_dtype(cfg.hardware.precision)),
     }
-
-    def fresh():
-        syn = copy.deepcopy(syn0)
-        opt = outer_optimizer(syn, mc)
-        return syn, opt
 
     # Gradient agreement on the first iteration, like with like: the same draws (same generator seed), the same
     # global RNG, and the heads' dropout off (the reference's TESLA draws new masks in its second pass).
