@@ -277,6 +277,58 @@ class Recorder:
         return mod
 
 
+class Timer:
+    """`--timing`: only when each iteration begins (wandb.log({"Progress"}), the script's first call of an iteration)
+    and when the loop ends (wandb.finish); nothing else is wrapped or recorded, so the loop runs at its own speed."""
+
+    def __init__(self, count_flops: bool = False):
+        self.starts: list[tuple[int, float]] = []
+        self.finished: float | None = None
+        # --flops-last: each iteration under PyTorch's FLOP counter (entered at its start, left at the next one's),
+        # the last one's count kept; an untimed run
+        self.count_flops, self.counter, self.flops = count_flops, None, None
+
+    def _count(self, start_next: bool) -> None:
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.flops = int(self.counter.get_total_flops())
+            self.counter = None
+        if start_next:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
+
+    def wandb(self) -> types.ModuleType:
+        import time
+
+        timer, mod = self, types.ModuleType("wandb")
+
+        class Run:
+            name = "timing"
+
+        def log(values, step=None, **kwargs):
+            if "Progress" in values:
+                timer.starts.append((int(values["Progress"]), time.perf_counter()))
+                if timer.count_flops:
+                    timer._count(start_next=True)
+
+        def finish(*args, **kwargs):
+            timer.finished = time.perf_counter()
+            if timer.count_flops:
+                timer._count(start_next=False)
+
+        mod.init, mod.log, mod.finish, mod.run = (lambda *a, **k: Run()), log, finish, Run()
+        for name in ("Image", "Histogram", "Html", "Table"):
+            setattr(mod, name, lambda *a, **k: None)
+        return mod
+
+    def seconds(self) -> list[float]:
+        """Each iteration's wall seconds: from its start to the next one's (the last: to wandb.finish)."""
+        ends = [t for _, t in self.starts[1:]] + ([self.finished] if self.finished is not None else [])
+        return [end - start for (_, start), end in zip(self.starts, ends)]
+
+
 def _to_default_dtype(value):
     """Floating tensors inside (nested lists/tuples/dicts of) `value` cast to the default dtype."""
     import torch
@@ -319,6 +371,10 @@ def main() -> int:
     parser.add_argument("--backbone", type=Path, default=None,
                         help="the nfnet_l0 weights RepBlend's script loads as 'pretrained' (a .pth state dict)")
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
+    parser.add_argument("--timing", action="store_true", help="time the iterations only (no recorders): "
+                        "<out>/timing.json holds each iteration's wall seconds")
+    parser.add_argument("--flops-last", action="store_true", help="with --timing: count the last iteration's FLOPs "
+                        "(PyTorch's FLOP counter; slows the run, whose times are then not the loop's)")
     parser.add_argument("--link", action="append", default=[], metavar="NAME=TARGET",
                         help="a link NAME in the run's working directory to TARGET (paths a script hard-codes)")
     parser.add_argument("--hub", action="append", default=[], metavar="NAME=FOLDER",
@@ -358,6 +414,17 @@ def main() -> int:
     patch_tokenizer()
     if args.hub:
         patch_hub(dict(item.split("=", 1) for item in args.hub))
+    sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
+    if args.timing:
+        timer = Timer(args.flops_last)
+        sys.modules["wandb"] = timer.wandb()
+        sys.path.insert(0, str(official))
+        runpy.run_path(str(script), run_name="__main__")
+        from mmdd.utils.io import atomic_write_json
+
+        atomic_write_json(out / "timing.json", {"seconds": timer.seconds(), "iterations": [i for i, _ in timer.starts],
+                                                "threads": torch.get_num_threads(), "flops": timer.flops})
+        return 0
     rec = Recorder(script)
     rec.layout = json.loads((out / "run.json").read_text())["layout"]
     sys.modules["wandb"] = rec.wandb()
@@ -367,7 +434,6 @@ def main() -> int:
     sys.path.insert(0, str(official))
     if json.loads((out / "run.json").read_text()).get("ema"):
         rec.record_ema()
-    sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
     runpy.run_path(str(script), run_name="__main__")
     save(rec, out)
     return 0
