@@ -36,6 +36,11 @@ def test_bench_paths_agree(heads_root, method, model):
     assert res["flops_per_iter"]["ours"] > 0 and res["flops_per_iter"]["reference"] > 0
     assert res["achieved_flops"]["ours"] == pytest.approx(res["flops_per_iter"]["ours"] / res["sec_per_iter"]["ours"])
     assert res["matmul_peak_flops"] > 0 and "of peak" in proc.stdout and "GFLOP/iter" in proc.stdout
+    # where the time goes: mmdd's path marks its parts; the heads and the flat-vector arithmetic always run
+    ours = res["time_parts"]["ours"]
+    # (the backbone too: RepBlend's frozen one once per iteration, the others' at every inner step)
+    assert ours["heads"] > 0 and ours["flat"] > 0 and ours["data"] > 0 and ours["backbone"] > 0
+    assert "Where the time goes" in proc.stdout and "mmdd: " in proc.stdout
 
 
 def test_flops_are_counted_from_the_matrix_products_forward_and_backward():

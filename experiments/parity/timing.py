@@ -41,8 +41,8 @@ STABLE = {"lr_img": 10, "lr_txt": 10, "lr_sim": 1.0, "lr_lr": 1e-5}
 
 
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run `cmd` (output into `log`): wall seconds and the process's peak resident set in MB (wait4's ru_maxrss,
-    the kernel's own high-water mark of the child). Raises with the log's tail on failure."""
+    """Run `cmd` (output into `log`): wall seconds, the process's peak resident set in MB (wait4's ru_maxrss, the
+    kernel's own high-water mark of the child) and its CPU seconds. Raises with the log's tail on failure."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -50,7 +50,9 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"failed ({code}): {' '.join(map(str, cmd))}\n--- {log} ---\n{log.read_text()[-4000:]}")
-    return {"wall": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
+    # user and system CPU seconds: system time is mostly the kernel zeroing pages for large fresh allocations
+    return {"wall": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "user_s": usage.ru_utime,
+            "sys_s": usage.ru_stime}
 
 
 def official_cmd(official: Path, work: Path, inputs: dict, spec: dict, iterations: int, image_size: int,
@@ -137,6 +139,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first iterations per run (default 1)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--flops", action="store_true", help="also count each side's FLOPs per iteration")
+    parser.add_argument("--port", action="store_true", help="also `mmdd bench` at the same settings: mmdd's port of "
+                        "the reference loop against mmdd's path (its error against the official loop), and where "
+                        "each one's time goes")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/timing_...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"change a shared setting on both sides (run.py's; default here: {STABLE})")
@@ -157,6 +162,28 @@ def main() -> int:
     work = (args.work or REPO / "outputs" / "parity" /
             f"timing_{args.method}_{args.image_size}px_train{DATA['num_train']}").resolve()
     inputs = prepare(work, args.image_size, spec)
+    saved = work / f"timing_{args.budget}.json"
+    if args.rounds == 0:  # --rounds 0: the recorded rounds, with --flops / --port added
+        if not saved.exists():
+            raise SystemExit(f"--rounds 0 adds to a recorded timing, and {saved} does not exist")
+        result = json.loads(saved.read_text())
+    else:
+        result = time_rounds(official, work, inputs, spec, args)
+    med = result["sec_per_iter"]
+    if args.flops:
+        result.update(count_flops(official, work, inputs, spec, args))
+    if args.port:
+        result["port"] = bench_port(work, inputs, spec, args)
+        print(f"port: {result['port']['sec_per_iter']['reference']:.3f} s/iter (official {med['official']:.3f}: "
+              f"{result['port']['sec_per_iter']['reference'] / med['official'] - 1:+.0%}), mmdd's path in the same "
+              f"process {result['port']['sec_per_iter']['ours']:.3f}")
+    saved.write_text(json.dumps(result, indent=2))
+    print(markdown_row(result))
+    return 0
+
+
+def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> dict:
+    """--rounds rounds of (the official run, then mmdd's), each iteration timed; the medians and per-round ratios."""
     total = args.warmup + args.iterations
     rounds = []
     for r in range(args.rounds):
@@ -180,20 +207,16 @@ def main() -> int:
               f"(peak RSS {o['peak_rss_mb']:.0f} / {m['peak_rss_mb']:.0f} MB)", flush=True)
     steady = {side: [s for r in rounds for s in r[side]["seconds"][args.warmup:]] for side in ("official", "mmdd")}
     med = {side: statistics.median(v) for side, v in steady.items()}
-    result = {
+    return {
         "method": args.method, "budget": args.budget, "pairs": LORS["num_queries"], "image_size": args.image_size,
         "settings": dict(LORS), "data": dict(DATA), "official_commit": git_commit(official),
+        "mmdd_commit": git_commit(REPO),  # the code timed (uncommitted edits not included)
         "rounds": rounds, "sec_per_iter": med, "ratio": med["official"] / med["mmdd"],
         "round_ratios": [r["ratio"] for r in rounds],
         "peak_rss_mb": {side: max(r[side]["peak_rss_mb"] for r in rounds) for side in ("official", "mmdd")},
         "threads": json.loads((work / f"official_timing_{args.budget}_0" / "timing.json").read_text())["threads"],
         "command": " ".join(["python", "experiments/parity/timing.py", *sys.argv[1:]]),
     }
-    if args.flops:
-        result.update(count_flops(official, work, inputs, spec, args))
-    (work / f"timing_{args.budget}.json").write_text(json.dumps(result, indent=2))
-    print(markdown_row(result))
-    return 0
 
 
 def count_flops(official: Path, work: Path, inputs: dict, spec: dict, args) -> dict:
@@ -213,6 +236,18 @@ def count_flops(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
           work / f"mmdd_flops_{args.budget}.log")
     flops["mmdd"] = json.loads(counted.read_text())["flops"]
     return {"flops_per_iter": flops, "matmul_peak_flops": matmul_peak(torch.device("cpu"))}
+
+
+def bench_port(work: Path, inputs: dict, spec: dict, args) -> dict:
+    """`mmdd bench` at the timed settings (mmdd.bench: its port of the reference loop and mmdd's path, interleaved in
+    one process, and where each one's time goes); its bench.json."""
+    distill_only = ("evaluate=", "diagnostics_every=", "save_every=", "resume=", "method.iterations=", "hydra.run.dir=")
+    run_dir = work / "mmdd" / f"bench_{args.budget}"
+    overrides = [o for o in mmdd_overrides(work, inputs, spec, 1, args.image_size, run_dir)
+                 if not o.startswith(distill_only)]
+    timed([sys.executable, "-m", "mmdd.cli", "bench", *overrides, f"bench.iterations={args.iterations}",
+           f"bench.warmup={args.warmup}", f"hydra.run.dir={run_dir}"], work / f"bench_{args.budget}.log")
+    return json.loads((run_dir / "bench.json").read_text())
 
 
 def markdown_row(r: dict) -> str:

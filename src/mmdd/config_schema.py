@@ -32,6 +32,7 @@ class HardwareConfig:
     inference_batch: int = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
+    cpu_heap: str = MISSING  # keep | os (mmdd.utils.cpu_heap)
 
 
 @dataclass

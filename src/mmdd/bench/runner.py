@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from mmdd.bench.breakdown import breakdown_cells, time_breakdown
 from mmdd.bench.flops import iteration_flops, matmul_peak
 from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
@@ -32,6 +33,8 @@ from mmdd.teachers.trajectory_store import TrajectoryStore, flatten_trajectory
 from mmdd.utils.io import atomic_write_json, atomic_write_text
 from mmdd.utils.logging import build_loggers, finish_loggers, log_metrics
 from mmdd.utils.seed import seed_everything
+from mmdd.utils.cpu_heap import configure_cpu_heap
+from mmdd.utils.profiling import scope
 from mmdd.utils.trainer import accelerate_model, hardware_record
 
 log = logging.getLogger(__name__)
@@ -53,10 +56,12 @@ class GradientPath:
     def gradients(self, syn, gen: torch.Generator, device) -> torch.Tensor:
         cfg = self.config
         expert, start_epoch = draw_segment_start(gen, self.source.n_experts, cfg.max_start_epoch)
-        start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
+        with scope("data"):
+            start, target = self.source(expert, start_epoch, cfg.expert_epochs, device)
         if self.rebuild is not None:
             self.model = self.rebuild()
-        seg = build_segment(self.model, self.layout, syn, cfg, start, target, gen, device)
+        with scope("data"):
+            seg = build_segment(self.model, self.layout, syn, cfg, start, target, gen, device)
         with torch.autocast(device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             loss, _ = self.strategy(seg, lambda t, inputs: t.backward(inputs=inputs))
         return loss
@@ -171,6 +176,7 @@ class MatchingSetup:
     (frozen, prepared by the method), its layout, the store's trajectories and the initial set on `device`."""
 
     def __init__(self, cfg, train, device, out_dir):
+        configure_cpu_heap(cfg.hardware.cpu_heap)  # as a distillation's trainer does
         self.method = instantiate(cfg.method)
         if self.method.distillation_kind != "trajectory":
             raise MmddError(f"mmdd bench times trajectory matching; method={cfg.method.name} is not a matching method")
@@ -233,8 +239,16 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
 
     # The floor: each path's FLOPs per iteration (one more iteration, counted), the rate its median achieves, and the
     # machine's measured matmul peak in the precision the iteration computes in.
-    flops = {name: path_flops(path, fresh, cfg.seed, device, mc.lr_min) for name, path in paths.items()}
+    flops = {name: iteration_flops(iteration_of(path, fresh, cfg.seed, device, mc.lr_min))
+             for name, path in paths.items()}
     peak = matmul_peak(device, dtype=torch.bfloat16 if autocast_dtype(cfg.hardware.precision) else torch.float32)
+    # Where the time goes, by part of the iteration (mmdd.bench.breakdown): one profiled iteration per path, after a
+    # first one (the profiler's own warm-up)
+    parts = {}
+    for name, path in paths.items():
+        iteration = iteration_of(path, fresh, cfg.seed, device, mc.lr_min)
+        iteration()
+        parts[name] = time_breakdown(iteration, device)
     profiles = {}
     if int(b.get("profile", 0)):
         profiles = profile_paths(paths, fresh, int(b.profile), cfg.seed, device, mc.lr_min)
@@ -252,6 +266,7 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "hardware": hardware_record(cfg.hardware),
         "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
         "flops_per_iter": flops, "achieved_flops": {n: flops[n] / med[n] for n in flops}, "matmul_peak_flops": peak,
+        "time_parts": parts,
     }
     out = Path(out_dir or cfg.paths.output_dir)
     for name, table in profiles.items():
@@ -269,8 +284,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
     return result
 
 
-def path_flops(path: GradientPath, fresh, seed: int, device, lr_min) -> int:
-    """FLOPs of one iteration of `path` (its gradients and the outer step) on a fresh set."""
+def iteration_of(path: GradientPath, fresh, seed: int, device, lr_min):
+    """One iteration of `path` (its gradients and the outer step) on a fresh set, as a function to call."""
     syn, opt = fresh()
     gen = torch.Generator().manual_seed(seed)
 
@@ -280,7 +295,7 @@ def path_flops(path: GradientPath, fresh, seed: int, device, lr_min) -> int:
         opt.step()
         syn.clamp_lrs_(lr_min)
 
-    return iteration_flops(iteration)
+    return iteration
 
 
 def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min) -> dict[str, str]:
@@ -306,7 +321,8 @@ def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min
 
 def bench_table(results: list[dict]) -> str:
     """One row per result; GFLOP per iteration, the rate achieved (GFLOP/s) and its share of the measured matmul
-    peak, per path, where the result has them (results before 2026-12-07 do not)."""
+    peak, per path, where the result has them (results before 2026-12-07 do not); under the table, where each
+    path's time goes (results from 2026-12-07 on)."""
     head = ["method", "budget", "device", "precision", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
             "peak MB mmdd", "max rel. grad diff", "GFLOP/iter reference / mmdd", "GFLOP/s reference / mmdd (of peak)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -316,6 +332,13 @@ def bench_table(results: list[dict]) -> str:
             f"{r['sec_per_iter']['reference']:.3f}",
             f"{r['sec_per_iter']['ours']:.3f}", f"{r['speedup']:.2f}×", f"{r['peak_mem_mb']['reference']:.0f}",
             f"{r['peak_mem_mb']['ours']:.0f}", f"{r['grad_max_rel_diff']:.1e}", *flop_cells(r)]) + " |")
+    parts = [r for r in results if r.get("time_parts")]
+    if parts:
+        lines += ["", "Where the time goes (one profiled iteration per path; shares applied to the median s/iter):"]
+        for r in parts:
+            for name, label in (("ours", "mmdd"), ("reference", "reference")):
+                lines.append(f"- {r['method']} {r['budget']}, {label}: "
+                             f"{breakdown_cells(r['time_parts'][name], r['sec_per_iter'][name])}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from mmdd.errors import ArtifactError, MmddError
 from mmdd.models.heads import ProjectionHead
 from mmdd.models.image_encoder import build_image_backbone
+from mmdd.utils.profiling import scope
 
 # Which parameters train (and are recorded/matched) per modality.
 TRAINABLE_MODES = ("backbone_and_heads", "heads")
@@ -109,9 +110,10 @@ class DualEncoder(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features of (normalised) images, through the speed switches."""
-        if self.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return (self._compiled_backbone or self.backbone)(images)
+        with scope("backbone"):
+            if self.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return (self._compiled_backbone or self.backbone)(images)
 
     # -- forward ----------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,13 +134,14 @@ class DualEncoder(nn.Module):
         `from_features=True`: `images` are already backbone features (a frozen backbone's, cached).
         """
         feats = images if from_features else self.features(images)
-        if mix is None:
-            return self.similarity(F.normalize(self.image_head(feats), dim=-1), self.encode_text(text_emb))
-        lam, perm = mix
-        feats = lam * feats + (1 - lam) * feats[perm]
-        text_emb = lam * text_emb + (1 - lam) * text_emb[perm]
-        img = F.normalize(self.image_head(feats), dim=-1)
-        return self.similarity(img, self.encode_text(text_emb))
+        with scope("heads"):
+            if mix is None:
+                return self.similarity(F.normalize(self.image_head(feats), dim=-1), self.encode_text(text_emb))
+            lam, perm = mix
+            feats = lam * feats + (1 - lam) * feats[perm]
+            text_emb = lam * text_emb + (1 - lam) * text_emb[perm]
+            img = F.normalize(self.image_head(feats), dim=-1)
+            return self.similarity(img, self.encode_text(text_emb))
 
 
 def backbone_fingerprint(model) -> str:

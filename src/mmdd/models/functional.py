@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from mmdd.utils.profiling import scope
+
 @dataclass
 class ParamLayout:
     """Names and shapes of the matched parameters, per modality, in a fixed order."""
@@ -50,4 +52,6 @@ def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor]
     """Logits of `model` with its matched parameters replaced by the flat vectors (`images` may be
     cached backbone features, see `from_features`)."""
     kwargs = {"mix": mix, "from_features": True} if from_features else {"mix": mix}
-    return functional_call(model, layout.unflatten(flats), (images, texts), kwargs, strict=False)
+    with scope("flat"):
+        params = layout.unflatten(flats)
+    return functional_call(model, params, (images, texts), kwargs, strict=False)

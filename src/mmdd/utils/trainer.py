@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from mmdd.utils.cpu_heap import configure_cpu_heap
+
 log = logging.getLogger(__name__)
 
 
@@ -152,6 +154,7 @@ def hardware_record(hw) -> dict:
         "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
         if gpu else None,
         "deterministic": bool(hw.get("deterministic", False)),
+        "cpu_heap": str(hw.get("cpu_heap", "os")),  # speed and memory only
         "torch": torch.__version__,
         "cuda": torch.version.cuda if gpu else None,
         "cudnn": torch.backends.cudnn.version() if gpu else None,
@@ -170,6 +173,7 @@ def build_trainer(cfg, loggers=None, callbacks=None, **overrides):
 
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
+    configure_cpu_heap(cfg.hardware.cpu_heap)
     trainer = instantiate(cfg.trainer, _convert_="all")  # a partial: the stage adds what it owns
     kwargs = {**trainer.keywords, "logger": loggers if loggers else False, "callbacks": callbacks or [], **overrides}
     if not any(getattr(c, "handles_signals", False) for c in kwargs["callbacks"]):

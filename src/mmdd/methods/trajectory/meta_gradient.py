@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from mmdd.utils.profiling import scope
 from mmdd.methods.trajectory.unrolling import Blend, BatchSchedule, matching_loss, unroll_full
 from mmdd.models.forward_mode import ComposedForForwardMode
 from mmdd.models.functional import ParamLayout, functional_logits
@@ -154,12 +155,13 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
             logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix, seg.from_features)
             grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods],
                                         create_graph=seg.pass1_graph)
-        with torch.no_grad():
+        with torch.no_grad(), scope("flat"):
             for m, g in zip(mods, grads):
                 grad_sum[m] += g
                 params[m] = torch.addcmul(params[m].detach(), g, step[m])
 
-    loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)
+    with scope("flat"):
+        loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)
 
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
     params = {m: seg.start[m].detach().clone() for m in mods}
@@ -176,9 +178,11 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         else:
             leaf = {m: params[m].requires_grad_(True) for m in mods}
             grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
-            backward(sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods), seg.data)  # dot: no temporary
+            with scope("flat"):
+                product = sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods)  # dot: no temporary
+            backward(product, seg.data)
         if not redraw:
-            with torch.no_grad():
+            with torch.no_grad(), scope("flat"):
                 params = {m: torch.addcmul(params[m].detach(), grads[m].detach(), step[m]) for m in mods}
     if not redraw:  # the generator continues from where pass 1 left it (redraw: after pass 2's draws)
         rng.set(after_pass1)

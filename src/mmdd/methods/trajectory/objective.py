@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from mmdd.utils.profiling import scope
 from mmdd.config_schema import build_settings
 from mmdd.errors import MmddError
 from mmdd.evaluate.diagnostics import CollapseProbe
@@ -93,8 +94,9 @@ def build_segment(model, layout: ParamLayout, syn: SyntheticSet, config: Matchin
     draws = draws or RunDraws()
 
     def inner_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature,
-                         config.wbce_log_eps)
+        with scope("loss"):
+            return pair_loss(config.inner_loss, logits, syn.similarity_matrix(idx), config.label_temperature,
+                             config.wbce_log_eps)
 
     return Segment(
         model=model,
@@ -156,8 +158,9 @@ class TrajectoryMatchingObjective:
         draws = self.draws
         draws.begin(self.teacher_experts)
         expert, start = draws.segment_start(generator, self.trajectories.n_experts, s.max_start_epoch, s.min_start_epoch)
-        starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device, syn.images.dtype)
-        seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device, draws)
+        with scope("data"):
+            starts, targets = self.trajectories.segment(expert, start, s.expert_epochs, device, syn.images.dtype)
+            seg = build_segment(self.model, self.layout, syn, s, starts, targets, generator, device, draws)
         if self._meta_gradient is None:  # decided once, in training mode (batch-norm statistics decide caching)
             self._meta_gradient = meta_gradient_for(s, self.model)
         with draws.dropout(self.model):

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mmdd.utils.profiling import scope
 from mmdd.models.functional import ParamLayout, functional_logits
 
 
@@ -91,7 +92,8 @@ def unroll_full(
         logits = functional_logits(model, layout, params, images[idx], texts[idx], mix, from_features)
         loss = inner_loss(logits, idx)
         grads = torch.autograd.grad(loss, [params[m] for m in mods], create_graph=True)
-        params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}
+        with scope("flat"):
+            params = {m: params[m] - lrs[m] * g for m, g in zip(mods, grads)}
     return params
 
 
@@ -102,6 +104,11 @@ def matching_loss(
     merged: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Normalised parameter distance; returns (loss, per-modality normalised terms)."""
+    with scope("flat"):
+        return _matching_loss(final, start, target, merged)
+
+
+def _matching_loss(final, start, target, merged: bool):
     nums = {m: (final[m] - target[m]).pow(2).sum() for m in final}
     dens = {m: (start[m] - target[m]).pow(2).sum().clamp_min(1e-12) for m in final}
     terms = {m: nums[m] / dens[m] for m in final}
