@@ -373,6 +373,9 @@ def main() -> int:
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
     parser.add_argument("--timing", action="store_true", help="time the iterations only (no recorders): "
                         "<out>/timing.json holds each iteration's wall seconds")
+    parser.add_argument("--cpu-heap", choices=("os", "keep"), default="os", help="with --timing: the process's "
+                        "allocator as mmdd's hardware.cpu_heap sets it (keep: freed memory reused, mmdd.utils.cpu_heap); "
+                        "os (default): the C library's, as the script runs anywhere")
     parser.add_argument("--flops-last", action="store_true", help="with --timing: count the last iteration's FLOPs "
                         "(PyTorch's FLOP counter; slows the run, whose times are then not the loop's)")
     parser.add_argument("--link", action="append", default=[], metavar="NAME=TARGET",
@@ -416,6 +419,9 @@ def main() -> int:
         patch_hub(dict(item.split("=", 1) for item in args.hub))
     sys.argv = [str(script), *[a for a in args.script_args if a != "--"]]
     if args.timing:
+        from mmdd.utils.cpu_heap import configure_cpu_heap
+
+        configure_cpu_heap(args.cpu_heap)
         timer = Timer(args.flops_last)
         sys.modules["wandb"] = timer.wandb()
         sys.path.insert(0, str(official))

@@ -37,6 +37,7 @@ TIMED_METHODS = ("lors", "repblend")  # LoRS's and RepBlend's loops (TESLA); the
 # lr 10 too from other pairs and draws than the parity runs': the learned step sizes swing through zero (lr_lr 0.01:
 # 0.1 -> -0.15 in one step). Timed at run.py's stable outer step sizes and lr_lr 1e-5, which change no shape or
 # operation of an iteration.
+OFFICIAL_CPU_HEAP = ["os"]  # --official-cpu-heap: the official process's allocator (official.py --cpu-heap)
 STABLE = {"lr_img": 10, "lr_txt": 10, "lr_sim": 1.0, "lr_lr": 1e-5}
 
 
@@ -74,7 +75,7 @@ def official_cmd(official: Path, work: Path, inputs: dict, spec: dict, iteration
             "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
             *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
             *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
-            "--timing", *(["--flops-last"] if flops else []), "--", *args]
+            "--timing", f"--cpu-heap={OFFICIAL_CPU_HEAP[0]}", *(["--flops-last"] if flops else []), "--", *args]
 
 
 def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, image_size: int, run_dir: Path) -> list[str]:
@@ -143,6 +144,9 @@ def main() -> int:
                         "the reference loop against mmdd's path (its error against the official loop), and where "
                         "each one's time goes")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/timing_...)")
+    parser.add_argument("--official-cpu-heap", choices=("os", "keep"), default="os",
+                        help="the official process's allocator: os (default, as it runs anywhere) or keep (mmdd's "
+                        "hardware.cpu_heap default, to tell the allocator's share of the ratio from the rest)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"change a shared setting on both sides (run.py's; default here: {STABLE})")
     args = parser.parse_args()
@@ -162,7 +166,8 @@ def main() -> int:
     work = (args.work or REPO / "outputs" / "parity" /
             f"timing_{args.method}_{args.image_size}px_train{DATA['num_train']}").resolve()
     inputs = prepare(work, args.image_size, spec)
-    saved = work / f"timing_{args.budget}.json"
+    OFFICIAL_CPU_HEAP[0] = args.official_cpu_heap
+    saved = work / f"timing_{args.budget}{'_official_keep' if args.official_cpu_heap == 'keep' else ''}.json"
     if args.rounds == 0:  # --rounds 0: the recorded rounds, with --flops / --port added
         if not saved.exists():
             raise SystemExit(f"--rounds 0 adds to a recorded timing, and {saved} does not exist")
@@ -211,6 +216,7 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
         "method": args.method, "budget": args.budget, "pairs": LORS["num_queries"], "image_size": args.image_size,
         "settings": dict(LORS), "data": dict(DATA), "official_commit": git_commit(official),
         "mmdd_commit": git_commit(REPO),  # the code timed (uncommitted edits not included)
+        "official_cpu_heap": OFFICIAL_CPU_HEAP[0],
         "rounds": rounds, "sec_per_iter": med, "ratio": med["official"] / med["mmdd"],
         "round_ratios": [r["ratio"] for r in rounds],
         "peak_rss_mb": {side: max(r[side]["peak_rss_mb"] for r in rounds) for side in ("official", "mmdd")},
