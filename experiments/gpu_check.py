@@ -16,7 +16,10 @@ BERT stand-in, so nothing is downloaded) and the generated dataset at --image-si
 4. `mmdd bench` for the same cells (but the forward-mode one): mmdd's path against the port of the reference loop, interleaved, with the
    largest relative gradient difference between the two paths (what TF32 and bf16 do to gradient agreement);
 5. resume: LoRS fp32 for 2 iterations, extended to 4 in the same run directory, against a straight 4 (bit for bit,
-   or the largest difference; cuDNN picks algorithms per run unless hardware.deterministic=true).
+   or the largest difference; cuDNN picks algorithms per run unless hardware.deterministic=true);
+6. with --official-repblend / --official-lors (checkouts of the official code, outside this repository): the official
+   loop against `mmdd distill` (experiments/parity/timing.py --device cuda, one round of --iterations after one
+   warm-up) at --image-size: RepBlend at 99 and 499 pairs, LoRS at 99, fp32, with each side's peak allocated memory.
 Writes gpu_check.md (the tables) and gpu_check.json under --out.
 """
 
@@ -130,6 +133,29 @@ def resume_check(run: Runner) -> dict:
             "tensors": sorted(a)}
 
 
+OFFICIAL_CELLS = (("repblend", 100), ("repblend", 500), ("lors", 100))  # (method, budget): S takes one pair
+
+
+def official_cell(args, out: Path, method: str, budget: int, checkout: str) -> dict:
+    """experiments/parity/timing.py: the official loop and `mmdd distill`, one round, on this machine's device."""
+    timing = Path(__file__).resolve().parent / "parity" / "timing.py"
+    work = out / "official" / f"{method}_{args.image_size}px_train{max(200, budget - 1)}"
+    cmd = [sys.executable, str(timing), method, "--official", checkout, "--budget", str(budget), "--rounds", "1",
+           "--iterations", str(args.iterations), "--warmup", "1", "--image-size", str(args.image_size),
+           "--device", "cpu" if args.cpu else "cuda", "--work", str(work)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    with open(out / "commands.log", "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n# exit {proc.returncode} after {time.perf_counter() - t0:.1f} s\n")
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_check: timing.py {method} {budget} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    r = json.loads((work / f"timing_{budget}{'' if args.cpu else '_cuda'}.json").read_text())
+    peaks = r.get("cuda_peak_mb") or r["peak_rss_mb"]
+    return {"method": method, "budget": budget, "pairs": r["pairs"], "official_sec_per_iter": r["sec_per_iter"]["official"],
+            "mmdd_sec_per_iter": r["sec_per_iter"]["mmdd"], "ratio": r["ratio"], "peak_mb_official": peaks["official"],
+            "peak_mb_mmdd": peaks["mmdd"], "official_commit": r["official_commit"]}
+
+
 def fmt(v, digits=3) -> str:
     if v is None:
         return "-"
@@ -139,7 +165,7 @@ def fmt(v, digits=3) -> str:
 
 
 def report(info: dict, args, teachers: dict, distill: list[dict], bench: list[dict], resume: dict | None,
-           seconds: float) -> str:
+           seconds: float, official: list[dict] | None = None) -> str:
     lines = [f"## GPU check: {info.get('device')} ({time.strftime('%Y-%m-%d')})", "",
              "```bash", f"python experiments/gpu_check.py {' '.join(sys.argv[1:])}", "```", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device") + ".",
@@ -158,6 +184,13 @@ def report(info: dict, args, teachers: dict, distill: list[dict], bench: list[di
     lines += [f"| {r['method']} | {r['numerics']} | {fmt(r['sec_per_iter_mmdd'])} | {fmt(r['sec_per_iter_reference'])} | "
               f"{r['speedup']:.2f}x | {fmt(r['peak_mb_mmdd'], 0)} | {fmt(r['peak_mb_reference'], 0)} | "
               f"{fmt(r['reserved_mb_mmdd'], 0)} | {r['grad_max_rel_diff']:.1e} |" for r in bench]
+    if official:
+        lines += ["", "### Against the official loops (experiments/parity/timing.py, fp32, one round)", "",
+                  "| method | budget (pairs) | official s/iter | mmdd s/iter | ratio | peak MB official | peak MB mmdd "
+                  "(GPU: allocated; CPU: RSS) | official commit |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['budget']} ({r['pairs']}) | {fmt(r['official_sec_per_iter'])} | "
+                  f"{fmt(r['mmdd_sec_per_iter'])} | {r['ratio']:.2f}x | {fmt(r['peak_mb_official'], 0)} | "
+                  f"{fmt(r['peak_mb_mmdd'], 0)} | {r['official_commit'][:7]} |" for r in official]
     if resume is not None:
         lines += ["", "### Resume (LoRS fp32, one process): 2 iterations extended to 4 vs 4 straight", "",
                   ("bit-identical" if resume["bit_identical"] else
@@ -180,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-bench", action="store_true", help="skip the `mmdd bench` cells")
     ap.add_argument("--no-resume", action="store_true", help="skip the resume check")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (the smoke test of this script)")
+    ap.add_argument("--official-repblend", default=None, help="a RepBlend checkout: time its loop against mmdd's")
+    ap.add_argument("--official-lors", default=None, help="a LoRS_Distill checkout: time its loop against mmdd's")
     args = ap.parse_args(argv)
     import torch
 
@@ -210,10 +245,16 @@ def main(argv: list[str] | None = None) -> None:
                 bench.append(bench_cell(run, method, numerics, args.iterations))
                 print(json.dumps(bench[-1]), flush=True)
     resume = None if args.no_resume or "lors" not in args.methods else resume_check(run)
+    checkouts = {"repblend": args.official_repblend, "lors": args.official_lors}
+    official = []
+    for method, budget in OFFICIAL_CELLS:
+        if checkouts[method]:
+            official.append(official_cell(args, out, method, budget, checkouts[method]))
+            print(json.dumps(official[-1]), flush=True)
     seconds = time.perf_counter() - started
-    text_report = report(info, args, teachers, distill, bench, resume, seconds)
+    text_report = report(info, args, teachers, distill, bench, resume, seconds, official)
     results = {"versions": info, "args": vars(args), "teachers_seconds": teachers, "distill": distill,
-               "bench": bench, "resume": resume, "seconds": seconds}
+               "bench": bench, "resume": resume, "official": official, "seconds": seconds}
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "gpu_check.md").write_text(text_report)
     print(text_report)

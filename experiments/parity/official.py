@@ -287,6 +287,7 @@ class Timer:
         # --flops-last: each iteration under PyTorch's FLOP counter (entered at its start, left at the next one's),
         # the last one's count kept; an untimed run
         self.count_flops, self.counter, self.flops = count_flops, None, None
+        self.cuda_peak_mb: float | None = None  # --device cuda: the script's peak allocated GPU memory
 
     def _count(self, start_next: bool) -> None:
         if self.counter is not None:
@@ -309,11 +310,20 @@ class Timer:
 
         def log(values, step=None, **kwargs):
             if "Progress" in values:
+                import torch
+
+                if torch.cuda.is_available():  # the previous iteration's kernels finished
+                    torch.cuda.synchronize()
                 timer.starts.append((int(values["Progress"]), time.perf_counter()))
                 if timer.count_flops:
                     timer._count(start_next=True)
 
         def finish(*args, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                timer.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
             timer.finished = time.perf_counter()
             if timer.count_flops:
                 timer._count(start_next=False)
@@ -373,6 +383,8 @@ def main() -> int:
     parser.add_argument("--float64", action="store_true", help="run in double precision (PATCHES_FLOAT64)")
     parser.add_argument("--timing", action="store_true", help="time the iterations only (no recorders): "
                         "<out>/timing.json holds each iteration's wall seconds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default): the scripts' "
+                        "'cuda' is mapped to the CPU (PATCHES device); cuda: they run on the GPU as written")
     parser.add_argument("--cpu-heap", choices=("os", "keep"), default="os", help="with --timing: the process's "
                         "allocator as mmdd's hardware.cpu_heap sets it (keep: freed memory reused, mmdd.utils.cpu_heap); "
                         "os (default): the C library's, as the script runs anywhere")
@@ -412,7 +424,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", torch.get_num_threads())))
-    patch_devices()
+    if args.device == "cpu":
+        patch_devices()
     stub_missing(["clip", "kornia", "sklearn.metrics.pairwise", "pandas", "scipy.ndimage.interpolation"])
     patch_tokenizer()
     if args.hub:
@@ -429,7 +442,8 @@ def main() -> int:
         from mmdd.utils.io import atomic_write_json
 
         atomic_write_json(out / "timing.json", {"seconds": timer.seconds(), "iterations": [i for i, _ in timer.starts],
-                                                "threads": torch.get_num_threads(), "flops": timer.flops})
+                                                "threads": torch.get_num_threads(), "flops": timer.flops,
+                                                "cuda_peak_mb": timer.cuda_peak_mb})
         return 0
     rec = Recorder(script)
     rec.layout = json.loads((out / "run.json").read_text())["layout"]

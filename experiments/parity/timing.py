@@ -37,6 +37,7 @@ TIMED_METHODS = ("lors", "repblend")  # LoRS's and RepBlend's loops (TESLA); the
 # lr 10 too from other pairs and draws than the parity runs': the learned step sizes swing through zero (lr_lr 0.01:
 # 0.1 -> -0.15 in one step). Timed at run.py's stable outer step sizes and lr_lr 1e-5, which change no shape or
 # operation of an iteration.
+DEVICE = ["cpu"]  # --device: where both sides run
 OFFICIAL_CPU_HEAP = ["os"]  # --official-cpu-heap: the official process's allocator (official.py --cpu-heap)
 STABLE = {"lr_img": 10, "lr_txt": 10, "lr_sim": 1.0, "lr_lr": 1e-5}
 
@@ -75,7 +76,7 @@ def official_cmd(official: Path, work: Path, inputs: dict, spec: dict, iteration
             "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
             *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
             *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
-            "--timing", f"--cpu-heap={OFFICIAL_CPU_HEAP[0]}", *(["--flops-last"] if flops else []), "--", *args]
+            "--timing", f"--cpu-heap={OFFICIAL_CPU_HEAP[0]}", f"--device={DEVICE[0]}", *(["--flops-last"] if flops else []), "--", *args]
 
 
 def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, image_size: int, run_dir: Path) -> list[str]:
@@ -84,7 +85,9 @@ def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, image_
     (tesla_pass1_graph) or draws."""
     s = LORS
     method = [o for o in spec["mmdd"](s) if not o.startswith("method.tesla_pass1_graph")]
-    return [*mmdd_common(work, image_size, spec), f"method={spec['method']}", f"buffer_dir={inputs['store']}",
+    common = [("hardware=gpu" if o == "hardware=cpu" and DEVICE[0] == "cuda" else o)
+              for o in mmdd_common(work, image_size, spec)]
+    return [*common, f"method={spec['method']}", f"buffer_dir={inputs['store']}",
             f"method.iterations={iterations}", f"method.syn_steps={s['syn_steps']}",
             f"method.expert_epochs={s['expert_epochs']}", f"method.max_start_epoch={s['max_start_epoch']}",
             f"method.lr_img={s['lr_img']}", f"method.lr_txt={s['lr_txt']}", f"method.lr_lr={s['lr_lr']}",
@@ -144,6 +147,8 @@ def main() -> int:
                         "the reference loop against mmdd's path (its error against the official loop), and where "
                         "each one's time goes")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default outputs/parity/timing_...)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: both sides on the GPU (the official scripts as written, mmdd hardware=gpu)")
     parser.add_argument("--official-cpu-heap", choices=("os", "keep"), default="os",
                         help="the official process's allocator: os (default, as it runs anywhere) or keep (mmdd's "
                         "hardware.cpu_heap default, to tell the allocator's share of the ratio from the rest)")
@@ -166,8 +171,9 @@ def main() -> int:
     work = (args.work or REPO / "outputs" / "parity" /
             f"timing_{args.method}_{args.image_size}px_train{DATA['num_train']}").resolve()
     inputs = prepare(work, args.image_size, spec)
-    OFFICIAL_CPU_HEAP[0] = args.official_cpu_heap
-    saved = work / f"timing_{args.budget}{'_official_keep' if args.official_cpu_heap == 'keep' else ''}.json"
+    OFFICIAL_CPU_HEAP[0], DEVICE[0] = args.official_cpu_heap, args.device
+    saved = work / (f"timing_{args.budget}{'_official_keep' if args.official_cpu_heap == 'keep' else ''}"
+                    f"{'_cuda' if args.device == 'cuda' else ''}.json")
     if args.rounds == 0:  # --rounds 0: the recorded rounds, with --flops / --port added
         if not saved.exists():
             raise SystemExit(f"--rounds 0 adds to a recorded timing, and {saved} does not exist")
@@ -196,12 +202,16 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
         out.mkdir(parents=True, exist_ok=True)
         o = timed(official_cmd(official, work, inputs, spec, total, args.image_size, out, False),
                   work / f"official_timing_{args.budget}_{r}.log", env={"WANDB_MODE": "disabled"})
-        o["seconds"] = json.loads((out / "timing.json").read_text())["seconds"]
+        recorded = json.loads((out / "timing.json").read_text())
+        o["seconds"], o["cuda_peak_mb"] = recorded["seconds"], recorded.get("cuda_peak_mb")
         run_dir = work / "mmdd" / f"timing_{args.budget}_{r}"
         m = timed([sys.executable, "-m", "mmdd.cli", "distill",
                    *mmdd_overrides(work, inputs, spec, total, args.image_size, run_dir)],
                   work / f"mmdd_timing_{args.budget}_{r}.log")
         m["seconds"] = iteration_seconds(run_dir / "synthetic" / "history.json")
+        if args.device == "cuda":  # the distillation's own peak allocated GPU memory (its history)
+            m["cuda_peak_mb"] = max(h["distill/peak_mem_mb"] for h in
+                                    json.loads((run_dir / "synthetic" / "history.json").read_text()))
         if len(o["seconds"]) != total or len(m["seconds"]) != total:
             raise SystemExit(f"round {r}: {len(o['seconds'])} official and {len(m['seconds'])} mmdd iterations "
                              f"timed, expected {total} (see the logs in {work})")
@@ -220,6 +230,9 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
         "rounds": rounds, "sec_per_iter": med, "ratio": med["official"] / med["mmdd"],
         "round_ratios": [r["ratio"] for r in rounds],
         "peak_rss_mb": {side: max(r[side]["peak_rss_mb"] for r in rounds) for side in ("official", "mmdd")},
+        "device": args.device,
+        **({"cuda_peak_mb": {side: max(r[side]["cuda_peak_mb"] for r in rounds) for side in ("official", "mmdd")}}
+           if args.device == "cuda" else {}),
         "threads": json.loads((work / f"official_timing_{args.budget}_0" / "timing.json").read_text())["threads"],
         "command": " ".join(["python", "experiments/parity/timing.py", *sys.argv[1:]]),
     }
