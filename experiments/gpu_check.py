@@ -139,7 +139,7 @@ OFFICIAL_CELLS = (("repblend", 100), ("repblend", 500), ("lors", 100))  # (metho
 def official_cell(args, out: Path, method: str, budget: int, checkout: str) -> dict:
     """experiments/parity/timing.py: the official loop and `mmdd distill`, one round, on this machine's device."""
     timing = Path(__file__).resolve().parent / "parity" / "timing.py"
-    work = out / "official" / f"{method}_{args.image_size}px_train{max(200, budget - 1)}"
+    work = out / "official" / f"{method}_{args.image_size}px_b{budget}"
     cmd = [sys.executable, str(timing), method, "--official", checkout, "--budget", str(budget), "--rounds", "1",
            "--iterations", str(args.iterations), "--warmup", "1", "--image-size", str(args.image_size),
            "--device", "cpu" if args.cpu else "cuda", "--work", str(work)]

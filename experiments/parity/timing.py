@@ -134,6 +134,9 @@ def iteration_seconds(history: Path) -> list[float]:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "mmdd-child":
         return mmdd_child(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "table":  # `timing.py table <timing json>...`: the table of records
+        print(markdown_table([json.loads(Path(f).read_text()) for f in sys.argv[2:]]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", choices=TIMED_METHODS)
     parser.add_argument("--official", required=True, type=Path, help="a checkout of the method's official repository")
@@ -166,8 +169,9 @@ def main() -> int:
         raise SystemExit(f"{official / spec['script']} not found: --official must be a checkout of the method's "
                          "repository (README.md)")
     LORS["num_queries"] = args.budget - 1
-    # a training split with at least the budget's pairs (the official scripts draw them without replacement)
-    DATA["num_train"] = max(DATA["num_train"], LORS["num_queries"])
+    # a training split with at least the budget's pairs (the official scripts draw them without replacement; mmdd
+    # refuses a budget, S's pair included, above the training split)
+    DATA["num_train"] = max(DATA["num_train"], args.budget)
     work = (args.work or REPO / "outputs" / "parity" /
             f"timing_{args.method}_{args.image_size}px_train{DATA['num_train']}").resolve()
     inputs = prepare(work, args.image_size, spec)
@@ -269,6 +273,22 @@ def bench_port(work: Path, inputs: dict, spec: dict, args) -> dict:
     return json.loads((run_dir / "bench.json").read_text())
 
 
+HEAD = ("| method | budget (pairs) | official s/iter | mmdd s/iter | ratio | per-round ratios | peak RSS MB official / "
+        "mmdd | GFLOP/iter official / mmdd | of the matmul peak official / mmdd | mmdd at the peak, s/iter |")
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The recorded timings as one table (`timing.py table`); the allocator the official loop ran with is named
+    where it is mmdd's (`--official-cpu-heap keep`)."""
+    lines = [HEAD, "|" + "---|" * HEAD.count(" | ") + "---|"]
+    for r in results:
+        row = markdown_row(r)
+        if r.get("official_cpu_heap") == "keep":
+            row = row.replace(f"| {r['method']} |", f"| {r['method']} (official with cpu_heap keep) |", 1)
+        lines.append(row if "flops_per_iter" in r else row + " | | |")
+    return "\n".join(lines)
+
+
 def markdown_row(r: dict) -> str:
     rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
     row = (f"| {r['method']} | {r['budget']} ({r['pairs']} pairs) | {r['sec_per_iter']['official']:.2f} | "
@@ -277,7 +297,7 @@ def markdown_row(r: dict) -> str:
     if "flops_per_iter" in r:
         f, s, peak = r["flops_per_iter"], r["sec_per_iter"], r["matmul_peak_flops"]
         row += (f" {f['official'] / 1e9:.1f} / {f['mmdd'] / 1e9:.1f} | {f['official'] / s['official'] / peak:.0%} / "
-                f"{f['mmdd'] / s['mmdd'] / peak:.0%} | {f['mmdd'] / peak:.2f} |")
+                f"{f['mmdd'] / s['mmdd'] / peak:.0%} of {peak / 1e9:.0f} GFLOP/s | {f['mmdd'] / peak:.2f} |")
     return row
 
 
