@@ -52,6 +52,9 @@ def test_run_artifacts(tiny_run):
     assert (syn / "grid.png").stat().st_size > 0
     history = json.loads((syn / "history.json").read_text())
     assert len(history) == 3 and "distill/matching_loss" in history[0]
+    # each iteration's wall time from the previous step's end (what timing.py compares with the official loops)
+    # holds the step itself
+    assert all(h["distill/wall_sec_per_iter"] >= h["distill/sec_per_iter"] > 0 for h in history)
     stores = list((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
     assert len(stores) == 1 and len(list(stores[0].glob("expert_*.safetensors"))) == 2
     # W&B offline runs (one per expert, distillation and student) with the synthetic images as media
