@@ -20,7 +20,8 @@ class Probe(L.LightningModule):
 
 def probe_cfg(devices: int, strategy: str, num_threads: int | None = None):
     """A stage config with what build_trainer reads: `hardware` and a one-step `trainer`."""
-    hw = {"accelerator": "cpu", "devices": devices, "num_nodes": 1, "strategy": strategy, "num_threads": num_threads}
+    hw = {"accelerator": "cpu", "devices": devices, "num_nodes": 1, "strategy": strategy, "num_threads": num_threads,
+          "cpu_heap": "keep"}
     return OmegaConf.create({"hardware": hw, "trainer": {
         "_target_": "lightning.pytorch.Trainer", "_partial_": True, "accelerator": "cpu", "devices": devices,
         "num_nodes": 1, "strategy": strategy, "max_steps": 1, "enable_progress_bar": False,
