@@ -31,7 +31,7 @@ def configure_cpu_heap(setting: str) -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS, musl), or no process library handle (Windows)
         log.debug("hardware.cpu_heap=keep: this C library has no mallopt; left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
