@@ -166,6 +166,8 @@ def fmt(v, digits=3) -> str:
 
 def report(info: dict, args, teachers: dict, distill: list[dict], bench: list[dict], resume: dict | None,
            seconds: float, official: list[dict] | None = None) -> str:
+    from mmdd.report.table import markdown_grid
+
     lines = [f"## GPU check: {info.get('device')} ({time.strftime('%Y-%m-%d')})", "",
              "```bash", f"python experiments/gpu_check.py {' '.join(sys.argv[1:])}", "```", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device") + ".",
@@ -174,23 +176,24 @@ def report(info: dict, args, teachers: dict, distill: list[dict], bench: list[di
              f"Teachers: {', '.join(f'{m} {s:.0f} s' for m, s in teachers.items())} (2 experts x "
              f"{args.teacher_epochs} epochs, process time). Whole check: {seconds:.0f} s.", "",
              "### `mmdd distill` end to end", "",
-             "| method | numerics | s/iter | peak allocated MB (CPU: RSS) | peak reserved MB | process s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['numerics']} | {fmt(r['sec_per_iter'])} | {fmt(r['peak_allocated_mb'], 0)} | "
-              f"{fmt(r['peak_reserved_mb'], 0)} | {fmt(r['process_seconds'], 0)} |" for r in distill]
-    lines += ["", "### `mmdd bench` (mmdd's path vs the port of the reference loop, interleaved)", "",
-              "| method | numerics | s/iter mmdd | s/iter reference | speedup | peak MB mmdd | peak MB reference | "
-              "reserved MB mmdd | max rel. grad diff |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['numerics']} | {fmt(r['sec_per_iter_mmdd'])} | {fmt(r['sec_per_iter_reference'])} | "
-              f"{r['speedup']:.2f}x | {fmt(r['peak_mb_mmdd'], 0)} | {fmt(r['peak_mb_reference'], 0)} | "
-              f"{fmt(r['reserved_mb_mmdd'], 0)} | {r['grad_max_rel_diff']:.1e} |" for r in bench]
+             markdown_grid(["method", "numerics", "s/iter", "peak allocated MB (CPU: RSS)", "peak reserved MB",
+                              "process s"],
+                             [[r["method"], r["numerics"], fmt(r["sec_per_iter"]), fmt(r["peak_allocated_mb"], 0),
+                               fmt(r["peak_reserved_mb"], 0), fmt(r["process_seconds"], 0)] for r in distill]),
+             "", "### `mmdd bench` (mmdd's path vs the port of the reference loop, interleaved)", "",
+             markdown_grid(["method", "numerics", "s/iter mmdd", "s/iter reference", "speedup", "peak MB mmdd",
+                              "peak MB reference", "reserved MB mmdd", "max rel. grad diff"],
+                             [[r["method"], r["numerics"], fmt(r["sec_per_iter_mmdd"]),
+                               fmt(r["sec_per_iter_reference"]), f"{r['speedup']:.2f}x", fmt(r["peak_mb_mmdd"], 0),
+                               fmt(r["peak_mb_reference"], 0), fmt(r["reserved_mb_mmdd"], 0),
+                               f"{r['grad_max_rel_diff']:.1e}"] for r in bench])]
     if official:
         lines += ["", "### Against the official loops (experiments/parity/timing.py, fp32, one round)", "",
-                  "| method | budget (pairs) | official s/iter | mmdd s/iter | ratio | peak MB official | peak MB mmdd "
-                  "(GPU: allocated; CPU: RSS) | official commit |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['budget']} ({r['pairs']}) | {fmt(r['official_sec_per_iter'])} | "
-                  f"{fmt(r['mmdd_sec_per_iter'])} | {r['ratio']:.2f}x | {fmt(r['peak_mb_official'], 0)} | "
-                  f"{fmt(r['peak_mb_mmdd'], 0)} | {r['official_commit'][:7]} |" for r in official]
+                  markdown_grid(["method", "budget (pairs)", "official s/iter", "mmdd s/iter", "ratio",
+                                   "peak MB official", "peak MB mmdd (GPU: allocated; CPU: RSS)", "official commit"],
+                                  [[r["method"], f"{r['budget']} ({r['pairs']})", fmt(r["official_sec_per_iter"]),
+                                    fmt(r["mmdd_sec_per_iter"]), f"{r['ratio']:.2f}x", fmt(r["peak_mb_official"], 0),
+                                    fmt(r["peak_mb_mmdd"], 0), r["official_commit"][:7]] for r in official])]
     if resume is not None:
         lines += ["", "### Resume (LoRS fp32, one process): 2 iterations extended to 4 vs 4 straight", "",
                   ("bit-identical" if resume["bit_identical"] else

@@ -303,6 +303,8 @@ class Timer:
     def wandb(self) -> types.ModuleType:
         import time
 
+        import torch
+
         timer, mod = self, types.ModuleType("wandb")
 
         class Run:
@@ -310,8 +312,6 @@ class Timer:
 
         def log(values, step=None, **kwargs):
             if "Progress" in values:
-                import torch
-
                 if torch.cuda.is_available():  # the previous iteration's kernels finished
                     torch.cuda.synchronize()
                 timer.starts.append((int(values["Progress"]), time.perf_counter()))
@@ -319,8 +319,6 @@ class Timer:
                     timer._count(start_next=True)
 
         def finish(*args, **kwargs):
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 timer.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20

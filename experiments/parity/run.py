@@ -196,7 +196,7 @@ def check_parameter_order(store, spec: dict) -> None:
         want = [n for n, _ in timm.create_model("nfnet_l0", pretrained=False, num_classes=0,
                                                 global_pool="avg").named_parameters()]
     if names != want:
-        raise SystemExit(f"the store's image parameters are not in the official module's parameters() order")
+        raise SystemExit("the store's image parameters are not in the official module's parameters() order")
     text = [n.removeprefix("text_head.") for n in store.param_names["text"]]
     if text != head:
         raise SystemExit(f"the store's text-head parameters {text} are not the official ProjectionHead's order {head}")
@@ -249,7 +249,20 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
     buffers = inputs["buffers"]
     if spec.get("convexified"):  # PTM-ST: its snapshots 0..max_start_epoch (the window's last target) convexified
         buffers = convexified(official, work, inputs, 0, s["max_start_epoch"] + 1)
-    args = [
+    args = script_args(inputs, spec, buffers, iterations, image_size, "parity")
+    if phases > 1:  # PTM-ST's subsets (its list-valued flags; argparse keeps the last occurrence)
+        windows = phase_windows(phases)
+        args += ["--subset_num", str(phases), "--num_queries", *[str(s["num_queries"])] * phases,
+                 "--Iteration", *[str(iterations - 1)] * phases, "--buffer_path", *[str(buffers)] * phases,
+                 "--min_start_epoch", *[str(lo) for lo, _ in windows], "--max_start_epoch", *[str(hi) for _, hi in windows]]
+    cmd = official_command(official, work, out, inputs, spec, ["--float64"] if float64 else [], args)
+    return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
+
+
+def script_args(inputs: dict, spec: dict, buffers, iterations: int, image_size: int, name: str) -> list[str]:
+    """The official script's own flags: the shared settings (LORS), `iterations` iterations, the method's flags."""
+    s = LORS
+    return [
         "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
         f"--buffer_path={buffers}",
         "--image_encoder=nfnet", "--text_encoder=bert",
@@ -259,22 +272,22 @@ def run_official(official: Path, work: Path, inputs: dict, iterations: int, imag
         f"--syn_steps={s['syn_steps']}", f"--expert_epochs={s['expert_epochs']}",
         f"--max_start_epoch={s['max_start_epoch']}", f"--lr_img={s['lr_img']}", f"--lr_txt={s['lr_txt']}",
         f"--lr_lr={s['lr_lr']}", f"--lr_teacher_img={s['lr_teacher']}", f"--lr_teacher_txt={s['lr_teacher']}",
-        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}", "--name=parity",
+        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}", f"--name={name}",
         *spec["flags"](s),
     ]
-    if phases > 1:  # PTM-ST's subsets (its list-valued flags; argparse keeps the last occurrence)
-        windows = phase_windows(phases)
-        args += ["--subset_num", str(phases), "--num_queries", *[str(s["num_queries"])] * phases,
-                 "--Iteration", *[str(iterations - 1)] * phases, "--buffer_path", *[str(buffers)] * phases,
-                 "--min_start_epoch", *[str(lo) for lo, _ in windows], "--max_start_epoch", *[str(hi) for _, hi in windows]]
-    cmd = [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
-           "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
-           *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
-           *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
-           *[f"--hub={name}={work / folder}" for name, folder in spec.get("hub", {}).items()],
-           *[f"--mkdir={name}" for name in spec.get("dirs", [])],
-           *(["--float64"] if float64 else []), "--", *args]
-    return sh(cmd, work / "official.log", env={"WANDB_MODE": "disabled"})
+
+
+def official_command(official: Path, work: Path, out: Path, inputs: dict, spec: dict, options: list[str],
+                     args: list[str]) -> list[str]:
+    """official.py running `spec`'s script with `args`, its inputs linked as the script expects them, and
+    official.py's own `options` (--float64, --timing, ...)."""
+    return [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
+            "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
+            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
+            *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
+            *[f"--hub={name}={work / folder}" for name, folder in spec.get("hub", {}).items()],
+            *[f"--mkdir={name}" for name in spec.get("dirs", [])],
+            *options, "--", *args]
 
 
 def phase_windows(phases: int) -> list[tuple[int, int]]:

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import DATA, LORS, METHODS, REPO, git_commit, mmdd_common, prepare  # noqa: E402
+from run import (DATA, LORS, METHODS, REPO, git_commit, mmdd_common, official_command, prepare,  # noqa: E402
+                 script_args)
 
 TIMED_METHODS = ("lors", "repblend")  # LoRS's and RepBlend's loops (TESLA); the issue's cells
 # At the paper's outer step sizes this random 32-px problem diverges within a few iterations (parity.md: RepBlend's
@@ -37,8 +38,6 @@ TIMED_METHODS = ("lors", "repblend")  # LoRS's and RepBlend's loops (TESLA); the
 # lr 10 too from other pairs and draws than the parity runs': the learned step sizes swing through zero (lr_lr 0.01:
 # 0.1 -> -0.15 in one step). Timed at run.py's stable outer step sizes and lr_lr 1e-5, which change no shape or
 # operation of an iteration.
-DEVICE = ["cpu"]  # --device: where both sides run
-OFFICIAL_CPU_HEAP = ["os"]  # --official-cpu-heap: the official process's allocator (official.py --cpu-heap)
 STABLE = {"lr_img": 10, "lr_txt": 10, "lr_sim": 1.0, "lr_lr": 1e-5}
 
 
@@ -57,36 +56,24 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
             "sys_s": usage.ru_stime}
 
 
-def official_cmd(official: Path, work: Path, inputs: dict, spec: dict, iterations: int, image_size: int,
-                 out: Path, flops: bool) -> list[str]:
-    """official.py --timing with the flags run.py's recorded runs use (run_official), `iterations` iterations."""
-    s = LORS
-    args = [
-        "--dataset=flickr", f"--image_root={inputs['image_root']}/", f"--ann_root={inputs['ann_root']}",
-        f"--buffer_path={inputs['buffers']}", "--image_encoder=nfnet", "--text_encoder=bert",
-        "--image_pretrained=True" if spec["backbone"] else "--image_pretrained=",
-        f"--image_size={image_size}", f"--Iteration={iterations - 1}",
-        f"--syn_steps={s['syn_steps']}", f"--expert_epochs={s['expert_epochs']}",
-        f"--max_start_epoch={s['max_start_epoch']}", f"--lr_img={s['lr_img']}", f"--lr_txt={s['lr_txt']}",
-        f"--lr_lr={s['lr_lr']}", f"--lr_teacher_img={s['lr_teacher']}", f"--lr_teacher_txt={s['lr_teacher']}",
-        f"--num_queries={s['num_queries']}", f"--mini_batch_size={s['mini_batch_size']}", "--name=timing",
-        *spec["flags"](s),
-    ]
-    return [sys.executable, str(Path(__file__).with_name("official.py")), "--official", str(official),
-            "--script", spec["script"], "--out", str(out), "--standin", str(work / "standin"),
-            *(["--backbone", str(work / spec["backbone"])] if spec["backbone"] else []),
-            *[f"--link={name}={inputs[key]}" for key, name in spec.get("links", {}).items()],
-            "--timing", f"--cpu-heap={OFFICIAL_CPU_HEAP[0]}", f"--device={DEVICE[0]}", *(["--flops-last"] if flops else []), "--", *args]
+def official_cmd(official: Path, work: Path, inputs: dict, spec: dict, iterations: int, args, out: Path,
+                 flops: bool) -> list[str]:
+    """official.py --timing with the flags run.py's recorded runs use, `iterations` iterations, on `args.device` with
+    the official process's allocator `args.official_cpu_heap`."""
+    options = ["--timing", f"--cpu-heap={args.official_cpu_heap}", f"--device={args.device}",
+               *(["--flops-last"] if flops else [])]
+    return official_command(official, work, out, inputs, spec, options,
+                            script_args(inputs, spec, inputs["buffers"], iterations, args.image_size, "timing"))
 
 
-def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, image_size: int, run_dir: Path) -> list[str]:
+def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, args, run_dir: Path) -> list[str]:
     """`mmdd distill` at the same settings, at mmdd's defaults otherwise: the paper configs' behaviour where it
     differs from mmdd's (WBCE's log epsilon, pass 2's dropout), not the parity runs' replay of the official rounding
     (tesla_pass1_graph) or draws."""
     s = LORS
     method = [o for o in spec["mmdd"](s) if not o.startswith("method.tesla_pass1_graph")]
-    common = [("hardware=gpu" if o == "hardware=cpu" and DEVICE[0] == "cuda" else o)
-              for o in mmdd_common(work, image_size, spec)]
+    common = [("hardware=gpu" if o == "hardware=cpu" and args.device == "cuda" else o)
+              for o in mmdd_common(work, args.image_size, spec)]
     return [*common, f"method={spec['method']}", f"buffer_dir={inputs['store']}",
             f"method.iterations={iterations}", f"method.syn_steps={s['syn_steps']}",
             f"method.expert_epochs={s['expert_epochs']}", f"method.max_start_epoch={s['max_start_epoch']}",
@@ -125,10 +112,6 @@ def mmdd_child(argv: list[str]) -> int:
             raise
     atomic_write_json(out, counted)
     return 0
-
-
-def iteration_seconds(history: Path) -> list[float]:
-    return [h["distill/wall_sec_per_iter"] for h in json.loads(history.read_text())]
 
 
 def main() -> int:
@@ -175,7 +158,6 @@ def main() -> int:
     work = (args.work or REPO / "outputs" / "parity" /
             f"timing_{args.method}_{args.image_size}px_train{DATA['num_train']}").resolve()
     inputs = prepare(work, args.image_size, spec)
-    OFFICIAL_CPU_HEAP[0], DEVICE[0] = args.official_cpu_heap, args.device
     saved = work / (f"timing_{args.budget}{'_official_keep' if args.official_cpu_heap == 'keep' else ''}"
                     f"{'_cuda' if args.device == 'cuda' else ''}.json")
     if args.rounds == 0:  # --rounds 0: the recorded rounds, with --flops / --port added
@@ -204,18 +186,18 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
     for r in range(args.rounds):
         out = work / f"official_timing_{args.budget}_{r}"
         out.mkdir(parents=True, exist_ok=True)
-        o = timed(official_cmd(official, work, inputs, spec, total, args.image_size, out, False),
+        o = timed(official_cmd(official, work, inputs, spec, total, args, out, False),
                   work / f"official_timing_{args.budget}_{r}.log", env={"WANDB_MODE": "disabled"})
         recorded = json.loads((out / "timing.json").read_text())
         o["seconds"], o["cuda_peak_mb"] = recorded["seconds"], recorded.get("cuda_peak_mb")
         run_dir = work / "mmdd" / f"timing_{args.budget}_{r}"
         m = timed([sys.executable, "-m", "mmdd.cli", "distill",
-                   *mmdd_overrides(work, inputs, spec, total, args.image_size, run_dir)],
+                   *mmdd_overrides(work, inputs, spec, total, args, run_dir)],
                   work / f"mmdd_timing_{args.budget}_{r}.log")
-        m["seconds"] = iteration_seconds(run_dir / "synthetic" / "history.json")
-        if args.device == "cuda":  # the distillation's own peak allocated GPU memory (its history)
-            m["cuda_peak_mb"] = max(h["distill/peak_mem_mb"] for h in
-                                    json.loads((run_dir / "synthetic" / "history.json").read_text()))
+        history = json.loads((run_dir / "synthetic" / "history.json").read_text())
+        m["seconds"] = [h["distill/wall_sec_per_iter"] for h in history]
+        if args.device == "cuda":  # the distillation's own peak allocated GPU memory
+            m["cuda_peak_mb"] = max(h["distill/peak_mem_mb"] for h in history)
         if len(o["seconds"]) != total or len(m["seconds"]) != total:
             raise SystemExit(f"round {r}: {len(o['seconds'])} official and {len(m['seconds'])} mmdd iterations "
                              f"timed, expected {total} (see the logs in {work})")
@@ -230,7 +212,7 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
         "method": args.method, "budget": args.budget, "pairs": LORS["num_queries"], "image_size": args.image_size,
         "settings": dict(LORS), "data": dict(DATA), "official_commit": git_commit(official),
         "mmdd_commit": git_commit(REPO),  # the code timed (uncommitted edits not included)
-        "official_cpu_heap": OFFICIAL_CPU_HEAP[0],
+        "official_cpu_heap": args.official_cpu_heap,
         "rounds": rounds, "sec_per_iter": med, "ratio": med["official"] / med["mmdd"],
         "round_ratios": [r["ratio"] for r in rounds],
         "peak_rss_mb": {side: max(r[side]["peak_rss_mb"] for r in rounds) for side in ("official", "mmdd")},
@@ -250,12 +232,12 @@ def count_flops(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
 
     out = work / f"official_flops_{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
-    timed(official_cmd(official, work, inputs, spec, 2, args.image_size, out, True),
+    timed(official_cmd(official, work, inputs, spec, 2, args, out, True),
           work / f"official_flops_{args.budget}.log", env={"WANDB_MODE": "disabled"})
     flops = {"official": json.loads((out / "timing.json").read_text())["flops"]}
     counted = work / f"mmdd_flops_{args.budget}.json"
     timed([sys.executable, __file__, "mmdd-child", str(counted),
-           *mmdd_overrides(work, inputs, spec, 2, args.image_size, work / "mmdd" / f"flops_{args.budget}")],
+           *mmdd_overrides(work, inputs, spec, 2, args, work / "mmdd" / f"flops_{args.budget}")],
           work / f"mmdd_flops_{args.budget}.log")
     flops["mmdd"] = json.loads(counted.read_text())["flops"]
     return {"flops_per_iter": flops, "matmul_peak_flops": matmul_peak(torch.device("cpu"))}
@@ -266,7 +248,7 @@ def bench_port(work: Path, inputs: dict, spec: dict, args) -> dict:
     one process, and where each one's time goes); its bench.json."""
     distill_only = ("evaluate=", "diagnostics_every=", "save_every=", "resume=", "method.iterations=", "hydra.run.dir=")
     run_dir = work / "mmdd" / f"bench_{args.budget}"
-    overrides = [o for o in mmdd_overrides(work, inputs, spec, 1, args.image_size, run_dir)
+    overrides = [o for o in mmdd_overrides(work, inputs, spec, 1, args, run_dir)
                  if not o.startswith(distill_only)]
     timed([sys.executable, "-m", "mmdd.cli", "bench", *overrides, f"bench.iterations={args.iterations}",
            f"bench.warmup={args.warmup}", f"hydra.run.dir={run_dir}"], work / f"bench_{args.budget}.log")

@@ -1,10 +1,9 @@
 """Names for the parts of a distillation iteration, for a profiler to attribute its time to (mmdd.bench.breakdown).
 
-`scope(part)` is a profiler range: about a microsecond when no profiler runs, so the matching code keeps it on."""
+`scope(part)` is a profiler range: 6 µs when no profiler runs (measured on the CPU box), some 70 per RepBlend
+iteration of 1.5 s, so the matching code keeps it on."""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 from torch.profiler import record_function
 
@@ -15,8 +14,6 @@ PARTS = ("backbone", "heads", "loss", "flat", "data")
 PREFIX = "mmdd::"
 
 
-@contextmanager
-def scope(part: str):
-    """Marks the operations run inside as `part` of an iteration (one of PARTS)."""
-    with record_function(PREFIX + part):
-        yield
+def scope(part: str) -> record_function:
+    """Marks the operations run inside (`with scope(part):`) as `part` of an iteration (one of PARTS)."""
+    return record_function(PREFIX + part)

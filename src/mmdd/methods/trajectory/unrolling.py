@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mmdd.utils.profiling import scope
 from mmdd.models.functional import ParamLayout, functional_logits
+from mmdd.utils.profiling import scope
 
 
 def inner_batch_size(n: int, batch_size: int | None) -> int:
@@ -105,15 +105,11 @@ def matching_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Normalised parameter distance; returns (loss, per-modality normalised terms)."""
     with scope("flat"):
-        return _matching_loss(final, start, target, merged)
-
-
-def _matching_loss(final, start, target, merged: bool):
-    nums = {m: (final[m] - target[m]).pow(2).sum() for m in final}
-    dens = {m: (start[m] - target[m]).pow(2).sum().clamp_min(1e-12) for m in final}
-    terms = {m: nums[m] / dens[m] for m in final}
-    if merged:
-        loss = sum(nums.values()) / sum(dens.values())
-    else:
-        loss = sum(terms.values())
+        nums = {m: (final[m] - target[m]).pow(2).sum() for m in final}
+        dens = {m: (start[m] - target[m]).pow(2).sum().clamp_min(1e-12) for m in final}
+        terms = {m: nums[m] / dens[m] for m in final}
+        if merged:
+            loss = sum(nums.values()) / sum(dens.values())
+        else:
+            loss = sum(terms.values())
     return loss, terms
