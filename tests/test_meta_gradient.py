@@ -181,3 +181,36 @@ def test_tesla_pass2_redraw_is_the_reference_codes_second_pass():
     _, gi_replay, _, gl_replay = run(tesla, exact)
     assert not torch.allclose(gi_replay, gi, rtol=1e-3)
     assert all(torch.equal(gl_replay[m], gl[m]) for m in mods)  # the step sizes' gradient is pass 1's alone
+
+
+def test_contraction_is_the_sum_of_dots_and_hands_each_tensor_its_direction():
+    """contract(d, g) = sum_p <d_p, g_p>; a backward from it gives each g_p exactly d_p (the very tensor on the CPU:
+    no parameter-sized product is written), a backward with another incoming gradient w * d_p, as a dot's does."""
+    from mmdd.methods.trajectory.meta_gradient import contract
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    directions = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    x = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = [torch.randn(*s, 7, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [wi @ x for wi in w]  # g_p depends on x: the gradient reaches x through d_p
+    product = contract(directions, grads)
+    assert float(product) == pytest.approx(sum(float((d * g).sum()) for d, g in zip(directions, grads)), rel=1e-14)
+    got = torch.autograd.grad(product, grads, retain_graph=True)
+    assert all(g is d for g, d in zip(got, directions))
+    (x_grad,) = torch.autograd.grad(product, x, retain_graph=True)
+    want = sum(torch.einsum("...,...k->k", d, wi) for d, wi in zip(directions, w))
+    assert torch.allclose(x_grad, want, rtol=1e-13, atol=0)
+    scaled = torch.autograd.grad(product * 2.5, grads)
+    assert all(torch.equal(g, 2.5 * d) for g, d in zip(scaled, directions))
+
+
+def test_tesla_leaves_the_start_and_the_segment_untouched():
+    """The student's parameters are views of the start's memory, updated out of place: after an iteration the start
+    and target vectors are as they were (the store's snapshots can be read-only memory maps)."""
+    seg = segment(3, 2)
+    before = {k: v.clone() for k, v in seg.start.items()}
+    for v in seg.start.values():
+        v.requires_grad_(False)
+    run(tesla, seg)
+    assert all(torch.equal(seg.start[k], before[k]) for k in before)

@@ -39,19 +39,30 @@ class ParamLayout:
 
     def unflatten(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Views of the flat vectors shaped as the model's parameters (gradients flow through)."""
+        return {n: view for m, flat in flats.items() for n, view in zip(self.names[m], self.views(flat, m))}
+
+    def views(self, flat: torch.Tensor, modality: str) -> list[torch.Tensor]:
+        """A modality's flat vector as views shaped as its parameters, in the layout's order. Arithmetic on the views
+        (foreach updates, gradients taken with respect to them) works on the flat vector's memory, without the
+        concatenation a gradient with respect to the flat vector itself is assembled by."""
+        sizes = [self.shapes[n].numel() for n in self.names[modality]]
+        return [chunk.view(self.shapes[n]) for n, chunk in zip(self.names[modality], torch.split(flat, sizes))]
+
+    def named(self, params: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The model's parameters by name from each modality's flat vector, or its list of per-parameter tensors in
+        the layout's order."""
         out: dict[str, torch.Tensor] = {}
-        for m, flat in flats.items():
-            sizes = [self.shapes[n].numel() for n in self.names[m]]
-            for n, chunk in zip(self.names[m], torch.split(flat, sizes)):
-                out[n] = chunk.view(self.shapes[n])
+        for m, value in params.items():
+            tensors = self.views(value, m) if isinstance(value, torch.Tensor) else value
+            out.update(zip(self.names[m], tensors))
         return out
 
 
-def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor], images, texts, mix=None,
-                      from_features: bool = False) -> torch.Tensor:
-    """Logits of `model` with its matched parameters replaced by the flat vectors (`images` may be
-    cached backbone features, see `from_features`)."""
+def functional_logits(model, layout: ParamLayout, flats: dict[str, torch.Tensor | list[torch.Tensor]], images, texts,
+                      mix=None, from_features: bool = False) -> torch.Tensor:
+    """Logits of `model` with its matched parameters replaced by the flat vectors, or by per-parameter tensors in the
+    layout's order (ParamLayout.named); `images` may be cached backbone features, see `from_features`."""
     kwargs = {"mix": mix, "from_features": True} if from_features else {"mix": mix}
     with scope("flat"):
-        params = layout.unflatten(flats)
+        params = layout.named(flats)
     return functional_call(model, params, (images, texts), kwargs, strict=False)

@@ -75,11 +75,62 @@ def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
-def _inner_grads(seg: Segment, params: dict[str, torch.Tensor], idx: torch.Tensor, mix, create_graph: bool):
-    mods = list(params)
+def _inner_grads(seg: Segment, params: dict[str, list[torch.Tensor]], idx: torch.Tensor, mix, create_graph: bool):
+    """The inner loss's gradient at per-parameter leaves (`params`: each modality's tensors in the layout's order), as
+    per-parameter tensors by modality: no flat vector is assembled."""
     logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx], mix, seg.from_features)
-    grads = torch.autograd.grad(seg.inner_loss(logits, idx), [params[m] for m in mods], create_graph=create_graph)
-    return dict(zip(mods, grads))
+    leaves = [p for m in params for p in params[m]]
+    return by_modality(params, torch.autograd.grad(seg.inner_loss(logits, idx), leaves, create_graph=create_graph))
+
+
+def by_modality(like: dict[str, list], tensors) -> dict[str, list[torch.Tensor]]:
+    """A flat sequence of per-parameter tensors grouped as `like` (modality -> list in the layout's order)."""
+    out, i = {}, 0
+    for m, group in like.items():
+        out[m] = list(tensors[i : i + len(group)])
+        i += len(group)
+    return out
+
+
+def leaves_of(params: dict[str, list[torch.Tensor]], requires_grad: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Fresh autograd leaves sharing the parameters' memory (no copy)."""
+    return {m: [p.detach().requires_grad_(requires_grad) for p in group] for m, group in params.items()}
+
+
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], step: torch.Tensor) -> list[torch.Tensor]:
+    """theta + step * g per parameter tensor, out of place (one fused addcmul each; earlier parameters stay intact for
+    those who keep them, e.g. pass 2's redraw); `step` (-lr) stays a tensor: no host sync."""
+    return torch._foreach_addcmul([p.detach() for p in params], [g.detach() for g in grads], [step] * len(params))
+
+
+class Contraction(torch.autograd.Function):
+    """sum_p <d_p, g_p> for constant directions d_p. Its backward hands each g_p its direction itself when the incoming
+    gradient is exactly 1 (a backward started from this scalar on the CPU, as TESLA's pass 2 does), instead of writing
+    the product 1 * d_p, a parameter-sized tensor per inner step (the papers' heads: 17.7M floats), as a dot's
+    backward does; elsewhere it multiplies. The same values either way."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors):
+        directions, grads = tensors[:count], tensors[count:]
+        ctx.count = count
+        ctx.save_for_backward(*directions)
+        return torch.stack([torch.dot(d.reshape(-1), g.reshape(-1)) for d, g in zip(directions, grads)]).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        directions = ctx.saved_tensors
+        # .item() is free on the CPU; on a GPU the multiply is cheap and a host sync is not.
+        if grad_out.device.type == "cpu" and grad_out.item() == 1.0:
+            grads = directions
+        else:
+            grads = tuple(grad_out * d for d in directions)
+        return (None, *(None for _ in directions), *grads)
+
+
+def contract(directions: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """sum_p <directions[p], grads[p]>, differentiable through `grads` only (see Contraction)."""
+    return Contraction.apply(len(directions), *directions, *grads)
 
 
 class RngReplay:
@@ -127,86 +178,106 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
     """`seg.pass2_dropout`: "replay" (exact TESLA) recomputes each step of pass 2 with the dropout masks pass 1 drew,
     so step i's gradient is the one the student took and the parameters are re-derived step by step (constant memory).
     "redraw" is what LoRS's and RepBlend's code do (distill_tesla_lors.py 402-405): pass 2 draws new masks, at the
-    parameters pass 1 reached, which it keeps (syn_steps parameter vectors); its g_i is then not the step taken."""
-    mods = list(seg.start)
+    parameters pass 1 reached, which it keeps (syn_steps parameter vectors); its g_i is then not the step taken.
+
+    The student's parameters are handled per parameter tensor, as views of the flat vectors (ParamLayout.views):
+    gradients are taken with respect to them and each update is a fused addcmul per tensor, so no step concatenates
+    a gradient into a flat vector or copies the start; only the gradients' sum G is a flat vector (its views are
+    accumulated in place), for the step sizes' gradient."""
+    mods, layout = list(seg.start), seg.layout
     redraw = seg.pass2_dropout == "redraw"
     reached = []  # redraw: theta_i of pass 1
-    # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
-    params = {m: seg.start[m].detach().clone() for m in mods}
-    grad_sum = {m: torch.zeros_like(params[m]) for m in mods}
+    # The start's views are never written (updates are out of place): pass 1 and pass 2 both start from them.
+    start = {m: layout.views(seg.start[m].detach(), m) for m in mods}
+    grad_sum = {m: torch.zeros_like(seg.start[m]) for m in mods}
+    grad_sum_views = {m: layout.views(grad_sum[m], m) for m in mods}
     batches = []
     rng = RngReplay(seg.images.device)
     with torch.no_grad():
         lrs = {m: seg.lrs[m].detach() for m in mods}
-    # Each parameter update is one fused kernel over the parameter vector (addcmul with -lr), not a multiply and a
-    # subtract with a temporary (the papers' heads: 17.7M floats per step); -lr stays a tensor (no host sync).
     step = {m: -lrs[m] for m in mods}
-    for _ in range(seg.syn_steps):
+    last = seg.syn_steps - 1
+
+    # Pass 1: the inner loop with detached gradients; keep only their sum and the batches.
+    params = start
+    for i in range(seg.syn_steps):
         idx = seg.schedule.next()
         mix = seg.blend.draw(len(idx), idx.device) if seg.blend is not None else None
         if redraw:  # pass 2 takes the same batches and blends at these parameters, and draws its own masks
             batches.append((idx, mix, None))
-            reached.append({m: params[m].detach() for m in mods})
+            reached.append(params)
         else:  # pass 2 replays the same batches, blends and dropout masks
             batches.append((idx, mix, rng.get()))
         with torch.enable_grad():
-            leaf = {m: params[m].requires_grad_(True) for m in mods}
             images, texts = seg.images.detach(), seg.texts.detach()
-            logits = functional_logits(seg.model, seg.layout, leaf, images[idx], texts[idx], mix, seg.from_features)
-            grads = torch.autograd.grad(seg.inner_loss(logits, idx), [leaf[m] for m in mods],
-                                        create_graph=seg.pass1_graph)
+            grads = _inner_grads(replace(seg, images=images, texts=texts), leaves_of(params), idx, mix,
+                                 create_graph=seg.pass1_graph)
         with torch.no_grad(), scope("flat"):
-            for m, g in zip(mods, grads):
-                grad_sum[m] += g
-                params[m] = torch.addcmul(params[m].detach(), g, step[m])
+            for m in mods:
+                torch._foreach_add_(grad_sum_views[m], grads[m])
+            if i < last:  # the last step's parameters are never used
+                params = {m: sgd_step(params[m], grads[m], step[m]) for m in mods}
 
     with scope("flat"):
         loss, terms, c = tesla_lr_gradient(seg, grad_sum, backward)
 
     # Pass 2: per step, the direct data gradient of -lr * <c, g_i>, one step deep.
-    params = {m: seg.start[m].detach().clone() for m in mods}
+    params = start
     after_pass1 = rng.get()
-    direction = {m: lrs[m] * c[m] for m in mods} if seg.pass2 == "forward" else None  # the same for every step
+    with torch.no_grad(), scope("flat"):  # the same for every step
+        if seg.pass2 == "forward":
+            direction = {m: layout.views(lrs[m] * c[m], m) for m in mods}
+        else:  # -lr * c: what a backward of -lr * <c, g_i> hands g_i (step = -lr; one multiply, the same bits)
+            direction = {m: layout.views(step[m] * c[m], m) for m in mods}
     for i, (idx, mix, state) in enumerate(batches):
         if redraw:
             params = reached[i]
         else:
             rng.set(state)
+        update = not redraw and i < last
         if seg.pass2 == "forward":
-            product, grads = directional_step(seg, params, idx, mix, direction, with_grads=not redraw)
+            product, grads = directional_step(seg, params, idx, mix, direction, with_grads=update)
             backward(-product, seg.data)
         else:
-            leaf = {m: params[m].requires_grad_(True) for m in mods}
-            grads = _inner_grads(seg, leaf, idx, mix, create_graph=True)
+            grads = _inner_grads(seg, leaves_of(params), idx, mix, create_graph=True)
             with scope("flat"):
-                product = sum(-(lrs[m] * torch.dot(c[m], grads[m])) for m in mods)  # dot: no temporary
+                product = contract([d for m in mods for d in direction[m]], [g for m in mods for g in grads[m]])
             backward(product, seg.data)
-        if not redraw:
+        if update:
             with torch.no_grad(), scope("flat"):
-                params = {m: torch.addcmul(params[m].detach(), grads[m].detach(), step[m]) for m in mods}
+                params = {m: sgd_step(params[m], grads[m], step[m]) for m in mods}
     if not redraw:  # the generator continues from where pass 1 left it (redraw: after pass 2's draws)
         rng.set(after_pass1)
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
-def directional_step(seg: Segment, params: dict[str, torch.Tensor], idx, mix, direction: dict[str, torch.Tensor],
-                     with_grads: bool):
+def directional_step(seg: Segment, params: dict[str, torch.Tensor | list[torch.Tensor]], idx, mix,
+                     direction: dict[str, torch.Tensor | list[torch.Tensor]], with_grads: bool):
     """TESLA's pass-2 product in forward mode: <direction, g_i> with g_i = dL_i/dtheta at `params`, as the directional
     derivative of the inner loss along `direction` (one jvp: the forward pass carries a tangent), differentiable to
     the data (reverse over forward: exact with mmdd.models.forward_mode's composed norms and softmaxes, wrong with
     some of PyTorch's fused ones); g_i itself is never built with a graph. With `with_grads`, also g_i (detached;
-    the next step's parameters), from the same forward pass. Returns (product, g_i or None)."""
+    the next step's parameters), from the same forward pass. `params` and `direction`: per modality, a flat vector or
+    the per-parameter tensors in the layout's order. Returns (product, g_i by modality as per-parameter tensors, or
+    None)."""
     mods = list(params)
+    params, direction = per_parameter(seg.layout, params), per_parameter(seg.layout, direction)
     # ComposedForForwardMode: norms and softmaxes from elementary ops, whose tangents PyTorch differentiates exactly
     with fwAD.dual_level(), ComposedForForwardMode():
-        leaf = {m: params[m].detach().requires_grad_(with_grads) for m in mods}
-        dual = {m: fwAD.make_dual(leaf[m], direction[m]) for m in mods}
+        leaf = leaves_of(params, requires_grad=with_grads)
+        dual = {m: [fwAD.make_dual(p, t) for p, t in zip(leaf[m], direction[m])] for m in mods}
         logits = functional_logits(seg.model, seg.layout, dual, seg.images[idx], seg.texts[idx], mix, seg.from_features)
         loss, product = fwAD.unpack_dual(seg.inner_loss(logits, idx))
     grads = None
     if with_grads:  # outside the dual level: the backward carries no tangents (no forward mode through it)
-        grads = dict(zip(mods, torch.autograd.grad(loss, [leaf[m] for m in mods], retain_graph=True)))
+        flat_leaves = [p for m in mods for p in leaf[m]]
+        grads = by_modality(leaf, torch.autograd.grad(loss, flat_leaves, retain_graph=True))
     return product, grads
+
+
+def per_parameter(layout: ParamLayout, values: dict[str, torch.Tensor | list[torch.Tensor]]):
+    """Each modality's flat vector as its per-parameter views (lists pass through)."""
+    return {m: layout.views(v, m) if isinstance(v, torch.Tensor) else v for m, v in values.items()}
 
 
 class PlannedDraws:
