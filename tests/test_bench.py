@@ -55,6 +55,41 @@ def test_flops_are_counted_from_the_matrix_products_forward_and_backward():
     assert 0 < matmul_peak(torch.device("cpu"), size=256, repeats=2) < float("inf")
 
 
+def test_op_costs_count_each_operations_operands_and_result():
+    """Bytes by hand: a product reads its operands and writes its result; an in-place add reads both and writes the
+    first; views move nothing; a broadcast (stride-0) operand counts once. FLOPs as PyTorch's counter, through a
+    double backward too."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmdd.bench.flops import OpCosts, floor, iteration_costs, memory_bandwidth
+
+    a, b, x = torch.randn(4, 5), torch.randn(5, 6), torch.randn(6)
+    assert iteration_costs(lambda: a @ b).ops == {(2 * 4 * 5 * 6, 4 * (20 + 30 + 24)): 1}
+    c = torch.zeros(4, 6)
+    assert iteration_costs(lambda: c.add_(a @ b)).bytes == 4 * (20 + 30 + 24) + 4 * (24 + 24 + 24)
+    assert iteration_costs(lambda: (a.t(), a.view(20), a[1:])).bytes == 0
+    assert iteration_costs(lambda: c.add_(x.expand(4, 6))).bytes == 4 * (24 + 6 + 24)
+
+    w = torch.randn(6, 6, requires_grad=True)
+
+    def double_backward():
+        g = torch.autograd.grad(torch.tanh(a @ b @ w).sum(), w, create_graph=True)[0]
+        (g * g).sum().backward()
+
+    with FlopCounterMode(display=False) as counter:
+        double_backward()
+    costs = iteration_costs(double_backward)
+    assert costs.flops == counter.get_total_flops() > 0
+    assert costs.bytes > 0 and isinstance(costs, OpCosts)
+
+    # floor: each operation at the faster ceiling it is bound by; here op 1 is compute-bound, op 2 traffic-bound
+    ops = [[100, 10, 2], [10, 100, 1]]
+    assert floor(ops, peak_flops=10.0, bandwidth=20.0) == {"roofline": 2 * 10.0 + 5.0, "compute": 21.0,
+                                                          "traffic": 6.0}
+    assert 0 < memory_bandwidth(torch.device("cpu"), megabytes=8, repeats=2) < float("inf")
+
+
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("name", ["full", "tesla"])
 def test_the_independent_reference_port_gives_mmdds_gradients(name, merged):

@@ -37,7 +37,8 @@ def test_timer_counts_the_flops_of_the_last_iteration_only():
     wandb.log({"Progress": 1})
     a @ a
     wandb.finish()
-    assert timer.flops == 2 * 64**3
+    assert timer.costs["flops"] == 2 * 64**3
+    assert timer.costs["bytes"] == 3 * 64 * 64 * 4  # the product's two operands read, its result written
 
 
 def _record(method, ratio_official, mmdd, heap="os", flops=True):
@@ -45,7 +46,9 @@ def _record(method, ratio_official, mmdd, heap="os", flops=True):
          "ratio": ratio_official / mmdd, "round_ratios": [2.0, 2.5], "peak_rss_mb": {"official": 4000, "mmdd": 3000},
          "official_cpu_heap": heap}
     if flops:
-        r.update(flops_per_iter={"official": 150e9, "mmdd": 90e9}, matmul_peak_flops=150e9)
+        r.update(flops_per_iter={"official": 150e9, "mmdd": 90e9}, matmul_peak_flops=150e9,
+                 bytes_per_iter={"official": 60e9, "mmdd": 20e9}, memory_bandwidth=20e9,
+                 floor_seconds={"official": {"roofline": 3.2}, "mmdd": {"roofline": 1.5}})
     return r
 
 
@@ -55,4 +58,5 @@ def test_the_table_of_records_names_each_cell_and_its_floor():
     assert head.count("|") == rule.count("|") == rb.count("|") == lors.count("|")
     assert rb.startswith("| repblend | 100 (99 pairs) | 4.00 | 2.00 | 2.00x | 2.00, 2.50 | 4000 / 3000 | 150.0 / 90.0 |")
     assert "25% / 30% of 150 GFLOP/s | 0.60 |" in rb  # 150 GFLOP in 4 s of a 150 GFLOP/s peak; 90 GFLOP at the peak
+    assert rb.endswith("| 60.0 / 20.0 (copy 20 GB/s) | 3.20 / 1.50 | 80% / 75% |")  # floor / measured s/iter
     assert lors.startswith("| lors (official with cpu_heap keep) | 100 (99 pairs) | 16.00 | 10.00 | 1.60x |")

@@ -284,20 +284,21 @@ class Timer:
     def __init__(self, count_flops: bool = False):
         self.starts: list[tuple[int, float]] = []
         self.finished: float | None = None
-        # --flops-last: each iteration under PyTorch's FLOP counter (entered at its start, left at the next one's),
-        # the last one's count kept; an untimed run
-        self.count_flops, self.counter, self.flops = count_flops, None, None
+        # --flops-last: each iteration's operations counted (mmdd.bench.flops.OpCosts: FLOPs by PyTorch's FLOP counter
+        # formulas, and bytes moved; entered at its start, left at the next one's), the last one's record kept; an
+        # untimed run
+        self.count_flops, self.counter, self.costs = count_flops, None, None
         self.cuda_peak_mb: float | None = None  # --device cuda: the script's peak allocated GPU memory
 
     def _count(self, start_next: bool) -> None:
         if self.counter is not None:
             self.counter.__exit__(None, None, None)
-            self.flops = int(self.counter.get_total_flops())
+            self.costs = self.counter.record()
             self.counter = None
         if start_next:
-            from torch.utils.flop_counter import FlopCounterMode
+            from mmdd.bench.flops import OpCosts
 
-            self.counter = FlopCounterMode(display=False)
+            self.counter = OpCosts()
             self.counter.__enter__()
 
     def wandb(self) -> types.ModuleType:
@@ -387,7 +388,8 @@ def main() -> int:
                         "allocator as mmdd's hardware.cpu_heap sets it (keep: freed memory reused, mmdd.utils.cpu_heap); "
                         "os (default): the C library's, as the script runs anywhere")
     parser.add_argument("--flops-last", action="store_true", help="with --timing: count the last iteration's FLOPs "
-                        "(PyTorch's FLOP counter; slows the run, whose times are then not the loop's)")
+                        "and bytes moved (mmdd.bench.flops.OpCosts; slows the run, whose times are then not the "
+                        "loop's)")
     parser.add_argument("--link", action="append", default=[], metavar="NAME=TARGET",
                         help="a link NAME in the run's working directory to TARGET (paths a script hard-codes)")
     parser.add_argument("--hub", action="append", default=[], metavar="NAME=FOLDER",
@@ -440,7 +442,9 @@ def main() -> int:
         from mmdd.utils.io import atomic_write_json
 
         atomic_write_json(out / "timing.json", {"seconds": timer.seconds(), "iterations": [i for i, _ in timer.starts],
-                                                "threads": torch.get_num_threads(), "flops": timer.flops,
+                                                "threads": torch.get_num_threads(),
+                                                "flops": timer.costs["flops"] if timer.costs else None,
+                                                "op_costs": timer.costs,
                                                 "cuda_peak_mb": timer.cuda_peak_mb})
         return 0
     rec = Recorder(script)

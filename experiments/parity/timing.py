@@ -10,9 +10,11 @@ the same way: wall seconds from one iteration's start to the next's (official: i
 next; mmdd: `distill/wall_sec_per_iter`, from one outer step's end to the next's, the trainer's loop and logging
 included). Peak memory: each process's peak resident set (the kernel's, from wait4), set-up included.
 
-FLOPs (`--flops`, an extra untimed run per side): PyTorch's FLOP counter over one iteration of each (official: its
-last iteration; mmdd: its last outer step), and the machine's float32 matrix-multiply peak (mmdd.bench.flops): the
-achieved FLOP/s of each side and the floor of mmdd's iteration (its FLOPs at the peak).
+FLOPs and bytes (`--flops`, an extra untimed run per side): every operation of one iteration of each (official: its
+last iteration; mmdd: its last outer step) with its FLOPs (PyTorch's FLOP counter formulas) and the bytes it reads
+and writes (mmdd.bench.flops.OpCosts), and the machine's float32 matrix-multiply peak and copy bandwidth: the achieved
+FLOP/s of each side, mmdd's FLOPs at the peak, and each side's roofline floor (each operation at the faster ceiling it
+is bound by) and how close each side runs to it.
 
 Writes <work>/timing_<budget>.json and prints a Markdown row; experiments/bench.md has the table.
 """
@@ -87,9 +89,8 @@ def mmdd_overrides(work: Path, inputs: dict, spec: dict, iterations: int, args, 
 def mmdd_child(argv: list[str]) -> int:
     """`timing.py mmdd-child <out.json> <overrides>`: `mmdd distill` in this process, its last outer step under
     PyTorch's FLOP counter (a harness-side wrap, as official.py's for the official loop); the count into out.json."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from mmdd import cli
+    from mmdd.bench.flops import OpCosts
     from mmdd.methods.engine.outer_loop import OuterLoopModule
     from mmdd.utils.io import atomic_write_json
 
@@ -99,9 +100,9 @@ def mmdd_child(argv: list[str]) -> int:
     def counting_step(self, batch, batch_idx):
         if self.global_step != self.settings.iterations - 1:
             return step(self, batch, batch_idx)
-        with FlopCounterMode(display=False) as counter:
+        with OpCosts() as costs:
             result = step(self, batch, batch_idx)
-        counted["flops"] = int(counter.get_total_flops())
+        counted.update(costs.record())
         return result
 
     OuterLoopModule.training_step = counting_step
@@ -225,22 +226,28 @@ def time_rounds(official: Path, work: Path, inputs: dict, spec: dict, args) -> d
 
 
 def count_flops(official: Path, work: Path, inputs: dict, spec: dict, args) -> dict:
-    """One untimed run per side, its last iteration counted; the machine's matmul peak, measured here."""
+    """One untimed run per side, its last iteration's operations counted (FLOPs, bytes); the machine's matmul peak
+    and copy bandwidth, measured here, and each side's roofline floor (mmdd.bench.flops)."""
     import torch
 
-    from mmdd.bench.flops import matmul_peak
+    from mmdd.bench.flops import floor, matmul_peak, memory_bandwidth
 
     out = work / f"official_flops_{args.budget}"
     out.mkdir(parents=True, exist_ok=True)
     timed(official_cmd(official, work, inputs, spec, 2, args, out, True),
           work / f"official_flops_{args.budget}.log", env={"WANDB_MODE": "disabled"})
-    flops = {"official": json.loads((out / "timing.json").read_text())["flops"]}
+    costs = {"official": json.loads((out / "timing.json").read_text())["op_costs"]}
     counted = work / f"mmdd_flops_{args.budget}.json"
     timed([sys.executable, __file__, "mmdd-child", str(counted),
            *mmdd_overrides(work, inputs, spec, 2, args, work / "mmdd" / f"flops_{args.budget}")],
           work / f"mmdd_flops_{args.budget}.log")
-    flops["mmdd"] = json.loads(counted.read_text())["flops"]
-    return {"flops_per_iter": flops, "matmul_peak_flops": matmul_peak(torch.device("cpu"))}
+    costs["mmdd"] = json.loads(counted.read_text())
+    device = torch.device(args.device)
+    peak, bandwidth = matmul_peak(device), memory_bandwidth(device)
+    return {"flops_per_iter": {side: c["flops"] for side, c in costs.items()},
+            "bytes_per_iter": {side: c["bytes"] for side, c in costs.items()},
+            "matmul_peak_flops": peak, "memory_bandwidth": bandwidth,
+            "floor_seconds": {side: floor(c["ops"], peak, bandwidth) for side, c in costs.items()}}
 
 
 def bench_port(work: Path, inputs: dict, spec: dict, args) -> dict:
@@ -256,7 +263,8 @@ def bench_port(work: Path, inputs: dict, spec: dict, args) -> dict:
 
 
 HEAD = ("| method | budget (pairs) | official s/iter | mmdd s/iter | ratio | per-round ratios | peak RSS MB official / "
-        "mmdd | GFLOP/iter official / mmdd | of the matmul peak official / mmdd | mmdd at the peak, s/iter |")
+        "mmdd | GFLOP/iter official / mmdd | of the matmul peak official / mmdd | mmdd at the peak, s/iter | "
+        "GB moved/iter official / mmdd | floor s/iter official / mmdd (roofline) | each at its floor's |")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -267,7 +275,7 @@ def markdown_table(results: list[dict]) -> str:
         row = markdown_row(r)
         if r.get("official_cpu_heap") == "keep":
             row = row.replace(f"| {r['method']} |", f"| {r['method']} (official with cpu_heap keep) |", 1)
-        lines.append(row if "flops_per_iter" in r else row + " | | |")
+        lines.append(row + " |" * (HEAD.count(" | ") - row.count(" | ")))
     return "\n".join(lines)
 
 
@@ -280,6 +288,11 @@ def markdown_row(r: dict) -> str:
         f, s, peak = r["flops_per_iter"], r["sec_per_iter"], r["matmul_peak_flops"]
         row += (f" {f['official'] / 1e9:.1f} / {f['mmdd'] / 1e9:.1f} | {f['official'] / s['official'] / peak:.0%} / "
                 f"{f['mmdd'] / s['mmdd'] / peak:.0%} of {peak / 1e9:.0f} GFLOP/s | {f['mmdd'] / peak:.2f} |")
+    if "floor_seconds" in r:  # records before issue 28's third session have FLOPs only
+        b, fl, bw = r["bytes_per_iter"], r["floor_seconds"], r["memory_bandwidth"]
+        o, m = fl["official"]["roofline"], fl["mmdd"]["roofline"]
+        row += (f" {b['official'] / 1e9:.1f} / {b['mmdd'] / 1e9:.1f} (copy {bw / 1e9:.0f} GB/s) | {o:.2f} / {m:.2f} | "
+                f"{o / s['official']:.0%} / {m / s['mmdd']:.0%} |")
     return row
 
 

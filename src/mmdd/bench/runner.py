@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 
 from mmdd.bench.breakdown import breakdown_cells, time_breakdown
-from mmdd.bench.flops import iteration_flops, matmul_peak
+from mmdd.bench.flops import iteration_costs, matmul_peak, memory_bandwidth
 from mmdd.bench.memory import PeakMemory
 from mmdd.bench.reference import REFERENCE
 from mmdd.data.splits import load_data
@@ -143,31 +143,39 @@ def gradient_agreement(paths: dict, fresh, seed: int, device, path: str, against
 
 def interleaved_rounds(paths: dict, fresh, seed: int, device, warmup: int, iterations: int, lr_min: float):
     """Time whole iterations (gradients and the outer step) of each path in interleaved rounds, one iteration of
-    each per round, so drifts of the machine hit all alike. Returns per path the timed seconds (after `warmup`
-    rounds), the peak memory in MB, and the peak reserved memory (GPU; else None)."""
+    each per round, so drifts of the machine hit all alike; then one more iteration of each, untimed, under the
+    memory probe. Returns per path the timed seconds (after `warmup` rounds), the peak memory in MB, and the peak
+    reserved memory (GPU; else None).
+
+    The probe is kept out of the timed iterations: on the CPU it hands the freed heap back to the OS before it
+    measures (mmdd.bench.memory), so the iteration it watches page-faults every buffer anew, which is not how a
+    distillation runs."""
     state = {}
     for name in paths:
         syn, opt = fresh()
         state[name] = (syn, opt, torch.Generator().manual_seed(seed))
-    timings, memory = {n: [] for n in paths}, {n: 0.0 for n in paths}
-    reserved = {n: None for n in paths}
+
+    def iteration(name):
+        syn, opt, gen = state[name]
+        opt.zero_grad()
+        paths[name].gradients(syn, gen, device)
+        opt.step()
+        syn.clamp_lrs_(lr_min)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    timings = {n: [] for n in paths}
     for i in range(warmup + iterations):
         for name in paths:
-            syn, opt, gen = state[name]
-            with PeakMemory(device) as pm:
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                paths[name].gradients(syn, gen, device)
-                opt.step()
-                syn.clamp_lrs_(lr_min)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t0
-            memory[name] = max(memory[name], pm.peak_mb)
-            if pm.reserved_mb is not None:
-                reserved[name] = max(reserved[name] or 0.0, pm.reserved_mb)
+            t0 = time.perf_counter()
+            iteration(name)
             if i >= warmup:
-                timings[name].append(seconds)
+                timings[name].append(time.perf_counter() - t0)
+    memory, reserved = {}, {}
+    for name in paths:
+        with PeakMemory(device) as pm:
+            iteration(name)
+        memory[name], reserved[name] = pm.peak_mb, pm.reserved_mb
     return timings, memory, reserved
 
 
@@ -237,11 +245,14 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         log.info("%s: median %.3f s/iter over %d iterations, peak memory %.0f MB (%s)", name,
                  statistics.median(timings[name]), len(timings[name]), memory[name], PeakMemory(device).kind)
 
-    # The floor: each path's FLOPs per iteration (one more iteration, counted), the rate its median achieves, and the
-    # machine's measured matmul peak in the precision the iteration computes in.
-    flops = {name: iteration_flops(iteration_of(path, fresh, cfg.seed, device, mc.lr_min))
+    # The floor: each path's FLOPs and bytes per iteration (one more iteration, counted), the rate its median
+    # achieves, the machine's measured matmul peak in the precision the iteration computes in and its copy bandwidth,
+    # and the roofline floor they give (mmdd.bench.flops).
+    costs = {name: iteration_costs(iteration_of(path, fresh, cfg.seed, device, mc.lr_min))
              for name, path in paths.items()}
+    flops = {name: c.flops for name, c in costs.items()}
     peak = matmul_peak(device, dtype=torch.bfloat16 if autocast_dtype(cfg.hardware.precision) else torch.float32)
+    bandwidth = memory_bandwidth(device)
     # Where the time goes, by part of the iteration (mmdd.bench.breakdown): one profiled iteration per path, after a
     # first one (the profiler's own warm-up)
     parts = {}
@@ -266,6 +277,8 @@ def run_bench(cfg, data=None, out_dir: str | Path | None = None) -> dict:
         "hardware": hardware_record(cfg.hardware),
         "grad_max_rel_diff": max(agreement.values()), "grad_rel_diff": agreement,
         "flops_per_iter": flops, "achieved_flops": {n: flops[n] / med[n] for n in flops}, "matmul_peak_flops": peak,
+        "bytes_per_iter": {n: c.bytes for n, c in costs.items()}, "memory_bandwidth": bandwidth,
+        "floor_seconds": {n: c.floor(peak, bandwidth) for n, c in costs.items()},
         "time_parts": parts,
     }
     out = Path(out_dir or cfg.paths.output_dir)
@@ -321,10 +334,12 @@ def profile_paths(paths: dict, fresh, iterations: int, seed: int, device, lr_min
 
 def bench_table(results: list[dict]) -> str:
     """One row per result; GFLOP per iteration, the rate achieved (GFLOP/s) and its share of the measured matmul
-    peak, per path, where the result has them (results before 2026-12-07 do not); under the table, where each
-    path's time goes (results from 2026-12-07 on)."""
+    peak, per path, where the result has them (results before 2026-12-07 do not), and the bytes moved and the
+    roofline floor (mmdd.bench.flops; results after issue 28's third session); under the table, where each path's
+    time goes (results from 2026-12-07 on)."""
     head = ["method", "budget", "device", "precision", "s/iter reference", "s/iter mmdd", "speedup", "peak MB reference",
-            "peak MB mmdd", "max rel. grad diff", "GFLOP/iter reference / mmdd", "GFLOP/s reference / mmdd (of peak)"]
+            "peak MB mmdd", "max rel. grad diff", "GFLOP/iter reference / mmdd", "GFLOP/s reference / mmdd (of peak)",
+            "GB moved/iter reference / mmdd", "floor s/iter reference / mmdd (roofline)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         lines.append("| " + " | ".join([
@@ -344,8 +359,13 @@ def bench_table(results: list[dict]) -> str:
 
 def flop_cells(r: dict) -> list[str]:
     if "flops_per_iter" not in r:
-        return ["", ""]
+        return ["", "", "", ""]
     f, a, peak = r["flops_per_iter"], r["achieved_flops"], r["matmul_peak_flops"]
-    return [f"{f['reference'] / 1e9:.1f} / {f['ours'] / 1e9:.1f}",
-            f"{a['reference'] / 1e9:.1f} / {a['ours'] / 1e9:.1f} ({a['reference'] / peak:.0%} / {a['ours'] / peak:.0%}"
-            f" of {peak / 1e9:.0f})"]
+    cells = [f"{f['reference'] / 1e9:.1f} / {f['ours'] / 1e9:.1f}",
+             f"{a['reference'] / 1e9:.1f} / {a['ours'] / 1e9:.1f} ({a['reference'] / peak:.0%} / {a['ours'] / peak:.0%}"
+             f" of {peak / 1e9:.0f})"]
+    if "floor_seconds" not in r:
+        return cells + ["", ""]
+    b, fl, bw = r["bytes_per_iter"], r["floor_seconds"], r["memory_bandwidth"]
+    return cells + [f"{b['reference'] / 1e9:.1f} / {b['ours'] / 1e9:.1f} (copy {bw / 1e9:.0f} GB/s)",
+                    f"{fl['reference']['roofline']:.2f} / {fl['ours']['roofline']:.2f}"]
