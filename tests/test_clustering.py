@@ -52,3 +52,20 @@ def test_cooccurrence_and_hungarian_by_hand():
     assert match_clusters(counts) == [(0, 2), (1, 1), (2, 0)]
     assert match_clusters(torch.tensor([[3, 2], [2, 0]])) == [(0, 1), (1, 0)]
     assert cooccurrence(torch.tensor([0, 0]), torch.tensor([1, 1]), 3).shape == (3, 3)  # absent clusters keep rows
+
+
+def test_random_seeding_starts_from_distinct_rows_drawn_uniformly():
+    """seeding=random (fast_pytorch_kmeans, MDM's): the first centres are k distinct rows of a uniform permutation of
+    the run's generator; with no Lloyd step they are returned as they are."""
+    import pytest
+
+    from mmdd.errors import MmddError
+
+    x, n = blobs([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    res = kmeans(x, 3, torch.Generator().manual_seed(7), "euclidean", iterations=0, seeding="random")
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:3]
+    assert torch.equal(res.centres, x[rows])
+    full = kmeans(x, 3, torch.Generator().manual_seed(7), "euclidean", restarts=5, seeding="random")
+    assert len(set(full.labels.tolist())) == 3
+    with pytest.raises(MmddError, match="seeding must be one of"):
+        kmeans(x, 3, torch.Generator().manual_seed(7), seeding="forgy")

@@ -24,6 +24,17 @@ def test_loss_weights_must_leave_a_loss():
     MDMLoss(method_settings(MDMSettings, "mdm", lambda_agr=0.0, lambda_dis=0.0))  # InfoNCE alone is a loss
 
 
+def test_dm_features_space_and_dsa_settings_are_checked():
+    from mmdd.methods.distribution.objective import DMSettings, MDMSettings
+
+    with pytest.raises(MmddError, match="lambda_agr=0 and method.lambda_dis=0"):
+        method_settings(DMSettings, "dm", space="features")
+    with pytest.raises(MmddError, match="method.space=features is DM's"):
+        method_settings(MDMSettings, "mdm", space="features")
+    with pytest.raises(MmddError, match="method.dsa"):
+        method_settings(DMSettings, "dm", dsa={"strategy": "color"})  # the other fields missing
+
+
 def test_mdm_distills_from_kmeans_medoids_with_its_three_terms(root):
     run_in_process(["distill", "method=mdm", *SMALL, "method.syn_batch=4", "method.real_batch=16",
                     "hydra.run.dir=outputs/mdm"], root, check=True)
@@ -48,6 +59,15 @@ def test_dm_and_pds_distill_and_save_a_set(root):
                    check=True)
     history = json.loads((root / "outputs" / "dm" / "synthetic" / "history.json").read_text())
     assert {"distill/loss_image", "distill/loss_text", "distill/loss_agr", "distill/loss_dis"} <= set(history[0])
+    # DM as its paper runs it: DSA, and the backbone's features (not the joint embeddings) matched
+    run_in_process(["distill", "method=dm", "method/dsa=standard", "method.space=features", "method.lambda_agr=0",
+                    "method.lambda_dis=0", *SMALL, "method.real_batch=16", "hydra.run.dir=outputs/dm_dsa"], root,
+                   check=True)
+    out = root / "outputs" / "dm_dsa" / "synthetic"
+    history = json.loads((out / "history.json").read_text())
+    assert {"distill/loss_image", "distill/loss_text"} <= set(history[0]) and "distill/loss_agr" not in history[0]
+    variant = json.loads((out / "manifest.json").read_text())["variant"]  # which DM a table's row is
+    assert variant == {"space": "features", "dsa": "color_crop_cutout_flip_scale_rotate", "encoder": "random"}
     run_in_process(["distill", "method=pds", *SMALL, "method.restarts=2", "hydra.run.dir=outputs/pds"], root,
                    check=True)
     manifest_file = root / "outputs" / "pds" / "synthetic" / "manifest.json"
@@ -126,3 +146,30 @@ def test_real_pairs_under_a_frozen_backbone_embed_from_features_computed_once():
     first = cache.split(model, train)
     RealPairs(train, cache).embed(model, 10, torch.Generator().manual_seed(2), "cpu")
     assert cache.split(model, train) is first  # not computed again
+
+
+def test_real_pairs_augment_the_pixels_and_embed_in_the_chosen_space():
+    """DSA's transformation is applied to the real images before the encoder; space=features gives the backbone's
+    features and the text embeddings themselves."""
+    from mmdd.data.annotations import Split
+    from mmdd.data.splits import SplitData
+    from mmdd.methods.distribution.objective import RealPairs
+    from mmdd.models.convnet import ConvNet
+    from mmdd.models.dual_encoder import DualEncoder
+
+    g = torch.Generator().manual_seed(0)
+    split = Split("train", image_paths=[f"{i}.png" for i in range(6)], captions=[f"c{i}" for i in range(6)],
+                  txt2img=list(range(6)))
+    train = SplitData(split=split, text_emb=torch.randn(6, 5, generator=g), image_size=8,
+                      images=torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8),
+                      mean=[0.5] * 3, std=[0.25] * 3)
+    backbone = ConvNet(image_size=8, width=4, depth=1)
+    model = DualEncoder(backbone, backbone.num_features, text_dim=5, image_head=True).eval()
+    flip = lambda x: x.flip(3)  # noqa: E731
+    images, texts = RealPairs(train).embed(model, 6, torch.Generator().manual_seed(1), "cpu", flip)
+    caps = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    pixels = train.normalise(train.image_batch(caps.tolist()))
+    assert torch.allclose(images, model.encode_image(pixels.flip(3)), atol=1e-6)
+    assert torch.allclose(texts, model.encode_text(train.text_emb[caps]), atol=1e-6)
+    images, texts = RealPairs(train).embed(model, 6, torch.Generator().manual_seed(1), "cpu", None, "features")
+    assert torch.allclose(images, model.features(pixels), atol=1e-6) and torch.equal(texts, train.text_emb[caps])

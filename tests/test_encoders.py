@@ -81,3 +81,33 @@ def test_encoder_sampler_loads_an_expert_snapshot_and_a_merged_teacher(caplog):
     assert "different initialisations" in caplog.text  # merging experts of different inits is said, not hidden
     with pytest.raises(MmddError, match="recorded epochs"):
         EncoderSampler(encoder(kind="expert", max_epoch=5), model, store)
+
+
+def test_the_fresh_anchor_merges_around_a_model_built_anew_each_iteration():
+    """encoder.anchor=fresh (MDM's code): w0 is a model built from a seed the run's generator draws after the experts
+    and epochs, so two iterations merge around two different anchors."""
+    model, store = _Tiny(), _Store(shared_init=True)
+    built = []
+
+    def build():  # what context.model.build does: a model initialised from the global generator
+        fresh = _Tiny()
+        with torch.no_grad():
+            fresh.a.normal_()
+            fresh.b.normal_()
+        built.append(fresh)
+        return fresh
+
+    mixed = EncoderSampler(encoder(kind="mixed", alpha=0.5, anchor="fresh"), model, store, build)
+    gen, replay = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    mixed.draw(gen)
+    experts = torch.randperm(3, generator=replay)[:2].tolist()
+    epochs = [1 + int(torch.randint(3, (1,), generator=replay)) for _ in range(2)]
+    snaps = [store.snapshots(x, [e])[0] for x, e in zip(experts, epochs)]
+    anchor = built[0]
+    for m, name in (("image", "a"), ("text", "b")):
+        want = merge_weights({name: anchor.get_parameter(name).detach()}, [{name: snaps[0][m]}, {name: snaps[1][m]}],
+                             0.5)[name]
+        assert torch.allclose(model.get_parameter(name).detach(), want)
+    first = model.a.detach().clone()
+    mixed.draw(gen)
+    assert len(built) == 2 and not torch.equal(built[0].a, built[1].a) and not torch.equal(model.a.detach(), first)

@@ -61,6 +61,24 @@ def test_gke_gradient_matches_finite_differences():
 
 def test_dm_mean_distance_and_the_joint_views():
     assert float(mean_distance(torch.tensor([[0.0, 2.0], [2.0, 0.0]]), torch.tensor([[0.0, 0.0]]))) == 2.0
+    # means (2, 2) and (0, 1): the squared distance 2^2 + 1^2 = 5 (not |2| + |1| = 3, nor its root 2.24)
+    assert float(mean_distance(torch.tensor([[1.0, 4.0], [3.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))) == 5.0
     u, g = agreement_and_disparity(E1[None], E2[None])
     assert u.flatten().tolist() == pytest.approx([2**-0.5, 2**-0.5])
     assert g.flatten().tolist() == pytest.approx([2**-0.5, -(2**-0.5)])
+
+
+def test_dm_loss_is_the_weighted_sum_of_its_four_mean_distances_by_hand():
+    """Unit embeddings along the axes: synthetic image e1, text e2; real image e2, text e1. Per modality the means
+    differ by e1 - e2 (squared distance 2); u = norm(e1 + e2) is the same on both sides (0), g = norm(e1 - e2) flips
+    sign (distance |2 g|^2 = 4)."""
+    from helpers import method_settings
+    from mmdd.methods.distribution.objective import DMLoss, DMSettings
+
+    settings = method_settings(DMSettings, "dm", lambda_image=1.0, lambda_text=0.5, lambda_agr=3.0, lambda_dis=0.25)
+    loss, terms = DMLoss(settings)(E1[None], E2[None], E2[None], E1[None])
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx({"image": 2.0, "text": 2.0, "agr": 0.0, "dis": 4.0})
+    assert float(loss) == pytest.approx(1.0 * 2 + 0.5 * 2 + 3.0 * 0 + 0.25 * 4)
+    features = method_settings(DMSettings, "dm", space="features", lambda_agr=0.0, lambda_dis=0.0)
+    loss, terms = DMLoss(features)(E1[None], 3 * E2[None], E2[None], E1[None])
+    assert set(terms) == {"image", "text"} and float(terms["text"]) == pytest.approx(9 + 1)  # unnormalised

@@ -114,8 +114,26 @@ def test_start_windows_draw_within_min_and_max():
                         min_start_epoch=2)
 
 
+def sets_after_each_step(loop, syn, steps: int) -> list[torch.Tensor]:
+    """Fit `loop` for `steps` outer steps; the synthetic images after each step."""
+    from test_outer_loop import fit
+
+    seen = []
+
+    class Track:
+        model = None
+
+        def __call__(self, s, generator, backward):
+            seen.append(s.images.detach().clone())  # the set before this step
+            return inner(s, generator, backward)
+
+    inner, loop.objective = loop.objective, Track()
+    fit(loop, steps)
+    return seen[1:] + [syn.images.detach().clone()]
+
+
 def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
-    from test_outer_loop import SETTINGS, MeanMatchingObjective, MeanMatchingSettings, fit, toy_set
+    from test_outer_loop import SETTINGS, MeanMatchingObjective, MeanMatchingSettings, toy_set
 
     syn = toy_set()
     x0 = syn.images.detach().clone()
@@ -134,18 +152,7 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
                      seed=0, probe=MeanProbe(), diagnostics_every=1)
     assert loop.saved_set() is loop.ema and torch.equal(loop.ema.images, x0)
     # the EMA by its definition, from the raw sets after each step
-    raws = []
-
-    class Track:
-        model = None
-
-        def __call__(self, s, generator, backward):
-            raws.append(s.images.detach().clone())
-            return inner(s, generator, backward)
-
-    inner, loop.objective = loop.objective, Track()
-    fit(loop, 3)
-    raws = raws[1:] + [syn.images.detach().clone()]  # the set after steps 1, 2, 3
+    raws = sets_after_each_step(loop, syn, 3)
     want = x0
     for x in raws:
         want = 0.9 * want + 0.1 * x
@@ -155,6 +162,33 @@ def test_the_ema_of_the_set_is_saved_and_the_step_sizes_stay_learned():
     assert loop.diagnostics["final"]["image_mean"] == pytest.approx(float(loop.ema.images.mean()))
     with pytest.raises(MmddError, match="ema_decay"):
         MeanMatchingSettings(**{**SETTINGS, "ema_decay": 1.0})
+
+
+def test_the_bias_corrected_ema_holds_no_weight_of_the_initial_set():
+    """ema_bias_correction: e_T = sum_t (1-d) d^(T-t) x_t / (1 - d^T) over the sets after each step, so after one step
+    the average is that set, and the initial set's weight d^T (PTM's average) is gone whatever T; its step count is
+    checkpointed with the set."""
+    from test_outer_loop import SETTINGS, MeanMatchingObjective, MeanMatchingSettings, fit, toy_set
+
+    d = 0.9
+    settings = MeanMatchingSettings(**{**SETTINGS, "lr_lr": 0.0, "ema_decay": d, "ema_bias_correction": True})
+
+    def loop_of(syn):
+        return OuterLoopModule(MeanMatchingObjective(torch.full((1, 3, 4, 4), 2.0), torch.full((1, 5), -1.0)), syn,
+                               settings, seed=0)
+
+    syn = toy_set()
+    loop = loop_of(syn)
+    fit(loop, 1)
+    assert torch.equal(loop.ema.images, syn.images)  # one step: the average is the set itself
+
+    syn = toy_set()
+    loop = loop_of(syn)
+    sets = sets_after_each_step(loop, syn, 3)
+    T = len(sets)
+    want = sum((1 - d) * d ** (T - t) * x for t, x in enumerate(sets, start=1)) / (1 - d**T)
+    assert torch.allclose(loop.ema.images, want, atol=1e-6)
+    assert int(loop.state_dict()["ema_updates"]) == T
 
 
 @pytest.mark.slow  # the phases test below checks each phase's window through the same stage

@@ -221,3 +221,57 @@ def test_the_inference_batch_changes_memory_not_the_student(data):
         results.append(train_student(c, build, images, texts, {"image": 0.1, "text": 0.1}, data, seed=0))
     assert results[1].best_epoch == results[0].best_epoch
     assert results[1].test == pytest.approx(results[0].test, abs=1e-9)
+
+
+def test_continued_phases_train_as_ptm_st_one_optimizer_one_schedule_the_last_phases_step_sizes(data):
+    """protocol.phases=continued (PTM-ST's evaluate_synset_PTM): every phase at the last phase's step sizes, the
+    momentum buffers carried from phase to phase, and one schedule over all phases: with 6 epochs per phase and the
+    decay at epoch 3, the first phase decays after its third epoch and the second runs decayed throughout."""
+    from lightning.pytorch.callbacks import Callback
+
+    from mmdd.evaluate.student import StudentPhase
+
+    class Record(Callback):
+        def __init__(self):
+            self.lrs, self.momenta = [], []
+
+        def on_train_epoch_start(self, trainer, module):
+            opt = trainer.optimizers[0]
+            self.lrs.append([g["lr"] for g in opt.param_groups])
+            self.momenta.append(sum(float(s["momentum_buffer"].abs().sum()) for s in opt.state.values()
+                                    if s.get("momentum_buffer") is not None))
+
+    g = torch.Generator().manual_seed(4)
+    first = StudentPhase(torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 6, generator=g), {"image": 0.2, "text": 0.3})
+    images, texts = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 6, generator=g)
+
+    def run(phases):
+        c = cfg("val")
+        c.protocol.phases = phases
+        record = Record()
+        from mmdd.utils import trainer as trainer_module
+
+        build_trainer = trainer_module.build_trainer
+
+        def with_record(cfg_, loggers, callbacks, **kw):
+            return build_trainer(cfg_, loggers, [*callbacks, record], **kw)
+
+        trainer_module.build_trainer = with_record
+        try:
+            train_student(c, build, images, texts, {"image": 0.1, "text": 0.05}, data, seed=0, earlier=[first])
+        finally:
+            trainer_module.build_trainer = build_trainer
+        return record
+
+    cont = run("continued")
+    assert cont.lrs[:4] == [[0.1, 0.05]] * 3 + [[pytest.approx(0.01), pytest.approx(0.005)]]
+    assert all(lr == [pytest.approx(0.01), pytest.approx(0.005)] for lr in cont.lrs[6:])  # phase 2: decayed
+    assert cont.momenta[0] == 0 and cont.momenta[6] > 0  # phase 2 starts with phase 1's momentum
+    sep = run("separate")
+    assert sep.lrs[0] == [0.2, 0.3] and sep.lrs[6] == [0.1, 0.05] and sep.momenta[6] == 0
+    from mmdd.errors import MmddError
+
+    with pytest.raises(MmddError, match="protocol.phases must be one of"):
+        c = cfg("val")
+        c.protocol.phases = "merged"
+        train_student(c, build, images, texts, {"image": 0.1, "text": 0.05}, data, seed=0, earlier=[first])

@@ -59,6 +59,9 @@ class ProtocolConfig:
     label_temperature: float = MISSING
     trainable: Optional[str] = MISSING  # null | heads
     cache_features: bool = MISSING
+    # a phased set's (PTM-ST) student: separate (each phase its own step sizes, optimizer, schedule) | continued
+    # (PTM-ST's code: the last phase's step sizes, one optimizer and schedule over all phases)
+    phases: str = MISSING
 
 
 @dataclass

@@ -35,6 +35,10 @@ class StudentResult:
 
 EVAL_SCHEDULES = ("every", "reference")
 BATCH_DRAWS = ("permutation", "independent_if_similarity")
+# A phased set's student (PTM-ST): separate (each phase its own step sizes, optimizer and schedule) | continued (PTM's
+# evaluate_synset_PTM: every phase at the last phase's step sizes, one optimizer whose momentum carries over, one
+# schedule counted over all phases)
+PHASE_TRAININGS = ("separate", "continued")
 
 
 class IndependentBatches(torch.utils.data.Sampler):
@@ -97,6 +101,8 @@ class StudentModule(L.LightningModule):
         eval_schedule: str = "every",
         log_eps: float | None = None,
         draws: StudentDraws | None = None,
+        epoch_offset: int = 0,
+        optimizer_state: dict | None = None,
     ):
         super().__init__()
         if eval_schedule not in EVAL_SCHEDULES:
@@ -120,6 +126,10 @@ class StudentModule(L.LightningModule):
         self.label_temperature = label_temperature
         self.log_eps = log_eps  # wbce in the reference code's form (the set's method.wbce_log_eps)
         self.draws = draws or StudentDraws()  # parity hooks: replayed or recorded batches and dropout masks
+        # protocol.phases=continued: the epochs of the phases before (the schedule counts on from them) and the
+        # optimizer's state they left (momentum buffers)
+        self.epoch_offset = epoch_offset
+        self.optimizer_state = optimizer_state
         # The set's learned similarity (LoRS): students train against S[idx][:, idx].
         self.register_buffer("similarity", similarity.detach().clone() if similarity is not None else None)
 
@@ -144,7 +154,13 @@ class StudentModule(L.LightningModule):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.lr_decay_epoch], gamma=self.lr_decay)
+        if self.optimizer_state is not None:  # the step sizes stay this module's; the momentum buffers carry over
+            opt.load_state_dict({"state": self.optimizer_state, "param_groups": opt.state_dict()["param_groups"]})
+        if self.epoch_offset:
+            offset, milestone, gamma = self.epoch_offset, self.lr_decay_epoch, self.lr_decay
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma if e + offset >= milestone else 1.0)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.lr_decay_epoch], gamma=self.lr_decay)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def diverged(self, epoch: int, what: str) -> MmddError:
@@ -259,8 +275,10 @@ def train_student(
 ) -> StudentResult:
     """Train one student under `cfg.protocol`; return its test metrics (test read once under `val`).
     `inputs_are_features`: `images` are already the frozen backbone's features (the full_train set).
-    `earlier`: sets trained on first, in order (a curriculum): each phase runs the protocol's epochs with a fresh
-    optimizer and schedule at its own step sizes, and the checkpoint is selected over the evaluations of all phases.
+    `earlier`: sets trained on first, in order (a curriculum): each phase runs the protocol's epochs, with a fresh
+    optimizer and schedule at its own step sizes (protocol.phases=separate), or continuing one optimizer and one
+    schedule at the last phase's step sizes (continued: PTM-ST's code); the checkpoint is selected over the
+    evaluations of all phases.
     `log_eps`: wbce in the reference code's form (mmdd.models.losses.weighted_bce). `draws`: where the initial weights,
     mini-batches and dropout masks come from (mmdd.evaluate.student_draws; default: the student's own)."""
     from mmdd.utils.trainer import build_trainer, one_device, precision_dtype, process_device
@@ -282,7 +300,12 @@ def train_student(
     if p.selection not in SELECTIONS:
         raise MmddError(f"protocol.selection must be one of {SELECTIONS}, got {p.selection!r}")
     select_split = {"val": "val", "test_best": "test", "last": None}[p.selection]
+    phase_training = p.get("phases", "separate")
+    if phase_training not in PHASE_TRAININGS:
+        raise MmddError(f"protocol.phases must be one of {PHASE_TRAININGS}, got {phase_training!r}")
+    continued = phase_training == "continued"
     phases = [*earlier, StudentPhase(images, texts, lrs, similarity)]
+    carried = None  # continued: the optimizer state the previous phase left
     gen = torch.Generator().manual_seed(seed)
     best = BestStudent(last_only=select_split is None)
     history: list[dict] = []
@@ -296,7 +319,7 @@ def train_student(
                                     for i in range(0, len(inputs), batch)])
         module = StudentModule(
             model,
-            lrs=phase.lrs,
+            lrs=phases[-1].lrs if continued else phase.lrs,
             momentum=p.momentum,
             weight_decay=p.weight_decay,
             epochs=p.epochs,
@@ -311,6 +334,8 @@ def train_student(
             eval_schedule=p.eval_schedule,
             log_eps=log_eps,
             draws=draws,
+            epoch_offset=k * p.epochs if continued else 0,
+            optimizer_state=carried,
         )
         pairs = TensorDataset(inputs, phase.texts.detach().cpu(), torch.arange(inputs.shape[0]))
         if draw == "independent_if_similarity" and phase.similarity is not None:
@@ -329,6 +354,8 @@ def train_student(
         t0 = time.perf_counter()
         trainer.fit(module, loader, val_dataloaders=SelectionSplit(module.select_data, cfg.hardware.inference_batch))
         seconds += time.perf_counter() - t0
+        if continued:
+            carried = trainer.optimizers[0].state_dict()["state"]
         history += [{**h, "phase": k, "epoch": h["epoch"] + best.offset} for h in module.history] if earlier else module.history
     draws.finish()
     model.load_state_dict(best.state)

@@ -65,6 +65,11 @@ class Method:
         `computed_with`; e.g. TESLA's second pass in forward mode or by double backward)."""
         return {}
 
+    def variant(self) -> dict:
+        """Which variant of the method made the set, where its settings change what the method is (saved in the
+        manifest as `variant`, so a table says which variant each row is; e.g. DM with or without DSA)."""
+        return {}
+
 
 def real_pairs(train: SplitData, img_idx: list[int], generator: torch.Generator):
     """The given training images (normalised), each with one of its captions drawn from `generator`."""

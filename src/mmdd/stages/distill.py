@@ -121,6 +121,8 @@ def run_distill(cfg, data=None, out_dir: str | Path | None = None, method=None) 
             extra["resumed"] = result.resumes  # from which iterations, with which outer settings changed
         if method.computed_with():
             extra["computed_with"] = method.computed_with()  # e.g. TESLA's pass 2: forward mode or double backward
+        if method.variant():
+            extra["variant"] = method.variant()  # e.g. DM's augmentation and what it matches
         context.save_set(syn, method.manifest_fields(), extra)
         figures = [out_dir / "grid.png"]
         captions = load_captions(out_dir) or []

@@ -35,11 +35,14 @@ FIRST_CLASS_PATHS: dict[str, str] = {
 # with (then a dataclass default): at that value a key is left out of identities and config hashes, so every store,
 # checkpoint and interrupted evaluation stays valid; at any other value it is part of them. Per class (first path).
 _TRAJECTORY_KEYS_2026_12 = {"grad_clip": None, "ema_decay": None, "min_start_epoch": 0, "convexify": None,
-                            "tesla_pass2": "double_backward"}
-_DISTRIBUTION_KEYS_2026_12 = {"lr_min": 0.0, "similarity": None, "lr_sim": 0.0, "sim_momentum": 0.5, "ema_decay": None}
+                            "tesla_pass2": "double_backward", "ema_bias_correction": False}
+_DISTRIBUTION_KEYS_2026_12 = {"lr_min": 0.0, "similarity": None, "lr_sim": 0.0, "sim_momentum": 0.5, "ema_decay": None,
+                              "ema_bias_correction": False, "dsa": None, "space": "embeddings",
+                              "encoder.anchor": "expert_init", "kmeans.seeding": "plus_plus"}
 LATER_METHOD_SETTINGS: dict[str, dict] = {
     "mmdd.methods.trajectory_matching.TrajectoryMatching": _TRAJECTORY_KEYS_2026_12,
-    "mmdd.methods.phased.PhasedTrajectoryMatching": {"grad_clip": None, "tesla_pass2": "double_backward"},
+    "mmdd.methods.phased.PhasedTrajectoryMatching": {"grad_clip": None, "tesla_pass2": "double_backward",
+                                                     "ema_bias_correction": False},
     "mmdd.methods.distribution_matching.DistributionMatching": _DISTRIBUTION_KEYS_2026_12,
     "mmdd.methods.distribution_matching.MultimodalDistributionMatching": _DISTRIBUTION_KEYS_2026_12,
 }
@@ -47,15 +50,30 @@ LATER_METHOD_SETTINGS: dict[str, dict] = {
 
 # Settings of other groups added after config hashes were first made, at the value every run before computed with:
 # left out of config hashes at that value (a finished selection or an interrupted evaluation stays valid).
-LATER_CONFIG_SETTINGS = {("hardware", "inference_batch"): 256}
+LATER_CONFIG_SETTINGS = {("hardware", "inference_batch"): 256, ("protocol", "phases"): "separate"}
 
 
 def settled_method(method: dict) -> dict:
     """A method's settings (plain) as identities name them: its class by its first path, and the settings added to
-    its YAML later left out where they hold the value that was computed with before (LATER_METHOD_SETTINGS)."""
+    its YAML later left out where they hold the value that was computed with before (LATER_METHOD_SETTINGS; a dotted
+    key names a setting inside a nested one, e.g. encoder.anchor)."""
     method = first_class_paths(method)
     later = LATER_METHOD_SETTINGS.get(method.get("_target_"), {})
-    return {k: v for k, v in method.items() if not (k in later and v == later[k])}
+    return _without_later(method, later)
+
+
+def _without_later(tree: dict, later: dict) -> dict:
+    nested: dict[str, dict] = {}
+    for key, value in later.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+    out = {}
+    for k, v in tree.items():
+        if k in later and v == later[k]:
+            continue
+        out[k] = _without_later(v, nested[k]) if k in nested and isinstance(v, dict) else v
+    return out
 
 
 def first_class_paths(tree):

@@ -8,8 +8,9 @@ kind=mixed   MDM's "mixed teacher": `experts` (2) distinct experts at random epo
              Model-Stock ratio of their angle around an anchor (Jang et al. 2024):
                  c = cos(w1 - w0, w2 - w0),  r = 2c / (1 + c),  w = w0 + alpha * r * ((w1 + w2) / 2 - w0)
 
-The anchor w0: MDM takes a freshly built model (ImageNet NFNet, a *random* text head, redrawn every iteration);
-mmdd takes the first drawn expert's epoch-0 snapshot, the initialisation its fine-tuning started from. The merge
+The anchor w0 (`anchor`): MDM's code takes a freshly built model (ImageNet NFNet, a *random* text head, redrawn every
+iteration: `fresh`); mmdd's default takes the first drawn expert's epoch-0 snapshot, the initialisation its fine-tuning
+started from (`expert_init`), since around a random head the fine-tuning deltas' angle says nothing about the experts. The merge
 assumes both experts start from one initialisation (a pre-trained backbone); experts trained from different random
 initialisations lie in different basins, and their average is no teacher: a warning says so. `mmdd buffer
 teacher.init=shared` trains every expert from one initialisation (kind=expert avoids merging altogether).
@@ -43,6 +44,7 @@ class EncoderSettings:
     min_epoch: int  # expert/mixed: epochs drawn uniformly from min_epoch..max_epoch, both included (MDM: 1..10)
     max_epoch: int | None  # None = the store's last recorded epoch
     alpha: float  # mixed: MDM's merge_alpha (its script: 0.5)
+    anchor: Literal["expert_init", "fresh"]  # mixed: the merge's w0 (see the module)
 
     def __post_init__(self):
         check_fields(self, "method.encoder", "fix it in conf/method/ or on the command line")
@@ -106,19 +108,23 @@ class EncoderSampler:
         lo, hi = self.settings.min_epoch, self.max_epoch
         return lo + int(torch.randint(hi - lo + 1, (1,), generator=generator))
 
+    def _fresh(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The matched parameters of a model built anew from a seed drawn from `generator`, by name."""
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is built on the CPU, and
+            torch.default_generator.manual_seed(seed)  # the CUDA generators (dropout) keep their own streams
+            fresh = self.build_model()
+        named = dict(fresh.named_parameters())
+        return {n: named[n].detach() for group in self.layout.names.values() for n in group}
+
     @torch.no_grad()
     def draw(self, generator: torch.Generator) -> dict[str, float]:
         """Put a new encoder into the model; returns what was drawn (logged per iteration)."""
         s = self.settings
         if s.kind == "random":
-            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is built on the CPU, and
-                torch.default_generator.manual_seed(seed)  # the CUDA generators (dropout) keep their own streams
-                fresh = self.build_model()
-            named = dict(fresh.named_parameters())
-            for group in self.layout.names.values():
-                for n in group:
-                    self.model.get_parameter(n).copy_(named[n])
+            fresh = self._fresh(generator)
+            for name, value in fresh.items():
+                self.model.get_parameter(name).copy_(value)
             return {}
         n = self.trajectories.n_experts
         if s.kind == "expert":
@@ -141,7 +147,8 @@ class EncoderSampler:
                             "method.encoder.kind=expert",
                             experts[0], experts[1], " and ".join(differ))
         unflat = self.layout.unflatten
-        merged = merge_weights(unflat(anchor_flat), [unflat(first), *(unflat(o) for o in others)], s.alpha)
+        anchor = unflat(anchor_flat) if s.anchor == "expert_init" else self._fresh(generator)
+        merged = merge_weights(anchor, [unflat(first), *(unflat(o) for o in others)], s.alpha)
         for name, value in merged.items():  # per tensor, as merged: no flat vector in between
             self.model.get_parameter(name).copy_(value)
         return {"distill/encoder_epoch": float(sum(epochs)) / len(epochs)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from mmdd.config_schema import build_settings, check_fields
 from mmdd.errors import MmddError
 from mmdd.evaluate.encode import BackboneFeatures, encode_split
-from mmdd.methods.selection.clustering import METRICS, kmeans, nearest_members
+from mmdd.methods.selection.clustering import METRICS, SEEDINGS, kmeans, nearest_members
+from mmdd.methods.distribution.dsa import DSASettings, SiameseAugment
 from mmdd.methods.distribution.encoders import EncoderSampler, EncoderSettings
 from mmdd.methods.context import MethodContext
 from mmdd.methods.engine.learned import LearnedMethod
@@ -45,11 +47,19 @@ class DistributionSettings(OuterSettings):
     real_batch: int  # real (image, caption) pairs per iteration, drawn uniformly without replacement
     syn_batch: int | None  # synthetic pairs per iteration (MDM: at most 64); None = all
     encoder: dict  # mmdd.methods.distribution.encoders.EncoderSettings
+    # differentiable Siamese augmentation of the real and the synthetic images (mmdd.methods.distribution.dsa:
+    # DM's DSA); None = off
+    dsa: dict | None
+    # what is matched: embeddings (the towers' L2-normalised outputs and their joint views) | features (DM's: the
+    # image backbone's features and the text embeddings, unnormalised; no joint views)
+    space: Literal["embeddings", "features"]
 
     def __post_init__(self):
         super().__post_init__()
         self.encoder_settings = build_settings(EncoderSettings, self.encoder, "method.encoder",
                                                "conf/method/ or the command line")
+        self.dsa_settings = (build_settings(DSASettings, self.dsa, "method.dsa", "conf/method/ or the command line")
+                             if self.dsa is not None else None)
         if self.real_batch < 2 or (self.syn_batch is not None and self.syn_batch < 2):
             raise MmddError("method.real_batch and method.syn_batch must be >= 2 (a distribution needs samples)")
 
@@ -68,16 +78,23 @@ class RealPairs:
         self.txt2img = train.txt2img
 
     @torch.no_grad()
-    def embed(self, model, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, model, n: int, generator: torch.Generator, device, augment=None, space: str = "embeddings"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` pairs in `space` (DistributionSettings.space), the images through `augment` first (DSA; never with
+        cached features)."""
         caps = torch.randperm(self.txt2img.shape[0], generator=generator)[:n]
         rows = self.txt2img[caps]
         if self.features is not None:
             feats = self.features.split(model, self.train)[rows].to(device)
-            images = F.normalize(model.image_head(feats), dim=-1)
+            images = feats if space == "features" else F.normalize(model.image_head(feats), dim=-1)
         else:
             # uint8 to the device, normalised there: a quarter of the bytes to move every iteration
-            images = model.encode_image(self.train.normalise(self.train.image_batch(rows.tolist()).to(device)))
-        return images, model.encode_text(self.train.text_emb[caps].to(device))
+            pixels = self.train.normalise(self.train.image_batch(rows.tolist()).to(device))
+            if augment is not None:
+                pixels = augment(pixels)
+            images = model.features(pixels) if space == "features" else model.encode_image(pixels)
+        texts = self.train.text_emb[caps].to(device)
+        return images, texts if space == "features" else model.encode_text(texts)
 
 
 class DistributionLoss:
@@ -112,14 +129,23 @@ class DistributionObjective:
         self.real = real
         self.settings = settings
         self.loss = loss
+        self.augment = SiameseAugment(settings.dsa_settings) if settings.dsa_settings is not None else None
         self.teacher_experts = list(encoders.trajectories.experts) if encoders.trajectories is not None else []
 
     def __call__(self, syn: SyntheticSet, generator: torch.Generator, backward: Backward) -> ObjectiveStep:
         s, device = self.settings, syn.images.device
         stats = self.encoders.draw(generator)
-        real_img, real_txt = self.real.embed(self.model, s.real_batch, generator, device)
+        augment = None
+        if self.augment is not None:  # one transformation for the real and the synthetic batch (DSA)
+            augment = partial(self.augment.apply, drawn=self.augment.draw(generator, *syn.images.shape[-2:]))
+
+        real_img, real_txt = self.real.embed(self.model, s.real_batch, generator, device, augment, s.space)
         idx = torch.randperm(len(syn), generator=generator)[: s.syn_batch_size(len(syn))].to(device)
-        syn_img, syn_txt = self.model.encode_image(syn.images[idx]), self.model.encode_text(syn.texts[idx])
+        images = syn.images[idx] if augment is None else augment(syn.images[idx])
+        if s.space == "features":
+            syn_img, syn_txt = self.model.features(images), syn.texts[idx]
+        else:
+            syn_img, syn_txt = self.model.encode_image(images), self.model.encode_text(syn.texts[idx])
         loss, terms = self.loss(syn_img, syn_txt, real_img, real_txt)
         backward(loss, [syn.images, syn.texts])
         return ObjectiveStep(loss.detach(), {k: v.detach() for k, v in terms.items()}, stats)
@@ -133,13 +159,24 @@ class DMSettings(DistributionSettings):
     lambda_agr: float  # for u = norm(z_v + z_t)
     lambda_dis: float  # for g = norm(z_v - z_t)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.space == "features" and (self.lambda_agr or self.lambda_dis):
+            raise MmddError("method.space=features matches the image features and the text embeddings, which live in "
+                            "different spaces: the joint views u, g need embeddings. Set method.lambda_agr=0 and "
+                            "method.lambda_dis=0, or method.space=embeddings")
+
 
 class DMLoss(DistributionLoss):
     def weights(self):
         s = self.settings
+        if s.space == "features":
+            return {"image": s.lambda_image, "text": s.lambda_text}
         return {"image": s.lambda_image, "text": s.lambda_text, "agr": s.lambda_agr, "dis": s.lambda_dis}
 
     def terms(self, syn_img, syn_txt, real_img, real_txt):
+        if self.settings.space == "features":
+            return {"image": mean_distance(syn_img, real_img), "text": mean_distance(syn_txt, real_txt)}
         su, sg = agreement_and_disparity(syn_img, syn_txt)
         ru, rg = agreement_and_disparity(real_img, real_txt)
         return {"image": mean_distance(syn_img, real_img), "text": mean_distance(syn_txt, real_txt),
@@ -166,6 +203,9 @@ class MDMSettings(DistributionSettings):
         super().__post_init__()
         if min(self.sigma_agr, self.sigma_dis, self.temperature) <= 0:
             raise MmddError("method.sigma_agr, sigma_dis and temperature must be > 0")
+        if self.space != "embeddings":
+            raise MmddError("method.space: MDM's loss (InfoNCE, kernels on the sphere) is defined on embeddings; "
+                            "method.space=features is DM's (method=dm)")
         self.kmeans_settings = build_settings(KMeansInit, self.kmeans, "method.kmeans", "conf/method/ or the command line")
 
 
@@ -178,6 +218,7 @@ class KMeansInit:
     iterations: int
     tol: float
     restarts: int
+    seeding: Literal[SEEDINGS]  # plus_plus (k-means++) | random (k distinct rows: fast_pytorch_kmeans, MDM's)
 
     def __post_init__(self):
         check_fields(self, "method.kmeans", "fix it in conf/method/ or on the command line")
@@ -217,6 +258,12 @@ class DistributionMatching(LearnedMethod):
     loss_cls = DMLoss
     distillation_kind = "distribution"  # mmdd plan's distribution-matching estimate
 
+    def variant(self) -> dict:
+        s = self.settings
+        encoder = s.encoder_settings
+        return {"space": s.space, "dsa": s.dsa_settings.strategy if s.dsa_settings is not None else None,
+                "encoder": encoder.kind + (f" (anchor {encoder.anchor})" if encoder.kind == "mixed" else "")}
+
     def make_encoders(self, context: MethodContext, model, fingerprint: str) -> EncoderSampler:
         s = self.settings.encoder_settings
         store = context.store.open(model, None, fingerprint) if s.needs_store else None
@@ -224,9 +271,11 @@ class DistributionMatching(LearnedMethod):
 
     def make_objective(self, context: MethodContext, model, fingerprint: str) -> DistributionObjective:
         self.encoders = self.make_encoders(context, model, fingerprint)
-        # A frozen backbone (no encoder kind redraws it): its features of the train images, once for every iteration.
+        # A frozen backbone (no encoder kind redraws it): its features of the train images, once for every iteration
+        # (not under DSA: every iteration augments the pixels anew).
+        cacheable = model.backbone_is_cacheable() and self.settings.dsa_settings is None
         self.features = BackboneFeatures(context.hardware.inference_batch, cache_dir=context.cache_dir,
-                                         data_key=context.data_key) if model.backbone_is_cacheable() else None
+                                         data_key=context.data_key) if cacheable else None
         real = RealPairs(context.train, self.features)
         return DistributionObjective(model, self.encoders, real, self.settings, self.loss_cls(self.settings))
 
@@ -248,7 +297,7 @@ class MultimodalDistributionMatching(DistributionMatching):
         model.to("cpu")  # the trainer moves it where it runs
         rows = joint_rows(img, txt, train.txt2img.to(img.device), k.space)
         result = kmeans(rows, budget, torch.Generator().manual_seed(context.seed), k.metric, k.iterations, k.tol,
-                        k.restarts)
+                        k.restarts, k.seeding)
         captions = torch.tensor(nearest_members(rows, result, k.metric))
         log.info("k-means init: %d clusters of %d (image, caption) rows in %s space after %d iterations; %d distinct "
                  "images", budget, rows.shape[0], k.space, result.iterations,

@@ -74,12 +74,18 @@ class KMeansResult:
     iterations: int
 
 
+SEEDINGS = ("plus_plus", "random")
+
+
 def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, metric: str = "euclidean", iterations: int = 100,
-           tol: float = 1e-4, restarts: int = 1) -> KMeansResult:
-    """Lloyd's k-means with k-means++ seeding; the best of `restarts` runs (lowest inertia). Cosine k-means
+           tol: float = 1e-4, restarts: int = 1, seeding: str = "plus_plus") -> KMeansResult:
+    """Lloyd's k-means seeded by k-means++ (`plus_plus`) or by k distinct rows drawn uniformly (`random`: what
+    fast_pytorch_kmeans, MDM's k-means, does); the best of `restarts` runs (lowest inertia). Cosine k-means
     (spherical) clusters unit rows and keeps unit centres (the normalised mean of the members). A cluster left empty
     is re-seeded with the row farthest from its centre; with repeated rows one can still end empty (the last
     iteration's re-seed may land on a duplicate), which callers handle (prototypes.cluster_mean). Stops when no centre moves more than `tol` (relative to the data's scale)."""
+    if seeding not in SEEDINGS:
+        raise MmddError(f"k-means seeding must be one of {SEEDINGS}, got {seeding!r}")
     x = _prepare(x, metric)
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -90,7 +96,10 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, metric: str = "e
     # Minutes at Flickr30K's size: a bar with rate and ETA (quiet when stderr is not a terminal).
     bar = tqdm(total=max(1, restarts), desc=f"k-means k={k}", unit="run", disable=None, leave=False)
     for _ in range(max(1, restarts)):
-        centres = kmeans_plus_plus(x, k, generator, metric, x_sq)
+        if seeding == "random":
+            centres = x[torch.randperm(n, generator=generator)[:k].to(x.device)].clone()
+        else:
+            centres = kmeans_plus_plus(x, k, generator, metric, x_sq)
         it = 0
         for it in range(1, iterations + 1):
             labels, dist = _assign(x, centres, metric, x_sq)
