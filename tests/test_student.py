@@ -275,3 +275,39 @@ def test_continued_phases_train_as_ptm_st_one_optimizer_one_schedule_the_last_ph
         c = cfg("val")
         c.protocol.phases = "merged"
         train_student(c, build, images, texts, {"image": 0.1, "text": 0.05}, data, seed=0, earlier=[first])
+
+
+def test_a_text_only_student_trains_the_text_head_on_a_frozen_image_tower(data):
+    """protocol.trainable=text (PDS's students): the backbone and any image head stay as built, only the text head
+    moves; the frozen backbone's features are cached as for heads-only students."""
+    from mmdd.evaluate.encode import BackboneFeatures
+
+    built = []
+
+    def text_only():
+        torch.manual_seed(7)  # one frozen image tower for every student, as a loaded checkpoint would be
+        bb = ConvNet(image_size=8, width=4, depth=1)
+        built.append(DualEncoder(bb, bb.num_features, text_dim=6, trainable="text"))
+        return built[-1]
+
+    model = text_only()
+    assert model.modality_parameter_names()["image"] == [] and model.backbone_is_cacheable()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == model.modality_parameter_names()["text"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, texts = torch.randn(8, 3, 8, 8), torch.randn(8, 6)
+    res = train_student(cfg("last"), text_only, images, texts, {"image": 0.2, "text": 0.2}, data, seed=0,
+                        features=BackboneFeatures(256))
+    after = built[-1].state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("text_head."))
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("text_head."))
+    assert 0 <= res.test["r_mean"] <= 100
+
+
+def test_the_pds_protocol_composes_as_pds_trains_its_students():
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        p = compose("evaluate", overrides=["protocol=pds", "paths.output_dir=/tmp/unused"]).protocol
+    assert (p.trainable, p.lr_source, p.lr, p.loss, p.selection) == ("text", "fixed", 0.2, "infonce", "val")

@@ -57,7 +57,7 @@ class ProtocolConfig:
     selection: str = MISSING  # val | test_best | last
     loss: str = MISSING  # set | infonce | wbce | bce | soft_ce | kl | mse
     label_temperature: float = MISSING
-    trainable: Optional[str] = MISSING  # null | heads
+    trainable: Optional[str] = MISSING  # null | heads | text (the image tower frozen: PDS's students)
     cache_features: bool = MISSING
     # a phased set's (PTM-ST) student: separate (each phase its own step sizes, optimizer, schedule) | continued
     # (PTM-ST's code: the last phase's step sizes, one optimizer and schedule over all phases)

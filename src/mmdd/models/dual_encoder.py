@@ -20,8 +20,9 @@ from mmdd.models.heads import ProjectionHead
 from mmdd.models.image_encoder import build_image_backbone
 from mmdd.utils.profiling import scope
 
-# Which parameters train (and are recorded/matched) per modality.
-TRAINABLE_MODES = ("backbone_and_heads", "heads")
+# Which parameters train (and are recorded/matched) per modality: everything | the heads on a frozen backbone | the
+# text head only, the whole image tower frozen (PDS's students: a frozen pre-trained image encoder, a text projection).
+TRAINABLE_MODES = ("backbone_and_heads", "heads", "text")
 
 
 class DualEncoder(nn.Module):
@@ -55,9 +56,16 @@ class DualEncoder(nn.Module):
         self.embed_dim = embed_dim
         self.channels_last = False
         self._compiled_backbone = None  # a plain function, so it is neither a submodule nor in the state dict
-        if trainable == "heads":
+        if self.backbone_frozen:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+        if trainable == "text":
+            for p in self.image_head.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.trainable in ("heads", "text")
 
     def set_temperature(self, temperature: float) -> None:
         """The logits' temperature from now on (`method.temperature` changes the inner loop's)."""
@@ -75,7 +83,7 @@ class DualEncoder(nn.Module):
     def backbone_is_cacheable(self) -> bool:
         """Whether the backbone's features of an image are a fixed function of that image alone: frozen
         parameters and no batch statistics. Then an iteration can compute them once for all steps."""
-        if self.trainable != "heads":
+        if not self.backbone_frozen:
             return False
         return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.backbone.modules())
 
@@ -86,7 +94,7 @@ class DualEncoder(nn.Module):
         for name, p in self.named_parameters():
             if name.startswith("text_head."):
                 text.append(name)
-            elif name.startswith("image_head."):
+            elif name.startswith("image_head.") and self.trainable != "text":
                 image.append(name)
             elif name.startswith("backbone.") and self.trainable == "backbone_and_heads":
                 image.append(name)
@@ -156,7 +164,7 @@ def backbone_fingerprint(model) -> str:
 
 def frozen_backbone_fingerprint(model) -> str | None:
     """The fingerprint of a frozen backbone (recorded in stores and sets), None when the backbone trains."""
-    return backbone_fingerprint(model) if model.trainable == "heads" else None
+    return backbone_fingerprint(model) if model.backbone_frozen else None
 
 
 def check_same_frozen_backbone(what: str, recorded: str | None, here: str | None) -> None:
@@ -187,7 +195,7 @@ def dual_encoder(*, text_dim: int, image_size: int, image: dict, image_head: boo
     from `image.init_seed`, not from the stage's seed: teachers, distillation and students then stand on the same
     random backbone (each stage drawing its own would match the heads' trajectories on other features)."""
     pretrained = bool(image.get("pretrained", False))
-    frozen_random = trainable == "heads" and not pretrained and not image.get("checkpoint")
+    frozen_random = trainable in ("heads", "text") and not pretrained and not image.get("checkpoint")
     shape = {k: image.get(k) for k in ("width", "depth", "feature_side")}
 
     def make_backbone():
@@ -196,9 +204,10 @@ def dual_encoder(*, text_dim: int, image_size: int, image: dict, image_head: boo
 
     if frozen_random:
         if image.get("init_seed") is None:
-            raise MmddError("model.trainable=heads freezes a backbone that loads no weights (model.image.pretrained "
-                            "false, no model.image.checkpoint): set model.image.init_seed=<int> so every stage draws "
-                            "the same random backbone, or load one (mmdd pretrain, model.image.checkpoint=...)")
+            raise MmddError(f"model.trainable={trainable} freezes a backbone that loads no weights "
+                            "(model.image.pretrained false, no model.image.checkpoint): set model.image.init_seed=<int> "
+                            "so every stage draws the same random backbone, or load one (mmdd pretrain, "
+                            "model.image.checkpoint=...)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(image["init_seed"]))
             backbone, dim = make_backbone()

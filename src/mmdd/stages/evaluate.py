@@ -186,7 +186,7 @@ def run_evaluate(cfg, synthetic: str | Path | None = None, data=None, out_dir: s
     def build_model():
         return accelerate_model(build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), cfg.hardware)
 
-    if str(model_cfg.trainable) == "heads" and manifest.get("backbone_fingerprint"):
+    if str(model_cfg.trainable) in ("heads", "text") and manifest.get("backbone_fingerprint"):
         check_frozen_backbone(manifest, build_dual_encoder(model_cfg, text_dim, cfg.data.image_size), synthetic)
     data_differences = other_dataset(manifest, cfg, synthetic)
 

@@ -20,7 +20,7 @@ def accelerate_model(model, hw, second_order: bool = False):
     a trainable backbone (`second_order=True`) differentiates its gradient, and keeps it uncompiled.
     """
     compile = bool(hw.get("compile", False))
-    if compile and second_order and model.trainable != "heads":
+    if compile and second_order and not model.backbone_frozen:
         log.warning("hardware.compile is not applied to the backbone here: distilling through a trainable "
                     "backbone needs double backward, which torch.compile does not support")
         compile = False
