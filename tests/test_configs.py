@@ -176,3 +176,34 @@ def test_every_model_config_builds_and_scores_a_batch(name):
     assert names["image"] and names["text"]  # both modalities have parameters the distillation matches
     logits = model(torch.randn(3, 3, 32, 32), torch.randn(3, text_dim))
     assert logits.shape == (3, 3) and torch.isfinite(logits).all()
+
+
+SWEEPS = sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_searches_existing_settings_around_their_defaults(sweep):
+    """Each conf/sweep/<name>.yaml composes, selects val (test never read), and every searched setting exists in the
+    composed config with its default inside the searched range or among the choices (the search is centred on what
+    the method runs by default, not somewhere else)."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("distill", overrides=["paths.output_dir=/tmp/x", f"sweep={sweep}"], return_hydra_config=True)
+    assert cfg.protocol.selection == "val" and cfg.evaluate
+    params = cfg.hydra.sweeper.params
+    assert params, sweep
+    for key, spec in params.items():
+        default = OmegaConf.select(cfg, key, default="<missing>")
+        assert default != "<missing>", (sweep, key)
+        if key == "method.temperature" and default is None:  # null: the model's temperature
+            default = cfg.model.temperature
+        spec = str(spec)
+        if "interval" in spec:
+            lo, hi = map(float, re.search(r"interval\(([^,]+),([^)]+)\)", spec).groups())
+            assert default is not None and lo <= float(default) <= hi, (sweep, key, default, spec)
+        else:
+            choices = [c.strip() for c in re.search(r"choice\((.*)\)", spec).group(1).split(",")]
+            assert str(default) in choices or float(default) in [float(c) for c in choices], (sweep, key, default)
