@@ -63,11 +63,16 @@ def test_table_over_the_multirun_with_anchors_and_wandb(grid, tmp_path):
     assert len(rows) == 2 and all(",2×1," in r for r in rows)
 
 
-def test_optuna_sweep_runs_trials_on_val(grid):
+def test_optuna_sweep_runs_trials_on_val_and_goes_on_past_a_failed_one(grid):
+    """The first trial (the seeded sampler's draw) takes lr_img 1e30: its set diverges, the trial is recorded as
+    failed with mmdd's message, and the search goes on to its other trials and a best one."""
     root, _ = grid
-    run_mmdd(["distill", *TINY, "sweep=mtt_vl", "hydra.sweeper.n_trials=2", "logger=none", "hydra.sweep.dir=outputs/sweep"], root)
+    proc = run_mmdd(["distill", *TINY, "sweep=mtt_vl", "hydra.sweeper.n_trials=2", "logger=none",
+                     "method.lr_img=choice(10,1e30)", "hydra.sweep.dir=outputs/sweep"], root)
     best = (root / "outputs" / "sweep" / "optimization_results.yaml").read_text()
-    assert "best_params" in best and "method.lr_img" in best and "best_value" in best
+    assert "best_params" in best and "method.lr_img: 10" in best and "best_value" in best
+    assert "Lower the outer learning rates" in proc.stderr
+    assert not (root / "outputs" / "sweep" / "0" / "results.json").exists()
 
 
 def test_export_of_a_distilled_set_loads_as_a_dataset(grid):

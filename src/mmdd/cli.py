@@ -74,9 +74,23 @@ def _task(stage: str):
                 requeue(stage)
                 sys.exit(error.exit_code)
             print(f"mmdd {stage}: error: {error}", file=sys.stderr)
+            if in_optuna_search():
+                from mmdd.errors import TrialFailed
+
+                raise TrialFailed(str(error)) from None
             sys.exit(2)
 
     return task
+
+
+def in_optuna_search() -> bool:
+    """Whether this run is a trial of Hydra's Optuna sweeper (a failed trial is then the search's to record)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    sweeper = HydraConfig.get().sweeper
+    return "optuna" in str(sweeper.get("_target_", "")).lower()
 
 
 def quiet_third_party() -> None:

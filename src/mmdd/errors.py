@@ -26,3 +26,9 @@ class Stopped(MmddError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class TrialFailed(Exception):
+    """A trial of an Optuna search whose run failed with an MmddError (e.g. a set that diverged at the trial's outer
+    learning rate): raised to the sweeper, which records the trial as failed and goes on with the search (the error
+    itself is printed as any stage's is). Not an MmddError: a single run still exits with its clear message."""
