@@ -1,0 +1,155 @@
+"""The tuned comparison's searches (issue 29, section 2): every learned method searched alike, on val.
+
+    python experiments/tune_methods.py search OUT [--trials 12] [--methods lors dm ...] [-- hydra overrides ...]
+    python experiments/tune_methods.py summary OUT           # the chosen settings, a Markdown table and tuned.json
+
+Per method, `--trials` Optuna TPE trials (conf/sweep/<method>.yaml, its sampler seeded) at budget 100 and
+distillation seed 0; each trial's objective is its students' val r_mean (conf/sweep/_optuna.yaml: test is never read
+while searching). Every method gets the same number of trials, failed ones (a set that diverged at the trial's outer
+learning rates) counted as spent. Each method's study lives in OUT/<method>/study.db (sqlite): a search stopped
+part-way resumes by running the same command, which counts each study's finished trials (complete or failed) and
+launches only the rest, each launch in its own folder (OUT/<method>/launch_<k>/<trial>) so that no trial's folder is
+reused by another. The stores each method reads are built first (`mmdd buffer`; MDM's from one shared
+initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads). `summary` reads the
+studies: per method the trials run, failed and the best trial's settings and val r_mean, and writes OUT/tuned.json,
+which the comparison's final runs take their settings from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Cheapest first, so a search stopped part-way has the most methods done (measured trial costs at budget 100).
+METHODS = ("dm", "mdm", "repblend", "lors_heads", "ptm_st", "lors", "tesla_vl", "mtt_vl")
+# What each method's store needs beyond the default model's (every stage of a method gets these overrides).
+STORE = {"mdm": ["teacher.init=shared"]}
+HEADS = ("repblend", "lors_heads")  # the frozen pre-trained ConvNet: `mmdd pretrain`, then its store
+
+
+def mmdd() -> list[str]:
+    return [os.environ.get("MMDD", sys.executable), *([] if "MMDD" in os.environ else ["-m", "mmdd.cli"])]
+
+
+def study(out: Path, method: str):
+    """The method's study, or None before its first trial."""
+    import optuna
+
+    db = out / method / "study.db"
+    if not db.exists():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=method, storage=f"sqlite:///{db}")
+    except KeyError:  # the file exists, the study not yet
+        return None
+
+
+def spent(out: Path, method: str) -> tuple[int, int]:
+    """(trials finished, of which failed): a trial left RUNNING by a killed search is not counted (it is rerun)."""
+    from optuna.trial import TrialState
+
+    s = study(out, method)
+    if s is None:
+        return 0, 0
+    states = [t.state for t in s.trials]
+    return sum(st in (TrialState.COMPLETE, TrialState.FAIL) for st in states), states.count(TrialState.FAIL)
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code:  # the stage said why; what is done stays done
+        print(f"tune_methods: stopped: the command above exited {code}; fix what it says and run the same search "
+              "again, which resumes", file=sys.stderr)
+        sys.exit(code)
+
+
+def search(out: Path, trials: int, methods: list[str], overrides: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for method in methods:
+        done, failed = spent(out, method)
+        print(f"{method}: {done} of {trials} trials done ({failed} failed)", flush=True)
+        if done < trials:
+            pending.append((method, done))
+    methods = [m for m, _ in pending]
+    if any(m not in HEADS for m in methods):
+        run([*mmdd(), "buffer", *overrides, f"hydra.run.dir={out}/stages/buffer"])
+    if "mdm" in methods:
+        run([*mmdd(), "buffer", *STORE["mdm"], *overrides, f"hydra.run.dir={out}/stages/buffer_shared"])
+    if any(m in HEADS for m in methods):
+        run([*mmdd(), "pretrain", *overrides, f"hydra.run.dir={out}/stages/pretrain"])
+        run([*mmdd(), "buffer", "model=convnet_heads", *overrides, f"hydra.run.dir={out}/stages/buffer_heads"])
+    for method, done in pending:
+        folder = out / method
+        launch = len(list(folder.glob("launch_*"))) if folder.exists() else 0
+        folder.mkdir(parents=True, exist_ok=True)
+        run([*mmdd(), "distill", f"sweep={method}", "budget=100", "seed=0", *STORE.get(method, []), *overrides,
+             f"hydra.sweeper.n_trials={trials - done}", f"hydra.sweeper.study_name={method}",
+             f"hydra.sweeper.storage=sqlite:///{folder.resolve()}/study.db",
+             f"hydra.sweep.dir={folder}/launch_{launch}"])
+
+
+def summary(out: Path) -> dict:
+    """Per method: trials, failed, the best trial's settings and its val r_mean."""
+    from optuna.trial import TrialState
+
+    tuned = {}
+    for method in METHODS:
+        s = study(out, method)
+        if s is None:
+            continue
+        complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
+        done, failed = spent(out, method)
+        entry = {"trials": done, "failed": failed}
+        if complete:
+            best = max(complete, key=lambda t: t.value)
+            entry.update(val_r_mean=best.value, settings=best.params, trial=best.number)
+        tuned[method] = entry
+    return tuned
+
+
+def markdown(tuned: dict) -> str:
+    lines = ["| method | trials (failed) | best val r_mean | chosen settings |", "|---|---|---|---|"]
+    for method, e in tuned.items():
+        settings = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in sorted(e.get("settings", {}).items()))
+        value = f"{e['val_r_mean']:.2f}" if "val_r_mean" in e else "–"
+        lines.append(f"| {method} | {e['trials']} ({e['failed']}) | {value} | {settings or '–'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="run (or resume) every method's search")
+    s.add_argument("out", type=Path)
+    s.add_argument("--trials", type=int, default=12)
+    s.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    m = sub.add_parser("summary", help="the chosen settings per method (writes OUT/tuned.json)")
+    m.add_argument("out", type=Path)
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []  # hydra overrides for every stage
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.command == "search":
+        if args.trials < 1:
+            parser.error("--trials must be >= 1")
+        search(args.out, args.trials, args.methods, overrides)
+        return 0
+    tuned = summary(args.out)
+    if not tuned:
+        print(f"{args.out}: no study yet (run `search` first)", file=sys.stderr)
+        return 1
+    from mmdd.utils.io import atomic_write_json
+
+    atomic_write_json(args.out / "tuned.json", tuned)
+    print(markdown(tuned))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
