@@ -17,6 +17,9 @@
 #     full-data upper bound (heads-only students on every train pair, the student protocol);
 #   - cross_arch.md: the default model's sets of seed 0 at the first budget, students with other image encoders at
 #     the same resolution (timm ResNet-18 and ViT-Tiny, random init).
+# TUNED=<search folder> (experiments/tune_methods.py search, then summary): every learned method runs at the settings
+# its search chose on val (`tune_methods.py overrides`), and the tables mark those rows (`mmdd table --tuned`), with
+# the trials, the chosen trial's val r_mean and the search's cost.
 # A run killed part-way is resumed by running the same command (every job resumes or skips what is complete).
 # ONLY="<groups>" runs some groups (default all, in this order): coresets dm mdm lors ptm_st heads mtt_vl tesla_vl
 # tables cross_arch. The stores are always built (or found). cross_arch uses every default-model set of seed 0 at
@@ -32,13 +35,24 @@ read -r -a learned <<< "${LEARNED:-}"
 coresets=random,herding,kcenter,forgetting
 only=" ${ONLY:-all} "
 want() { [[ $only == *" all "* || $only == *" $1 "* ]]; }
+chosen_for() {  # chosen_for <search>: `chosen` = the settings it chose, as overrides (none without TUNED); a missing
+  chosen=()     # search stops the script (a tuned comparison never falls back to defaults unsaid)
+  if [ -n "${TUNED:-}" ]; then
+    local line
+    line=$("${PYTHON:-python}" "$(dirname "$0")/tune_methods.py" overrides "$TUNED" "$1")
+    read -r -a chosen <<< "$line"
+  fi
+}
+tables_tuned=()
+if [ -n "${TUNED:-}" ]; then tables_tuned=(--tuned "$TUNED/tuned.json"); fi
 
 # Groups run cheapest-comparison first (the newer methods and LoRS, their reference, before MTT-VL and TESLA-VL), so
 # a run stopped part-way has the most comparisons; each group is its own sweep folder, so none renumbers another.
 learned_sweep() {  # one trajectory-matching method of the default model: learned_sweep <method> <overrides...>
   local method=$1
   shift
-  "$mmdd" distill -m method="$method" budget=$budgets seed=$seeds "$@" "${learned[@]}" \
+  chosen_for "$method"
+  "$mmdd" distill -m method="$method" budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
       hydra.sweep.dir="$out/learned/$method"
 }
 
@@ -48,21 +62,30 @@ want mdm && "$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/b
 
 # The default model.
 want coresets && "$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
-want dm && "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" hydra.sweep.dir="$out/dm"
-want mdm && "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" \
-    hydra.sweep.dir="$out/mdm"
-want lors && learned_sweep lors "$@"
+if want dm; then
+  chosen_for dm
+  "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" hydra.sweep.dir="$out/dm"
+fi
+if want mdm; then
+  chosen_for mdm
+  "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
+      hydra.sweep.dir="$out/mdm"
+fi
+if want lors; then learned_sweep lors "$@"; fi
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
-want ptm_st && for b in ${budgets//,/ }; do
-  phases=null
-  if [ "$b" -gt "${PHASES_ABOVE:-100}" ]; then
-    half=$(( (b - 1) / 2 ))
-    phases="[{pairs: $half, min_start_epoch: 0, max_start_epoch: 2, convexify: {start: 0, end: 4}}, {pairs: $(( b - 1 - half )), min_start_epoch: 1, max_start_epoch: 3, convexify: {start: 0, end: 5}}]"
-  fi
-  "$mmdd" distill -m method=ptm_st budget="$b" "method.phases=$phases" seed=$seeds "$@" "${learned[@]}" \
-      hydra.sweep.dir="$out/ptm_st/b$b"
-done
+if want ptm_st; then
+  for b in ${budgets//,/ }; do
+    phases=null
+    if [ "$b" -gt "${PHASES_ABOVE:-100}" ]; then
+      half=$(( (b - 1) / 2 ))
+      phases="[{pairs: $half, min_start_epoch: 0, max_start_epoch: 2, convexify: {start: 0, end: 4}}, {pairs: $(( b - 1 - half )), min_start_epoch: 1, max_start_epoch: 3, convexify: {start: 0, end: 5}}]"
+    fi
+    chosen_for ptm_st
+    "$mmdd" distill -m method=ptm_st budget="$b" "method.phases=$phases" seed=$seeds "$@" "${learned[@]}" \
+        "${chosen[@]}" hydra.sweep.dir="$out/ptm_st/b$b"
+  done
+fi
 
 # The frozen, pre-trained ConvNet (heads train), with its stores.
 if want heads; then
@@ -70,23 +93,32 @@ if want heads; then
   "$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
   "$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
       hydra.sweep.dir="$out/coresets_heads"
-  "$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
-      "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
+  if [ -n "${TUNED:-}" ]; then  # each at its own search's settings: two sweeps
+    for pair in repblend:repblend lors:lors_heads; do
+      chosen_for "${pair#*:}"
+      "$mmdd" distill -m experiment=synscenes_repblend method="${pair%%:*}" budget=$budgets seed=$seeds "$@" \
+          "${learned[@]}" "${chosen[@]}" hydra.sweep.dir="$out/repblend_heads/${pair%%:*}"
+    done
+  else
+    "$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
+        "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
+  fi
   "$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
 fi
 
 # The first trajectory-matching methods.
-want mtt_vl && learned_sweep mtt_vl "$@"
-want tesla_vl && learned_sweep tesla_vl "$@"
+if want mtt_vl; then learned_sweep mtt_vl "$@"; fi
+if want tesla_vl; then learned_sweep tesla_vl "$@"; fi
 
 existing() { local g; for g; do [ -d "$out/$g" ] && echo "$out/$g"; done; return 0; }  # the groups OUT holds
 default_groups=(coresets learned dm mdm ptm_st)  # the default model's groups (the tables' and cross_arch's)
 heads_groups=(coresets_heads repblend_heads)
 if want tables; then
   mapfile -t groups < <(existing "${default_groups[@]}" "${heads_groups[@]}" full_train_heads)
-  "$mmdd" table "${groups[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
+  "$mmdd" table "${groups[@]}" "${tables_tuned[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
   # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
-  "$mmdd" table "${groups[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" --plot-x time
+  "$mmdd" table "${groups[@]}" "${tables_tuned[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" \
+      --plot-x time
   # The same plot per model, so the frozen backbone's rows (r_mean 10-30) do not flatten the default model's (1-6).
   for model in default heads; do
     if [ $model = default ]; then mapfile -t dirs < <(existing "${default_groups[@]}")

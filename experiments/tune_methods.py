@@ -11,8 +11,9 @@ part-way resumes by running the same command, which counts each study's finished
 launches only the rest, each launch in its own folder (OUT/<method>/launch_<k>/<trial>) so that no trial's folder is
 reused by another. The stores each method reads are built first (`mmdd buffer`; MDM's from one shared
 initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads). `summary` reads the
-studies: per method the trials run, failed and the best trial's settings and val r_mean, and writes OUT/tuned.json,
-which the comparison's final runs take their settings from.
+studies: per method the trials run, failed, their wall time, and the best trial's settings and val r_mean, and writes
+OUT/tuned.json; `overrides OUT <search>` prints a search's chosen settings as the overrides the comparison's final
+runs are launched with, and `mmdd table --tuned OUT/tuned.json` marks those rows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ METHODS = ("dm", "mdm", "repblend", "lors_heads", "ptm_st", "lors", "tesla_vl", 
 # What each method's store needs beyond the default model's (every stage of a method gets these overrides).
 STORE = {"mdm": ["teacher.init=shared"]}
 HEADS = ("repblend", "lors_heads")  # the frozen pre-trained ConvNet: `mmdd pretrain`, then its store
+METHOD_OF = {"lors_heads": "lors"}  # the method a search tunes, where its name is not the method's
 
 
 def mmdd() -> list[str]:
@@ -104,8 +106,11 @@ def summary(out: Path) -> dict:
         if s is None:
             continue
         complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
+        finished = [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
         done, failed = spent(out, method)
-        entry = {"trials": done, "failed": failed}
+        entry = {"method": METHOD_OF.get(method, method), "trials": done, "failed": failed,
+                 # the wall time of every finished trial (its distillation and its students)
+                 "search_seconds": sum(t.duration.total_seconds() for t in finished if t.duration is not None)}
         if complete:
             best = max(complete, key=lambda t: t.value)
             entry.update(val_r_mean=best.value, settings=best.params, trial=best.number)
@@ -114,12 +119,15 @@ def summary(out: Path) -> dict:
 
 
 def markdown(tuned: dict) -> str:
-    lines = ["| method | trials (failed) | best val r_mean | chosen settings |", "|---|---|---|---|"]
-    for method, e in tuned.items():
-        settings = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in sorted(e.get("settings", {}).items()))
+    from mmdd.report.table import format_duration
+    from mmdd.report.tuning import override_of
+
+    lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings |", "|---|---|---|---|---|"]
+    for name, e in tuned.items():
+        settings = " ".join(override_of(k, v) for k, v in sorted(e.get("settings", {}).items()))
         value = f"{e['val_r_mean']:.2f}" if "val_r_mean" in e else "–"
-        lines.append(f"| {method} | {e['trials']} ({e['failed']}) | {value} | {settings or '–'} |")
+        lines.append(f"| {name} | {e['trials']} ({e['failed']}) | {value} | {format_duration(e['search_seconds'])} | "
+                     f"{settings or '–'} |")
     return "\n".join(lines)
 
 
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     m = sub.add_parser("summary", help="the chosen settings per method (writes OUT/tuned.json)")
     m.add_argument("out", type=Path)
+    o = sub.add_parser("overrides", help="a search's chosen settings as hydra overrides (from OUT/tuned.json), one line")
+    o.add_argument("out", type=Path)
+    o.add_argument("search", choices=METHODS)
     argv = sys.argv[1:] if argv is None else argv
     overrides = argv[argv.index("--") + 1:] if "--" in argv else []  # hydra overrides for every stage
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -139,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.trials < 1:
             parser.error("--trials must be >= 1")
         search(args.out, args.trials, args.methods, overrides)
+        return 0
+    if args.command == "overrides":  # what the comparison's final runs are launched with (mmdd.report.tuning)
+        from mmdd.report.tuning import load_searches
+
+        found = [x for x in load_searches(args.out / "tuned.json") if x.name == args.search]
+        if not found or not found[0].settings:
+            print(f"{args.out}/tuned.json: no chosen settings for {args.search}", file=sys.stderr)
+            return 1
+        print(" ".join(found[0].overrides))
         return 0
     tuned = summary(args.out)
     if not tuned:

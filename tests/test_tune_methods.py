@@ -34,4 +34,34 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     # the best trial's objective is its students' val r_mean, as its results.json records it
     objectives = [json.loads(r.read_text())["objective"] for p in launches for r in p.glob("[0-9]*/results.json")]
     assert tuned["dm"]["val_r_mean"] == max(objectives)
-    assert table.startswith("| method | trials (failed) |") and "| dm | 2 (0) |" in table
+    assert table.startswith("| search | trials (failed) |") and "| dm | 2 (0) |" in table
+    assert tuned["dm"]["method"] == "dm" and tuned["dm"]["search_seconds"] > 0
+
+
+def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
+    """`mmdd table --tuned`: a row launched with `overrides`' chosen settings is that search's tuned row (its trials, the
+    chosen trial's val r_mean and the search's cost); a row at other settings is not tuned; a broken record is refused
+    with a message."""
+    from conftest import run_mmdd
+    from mmdd.report.tuning import override_of
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = {"method.lr_img": 12.3456789, "method.lambda_agr": 0.5}
+    (out / "tuned.json").write_text(json.dumps({"dm": {"method": "dm", "trials": 12, "failed": 2, "val_r_mean": 3.25,
+                                                       "settings": settings, "search_seconds": 1500.0}}))
+    chosen = tune(tmp_path, "overrides", "out", "dm").stdout.split()
+    assert chosen == ["method.lambda_agr=0.5", "method.lr_img=12.3457"] == [override_of(k, v) for k, v in
+                                                                          sorted(settings.items())]
+    tiny = [o for o in TINY if not o.startswith("method.")]
+    common = [*tiny, "method.iterations=2", "logger=none", "protocol.num_seeds=1", "method=dm"]
+    run_mmdd(["distill", *common, *chosen, "hydra.run.dir=runs/tuned"], tmp_path)
+    run_mmdd(["distill", *common, "method.lr_img=1", "hydra.run.dir=runs/other"], tmp_path)
+    table = run_mmdd(["table", "runs", "--tuned", "out/tuned.json"], tmp_path).stdout
+    rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| synscenes")}
+    tuned, other = rows["dm (method.lambda_agr=0.5 method.lr_img=12.3457)"], rows["dm (method.lr_img=1)"]
+    assert tuned.endswith("| 12 trials, 2 failed; val 3.25 | 25.0 min |") and other.endswith("| not tuned | – |")
+    assert "tuned on val" in table
+    (out / "broken.json").write_text(json.dumps({"dm": {"trials": 1}}))
+    proc = run_mmdd(["table", "runs", "--tuned", "out/broken.json"], tmp_path, check=False)
+    assert proc.returncode == 2 and "lacks 'method'" in proc.stderr

@@ -37,6 +37,8 @@ def table(argv: list[str]) -> int:
                          "(default), or the sets' means, i.e. across distillation seeds")
     ap.add_argument("--wandb", action="append", default=[], metavar="DIR_OR_PROJECT",
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
+    ap.add_argument("--tuned", metavar="JSON", help="a search record (experiments/tune_methods.py summary: tuned.json): "
+                    "mark the rows run at a search's chosen settings, with its trials, val score and cost")
     ap.add_argument("--by-student", action="store_true",
                     help="cross-architecture view: one row per set (named by its distill job), one column per student "
                          "model (test r_mean), and each model's fraction of the distilling model's score (md or csv)")
@@ -63,7 +65,14 @@ def table(argv: list[str]) -> int:
 
         text = render_by_student(*pivot_by_student(collection.cells), args.format)
     else:
-        rows = rows_from_cells(collection.cells, args.spread)
+        from mmdd.report.tuning import load_searches
+
+        try:
+            searches = load_searches(args.tuned) if args.tuned else None
+        except MmddError as exc:
+            print(f"mmdd table: error: {exc}", file=sys.stderr)
+            return 2
+        rows = rows_from_cells(collection.cells, args.spread, searches)
         text = render(rows, args.format, anchors, args.anchors or None)
     print(text)
     if args.plot:

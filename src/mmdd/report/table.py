@@ -65,13 +65,17 @@ def result_row(results: dict) -> dict:
 
 
 # --- `mmdd table`: rows from collected cells, best per column, paper anchors ----------------------
-def rows_from_cells(cells, spread: str = "evaluations") -> list[dict]:
+def rows_from_cells(cells, spread: str = "evaluations", searches=None) -> list[dict]:
+    """`searches` (mmdd.report.tuning.load_searches): rows run at a search's chosen settings carry it as "tuning"."""
+    from mmdd.report.tuning import search_of
+
     rows = []
     for c in cells:
         mean, std = c.stats(spread)
         rows.append({"dataset": c.dataset, "method": c.label, "key": c.method, "budget": c.budget,
                      "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std, "spread": spread,
-                     "cost": c.cost()})
+                     "cost": c.cost(), "tuning": search_of(c.method, c.runs, searches) if searches else None,
+                     "searched": bool(searches)})
     return rows
 
 
@@ -144,16 +148,27 @@ def _anchor_value(a: dict, k: str) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _tuning_cells(r: dict) -> list[str]:
+    """With --tuned: the search behind the row (trials, the chosen trial's val r_mean) and its cost, or why none."""
+    t = r.get("tuning")
+    if t is not None:
+        return [t.cell(), format_duration(t.search_seconds)]
+    return ["not tuned", "–"]
+
+
 def _markdown(rows, anchors, anchor_dataset) -> str:
-    head = ["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost", "floats"]
+    searched = any(r.get("searched") for r in rows)
+    head = (["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost", "floats"]
+            + (["tuned on val", "search cost"] if searched else []))
     body = []
     for r in rows:
         body.append([r["dataset"], r["method"], str(r["budget"]), r["protocol"], r["seeds"]]
                     + [_value(r, k, lambda s: f"**{s}**") for k in METRIC_KEYS]
-                    + [format_cost(r.get("cost")), format_storage(r.get("cost"))])
+                    + [format_cost(r.get("cost")), format_storage(r.get("cost"))]
+                    + (_tuning_cells(r) if searched else []))
         for a in anchors_for(r, anchors, anchor_dataset):
             body.append(["", f"*{_anchor_label(a)}*", str(a["budget"]), "paper", ""] + [_anchor_value(a, k) for k in METRIC_KEYS]
-                        + ["", ""])
+                        + ["", ""] + (["", ""] if searched else []))
     text = markdown_grid(head, body)
     spreads = sorted({r["spread"] for r in rows if "spread" in r})
     if spreads:
@@ -162,6 +177,10 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
     if devices:
         text += (f"\n\ncost: mean wall time to distil one set, + training the store experts it read; measured on "
                  f"{'; '.join(devices)}. floats: what one set stores (images, texts, S, step sizes)")
+    if searched:
+        text += ("\n\ntuned on val: the row runs the settings its method's search chose (the trials it ran, failed ones "
+                 "counted, and the chosen trial's students' val r_mean; test never read while searching); search cost: "
+                 "the wall time of all its trials; not tuned: no search chose the row's settings")
     return text
 
 
@@ -189,18 +208,24 @@ def _latex(rows, anchors, anchor_dataset) -> str:
 def _csv(rows, anchors, anchor_dataset) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
+    searched = any(r.get("searched") for r in rows)
+    tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_val_r_mean", "search_seconds"]
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "std_over", "best",
-                *COST_COLUMNS])
+                *COST_COLUMNS, *(tuning_columns if searched else [])])
     for r in rows:
         std = r.get("std") or {}
+        t = r.get("tuning")
+        tuning = ([t.name, t.trials, t.failed, "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}",
+                   f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
-                    r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost"))])
+                    r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost")),
+                    *tuning])
         for a in anchors_for(r, anchors, anchor_dataset):
             w.writerow([f"paper:{a['paper']}", a["dataset"], a["method"], a["budget"], "paper", "",
                         *("" if a.get(k) is None else a[k] for k in METRIC_KEYS), *([""] * len(METRIC_KEYS)), "", "",
-                        *([""] * len(COST_COLUMNS))])
+                        *([""] * len(COST_COLUMNS)), *([""] * len(tuning_columns) if searched else [])])
     return buf.getvalue()
 
 
