@@ -27,10 +27,16 @@ print(int(changed), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(setting: str) -> tuple[bool, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True, check=True).stdout
-    changed, faults = out.split()
-    return bool(int(changed)), int(faults)
+def _faults(setting: str, runs: int = 3) -> tuple[bool, int]:
+    """The fewest page faults of `runs` fresh interpreters: the machine can only add faults (another process's memory
+    pressure, the host reclaiming pages: one CI run saw 4 of 5 cycles fault under keep, once), never remove the ones a
+    fresh mapping must take, so the minimum is the allocator's own behaviour."""
+    results = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True, check=True).stdout
+        changed, faults = out.split()
+        results.append((bool(int(changed)), int(faults)))
+    return results[0][0], min(f for _, f in results)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
