@@ -50,11 +50,12 @@ def study(out: Path, method: str):
         return None
 
 
-def spent(out: Path, method: str) -> tuple[int, int]:
-    """(trials finished, of which failed): a trial left RUNNING by a killed search is not counted (it is rerun)."""
+def spent(out: Path, method: str, loaded=None) -> tuple[int, int]:
+    """(trials finished, of which failed): a trial left RUNNING by a killed search is not counted (it is rerun).
+    `loaded`: the study, when the caller has it already."""
     from optuna.trial import TrialState
 
-    s = study(out, method)
+    s = loaded or study(out, method)
     if s is None:
         return 0, 0
     states = [t.state for t in s.trials]
@@ -107,7 +108,7 @@ def summary(out: Path) -> dict:
             continue
         complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
         finished = [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-        done, failed = spent(out, method)
+        done, failed = spent(out, method, s)
         entry = {"method": METHOD_OF.get(method, method), "trials": done, "failed": failed,
                  # the wall time of every finished trial (its distillation and its students)
                  "search_seconds": sum(t.duration.total_seconds() for t in finished if t.duration is not None)}

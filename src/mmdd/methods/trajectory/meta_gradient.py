@@ -75,10 +75,13 @@ def full_unroll(seg: Segment, backward: Callable[[torch.Tensor], None]):
     return loss.detach(), {m: t.detach() for m, t in terms.items()}
 
 
-def _inner_grads(seg: Segment, params: dict[str, list[torch.Tensor]], idx: torch.Tensor, mix, create_graph: bool):
+def _inner_grads(seg: Segment, params: dict[str, list[torch.Tensor]], idx: torch.Tensor, mix, create_graph: bool,
+                 detach_data: bool = False):
     """The inner loss's gradient at per-parameter leaves (`params`: each modality's tensors in the layout's order), as
-    per-parameter tensors by modality: no flat vector is assembled."""
-    logits = functional_logits(seg.model, seg.layout, params, seg.images[idx], seg.texts[idx], mix, seg.from_features)
+    per-parameter tensors by modality: no flat vector is assembled. `detach_data`: no graph to the images and texts
+    (TESLA's pass 1)."""
+    images, texts = (seg.images.detach(), seg.texts.detach()) if detach_data else (seg.images, seg.texts)
+    logits = functional_logits(seg.model, seg.layout, params, images[idx], texts[idx], mix, seg.from_features)
     leaves = [p for m in params for p in params[m]]
     return by_modality(params, torch.autograd.grad(seg.inner_loss(logits, idx), leaves, create_graph=create_graph))
 
@@ -209,9 +212,7 @@ def tesla(seg: Segment, backward: Callable[[torch.Tensor], None]):
         else:  # pass 2 replays the same batches, blends and dropout masks
             batches.append((idx, mix, rng.get()))
         with torch.enable_grad():
-            images, texts = seg.images.detach(), seg.texts.detach()
-            grads = _inner_grads(replace(seg, images=images, texts=texts), leaves_of(params), idx, mix,
-                                 create_graph=seg.pass1_graph)
+            grads = _inner_grads(seg, leaves_of(params), idx, mix, create_graph=seg.pass1_graph, detach_data=True)
         with torch.no_grad(), scope("flat"):
             for m in mods:
                 torch._foreach_add_(grad_sum_views[m], grads[m])
