@@ -12,7 +12,11 @@ launches only the rest, each launch in its own folder (OUT/<method>/launch_<k>/<
 reused by another. The stores each method reads are built first (`mmdd buffer`; MDM's from one shared
 initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads). `summary` reads the
 studies: per method the trials run, failed, their wall time, and the best trial's settings and val r_mean, and writes
-OUT/tuned.json; `overrides OUT <search>` prints a search's chosen settings as the overrides the comparison's final
+OUT/tuned.json, and names each chosen value still within a third of a decade of its log range's edge. The rule every
+search follows (experiments/tuning_runs/README.md): such a range is extended by a decade on that side in
+conf/sweep/<method>.yaml and the method searched again with the same number of trials (`search --supersede <method>`
+moves its study and launches to OUT/<method>/superseded/<k>, whose trials count in the search's cost and the table's
+trial column). `overrides OUT <search>` prints a search's chosen settings as the overrides the comparison's final
 runs are launched with, and `mmdd table --tuned OUT/tuned.json` marks those rows.
 """
 
@@ -36,11 +40,11 @@ def mmdd() -> list[str]:
     return [os.environ.get("MMDD", sys.executable), *([] if "MMDD" in os.environ else ["-m", "mmdd.cli"])]
 
 
-def study(out: Path, method: str):
-    """The method's study, or None before its first trial."""
+def study(out: Path, method: str, folder: Path | None = None):
+    """The method's study (in `folder`, default OUT/<method>), or None before its first trial."""
     import optuna
 
-    db = out / method / "study.db"
+    db = (folder or out / method) / "study.db"
     if not db.exists():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -48,6 +52,24 @@ def study(out: Path, method: str):
         return optuna.load_study(study_name=method, storage=f"sqlite:///{db}")
     except KeyError:  # the file exists, the study not yet
         return None
+
+
+def superseded(out: Path, method: str) -> list[Path]:
+    """The folders of the method's earlier searches, oldest first."""
+    return sorted((out / method / "superseded").glob("[0-9]*"), key=lambda p: int(p.name))
+
+
+def supersede(out: Path, method: str) -> None:
+    """Keep the method's search so far as superseded (its range was extended): the next search starts afresh."""
+    folder = out / method
+    moving = [p for p in [folder / "study.db", *folder.glob("launch_*")] if p.exists()]
+    if not moving:
+        return
+    target = folder / "superseded" / str(len(superseded(out, method)))
+    target.mkdir(parents=True)
+    for path in moving:
+        os.replace(path, target / path.name)  # same file system: a rename, nothing copied
+    print(f"{method}: the search so far is kept in {target} (superseded)", flush=True)
 
 
 def spent(out: Path, method: str, loaded=None) -> tuple[int, int]:
@@ -71,8 +93,10 @@ def run(cmd: list[str]) -> None:
         sys.exit(code)
 
 
-def search(out: Path, trials: int, methods: list[str], overrides: list[str]) -> None:
+def search(out: Path, trials: int, methods: list[str], overrides: list[str], restart: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    for method in restart:
+        supersede(out, method)
     pending = []
     for method in methods:
         done, failed = spent(out, method)
@@ -97,24 +121,35 @@ def search(out: Path, trials: int, methods: list[str], overrides: list[str]) -> 
              f"hydra.sweep.dir={folder}/launch_{launch}"])
 
 
+def seconds(trials) -> float:
+    """The wall time of these trials (each one's distillation and its students)."""
+    return sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+
+
 def summary(out: Path) -> dict:
-    """Per method: trials, failed, the best trial's settings and its val r_mean."""
+    """Per method: trials, failed, the best trial's settings and its val r_mean, what superseded searches spent and
+    the chosen values still at a log range's edge."""
     from optuna.trial import TrialState
 
+    from mmdd.report.tuning import at_edges, search_space
+
+    finished_states = (TrialState.COMPLETE, TrialState.FAIL)
     tuned = {}
     for method in METHODS:
         s = study(out, method)
         if s is None:
             continue
         complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
-        finished = [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        earlier = [t for f in superseded(out, method) if (e := study(out, method, f)) is not None for t in e.trials
+                   if t.state in finished_states]
         done, failed = spent(out, method, s)
         entry = {"method": METHOD_OF.get(method, method), "trials": done, "failed": failed,
-                 # the wall time of every finished trial (its distillation and its students)
-                 "search_seconds": sum(t.duration.total_seconds() for t in finished if t.duration is not None)}
+                 "superseded_trials": len(earlier),
+                 "search_seconds": seconds([t for t in s.trials if t.state in finished_states] + earlier)}
         if complete:
             best = max(complete, key=lambda t: t.value)
-            entry.update(val_r_mean=best.value, settings=best.params, trial=best.number)
+            entry.update(val_r_mean=best.value, settings=best.params, trial=best.number,
+                         at_edges=at_edges(search_space(method), best.params))
         tuned[method] = entry
     return tuned
 
@@ -123,12 +158,14 @@ def markdown(tuned: dict) -> str:
     from mmdd.report.table import format_duration
     from mmdd.report.tuning import override_of
 
-    lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings |", "|---|---|---|---|---|"]
+    lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings | at a range edge |",
+             "|---|---|---|---|---|---|"]
     for name, e in tuned.items():
         settings = " ".join(override_of(k, v) for k, v in sorted(e.get("settings", {}).items()))
         value = f"{e['val_r_mean']:.2f}" if "val_r_mean" in e else "–"
-        lines.append(f"| {name} | {e['trials']} ({e['failed']}) | {value} | {format_duration(e['search_seconds'])} | "
-                     f"{settings or '–'} |")
+        earlier = f" +{e['superseded_trials']} superseded" if e.get("superseded_trials") else ""
+        lines.append(f"| {name} | {e['trials']} ({e['failed']}){earlier} | {value} | "
+                     f"{format_duration(e['search_seconds'])} | {settings or '–'} | {', '.join(e.get('at_edges', [])) or '–'} |")
     return "\n".join(lines)
 
 
@@ -139,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("out", type=Path)
     s.add_argument("--trials", type=int, default=12)
     s.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    s.add_argument("--supersede", nargs="+", choices=METHODS, default=[], metavar="METHOD",
+                   help="first keep these methods' searches so far as superseded (their ranges were extended) and "
+                        "search them afresh")
     m = sub.add_parser("summary", help="the chosen settings per method (writes OUT/tuned.json)")
     m.add_argument("out", type=Path)
     o = sub.add_parser("overrides", help="a search's chosen settings as hydra overrides (from OUT/tuned.json), one line")
@@ -150,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "search":
         if args.trials < 1:
             parser.error("--trials must be >= 1")
-        search(args.out, args.trials, args.methods, overrides)
+        if set(args.supersede) - set(args.methods):
+            parser.error("--supersede: only methods this search runs (add them to --methods)")
+        search(args.out, args.trials, args.methods, overrides, args.supersede)
         return 0
     if args.command == "overrides":  # what the comparison's final runs are launched with (mmdd.report.tuning)
         from mmdd.report.tuning import load_searches

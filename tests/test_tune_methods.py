@@ -1,6 +1,8 @@
 """experiments/tune_methods.py: every method's search gets the same number of trials, resumes where it stopped (a
 new launch folder, the study's finished trials counted) and reports the chosen settings."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -36,6 +38,33 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     assert tuned["dm"]["val_r_mean"] == max(objectives)
     assert table.startswith("| search | trials (failed) |") and "| dm | 2 (0) |" in table
     assert tuned["dm"]["method"] == "dm" and tuned["dm"]["search_seconds"] > 0
+    assert tuned["dm"]["superseded_trials"] == 0 and isinstance(tuned["dm"]["at_edges"], list)
+    # a range extended (the edge rule): the search so far is superseded, a new one runs afresh, its cost counts both
+    first_cost = tuned["dm"]["search_seconds"]
+    tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
+    kept = tmp_path / "out" / "dm" / "superseded" / "0"
+    assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "launch_1", "study.db"]
+    assert [p.name for p in (tmp_path / "out" / "dm").glob("launch_*")] == ["launch_0"]
+    tune(tmp_path, "summary", "out")
+    tuned = json.loads((tmp_path / "out" / "tuned.json").read_text())
+    assert tuned["dm"]["trials"] == 1 and tuned["dm"]["superseded_trials"] == 2
+    assert tuned["dm"]["search_seconds"] > first_cost
+
+
+def test_a_chosen_value_within_a_third_of_a_decade_of_a_log_ranges_edge_is_reported():
+    """The edge rule, on hand-placed values: log ranges only (a weight's linear range and a choice never), either edge,
+    the threshold exclusive; the real search spaces parse."""
+    from mmdd.report.tuning import at_edges, search_space
+
+    space = search_space("dm")  # lr_img log [0.1, 100], lr_txt log [0.01, 1], lambda_agr/dis linear [0, 2]
+    assert at_edges(space, {"method.lr_img": 0.2, "method.lr_txt": 0.1, "method.lambda_agr": 0.0}) == [
+        "method.lr_img (lower edge)"]  # 0.2 is 0.30 decades above 0.1; the weight at 0 is a linear range's edge
+    assert at_edges(space, {"method.lr_img": 0.25, "method.lr_txt": 0.5}) == [
+        "method.lr_txt (upper edge)"]  # 0.25: 0.40 decades in; 0.5: 0.30 below 1
+    assert at_edges(space, {"method.lr_img": 10.0}) == []
+    assert at_edges(space, {"method.lr_img": 0.1 * 10 ** (1 / 3)}, decades=0.3) == []
+    lors = search_space("lors")
+    assert at_edges(lors, {"method.temperature": 0.03, "method.similarity.rank": 5}) == []  # choices: bounded as listed
 
 
 def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
@@ -49,7 +78,8 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     out.mkdir()
     settings = {"method.lr_img": 12.3456789, "method.lambda_agr": 0.5}
     (out / "tuned.json").write_text(json.dumps({"dm": {"method": "dm", "trials": 12, "failed": 2, "val_r_mean": 3.25,
-                                                       "settings": settings, "search_seconds": 1500.0}}))
+                                                       "settings": settings, "search_seconds": 1500.0,
+                                                       "superseded_trials": 12, "at_edges": ["method.lr_img (upper edge)"]}}))
     chosen = tune(tmp_path, "overrides", "out", "dm").stdout.split()
     assert chosen == ["method.lambda_agr=0.5", "method.lr_img=12.3457"] == [override_of(k, v) for k, v in
                                                                           sorted(settings.items())]
@@ -60,8 +90,14 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     table = run_mmdd(["table", "runs", "--tuned", "out/tuned.json"], tmp_path).stdout
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| synscenes")}
     tuned, other = rows["dm (method.lambda_agr=0.5 method.lr_img=12.3457)"], rows["dm (method.lr_img=1)"]
-    assert tuned.endswith("| 12 trials, 2 failed; val 3.25 | 25.0 min |") and other.endswith("| not tuned | – |")
+    assert tuned.endswith("| 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: method.lr_img "
+                          "(upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
     assert "tuned on val" in table
+    csv_rows = list(csv.DictReader(io.StringIO(run_mmdd(["table", "runs", "--tuned", "out/tuned.json", "-f", "csv"],
+                                                        tmp_path).stdout)))
+    row = next(r for r in csv_rows if r["tuned_search"] == "dm")
+    assert (row["tuned_trials"], row["tuned_superseded_trials"], row["tuned_at_edges"], row["search_seconds"]) == (
+        "12", "12", "method.lr_img (upper edge)", "1500.0")
     (out / "broken.json").write_text(json.dumps({"dm": {"trials": 1}}))
     proc = run_mmdd(["table", "runs", "--tuned", "out/broken.json"], tmp_path, check=False)
     assert proc.returncode == 2 and "lacks 'method'" in proc.stderr

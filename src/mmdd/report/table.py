@@ -179,8 +179,11 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
                  f"{'; '.join(devices)}. floats: what one set stores (images, texts, S, step sizes)")
     if searched:
         text += ("\n\ntuned on val: the row runs the settings its method's search chose (the trials it ran, failed ones "
-                 "counted, and the chosen trial's students' val r_mean; test never read while searching); search cost: "
-                 "the wall time of all its trials; not tuned: no search chose the row's settings")
+                 "counted, and the chosen trial's students' val r_mean; test never read while searching; '+N over narrower "
+                 "ranges': an earlier search whose choice lay at a log range's edge, superseded by one over the range "
+                 "extended a decade; 'at a range edge': a choice still within a third of a decade of its edge); search "
+                 "cost: the wall time of all its trials, superseded ones included; not tuned: no search chose the "
+                 "row's settings")
     return text
 
 
@@ -209,15 +212,16 @@ def _csv(rows, anchors, anchor_dataset) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     searched = any(r.get("searched") for r in rows)
-    tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_val_r_mean", "search_seconds"]
+    tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_superseded_trials", "tuned_val_r_mean",
+                      "tuned_at_edges", "search_seconds"]
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "std_over", "best",
                 *COST_COLUMNS, *(tuning_columns if searched else [])])
     for r in rows:
         std = r.get("std") or {}
         t = r.get("tuning")
-        tuning = ([t.name, t.trials, t.failed, "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}",
-                   f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
+        tuning = ([t.name, t.trials, t.failed, t.superseded_trials, "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}",
+                   ";".join(t.at_edges), f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
                     r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost")),

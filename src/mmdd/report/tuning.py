@@ -4,15 +4,22 @@ A search record (experiments/tune_methods.py `summary`, tuned.json) holds per se
 failed, the best trial's val r_mean, its settings and the wall time of all its trials. A row of `mmdd table` is that
 search's tuned row when its method is the search's and every run of the row was launched with the chosen settings
 (its overrides hold each of them, written as `override_of` writes them: the final runs take their overrides from
-here, so the two cannot drift apart)."""
+here, so the two cannot drift apart).
+
+The ranges follow one rule (`at_edges`): a log-scaled range (a step size or a scale, whose sensible values span decades)
+whose chosen value lies within a third of a decade of an edge is extended by a decade on that side and searched again
+with the same number of trials; the earlier search is kept as superseded, and its trials count in the search's cost."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmdd.errors import MmddError
+
+EDGE_DECADES = 1 / 3  # how near (in decades) a log-scaled range's edge a chosen value is "at" it
 
 
 def override_of(key: str, value) -> str:
@@ -29,7 +36,9 @@ class Search:
     failed: int
     val_r_mean: float | None
     settings: dict = field(default_factory=dict)
-    search_seconds: float = 0.0
+    search_seconds: float = 0.0  # every trial spent choosing, the superseded searches' included
+    superseded_trials: int = 0  # trials of earlier searches over narrower ranges (the edge rule)
+    at_edges: list[str] = field(default_factory=list)  # chosen values still at a log range's edge
 
     @property
     def overrides(self) -> list[str]:
@@ -43,7 +52,9 @@ class Search:
     def cell(self) -> str:
         val = "–" if self.val_r_mean is None else f"{self.val_r_mean:.2f}"
         failed = f", {self.failed} failed" if self.failed else ""
-        return f"{self.trials} trials{failed}; val {val}"
+        earlier = f" (+{self.superseded_trials} over narrower ranges)" if self.superseded_trials else ""
+        edges = f"; at a range edge: {', '.join(self.at_edges)}" if self.at_edges else ""
+        return f"{self.trials} trials{failed}{earlier}; val {val}{edges}"
 
 
 def load_searches(path: str | Path) -> list[Search]:
@@ -59,7 +70,9 @@ def load_searches(path: str | Path) -> list[Search]:
             searches.append(Search(name=name, method=entry["method"], trials=int(entry["trials"]),
                                    failed=int(entry["failed"]), val_r_mean=entry.get("val_r_mean"),
                                    settings=dict(entry.get("settings", {})),
-                                   search_seconds=float(entry.get("search_seconds", 0.0))))
+                                   search_seconds=float(entry.get("search_seconds", 0.0)),
+                                   superseded_trials=int(entry.get("superseded_trials", 0)),
+                                   at_edges=list(entry.get("at_edges", []))))
         except (KeyError, TypeError, ValueError) as exc:
             raise MmddError(f"--tuned {path}: search {name!r} lacks {exc} (method, trials, failed); rewrite it with "
                             "`python experiments/tune_methods.py summary <search folder>`") from exc
@@ -69,3 +82,34 @@ def load_searches(path: str | Path) -> list[Search]:
 def search_of(method: str, runs: list[dict], searches: list[Search]) -> Search | None:
     """The search whose chosen settings made these runs, if any."""
     return next((s for s in searches if s.describes(method, runs)), None)
+
+
+def search_space(sweep: str) -> dict:
+    """conf/sweep/<sweep>.yaml's searched parameters: name -> Hydra's sweep (IntervalSweep with its tags, ChoiceSweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from mmdd.paths import conf_dir
+
+    path = conf_dir() / "sweep" / f"{sweep}.yaml"
+    if not path.exists():
+        raise MmddError(f"{path}: no search space named {sweep!r}; the searches are conf/sweep/<name>.yaml")
+    params = OmegaConf.to_container(OmegaConf.load(path)).get("hydra", {}).get("sweeper", {}).get("params", {})
+    parser = OverridesParser.create()
+    return {key: parser.parse_override(f"{key}={value}").value() for key, value in params.items()}
+
+
+def at_edges(space: dict, settings: dict, decades: float = EDGE_DECADES) -> list[str]:
+    """The chosen values within `decades` of an edge of their log-scaled range, as 'name (lower|upper edge)'. Linear
+    ranges (weights) and choices are bounded by what they mean and never reported."""
+    found = []
+    for key, sweep in space.items():
+        start, end = getattr(sweep, "start", None), getattr(sweep, "end", None)
+        if key not in settings or start is None or "log" not in getattr(sweep, "tags", ()):
+            continue
+        value = math.log10(float(settings[key]))
+        if value - math.log10(start) < decades:
+            found.append(f"{key} (lower edge)")
+        elif math.log10(end) - value < decades:
+            found.append(f"{key} (upper edge)")
+    return found
