@@ -87,9 +87,14 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     common = [*tiny, "method.iterations=2", "logger=none", "protocol.num_seeds=1", "method=dm"]
     run_mmdd(["distill", *common, *chosen, "hydra.run.dir=runs/tuned"], tmp_path)
     run_mmdd(["distill", *common, "method.lr_img=1", "hydra.run.dir=runs/other"], tmp_path)
+    # an ablation: the chosen settings, then an override on top (a later override of the same key wins)
+    run_mmdd(["distill", *common, *chosen, "method.lambda_agr=0", "hydra.run.dir=runs/ablation"], tmp_path)
     table = run_mmdd(["table", "runs", "--tuned", "out/tuned.json"], tmp_path).stdout
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| synscenes")}
-    tuned, other = rows["dm (method.lambda_agr=0.5 method.lr_img=12.3457)"], rows["dm (method.lr_img=1)"]
+    # a tuned row is named by its method (the tuning column stands for the chosen settings), plus what runs on top
+    assert set(rows) == {"dm", "dm (method.lambda_agr=0)", "dm (method.lr_img=1)"}
+    tuned, other, ablation = rows["dm"], rows["dm (method.lr_img=1)"], rows["dm (method.lambda_agr=0)"]
+    assert ablation.split(" | ")[-2:] == tuned.split(" | ")[-2:]
     assert tuned.endswith("| 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: method.lr_img "
                           "(upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
     assert "tuned on val" in table

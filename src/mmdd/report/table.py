@@ -72,10 +72,10 @@ def rows_from_cells(cells, spread: str = "evaluations", searches=None) -> list[d
     rows = []
     for c in cells:
         mean, std = c.stats(spread)
-        rows.append({"dataset": c.dataset, "method": c.label, "key": c.method, "budget": c.budget,
-                     "protocol": c.protocol, "seeds": c.seeds, "mean": mean, "std": std, "spread": spread,
-                     "cost": c.cost(), "tuning": search_of(c.method, c.runs, searches) if searches else None,
-                     "searched": bool(searches)})
+        tuning = search_of(c.method, c.runs, searches) if searches else None
+        rows.append({"dataset": c.dataset, "method": tuning.label(c.method, c.variant) if tuning else c.label,
+                     "key": c.method, "budget": c.budget, "protocol": c.protocol, "seeds": c.seeds, "mean": mean,
+                     "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "searched": bool(searches)})
     return rows
 
 
@@ -178,12 +178,13 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
         text += (f"\n\ncost: mean wall time to distil one set, + training the store experts it read; measured on "
                  f"{'; '.join(devices)}. floats: what one set stores (images, texts, S, step sizes)")
     if searched:
-        text += ("\n\ntuned on val: the row runs the settings its method's search chose (the trials it ran, failed ones "
-                 "counted, and the chosen trial's students' val r_mean; test never read while searching; '+N over narrower "
-                 "ranges': an earlier search whose choice lay at a log range's edge, superseded by one over the range "
-                 "extended a decade; 'at a range edge': a choice still within a third of a decade of its edge); search "
-                 "cost: the wall time of all its trials, superseded ones included; not tuned: no search chose the "
-                 "row's settings")
+        text += ("\n\ntuned on val: the row runs the settings its method's search chose, which its name leaves out; "
+                 "overrides in a tuned row's name run on top of them (an ablation, a variant) and were never searched "
+                 "themselves. The cell: the trials the search ran (failed ones counted; '+N over narrower ranges': an "
+                 "earlier search superseded because its choice lay at a log range's edge, the range then extended a "
+                 "decade), the chosen trial's students' val r_mean (test never read while searching), and any choice "
+                 "still within a third of a decade of its range's edge. search cost: the wall time of all its trials, "
+                 "superseded ones included. not tuned: no search chose the row's settings")
     return text
 
 

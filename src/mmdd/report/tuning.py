@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,15 @@ class Search:
         """Whether rows of `method` made by `runs` (results.json contents) are this search's tuned row."""
         wanted = set(self.overrides)
         return bool(wanted) and method == self.method and all(wanted <= set(r.get("overrides", [])) for r in runs)
+
+    def label(self, method: str, variant: str) -> str:
+        """A tuned row's name: its method and what it runs beyond the chosen settings (an ablation's override), which
+        the tuning column stands for."""
+        rest = variant
+        for o in self.overrides:  # whole tokens only (a chosen setting never holds a space)
+            rest = re.sub(rf"(^| ){re.escape(o)}(?= |$)", "", rest)
+        rest = rest.strip()
+        return f"{method} ({rest})" if rest else method
 
     def cell(self) -> str:
         val = "–" if self.val_r_mean is None else f"{self.val_r_mean:.2f}"
