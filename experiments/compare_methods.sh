@@ -20,9 +20,14 @@
 # TUNED=<search folder> (experiments/tune_methods.py search, then summary): every learned method runs at the settings
 # its search chose on val (`tune_methods.py overrides`), and the tables mark those rows (`mmdd table --tuned`), with
 # the trials, the chosen trial's val r_mean and the search's cost.
+# Further groups (issue 29): pds_regime evaluates the coresets' and PDS-style's sets (the coresets group's) with PDS's
+# students (protocol=pds: the `mmdd pretrain` ConvNet frozen, the text head trains at lr 0.2); variants runs DM with
+# DSA and on backbone features (DM's own loss: the joint-view weights 0), MDM-style with the official fresh anchor and
+# with random-point k-means seeding, each at its method's chosen settings; ablations runs LoRS's two parts off at
+# LoRS's chosen settings (S fixed to the identity, its pair given back to the set; InfoNCE in the place of WBCE).
 # A run killed part-way is resumed by running the same command (every job resumes or skips what is complete).
-# ONLY="<groups>" runs some groups (default all, in this order): coresets dm mdm lors ptm_st heads mtt_vl tesla_vl
-# tables cross_arch. The stores are always built (or found). cross_arch uses every default-model set of seed 0 at
+# ONLY="<groups>" runs some groups (default all, in this order): coresets pds_regime dm mdm variants lors ablations
+# ptm_st heads mtt_vl tesla_vl tables cross_arch. The stores are always built (or found). cross_arch uses every default-model set of seed 0 at
 # the first budget that OUT holds, e.g. ONLY="coresets dm mdm lors ptm_st mtt_vl tesla_vl cross_arch" SEEDS=0
 # BUDGETS=100 for a cross-architecture table on its own.
 set -euo pipefail
@@ -56,12 +61,27 @@ learned_sweep() {  # one trajectory-matching method of the default model: learne
       hydra.sweep.dir="$out/learned/$method"
 }
 
-# Stores of the default model (each skips the experts it already has); MDM's (shared initialisation) only for MDM.
+# Stores of the default model (each skips the experts it already has); MDM's (shared initialisation) only for MDM's
+# groups.
 "$mmdd" buffer "$@" hydra.run.dir="$out/stages/buffer"
-want mdm && "$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"
+if want mdm || want variants; then "$mmdd" buffer teacher.init=shared "$@" hydra.run.dir="$out/stages/buffer_shared"; fi
 
 # The default model.
 want coresets && "$mmdd" distill -m method=$coresets,pds budget=$budgets seed=$seeds "$@" hydra.sweep.dir="$out/coresets"
+sets_of() {  # sets_of <group>: every complete set a group folder holds, comma-separated (an evaluate sweep's values)
+  "${PYTHON:-python}" - "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+found = [m.parent.resolve() for m in sorted(Path(sys.argv[1]).rglob("synthetic/manifest.json"))
+         if json.loads(m.read_text()).get("complete", True)]
+print(",".join(map(str, found)))
+EOF
+}
+if want pds_regime; then  # PDS's student regime on the same sets: only the text head trains on a frozen pre-trained ConvNet
+  "$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
+  "$mmdd" evaluate -m "synthetic=$(sets_of "$out/coresets")" protocol=pds 'model.image.checkpoint=${pretrain.output}' \
+      "$@" hydra.sweep.dir="$out/pds_regime"
+fi
 if want dm; then
   chosen_for dm
   "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" hydra.sweep.dir="$out/dm"
@@ -71,7 +91,27 @@ if want mdm; then
   "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
       hydra.sweep.dir="$out/mdm"
 fi
+if want variants; then  # each a sweep folder of its own, at its method's chosen settings, the variant's overrides last
+  chosen_for dm
+  for variant in "dsa:method/dsa=standard" "features:method.space=features method.lambda_agr=0 method.lambda_dis=0"; do
+    read -r -a extra <<< "${variant#*:}"
+    "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" "${extra[@]}" \
+        hydra.sweep.dir="$out/variants/dm_${variant%%:*}"
+  done
+  chosen_for mdm
+  for variant in "fresh_anchor:method.encoder.anchor=fresh" "random_seeding:method.kmeans.seeding=random"; do
+    "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
+        "${variant#*:}" hydra.sweep.dir="$out/variants/mdm_${variant%%:*}"
+  done
+fi
 if want lors; then learned_sweep lors "$@"; fi
+if want ablations; then  # LoRS's two parts, each off, at LoRS's chosen settings
+  chosen_for lors
+  for part in "identity:method.similarity=null" "infonce:method.inner_loss=infonce"; do
+    "$mmdd" distill -m method=lors budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" "${part#*:}" \
+        hydra.sweep.dir="$out/ablations/lors_${part%%:*}"
+  done
+fi
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
 if want ptm_st; then
@@ -112,9 +152,10 @@ if want tesla_vl; then learned_sweep tesla_vl "$@"; fi
 
 existing() { local g; for g; do [ -d "$out/$g" ] && echo "$out/$g"; done; return 0; }  # the groups OUT holds
 default_groups=(coresets learned dm mdm ptm_st)  # the default model's groups (the tables' and cross_arch's)
+extra_groups=(variants ablations pds_regime)  # section 1's variants, LoRS's ablations, PDS's students: the tables' only
 heads_groups=(coresets_heads repblend_heads)
 if want tables; then
-  mapfile -t groups < <(existing "${default_groups[@]}" "${heads_groups[@]}" full_train_heads)
+  mapfile -t groups < <(existing "${default_groups[@]}" "${extra_groups[@]}" "${heads_groups[@]}" full_train_heads)
   "$mmdd" table "${groups[@]}" "${tables_tuned[@]}" -o "$out/table.md" --plot "$out/cost.png" --plot-x time
   # The same rows with ± across distillation seeds (the std of each set's mean): how far one seed lands from another.
   "$mmdd" table "${groups[@]}" "${tables_tuned[@]}" --spread sets -o "$out/table_sets.md" --plot "$out/cost_sets.png" \

@@ -6,9 +6,11 @@ search's tuned row when its method is the search's and every run of the row was 
 (its overrides hold each of them, written as `override_of` writes them: the final runs take their overrides from
 here, so the two cannot drift apart).
 
-The ranges follow one rule (`at_edges`): a log-scaled range (a step size or a scale, whose sensible values span decades)
-whose chosen value lies within a third of a decade of an edge is extended by a decade on that side and searched again
-with the same number of trials; the earlier search is kept as superseded, and its trials count in the search's cost."""
+The ranges follow one rule: a learning rate's range (two decades about a CPU default: its scale is a guess) whose
+chosen value lies within a third of a decade of an edge (`at_edges`) is extended by a decade on that side, once, and
+the method searched again with the same number of trials; the earlier search is kept as superseded, and its trials
+count in the search's cost. Other log ranges (kernel widths, mixing concentrations, S's scale) are bounded by what
+they mean; a choice at their edges is reported, not chased."""
 
 from __future__ import annotations
 
