@@ -216,3 +216,32 @@ def test_by_student_pivot_pools_sets_per_model_and_names_rows_by_their_distill_j
     assert resnet["ratio_to_distilling_model"] == "0.3750" and resnet["distilled_with"] == "convnet"
     with pytest.raises(SystemExit):
         table_command([str(tmp_path), "--by-student", "--plot", str(tmp_path / "p.png")])
+
+
+def test_versus_pairs_sets_by_distillation_seed(tmp_path, capsys):
+    """`--versus A B`: per distillation seed, each set's mean over its students, A - B at the seeds both hold, its mean
+    and std over seeds; budgets compared separately; the verdict only counts signs. Hand-computed."""
+    # lors: seeds 0, 1, 2 -> set means 2, 4, 3 ; tesla_vl: seeds 0, 1 (2 missing) -> 1, 5
+    write_results(tmp_path / "l0", "lors", 100, [1.0, 3.0], seed=0)
+    write_results(tmp_path / "l1", "lors", 100, [4.0, 4.0], seed=1)
+    write_results(tmp_path / "l2", "lors", 100, [3.0, 3.0], seed=2)
+    write_results(tmp_path / "t0", "tesla_vl", 100, [1.0, 1.0], seed=0)
+    write_results(tmp_path / "t1", "tesla_vl", 100, [6.0, 4.0], seed=1)
+    # budget 200: lors above at both seeds
+    write_results(tmp_path / "l200_0", "lors", 200, [5.0, 5.0], seed=0)
+    write_results(tmp_path / "l200_1", "lors", 200, [6.0, 6.0], seed=1)
+    write_results(tmp_path / "t200_0", "tesla_vl", 200, [4.0, 4.0], seed=0)
+    write_results(tmp_path / "t200_1", "tesla_vl", 200, [4.5, 5.5], seed=1)
+    from mmdd.report.orderings import versus
+
+    rows = rows_from_cells(collect([tmp_path]).cells)
+    at100, at200 = versus(rows, "lors", "tesla_vl")
+    assert (at100.budget, at100.seeds, at100.differences) == (100, [0, 1], [1.0, -1.0])
+    assert at100.mean == 0.0 and at100.std == pytest.approx(statistics.stdev([1.0, -1.0]))
+    assert at100.verdict == "seeds disagree (A above at 1, below at 1 of 2)"
+    assert at200.differences == [1.0, 1.0] and at200.verdict == "A above B at every seed (2 of 2)"
+    assert table_command([str(tmp_path), "--versus", "lors", "tesla_vl"]) == 0
+    out = capsys.readouterr().out
+    assert "| lors | tesla_vl | 200 | mmdd | 0,1 | +1.00, +1.00 | +1.00 ± 0.00 | A above B at every seed (2 of 2) |" in out
+    assert table_command([str(tmp_path), "--versus", "lors", "dm"]) == 2
+    assert "no row named 'dm'" in capsys.readouterr().err

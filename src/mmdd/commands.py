@@ -39,12 +39,18 @@ def table(argv: list[str]) -> int:
                     help="also read W&B runs: an offline wandb/ directory, or entity/project through the API")
     ap.add_argument("--tuned", metavar="JSON", help="a search record (experiments/tune_methods.py summary: tuned.json): "
                     "mark the rows run at a search's chosen settings, with its trials, val score and cost")
+    ap.add_argument("--versus", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="after the table, row A against row B (names as printed) at each budget and protocol both "
+                         "have: the test r_mean difference per distillation seed, its mean ± std, whether every seed "
+                         "agrees; repeatable")
     ap.add_argument("--by-student", action="store_true",
                     help="cross-architecture view: one row per set (named by its distill job), one column per student "
                          "model (test r_mean), and each model's fraction of the distilling model's score (md or csv)")
     args = ap.parse_args(argv)
-    if args.by_student and (args.plot or args.anchors is not None or args.format == "latex"):
-        ap.error("--by-student writes md or csv, without --plot or --anchors")
+    if args.by_student and (args.plot or args.anchors is not None or args.format == "latex" or args.versus):
+        ap.error("--by-student writes md or csv, without --plot, --anchors or --versus")
+    if args.versus and args.format != "md":
+        ap.error("--versus writes Markdown (--format md)")
 
     from_wandb = [(res, f"wandb:{source}") for source in args.wandb for res in collect_wandb(source)]
     dirs = args.dirs or ([] if args.wandb else ["outputs"])
@@ -74,6 +80,15 @@ def table(argv: list[str]) -> int:
             return 2
         rows = rows_from_cells(collection.cells, args.spread, searches)
         text = render(rows, args.format, anchors, args.anchors or None)
+        if args.versus:
+            from mmdd.report.orderings import render_versus, versus
+
+            try:
+                comparisons = [v for a, b in args.versus for v in versus(rows, a, b)]
+            except MmddError as exc:
+                print(f"mmdd table: error: {exc}", file=sys.stderr)
+                return 2
+            text += "\n\n" + render_versus(comparisons)
     print(text)
     if args.plot:
         from mmdd.report.plots import recall_vs_budget, recall_vs_time

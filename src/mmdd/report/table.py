@@ -75,7 +75,8 @@ def rows_from_cells(cells, spread: str = "evaluations", searches=None) -> list[d
         tuning = search_of(c.method, c.runs, searches) if searches else None
         rows.append({"dataset": c.dataset, "method": tuning.label(c.method, c.variant) if tuning else c.label,
                      "key": c.method, "budget": c.budget, "protocol": c.protocol, "seeds": c.seeds, "mean": mean,
-                     "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "searched": bool(searches)})
+                     "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "searched": bool(searches),
+                     "cell": c})
     return rows
 
 
