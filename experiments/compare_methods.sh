@@ -78,9 +78,15 @@ print(",".join(map(str, found)))
 EOF
 }
 if want pds_regime; then  # PDS's student regime on the same sets: only the text head trains on a frozen pre-trained ConvNet
+  sets=$(sets_of "$out/coresets")
+  if [ -z "$sets" ]; then
+    echo "compare_methods.sh: pds_regime evaluates the coresets group's sets, and $out/coresets holds none: run" \
+         "ONLY=\"coresets pds_regime\" first" >&2
+    exit 2
+  fi
   "$mmdd" pretrain "$@" hydra.run.dir="$out/stages/pretrain"
-  "$mmdd" evaluate -m "synthetic=$(sets_of "$out/coresets")" protocol=pds 'model.image.checkpoint=${pretrain.output}' \
-      "$@" hydra.sweep.dir="$out/pds_regime"
+  "$mmdd" evaluate -m "synthetic=$sets" protocol=pds 'model.image.checkpoint=${pretrain.output}' "$@" \
+      hydra.sweep.dir="$out/pds_regime"
 fi
 if want dm; then
   chosen_for dm

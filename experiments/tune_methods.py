@@ -23,6 +23,7 @@ runs are launched with, and `mmdd table --tuned OUT/tuned.json` marks those rows
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -56,16 +57,34 @@ def study(out: Path, method: str, folder: Path | None = None):
 
 def superseded(out: Path, method: str) -> list[Path]:
     """The folders of the method's earlier searches, oldest first."""
-    return sorted((out / method / "superseded").glob("[0-9]*"), key=lambda p: int(p.name))
+    found = (out / method / "superseded").glob("[0-9]*")
+    return sorted((p for p in found if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def space(method: str) -> dict:
+    """conf/sweep/<method>.yaml's searched ranges as written (what a study in OUT/<method>/space.json was run over)."""
+    from omegaconf import OmegaConf
+
+    from mmdd.paths import conf_dir
+
+    cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "sweep" / f"{method}.yaml"))
+    return {k: str(v) for k, v in cfg["hydra"]["sweeper"]["params"].items()}
 
 
 def supersede(out: Path, method: str) -> None:
-    """Keep the method's search so far as superseded (its range was extended): the next search starts afresh."""
+    """Keep the method's search so far as superseded (its range was extended): the next search starts afresh. A search
+    already over the current ranges (its space.json) is resumed instead, so rerunning the same command is safe."""
     folder = out / method
-    moving = [p for p in [folder / "study.db", *folder.glob("launch_*")] if p.exists()]
+    saved = folder / "space.json"
+    if saved.exists() and json.loads(saved.read_text()) == space(method):
+        print(f"{method}: its search already runs over conf/sweep/{method}.yaml's current ranges; resuming it, not "
+              "superseding", flush=True)
+        return
+    moving = [p for p in [folder / "study.db", saved, *folder.glob("launch_*")] if p.exists()]
     if not moving:
         return
-    target = folder / "superseded" / str(len(superseded(out, method)))
+    earlier = superseded(out, method)
+    target = folder / "superseded" / str(int(earlier[-1].name) + 1 if earlier else 0)
     target.mkdir(parents=True)
     for path in moving:
         os.replace(path, target / path.name)  # same file system: a rename, nothing copied
@@ -94,6 +113,8 @@ def run(cmd: list[str]) -> None:
 
 
 def search(out: Path, trials: int, methods: list[str], overrides: list[str], restart: list[str]) -> None:
+    from mmdd.utils.io import atomic_write_json
+
     out.mkdir(parents=True, exist_ok=True)
     for method in restart:
         supersede(out, method)
@@ -115,6 +136,8 @@ def search(out: Path, trials: int, methods: list[str], overrides: list[str], res
         folder = out / method
         launch = len(list(folder.glob("launch_*"))) if folder.exists() else 0
         folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "space.json").exists():  # the ranges this study is searched over (supersede compares them)
+            atomic_write_json(folder / "space.json", space(method))
         run([*mmdd(), "distill", f"sweep={method}", "budget=100", "seed=0", *STORE.get(method, []), *overrides,
              f"hydra.sweeper.n_trials={trials - done}", f"hydra.sweeper.study_name={method}",
              f"hydra.sweeper.storage=sqlite:///{folder.resolve()}/study.db",
@@ -201,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if not found or not found[0].settings:
             print(f"{args.out}/tuned.json: no chosen settings for {args.search}", file=sys.stderr)
             return 1
-        print(" ".join(found[0].overrides))
+        print(" ".join([found[0].marker, *found[0].overrides]))
         return 0
     tuned = summary(args.out)
     if not tuned:

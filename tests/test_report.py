@@ -242,6 +242,34 @@ def test_versus_pairs_sets_by_distillation_seed(tmp_path, capsys):
     assert at200.differences == [1.0, 1.0] and at200.verdict == "A above B at every seed (2 of 2)"
     assert table_command([str(tmp_path), "--versus", "lors", "tesla_vl"]) == 0
     out = capsys.readouterr().out
-    assert "| lors | tesla_vl | 200 | mmdd | 0,1 | +1.00, +1.00 | +1.00 ± 0.00 | A above B at every seed (2 of 2) |" in out
+    assert ("| lors | tesla_vl | synscenes | 200 | mmdd | 0,1 | +1.00, +1.00 | +1.00 ± 0.00 | A above B at every seed "
+            "(2 of 2) |") in out
     assert table_command([str(tmp_path), "--versus", "lors", "dm"]) == 2
     assert "no row named 'dm'" in capsys.readouterr().err
+    # a tie is neither above nor below
+    write_results(tmp_path / "t200_2", "tesla_vl", 200, [7.0, 7.0], seed=2)
+    write_results(tmp_path / "l200_2", "lors", 200, [7.0, 7.0], seed=2)
+    assert versus(rows_from_cells(collect([tmp_path]).cells), "lors", "tesla_vl")[1].verdict == (
+        "seeds disagree (A above at 2, below at 0, equal at 1 of 3)")
+    # two sets of one seed in a row cannot be paired: refused with both places
+    write_results(tmp_path / "copy" / "l200_0", "lors", 200, [9.0, 9.0], seed=0)
+    assert table_command([str(tmp_path), "--versus", "lors", "tesla_vl"]) == 2
+    assert "holds two sets of distillation seed 0" in capsys.readouterr().err
+
+
+def test_a_tuned_row_is_named_by_what_runs_on_top_of_its_searchs_settings(tmp_path):
+    """Tuned rows drop the chosen overrides from their names (whole tokens: lr_img=1 is not lr_img=12); a tuned row
+    whose name an untuned row of the same budget already has says "tuned"; a run marked `tuned_from=` is tuned even
+    where it overrides a chosen key (a multirun keeps the last value only)."""
+    from mmdd.report.tuning import Search
+
+    search = Search("dm", "dm", trials=12, failed=0, val_r_mean=3.0, settings={"method.lr_img": 12.0})
+    write_results(tmp_path / "a", "dm", 100, [1.0], overrides=["method.lr_img=12", "method.space=features"])
+    write_results(tmp_path / "b", "dm", 100, [1.0], overrides=["method.lr_img=1"])
+    write_results(tmp_path / "c", "dm", 100, [1.0], overrides=["tuned_from=dm", "method.lr_img=3"])
+    write_results(tmp_path / "d", "dm", 200, [1.0], overrides=["method.lr_img=12"])
+    write_results(tmp_path / "e", "dm", 200, [1.0])
+    rows = rows_from_cells(collect([tmp_path]).cells, searches=[search])
+    names = {(r["method"], r["budget"]): r["tuning"] is not None for r in rows}
+    assert names == {("dm (method.space=features)", 100): True, ("dm (method.lr_img=1)", 100): False,
+                     ("dm (method.lr_img=3)", 100): True, ("dm (tuned)", 200): True, ("dm", 200): False}

@@ -45,6 +45,10 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     kept = tmp_path / "out" / "dm" / "superseded" / "0"
     assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "launch_1", "study.db"]
     assert [p.name for p in (tmp_path / "out" / "dm").glob("launch_*")] == ["launch_0"]
+    # the same command again (as after a failure): the new search is over the current ranges, so it is resumed
+    again = tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
+    assert "resuming it, not superseding" in again.stdout and "+ " not in again.stdout
+    assert [p.name for p in (tmp_path / "out" / "dm" / "superseded").iterdir()] == ["0"]
     tune(tmp_path, "summary", "out")
     tuned = json.loads((tmp_path / "out" / "tuned.json").read_text())
     assert tuned["dm"]["trials"] == 1 and tuned["dm"]["superseded_trials"] == 2
@@ -62,7 +66,9 @@ def test_a_chosen_value_within_a_third_of_a_decade_of_a_log_ranges_edge_is_repor
     assert at_edges(space, {"method.lr_img": 0.25, "method.lr_txt": 0.5}) == [
         "method.lr_txt (upper edge)"]  # 0.25: 0.40 decades in; 0.5: 0.30 below 1
     assert at_edges(space, {"method.lr_img": 10.0}) == []
-    assert at_edges(space, {"method.lr_img": 0.1 * 10 ** (1 / 3)}, decades=0.3) == []
+    assert at_edges(space, {"method.lr_img": 0.1 * 10 ** (1 / 3 - 0.01)}) == ["method.lr_img (lower edge)"]
+    assert at_edges(space, {"method.lr_img": 0.1 * 10 ** (1 / 3 + 0.01)}) == []
+    assert at_edges(space, {"method.lr_img": 0.1 * 10 ** 0.25}, decades=0.2) == []  # the threshold is a parameter
     lors = search_space("lors")
     assert at_edges(lors, {"method.temperature": 0.03, "method.similarity.rank": 5}) == []  # choices: bounded as listed
 
@@ -81,22 +87,29 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
                                                        "settings": settings, "search_seconds": 1500.0,
                                                        "superseded_trials": 12, "at_edges": ["method.lr_img (upper edge)"]}}))
     chosen = tune(tmp_path, "overrides", "out", "dm").stdout.split()
-    assert chosen == ["method.lambda_agr=0.5", "method.lr_img=12.3457"] == [override_of(k, v) for k, v in
-                                                                          sorted(settings.items())]
+    # the marker first (a record, not a setting), then the chosen settings as the final runs are launched with them
+    assert chosen == ["tuned_from=dm", "method.lambda_agr=0.5", "method.lr_img=12.3457"]
+    assert chosen[1:] == [override_of(k, v) for k, v in sorted(settings.items())]
     tiny = [o for o in TINY if not o.startswith("method.")]
     common = [*tiny, "method.iterations=2", "logger=none", "protocol.num_seeds=1", "method=dm"]
-    run_mmdd(["distill", *common, *chosen, "hydra.run.dir=runs/tuned"], tmp_path)
+    run_mmdd(["distill", *common, *chosen[1:], "hydra.run.dir=runs/tuned"], tmp_path)  # no marker: known by its values
     run_mmdd(["distill", *common, "method.lr_img=1", "hydra.run.dir=runs/other"], tmp_path)
-    # an ablation: the chosen settings, then an override on top (a later override of the same key wins)
-    run_mmdd(["distill", *common, *chosen, "method.lambda_agr=0", "hydra.run.dir=runs/ablation"], tmp_path)
+    # an ablation as compare_methods.sh launches it: a multirun from the search (its marker) with a chosen key
+    # overridden on top; Hydra's sweeper keeps only the last value of a key, so the record lacks the chosen one
+    run_mmdd(["distill", "-m", *common, *chosen, "method.lambda_agr=0", "hydra.sweep.dir=runs/ablation"], tmp_path)
+    recorded = json.loads(next((tmp_path / "runs" / "ablation").glob("*/results.json")).read_text())["overrides"]
+    assert "method.lambda_agr=0.5" not in recorded and "method.lambda_agr=0" in recorded
     table = run_mmdd(["table", "runs", "--tuned", "out/tuned.json"], tmp_path).stdout
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| synscenes")}
     # a tuned row is named by its method (the tuning column stands for the chosen settings), plus what runs on top
     assert set(rows) == {"dm", "dm (method.lambda_agr=0)", "dm (method.lr_img=1)"}
     tuned, other, ablation = rows["dm"], rows["dm (method.lr_img=1)"], rows["dm (method.lambda_agr=0)"]
     assert ablation.split(" | ")[-2:] == tuned.split(" | ")[-2:]
-    assert tuned.endswith("| 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: method.lr_img "
-                          "(upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
+    assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: "
+                          "method.lr_img (upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
+    # the chosen values, once per search, under the table
+    assert ("| dm | dm | 12 (2 failed) +12 superseded | 3.25 | method.lambda_agr=0.5 method.lr_img=12.3457 | "
+            "25.0 min |") in table
     assert "tuned on val" in table
     csv_rows = list(csv.DictReader(io.StringIO(run_mmdd(["table", "runs", "--tuned", "out/tuned.json", "-f", "csv"],
                                                         tmp_path).stdout)))

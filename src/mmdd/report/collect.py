@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Overrides that say which run of a cell this is, or where it wrote, not what was run.
 NOT_VARIANT_KEYS = {"seed", "budget", "method", "logger", "hardware", "synthetic", "students", "experiment_name", "buffer_dir",
-                    "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs"}
+                    "save_every", "evaluate", "diagnostics_every", "progress_bar", "log_every_n_steps", "log_pairs",
+                    "tuned_from", "protocol"}  # protocol: the group choice is the rows' protocol column
 NOT_VARIANT_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "trainer.", "data.root", "hydra/")
 # The full-data row: the teachers of a trajectory store, each evaluated on test after its last epoch.
 TEACHERS_LABEL = "full train (teachers)"

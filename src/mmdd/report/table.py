@@ -70,10 +70,18 @@ def rows_from_cells(cells, spread: str = "evaluations", searches=None) -> list[d
     from mmdd.report.tuning import search_of
 
     rows = []
-    for c in cells:
+    tunings = [search_of(c.method, c.runs, searches) if searches else None for c in cells]
+    # a tuned row is named by its method and what runs on top of its search's settings; where that name is an untuned
+    # row's of the same dataset, budget and protocol, it says "tuned"
+    untuned = {(c.dataset, c.label, c.budget, c.protocol) for c, t in zip(cells, tunings) if t is None}
+    for c, tuning in zip(cells, tunings):
         mean, std = c.stats(spread)
-        tuning = search_of(c.method, c.runs, searches) if searches else None
-        rows.append({"dataset": c.dataset, "method": tuning.label(c.method, c.variant) if tuning else c.label,
+        label = c.label
+        if tuning is not None:
+            label = tuning.label(c.method, c.variant)
+            if (c.dataset, label, c.budget, c.protocol) in untuned:
+                label = tuning.label(c.method, c.variant, marked=True)
+        rows.append({"dataset": c.dataset, "method": label,
                      "key": c.method, "budget": c.budget, "protocol": c.protocol, "seeds": c.seeds, "mean": mean,
                      "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "searched": bool(searches),
                      "cell": c})
@@ -186,6 +194,11 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
                  "decade), the chosen trial's students' val r_mean (test never read while searching), and any choice "
                  "still within a third of a decade of its range's edge. search cost: the wall time of all its trials, "
                  "superseded ones included. not tuned: no search chose the row's settings")
+        used = list({id(r["tuning"]): r["tuning"] for r in rows if r.get("tuning") is not None}.values())
+        if used:
+            from mmdd.report.tuning import chosen_table
+
+            text += "\n\nThe settings each search chose (what its tuned rows ran):\n\n" + chosen_table(used)
     return text
 
 

@@ -47,18 +47,27 @@ class Search:
     def overrides(self) -> list[str]:
         return [override_of(k, v) for k, v in sorted(self.settings.items())]
 
-    def describes(self, method: str, runs: list[dict]) -> bool:
-        """Whether rows of `method` made by `runs` (results.json contents) are this search's tuned row."""
-        wanted = set(self.overrides)
-        return bool(wanted) and method == self.method and all(wanted <= set(r.get("overrides", [])) for r in runs)
+    @property
+    def marker(self) -> str:
+        """The override a run launched from this search carries (`tune_methods.py overrides` prints it first)."""
+        return f"tuned_from={self.name}"
 
-    def label(self, method: str, variant: str) -> str:
+    def describes(self, method: str, runs: list[dict]) -> bool:
+        """Whether rows of `method` made by `runs` (results.json contents) are this search's tuned row: each run was
+        launched from it (its marker), or, without one, holds every chosen setting. A marked run may override a chosen
+        setting (an ablation: a Hydra multirun keeps only the last value of a key); its name then shows that."""
+        wanted = set(self.overrides)
+        if not wanted or method != self.method:
+            return False
+        return all(self.marker in r.get("overrides", []) or wanted <= set(r.get("overrides", [])) for r in runs)
+
+    def label(self, method: str, variant: str, marked: bool = False) -> str:
         """A tuned row's name: its method and what it runs beyond the chosen settings (an ablation's override), which
-        the tuning column stands for."""
+        the tuning column stands for; `marked`: says "tuned" (where an untuned row would otherwise share the name)."""
         rest = variant
         for o in self.overrides:  # whole tokens only (a chosen setting never holds a space)
             rest = re.sub(rf"(^| ){re.escape(o)}(?= |$)", "", rest)
-        rest = rest.strip()
+        rest = " ".join(["tuned"] * marked + [rest.strip()] * bool(rest.strip()))
         return f"{method} ({rest})" if rest else method
 
     def cell(self) -> str:
@@ -66,7 +75,7 @@ class Search:
         failed = f", {self.failed} failed" if self.failed else ""
         earlier = f" (+{self.superseded_trials} over narrower ranges)" if self.superseded_trials else ""
         edges = f"; at a range edge: {', '.join(self.at_edges)}" if self.at_edges else ""
-        return f"{self.trials} trials{failed}{earlier}; val {val}{edges}"
+        return f"{self.name}: {self.trials} trials{failed}{earlier}; val {val}{edges}"
 
 
 def load_searches(path: str | Path) -> list[Search]:
@@ -125,3 +134,18 @@ def at_edges(space: dict, settings: dict, decades: float = EDGE_DECADES) -> list
         elif math.log10(end) - value < decades:
             found.append(f"{key} (upper edge)")
     return found
+
+
+def chosen_table(searches: list[Search]) -> str:
+    """The chosen settings of the searches a table's rows ran, one line per search (Markdown)."""
+    from mmdd.report.table import format_duration
+
+    lines = ["| search | method | trials | chosen trial's val r_mean | chosen settings | search cost |",
+             "|---|---|---|---|---|---|"]
+    for t in searches:
+        val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}"
+        trials = f"{t.trials}" + (f" ({t.failed} failed)" if t.failed else "") + (
+            f" +{t.superseded_trials} superseded" if t.superseded_trials else "")
+        lines.append(f"| {t.name} | {t.method} | {trials} | {val} | {' '.join(t.overrides) or '–'} | "
+                     f"{format_duration(t.search_seconds)} |")
+    return "\n".join(lines)

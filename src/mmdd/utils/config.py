@@ -96,6 +96,7 @@ def config_hash(cfg) -> str:
             plain[group] = {k: v for k, v in plain[group].items() if k != key}
     plain.pop("paths", None)
     plain.pop("hydra", None)
+    plain.pop("tuned_from", None)  # a record of where the settings came from, not one of them
     return stable_hash(plain)
 
 
