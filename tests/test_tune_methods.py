@@ -43,7 +43,7 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     first_cost = tuned["dm"]["search_seconds"]
     tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
     kept = tmp_path / "out" / "dm" / "superseded" / "0"
-    assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "launch_1", "study.db"]
+    assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "launch_1", "space.json", "study.db"]
     assert [p.name for p in (tmp_path / "out" / "dm").glob("launch_*")] == ["launch_0"]
     # the same command again (as after a failure): the new search is over the current ranges, so it is resumed
     again = tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
