@@ -3,7 +3,7 @@
     python experiments/snapshot_records.py OUT/<group> experiments/methods_comparison_runs/<dest>
 
 Keeps every job's results.json, .hydra/{config,overrides}.yaml, synthetic/manifest.json, the sweep's multirun.yaml,
-summary.json and *.log (and a search's study.db and tuned.json: experiments/tune_methods.py); leaves out the synthetic sets' tensors, checkpoints, stores, W&B and CSV logs (too large for
+summary.json and *.log (and a search's study.db, space.json and tuned.json: experiments/tune_methods.py); leaves out the synthetic sets' tensors, checkpoints, stores, W&B and CSV logs (too large for
 git; the same command rebuilds them). `mmdd table` reads the copy as it reads the run.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from mmdd.utils.io import atomic_write
 
 # study.db and tuned.json: experiments/tune_methods.py's searches (each method's Optuna study, resumable from the copy;
-# the chosen settings)
-KEEP_NAMES = {"results.json", "multirun.yaml", "summary.json", "study.db", "tuned.json"}
+# the chosen settings; space.json: the ranges a study was searched over)
+KEEP_NAMES = {"results.json", "multirun.yaml", "summary.json", "study.db", "tuned.json", "space.json"}
 KEEP_IN_PARENT = {".hydra": {"config.yaml", "overrides.yaml"}, "synthetic": {"manifest.json"}}
 SKIP_DIRS = {"checkpoints", "wandb", "csv", "lightning_logs"}
 
