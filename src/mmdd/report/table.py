@@ -165,6 +165,19 @@ def _tuning_cells(r: dict) -> list[str]:
     return ["not tuned", "–"]
 
 
+def _chosen_table(searches: list) -> str:
+    """The chosen settings of the searches a table's rows ran, one line per search (Markdown)."""
+    lines = ["| search | method | trials | chosen trial's val r_mean | chosen settings | search cost |",
+             "|---|---|---|---|---|---|"]
+    for t in searches:
+        val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}"
+        trials = f"{t.trials}" + (f" ({t.failed} failed)" if t.failed else "") + (
+            f" +{t.superseded_trials} superseded" if t.superseded_trials else "")
+        lines.append(f"| {t.name} | {t.method} | {trials} | {val} | {' '.join(t.overrides) or '–'} | "
+                     f"{format_duration(t.search_seconds)} |")
+    return "\n".join(lines)
+
+
 def _markdown(rows, anchors, anchor_dataset) -> str:
     searched = any(r.get("searched") for r in rows)
     head = (["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost", "floats"]
@@ -196,9 +209,7 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
                  "superseded ones included. not tuned: no search chose the row's settings")
         used = list({id(r["tuning"]): r["tuning"] for r in rows if r.get("tuning") is not None}.values())
         if used:
-            from mmdd.report.tuning import chosen_table
-
-            text += "\n\nThe settings each search chose (what its tuned rows ran):\n\n" + chosen_table(used)
+            text += "\n\nThe settings each search chose (what its tuned rows ran):\n\n" + _chosen_table(used)
     return text
 
 

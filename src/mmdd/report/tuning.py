@@ -135,17 +135,3 @@ def at_edges(space: dict, settings: dict, decades: float = EDGE_DECADES) -> list
             found.append(f"{key} (upper edge)")
     return found
 
-
-def chosen_table(searches: list[Search]) -> str:
-    """The chosen settings of the searches a table's rows ran, one line per search (Markdown)."""
-    from mmdd.report.table import format_duration
-
-    lines = ["| search | method | trials | chosen trial's val r_mean | chosen settings | search cost |",
-             "|---|---|---|---|---|---|"]
-    for t in searches:
-        val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}"
-        trials = f"{t.trials}" + (f" ({t.failed} failed)" if t.failed else "") + (
-            f" +{t.superseded_trials} superseded" if t.superseded_trials else "")
-        lines.append(f"| {t.name} | {t.method} | {trials} | {val} | {' '.join(t.overrides) or '–'} | "
-                     f"{format_duration(t.search_seconds)} |")
-    return "\n".join(lines)
