@@ -41,11 +41,12 @@ def mmdd() -> list[str]:
     return [os.environ.get("MMDD", sys.executable), *([] if "MMDD" in os.environ else ["-m", "mmdd.cli"])]
 
 
-def study(out: Path, method: str, folder: Path | None = None):
-    """The method's study (in `folder`, default OUT/<method>), or None before its first trial."""
+def study(folder: Path, method: str):
+    """The method's study in folder/study.db (OUT/<method>, or one of its superseded searches), or None before its
+    first trial."""
     import optuna
 
-    db = (folder or out / method) / "study.db"
+    db = folder / "study.db"
     if not db.exists():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,22 +62,14 @@ def superseded(out: Path, method: str) -> list[Path]:
     return sorted((p for p in found if p.name.isdigit()), key=lambda p: int(p.name))
 
 
-def space(method: str) -> dict:
-    """conf/sweep/<method>.yaml's searched ranges as written (what a study in OUT/<method>/space.json was run over)."""
-    from omegaconf import OmegaConf
-
-    from mmdd.paths import conf_dir
-
-    cfg = OmegaConf.to_container(OmegaConf.load(conf_dir() / "sweep" / f"{method}.yaml"))
-    return {k: str(v) for k, v in cfg["hydra"]["sweeper"]["params"].items()}
-
-
 def supersede(out: Path, method: str) -> None:
     """Keep the method's search so far as superseded (its range was extended): the next search starts afresh. A search
     already over the current ranges (its space.json) is resumed instead, so rerunning the same command is safe."""
+    from mmdd.report.tuning import search_ranges
+
     folder = out / method
     saved = folder / "space.json"
-    if saved.exists() and json.loads(saved.read_text()) == space(method):
+    if saved.exists() and json.loads(saved.read_text()) == search_ranges(method):
         print(f"{method}: its search already runs over conf/sweep/{method}.yaml's current ranges; resuming it, not "
               "superseding", flush=True)
         return
@@ -91,16 +84,25 @@ def supersede(out: Path, method: str) -> None:
     print(f"{method}: the search so far is kept in {target} (superseded)", flush=True)
 
 
-def spent(out: Path, method: str, loaded=None) -> tuple[int, int]:
-    """(trials finished, of which failed): a trial left RUNNING by a killed search is not counted (it is rerun).
-    `loaded`: the study, when the caller has it already."""
+def finished(s) -> list:
+    """A study's trials that finished, complete or failed: a trial left RUNNING by a killed search is not counted (it
+    is rerun)."""
     from optuna.trial import TrialState
 
-    s = loaded or study(out, method)
-    if s is None:
-        return 0, 0
-    states = [t.state for t in s.trials]
-    return sum(st in (TrialState.COMPLETE, TrialState.FAIL) for st in states), states.count(TrialState.FAIL)
+    return [t for t in s.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+
+
+def failures(trials) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.FAIL for t in trials)
+
+
+def spent(out: Path, method: str) -> tuple[int, int]:
+    """(trials finished, of which failed)."""
+    s = study(out / method, method)
+    done = finished(s) if s is not None else []
+    return len(done), failures(done)
 
 
 def run(cmd: list[str]) -> None:
@@ -113,6 +115,7 @@ def run(cmd: list[str]) -> None:
 
 
 def search(out: Path, trials: int, methods: list[str], overrides: list[str], restart: list[str]) -> None:
+    from mmdd.report.tuning import search_ranges
     from mmdd.utils.io import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def search(out: Path, trials: int, methods: list[str], overrides: list[str], res
         launch = len(list(folder.glob("launch_*"))) if folder.exists() else 0
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "space.json").exists():  # the ranges this study is searched over (supersede compares them)
-            atomic_write_json(folder / "space.json", space(method))
+            atomic_write_json(folder / "space.json", search_ranges(method))
         run([*mmdd(), "distill", f"sweep={method}", "budget=100", "seed=0", *STORE.get(method, []), *overrides,
              f"hydra.sweeper.n_trials={trials - done}", f"hydra.sweeper.study_name={method}",
              f"hydra.sweeper.storage=sqlite:///{folder.resolve()}/study.db",
@@ -156,19 +159,16 @@ def summary(out: Path) -> dict:
 
     from mmdd.report.tuning import at_edges, search_space
 
-    finished_states = (TrialState.COMPLETE, TrialState.FAIL)
     tuned = {}
     for method in METHODS:
-        s = study(out, method)
+        s = study(out / method, method)
         if s is None:
             continue
         complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
-        earlier = [t for f in superseded(out, method) if (e := study(out, method, f)) is not None for t in e.trials
-                   if t.state in finished_states]
-        done, failed = spent(out, method, s)
-        entry = {"method": METHOD_OF.get(method, method), "trials": done, "failed": failed,
-                 "superseded_trials": len(earlier),
-                 "search_seconds": seconds([t for t in s.trials if t.state in finished_states] + earlier)}
+        done = finished(s)
+        earlier = [t for f in superseded(out, method) if (e := study(f, method)) is not None for t in finished(e)]
+        entry = {"method": METHOD_OF.get(method, method), "trials": len(done), "failed": failures(done),
+                 "superseded_trials": len(earlier), "search_seconds": seconds(done + earlier)}
         if complete:
             best = max(complete, key=lambda t: t.value)
             entry.update(val_r_mean=best.value, settings=best.params, trial=best.number,
@@ -178,18 +178,10 @@ def summary(out: Path) -> dict:
 
 
 def markdown(tuned: dict) -> str:
-    from mmdd.report.table import format_duration
-    from mmdd.report.tuning import override_of
+    from mmdd.report.table import searches_table
+    from mmdd.report.tuning import Search
 
-    lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings | at a range edge |",
-             "|---|---|---|---|---|---|"]
-    for name, e in tuned.items():
-        settings = " ".join(override_of(k, v) for k, v in sorted(e.get("settings", {}).items()))
-        value = f"{e['val_r_mean']:.2f}" if "val_r_mean" in e else "–"
-        earlier = f" +{e['superseded_trials']} superseded" if e.get("superseded_trials") else ""
-        lines.append(f"| {name} | {e['trials']} ({e['failed']}){earlier} | {value} | "
-                     f"{format_duration(e['search_seconds'])} | {settings or '–'} | {', '.join(e.get('at_edges', [])) or '–'} |")
-    return "\n".join(lines)
+    return searches_table([Search.from_record(name, entry) for name, entry in tuned.items()])
 
 
 def main(argv: list[str] | None = None) -> int:

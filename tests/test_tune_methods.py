@@ -113,8 +113,8 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: "
                           "method.lr_img (upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
     # the chosen values, once per search, under the table
-    assert ("| dm | dm | 12 (2 failed) +12 superseded | 3.25 | method.lambda_agr=0.5 method.lr_img=12.3457 | "
-            "25.0 min |") in table
+    assert ("| dm | 12 (2) +12 superseded | 3.25 | 25.0 min | method.lambda_agr=0.5 method.lr_img=12.3457 | "
+            "method.lr_img (upper edge) |") in table
     assert "tuned on val" in table
     csv_rows = list(csv.DictReader(io.StringIO(run_mmdd(["table", "runs", "--tuned", "out/tuned.json", "-f", "csv"],
                                                         tmp_path).stdout)))

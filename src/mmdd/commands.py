@@ -79,7 +79,7 @@ def table(argv: list[str]) -> int:
             print(f"mmdd table: error: {exc}", file=sys.stderr)
             return 2
         rows = rows_from_cells(collection.cells, args.spread, searches)
-        text = render(rows, args.format, anchors, args.anchors or None)
+        text = render(rows, args.format, anchors, args.anchors or None, searched=searches is not None)
         if args.versus:
             from mmdd.report.orderings import render_versus, versus
 

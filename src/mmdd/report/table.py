@@ -83,8 +83,7 @@ def rows_from_cells(cells, spread: str = "evaluations", searches=None) -> list[d
                 label = tuning.label(c.method, c.variant, marked=True)
         rows.append({"dataset": c.dataset, "method": label,
                      "key": c.method, "budget": c.budget, "protocol": c.protocol, "seeds": c.seeds, "mean": mean,
-                     "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "searched": bool(searches),
-                     "cell": c})
+                     "std": std, "spread": spread, "cost": c.cost(), "tuning": tuning, "cell": c})
     return rows
 
 
@@ -130,12 +129,16 @@ def _anchor_label(a: dict) -> str:
     return f"↳ {a['method']} as reported ({a['paper']}, {a['dataset']})"
 
 
-def render(rows: list[dict], fmt: str = "md", anchors: list[dict] | None = None, anchor_dataset: str | None = None) -> str:
+def render(rows: list[dict], fmt: str = "md", anchors: list[dict] | None = None, anchor_dataset: str | None = None,
+           searched: bool = False) -> str:
+    """`searched`: the rows were matched against search records (`--tuned`): md and csv add the tuning columns."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     mark_best(rows)
     anchors = anchors or []
-    return {"md": _markdown, "latex": _latex, "csv": _csv}[fmt](rows, anchors, anchor_dataset)
+    if fmt == "latex":
+        return _latex(rows, anchors, anchor_dataset)
+    return {"md": _markdown, "csv": _csv}[fmt](rows, anchors, anchor_dataset, searched)
 
 
 def _value(r: dict, k: str, bold=lambda s: s) -> str:
@@ -165,21 +168,21 @@ def _tuning_cells(r: dict) -> list[str]:
     return ["not tuned", "–"]
 
 
-def _chosen_table(searches: list) -> str:
-    """The chosen settings of the searches a table's rows ran, one line per search (Markdown)."""
-    lines = ["| search | method | trials | chosen trial's val r_mean | chosen settings | search cost |",
+def searches_table(searches: list) -> str:
+    """Searches (mmdd.report.tuning.Search) as Markdown, one line each: trials (failed; superseded), the chosen trial's
+    val r_mean, the cost of all its trials, its chosen settings and any still at a log range's edge. `tune_methods.py
+    summary` prints it; `mmdd table --tuned` puts the searches its rows ran under the table."""
+    lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings | at a range edge |",
              "|---|---|---|---|---|---|"]
     for t in searches:
         val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}"
-        trials = f"{t.trials}" + (f" ({t.failed} failed)" if t.failed else "") + (
-            f" +{t.superseded_trials} superseded" if t.superseded_trials else "")
-        lines.append(f"| {t.name} | {t.method} | {trials} | {val} | {' '.join(t.overrides) or '–'} | "
-                     f"{format_duration(t.search_seconds)} |")
+        earlier = f" +{t.superseded_trials} superseded" if t.superseded_trials else ""
+        lines.append(f"| {t.name} | {t.trials} ({t.failed}){earlier} | {val} | {format_duration(t.search_seconds)} | "
+                     f"{' '.join(t.overrides) or '–'} | {', '.join(t.at_edges) or '–'} |")
     return "\n".join(lines)
 
 
-def _markdown(rows, anchors, anchor_dataset) -> str:
-    searched = any(r.get("searched") for r in rows)
+def _markdown(rows, anchors, anchor_dataset, searched: bool) -> str:
     head = (["dataset", "method", "budget", "protocol", "seeds"] + [HEADERS[k] for k in METRIC_KEYS] + ["cost", "floats"]
             + (["tuned on val", "search cost"] if searched else []))
     body = []
@@ -209,7 +212,7 @@ def _markdown(rows, anchors, anchor_dataset) -> str:
                  "superseded ones included. not tuned: no search chose the row's settings")
         used = list({id(r["tuning"]): r["tuning"] for r in rows if r.get("tuning") is not None}.values())
         if used:
-            text += "\n\nThe settings each search chose (what its tuned rows ran):\n\n" + _chosen_table(used)
+            text += "\n\nThe settings each search chose (what its tuned rows ran):\n\n" + searches_table(used)
     return text
 
 
@@ -234,10 +237,9 @@ def _latex(rows, anchors, anchor_dataset) -> str:
     return "\n".join(lines)
 
 
-def _csv(rows, anchors, anchor_dataset) -> str:
+def _csv(rows, anchors, anchor_dataset, searched: bool) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    searched = any(r.get("searched") for r in rows)
     tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_superseded_trials", "tuned_val_r_mean",
                       "tuned_at_edges", "search_seconds"]
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",

@@ -67,8 +67,8 @@ class Search:
         rest = variant
         for o in self.overrides:  # whole tokens only (a chosen setting never holds a space)
             rest = re.sub(rf"(^| ){re.escape(o)}(?= |$)", "", rest)
-        rest = " ".join(["tuned"] * marked + [rest.strip()] * bool(rest.strip()))
-        return f"{method} ({rest})" if rest else method
+        parts = (["tuned"] if marked else []) + ([rest.strip()] if rest.strip() else [])
+        return f"{method} ({' '.join(parts)})" if parts else method
 
     def cell(self) -> str:
         val = "–" if self.val_r_mean is None else f"{self.val_r_mean:.2f}"
@@ -76,6 +76,14 @@ class Search:
         earlier = f" (+{self.superseded_trials} over narrower ranges)" if self.superseded_trials else ""
         edges = f"; at a range edge: {', '.join(self.at_edges)}" if self.at_edges else ""
         return f"{self.name}: {self.trials} trials{failed}{earlier}; val {val}{edges}"
+
+    @classmethod
+    def from_record(cls, name: str, entry: dict) -> "Search":
+        """One search of a tuned.json record (`tune_methods.py summary`)."""
+        return cls(name=name, method=entry["method"], trials=int(entry["trials"]), failed=int(entry["failed"]),
+                   val_r_mean=entry.get("val_r_mean"), settings=dict(entry.get("settings", {})),
+                   search_seconds=float(entry.get("search_seconds", 0.0)),
+                   superseded_trials=int(entry.get("superseded_trials", 0)), at_edges=list(entry.get("at_edges", [])))
 
 
 def load_searches(path: str | Path) -> list[Search]:
@@ -88,12 +96,7 @@ def load_searches(path: str | Path) -> list[Search]:
     searches = []
     for name, entry in record.items():
         try:
-            searches.append(Search(name=name, method=entry["method"], trials=int(entry["trials"]),
-                                   failed=int(entry["failed"]), val_r_mean=entry.get("val_r_mean"),
-                                   settings=dict(entry.get("settings", {})),
-                                   search_seconds=float(entry.get("search_seconds", 0.0)),
-                                   superseded_trials=int(entry.get("superseded_trials", 0)),
-                                   at_edges=list(entry.get("at_edges", []))))
+            searches.append(Search.from_record(name, entry))
         except (KeyError, TypeError, ValueError) as exc:
             raise MmddError(f"--tuned {path}: search {name!r} lacks {exc} (method, trials, failed); rewrite it with "
                             "`python experiments/tune_methods.py summary <search folder>`") from exc
@@ -105,9 +108,8 @@ def search_of(method: str, runs: list[dict], searches: list[Search]) -> Search |
     return next((s for s in searches if s.describes(method, runs)), None)
 
 
-def search_space(sweep: str) -> dict:
-    """conf/sweep/<sweep>.yaml's searched parameters: name -> Hydra's sweep (IntervalSweep with its tags, ChoiceSweep)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def search_ranges(sweep: str) -> dict[str, str]:
+    """conf/sweep/<sweep>.yaml's searched parameters as written: name -> e.g. 'tag(log, interval(1, 100))'."""
     from omegaconf import OmegaConf
 
     from mmdd.paths import conf_dir
@@ -116,8 +118,15 @@ def search_space(sweep: str) -> dict:
     if not path.exists():
         raise MmddError(f"{path}: no search space named {sweep!r}; the searches are conf/sweep/<name>.yaml")
     params = OmegaConf.to_container(OmegaConf.load(path)).get("hydra", {}).get("sweeper", {}).get("params", {})
+    return {key: str(value) for key, value in params.items()}
+
+
+def search_space(sweep: str) -> dict:
+    """conf/sweep/<sweep>.yaml's searched parameters: name -> Hydra's sweep (IntervalSweep with its tags, ChoiceSweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     parser = OverridesParser.create()
-    return {key: parser.parse_override(f"{key}={value}").value() for key, value in params.items()}
+    return {key: parser.parse_override(f"{key}={value}").value() for key, value in search_ranges(sweep).items()}
 
 
 def at_edges(space: dict, settings: dict, decades: float = EDGE_DECADES) -> list[str]:
