@@ -53,12 +53,16 @@ if [ -n "${TUNED:-}" ]; then tables_tuned=(--tuned "$TUNED/tuned.json"); fi
 
 # Groups run cheapest-comparison first (the newer methods and LoRS, their reference, before MTT-VL and TESLA-VL), so
 # a run stopped part-way has the most comparisons; each group is its own sweep folder, so none renumbers another.
-learned_sweep() {  # one trajectory-matching method of the default model: learned_sweep <method> <overrides...>
-  local method=$1
-  shift
-  chosen_for "$method"
-  "$mmdd" distill -m method="$method" budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
-      hydra.sweep.dir="$out/learned/$method"
+common=("$@")  # the overrides after OUT, for every command
+# tuned_sweep <search> <sweep dir> <overrides...>: a learned method's multirun over the budgets (BUDGET_LIST where set,
+# e.g. one budget) and seeds, at the settings <search> chose (with TUNED), the given overrides last so that a
+# variant's or an ablation's value of a chosen key wins (a multirun keeps a key's last value)
+tuned_sweep() {
+  local search=$1 dir=$2
+  shift 2
+  chosen_for "$search"
+  "$mmdd" distill -m budget="${BUDGET_LIST:-$budgets}" seed=$seeds "${common[@]}" "${learned[@]}" "${chosen[@]}" "$@" \
+      hydra.sweep.dir="$dir"
 }
 
 # Stores of the default model (each skips the experts it already has); MDM's (shared initialisation) only for MDM's
@@ -88,35 +92,18 @@ if want pds_regime; then  # PDS's student regime on the same sets: only the text
   "$mmdd" evaluate -m "synthetic=$sets" protocol=pds 'model.image.checkpoint=${pretrain.output}' "$@" \
       hydra.sweep.dir="$out/pds_regime"
 fi
-if want dm; then
-  chosen_for dm
-  "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" hydra.sweep.dir="$out/dm"
+if want dm; then tuned_sweep dm "$out/dm" method=dm; fi
+if want mdm; then tuned_sweep mdm "$out/mdm" method=mdm teacher.init=shared; fi
+if want variants; then  # each a sweep folder of its own, at its method's chosen settings
+  tuned_sweep dm "$out/variants/dm_dsa" method=dm method/dsa=standard
+  tuned_sweep dm "$out/variants/dm_features" method=dm method.space=features method.lambda_agr=0 method.lambda_dis=0
+  tuned_sweep mdm "$out/variants/mdm_fresh_anchor" method=mdm teacher.init=shared method.encoder.anchor=fresh
+  tuned_sweep mdm "$out/variants/mdm_random_seeding" method=mdm teacher.init=shared method.kmeans.seeding=random
 fi
-if want mdm; then
-  chosen_for mdm
-  "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
-      hydra.sweep.dir="$out/mdm"
-fi
-if want variants; then  # each a sweep folder of its own, at its method's chosen settings, the variant's overrides last
-  chosen_for dm
-  for variant in "dsa:method/dsa=standard" "features:method.space=features method.lambda_agr=0 method.lambda_dis=0"; do
-    read -r -a extra <<< "${variant#*:}"
-    "$mmdd" distill -m method=dm budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" "${extra[@]}" \
-        hydra.sweep.dir="$out/variants/dm_${variant%%:*}"
-  done
-  chosen_for mdm
-  for variant in "fresh_anchor:method.encoder.anchor=fresh" "random_seeding:method.kmeans.seeding=random"; do
-    "$mmdd" distill -m method=mdm teacher.init=shared budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" \
-        "${variant#*:}" hydra.sweep.dir="$out/variants/mdm_${variant%%:*}"
-  done
-fi
-if want lors; then learned_sweep lors "$@"; fi
+if want lors; then tuned_sweep lors "$out/learned/lors" method=lors; fi
 if want ablations; then  # LoRS's two parts, each off, at LoRS's chosen settings
-  chosen_for lors
-  for part in "identity:method.similarity=null" "infonce:method.inner_loss=infonce"; do
-    "$mmdd" distill -m method=lors budget=$budgets seed=$seeds "$@" "${learned[@]}" "${chosen[@]}" "${part#*:}" \
-        hydra.sweep.dir="$out/ablations/lors_${part%%:*}"
-  done
+  tuned_sweep lors "$out/ablations/lors_identity" method=lors method.similarity=null
+  tuned_sweep lors "$out/ablations/lors_infonce" method=lors method.inner_loss=infonce
 fi
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).
@@ -127,9 +114,7 @@ if want ptm_st; then
       half=$(( (b - 1) / 2 ))
       phases="[{pairs: $half, min_start_epoch: 0, max_start_epoch: 2, convexify: {start: 0, end: 4}}, {pairs: $(( b - 1 - half )), min_start_epoch: 1, max_start_epoch: 3, convexify: {start: 0, end: 5}}]"
     fi
-    chosen_for ptm_st
-    "$mmdd" distill -m method=ptm_st budget="$b" "method.phases=$phases" seed=$seeds "$@" "${learned[@]}" \
-        "${chosen[@]}" hydra.sweep.dir="$out/ptm_st/b$b"
+    BUDGET_LIST=$b tuned_sweep ptm_st "$out/ptm_st/b$b" method=ptm_st "method.phases=$phases"
   done
 fi
 
@@ -139,22 +124,15 @@ if want heads; then
   "$mmdd" buffer model=convnet_heads "$@" hydra.run.dir="$out/stages/buffer_heads"
   "$mmdd" distill -m model=convnet_heads method=$coresets budget=$budgets seed=$seeds "$@" \
       hydra.sweep.dir="$out/coresets_heads"
-  if [ -n "${TUNED:-}" ]; then  # each at its own search's settings: two sweeps
-    for pair in repblend:repblend lors:lors_heads; do
-      chosen_for "${pair#*:}"
-      "$mmdd" distill -m experiment=synscenes_repblend method="${pair%%:*}" budget=$budgets seed=$seeds "$@" \
-          "${learned[@]}" "${chosen[@]}" hydra.sweep.dir="$out/repblend_heads/${pair%%:*}"
-    done
-  else
-    "$mmdd" distill -m experiment=synscenes_repblend method=repblend,lors budget=$budgets seed=$seeds "$@" \
-        "${learned[@]}" hydra.sweep.dir="$out/repblend_heads"
-  fi
+  # each at its own search's settings (lors_heads: LoRS's search on this backbone): two sweeps
+  tuned_sweep repblend "$out/repblend_heads/repblend" experiment=synscenes_repblend method=repblend
+  tuned_sweep lors_heads "$out/repblend_heads/lors" experiment=synscenes_repblend method=lors
   "$mmdd" evaluate synthetic=full_train model=convnet_heads "$@" hydra.run.dir="$out/full_train_heads"
 fi
 
 # The first trajectory-matching methods.
-if want mtt_vl; then learned_sweep mtt_vl "$@"; fi
-if want tesla_vl; then learned_sweep tesla_vl "$@"; fi
+if want mtt_vl; then tuned_sweep mtt_vl "$out/learned/mtt_vl" method=mtt_vl; fi
+if want tesla_vl; then tuned_sweep tesla_vl "$out/learned/tesla_vl" method=tesla_vl; fi
 
 existing() { local g; for g; do [ -d "$out/$g" ] && echo "$out/$g"; done; return 0; }  # the groups OUT holds
 default_groups=(coresets learned dm mdm ptm_st)  # the default model's groups (the tables' and cross_arch's)
