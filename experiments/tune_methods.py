@@ -11,7 +11,8 @@ part-way resumes by running the same command, which counts each study's finished
 launches only the rest, each launch in its own folder (OUT/<method>/launch_<k>/<trial>) so that no trial's folder is
 reused by another. The stores each method reads are built first (`mmdd buffer`; MDM's from one shared
 initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads). `summary` reads the
-studies: per method the trials run, failed, their wall time, and the best trial's settings and val r_mean, and writes
+studies: per method the trials run, failed, their wall time, and the best trial's settings and val r_mean (the best of
+the current search and the superseded ones: `chosen_in` names which), and writes
 OUT/tuned.json, and names each chosen value still within a third of a decade of its log range's edge. The rule every
 search follows (experiments/tuning_runs/README.md): such a range is extended by a decade on that side in
 conf/sweep/<method>.yaml and the method searched again with the same number of trials (`search --supersede <method>`
@@ -164,15 +165,18 @@ def summary(out: Path) -> dict:
         s = study(out / method, method)
         if s is None:
             continue
-        complete = [t for t in s.trials if t.state == TrialState.COMPLETE]
         done = finished(s)
-        earlier = [t for f in superseded(out, method) if (e := study(f, method)) is not None for t in finished(e)]
+        older = [(f"superseded/{f.name}", e) for f in superseded(out, method) if (e := study(f, method)) is not None]
+        earlier = [t for _, e in older for t in finished(e)]
         entry = {"method": METHOD_OF.get(method, method), "trials": len(done), "failed": failures(done),
                  "superseded_trials": len(earlier), "search_seconds": seconds(done + earlier)}
+        # The choice is the best val trial of every search this method ran: a search over extended ranges is more
+        # trials of one tuning budget, and may find less than the narrower one did (TPE is a sampler, not a bound).
+        complete = [(t, where) for where, e in [*older, ("", s)] for t in e.trials if t.state == TrialState.COMPLETE]
         if complete:
-            best = max(complete, key=lambda t: t.value)
-            entry.update(val_r_mean=best.value, settings=best.params, trial=best.number,
-                         at_edges=at_edges(search_space(method), best.params))
+            best, where = max(complete, key=lambda pair: pair[0].value)  # ties: the earliest search's
+            entry.update(val_r_mean=best.value, settings=best.params, trial=best.number, chosen_in=where,
+                         at_edges=at_edges(search_space(method), best.params))  # edges of the widest ranges
         tuned[method] = entry
     return tuned
 

@@ -39,24 +39,73 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     assert table.startswith("| search | trials (failed) |") and "| dm | 2 (0) |" in table
     assert tuned["dm"]["method"] == "dm" and tuned["dm"]["search_seconds"] > 0
     assert tuned["dm"]["superseded_trials"] == 0 and isinstance(tuned["dm"]["at_edges"], list)
-    # a range extended (the edge rule): the search so far is superseded, a new one runs afresh, its cost counts both
-    first_cost = tuned["dm"]["search_seconds"]
-    space = tmp_path / "out" / "dm" / "space.json"  # the ranges the study ran over, as its first launch recorded them
-    assert json.loads(space.read_text())["method.lr_img"] == "tag(log, interval(0.1, 100))"
-    space.write_text(json.dumps({**json.loads(space.read_text()), "method.lr_img": "tag(log, interval(1, 100))"}))
-    # ... as if the yaml's range had been extended since
-    tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
-    kept = tmp_path / "out" / "dm" / "superseded" / "0"
-    assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "launch_1", "space.json", "study.db"]
-    assert [p.name for p in (tmp_path / "out" / "dm").glob("launch_*")] == ["launch_0"]
-    # the same command again (as after a failure): the new search is over the current ranges, so it is resumed
-    again = tune(tmp_path, "search", "out", "--trials", "1", "--supersede", "dm", *common)
-    assert "resuming it, not superseding" in again.stdout and "+ " not in again.stdout
-    assert [p.name for p in (tmp_path / "out" / "dm" / "superseded").iterdir()] == ["0"]
-    tune(tmp_path, "summary", "out")
-    tuned = json.loads((tmp_path / "out" / "tuned.json").read_text())
-    assert tuned["dm"]["trials"] == 1 and tuned["dm"]["superseded_trials"] == 2
-    assert tuned["dm"]["search_seconds"] > first_cost
+    assert tuned["dm"]["chosen_in"] == ""  # no earlier search
+
+
+def script():
+    """experiments/tune_methods.py as a module (its functions on real studies, without launching runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_study(folder: Path, method: str, trials: list[tuple[dict, float | None, float]]) -> None:
+    """A real Optuna study in folder/study.db, as a search leaves it: (params, val r_mean or None for a failed trial,
+    seconds) per trial."""
+    import datetime
+
+    import optuna
+    from optuna.distributions import LogUniformDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=method, storage=f"sqlite:///{folder / 'study.db'}", direction="maximize")
+    start = datetime.datetime(2026, 12, 1)
+    for number, (params, value, seconds) in enumerate(trials):
+        study.add_trial(FrozenTrial(
+            number=number, state=TrialState.COMPLETE if value is not None else TrialState.FAIL, value=value,
+            datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=seconds), params=params,
+            distributions={k: LogUniformDistribution(1e-3, 1e4) for k in params}, user_attrs={}, system_attrs={},
+            intermediate_values={}, trial_id=number))
+
+
+def test_a_superseded_search_is_kept_whole_counted_and_its_best_trial_can_still_be_chosen(tmp_path):
+    """The edge rule's second search: `--supersede` keeps the first whole (resumes instead when the study already runs
+    over the current ranges), and `summary` counts both searches' trials and cost and chooses the best val trial of
+    either, saying which search ran it."""
+    tune_methods = script()
+    from mmdd.report.tuning import search_ranges
+
+    out, dm = tmp_path / "out", tmp_path / "out" / "dm"
+    first = {"method.lr_img": 1.1, "method.lr_txt": 0.1}
+    write_study(dm, "dm", [(first, 3.5, 60.0), ({"method.lr_img": 30.0, "method.lr_txt": 0.1}, 2.0, 60.0),
+                           ({"method.lr_img": 5000.0, "method.lr_txt": 0.1}, None, 5.0)])
+    (dm / "launch_0" / "0").mkdir(parents=True)
+    narrower = {**search_ranges("dm"), "method.lr_img": "tag(log, interval(1, 100))"}  # as before the yaml's extension
+    (dm / "space.json").write_text(json.dumps(narrower))
+    assert tune_methods.spent(out, "dm") == (3, 1)
+
+    tune_methods.supersede(out, "dm")
+    kept = dm / "superseded" / "0"
+    assert sorted(p.name for p in kept.iterdir()) == ["launch_0", "space.json", "study.db"]
+    assert sorted(p.name for p in dm.iterdir()) == ["superseded"] and tune_methods.spent(out, "dm") == (0, 0)
+    # the second search, over the current ranges; superseding again (the same command rerun) resumes it instead
+    write_study(dm, "dm", [({"method.lr_img": 0.2, "method.lr_txt": 0.5}, 3.0, 40.0)])
+    (dm / "space.json").write_text(json.dumps(search_ranges("dm")))
+    tune_methods.supersede(out, "dm")
+    assert [p.name for p in (dm / "superseded").iterdir()] == ["0"] and tune_methods.spent(out, "dm") == (1, 0)
+
+    tuned = tune_methods.summary(out)["dm"]
+    assert (tuned["trials"], tuned["failed"], tuned["superseded_trials"]) == (1, 0, 3)
+    assert tuned["search_seconds"] == 165.0  # every trial of both searches, the failed one included
+    # the first search's best (3.5) beats the second's (3.0): chosen, and not at an edge of the extended range
+    assert (tuned["val_r_mean"], tuned["settings"], tuned["chosen_in"]) == (3.5, first, "superseded/0")
+    assert tuned["at_edges"] == []
+    write_study(tmp_path / "other", "dm", [])  # an empty study (created, no trial yet) is not a search
+    assert tune_methods.study(tmp_path / "other", "dm") is not None and tune_methods.study(tmp_path / "none", "dm") is None
 
 
 def test_a_chosen_value_within_a_third_of_a_decade_of_a_log_ranges_edge_is_reported():
@@ -89,7 +138,8 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     settings = {"method.lr_img": 12.3456789, "method.lambda_agr": 0.5}
     (out / "tuned.json").write_text(json.dumps({"dm": {"method": "dm", "trials": 12, "failed": 2, "val_r_mean": 3.25,
                                                        "settings": settings, "search_seconds": 1500.0,
-                                                       "superseded_trials": 12, "at_edges": ["method.lr_img (upper edge)"]}}))
+                                                       "superseded_trials": 12, "at_edges": ["method.lr_img (upper edge)"],
+                                                       "chosen_in": "superseded/0"}}))
     chosen = tune(tmp_path, "overrides", "out", "dm").stdout.split()
     # the marker first (a record, not a setting), then the chosen settings as the final runs are launched with them
     assert chosen == ["tuned_from=dm", "method.lambda_agr=0.5", "method.lr_img=12.3457"]
@@ -110,17 +160,17 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     assert set(rows) == {"dm", "dm (method.lambda_agr=0)", "dm (method.lr_img=1)"}
     tuned, other, ablation = rows["dm"], rows["dm (method.lr_img=1)"], rows["dm (method.lambda_agr=0)"]
     assert ablation.split(" | ")[-2:] == tuned.split(" | ")[-2:]
-    assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25; at a range edge: "
+    assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25 (a trial over the narrower ranges); at a range edge: "
                           "method.lr_img (upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
     # the chosen values, once per search, under the table
-    assert ("| dm | 12 (2) +12 superseded | 3.25 | 25.0 min | method.lambda_agr=0.5 method.lr_img=12.3457 | "
+    assert ("| dm | 12 (2) +12 superseded | 3.25 (superseded/0) | 25.0 min | method.lambda_agr=0.5 method.lr_img=12.3457 | "
             "method.lr_img (upper edge) |") in table
     assert "tuned on val" in table
     csv_rows = list(csv.DictReader(io.StringIO(run_mmdd(["table", "runs", "--tuned", "out/tuned.json", "-f", "csv"],
                                                         tmp_path).stdout)))
     row = next(r for r in csv_rows if r["tuned_search"] == "dm")
-    assert (row["tuned_trials"], row["tuned_superseded_trials"], row["tuned_at_edges"], row["search_seconds"]) == (
-        "12", "12", "method.lr_img (upper edge)", "1500.0")
+    assert (row["tuned_trials"], row["tuned_superseded_trials"], row["tuned_chosen_in"], row["tuned_at_edges"],
+            row["search_seconds"]) == ("12", "12", "superseded/0", "method.lr_img (upper edge)", "1500.0")
     (out / "broken.json").write_text(json.dumps({"dm": {"trials": 1}}))
     proc = run_mmdd(["table", "runs", "--tuned", "out/broken.json"], tmp_path, check=False)
     assert proc.returncode == 2 and "lacks 'method'" in proc.stderr

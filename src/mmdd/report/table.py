@@ -175,7 +175,7 @@ def searches_table(searches: list) -> str:
     lines = ["| search | trials (failed) | best val r_mean | search cost | chosen settings | at a range edge |",
              "|---|---|---|---|---|---|"]
     for t in searches:
-        val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}"
+        val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}" + (f" ({t.chosen_in})" if t.chosen_in else "")
         earlier = f" +{t.superseded_trials} superseded" if t.superseded_trials else ""
         lines.append(f"| {t.name} | {t.trials} ({t.failed}){earlier} | {val} | {format_duration(t.search_seconds)} | "
                      f"{' '.join(t.overrides) or '–'} | {', '.join(t.at_edges) or '–'} |")
@@ -207,7 +207,8 @@ def _markdown(rows, anchors, anchor_dataset, searched: bool) -> str:
                  "overrides in a tuned row's name run on top of them (an ablation, a variant) and were never searched "
                  "themselves. The cell: the trials the search ran (failed ones counted; '+N over narrower ranges': an "
                  "earlier search superseded because its choice lay at a log range's edge, the range then extended a "
-                 "decade), the chosen trial's students' val r_mean (test never read while searching), and any choice "
+                 "decade; the chosen trial is the best of all of them, '(a trial over the narrower ranges)' where an "
+                 "earlier one won), the chosen trial's students' val r_mean (test never read while searching), and any choice "
                  "still within a third of a decade of its range's edge. search cost: the wall time of all its trials, "
                  "superseded ones included. not tuned: no search chose the row's settings")
         used = list({id(r["tuning"]): r["tuning"] for r in rows if r.get("tuning") is not None}.values())
@@ -241,7 +242,7 @@ def _csv(rows, anchors, anchor_dataset, searched: bool) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_superseded_trials", "tuned_val_r_mean",
-                      "tuned_at_edges", "search_seconds"]
+                      "tuned_chosen_in", "tuned_at_edges", "search_seconds"]
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "std_over", "best",
                 *COST_COLUMNS, *(tuning_columns if searched else [])])
@@ -249,7 +250,7 @@ def _csv(rows, anchors, anchor_dataset, searched: bool) -> str:
         std = r.get("std") or {}
         t = r.get("tuning")
         tuning = ([t.name, t.trials, t.failed, t.superseded_trials, "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}",
-                   ";".join(t.at_edges), f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
+                   t.chosen_in, ";".join(t.at_edges), f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
                     r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost")),

@@ -42,6 +42,7 @@ class Search:
     search_seconds: float = 0.0  # every trial spent choosing, the superseded searches' included
     superseded_trials: int = 0  # trials of earlier searches over narrower ranges (the edge rule)
     at_edges: list[str] = field(default_factory=list)  # chosen values still at a log range's edge
+    chosen_in: str = ""  # where the best trial ran when not in the current search: "superseded/<k>"
 
     @property
     def overrides(self) -> list[str]:
@@ -75,7 +76,8 @@ class Search:
         failed = f", {self.failed} failed" if self.failed else ""
         earlier = f" (+{self.superseded_trials} over narrower ranges)" if self.superseded_trials else ""
         edges = f"; at a range edge: {', '.join(self.at_edges)}" if self.at_edges else ""
-        return f"{self.name}: {self.trials} trials{failed}{earlier}; val {val}{edges}"
+        where = " (a trial over the narrower ranges)" if self.chosen_in else ""
+        return f"{self.name}: {self.trials} trials{failed}{earlier}; val {val}{where}{edges}"
 
     @classmethod
     def from_record(cls, name: str, entry: dict) -> "Search":
@@ -83,7 +85,8 @@ class Search:
         return cls(name=name, method=entry["method"], trials=int(entry["trials"]), failed=int(entry["failed"]),
                    val_r_mean=entry.get("val_r_mean"), settings=dict(entry.get("settings", {})),
                    search_seconds=float(entry.get("search_seconds", 0.0)),
-                   superseded_trials=int(entry.get("superseded_trials", 0)), at_edges=list(entry.get("at_edges", [])))
+                   superseded_trials=int(entry.get("superseded_trials", 0)), at_edges=list(entry.get("at_edges", [])),
+                   chosen_in=str(entry.get("chosen_in", "")))
 
 
 def load_searches(path: str | Path) -> list[Search]:
