@@ -126,7 +126,7 @@ def test_a_chosen_value_within_a_third_of_a_decade_of_a_log_ranges_edge_is_repor
     assert at_edges(lors, {"method.temperature": 0.03, "method.similarity.rank": 5}) == []  # choices: bounded as listed
 
 
-def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
+def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path, capsys, monkeypatch):
     """`mmdd table --tuned`: a row launched with `overrides`' chosen settings is that search's tuned row (its trials, the
     chosen trial's val r_mean and the search's cost); a row at other settings is not tuned; a broken record is refused
     with a message."""
@@ -154,23 +154,36 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path):
     run_mmdd(["distill", "-m", *common, *chosen, "method.lambda_agr=0", "hydra.sweep.dir=runs/ablation"], tmp_path)
     recorded = json.loads(next((tmp_path / "runs" / "ablation").glob("*/results.json")).read_text())["overrides"]
     assert "method.lambda_agr=0.5" not in recorded and "method.lambda_agr=0" in recorded
-    table = run_mmdd(["table", "runs", "--tuned", "out/tuned.json"], tmp_path).stdout
-    rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| synscenes")}
+    from mmdd.commands import table as table_command
+
+    monkeypatch.chdir(tmp_path)  # `mmdd table` in this process (the runs above are the CLI's own)
+
+    def table(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = table_command(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, text, _ = table("runs", "--tuned", "out/tuned.json")
+    assert code == 0
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| synscenes")}
     # a tuned row is named by its method (the tuning column stands for the chosen settings), plus what runs on top
     assert set(rows) == {"dm", "dm (method.lambda_agr=0)", "dm (method.lr_img=1)"}
     tuned, other, ablation = rows["dm"], rows["dm (method.lr_img=1)"], rows["dm (method.lambda_agr=0)"]
     assert ablation.split(" | ")[-2:] == tuned.split(" | ")[-2:]
-    assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25 (a trial over the narrower ranges); at a range edge: "
-                          "method.lr_img (upper edge) | 25.0 min |") and other.endswith("| not tuned | – |")
+    assert tuned.endswith("| dm: 12 trials, 2 failed (+12 over narrower ranges); val 3.25 (a trial over the narrower "
+                          "ranges); at a range edge: method.lr_img (upper edge) | 25.0 min |")
+    assert other.endswith("| not tuned | – |")
     # the chosen values, once per search, under the table
-    assert ("| dm | 12 (2) +12 superseded | 3.25 (superseded/0) | 25.0 min | method.lambda_agr=0.5 method.lr_img=12.3457 | "
-            "method.lr_img (upper edge) |") in table
-    assert "tuned on val" in table
-    csv_rows = list(csv.DictReader(io.StringIO(run_mmdd(["table", "runs", "--tuned", "out/tuned.json", "-f", "csv"],
-                                                        tmp_path).stdout)))
+    assert ("| dm | 12 (2) +12 superseded | 3.25 (superseded/0) | 25.0 min | method.lambda_agr=0.5 "
+            "method.lr_img=12.3457 | method.lr_img (upper edge) |") in text
+    assert "tuned on val" in text
+    code, csv_text, _ = table("runs", "--tuned", "out/tuned.json", "-f", "csv")
+    assert code == 0
+    csv_rows = list(csv.DictReader(io.StringIO(csv_text)))
     row = next(r for r in csv_rows if r["tuned_search"] == "dm")
     assert (row["tuned_trials"], row["tuned_superseded_trials"], row["tuned_chosen_in"], row["tuned_at_edges"],
             row["search_seconds"]) == ("12", "12", "superseded/0", "method.lr_img (upper edge)", "1500.0")
     (out / "broken.json").write_text(json.dumps({"dm": {"trials": 1}}))
-    proc = run_mmdd(["table", "runs", "--tuned", "out/broken.json"], tmp_path, check=False)
-    assert proc.returncode == 2 and "lacks 'method'" in proc.stderr
+    code, _, err = table("runs", "--tuned", "out/broken.json")
+    assert code == 2 and "lacks 'method'" in err
