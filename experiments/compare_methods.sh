@@ -33,6 +33,7 @@
 set -euo pipefail
 out=${1:-outputs/compare}
 shift || true
+common=("$@")  # the overrides after OUT, for every command (a function's "$@" is its own arguments)
 mmdd=${MMDD:-mmdd}
 budgets=${BUDGETS:-100,200}
 seeds=${SEEDS:-0,1,2}
@@ -53,7 +54,6 @@ if [ -n "${TUNED:-}" ]; then tables_tuned=(--tuned "$TUNED/tuned.json"); fi
 
 # Groups run cheapest-comparison first (the newer methods and LoRS, their reference, before MTT-VL and TESLA-VL), so
 # a run stopped part-way has the most comparisons; each group is its own sweep folder, so none renumbers another.
-common=("$@")  # the overrides after OUT, for every command
 # tuned_sweep <search> <sweep dir> <overrides...>: a learned method's multirun over the budgets (BUDGET_LIST where set,
 # e.g. one budget) and seeds, at the settings <search> chose (with TUNED), the given overrides last so that a
 # variant's or an ablation's value of a chosen key wins (a multirun keeps a key's last value)

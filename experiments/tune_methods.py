@@ -165,14 +165,15 @@ def summary(out: Path) -> dict:
         s = study(out / method, method)
         if s is None:
             continue
-        done = finished(s)
-        older = [(f"superseded/{f.name}", e) for f in superseded(out, method) if (e := study(f, method)) is not None]
-        earlier = [t for _, e in older for t in finished(e)]
+        # every search of the method, oldest first, as (where, its finished trials); the current one last, as ""
+        searches = [(f"superseded/{f.name}", finished(e)) for f in superseded(out, method)
+                    if (e := study(f, method)) is not None] + [("", finished(s))]
+        done, earlier = searches[-1][1], [t for _, trials in searches[:-1] for t in trials]
         entry = {"method": METHOD_OF.get(method, method), "trials": len(done), "failed": failures(done),
                  "superseded_trials": len(earlier), "search_seconds": seconds(done + earlier)}
         # The choice is the best val trial of every search this method ran: a search over extended ranges is more
         # trials of one tuning budget, and may find less than the narrower one did (TPE is a sampler, not a bound).
-        complete = [(t, where) for where, e in [*older, ("", s)] for t in e.trials if t.state == TrialState.COMPLETE]
+        complete = [(t, where) for where, trials in searches for t in trials if t.state == TrialState.COMPLETE]
         if complete:
             best, where = max(complete, key=lambda pair: pair[0].value)  # ties: the earliest search's
             entry.update(val_r_mean=best.value, settings=best.params, trial=best.number, chosen_in=where,
