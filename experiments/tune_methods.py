@@ -9,8 +9,8 @@ while searching). Every method gets the same number of trials, failed ones (a se
 learning rates) counted as spent. Each method's study lives in OUT/<method>/study.db (sqlite): a search stopped
 part-way resumes by running the same command, which counts each study's finished trials (complete or failed) and
 launches only the rest, each launch in its own folder (OUT/<method>/launch_<k>/<trial>) so that no trial's folder is
-reused by another. The stores each method reads are built first (`mmdd buffer`; MDM's from one shared
-initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads). `summary` reads the
+reused by another. The stores the pending searches read are built first (`mmdd buffer`; MDM's from one shared
+initialisation; `mmdd pretrain` and the frozen ConvNet's store for repblend and lors_heads; DM reads none). `summary` reads the
 studies: per method the trials run, failed, their wall time, and the best trial's settings and val r_mean (the best of
 the current search and the superseded ones: `chosen_in` names which), and writes
 OUT/tuned.json, and names each chosen value still within a third of a decade of its log range's edge. The rule every
@@ -35,6 +35,9 @@ METHODS = ("dm", "mdm", "repblend", "lors_heads", "ptm_st", "lors", "tesla_vl", 
 # What each method's store needs beyond the default model's (every stage of a method gets these overrides).
 STORE = {"mdm": ["teacher.init=shared"]}
 HEADS = ("repblend", "lors_heads")  # the frozen pre-trained ConvNet: `mmdd pretrain`, then its store
+# The store each method reads, where it is not the default model's: DM reads none (random encoders every iteration),
+# MDM-style the experts fine-tuned from one shared initialisation, the heads searches the frozen ConvNet's.
+READS = {"dm": None, "mdm": "shared", **{m: "heads" for m in HEADS}}
 METHOD_OF = {"lors_heads": "lors"}  # the method a search tunes, where its name is not the method's
 
 
@@ -128,12 +131,12 @@ def search(out: Path, trials: int, methods: list[str], overrides: list[str], res
         print(f"{method}: {done} of {trials} trials done ({failed} failed)", flush=True)
         if done < trials:
             pending.append((method, done))
-    methods = [m for m, _ in pending]
-    if any(m not in HEADS for m in methods):
+    stores = {READS.get(m, "default") for m, _ in pending}  # built only where a pending search reads it
+    if "default" in stores:
         run([*mmdd(), "buffer", *overrides, f"hydra.run.dir={out}/stages/buffer"])
-    if "mdm" in methods:
+    if "shared" in stores:
         run([*mmdd(), "buffer", *STORE["mdm"], *overrides, f"hydra.run.dir={out}/stages/buffer_shared"])
-    if any(m in HEADS for m in methods):
+    if "heads" in stores:
         run([*mmdd(), "pretrain", *overrides, f"hydra.run.dir={out}/stages/pretrain"])
         run([*mmdd(), "buffer", "model=convnet_heads", *overrides, f"hydra.run.dir={out}/stages/buffer_heads"])
     for method, done in pending:

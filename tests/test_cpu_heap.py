@@ -27,24 +27,28 @@ print(int(changed), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(setting: str, runs: int = 3) -> tuple[bool, int]:
-    """The fewest page faults of `runs` fresh interpreters: the machine can only add faults (another process's memory
-    pressure, the host reclaiming pages: one CI run saw 4 of 5 cycles fault under keep, once), never remove the ones a
-    fresh mapping must take, so the minimum is the allocator's own behaviour."""
+def _faults(setting: str, runs: int = 3, enough: int = -1) -> tuple[bool, int]:
+    """The fewest page faults of up to `runs` fresh interpreters, stopping at one with no more than `enough`: the
+    machine can only add faults (another process's memory pressure, the host reclaiming pages: one CI run saw 4 of 5
+    cycles fault under keep, once), never remove the ones a fresh mapping must take, so the minimum is the allocator's
+    own behaviour, and a run at or below `enough` already shows it."""
     results = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True, check=True).stdout
         changed, faults = out.split()
         results.append((bool(int(changed)), int(faults)))
+        if int(faults) <= enough:
+            break
     return results[0][0], min(f for _, f in results)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_reuses_freed_memory_without_page_faults():
-    changed, faults_keep = _faults("keep")
-    unchanged, faults_os = _faults("os")
-    assert changed and not unchanged
     pages = 5 * 64 * 2**20 // 4096  # five fresh 64 MB mappings: one fault per 4 KB page (fewer with huge pages)
+    changed, faults_keep = _faults("keep", enough=pages // 5 - 1)
+    # the C library's defaults: one interpreter shows the fresh mappings' faults (a busy machine only adds to them)
+    unchanged, faults_os = _faults("os", runs=1)
+    assert changed and not unchanged
     assert faults_os > pages // 2
     assert faults_keep < pages // 5  # fewer than one fresh 64 MB mapping in five (measured: none)
 

@@ -40,6 +40,7 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     assert tuned["dm"]["method"] == "dm" and tuned["dm"]["search_seconds"] > 0
     assert tuned["dm"]["superseded_trials"] == 0 and isinstance(tuned["dm"]["at_edges"], list)
     assert tuned["dm"]["chosen_in"] == ""  # no earlier search
+    assert not (tmp_path / "out" / "stages").exists()  # DM reads no store: none was trained for its search
 
 
 def script():
