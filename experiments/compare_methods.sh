@@ -24,8 +24,8 @@
 # students (protocol=pds: the `mmdd pretrain` ConvNet frozen, the text head trains at lr 0.2); variants runs DM with
 # DSA and on backbone features (DM's own loss: the joint-view weights 0), MDM-style with the official fresh anchor and
 # with random-point k-means seeding, each at its method's chosen settings; ablations runs LoRS's two parts off at
-# LoRS's chosen settings (S fixed to the identity, its pair given back to the set; InfoNCE in the place of WBCE, with
-# TESLA-VL's chosen outer learning rates), at the first budget unless ABLATION_BUDGETS says otherwise.
+# LoRS's chosen settings (S fixed to the identity, its pair given back to the set) and InfoNCE in the place of WBCE at
+# its own search's settings (lors_infonce), at the first budget unless ABLATION_BUDGETS says otherwise.
 # A run killed part-way is resumed by running the same command (every job resumes or skips what is complete).
 # ONLY="<groups>" runs some groups (default all, in this order): coresets pds_regime dm mdm variants lors ablations
 # ptm_st heads mtt_vl tesla_vl tables cross_arch. The stores are always built (or found). cross_arch uses every default-model set of seed 0 at
@@ -107,13 +107,10 @@ if want ablations; then  # LoRS's two parts, each off, at LoRS's chosen settings
   # carries LoRS's score, which its 3 seeds at one budget answer against LoRS's own row of that budget
   ablation_budgets=${ABLATION_BUDGETS:-${budgets%%,*}}
   BUDGET_LIST=$ablation_budgets tuned_sweep lors "$out/ablations/lors_identity" method=lors method.similarity=null
-  # InfoNCE in WBCE's place diverges at LoRS's chosen outer learning rates (tuned for WBCE's gradients: NaN from
-  # iteration 27 at lr_img 1644, 2026-12-07), so this row runs the outer learning rates TESLA-VL's search chose for
-  # InfoNCE's trajectory matching on top (LoRS without WBCE is TESLA-VL with S); S's own knobs stay LoRS's
-  chosen_for tesla_vl
-  infonce_lrs=("${chosen[@]:1}")  # TESLA-VL's chosen settings without its tuned_from marker (none without TUNED)
-  BUDGET_LIST=$ablation_budgets tuned_sweep lors "$out/ablations/lors_infonce" method=lors method.inner_loss=infonce \
-      "${infonce_lrs[@]}"
+  # InfoNCE in WBCE's place at the settings of its own search (conf/sweep/lors_infonce.yaml): settings tuned for WBCE
+  # diverge with InfoNCE (LoRS's: NaN from iteration 27; TESLA-VL's outer lrs with LoRS's S: from iteration 86)
+  BUDGET_LIST=$ablation_budgets tuned_sweep lors_infonce "$out/ablations/lors_infonce" method=lors \
+      method.inner_loss=infonce
 fi
 # PTM-ST: one phase up to 100 pairs (its Flickr/COCO-100 scripts); above, two (its -200 scripts: 99 + 100 pairs,
 # starts [0, 2) on snapshots 0..3, then [1, 3) on 0..4, the CPU teachers' analogue of its 0_6 and 0_8 shortcuts).

@@ -31,14 +31,15 @@ import sys
 from pathlib import Path
 
 # Cheapest first, so a search stopped part-way has the most methods done (measured trial costs at budget 100).
-METHODS = ("dm", "mdm", "repblend", "lors_heads", "ptm_st", "lors", "tesla_vl", "mtt_vl")
+METHODS = ("dm", "mdm", "repblend", "lors_heads", "ptm_st", "lors", "tesla_vl", "mtt_vl", "lors_infonce")
 # What each method's store needs beyond the default model's (every stage of a method gets these overrides).
 STORE = {"mdm": ["teacher.init=shared"]}
-HEADS = ("repblend", "lors_heads")  # the frozen pre-trained ConvNet: `mmdd pretrain`, then its store
-# The store each method reads, where it is not the default model's: DM reads none (random encoders every iteration),
-# MDM-style the experts fine-tuned from one shared initialisation, the heads searches the frozen ConvNet's.
-READS = {"dm": None, "mdm": "shared", **{m: "heads" for m in HEADS}}
-METHOD_OF = {"lors_heads": "lors"}  # the method a search tunes, where its name is not the method's
+# The store each search reads, where it is not the default model's: DM reads none (random encoders every iteration),
+# MDM-style the experts fine-tuned from one shared initialisation, the frozen pre-trained ConvNet's searches
+# (`mmdd pretrain`, then its store) theirs.
+READS = {"dm": None, "mdm": "shared", "repblend": "heads", "lors_heads": "heads"}
+# the method a search tunes, where its name is not the method's (lors_infonce: LoRS's ablation with InfoNCE)
+METHOD_OF = {"lors_heads": "lors", "lors_infonce": "lors"}
 
 
 def mmdd() -> list[str]:
