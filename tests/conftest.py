@@ -56,12 +56,17 @@ def the_store(root: Path) -> Path:
 def run_in_process(args: list[str], root: Path, check: bool = False) -> subprocess.CompletedProcess:
     """`mmdd <stage> [overrides]` in this process: composed as the CLI composes it and run by the CLI's own task, so
     an MmddError ends it with code 2 and its message on stderr, as on the command line, without the seconds of a
-    fresh interpreter (`check`: fail the test on a non-zero code). `hydra.run.dir=D` becomes the run directory root/D. For checks of what a stage refuses; runs
-    whose assertions read Hydra's or the logs' output use `run_mmdd`."""
+    fresh interpreter (`check`: fail the test on a non-zero code). `hydra.run.dir=D` becomes the run directory root/D.
+    Hydra's job config is set as a Hydra app sets it, so the run records its command-line overrides (results.json's
+    `overrides`, which `mmdd table` names rows by). Runs whose assertions read Hydra's logs or a multirun use
+    `run_mmdd`."""
     import contextlib
+    import copy
     import io
 
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
 
     from mmdd.cli import _task
     from mmdd.paths import conf_dir
@@ -69,9 +74,18 @@ def run_in_process(args: list[str], root: Path, check: bool = False) -> subproce
     stage, *overrides = args
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "outputs/in_process")
     overrides = [o for o in overrides if not o.startswith("hydra.")]
-    overrides += [f"paths.root_dir={root}", f"paths.output_dir={root / run_dir}"]
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose(stage, overrides=overrides)
+        cfg = compose(stage, overrides=overrides, return_hydra_config=True)
+    # what a Hydra app does before it calls the task: the job's hydra node becomes HydraConfig, the task sees the rest
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(root / run_dir)
+        cfg.hydra.run.dir = str(root / run_dir)
+    HydraConfig.instance().set_config(cfg)
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.root_dir = str(root)
+        cfg.paths.output_dir = str(root / run_dir)
     out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
     os.chdir(root)
     try:
@@ -81,6 +95,7 @@ def run_in_process(args: list[str], root: Path, check: bool = False) -> subproce
         code = exc.code
     finally:
         os.chdir(cwd)
+        HydraConfig.instance().cfg = None  # the next test starts outside any Hydra job, as a fresh process would
     if check and code:
         raise AssertionError(f"mmdd {stage} failed ({code}):\n{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}")
     return subprocess.CompletedProcess([stage, *overrides], code, out.getvalue(), err.getvalue())

@@ -204,13 +204,13 @@ def test_ptm_st_phase_distills_on_shortcuts_with_its_window(tmp_path):
     assert manifest["method"] == "ptm_st" and manifest["inner_loss"] == "wbce"
 
 
-def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(tmp_path):
-    run_in_process(["buffer", *TINY, "hydra.run.dir=outputs/buffer"], tmp_path, check=True)
+def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(root):
+    # the shared tiny store (conftest.root): this test's runs under outputs/ptm_phases/
     phases = "method.phases=[{pairs: 3, min_start_epoch: 0, max_start_epoch: 1}, {pairs: 4, min_start_epoch: 1, max_start_epoch: 2, iterations: 2}]"
     args = ["distill", "method=ptm_st", *[o for o in TINY if "num_seeds" not in o], "protocol.num_seeds=1",
-            "method.convexify.end=4", "method.iterations=3", phases, "hydra.run.dir=outputs/ptm"]
-    run_in_process(args, tmp_path, check=True)
-    out = tmp_path / "outputs" / "ptm" / "synthetic"
+            "method.convexify.end=4", "method.iterations=3", phases, "hydra.run.dir=outputs/ptm_phases/ptm"]
+    run_in_process(args, root, check=True)
+    out = root / "outputs" / "ptm_phases" / "ptm" / "synthetic"
     first = json.loads((out / "phase_0" / "manifest.json").read_text())
     top = json.loads((out / "manifest.json").read_text())
     assert first["phase"] == 0 and first["num_pairs"] == 3 and "earlier_phases" not in first
@@ -219,12 +219,12 @@ def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(t
     assert [(h["phase"], h["distill/start_epoch"]) for h in history] == [(0, 0)] * 3 + [(1, 1)] * 2
     storage = top["distill_stats"]["cost"]["storage"]  # both phases, each with its full S
     assert storage["pairs"] == 7 and storage["similarity"] == 3 * 3 + 4 * 4
-    res = json.loads((tmp_path / "outputs" / "ptm" / "results.json").read_text())
+    res = json.loads((root / "outputs" / "ptm_phases" / "ptm" / "results.json").read_text())
     assert {h["phase"] for h in res["seeds"][0]["history"]} == {0, 1}
     assert top["earlier_phase_identities"] == [first["phase_identity"]]
     # a rerun skips the complete first phase (its set is not rewritten) and keeps its history
     stamp = (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns
-    run_in_process([*args, "evaluate=false"], tmp_path, check=True)
+    run_in_process([*args, "evaluate=false"], root, check=True)
     assert (out / "phase_0" / "synthetic.safetensors").stat().st_mtime_ns == stamp
     again = json.loads((out / "history.json").read_text())
     assert [(h["phase"], h["iteration"]) for h in again] == [(h["phase"], h["iteration"]) for h in history]
@@ -232,31 +232,31 @@ def test_phases_are_distilled_in_turn_saved_beside_the_set_and_taught_in_order(t
 
     # more iterations: the complete first phase resumes to them (it is not skipped at its old count)
     more = [a.replace("method.iterations=3", "method.iterations=4") for a in args] + ["evaluate=false"]
-    run_in_process(more, tmp_path, check=True)
+    run_in_process(more, root, check=True)
     first = json.loads((out / "phase_0" / "manifest.json").read_text())
     assert first["iteration"] == 4 and first["resumed"][0]["iteration"] == 3
     assert [h["phase"] for h in json.loads((out / "history.json").read_text())] == [0] * 4 + [1] * 2
 
     # one checkpoint file cannot resume several phases
-    refused = run_in_process([*more, f"resume={out / 'checkpoint' / 'last.ckpt'}"], tmp_path)
+    refused = run_in_process([*more, f"resume={out / 'checkpoint' / 'last.ckpt'}"], root)
     assert refused.returncode == 2 and "not from one checkpoint file" in refused.stderr
 
     # an earlier phase written by another configuration is refused by the evaluation, not silently taught
     (out / "phase_0" / "manifest.json").write_text(json.dumps({**first, "phase_identity": "another"}))
     evaluate = ["evaluate", f"synthetic={out}", *[o for o in args[2:] if not o.startswith(("method.", "hydra."))],
-                "hydra.run.dir=outputs/eval"]
-    stale = run_in_process(evaluate, tmp_path)
+                "hydra.run.dir=outputs/ptm_phases/eval"]
+    stale = run_in_process(evaluate, root)
     assert stale.returncode == 2 and "phase_0/ was distilled by another configuration" in stale.stderr
     # resume=false starts every phase over, the complete first one too
-    run_in_process([*more, "resume=false"], tmp_path, check=True)
+    run_in_process([*more, "resume=false"], root, check=True)
     first = json.loads((out / "phase_0" / "manifest.json").read_text())
     assert first["phase_identity"] != "another" and "resumed" not in first
 
     # init_from=<a phased set>: each phase starts from that set's own phase (the parity harness's official initial
     # pairs); with every outer step size 0 and no EMA the saved phases are exactly those starts
     frozen = ["method.lr_img=0", "method.lr_txt=0", "method.lr_lr=0", "method.lr_sim=0", "method.ema_decay=null"]
-    run_in_process([*[a.replace("hydra.run.dir=outputs/ptm", "hydra.run.dir=outputs/from") for a in more],
-                    f"init_from={out}", "method.iterations=1", *frozen], tmp_path, check=True)
-    copy = tmp_path / "outputs" / "from" / "synthetic"
+    run_in_process([*[a.replace("hydra.run.dir=outputs/ptm_phases/ptm", "hydra.run.dir=outputs/ptm_phases/from") for a in more],
+                    f"init_from={out}", "method.iterations=1", *frozen], root, check=True)
+    copy = root / "outputs" / "ptm_phases" / "from" / "synthetic"
     for here, source in ((copy / "phase_0", out / "phase_0"), (copy, out)):
         assert torch.equal(SyntheticSet.load(here)[0].images, SyntheticSet.load(source)[0].images)

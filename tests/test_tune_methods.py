@@ -1,11 +1,12 @@
 """experiments/tune_methods.py: every method's search gets the same number of trials, resumes where it stopped (a
 new launch folder, the study's finished trials counted) and reports the chosen settings."""
 
+import contextlib
 import csv
 import io
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import TINY
@@ -14,9 +15,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_methods.py"
 
 
 def tune(root: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    """`python experiments/tune_methods.py ARGS` run from `root`, in this process (its trials are the real `mmdd`
+    CLI's multiruns, in processes of their own)."""
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = script().main(list(args))
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err.getvalue()[-3000:]
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path):
@@ -131,7 +140,7 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path, cap
     """`mmdd table --tuned`: a row launched with `overrides`' chosen settings is that search's tuned row (its trials, the
     chosen trial's val r_mean and the search's cost); a row at other settings is not tuned; a broken record is refused
     with a message."""
-    from conftest import run_mmdd
+    from conftest import run_in_process, run_mmdd
     from mmdd.report.tuning import override_of
 
     out = tmp_path / "out"
@@ -148,8 +157,9 @@ def test_the_table_marks_the_rows_run_at_a_searchs_chosen_settings(tmp_path, cap
     # DM has no syn_steps; one num_seeds only (a multirun keeps the last value of a key, a single run records both)
     tiny = [o for o in TINY if not o.startswith(("method.", "protocol.num_seeds"))]
     common = [*tiny, "method.iterations=2", "logger=none", "protocol.num_seeds=1", "method=dm"]
-    run_mmdd(["distill", *common, *chosen[1:], "hydra.run.dir=runs/tuned"], tmp_path)  # no marker: known by its values
-    run_mmdd(["distill", *common, "method.lr_img=1", "hydra.run.dir=runs/other"], tmp_path)
+    # single runs in this process (they record their overrides as the CLI's do); the multirun below is the CLI's own
+    run_in_process(["distill", *common, *chosen[1:], "hydra.run.dir=runs/tuned"], tmp_path, check=True)  # no marker
+    run_in_process(["distill", *common, "method.lr_img=1", "hydra.run.dir=runs/other"], tmp_path, check=True)
     # an ablation as compare_methods.sh launches it: a multirun from the search (its marker) with a chosen key
     # overridden on top; Hydra's sweeper keeps only the last value of a key, so the record lacks the chosen one
     run_mmdd(["distill", "-m", *common, *chosen, "method.lambda_agr=0", "hydra.sweep.dir=runs/ablation"], tmp_path)
