@@ -6,6 +6,7 @@ real PNG files.
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -329,15 +330,17 @@ def test_a_set_whose_values_left_the_datas_range_is_recorded_and_warned_about(en
     assert not sane["out_of_range"] and sane["images_max_std"] < 100, sane
 
 
-def test_buffer_rerun_sets_a_corrupt_expert_aside_and_trains_it_again(env, tmp_path):
+def test_buffer_rerun_sets_a_corrupt_expert_aside_and_trains_it_again(env, tmp_path, caplog):
     root, store = env
     copy = copy_store(store, tmp_path / "store")
     expert = copy / "expert_000.safetensors"
     intact = (copy / "expert_001.safetensors").read_bytes()
     damaged = expert.read_bytes()[:1000]
     expert.write_bytes(damaged)
-    proc = run_mmdd(["buffer", *TINY, *QUIET, f"buffer_dir={copy}", "hydra.run.dir=outputs/buffer_rerun"], root)
-    out = proc.stdout + proc.stderr
+    with caplog.at_level(logging.INFO, logger="mmdd"):
+        run_in_process(["buffer", *TINY, *QUIET, f"buffer_dir={copy}", "hydra.run.dir=outputs/buffer_rerun"], root,
+                       check=True)
+    out = caplog.text
     assert f"{expert} is corrupted" in out and "moved it to expert_000.safetensors.corrupt" in out
     assert "expert 0 will be trained again" in out and "expert 1 already complete" in out
     assert (copy / "expert_000.safetensors.corrupt").read_bytes() == damaged  # nothing lost
