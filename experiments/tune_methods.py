@@ -103,10 +103,24 @@ def failures(trials) -> int:
     return sum(t.state == TrialState.FAIL for t in trials)
 
 
+def distinct(trials) -> tuple[list, int]:
+    """(the trials whose settings no earlier one of them ran, how many repeated an earlier one's). A search resumed
+    before its seeded sampler's random start-up draws were done redrew them (fixed 2026-12-07: a resumed launch now
+    seeds its sampler by the study's trial count): a repeat adds no setting to the search, so it is not counted as a
+    trial, while its time still counts in the search's cost."""
+    seen, kept = set(), []
+    for t in trials:
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            kept.append(t)
+    return kept, len(trials) - len(kept)
+
+
 def spent(out: Path, method: str) -> tuple[int, int]:
-    """(trials finished, of which failed)."""
+    """(distinct trials finished, of which failed)."""
     s = study(out / method, method)
-    done = finished(s) if s is not None else []
+    done = distinct(finished(s))[0] if s is not None else []
     return len(done), failures(done)
 
 
@@ -146,9 +160,13 @@ def search(out: Path, trials: int, methods: list[str], overrides: list[str], res
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "space.json").exists():  # the ranges this study is searched over (supersede compares them)
             atomic_write_json(folder / "space.json", search_ranges(method))
+        # A resumed search's sampler is seeded by the trials its study holds: seeded as the first launch was, it would
+        # redraw the random start-up settings already run. The first launch keeps the sweep's seed (conf/sweep/_optuna).
+        s = study(folder, method)
+        reseed = [f"hydra.sweeper.sampler.seed={len(s.trials)}"] if s is not None and s.trials else []
         run([*mmdd(), "distill", f"sweep={method}", "budget=100", "seed=0", *STORE.get(method, []), *overrides,
              f"hydra.sweeper.n_trials={trials - done}", f"hydra.sweeper.study_name={method}",
-             f"hydra.sweeper.storage=sqlite:///{folder.resolve()}/study.db",
+             f"hydra.sweeper.storage=sqlite:///{folder.resolve()}/study.db", *reseed,
              f"hydra.sweep.dir={folder}/launch_{launch}"])
 
 
@@ -172,9 +190,12 @@ def summary(out: Path) -> dict:
         # every search of the method, oldest first, as (where, its finished trials); the current one last, as ""
         searches = [(f"superseded/{f.name}", finished(e)) for f in superseded(out, method)
                     if (e := study(f, method)) is not None] + [("", finished(s))]
+        runs = [t for _, trials in searches for t in trials]  # every run trial, repeats included: the cost
+        searches = [(where, distinct(trials)[0]) for where, trials in searches]
         done, earlier = searches[-1][1], [t for _, trials in searches[:-1] for t in trials]
         entry = {"method": METHOD_OF.get(method, method), "trials": len(done), "failed": failures(done),
-                 "superseded_trials": len(earlier), "search_seconds": seconds(done + earlier)}
+                 "superseded_trials": len(earlier), "repeated_trials": len(runs) - len(done) - len(earlier),
+                 "search_seconds": seconds(runs)}
         # The choice is the best val trial of every search this method ran: a search over extended ranges is more
         # trials of one tuning budget, and may find less than the narrower one did (TPE is a sampler, not a bound).
         complete = [(t, where) for where, trials in searches for t in trials if t.state == TrialState.COMPLETE]

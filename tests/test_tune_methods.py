@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from conftest import TINY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_methods.py"
@@ -38,6 +40,14 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
     launches = sorted((tmp_path / "out" / "dm").glob("launch_*"))
     assert [p.name for p in launches] == ["launch_0", "launch_1"]
     assert [len(list(p.glob("[0-9]*/results.json"))) for p in launches] == [1, 1]
+    # the resumed launch's sampler is seeded by the study's trial count, so it does not redraw the first setting
+    # (seeded alike, TPE's random start-up draws repeat: a resumed search would rerun what it has run)
+    seeds = [yaml.safe_load((p / "0" / ".hydra" / "hydra.yaml").read_text())["hydra"]["sweeper"]["sampler"]["seed"]
+             for p in launches]
+    assert seeds == ["${seed}", 1]  # the first launch keeps the sweep's own (the run's seed, 0)
+    drawn = [(p / "0" / ".hydra" / "overrides.yaml").read_text().splitlines() for p in launches]
+    settings = [sorted(line for line in d if "method.lr_" in line or "method.lambda" in line) for d in drawn]
+    assert settings[0] and settings[0] != settings[1]
     table = tune(tmp_path, "summary", "out").stdout
     tuned = json.loads((tmp_path / "out" / "tuned.json").read_text())
     assert tuned["dm"]["trials"] == 2 and tuned["dm"]["failed"] == 0
@@ -116,6 +126,27 @@ def test_a_superseded_search_is_kept_whole_counted_and_its_best_trial_can_still_
     assert tuned["at_edges"] == []
     write_study(tmp_path / "other", "dm", [])  # an empty study (created, no trial yet) is not a search
     assert tune_methods.study(tmp_path / "other", "dm") is not None and tune_methods.study(tmp_path / "none", "dm") is None
+
+
+def test_a_repeated_draw_is_not_a_trial_but_its_time_is_spent(tmp_path):
+    """A search resumed before its sampler's start-up draws were done redrew settings it had run (before resumed
+    launches were reseeded): such a repeat is not counted as a trial (a search gets 12 distinct settings), nor as a
+    failure, while its wall time counts in the search's cost and the table says how many there were."""
+    tune_methods = script()
+    from mmdd.report.table import searches_table
+    from mmdd.report.tuning import Search
+
+    out, dm = tmp_path / "out", tmp_path / "out" / "dm"
+    a, b = {"method.lr_img": 1.1, "method.lr_txt": 0.1}, {"method.lr_img": 30.0, "method.lr_txt": 0.1}
+    write_study(dm, "dm", [(a, None, 10.0), (b, 2.0, 60.0), (a, None, 10.0), (b, 2.0, 60.0), ({"method.lr_img": 5.0,
+                                                                                                "method.lr_txt": 0.2}, 3.0, 60.0)])
+    assert tune_methods.spent(out, "dm") == (3, 1)  # a (failed), b, and the third setting
+    tuned = tune_methods.summary(out)["dm"]
+    assert (tuned["trials"], tuned["failed"], tuned["repeated_trials"]) == (3, 1, 2)
+    assert tuned["search_seconds"] == 200.0 and tuned["val_r_mean"] == 3.0
+    search = Search.from_record("dm", tuned)
+    assert "| dm | 3 (1) +2 repeated |" in searches_table([search])
+    assert search.cell().startswith("dm: 3 trials, 1 failed (+2 repeated draws); val 3.00")
 
 
 def test_a_chosen_value_within_a_third_of_a_decade_of_a_log_ranges_edge_is_reported():

@@ -177,6 +177,7 @@ def searches_table(searches: list) -> str:
     for t in searches:
         val = "–" if t.val_r_mean is None else f"{t.val_r_mean:.2f}" + (f" ({t.chosen_in})" if t.chosen_in else "")
         earlier = f" +{t.superseded_trials} superseded" if t.superseded_trials else ""
+        earlier += f" +{t.repeated_trials} repeated" if t.repeated_trials else ""
         lines.append(f"| {t.name} | {t.trials} ({t.failed}){earlier} | {val} | {format_duration(t.search_seconds)} | "
                      f"{' '.join(t.overrides) or '–'} | {', '.join(t.at_edges) or '–'} |")
     return "\n".join(lines)
@@ -241,16 +242,17 @@ def _latex(rows, anchors, anchor_dataset) -> str:
 def _csv(rows, anchors, anchor_dataset, searched: bool) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_superseded_trials", "tuned_val_r_mean",
-                      "tuned_chosen_in", "tuned_at_edges", "search_seconds"]
+    tuning_columns = ["tuned_search", "tuned_trials", "tuned_failed", "tuned_superseded_trials", "tuned_repeated_trials",
+                      "tuned_val_r_mean", "tuned_chosen_in", "tuned_at_edges", "search_seconds"]
     w.writerow(["source", "dataset", "method", "budget", "protocol", "seeds",
                 *(f"{k}_mean" for k in METRIC_KEYS), *(f"{k}_std" for k in METRIC_KEYS), "std_over", "best",
                 *COST_COLUMNS, *(tuning_columns if searched else [])])
     for r in rows:
         std = r.get("std") or {}
         t = r.get("tuning")
-        tuning = ([t.name, t.trials, t.failed, t.superseded_trials, "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}",
-                   t.chosen_in, ";".join(t.at_edges), f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
+        tuning = ([t.name, t.trials, t.failed, t.superseded_trials, t.repeated_trials,
+                   "" if t.val_r_mean is None else f"{t.val_r_mean:.4f}", t.chosen_in, ";".join(t.at_edges),
+                   f"{t.search_seconds:.1f}"] if t is not None else [""] * len(tuning_columns)) if searched else []
         w.writerow(["mmdd", r["dataset"], r["method"], r["budget"], r["protocol"], r["seeds"],
                     *(f"{r['mean'][k]:.4f}" for k in METRIC_KEYS), *(f"{std[k]:.4f}" if k in std else "" for k in METRIC_KEYS),
                     r.get("spread", ""), ";".join(k for k in METRIC_KEYS if k in r.get("best", ())), *_cost_fields(r.get("cost")),

@@ -41,6 +41,7 @@ class Search:
     settings: dict = field(default_factory=dict)
     search_seconds: float = 0.0  # every trial spent choosing, the superseded searches' included
     superseded_trials: int = 0  # trials of earlier searches over narrower ranges (the edge rule)
+    repeated_trials: int = 0  # runs that redrew a setting already run (a resumed search's sampler): not trials
     at_edges: list[str] = field(default_factory=list)  # chosen values still at a log range's edge
     chosen_in: str = ""  # where the best trial ran when not in the current search: "superseded/<k>"
 
@@ -75,6 +76,7 @@ class Search:
         val = "–" if self.val_r_mean is None else f"{self.val_r_mean:.2f}"
         failed = f", {self.failed} failed" if self.failed else ""
         earlier = f" (+{self.superseded_trials} over narrower ranges)" if self.superseded_trials else ""
+        earlier += f" (+{self.repeated_trials} repeated draws)" if self.repeated_trials else ""
         edges = f"; at a range edge: {', '.join(self.at_edges)}" if self.at_edges else ""
         where = " (a trial over the narrower ranges)" if self.chosen_in else ""
         return f"{self.name}: {self.trials} trials{failed}{earlier}; val {val}{where}{edges}"
@@ -85,7 +87,8 @@ class Search:
         return cls(name=name, method=entry["method"], trials=int(entry["trials"]), failed=int(entry["failed"]),
                    val_r_mean=entry.get("val_r_mean"), settings=dict(entry.get("settings", {})),
                    search_seconds=float(entry.get("search_seconds", 0.0)),
-                   superseded_trials=int(entry.get("superseded_trials", 0)), at_edges=list(entry.get("at_edges", [])),
+                   superseded_trials=int(entry.get("superseded_trials", 0)),
+                   repeated_trials=int(entry.get("repeated_trials", 0)), at_edges=list(entry.get("at_edges", [])),
                    chosen_in=str(entry.get("chosen_in", "")))
 
 
