@@ -103,24 +103,24 @@ def failures(trials) -> int:
     return sum(t.state == TrialState.FAIL for t in trials)
 
 
-def distinct(trials) -> tuple[list, int]:
-    """(the trials whose settings no earlier one of them ran, how many repeated an earlier one's). A search resumed
-    before its seeded sampler's random start-up draws were done redrew them (fixed 2026-12-07: a resumed launch now
-    seeds its sampler by the study's trial count): a repeat adds no setting to the search, so it is not counted as a
-    trial, while its time still counts in the search's cost."""
+def distinct(trials) -> list:
+    """The trials whose settings no earlier one of them ran. A search resumed before its seeded sampler's random start-up
+    draws were done redrew them (fixed 2026-12-07: a resumed launch now seeds its sampler by the study's trial count):
+    a repeat adds no setting to the search, so it is not counted as a trial, while its time still counts in the
+    search's cost."""
     seen, kept = set(), []
     for t in trials:
         key = tuple(sorted(t.params.items()))
         if key not in seen:
             seen.add(key)
             kept.append(t)
-    return kept, len(trials) - len(kept)
+    return kept
 
 
 def spent(out: Path, method: str) -> tuple[int, int]:
     """(distinct trials finished, of which failed)."""
     s = study(out / method, method)
-    done = distinct(finished(s))[0] if s is not None else []
+    done = distinct(finished(s)) if s is not None else []
     return len(done), failures(done)
 
 
@@ -191,7 +191,7 @@ def summary(out: Path) -> dict:
         searches = [(f"superseded/{f.name}", finished(e)) for f in superseded(out, method)
                     if (e := study(f, method)) is not None] + [("", finished(s))]
         runs = [t for _, trials in searches for t in trials]  # every run trial, repeats included: the cost
-        searches = [(where, distinct(trials)[0]) for where, trials in searches]
+        searches = [(where, distinct(trials)) for where, trials in searches]
         done, earlier = searches[-1][1], [t for _, trials in searches[:-1] for t in trials]
         entry = {"method": METHOD_OF.get(method, method), "trials": len(done), "failed": failures(done),
                  "superseded_trials": len(earlier), "repeated_trials": len(runs) - len(done) - len(earlier),

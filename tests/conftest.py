@@ -53,6 +53,24 @@ def the_store(root: Path) -> Path:
     return stores[0]
 
 
+def call_in(root: Path, args: list, function, *call_args) -> subprocess.CompletedProcess:
+    """`function(*call_args)` run from `root` with its stdout and stderr captured, as a command line would see it: its
+    return value, or a SystemExit's code, is the exit code (`args` names the call in the result)."""
+    import contextlib
+    import io
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = function(*call_args)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
 def run_in_process(args: list[str], root: Path, check: bool = False) -> subprocess.CompletedProcess:
     """`mmdd <stage> [overrides]` in this process: composed as the CLI composes it and run by the CLI's own task, so
     an MmddError ends it with code 2 and its message on stderr, as on the command line, without the seconds of a
@@ -60,9 +78,7 @@ def run_in_process(args: list[str], root: Path, check: bool = False) -> subproce
     Hydra's job config is set as a Hydra app sets it, so the run records its command-line overrides (results.json's
     `overrides`, which `mmdd table` names rows by). Runs whose assertions read Hydra's logs or a multirun use
     `run_mmdd`."""
-    import contextlib
     import copy
-    import io
 
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
@@ -86,36 +102,21 @@ def run_in_process(args: list[str], root: Path, check: bool = False) -> subproce
         del cfg["hydra"]
         cfg.paths.root_dir = str(root)
         cfg.paths.output_dir = str(root / run_dir)
-    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
-    os.chdir(root)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            _task(stage)(cfg)
-    except SystemExit as exc:
-        code = exc.code
+        # the task returns the run's objective (for a sweeper), not an exit code: only a SystemExit sets one
+        proc = call_in(root, [stage, *overrides], lambda: _task(stage)(cfg) and None)
     finally:
-        os.chdir(cwd)
         HydraConfig.instance().cfg = None  # the next test starts outside any Hydra job, as a fresh process would
-    if check and code:
-        raise AssertionError(f"mmdd {stage} failed ({code}):\n{out.getvalue()[-3000:]}\n{err.getvalue()[-5000:]}")
-    return subprocess.CompletedProcess([stage, *overrides], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode:
+        raise AssertionError(f"mmdd {stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
 
 
 def run_command(args: list[str], root: Path) -> subprocess.CompletedProcess:
     """`mmdd <command> [args]` (table, export, plan) in this process, run from `root`: its exit code and output."""
-    import contextlib
-    import io
-
     from mmdd import commands
 
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(root)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = getattr(commands, args[0])(args[1:])
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return call_in(root, args, getattr(commands, args[0]), args[1:])
 
 
 def toy_segment(model, steps: int, inner_loss, extra=(), blend=None, n: int = 4, batch: int = 3):

@@ -1,17 +1,15 @@
 """experiments/tune_methods.py: every method's search gets the same number of trials, resumes where it stopped (a
 new launch folder, the study's finished trials counted) and reports the chosen settings."""
 
-import contextlib
 import csv
 import io
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from conftest import TINY
+from conftest import TINY, call_in
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_methods.py"
 
@@ -19,15 +17,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_methods.py"
 def tune(root: Path, *args: str) -> subprocess.CompletedProcess:
     """`python experiments/tune_methods.py ARGS` run from `root`, in this process (its trials are the real `mmdd`
     CLI's multiruns, in processes of their own)."""
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(root)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = script().main(list(args))
-    finally:
-        os.chdir(cwd)
-    assert code == 0, err.getvalue()[-3000:]
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    proc = call_in(root, list(args), script().main, list(args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path):
