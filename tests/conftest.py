@@ -29,6 +29,16 @@ def debug_overrides(name: str = "tiny") -> list[str]:
 TINY = [*debug_overrides("tiny"), "method.iterations=3", "method.syn_steps=2"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_caption_embeddings(tmp_path_factory):
+    """One caption-embedding cache for the session (MMDD_TEXT_CACHE_DIR, conf/paths/default.yaml): the embeddings are
+    keyed by encoder and captions, so every fresh run root of the tiny dataset would embed the same captions again,
+    seconds each. Subprocesses inherit it; tests of the cache itself pass their own folder."""
+    os.environ["MMDD_TEXT_CACHE_DIR"] = str(tmp_path_factory.mktemp("caption_embeddings"))
+    yield
+    os.environ.pop("MMDD_TEXT_CACHE_DIR", None)
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

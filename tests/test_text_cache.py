@@ -58,3 +58,25 @@ def test_missing_package_is_a_clear_error(tmp_path):
     bad = OmegaConf.merge(CFG, {"name_or_path": "package:no_such_model_pkg"})
     with pytest.raises(MmddError, match="not installed"):
         embed_captions(bad, CAPS[:1], tmp_path)
+
+
+def test_a_runs_caption_embeddings_go_to_paths_text_cache_dir_which_the_environment_can_share(tmp_path, monkeypatch):
+    """By default under the run root's data/cache/text; MMDD_TEXT_CACHE_DIR puts them in one folder for every root."""
+    from hydra import compose, initialize_config_dir
+
+    from mmdd.data.splits import load_data
+    from mmdd.paths import conf_dir
+
+    overrides = [f"paths.root_dir={tmp_path}", "data.generate.num_train=4", "data.generate.num_val=2",
+                 "data.generate.num_test=2"]
+    shared = tmp_path / "shared"
+    for env in (None, str(shared)):
+        if env:
+            monkeypatch.setenv("MMDD_TEXT_CACHE_DIR", env)
+        else:
+            monkeypatch.delenv("MMDD_TEXT_CACHE_DIR", raising=False)
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("buffer", overrides=overrides)
+        load_data(cfg, splits=("val",))
+    assert len(list((tmp_path / "data" / "cache" / "text").glob("*.safetensors"))) == 1
+    assert len(list(shared.glob("*.safetensors"))) == 1

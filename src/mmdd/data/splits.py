@@ -224,7 +224,7 @@ def load_data(cfg, splits=SPLITS, annotations: dict[str, Split] | None = None) -
     out: dict[str, SplitData] = {}
     for s in splits:
         split = anns[s]
-        emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.cache_dir)) / "text", encoder)
+        emb = embed_captions(cfg.model.text, split.captions, Path(str(cfg.paths.text_cache_dir)), encoder)
         pixels, sizes = images[s]
         out[s] = SplitData(split=split, text_emb=emb, image_size=cfg.data.image_size, images=pixels,
                            resize=str(cfg.data.resize), original_sizes=sizes, mean=tuple(cfg.data.mean),
