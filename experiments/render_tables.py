@@ -14,7 +14,7 @@ A generated table sits between two markers, and the ```bash block right after th
     mmdd table $R/dm $R/mdm --spread sets --versus "mdm (teacher.init=shared)" dm
     ```
 
-The block may set variables (`NAME=value`, used as `$NAME` or `${NAME}`) and run `mmdd table` commands (continued
+The block may set variables (`NAME=value`, `NAME="a value"`; used as `$NAME`, `"$NAME"` or `${NAME}`) and run `mmdd table` commands (continued
 lines with `\\`, `#` comments); nothing else, so a report's tables come from its records and from nothing a reader
 cannot rerun. Each command runs in this process from the current directory (run it from the repository root, where the
 paths of the commands are), and the table is what it prints, commands in order, separated by a blank line. The file
@@ -34,7 +34,7 @@ from pathlib import Path
 
 BEGIN = "<!-- mmdd table output (experiments/render_tables.py) -->"
 END = "<!-- end of mmdd table output -->"
-ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S*)$")
+ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")  # as shlex leaves it: quotes removed
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ">", ">>", "<", "2>"}
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 

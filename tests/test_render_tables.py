@@ -62,3 +62,11 @@ def test_a_block_that_cannot_make_the_table_is_an_error_naming_the_line(tmp_path
     err = capsys.readouterr().err
     assert message in err and f"{path}:" in err
     assert path.read_text() == before  # nothing written
+
+
+def test_a_variable_may_hold_a_row_name_with_spaces():
+    """Row names such as `ptm_st (method.phases=...)` are long: a block names them once."""
+    commands = script().commands_of(['P="ptm_st (method.phases=null)"  # one phase',
+                                     'mmdd table runs --versus "$P" lors \\', '    --versus lors "${P}"'], "here")
+    assert commands == [["runs", "--versus", "ptm_st (method.phases=null)", "lors", "--versus", "lors",
+                         "ptm_st (method.phases=null)"]]
