@@ -1,3 +1,4 @@
+import functools
 import os
 import subprocess
 import sys
@@ -34,9 +35,13 @@ def _shared_caption_embeddings(tmp_path_factory):
     """One caption-embedding cache for the session (MMDD_TEXT_CACHE_DIR, conf/paths/default.yaml): the embeddings are
     keyed by encoder and captions, so every fresh run root of the tiny dataset would embed the same captions again,
     seconds each. Subprocesses inherit it; tests of the cache itself pass their own folder."""
+    before = os.environ.get("MMDD_TEXT_CACHE_DIR")
     os.environ["MMDD_TEXT_CACHE_DIR"] = str(tmp_path_factory.mktemp("caption_embeddings"))
     yield
-    os.environ.pop("MMDD_TEXT_CACHE_DIR", None)
+    if before is None:
+        os.environ.pop("MMDD_TEXT_CACHE_DIR", None)
+    else:
+        os.environ["MMDD_TEXT_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +66,19 @@ def the_store(root: Path) -> Path:
     stores = sorted((root / "outputs" / "artifacts" / "buffers" / "synscenes").iterdir())
     assert len(stores) == 1, f"expected one trajectory store under {root}, found {[s.name for s in stores]}"
     return stores[0]
+
+
+@functools.cache
+def experiment_script(name: str):
+    """experiments/<name>.py as a module, loaded once (its functions tested directly; the scripts keep no state). It is
+    registered in sys.modules, where its dataclasses look their module up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def call_in(root: Path, args: list, function, *call_args) -> subprocess.CompletedProcess:

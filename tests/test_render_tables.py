@@ -1,23 +1,17 @@
 """experiments/render_tables.py: a report's tables are what the `mmdd table` commands printed under them print, over
 committed records; a stale table is found, and a block that is not `mmdd table` is refused with the line."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_command
+from conftest import ROOT, experiment_script, run_command
 
 RECORDS = "experiments/methods_comparison_runs/tuned/dm"  # committed records of a real run (6 jobs)
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("render_tables", ROOT / "experiments" / "render_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_tables"] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return experiment_script("render_tables")
 
 
 def report(tmp_path: Path, table: str, commands: str) -> Path:

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import TINY, call_in
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tune_methods.py"
+from conftest import TINY, call_in, experiment_script
 
 
 def tune(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -56,12 +54,7 @@ def test_a_search_stopped_part_way_resumes_to_the_same_number_of_trials(tmp_path
 
 def script():
     """experiments/tune_methods.py as a module (its functions on real studies, without launching runs)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tune_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_script("tune_methods")
 
 
 def write_study(folder: Path, method: str, trials: list[tuple[dict, float | None, float]]) -> None:

@@ -24,19 +24,21 @@ class Stage:
         return importlib.import_module(f"mmdd.stages.{self.name}").run(cfg)
 
 
+# the caches of every stage that loads data (decoded images and features; caption embeddings, which may live apart)
+CACHES = ("paths.cache_dir", "paths.text_cache_dir")
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("buffer", "train teachers and record their trajectories", "every complete expert is kept",
-          ("buffer_dir", "paths.cache_dir", "paths.text_cache_dir")),
+          ("buffer_dir", *CACHES)),
     Stage("distill", "distill a synthetic set with a method", "the set and checkpoint last saved are kept",
-          ("synthetic_dir", "paths.cache_dir", "paths.text_cache_dir"), writes_results=True),
+          ("synthetic_dir", *CACHES), writes_results=True),
     Stage("evaluate", "train students on a synthetic set and score retrieval",
-          "every finished student is kept in results.json", ("paths.cache_dir", "paths.text_cache_dir"),
-          writes_results=True),
+          "every finished student is kept in results.json", CACHES, writes_results=True),
     Stage("pretrain", "pre-train the image backbone contrastively (for frozen-backbone methods)",
-          "nothing of this pre-training is kept", ("pretrain.output", "paths.cache_dir", "paths.text_cache_dir")),
+          "nothing of this pre-training is kept", ("pretrain.output", *CACHES)),
     Stage("run", "the quick start: all stages on the embedded dataset, then a table",
           "every finished stage's output is kept (complete experts, saved sets, finished students)",
-          ("buffer_dir", "paths.cache_dir", "paths.text_cache_dir"), writes_results=True, plannable=False),
+          ("buffer_dir", *CACHES), writes_results=True, plannable=False),
     Stage("bench", "seconds per distillation iteration and memory: mmdd's path vs the reference loop",
           "nothing is kept"),
 )}
